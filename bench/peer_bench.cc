@@ -1,0 +1,17 @@
+// peer-bench: peerd's benchmarks. Each subcommand prints a table, and with --json one JSON
+// object per line. Performance figures come from here, never from timed tests.
+//   peer-bench layer [--help]     PEER layer forward+backward vs dense FFN vs peer_ref.py
+#include <cstdio>
+#include <cstring>
+
+#include "bench/layer_bench.h"
+
+int main(int argc, char** argv) {
+  if (argc >= 2 && std::strcmp(argv[1], "layer") == 0) return peerd::bench::LayerBench(argc - 1, argv + 1);
+  if (argc >= 2 && std::strcmp(argv[1], "layer-run") == 0) return peerd::bench::LayerRun(argc - 1, argv + 1);
+  std::fprintf(stderr,
+               "usage: peer-bench layer [--help]\n"
+               "  layer   PEER layer forward+backward tokens/s and peak memory, side by side with a\n"
+               "          dense FFN of equal active parameters and ../shared/bench/peer_ref.py\n");
+  return 2;
+}

@@ -1,0 +1,45 @@
+// AdamW (Loshchilov & Hutter 2019) over an explicit, changeable set of parameters.
+//
+// Written out rather than torch::optim::AdamW because the set of parameters changes while
+// training: a frozen segment must leave the optimizer entirely (Adam's momentum keeps moving rows
+// whose gradient is zero, so zero gradients are not enough), and a new segment joins with fresh
+// state. SetParameters keeps the state of parameters that stay and drops the rest. Each parameter
+// counts its own steps, so bias correction is right for one that joined late.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <unordered_map>
+#include <vector>
+
+namespace peerd {
+
+class AdamW {
+ public:
+  struct Options {
+    double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+  };
+  struct Param {
+    torch::Tensor tensor;
+    bool decay = false;  // decoupled weight decay applies
+  };
+
+  explicit AdamW(Options options) : options_(options) {}
+
+  void SetParameters(std::vector<Param> params);
+  const std::vector<Param>& parameters() const { return params_; }
+  // One update of every parameter that has a gradient, at learning rate `lr`.
+  void Step(double lr);
+  void ZeroGrad();
+
+ private:
+  struct State {
+    torch::Tensor m, v;  // first and second moment, shaped like the parameter
+    int64_t steps = 0;
+  };
+  Options options_;
+  std::vector<Param> params_;
+  std::unordered_map<const void*, State> state_;  // keyed by the parameter's TensorImpl
+};
+
+}  // namespace peerd

@@ -1,0 +1,20 @@
+// Held-out evaluation in bits per byte: the model's mean next-byte cross-entropy, in bits, over a
+// text it never trained on. 8 is what a model that knows nothing (uniform over bytes) scores.
+#pragma once
+
+#include <string>
+
+#include "core/model.h"
+
+namespace peerd {
+
+struct EvalOptions {
+  int64_t max_bytes = 0;  // score at most this many bytes from the start of the text (0 = all)
+  int64_t batch = 16;     // windows per forward pass
+};
+
+// The text is cut into consecutive windows of the model's context; every byte after a window's
+// first is predicted once. The model is put in eval mode and restored after.
+double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOptions& options = {});
+
+}  // namespace peerd

@@ -1,0 +1,129 @@
+#include "core/peer_layer.h"
+
+#include <string>
+
+namespace peerd {
+
+PeerLayerImpl::PeerLayerImpl(int64_t d_model, const PeerConfig& config)
+    : d_model_(d_model), config_(config) {
+  const int64_t features = config.heads() * config.query_dim();
+  query_proj = register_module(
+      "query_proj", torch::nn::Linear(torch::nn::LinearOptions(d_model, features).bias(false)));
+  if (config.query_norm() != QUERY_NORM_NONE) {
+    norm_weight = register_parameter("norm_weight", torch::ones({features}));
+    norm_bias = register_parameter("norm_bias", torch::zeros({features}));
+  }
+  if (config.query_norm() == QUERY_NORM_BATCH) {
+    running_mean = register_buffer("running_mean", torch::zeros({features}));
+    running_var = register_buffer("running_var", torch::ones({features}));
+  }
+  for (uint32_t i = 0; i < config.initial_segments(); ++i) {
+    Status st = AddSegment(config.n_keys());
+    TORCH_CHECK(st.ok(), st.ToString());
+  }
+}
+
+Status PeerLayerImpl::AddSegment(int64_t n_keys, int64_t* id) {
+  if (n_keys < static_cast<int64_t>(config_.topk()) || n_keys > 65536)
+    return Status::InvalidArgument("a segment needs between top-k (" + std::to_string(config_.topk()) +
+                                   ") and 65536 sub-keys per half, got n_keys = " + std::to_string(n_keys));
+  const int64_t new_id = next_segment_id_++;
+  segments_.push_back(register_module(
+      "segment" + std::to_string(new_id),
+      ExpertSegment(new_id, n_keys, d_model_, config_.heads(), config_.query_dim())));
+  if (id) *id = new_id;
+  return Status::OK();
+}
+
+Status PeerLayerImpl::FreezeSegment(int64_t id) {
+  for (auto& s : segments_) {
+    if (s->id() != id) continue;
+    if (s->frozen()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
+    s->Freeze();
+    return Status::OK();
+  }
+  return Status::NotFound("no segment with id " + std::to_string(id));
+}
+
+int64_t PeerLayerImpl::num_experts() const {
+  int64_t n = 0;
+  for (const auto& s : segments_) n += s->num_experts();
+  return n;
+}
+
+torch::Tensor PeerLayerImpl::Query(const torch::Tensor& x) {
+  const int64_t h = config_.heads(), dk = config_.query_dim();
+  torch::Tensor q = query_proj(x);  // [M, h·dk]
+  switch (config_.query_norm()) {
+    case QUERY_NORM_BATCH:
+      // Frozen statistics normalise with the running estimates, as at evaluation.
+      q = torch::batch_norm(q, norm_weight, norm_bias, running_mean, running_var,
+                            /*training=*/is_training() && !norm_stats_frozen_, /*momentum=*/0.1,
+                            /*eps=*/1e-5, /*cudnn_enabled=*/false);
+      break;
+    case QUERY_NORM_LAYER:
+      q = torch::layer_norm(q, {h * dk}, norm_weight, norm_bias);
+      break;
+    default:
+      break;
+  }
+  return q.view({-1, h, dk}).transpose(0, 1);  // [h, M, dk]
+}
+
+Retrieval PeerLayerImpl::Retrieve(const torch::Tensor& query, const std::vector<bool>* active) const {
+  const int64_t k = config_.topk();
+  std::vector<torch::Tensor> scores, segment, index;
+  for (size_t pos = 0; pos < segments_.size(); ++pos) {
+    if (active && (pos >= active->size() || !(*active)[pos])) continue;
+    TopK t = ProductKeyTopK(query, segments_[pos]->sub_keys, k);  // [h, M, k]
+    scores.push_back(t.scores);
+    index.push_back(t.index);
+    segment.push_back(torch::full_like(t.index, static_cast<int64_t>(pos)));
+  }
+  TORCH_CHECK(!scores.empty(), "PEER retrieval needs at least one active segment");
+  Retrieval r;
+  if (scores.size() == 1) {
+    r = {scores[0], segment[0], index[0]};
+  } else {
+    // Top-k over the union of every segment's k candidates.
+    auto [best, pick] = torch::cat(scores, -1).topk(k, -1);  // [h, M, k]
+    r = {best, torch::cat(segment, -1).gather(-1, pick), torch::cat(index, -1).gather(-1, pick)};
+  }
+  // Token-major, so a token's h·k experts are contiguous for the gather below.
+  return {r.scores.transpose(0, 1), r.segment.transpose(0, 1).contiguous(),
+          r.index.transpose(0, 1).contiguous()};
+}
+
+torch::Tensor PeerLayerImpl::Gather(const Retrieval& r, bool up) const {
+  auto table = [&](int64_t pos) { return up ? segments_[pos]->up : segments_[pos]->down; };
+  torch::Tensor seg = r.segment.reshape(-1), idx = r.index.reshape(-1);  // [M·h·k]
+  if (segments_.size() == 1) return table(0).index_select(0, idx);
+  // Gather each segment's rows, then put them back in retrieval order.
+  std::vector<torch::Tensor> rows, positions;
+  for (size_t pos = 0; pos < segments_.size(); ++pos) {
+    torch::Tensor at = (seg == static_cast<int64_t>(pos)).nonzero().squeeze(1);
+    if (at.numel() == 0) continue;
+    rows.push_back(table(pos).index_select(0, idx.index_select(0, at)));
+    positions.push_back(at);
+  }
+  if (rows.size() == 1) return rows[0];
+  torch::Tensor order = torch::cat(positions);
+  torch::Tensor inverse = torch::empty_like(order);
+  inverse.index_put_({order}, torch::arange(order.numel(), order.options()));
+  return torch::cat(rows).index_select(0, inverse);
+}
+
+torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active) {
+  const int64_t D = d_model_, hk = config_.heads() * config_.topk();
+  torch::Tensor xs = x.reshape({-1, D});                        // [M, D]
+  const int64_t M = xs.size(0);
+  Retrieval r = Retrieve(Query(xs), active);                    // [M, h, k]
+  torch::Tensor w = torch::softmax(r.scores, -1).reshape({M, 1, hk});  // router weights per head
+  torch::Tensor u = Gather(r, /*up=*/false).view({M, hk, D});   // [M, h·k, D]
+  torch::Tensor v = Gather(r, /*up=*/true).view({M, hk, D});    // [M, h·k, D]
+  torch::Tensor a = torch::bmm(u, xs.unsqueeze(2)).view({M, 1, hk});  // u_e · x
+  torch::Tensor y = torch::bmm(torch::gelu(a) * w, v);          // [M, 1, D]: Σ_heads Σ_k w·GELU·v
+  return y.view(x.sizes());
+}
+
+}  // namespace peerd

@@ -1,0 +1,75 @@
+// PeerLayer: the PEER feed-forward layer (He, "Mixture of A Million Experts", arXiv 2407.04153)
+// over a growable pool of expert segments.
+//
+//   q(x)   = Norm(W_q x), split into h heads of dk           (the query network, shared by segments)
+//   per segment: product-key top-k of its n² experts          (ProductKeyTopK)
+//   per head: top-k over the union of all segments' candidates, so adding a segment never
+//             re-indexes old ones
+//   w      = softmax over the head's k scores
+//   y(x)   = Σ_heads Σ_top-k  w · GELU(u_e · x) · v_e
+//
+// This is the reference composition in LibTorch ops (gathered [h, M, k, D] tensors, dense
+// gradients over each training table); kernels/ adds fused versions checked against it.
+// Not thread-safe: one trainer thread owns a layer.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "proto/config.pb.h"
+#include "core/expert_segment.h"
+#include "core/product_keys.h"
+#include "core/status.h"
+
+namespace peerd {
+
+// What retrieval chose: for each head and token, k experts named by (segment position, index).
+struct Retrieval {
+  torch::Tensor scores;   // [M, h, k] float, before softmax
+  torch::Tensor segment;  // [M, h, k] int64, position of the segment in segments()
+  torch::Tensor index;    // [M, h, k] int64, expert index within that segment
+};
+
+class PeerLayerImpl : public torch::nn::Module {
+ public:
+  PeerLayerImpl(int64_t d_model, const PeerConfig& config);
+
+  // x: [..., D] -> [..., D]. `active`, when given, has one flag per segment; retrieval ignores
+  // segments whose flag is false (to see what the other segments contribute, e.g. in tests).
+  torch::Tensor forward(const torch::Tensor& x, const std::vector<bool>* active = nullptr);
+
+  // The query network: x [M, D] -> [h, M, dk].
+  torch::Tensor Query(const torch::Tensor& x);
+  // Retrieval over the active segments for queries [h, M, dk].
+  Retrieval Retrieve(const torch::Tensor& query, const std::vector<bool>* active = nullptr) const;
+
+  // Appends a training segment of n_keys² experts and sets *id (ids are never reused).
+  // InvalidArgument if n_keys is below top-k (product-key search needs k sub-keys per half).
+  Status AddSegment(int64_t n_keys, int64_t* id = nullptr);
+  // Freezes segment `id`; NotFound for an unknown id, FailedPrecondition if already frozen.
+  Status FreezeSegment(int64_t id);
+  const std::vector<ExpertSegment>& segments() const { return segments_; }
+  int64_t num_experts() const;
+
+  // Batch-norm running statistics stop moving when frozen (DESIGN.md §1: they drift with new data).
+  void set_norm_stats_frozen(bool frozen) { norm_stats_frozen_ = frozen; }
+
+  const PeerConfig& config() const { return config_; }
+  torch::nn::Linear query_proj{nullptr};  // W_q: D -> h·dk, no bias
+  torch::Tensor norm_weight, norm_bias;   // affine of the query norm ([h·dk]; undefined for NONE)
+  torch::Tensor running_mean, running_var;  // batch-norm buffers (undefined unless BATCH)
+
+ private:
+  // Rows [M·h·k, D] of each retrieved expert's down (u) or up (v) vector, in retrieval order.
+  torch::Tensor Gather(const Retrieval& r, bool up) const;
+
+  int64_t d_model_;
+  PeerConfig config_;
+  std::vector<ExpertSegment> segments_;
+  int64_t next_segment_id_ = 0;
+  bool norm_stats_frozen_ = false;
+};
+TORCH_MODULE(PeerLayer);
+
+}  // namespace peerd

@@ -1,0 +1,32 @@
+#include "core/runtime.h"
+
+#include <fstream>
+#include <thread>
+
+namespace peerd {
+
+int SetComputeThreads(uint32_t threads) {
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  at::set_num_threads(static_cast<int>(threads));
+  return at::get_num_threads();
+}
+
+void SeedCompute(uint64_t seed) { torch::manual_seed(seed); }
+
+std::string BlasInfo() {
+  // Debian's LibTorch links the generic libblas.so.3, which the alternatives system points at
+  // OpenBLAS when libopenblas0-pthread is installed, or at the slow reference BLAS otherwise:
+  // the mapped file tells which one this process really got.
+  std::ifstream maps("/proc/self/maps");
+  std::string line, found;
+  while (std::getline(maps, line)) {
+    auto at = line.find('/');
+    if (at == std::string::npos) continue;
+    std::string path = line.substr(at);
+    if (path.find("openblas") != std::string::npos) return path;
+    if (path.find("libblas") != std::string::npos) found = path;
+  }
+  return found.empty() ? "no BLAS library mapped" : found + " (not OpenBLAS: expect ~20x slower matrix products)";
+}
+
+}  // namespace peerd

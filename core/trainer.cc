@@ -1,0 +1,103 @@
+#include "core/trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace peerd {
+
+namespace {
+
+bool Lists(const TrainConfig& c, const std::string& group) {
+  return std::find(c.train_groups().begin(), c.train_groups().end(), group) != c.train_groups().end();
+}
+
+// Whether the policy's groups select this parameter.
+bool Selected(const TrainConfig& c, const ParamInfo& p) {
+  if (Lists(c, "all")) return true;
+  if (Lists(c, "non-expert") && p.kind != ParamKind::kExpert) return true;
+  if (Lists(c, "expert") && p.kind == ParamKind::kExpert) return true;
+  if (Lists(c, "attention") && p.kind == ParamKind::kAttention) return true;
+  if (Lists(c, "dense-ffn") && p.kind == ParamKind::kDenseFfn) return true;
+  if (Lists(c, "new-segment") && p.kind == ParamKind::kExpert && p.newest_segment) return true;
+  if (Lists(c, "query") && p.kind == ParamKind::kQuery) return true;
+  return false;
+}
+
+AdamW::Options OptimizerOptions(const TrainConfig& c) {
+  AdamW::Options o;
+  o.beta1 = c.beta1();
+  o.beta2 = c.beta2();
+  o.eps = c.eps();
+  o.weight_decay = c.weight_decay();
+  return o;
+}
+
+}  // namespace
+
+Trainer::Trainer(TransformerLM model, const TrainConfig& config)
+    : model_(std::move(model)), config_(config), optimizer_(OptimizerOptions(config)) {
+  RefreshParameters();
+}
+
+void Trainer::RefreshParameters() {
+  std::vector<AdamW::Param> params;
+  for (const ParamInfo& p : model_->ClassifiedParameters()) {
+    const bool on = Selected(config_, p);
+    p.tensor.set_requires_grad(on);  // parts that do not train need no gradient at all
+    if (on) params.push_back({p.tensor, p.decay});
+  }
+  optimizer_.SetParameters(std::move(params));
+  const bool stats_move = Lists(config_, "all") || Lists(config_, "norm-stats");
+  for (auto& layer : model_->PeerLayers()) layer->set_norm_stats_frozen(!stats_move);
+}
+
+Status Trainer::AddSegment(size_t layer, int64_t n_keys, int64_t* id) {
+  auto layers = model_->PeerLayers();
+  if (layer >= layers.size())
+    return Status::NotFound("PEER layer " + std::to_string(layer) + " does not exist (the model has " +
+                            std::to_string(layers.size()) + ")");
+  Status st = layers[layer]->AddSegment(n_keys, id);
+  if (st.ok()) RefreshParameters();
+  return st;
+}
+
+Status Trainer::FreezeSegment(size_t layer, int64_t id) {
+  auto layers = model_->PeerLayers();
+  if (layer >= layers.size())
+    return Status::NotFound("PEER layer " + std::to_string(layer) + " does not exist (the model has " +
+                            std::to_string(layers.size()) + ")");
+  Status st = layers[layer]->FreezeSegment(id);
+  if (st.ok()) RefreshParameters();
+  return st;
+}
+
+double Trainer::LearningRate(int64_t step) const {
+  const double lr = config_.lr(), min_lr = config_.min_lr();
+  const int64_t warmup = config_.warmup_steps();
+  if (step < warmup) return lr * (step + 1) / warmup;
+  if (config_.schedule() == LR_SCHEDULE_CONSTANT) return lr;
+  const int64_t decay_steps = std::max<int64_t>(1, int64_t{config_.steps()} - warmup);
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / decay_steps);
+  return min_lr + 0.5 * (lr - min_lr) * (1 + std::cos(M_PI * progress));
+}
+
+StepStats Trainer::Step(const torch::Tensor& tokens) {
+  model_->train();
+  optimizer_.ZeroGrad();
+  torch::Tensor loss = model_->Loss(tokens);
+  loss.backward();
+  std::vector<torch::Tensor> params;
+  for (const auto& p : optimizer_.parameters()) params.push_back(p.tensor);
+  StepStats stats;
+  stats.loss = loss.item<double>();
+  stats.grad_norm = config_.grad_clip() > 0
+                        ? torch::nn::utils::clip_grad_norm_(params, config_.grad_clip())
+                        : torch::nn::utils::clip_grad_norm_(params, INFINITY);
+  stats.lr = LearningRate(step_);
+  optimizer_.Step(stats.lr);
+  ++step_;
+  return stats;
+}
+
+}  // namespace peerd

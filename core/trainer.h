@@ -1,0 +1,52 @@
+// Trainer: one optimizer step at a time on a TransformerLM, under a training policy.
+//
+// The policy (TrainConfig.train_groups) names which parameter groups train; frozen segments never
+// do. After the pool changes (a segment added or frozen) or the policy does, the trainer's
+// optimizer is re-pointed at exactly the trainable parameters: state is kept for those that stay,
+// dropped for those that leave. Learning rate: linear warmup, then cosine decay or constant.
+// Not thread-safe: one thread trains.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "proto/config.pb.h"
+#include "core/adamw.h"
+#include "core/model.h"
+#include "core/status.h"
+
+namespace peerd {
+
+struct StepStats {
+  double loss = 0;       // mean cross-entropy, nats per token
+  double lr = 0;
+  double grad_norm = 0;  // global norm before clipping
+};
+
+class Trainer {
+ public:
+  Trainer(TransformerLM model, const TrainConfig& config);
+
+  // One step on tokens [B, T+1].
+  StepStats Step(const torch::Tensor& tokens);
+
+  // Adds a training segment to PEER layer `layer` (position among the model's PEER layers).
+  Status AddSegment(size_t layer, int64_t n_keys, int64_t* id = nullptr);
+  // Freezes segment `id` of PEER layer `layer` and removes it from the optimizer.
+  Status FreezeSegment(size_t layer, int64_t id);
+  // Re-points the optimizer at the parameters the policy trains now.
+  void RefreshParameters();
+
+  // The learning rate at step `step` under the configured schedule.
+  double LearningRate(int64_t step) const;
+  int64_t step() const { return step_; }
+  const AdamW& optimizer() const { return optimizer_; }
+  TransformerLM& model() { return model_; }
+
+ private:
+  TransformerLM model_;
+  TrainConfig config_;
+  AdamW optimizer_;
+  int64_t step_ = 0;
+};
+
+}  // namespace peerd
