@@ -9,6 +9,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <fstream>
 #include <map>
 #include <regex>
 #include <string>
@@ -70,7 +73,9 @@ json ErrorRow(const std::string& impl, int64_t experts, const std::string& why) 
 
 // One configuration in a child process (its own peak RSS), as a JSON object.
 json RunChild(const std::string& impl, int64_t experts, const Shape& s) {
-  std::string out = RunCommand("/proc/self/exe layer-run --impl " + impl + " --experts " +
+  // popen runs a shell, whose /proc/self/exe is the shell: resolve ours first.
+  static const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  std::string out = RunCommand(self + " layer-run --impl " + impl + " --experts " +
                                std::to_string(experts) + ShapeArgs(s) + " 2>&1");
   auto at = out.rfind("\n{");
   std::string line = out.substr(at == std::string::npos ? 0 : at + 1);
@@ -104,18 +109,18 @@ json RunPeerRef(const std::string& script, int64_t experts, const Shape& s) {
 int LayerRun(int argc, char** argv) {
   CLI::App app{"peer-bench layer-run: one configuration, one JSON line"};
   Shape s;
-  std::string impl = "peer";
+  std::string impl = "peerd";
   int64_t experts = 65536;
   AddShapeFlags(app, s);
-  app.add_option("--impl", impl, "peer | dense");
+  app.add_option("--impl", impl, "peerd | dense-ffn");
   app.add_option("--experts", experts, "experts in the pool (a square)");
   CLI11_PARSE(app, argc, argv);
   SetComputeThreads(s.threads);
   torch::manual_seed(0);
 
-  torch::nn::AnyModule layer;
+  std::function<torch::Tensor(const torch::Tensor&)> layer;
   int64_t params = 0;
-  if (impl == "peer") {
+  if (impl == "peerd") {
     const int64_t n_keys = std::llround(std::sqrt(static_cast<double>(experts)));
     if (n_keys * n_keys != experts) {
       std::fprintf(stderr, "--experts must be a square (n_keys²), got %lld\n", static_cast<long long>(experts));
@@ -131,15 +136,15 @@ int LayerRun(int argc, char** argv) {
     p.set_initial_segments(1);
     PeerLayer peer(s.dim, p);
     for (const auto& t : peer->parameters()) params += t.numel();
-    layer = torch::nn::AnyModule(peer);
-  } else if (impl == "dense") {
+    layer = [peer](const torch::Tensor& x) mutable { return peer->forward(x); };
+  } else if (impl == "dense-ffn") {
     // Equal active parameters: h·k experts of 2·D weights each = a hidden width of h·k.
     DenseFfn dense(s.dim, s.heads * s.topk);
     for (const auto& t : dense->parameters()) params += t.numel();
-    layer = torch::nn::AnyModule(dense);
+    layer = [dense](const torch::Tensor& x) mutable { return dense->forward(x); };
     experts = 0;
   } else {
-    std::fprintf(stderr, "--impl must be peer or dense, got '%s'\n", impl.c_str());
+    std::fprintf(stderr, "--impl must be peerd or dense-ffn, got '%s'\n", impl.c_str());
     return 2;
   }
 
@@ -147,13 +152,13 @@ int LayerRun(int argc, char** argv) {
   std::vector<double> step_seconds;
   for (int64_t i = 0; i <= s.iters; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    torch::Tensor y = layer.forward(x);
+    torch::Tensor y = layer(x);
     y.square().mean().backward();
     if (i > 0) step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(step_seconds.begin(), step_seconds.end());
   const double median = step_seconds[step_seconds.size() / 2];
-  json row = {{"impl", impl == "peer" ? "peerd" : "dense-ffn"}, {"experts", experts}, {"dim", s.dim},
+  json row = {{"impl", impl}, {"experts", experts}, {"dim", s.dim},
               {"heads", s.heads}, {"topk", s.topk}, {"tokens", s.tokens}, {"threads", s.threads},
               {"tokens_per_s", s.tokens / median}, {"peak_rss_mb", PeakRssMb()},
               {"param_mb", params * 4 / 1e6}, {"query_norm", s.query_norm}};
@@ -169,30 +174,38 @@ int LayerBench(int argc, char** argv) {
   std::vector<std::string> impls = {"peerd", "dense-ffn", "peer_ref.py"};
   std::string ref_script = "../shared/bench/peer_ref.py";
   bool as_json = false;
+  std::string json_out = "bench-out/layer.json";
   AddShapeFlags(app, s);
   app.add_option("--experts", experts, "pool sizes (squares), comma-separated")->delimiter(',')->capture_default_str();
   app.add_option("--impl", impls, "peerd, dense-ffn, peer_ref.py (comma-separated)")->delimiter(',')->capture_default_str();
   app.add_option("--ref-script", ref_script, "path to peer_ref.py")->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object per configuration instead of the table");
+  app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   std::vector<json> rows;
   auto wants = [&](const std::string& i) { return std::find(impls.begin(), impls.end(), i) != impls.end(); };
-  if (wants("dense-ffn")) rows.push_back(RunChild("dense", 0, s));
+  if (wants("dense-ffn")) rows.push_back(RunChild("dense-ffn", 0, s));
   for (int64_t n : experts) {
-    if (wants("peerd")) rows.push_back(RunChild("peer", n, s));
+    if (wants("peerd")) rows.push_back(RunChild("peerd", n, s));
     if (wants("peer_ref.py")) rows.push_back(RunPeerRef(ref_script, n, s));
   }
 
   std::map<int64_t, double> ref_tps;
   for (const json& r : rows)
     if (r["impl"] == "peer_ref.py" && r.contains("tokens_per_s")) ref_tps[r["experts"]] = r["tokens_per_s"];
+  for (json& r : rows)
+    if (ref_tps.count(r["experts"]) && r.contains("tokens_per_s"))
+      r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / ref_tps[r["experts"]];
+  if (!json_out.empty()) {
+    std::filesystem::path path(json_out);
+    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
+    std::ofstream out(path);
+    for (const json& r : rows) out << r.dump() << "\n";
+    if (!out) std::fprintf(stderr, "peer-bench: cannot write %s\n", json_out.c_str());
+  }
   if (as_json) {
-    for (json& r : rows) {
-      if (ref_tps.count(r["experts"]) && r.contains("tokens_per_s"))
-        r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / ref_tps[r["experts"]];
-      std::printf("%s\n", r.dump().c_str());
-    }
+    for (const json& r : rows) std::printf("%s\n", r.dump().c_str());
     return 0;
   }
   std::printf("PEER layer forward+backward: D=%lld h=%lld k=%lld, %lld tokens/step, %u threads, "
@@ -208,7 +221,12 @@ int LayerBench(int argc, char** argv) {
       continue;
     }
     const double tps = r["tokens_per_s"];
-    std::string ratio = ref_tps.count(r["experts"]) ? std::to_string(tps / ref_tps[r["experts"]]).substr(0, 5) + "x" : "-";
+    std::string ratio = "-";
+    if (r.contains("ratio_vs_peer_ref")) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.2fx", r["ratio_vs_peer_ref"].get<double>());
+      ratio = buf;
+    }
     std::printf("%-12s %10lld %11.1f %12.0f %13.0f %14s\n", r["impl"].get<std::string>().c_str(),
                 (long long)r["experts"].get<int64_t>(), r["param_mb"].get<double>(), tps,
                 r["peak_rss_mb"].get<double>(), ratio.c_str());
