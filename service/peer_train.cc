@@ -111,6 +111,7 @@ int main(int argc, char** argv) {
     if (tc.eval_every() && step % tc.eval_every() == 0 && step != tc.steps()) {
       std::printf("step %5lld  held-out bits/byte %.3f\n", static_cast<long long>(step),
                   BitsPerByte(model, heldout_text, eval));
+      window_start = std::chrono::steady_clock::now();  // tokens/s counts training only
     }
     std::fflush(stdout);
   }
