@@ -125,8 +125,12 @@ std::vector<ParamInfo> TransformerLMImpl::ClassifiedParameters() const {
 }
 
 int64_t TransformerLMImpl::TotalParameters() const {
+  // Counted from the shapes, not the tensors: a segment whose rows stay in the store has none.
   int64_t n = 0;
   for (const auto& p : parameters()) n += p.numel();
+  for (const auto& layer : PeerLayers())
+    for (const auto& s : layer->segments())
+      if (!s->resident()) n += 2 * s->num_experts() * s->d_model();
   return n;
 }
 
@@ -134,7 +138,7 @@ int64_t TransformerLMImpl::ActiveParameters() const {
   int64_t n = TotalParameters();
   for (const auto& layer : PeerLayers()) {
     const PeerConfig& c = layer->config();
-    for (const auto& s : layer->segments()) n -= s->down.numel() + s->up.numel();
+    for (const auto& s : layer->segments()) n -= 2 * s->num_experts() * s->d_model();
     n += int64_t{c.heads()} * c.topk() * 2 * config_.d_model();
   }
   return n;

@@ -1,5 +1,6 @@
 #include "core/peer_layer.h"
 
+#include <algorithm>
 #include <string>
 
 namespace peerd {
@@ -35,14 +36,35 @@ Status PeerLayerImpl::AddSegment(int64_t n_keys, int64_t* id) {
   return Status::OK();
 }
 
-Status PeerLayerImpl::FreezeSegment(int64_t id) {
+Status PeerLayerImpl::FreezeSegment(int64_t id, torch::ScalarType hold_rows_as) {
   for (auto& s : segments_) {
     if (s->id() != id) continue;
     if (s->frozen()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
-    s->Freeze();
+    s->Freeze(hold_rows_as);
     return Status::OK();
   }
   return Status::NotFound("no segment with id " + std::to_string(id));
+}
+
+Status PeerLayerImpl::InsertFrozenSegment(ExpertSegment segment) {
+  const std::string name = "segment" + std::to_string(segment->id());
+  const auto& keys = segment->sub_keys;
+  if (!segment->frozen() || keys.dim() != 4 || keys.size(0) != config_.heads() || keys.size(1) != 2 ||
+      keys.size(3) * 2 != config_.query_dim() || segment->d_model() != d_model_ ||
+      segment->n_keys() < config_.topk())
+    return Status::InvalidArgument(name + " does not fit this layer (heads " + std::to_string(config_.heads()) +
+                                   ", query_dim " + std::to_string(config_.query_dim()) + ", d_model " +
+                                   std::to_string(d_model_) + ", top-k " + std::to_string(config_.topk()) + ")");
+  auto at = segments_.begin();
+  while (at != segments_.end() && (*at)->id() < segment->id()) ++at;
+  if (at != segments_.end() && (*at)->id() == segment->id()) {
+    if ((*at)->frozen()) return Status::FailedPrecondition(name + " is already frozen in this layer");
+    *at = replace_module(name, segment);
+  } else {
+    segments_.insert(at, register_module(name, segment));
+  }
+  next_segment_id_ = std::max(next_segment_id_, segment->id() + 1);
+  return Status::OK();
 }
 
 int64_t PeerLayerImpl::num_experts() const {
@@ -94,23 +116,24 @@ Retrieval PeerLayerImpl::Retrieve(const torch::Tensor& query, const std::vector<
           r.index.transpose(0, 1).contiguous()};
 }
 
-torch::Tensor PeerLayerImpl::Gather(const Retrieval& r, bool up) const {
-  auto table = [&](int64_t pos) { return up ? segments_[pos]->up : segments_[pos]->down; };
+std::pair<torch::Tensor, torch::Tensor> PeerLayerImpl::Gather(const Retrieval& r, torch::ScalarType dtype) const {
   torch::Tensor seg = r.segment.reshape(-1), idx = r.index.reshape(-1);  // [M·h·k]
-  if (segments_.size() == 1) return table(0).index_select(0, idx);
+  if (segments_.size() == 1) return segments_[0]->Rows(idx, dtype);
   // Gather each segment's rows, then put them back in retrieval order.
-  std::vector<torch::Tensor> rows, positions;
+  std::vector<torch::Tensor> downs, ups, positions;
   for (size_t pos = 0; pos < segments_.size(); ++pos) {
     torch::Tensor at = (seg == static_cast<int64_t>(pos)).nonzero().squeeze(1);
     if (at.numel() == 0) continue;
-    rows.push_back(table(pos).index_select(0, idx.index_select(0, at)));
+    auto [d, u] = segments_[pos]->Rows(idx.index_select(0, at), dtype);
+    downs.push_back(d);
+    ups.push_back(u);
     positions.push_back(at);
   }
-  if (rows.size() == 1) return rows[0];
+  if (downs.size() == 1) return {downs[0], ups[0]};
   torch::Tensor order = torch::cat(positions);
   torch::Tensor inverse = torch::empty_like(order);
   inverse.index_put_({order}, torch::arange(order.numel(), order.options()));
-  return torch::cat(rows).index_select(0, inverse);
+  return {torch::cat(downs).index_select(0, inverse), torch::cat(ups).index_select(0, inverse)};
 }
 
 torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active) {
@@ -119,8 +142,9 @@ torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<b
   const int64_t M = xs.size(0);
   Retrieval r = Retrieve(Query(xs), active);                    // [M, h, k]
   torch::Tensor w = torch::softmax(r.scores, -1).reshape({M, 1, hk});  // router weights per head
-  torch::Tensor u = Gather(r, /*up=*/false).view({M, hk, D});   // [M, h·k, D]
-  torch::Tensor v = Gather(r, /*up=*/true).view({M, hk, D});    // [M, h·k, D]
+  auto [down, up] = Gather(r, xs.scalar_type());
+  torch::Tensor u = down.view({M, hk, D});                      // [M, h·k, D]
+  torch::Tensor v = up.view({M, hk, D});                        // [M, h·k, D]
   torch::Tensor a = torch::bmm(u, xs.unsqueeze(2)).view({M, 1, hk});  // u_e · x
   torch::Tensor y = torch::bmm(torch::gelu(a) * w, v);          // [M, 1, D]: Σ_heads Σ_k w·GELU·v
   return y.view(x.sizes());

@@ -47,8 +47,13 @@ class PeerLayerImpl : public torch::nn::Module {
   // Appends a training segment of n_keys² experts and sets *id (ids are never reused).
   // InvalidArgument if n_keys is below top-k (product-key search needs k sub-keys per half).
   Status AddSegment(int64_t n_keys, int64_t* id = nullptr);
-  // Freezes segment `id`; NotFound for an unknown id, FailedPrecondition if already frozen.
-  Status FreezeSegment(int64_t id);
+  // Freezes segment `id`, holding its rows as `hold_rows_as` from then on; NotFound for an
+  // unknown id, FailedPrecondition if already frozen.
+  Status FreezeSegment(int64_t id, torch::ScalarType hold_rows_as = torch::kFloat);
+  // Puts a frozen segment restored from storage in its place (by id): it replaces a training
+  // segment of the same id, which was frozen since the model was built. InvalidArgument if its
+  // shapes do not fit this layer, FailedPrecondition if a frozen segment already has its id.
+  Status InsertFrozenSegment(ExpertSegment segment);
   const std::vector<ExpertSegment>& segments() const { return segments_; }
   int64_t num_experts() const;
 
@@ -61,8 +66,8 @@ class PeerLayerImpl : public torch::nn::Module {
   torch::Tensor running_mean, running_var;  // batch-norm buffers (undefined unless BATCH)
 
  private:
-  // Rows [M·h·k, D] of each retrieved expert's down (u) or up (v) vector, in retrieval order.
-  torch::Tensor Gather(const Retrieval& r, bool up) const;
+  // {down (u), up (v)} rows [M·h·k, D] of each retrieved expert, in retrieval order, as `dtype`.
+  std::pair<torch::Tensor, torch::Tensor> Gather(const Retrieval& r, torch::ScalarType dtype) const;
 
   int64_t d_model_;
   PeerConfig config_;

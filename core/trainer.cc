@@ -62,12 +62,20 @@ Status Trainer::AddSegment(size_t layer, int64_t n_keys, int64_t* id) {
   return st;
 }
 
-Status Trainer::FreezeSegment(size_t layer, int64_t id) {
+Status Trainer::FreezeSegment(size_t layer, int64_t id, const FreezeOptions& options) {
   auto layers = model_->PeerLayers();
   if (layer >= layers.size())
     return Status::NotFound("PEER layer " + std::to_string(layer) + " does not exist (the model has " +
                             std::to_string(layers.size()) + ")");
-  Status st = layers[layer]->FreezeSegment(id);
+  if (options.persist) {
+    const ExpertSegmentImpl* segment = nullptr;
+    for (const auto& s : layers[layer]->segments())
+      if (s->id() == id) segment = s.get();
+    if (!segment) return Status::NotFound("no segment with id " + std::to_string(id));
+    if (segment->frozen()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
+    if (Status st = options.persist(layer, *segment); !st.ok()) return st;
+  }
+  Status st = layers[layer]->FreezeSegment(id, options.hold_rows_as);
   if (st.ok()) RefreshParameters();
   return st;
 }

@@ -9,12 +9,23 @@
 
 #include <torch/torch.h>
 
+#include <functional>
+
 #include "proto/config.pb.h"
 #include "core/adamw.h"
 #include "core/model.h"
 #include "core/status.h"
 
 namespace peerd {
+
+// How a segment is frozen beyond the in-memory flip (DESIGN.md §2: the store is the truth).
+struct FreezeOptions {
+  // Runs first, with the still-training segment; if it fails the segment stays training and the
+  // error is returned. The service writes the segment to the expert store here.
+  std::function<Status(size_t layer, const ExpertSegmentImpl& segment)> persist;
+  // The dtype the frozen rows are held in afterwards (kBFloat16 to hold what a bf16 store holds).
+  torch::ScalarType hold_rows_as = torch::kFloat;
+};
 
 struct StepStats {
   double loss = 0;       // mean cross-entropy, nats per token
@@ -31,8 +42,9 @@ class Trainer {
 
   // Adds a training segment to PEER layer `layer` (position among the model's PEER layers).
   Status AddSegment(size_t layer, int64_t n_keys, int64_t* id = nullptr);
-  // Freezes segment `id` of PEER layer `layer` and removes it from the optimizer.
-  Status FreezeSegment(size_t layer, int64_t id);
+  // Freezes segment `id` of PEER layer `layer` (persisting it first when options say how) and
+  // removes it from the optimizer.
+  Status FreezeSegment(size_t layer, int64_t id, const FreezeOptions& options = {});
   // Re-points the optimizer at the parameters the policy trains now.
   void RefreshParameters();
 

@@ -1,0 +1,50 @@
+// ExpertPoolStore: the bridge between a model's expert pool (core/) and the expert store
+// (experts_store/). Freezing writes a segment to the store before it is frozen in memory; opening
+// a data directory rebuilds the frozen segments of every PEER layer from the store's manifests,
+// verifying each checksum and refusing a corrupted segment by name.
+//
+// Two residency modes for frozen rows: kResident loads them all at restore (in the store's dtype:
+// bf16 rows cost 2 bytes a value in memory too); kCached leaves them in the store and serves the
+// rows retrieval selects through a bounded RowCache — for pools larger than memory.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/model.h"
+#include "core/trainer.h"
+#include "experts_store/expert_store.h"
+#include "experts_store/row_cache.h"
+
+namespace peerd {
+
+enum class Residency { kResident, kCached };
+
+struct PoolStoreOptions {
+  Residency residency = Residency::kResident;
+  size_t cache_bytes = size_t{256} << 20;  // kCached: bound on cached row bytes
+};
+
+class ExpertPoolStore {
+ public:
+  // `store` must outlive this object and every segment it restores.
+  ExpertPoolStore(ExpertStore* store, PoolStoreOptions options);
+
+  // For Trainer::FreezeSegment: persists the segment to the store as `dtype` (one synced
+  // WriteBatch) and then holds its rows in that dtype in memory.
+  FreezeOptions Freezing(RowDtype dtype, uint64_t step, uint64_t tokens_seen) const;
+
+  // Puts every frozen segment of the store into `model`'s PEER layers (by layer and id),
+  // replacing training segments of the same id. The caller then refreshes its optimizer.
+  Status Restore(TransformerLM& model);
+
+  RowCache::Stats cache_stats() const { return cache_->stats(); }
+  const PoolStoreOptions& options() const { return options_; }
+
+ private:
+  ExpertStore* store_;
+  PoolStoreOptions options_;
+  std::shared_ptr<RowCache> cache_;
+};
+
+}  // namespace peerd
