@@ -29,6 +29,7 @@ demo: build corpora
 
 bench: build
 	@./$(BUILD)/peer-bench layer
+	@./$(BUILD)/peer-bench store
 
 clean:
 	rm -rf $(BUILD)

@@ -1,6 +1,8 @@
 // Status: the result of an operation that can fail, carried up to the caller instead of thrown
 // (after LevelDB's Status). An error carries a kind and a message written for the person who must
-// fix it: what was wrong, and what to do. Cheap to copy; no LibTorch.
+// fix it: what was wrong, and what to do. Cheap to copy; header-only and free of LibTorch, so
+// every component (experts_store, and later ingest) carries the same errors without depending on
+// the rest of core.
 #pragma once
 
 #include <string>

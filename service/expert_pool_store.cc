@@ -80,17 +80,20 @@ FreezeOptions ExpertPoolStore::Freezing(RowDtype dtype, uint64_t step, uint64_t 
 }
 
 Status ExpertPoolStore::Restore(TransformerLM& model) {
+  return Restore(model->PeerLayers(), model->config().d_model());
+}
+
+Status ExpertPoolStore::Restore(const std::vector<PeerLayer>& layers, int64_t d_model) {
   std::vector<SegmentManifest> manifests;
   if (Status st = store_->Manifests(&manifests); !st.ok()) return st;
-  auto layers = model->PeerLayers();
   for (const SegmentManifest& m : manifests) {
     const std::string name = SegmentName(m.layer(), m.segment());
     if (m.state() != SEGMENT_STATE_FROZEN) continue;
-    if (m.layer() >= layers.size() || m.d_model() != model->config().d_model())
+    if (m.layer() >= layers.size() || m.d_model() != d_model)
       return Status::InvalidArgument("the store in '" + store_->dir() + "' holds " + name + " (d_model " +
                                      std::to_string(m.d_model()) + ") but the model has " +
                                      std::to_string(layers.size()) + " PEER layers of d_model " +
-                                     std::to_string(model->config().d_model()) +
+                                     std::to_string(d_model) +
                                      ": use the configuration this data directory was trained with");
     std::string key_bytes;
     if (Status st = store_->ReadSubKeys(m.layer(), m.segment(), &key_bytes); !st.ok())
@@ -119,7 +122,8 @@ Status ExpertPoolStore::Restore(TransformerLM& model) {
       if (Status st = store_->VerifySegment(m); !st.ok()) return st;
       segment = ExpertSegment(m.segment(), keys, D, std::make_shared<StoreRowSource>(cache_, m));
     }
-    if (Status st = layers[m.layer()]->InsertFrozenSegment(segment); !st.ok())
+    PeerLayer layer = layers[m.layer()];
+    if (Status st = layer->InsertFrozenSegment(segment); !st.ok())
       return Status::InvalidArgument("cannot restore " + name + ": " + st.message());
   }
   return Status::OK();

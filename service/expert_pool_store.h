@@ -37,6 +37,8 @@ class ExpertPoolStore {
   // Puts every frozen segment of the store into `model`'s PEER layers (by layer and id),
   // replacing training segments of the same id. The caller then refreshes its optimizer.
   Status Restore(TransformerLM& model);
+  // The same for a list of PEER layers of width d_model (layer i of the store goes to layers[i]).
+  Status Restore(const std::vector<PeerLayer>& layers, int64_t d_model);
 
   RowCache::Stats cache_stats() const { return cache_->stats(); }
   const PoolStoreOptions& options() const { return options_; }
