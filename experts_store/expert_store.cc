@@ -2,6 +2,7 @@
 
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
+#include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -92,6 +93,12 @@ Status ExpertStore::Open(const std::string& dir, const StoreOptions& options, st
   }
   std::vector<rocksdb::ColumnFamilyDescriptor> descriptors;
   for (const auto& name : cf_names) descriptors.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  // Expert rows are float bits: compression buys nothing and costs time on every read and write;
+  // big blocks suit reads of whole segments and batches of rows.
+  rocksdb::BlockBasedTableOptions table;
+  table.block_size = 64 << 10;
+  descriptors[1].options.compression = rocksdb::kNoCompression;
+  descriptors[1].options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
 
   std::unique_ptr<ExpertStore> store(new ExpertStore());
   store->dir_ = dir;
@@ -239,6 +246,7 @@ Status ExpertStore::ScanSegment(const SegmentManifest& m,
   ro.iterate_upper_bound = &upper;
   ro.fill_cache = false;  // a scan would only evict what readers need
   ro.verify_checksums = true;
+  ro.readahead_size = size_t{8} << 20;  // a segment is one contiguous range: read it in big strides
   const size_t row_bytes = RowBytes(m.dtype(), m.d_model());
   const uint32_t experts = m.n_keys() * m.n_keys();
   uint32_t next = 0;
