@@ -2,21 +2,13 @@
 
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
-#include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
-#include <unistd.h>
 #include <xxhash.h>
-
-#include <cerrno>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 
 #include "experts_store/format.h"
 
 namespace peerd {
 
-namespace fs = std::filesystem;
 using namespace store;
 
 std::string SegmentName(uint32_t layer, uint32_t segment) {
@@ -24,26 +16,6 @@ std::string SegmentName(uint32_t layer, uint32_t segment) {
 }
 
 namespace {
-
-Status FromRocks(const rocksdb::Status& s, const std::string& what) {
-  if (s.ok()) return Status::OK();
-  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
-  if (s.IsNotFound()) return Status::NotFound(what + ": " + s.ToString());
-  return Status::IOError(what + ": " + s.ToString());
-}
-
-// Creates and removes a file: the honest test of "can this process write here" (permission bits
-// alone do not tell, e.g. on a read-only mount).
-Status ProbeWritable(const std::string& dir) {
-  const std::string probe = dir + "/.peerd-write-probe";
-  std::FILE* f = std::fopen(probe.c_str(), "w");
-  if (!f)
-    return Status::IOError("data directory '" + dir + "' is not writable (" + std::strerror(errno) +
-                           "): the expert store must write there; give a writable directory");
-  std::fclose(f);
-  std::remove(probe.c_str());
-  return Status::OK();
-}
 
 class SegmentHasher {
  public:
@@ -63,86 +35,19 @@ size_t ExpertStore::RowBytes(RowDtype dtype, uint32_t d_model) {
 }
 
 Status ExpertStore::Open(const std::string& dir, const StoreOptions& options, std::unique_ptr<ExpertStore>* out) {
-  std::error_code ec;
-  const bool exists = fs::exists(dir, ec);
-  if (exists && !fs::is_directory(dir, ec))
-    return Status::InvalidArgument("'" + dir + "' is a file, not a data directory: give a directory");
-  if (!exists) {
-    if (!options.create_if_missing) return Status::NotFound("no store at '" + dir + "'");
-    if (!fs::create_directories(dir, ec))
-      return Status::IOError("cannot create data directory '" + dir + "': " + ec.message());
-  }
-  const bool is_rocksdb = fs::exists(dir + "/CURRENT", ec);
-  if (!is_rocksdb && !fs::is_empty(dir, ec))
-    return Status::InvalidArgument("'" + dir + "' is not a peerd store (no RocksDB database in it) and is not "
-                                   "empty: give a new or empty directory, or the data directory of a peerd store");
-  if (Status st = ProbeWritable(dir); !st.ok()) return st;
-
-  rocksdb::DBOptions db_options;
-  db_options.create_if_missing = !is_rocksdb;
-  db_options.create_missing_column_families = true;
-  db_options.paranoid_checks = true;
-  std::vector<std::string> cf_names = {rocksdb::kDefaultColumnFamilyName, kExpertsCF, kSubKeysCF,
-                                       kManifestsCF, kSpoolCF, kCheckpointsCF, kEvalsCF};
-  if (is_rocksdb) {
-    std::vector<std::string> existing;
-    rocksdb::Status s = rocksdb::DB::ListColumnFamilies(db_options, dir, &existing);
-    if (!s.ok()) return FromRocks(s, "cannot read the store in '" + dir + "'");
-    for (const auto& name : existing)  // keep families a newer version added: RocksDB requires it
-      if (std::find(cf_names.begin(), cf_names.end(), name) == cf_names.end()) cf_names.push_back(name);
-  }
-  std::vector<rocksdb::ColumnFamilyDescriptor> descriptors;
-  for (const auto& name : cf_names) descriptors.emplace_back(name, rocksdb::ColumnFamilyOptions());
-  // Expert rows are float bits: compression buys nothing and costs time on every read and write;
-  // big blocks suit reads of whole segments and batches of rows.
-  rocksdb::BlockBasedTableOptions table;
-  table.block_size = 64 << 10;
-  descriptors[1].options.compression = rocksdb::kNoCompression;
-  descriptors[1].options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
-
-  std::unique_ptr<ExpertStore> store(new ExpertStore());
-  store->dir_ = dir;
-  rocksdb::DB* db = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(db_options, dir, descriptors, &store->handles_, &db);
-  if (!s.ok()) return FromRocks(s, "cannot open the store in '" + dir + "'");
-  store->db_.reset(db);
-  store->experts_ = store->handles_[1];
-  store->subkeys_ = store->handles_[2];
-  store->manifests_ = store->handles_[3];
-
-  // The schema version: written once at creation; a newer one than ours is refused.
-  std::string meta_bytes;
-  s = db->Get(rocksdb::ReadOptions(), kMetaKey, &meta_bytes);
-  StoreMeta meta;
-  if (s.IsNotFound()) {
-    if (is_rocksdb)
-      return Status::InvalidArgument("'" + dir + "' holds a RocksDB database that is not a peerd store (no meta "
-                                     "record): give a new or empty directory");
-    meta.set_schema_version(kSchemaVersion);
-    meta.set_created_by("peerd");
-    rocksdb::WriteOptions sync;
-    sync.sync = true;
-    s = db->Put(sync, kMetaKey, meta.SerializeAsString());
-    if (!s.ok()) return FromRocks(s, "cannot initialise the store in '" + dir + "'");
-  } else if (!s.ok()) {
-    return FromRocks(s, "cannot read the store's meta record in '" + dir + "'");
-  } else if (!meta.ParseFromString(meta_bytes)) {
-    return Status::Corruption("the store's meta record in '" + dir + "' is unreadable");
-  } else if (meta.schema_version() > kSchemaVersion) {
-    return Status::FailedPrecondition(
-        "the store in '" + dir + "' has schema version " + std::to_string(meta.schema_version()) +
-        ", newer than this peerd understands (" + std::to_string(kSchemaVersion) +
-        "): run the peerd version that wrote it, or a newer one");
-  }
-  *out = std::move(store);
+  std::shared_ptr<StoreDb> db;
+  if (Status st = StoreDb::Open(dir, options, &db); !st.ok()) return st;
+  *out = std::make_unique<ExpertStore>(std::move(db));
   return Status::OK();
 }
 
-ExpertStore::~ExpertStore() {
-  if (!db_) return;
-  for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
-  db_->Close();
-}
+ExpertStore::ExpertStore(std::shared_ptr<StoreDb> db)
+    : db_(std::move(db)),
+      experts_(db_->family(Family::kExperts)),
+      subkeys_(db_->family(Family::kSubKeys)),
+      manifests_(db_->family(Family::kManifests)) {}
+
+ExpertStore::~ExpertStore() = default;
 
 Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view sub_keys,
                                   const RowWriter& row, SegmentManifest* written) {
@@ -157,7 +62,7 @@ Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view
                                    " bytes, the manifest says " + std::to_string(want_subkeys));
   const std::string key = SegmentKey(given.layer(), given.segment());
   std::string existing;
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), manifests_, key, &existing);
+  rocksdb::Status s = db_->db()->Get(rocksdb::ReadOptions(), manifests_, key, &existing);
   if (s.ok()) return Status::FailedPrecondition(name + " is already frozen: a frozen segment never changes");
   if (!s.IsNotFound()) return FromRocks(s, name);
 
@@ -183,7 +88,7 @@ Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view
   batch.Put(manifests_, key, m.SerializeAsString());
   rocksdb::WriteOptions sync;
   sync.sync = true;  // acknowledged frozen means on disk
-  s = db_->Write(sync, &batch);
+  s = db_->db()->Write(sync, &batch);
   if (!s.ok()) return FromRocks(s, "freezing " + name);
   if (written) *written = m;
   return Status::OK();
@@ -191,22 +96,22 @@ Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view
 
 Status ExpertStore::Manifests(std::vector<SegmentManifest>* out) const {
   out->clear();
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), manifests_));
+  std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(rocksdb::ReadOptions(), manifests_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     SegmentManifest m;
     if (it->key().size() != 8 || !m.ParseFromArray(it->value().data(), static_cast<int>(it->value().size())))
-      return Status::Corruption("unreadable segment manifest in '" + dir_ + "'");
+      return Status::Corruption("unreadable segment manifest in '" + dir() + "'");
     if (m.layer() != GetBigEndian32(it->key().data()) || m.segment() != GetBigEndian32(it->key().data() + 4))
       return Status::Corruption("segment manifest under the key of " +
                                 SegmentName(GetBigEndian32(it->key().data()), GetBigEndian32(it->key().data() + 4)) +
                                 " names " + SegmentName(m.layer(), m.segment()));
     out->push_back(std::move(m));
   }
-  return FromRocks(it->status(), "reading segment manifests in '" + dir_ + "'");
+  return FromRocks(it->status(), "reading segment manifests in '" + dir() + "'");
 }
 
 Status ExpertStore::ReadSubKeys(uint32_t layer, uint32_t segment, std::string* out) const {
-  return FromRocks(db_->Get(rocksdb::ReadOptions(), subkeys_, SegmentKey(layer, segment), out),
+  return FromRocks(db_->db()->Get(rocksdb::ReadOptions(), subkeys_, SegmentKey(layer, segment), out),
                    "sub-keys of " + SegmentName(layer, segment));
 }
 
@@ -221,7 +126,7 @@ Status ExpertStore::ReadRows(uint32_t layer, uint32_t segment, const std::vector
   }
   std::vector<rocksdb::PinnableSlice> values(n);
   std::vector<rocksdb::Status> statuses(n);
-  db_->MultiGet(rocksdb::ReadOptions(), experts_, n, slices.data(), values.data(), statuses.data());
+  db_->db()->MultiGet(rocksdb::ReadOptions(), experts_, n, slices.data(), values.data(), statuses.data());
   out->resize(n);
   for (size_t i = 0; i < n; ++i) {
     if (!statuses[i].ok())
@@ -250,7 +155,7 @@ Status ExpertStore::ScanSegment(const SegmentManifest& m,
   const size_t row_bytes = RowBytes(m.dtype(), m.d_model());
   const uint32_t experts = m.n_keys() * m.n_keys();
   uint32_t next = 0;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, experts_));
+  std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(ro, experts_));
   for (it->Seek(begin); it->Valid(); it->Next()) {
     const uint32_t e = GetBigEndian32(it->key().data() + 8);
     if (it->key().size() != 12 || e != next || it->value().size() != row_bytes)
@@ -273,7 +178,7 @@ Status ExpertStore::ScanSegment(const SegmentManifest& m,
 
 Status ExpertStore::Flush() {
   rocksdb::FlushOptions fo;
-  return FromRocks(db_->Flush(fo, {experts_, subkeys_, manifests_}), "flushing the store");
+  return FromRocks(db_->db()->Flush(fo, {experts_, subkeys_, manifests_}), "flushing the store");
 }
 
 }  // namespace peerd

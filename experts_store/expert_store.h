@@ -18,24 +18,18 @@
 #include <vector>
 
 #include "core/status.h"
+#include "experts_store/store_db.h"
 #include "proto/store.pb.h"
 
-namespace rocksdb {
-class DB;
-class ColumnFamilyHandle;
-}  // namespace rocksdb
-
 namespace peerd {
-
-struct StoreOptions {
-  bool create_if_missing = true;
-};
 
 class ExpertStore {
  public:
   // Opens (or creates) the store in directory `dir`. Errors name the directory and say what to do:
   // not a store, a store of a newer schema version, a read-only or unreadable directory.
   static Status Open(const std::string& dir, const StoreOptions& options, std::unique_ptr<ExpertStore>* out);
+  // A view of an open database (which it keeps open).
+  explicit ExpertStore(std::shared_ptr<StoreDb> db);
   ~ExpertStore();
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
@@ -66,16 +60,14 @@ class ExpertStore {
 
   // Flushes memtables to SST files (tests, benchmarks).
   Status Flush();
-  const std::string& dir() const { return dir_; }
+  const std::string& dir() const { return db_->dir(); }
+  const std::shared_ptr<StoreDb>& db() const { return db_; }
 
  private:
-  ExpertStore() = default;
-  std::string dir_;
-  std::unique_ptr<rocksdb::DB> db_;
-  rocksdb::ColumnFamilyHandle* experts_ = nullptr;
-  rocksdb::ColumnFamilyHandle* subkeys_ = nullptr;
-  rocksdb::ColumnFamilyHandle* manifests_ = nullptr;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // all of them, for closing
+  std::shared_ptr<StoreDb> db_;
+  rocksdb::ColumnFamilyHandle* experts_;
+  rocksdb::ColumnFamilyHandle* subkeys_;
+  rocksdb::ColumnFamilyHandle* manifests_;
 };
 
 // A name for a segment in messages: "layer 0 segment 3".
