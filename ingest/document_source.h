@@ -1,0 +1,48 @@
+// DocumentSource: files, directories and stdin cut into documents for peer-ingest. No LibTorch.
+//
+// A document's id is stable across runs — "<path>@<offset>+<length>" — so a resumed or repeated
+// run names the same documents the same way and the server stores each once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace peerd {
+
+struct IngestDocument {
+  std::string id, text;
+};
+
+enum class SplitMode { kFile, kBlankLine, kLine, kBytes };
+
+struct SplitSpec {
+  SplitMode mode = SplitMode::kBlankLine;
+  uint64_t bytes = 0;  // kBytes: chunk size
+};
+
+// Parses "file", "blank-line", "line" or "bytes:N".
+Status ParseSplit(const std::string& text, SplitSpec* out);
+
+class DocumentSource {
+ public:
+  // `paths`: files, directories (walked recursively, in name order) or "-" for stdin.
+  static Status Open(const std::vector<std::string>& paths, SplitSpec split, std::unique_ptr<DocumentSource>* out);
+  // The next non-empty document; false at the end. A read error ends the source with status().
+  bool Next(IngestDocument* doc);
+  const Status& status() const { return status_; }
+
+ private:
+  bool LoadNextInput();
+  std::vector<std::string> inputs_;  // files in order ("-" for stdin)
+  size_t next_input_ = 0;
+  SplitSpec split_;
+  std::string name_, data_;  // the current input, read whole
+  size_t pos_ = 0;
+  Status status_;
+};
+
+}  // namespace peerd

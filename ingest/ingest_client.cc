@@ -1,0 +1,267 @@
+#include "ingest/ingest_client.h"
+
+#include <boost/asio.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <fstream>
+#include <mutex>
+#include <thread>
+#include <unordered_set>
+
+#include "proto/frame.h"
+#include "proto/wire.pb.h"
+
+namespace peerd {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Pending {
+  uint64_t seq;
+  IngestDocument doc;
+};
+
+// One connection: a socket, the hello exchange, and a thread that reads acks.
+class Stream {
+ public:
+  Stream(asio::io_context& io) : socket_(io) {}
+  ~Stream() { Close(); }
+
+  // Connects and says hello. A refusal by the server (token, version) is fatal: *fatal = true.
+  Status Open(const std::string& host, uint16_t port, const IngestOptions& o, bool* fatal) {
+    *fatal = false;
+    boost::system::error_code ec;
+    tcp::resolver resolver(socket_.get_executor());
+    auto endpoints = resolver.resolve(host, std::to_string(port), ec);
+    if (!ec) asio::connect(socket_, endpoints, ec);
+    if (ec) return Status::IOError("cannot connect to " + host + ":" + std::to_string(port) + ": " + ec.message());
+    ClientFrame hello;
+    hello.mutable_hello()->set_protocol_version(wire::kProtocolVersion);
+    hello.mutable_hello()->set_token(o.token);
+    hello.mutable_hello()->set_task(o.task);
+    hello.mutable_hello()->set_client(o.client_name);
+    if (Status st = Write(wire::EncodeFrame(hello)); !st.ok()) return st;
+    ServerFrame reply;
+    if (Status st = Read(&reply); !st.ok()) return st;
+    if (reply.has_error()) {
+      *fatal = true;
+      return Status::InvalidArgument("server refused the stream: " + reply.error().message());
+    }
+    if (!reply.has_hello()) return Status::IOError("server did not answer the hello");
+    max_document_bytes_ = reply.hello().max_document_bytes();
+    return Status::OK();
+  }
+
+  Status Write(const std::string& bytes) {
+    boost::system::error_code ec;
+    asio::write(socket_, asio::buffer(bytes), ec);
+    return ec ? Status::IOError("connection lost while sending: " + ec.message()) : Status::OK();
+  }
+
+  Status Read(ServerFrame* frame) {
+    unsigned char header[wire::kHeaderBytes];
+    boost::system::error_code ec;
+    asio::read(socket_, asio::buffer(header), ec);
+    if (ec) return Status::IOError("connection lost: " + ec.message());
+    std::string body(wire::DecodeLength(header), '\0');
+    asio::read(socket_, asio::buffer(body), ec);
+    if (ec) return Status::IOError("connection lost: " + ec.message());
+    if (!frame->ParseFromString(body)) return Status::IOError("unreadable frame from the server");
+    return Status::OK();
+  }
+
+  void Close() {
+    boost::system::error_code ignored;
+    socket_.shutdown(tcp::socket::shutdown_both, ignored);
+    socket_.close(ignored);
+  }
+
+  uint64_t max_document_bytes() const { return max_document_bytes_; }
+
+ private:
+  tcp::socket socket_;
+  uint64_t max_document_bytes_ = 0;
+};
+
+bool FatalCode(ErrorReply::Code c) { return c != ErrorReply::UNAVAILABLE; }
+
+}  // namespace
+
+Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
+                         const std::function<void(const IngestProgress&)>& on_progress) {
+  *progress = IngestProgress();
+  const auto start = Clock::now();
+  std::string host;
+  uint16_t port = 0;
+  {
+    auto colon = options_.server.rfind(':');
+    if (colon == std::string::npos) return Status::InvalidArgument("--server must be HOST:PORT, got '" + options_.server + "'");
+    host = options_.server.substr(0, colon);
+    try {
+      port = static_cast<uint16_t>(std::stoul(options_.server.substr(colon + 1)));
+    } catch (const std::exception&) {
+      return Status::InvalidArgument("--server must be HOST:PORT, got '" + options_.server + "'");
+    }
+  }
+
+  // Acked ids of earlier runs, and the file that records this run's.
+  std::unordered_set<std::string> acked_before;
+  std::ofstream resume;
+  if (!options_.resume_path.empty()) {
+    std::ifstream in(options_.resume_path);
+    for (std::string line; std::getline(in, line);) acked_before.insert(line);
+    resume.open(options_.resume_path, std::ios::app);
+    if (!resume) return Status::IOError("cannot write the resume file '" + options_.resume_path + "'");
+  }
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Pending> unacked;  // in seq order
+  uint64_t unacked_bytes = 0;
+  Status stream_error;          // set by the reader when the stream ends
+  bool stream_fatal = false, stream_dead = true;
+
+  asio::io_context io;
+  std::unique_ptr<Stream> stream;
+  std::thread reader;
+  uint64_t next_seq = 1;
+  int failures_in_a_row = 0;
+
+  auto stop_stream = [&] {
+    if (stream) stream->Close();
+    if (reader.joinable()) reader.join();
+    stream.reset();
+  };
+  // (Re)connects and resends every unacked document, renumbered from 1.
+  bool connected_before = false;
+  auto connect = [&]() -> Status {
+    if (connected_before) progress->reconnects++;
+    connected_before = true;
+    for (;;) {
+      stop_stream();
+      stream = std::make_unique<Stream>(io);
+      bool fatal = false;
+      Status st = stream->Open(host, port, options_, &fatal);
+      if (st.ok()) {
+        std::unique_lock<std::mutex> lock(mu);
+        stream_dead = false;
+        stream_fatal = false;
+        stream_error = Status::OK();
+        next_seq = 1;
+        for (Pending& p : unacked) p.seq = next_seq++;
+        reader = std::thread([&, s = stream.get()] {
+          for (;;) {
+            ServerFrame frame;
+            Status rs = s->Read(&frame);
+            std::lock_guard<std::mutex> guard(mu);
+            if (!rs.ok() || frame.has_error()) {
+              stream_dead = true;
+              stream_error = rs.ok() ? Status::IOError("server: " + frame.error().message()) : rs;
+              stream_fatal = frame.has_error() && FatalCode(frame.error().code());
+              cv.notify_all();
+              return;
+            }
+            if (!frame.has_ack()) continue;
+            progress->duplicates = frame.ack().duplicates();  // per stream; good enough for a summary
+            while (!unacked.empty() && unacked.front().seq <= frame.ack().seq()) {
+              progress->acked_documents++;
+              progress->acked_bytes += unacked.front().doc.text.size();
+              unacked_bytes -= unacked.front().doc.text.size();
+              if (resume.is_open()) resume << unacked.front().doc.id << '\n';
+              unacked.pop_front();
+            }
+            if (resume.is_open()) resume.flush();
+            failures_in_a_row = 0;
+            cv.notify_all();
+          }
+        });
+        std::vector<std::string> frames;
+        for (const Pending& p : unacked) {
+          ClientFrame f;
+          f.mutable_document()->set_seq(p.seq);
+          f.mutable_document()->set_id(p.doc.id);
+          f.mutable_document()->set_text(p.doc.text);
+          frames.push_back(wire::EncodeFrame(f));
+        }
+        lock.unlock();
+        for (const auto& f : frames) stream->Write(f);  // a failure shows up in the reader
+        return Status::OK();
+      }
+      if (fatal) return st;
+      if (++failures_in_a_row > options_.max_reconnects)
+        return Status::IOError(st.message() + " (gave up after " + std::to_string(options_.max_reconnects) + " tries)");
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5000, 100 << std::min(failures_in_a_row, 6))));
+    }
+  };
+
+  Status st = connect();
+  if (!st.ok()) return st;
+  IngestDocument doc;
+  auto last_report = Clock::now();
+  while (source.Next(&doc)) {
+    if (acked_before.count(doc.id)) {
+      progress->resumed++;
+      continue;
+    }
+    if (stream->max_document_bytes() && doc.text.size() > stream->max_document_bytes())
+      return Status::InvalidArgument("document '" + doc.id + "' is " + std::to_string(doc.text.size()) +
+                                     " bytes, over the server's limit of " + std::to_string(stream->max_document_bytes()) +
+                                     ": split it smaller (--split line or bytes:N)");
+    std::unique_lock<std::mutex> lock(mu);
+    for (;;) {
+      if (stream_dead) {
+        if (stream_fatal) return stream_error;
+        lock.unlock();
+        if (Status c = connect(); !c.ok()) return c;
+        lock.lock();
+        continue;
+      }
+      if (unacked_bytes + doc.text.size() <= options_.window_bytes || unacked.empty()) break;
+      cv.wait_for(lock, std::chrono::milliseconds(200));
+    }
+    Pending p{next_seq++, doc};
+    ClientFrame f;
+    f.mutable_document()->set_seq(p.seq);
+    f.mutable_document()->set_id(p.doc.id);
+    f.mutable_document()->set_text(p.doc.text);
+    unacked_bytes += p.doc.text.size();
+    unacked.push_back(std::move(p));
+    progress->sent_documents++;
+    progress->sent_bytes += doc.text.size();
+    lock.unlock();
+    stream->Write(wire::EncodeFrame(f));  // a failure shows up in the reader
+    if (on_progress && Clock::now() - last_report > std::chrono::milliseconds(500)) {
+      progress->seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      on_progress(*progress);
+      last_report = Clock::now();
+    }
+  }
+  if (!source.status().ok()) {
+    stop_stream();
+    return source.status();
+  }
+  // Wait for the last acks, reconnecting as needed.
+  std::unique_lock<std::mutex> lock(mu);
+  while (!unacked.empty()) {
+    if (stream_dead) {
+      if (stream_fatal) return stream_error;
+      lock.unlock();
+      if (Status c = connect(); !c.ok()) return c;
+      lock.lock();
+      continue;
+    }
+    cv.wait_for(lock, std::chrono::milliseconds(200));
+  }
+  lock.unlock();
+  stop_stream();
+  progress->seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (on_progress) on_progress(*progress);
+  return Status::OK();
+}
+
+}  // namespace peerd

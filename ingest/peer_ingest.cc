@@ -1,0 +1,75 @@
+// peer-ingest: streams files, directories or stdin into a running peerd, as documents of a task.
+//
+//   peer-ingest --task NAME [--server 127.0.0.1:7070] [--token-file peerd-data/data.token]
+//               [--split file|blank-line|line|bytes:N] [--resume FILE | --no-resume] PATH... | -
+//
+// Exit status 0 only when every document sent was acknowledged (durable in peerd's spool).
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "ingest/document_source.h"
+#include "ingest/ingest_client.h"
+#include "proto/frame.h"
+
+using namespace peerd;
+
+int main(int argc, char** argv) {
+  CLI::App app{"peer-ingest: stream text into a running peerd"};
+  IngestOptions o;
+  std::string token_file = "peerd-data/data.token", split = "blank-line", resume;
+  bool no_resume = false;
+  std::vector<std::string> paths;
+  app.add_option("--server", o.server, "peerd's data port")->capture_default_str();
+  app.add_option("--task", o.task, "task the documents belong to ([A-Za-z0-9_.-], 1-64)")->required();
+  app.add_option("--token-file", token_file, "file holding the data token")->capture_default_str();
+  app.add_option("--split", split, "file | blank-line | line | bytes:N")->capture_default_str();
+  app.add_option("--resume", resume, "file recording acked ids (default .peer-ingest/TASK.acked)");
+  app.add_flag("--no-resume", no_resume, "send everything, remember nothing");
+  app.add_option("paths", paths, "files, directories (recursive) or - for stdin")->required();
+  CLI11_PARSE(app, argc, argv);
+
+  auto fail = [](const Status& st) {
+    std::fprintf(stderr, "peer-ingest: %s\n", st.message().c_str());
+    return 1;
+  };
+  if (!wire::ValidTaskName(o.task)) return fail(Status::InvalidArgument("--task must be 1-64 characters of A-Z a-z 0-9 _ . -"));
+  SplitSpec spec;
+  if (Status st = ParseSplit(split, &spec); !st.ok()) return fail(st);
+  {
+    std::ifstream in(token_file);
+    if (!in || !std::getline(in, o.token) || o.token.empty())
+      return fail(Status::IOError("cannot read the data token from '" + token_file +
+                                  "': peerd writes it to DATA_DIR/data.token at first start (--token-file)"));
+  }
+  if (!no_resume) {
+    o.resume_path = resume.empty() ? ".peer-ingest/" + o.task + ".acked" : resume;
+    std::filesystem::path parent = std::filesystem::path(o.resume_path).parent_path();
+    if (!parent.empty()) std::filesystem::create_directories(parent);
+  }
+  std::unique_ptr<DocumentSource> source;
+  if (Status st = DocumentSource::Open(paths, spec, &source); !st.ok()) return fail(st);
+
+  const bool tty = isatty(STDERR_FILENO);
+  IngestProgress p;
+  IngestClient client(o);
+  Status st = client.Run(*source, &p, [tty](const IngestProgress& q) {
+    if (!tty) return;
+    std::fprintf(stderr, "\rpeer-ingest: sent %llu docs (%.1f MB), acked %llu (%.1f MB), %.1f MB/s   ",
+                 (unsigned long long)q.sent_documents, q.sent_bytes / 1e6, (unsigned long long)q.acked_documents,
+                 q.acked_bytes / 1e6, q.seconds > 0 ? q.acked_bytes / 1e6 / q.seconds : 0.0);
+  });
+  if (tty) std::fprintf(stderr, "\n");
+  std::fprintf(stderr,
+               "peer-ingest: task %s: %llu documents (%.2f MB) acked of %llu sent in %.1f s (%.2f MB/s); "
+               "%llu already on the server; %llu skipped as acked in an earlier run; %llu reconnects\n",
+               o.task.c_str(), (unsigned long long)p.acked_documents, p.acked_bytes / 1e6,
+               (unsigned long long)p.sent_documents, p.seconds, p.seconds > 0 ? p.acked_bytes / 1e6 / p.seconds : 0.0,
+               (unsigned long long)p.duplicates, (unsigned long long)p.resumed, (unsigned long long)p.reconnects);
+  if (!st.ok()) return fail(st);
+  return 0;
+}

@@ -1,0 +1,53 @@
+// DataServer: peerd's data port. Clients (peer-ingest) stream documents over TCP in
+// length-prefixed protobuf frames (proto/wire.proto); each document goes to the Spool, and the
+// client is acked only once the spool has it on disk.
+//
+// Flow control: a connection stops reading while the spool's unconsumed backlog is above
+// `backlog_limit_bytes` or its own not-yet-durable documents are above `inflight_limit_bytes`,
+// so a fast client cannot exhaust memory; TCP then pushes back on the client.
+// One I/O thread serves every connection. Start/Stop are not thread-safe; stats() is.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "core/status.h"
+#include "service/spool.h"
+
+namespace peerd {
+
+struct DataServerOptions {
+  std::string listen = "127.0.0.1:7070";  // host:port; port 0 picks a free one
+  std::string token;                      // the hello must carry it
+  uint64_t max_document_bytes = 8 << 20;
+  uint64_t backlog_limit_bytes = 256 << 20;
+  uint64_t inflight_limit_bytes = 16 << 20;
+};
+
+struct DataServerStats {
+  uint64_t connections = 0, documents = 0, bytes = 0, acks = 0, errors = 0;
+};
+
+class DataServer {
+ public:
+  // Binds and starts serving. An address that cannot be bound is an error naming it.
+  static Status Start(Spool* spool, const DataServerOptions& options, std::unique_ptr<DataServer>* out);
+  ~DataServer();  // Stop()
+  void Stop();
+  uint16_t port() const;
+  DataServerStats stats() const;
+
+  struct Impl;
+
+ private:
+  explicit DataServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Splits "host:port"; InvalidArgument naming the text when it is not one.
+Status ParseHostPort(const std::string& text, std::string* host, uint16_t* port);
+
+}  // namespace peerd

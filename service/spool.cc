@@ -1,0 +1,199 @@
+#include "service/spool.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
+
+#include <future>
+#include <unordered_set>
+
+#include "proto/wire.pb.h"
+
+namespace peerd {
+
+namespace {
+
+void PutBe64(std::string* out, uint64_t v) {
+  for (int i = 7; i >= 0; --i) out->push_back(static_cast<char>(v >> (8 * i)));
+}
+
+uint64_t GetBe64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | static_cast<unsigned char>(p[i]);
+  return v;
+}
+
+std::string DocKey(uint64_t index) {
+  std::string k = "d";
+  PutBe64(&k, index);
+  return k;
+}
+
+std::string IdKey(const std::string& task, const std::string& id) { return "i" + task + '\0' + id; }
+
+const char kCounterKey[] = "n";
+
+}  // namespace
+
+Spool::Spool(std::shared_ptr<StoreDb> db) : db_(std::move(db)) {}
+
+Status Spool::Open(std::shared_ptr<StoreDb> db, std::unique_ptr<Spool>* out) {
+  std::unique_ptr<Spool> spool(new Spool(std::move(db)));
+  std::string counters;
+  rocksdb::Status s = spool->db_->db()->Get(rocksdb::ReadOptions(), spool->db_->family(Family::kSpool), kCounterKey, &counters);
+  if (s.ok()) {
+    if (counters.size() != 16) return Status::Corruption("spool counters in '" + spool->db_->dir() + "' are malformed");
+    spool->last_index_ = GetBe64(counters.data());
+    spool->total_bytes_ = GetBe64(counters.data() + 8);
+  } else if (!s.IsNotFound()) {
+    return FromRocks(s, "reading the spool in '" + spool->db_->dir() + "'");
+  }
+  spool->writer_ = std::thread([p = spool.get()] { p->WriterLoop(); });
+  *out = std::move(spool);
+  return Status::OK();
+}
+
+Spool::~Spool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (writer_.joinable()) writer_.join();
+}
+
+void Spool::Append(const std::string& task, std::vector<NewDocument> docs, Done done) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back({task, std::move(docs), std::move(done)});
+  }
+  wake_.notify_one();
+}
+
+Status Spool::AppendAndWait(const std::string& task, std::vector<NewDocument> docs, uint64_t* duplicates) {
+  std::promise<std::pair<Status, uint64_t>> result;
+  Append(task, std::move(docs), [&](const Status& st, uint64_t dups) { result.set_value({st, dups}); });
+  auto [st, dups] = result.get_future().get();
+  if (duplicates) *duplicates = dups;
+  return st;
+}
+
+void Spool::WriterLoop() {
+  for (;;) {
+    std::vector<Request> batch;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, nothing left
+      while (!queue_.empty()) {
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+    }
+    std::vector<uint64_t> duplicates;
+    Status st = Commit(batch, &duplicates);
+    for (size_t i = 0; i < batch.size(); ++i) batch[i].done(st, st.ok() ? duplicates[i] : 0);
+  }
+}
+
+Status Spool::Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplicates) {
+  rocksdb::ColumnFamilyHandle* cf = db_->family(Family::kSpool);
+  uint64_t next, bytes;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    next = last_index_;
+    bytes = total_bytes_;
+  }
+  rocksdb::WriteBatch wb;
+  std::unordered_set<std::string> in_batch;
+  uint64_t dup_total = 0;
+  duplicates->assign(batch.size(), 0);
+  for (size_t r = 0; r < batch.size(); ++r) {
+    for (const NewDocument& d : batch[r].docs) {
+      std::string id_key = IdKey(batch[r].task, d.id);
+      std::string existing;
+      bool dup = in_batch.count(id_key) > 0;
+      if (!dup) {
+        rocksdb::Status s = db_->db()->Get(rocksdb::ReadOptions(), cf, id_key, &existing);
+        if (!s.ok() && !s.IsNotFound()) return FromRocks(s, "spool lookup");
+        dup = s.ok();
+      }
+      if (dup) {
+        ++(*duplicates)[r];
+        ++dup_total;
+        continue;
+      }
+      ++next;
+      bytes += d.text.size();
+      SpooledDocument doc;
+      doc.set_task(batch[r].task);
+      doc.set_id(d.id);
+      doc.set_text(d.text);
+      std::string index;
+      PutBe64(&index, next);
+      wb.Put(cf, DocKey(next), doc.SerializeAsString());
+      wb.Put(cf, id_key, index);
+      in_batch.insert(std::move(id_key));
+    }
+  }
+  std::string counters;
+  PutBe64(&counters, next);
+  PutBe64(&counters, bytes);
+  wb.Put(cf, kCounterKey, counters);
+  rocksdb::WriteOptions sync;
+  sync.sync = true;  // acknowledged means on disk
+  rocksdb::Status s = db_->db()->Write(sync, &wb);
+  if (!s.ok()) return Status::IOError("the spool cannot write (" + s.ToString() + "): documents are not acknowledged");
+  std::lock_guard<std::mutex> lock(mu_);
+  last_index_ = next;
+  total_bytes_ = bytes;
+  duplicates_ += dup_total;
+  ++commits_;
+  return Status::OK();
+}
+
+Status Spool::Read(uint64_t from, size_t max, std::vector<SpoolEntry>* out) const {
+  out->clear();
+  std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(rocksdb::ReadOptions(), db_->family(Family::kSpool)));
+  for (it->Seek(DocKey(std::max<uint64_t>(from, 1))); it->Valid() && out->size() < max; it->Next()) {
+    if (it->key().size() != 9 || it->key()[0] != 'd') break;
+    SpooledDocument doc;
+    if (!doc.ParseFromArray(it->value().data(), static_cast<int>(it->value().size())))
+      return Status::Corruption("spooled document " + std::to_string(GetBe64(it->key().data() + 1)) + " is unreadable");
+    out->push_back({GetBe64(it->key().data() + 1), doc.task(), doc.id(), doc.text()});
+  }
+  return FromRocks(it->status(), "reading the spool");
+}
+
+Status Spool::Get(uint64_t index, SpoolEntry* out) const {
+  std::string value;
+  rocksdb::Status s = db_->db()->Get(rocksdb::ReadOptions(), db_->family(Family::kSpool), DocKey(index), &value);
+  if (!s.ok()) return FromRocks(s, "spooled document " + std::to_string(index));
+  SpooledDocument doc;
+  if (!doc.ParseFromString(value)) return Status::Corruption("spooled document " + std::to_string(index) + " is unreadable");
+  *out = {index, doc.task(), doc.id(), doc.text()};
+  return Status::OK();
+}
+
+uint64_t Spool::last_index() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return last_index_;
+}
+
+void Spool::SetConsumed(uint64_t next_index, uint64_t consumed_bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  consumed_index_ = next_index;
+  consumed_bytes_ = consumed_bytes;
+}
+
+SpoolStats Spool::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  SpoolStats s;
+  s.documents = last_index_;
+  s.bytes = total_bytes_;
+  s.duplicates = duplicates_;
+  s.commits = commits_;
+  s.backlog_bytes = total_bytes_ > consumed_bytes_ ? total_bytes_ - consumed_bytes_ : 0;
+  return s;
+}
+
+}  // namespace peerd

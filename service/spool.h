@@ -1,0 +1,93 @@
+// Spool: documents streamed into peerd, durable before they are acknowledged, read back in
+// arrival order by the trainer (and at random, for replay). A view of the data directory's
+// RocksDB (column family "spool"); no LibTorch.
+//
+// Layout of the "spool" column family:
+//   'd' be64(index)          -> SpooledDocument   arrival order, indices from 1, never reused
+//   'i' task '\0' id         -> be64(index)       a (task, id) is stored once, however often sent
+//   'n'                      -> be64(last index) be64(total text bytes)
+// Appends are group-committed: Append() queues a request; one writer thread commits everything
+// waiting in one WriteBatch with a synced WAL, then runs each request's callback — so a callback
+// with OK means the documents are on disk, and many clients share one fsync.
+//
+// Thread-safe.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/status.h"
+#include "experts_store/store_db.h"
+
+namespace peerd {
+
+struct SpoolEntry {
+  uint64_t index = 0;
+  std::string task, id, text;
+};
+
+struct SpoolStats {
+  uint64_t documents = 0;   // stored, all time
+  uint64_t bytes = 0;       // text bytes stored, all time
+  uint64_t duplicates = 0;  // appends of a (task, id) already stored (since open)
+  uint64_t commits = 0;     // WriteBatches synced (since open)
+  uint64_t backlog_bytes = 0;  // text bytes after the consumer's cursor
+};
+
+class Spool {
+ public:
+  static Status Open(std::shared_ptr<StoreDb> db, std::unique_ptr<Spool>* out);
+  ~Spool();  // commits what is queued, then stops the writer
+
+  struct NewDocument {
+    std::string id, text;
+  };
+  // (status, duplicates among these documents). Runs on the writer thread: keep it short.
+  using Done = std::function<void(const Status&, uint64_t duplicates)>;
+  // Queues documents of `task` for the next group commit; `done` runs once they are durable (or
+  // the write failed: then none of them is stored).
+  void Append(const std::string& task, std::vector<NewDocument> docs, Done done);
+  // Append and wait.
+  Status AppendAndWait(const std::string& task, std::vector<NewDocument> docs, uint64_t* duplicates = nullptr);
+
+  // Up to `max` documents with index >= from, in order.
+  Status Read(uint64_t from, size_t max, std::vector<SpoolEntry>* out) const;
+  // One document by index.
+  Status Get(uint64_t index, SpoolEntry* out) const;
+  uint64_t last_index() const;
+
+  // The consumer (trainer) reports how far it has read: documents before `next_index` and their
+  // `consumed_bytes` of text. Backlog = stored bytes − consumed bytes.
+  void SetConsumed(uint64_t next_index, uint64_t consumed_bytes);
+  SpoolStats stats() const;
+
+ private:
+  explicit Spool(std::shared_ptr<StoreDb> db);
+  void WriterLoop();
+  struct Request {
+    std::string task;
+    std::vector<NewDocument> docs;
+    Done done;
+  };
+  Status Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplicates);
+
+  std::shared_ptr<StoreDb> db_;
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<Request> queue_;
+  bool stopping_ = false;
+  uint64_t last_index_ = 0, total_bytes_ = 0;  // guarded by mu_; durable values
+  uint64_t consumed_index_ = 1, consumed_bytes_ = 0;
+  uint64_t duplicates_ = 0, commits_ = 0;
+  std::thread writer_;
+};
+
+}  // namespace peerd

@@ -1,0 +1,350 @@
+// The ingest path without LibTorch: the spool (durable, deduplicated, ordered), the data port
+// (acks only what is durable, pushes back when the backlog is full, refuses bad input clearly),
+// peer-ingest's client (resends, resumes) and its document splitting — over real loopback TCP.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/asio.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "ingest/document_source.h"
+#include "ingest/ingest_client.h"
+#include "proto/frame.h"
+#include "proto/wire.pb.h"
+#include "service/data_server.h"
+#include "service/spool.h"
+
+namespace peerd {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+std::string FreshDir(const std::string& name) {
+  std::string dir = ::testing::TempDir() + "/peerd_net_" + name + "_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// A corpus file of `n` paragraphs (blank-line separated), each distinct.
+std::string WriteCorpus(const std::string& dir, int n, size_t words = 20) {
+  const std::string path = dir + "/corpus.txt";
+  std::ofstream out(path);
+  for (int i = 0; i < n; ++i) {
+    out << "paragraph " << i << ":";
+    for (size_t w = 0; w < words; ++w) out << " word" << (i * 31 + w) % 97;
+    out << "\n\n";
+  }
+  return path;
+}
+
+struct Service {
+  std::shared_ptr<StoreDb> db;
+  std::unique_ptr<Spool> spool;
+  std::unique_ptr<DataServer> server;
+  Status Start(const std::string& dir, DataServerOptions o = {}) {
+    if (Status st = StoreDb::Open(dir + "/db", {}, &db); !st.ok()) return st;
+    if (Status st = Spool::Open(db, &spool); !st.ok()) return st;
+    o.listen = "127.0.0.1:0";
+    o.token = "secret";
+    return DataServer::Start(spool.get(), o, &server);
+  }
+  IngestOptions Client(const std::string& task) const {
+    IngestOptions o;
+    o.server = "127.0.0.1:" + std::to_string(server->port());
+    o.token = "secret";
+    o.task = task;
+    o.max_reconnects = 3;
+    return o;
+  }
+};
+
+Status Ingest(const IngestOptions& o, const std::string& path, IngestProgress* p, SplitSpec split = {}) {
+  std::unique_ptr<DocumentSource> source;
+  if (Status st = DocumentSource::Open({path}, split, &source); !st.ok()) return st;
+  return IngestClient(o).Run(*source, p);
+}
+
+TEST(DocumentSource, SplitsByBlankLineLineAndBytesWithStableIds) {
+  const std::string dir = FreshDir("split");
+  { std::ofstream(dir + "/a.txt") << "one\ntwo\n\n\nthree\n"; }
+  auto all = [&](SplitSpec s) {
+    std::unique_ptr<DocumentSource> src;
+    EXPECT_TRUE(DocumentSource::Open({dir}, s, &src).ok());
+    std::vector<IngestDocument> docs;
+    for (IngestDocument d; src->Next(&d);) docs.push_back(d);
+    return docs;
+  };
+  auto para = all({SplitMode::kBlankLine, 0});
+  ASSERT_EQ(para.size(), 2u);
+  EXPECT_EQ(para[0].text, "one\ntwo\n");
+  EXPECT_EQ(para[1].text, "three\n");
+  EXPECT_EQ(para[1].id, dir + "/a.txt@10+6");
+  EXPECT_EQ(all({SplitMode::kLine, 0}).size(), 3u);  // blank lines are not documents
+  EXPECT_EQ(all({SplitMode::kFile, 0}).size(), 1u);
+  auto chunks = all({SplitMode::kBytes, 4});
+  ASSERT_EQ(chunks.size(), 4u);  // "one\n" "two\n" "\n\nth" "ree\n"
+  EXPECT_EQ(chunks[0].text, "one\n");
+  SplitSpec bad;
+  EXPECT_FALSE(ParseSplit("bytes:0", &bad).ok());
+  EXPECT_FALSE(ParseSplit("paragraph", &bad).ok());
+  std::unique_ptr<DocumentSource> src;
+  EXPECT_EQ(DocumentSource::Open({dir + "/missing"}, {}, &src).code(), Status::Code::kNotFound);
+}
+
+TEST(Spool, StoresInOrderOncePerTaskAndIdAndKeepsCountersAcrossReopen) {
+  const std::string dir = FreshDir("spool");
+  {
+    std::shared_ptr<StoreDb> db;
+    ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+    std::unique_ptr<Spool> spool;
+    ASSERT_TRUE(Spool::Open(db, &spool).ok());
+    uint64_t dups = 9;
+    ASSERT_TRUE(spool->AppendAndWait("kjv", {{"a", "alpha"}, {"b", "beta"}, {"a", "again"}}, &dups).ok());
+    EXPECT_EQ(dups, 1u);  // a duplicate within one batch
+    ASSERT_TRUE(spool->AppendAndWait("kjv", {{"b", "beta"}}, &dups).ok());
+    EXPECT_EQ(dups, 1u);  // and across batches
+    ASSERT_TRUE(spool->AppendAndWait("code", {{"a", "other task, same id"}}, &dups).ok());
+    EXPECT_EQ(dups, 0u);
+    EXPECT_EQ(spool->stats().documents, 3u);
+  }
+  std::shared_ptr<StoreDb> db;
+  ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+  std::unique_ptr<Spool> spool;
+  ASSERT_TRUE(Spool::Open(db, &spool).ok());
+  EXPECT_EQ(spool->last_index(), 3u);
+  EXPECT_EQ(spool->stats().bytes, 5u + 4u + 19u);
+  std::vector<SpoolEntry> docs;
+  ASSERT_TRUE(spool->Read(2, 10, &docs).ok());
+  ASSERT_EQ(docs.size(), 2u);
+  EXPECT_EQ(docs[0].text, "beta");
+  EXPECT_EQ(docs[1].task, "code");
+  spool->SetConsumed(3, 9);
+  EXPECT_EQ(spool->stats().backlog_bytes, 19u);
+  uint64_t dups = 0;
+  ASSERT_TRUE(spool->AppendAndWait("kjv", {{"a", "alpha"}, {"c", "gamma"}}, &dups).ok());
+  EXPECT_EQ(dups, 1u);
+  EXPECT_EQ(spool->last_index(), 4u);
+}
+
+TEST(DataPort, EveryAckedDocumentSurvivesSigkillOfTheServer) {
+  const std::string dir = FreshDir("kill");
+  const std::string corpus = WriteCorpus(dir, 400);
+  int pipe_fds[2];
+  ASSERT_EQ(pipe(pipe_fds), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {  // the server: runs until killed
+    Service s;
+    if (!s.Start(dir).ok()) _exit(2);
+    uint16_t port = s.server->port();
+    if (write(pipe_fds[1], &port, sizeof port) != sizeof port) _exit(3);
+    for (;;) pause();
+  }
+  uint16_t port = 0;
+  ASSERT_EQ(read(pipe_fds[0], &port, sizeof port), static_cast<ssize_t>(sizeof port));
+  IngestOptions o;
+  o.server = "127.0.0.1:" + std::to_string(port);
+  o.token = "secret";
+  o.task = "kjv";
+  o.resume_path = dir + "/resume";
+  IngestProgress p;
+  Status st = Ingest(o, corpus, &p);
+  kill(pid, SIGKILL);  // the moment the last ack arrived
+  waitpid(pid, nullptr, 0);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(p.acked_documents, 400u);
+
+  std::shared_ptr<StoreDb> db;
+  ASSERT_TRUE(StoreDb::Open(dir + "/db", {}, &db).ok());
+  std::unique_ptr<Spool> spool;
+  ASSERT_TRUE(Spool::Open(db, &spool).ok());
+  std::vector<SpoolEntry> docs;
+  ASSERT_TRUE(spool->Read(1, 1000, &docs).ok());
+  std::set<std::string> ids;
+  for (const auto& d : docs) ids.insert(d.id);
+  std::ifstream resume(dir + "/resume");
+  int acked = 0;
+  for (std::string id; std::getline(resume, id); ++acked) EXPECT_TRUE(ids.count(id)) << "acked but lost: " << id;
+  EXPECT_EQ(acked, 400);
+  EXPECT_EQ(docs.size(), 400u);
+}
+
+TEST(DataPort, ResendsAreStoredOnceAndAResumeFileSendsNothingTwice) {
+  const std::string dir = FreshDir("dups");
+  const std::string corpus = WriteCorpus(dir, 50);
+  Service s;
+  ASSERT_TRUE(s.Start(dir).ok());
+  IngestProgress p;
+  ASSERT_TRUE(Ingest(s.Client("kjv"), corpus, &p).ok());
+  ASSERT_TRUE(Ingest(s.Client("kjv"), corpus, &p).ok());  // no resume file: everything again
+  EXPECT_EQ(p.acked_documents, 50u);
+  EXPECT_EQ(p.duplicates, 50u);
+  EXPECT_EQ(s.spool->stats().documents, 50u);
+
+  IngestOptions o = s.Client("code");
+  o.resume_path = dir + "/code.acked";
+  ASSERT_TRUE(Ingest(o, corpus, &p).ok());
+  EXPECT_EQ(p.sent_documents, 50u);
+  ASSERT_TRUE(Ingest(o, corpus, &p).ok());
+  EXPECT_EQ(p.sent_documents, 0u);
+  EXPECT_EQ(p.resumed, 50u);
+  EXPECT_EQ(s.spool->stats().documents, 100u);
+}
+
+TEST(DataPort, StopsReadingWhileTheBacklogIsFullAndResumesWhenItDrains) {
+  const std::string dir = FreshDir("backpressure");
+  const std::string corpus = WriteCorpus(dir, 2000, 60);  // ~0.9 MB
+  Service s;
+  DataServerOptions o;
+  o.backlog_limit_bytes = 64 << 10;
+  o.inflight_limit_bytes = 16 << 10;
+  ASSERT_TRUE(s.Start(dir, o).ok());
+  IngestProgress p;
+  IngestOptions client = s.Client("kjv");
+  client.window_bytes = 1 << 20;
+  auto run = std::async(std::launch::async, [&] { return Ingest(client, corpus, &p); });
+  // Nothing consumes: the spool fills to about the limit and stops there.
+  std::this_thread::sleep_for(1500ms);
+  const uint64_t stored = s.spool->stats().bytes;
+  EXPECT_GE(stored, o.backlog_limit_bytes);
+  EXPECT_LT(stored, o.backlog_limit_bytes + o.inflight_limit_bytes + 4096) << "server kept reading past the backlog limit";
+  EXPECT_EQ(run.wait_for(0ms), std::future_status::timeout) << "client finished although the server pushed back";
+  // A consumer drains the spool: the rest flows.
+  auto drain_until = std::chrono::steady_clock::now() + 60s;
+  while (run.wait_for(20ms) == std::future_status::timeout && std::chrono::steady_clock::now() < drain_until) {
+    SpoolStats st = s.spool->stats();
+    s.spool->SetConsumed(s.spool->last_index() + 1, st.bytes);
+  }
+  ASSERT_EQ(run.wait_for(0ms), std::future_status::ready);
+  Status st = run.get();
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(s.spool->stats().documents, 2000u);
+}
+
+// A raw client: sends frames, reads the server's first reply.
+struct RawClient {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket socket{io};
+  explicit RawClient(uint16_t port) {
+    socket.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+  void Send(const std::string& bytes) { boost::asio::write(socket, boost::asio::buffer(bytes)); }
+  void Hello(const std::string& token = "secret", uint32_t version = wire::kProtocolVersion, const std::string& task = "kjv") {
+    ClientFrame f;
+    f.mutable_hello()->set_protocol_version(version);
+    f.mutable_hello()->set_token(token);
+    f.mutable_hello()->set_task(task);
+    Send(wire::EncodeFrame(f));
+  }
+  void Doc(uint64_t seq, const std::string& id, const std::string& text) {
+    ClientFrame f;
+    f.mutable_document()->set_seq(seq);
+    f.mutable_document()->set_id(id);
+    f.mutable_document()->set_text(text);
+    Send(wire::EncodeFrame(f));
+  }
+  ServerFrame Read() {
+    unsigned char h[4];
+    boost::asio::read(socket, boost::asio::buffer(h));
+    std::string body(wire::DecodeLength(h), '\0');
+    boost::asio::read(socket, boost::asio::buffer(body));
+    ServerFrame f;
+    f.ParseFromString(body);
+    return f;
+  }
+  // The error that ends the stream (skipping a hello reply and acks).
+  ServerFrame ReadUntilError() {
+    for (;;) {
+      ServerFrame f = Read();
+      if (f.has_error()) return f;
+    }
+  }
+};
+
+TEST(DataPort, BadInputGetsAClearErrorAndTheServerKeepsServingOthers) {
+  const std::string dir = FreshDir("bad");
+  Service s;
+  DataServerOptions o;
+  o.max_document_bytes = 1000;
+  ASSERT_TRUE(s.Start(dir, o).ok());
+  const uint16_t port = s.server->port();
+  struct Case {
+    std::string name;
+    std::function<void(RawClient&)> send;
+    ErrorReply::Code code;
+    std::string says;
+  };
+  std::vector<Case> cases = {
+      {"length over the limit", [](RawClient& c) { c.Send(std::string("\x7f\xff\xff\xff", 4)); }, ErrorReply::BAD_FRAME, "frames must be"},
+      {"garbage body", [](RawClient& c) { c.Send(std::string("\0\0\0\x05\xff\xff\xff\xff\xff", 9)); }, ErrorReply::BAD_FRAME, "not a peerd.ClientFrame"},
+      {"wrong token", [](RawClient& c) { c.Hello("guess"); }, ErrorReply::UNAUTHENTICATED, "wrong data token"},
+      {"wrong version", [](RawClient& c) { c.Hello("secret", 99); }, ErrorReply::BAD_HELLO, "protocol version 99"},
+      {"bad task name", [](RawClient& c) { c.Hello("secret", wire::kProtocolVersion, "../etc"); }, ErrorReply::BAD_HELLO, "task name"},
+      {"document before hello", [](RawClient& c) { c.Doc(1, "a", "text"); }, ErrorReply::BAD_HELLO, "must open with a hello"},
+      {"empty document", [](RawClient& c) { c.Hello(); c.Doc(1, "a", ""); }, ErrorReply::BAD_DOCUMENT, "is empty"},
+      {"document over the limit", [](RawClient& c) { c.Hello(); c.Doc(1, "big", std::string(1001, 'x')); }, ErrorReply::BAD_DOCUMENT, "over the limit of 1000"},
+      {"seq out of order", [](RawClient& c) { c.Hello(); c.Doc(2, "a", "text"); }, ErrorReply::BAD_DOCUMENT, "seq must count up"},
+      {"second hello", [](RawClient& c) { c.Hello(); c.Hello(); }, ErrorReply::BAD_HELLO, "hello sent twice"},
+  };
+  for (const Case& c : cases) {
+    RawClient client(port);
+    c.send(client);
+    ServerFrame f = client.ReadUntilError();
+    EXPECT_EQ(f.error().code(), c.code) << c.name << ": " << f.error().message();
+    EXPECT_NE(f.error().message().find(c.says), std::string::npos) << c.name << ": " << f.error().message();
+  }
+  EXPECT_EQ(s.spool->stats().documents, 0u) << "nothing from a refused stream may be stored";
+  // A well-behaved client is still served.
+  RawClient good(port);
+  good.Hello();
+  good.Doc(1, "a", "fine text");
+  ServerFrame hello = good.Read(), ack = good.Read();
+  EXPECT_TRUE(hello.has_hello());
+  ASSERT_TRUE(ack.has_ack());
+  EXPECT_EQ(ack.ack().seq(), 1u);
+  EXPECT_EQ(s.spool->stats().documents, 1u);
+}
+
+TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {
+  const std::string dir = FreshDir("restart");
+  const std::string corpus = WriteCorpus(dir, 300, 40);
+  Service s;
+  DataServerOptions o;
+  o.backlog_limit_bytes = 8 << 10;  // the first server stalls early
+  ASSERT_TRUE(s.Start(dir, o).ok());
+  const uint16_t port = s.server->port();
+  IngestOptions client = s.Client("kjv");
+  client.max_reconnects = 50;
+  IngestProgress p;
+  auto run = std::async(std::launch::async, [&] { return Ingest(client, corpus, &p); });
+  std::this_thread::sleep_for(500ms);
+  const uint64_t stored_before = s.spool->stats().documents;
+  ASSERT_LT(stored_before, 300u) << "the first server should still be mid-stream";
+  s.server.reset();  // the data port goes away mid-stream
+  s.spool.reset();
+  s.db.reset();
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(StoreDb::Open(dir + "/db", {}, &s.db).ok());
+  ASSERT_TRUE(Spool::Open(s.db, &s.spool).ok());
+  DataServerOptions again;
+  again.listen = "127.0.0.1:" + std::to_string(port);
+  again.token = "secret";
+  ASSERT_TRUE(DataServer::Start(s.spool.get(), again, &s.server).ok());
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  Status st = run.get();
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_GE(p.reconnects, 1u);
+  EXPECT_EQ(s.spool->stats().documents, 300u);  // every document once, whatever was resent
+}
+
+}  // namespace
+}  // namespace peerd
