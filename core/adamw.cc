@@ -41,3 +41,14 @@ void AdamW::Step(double lr) {
 }
 
 }  // namespace peerd
+
+namespace peerd {
+
+AdamW::State AdamW::StateOf(const torch::Tensor& p) const {
+  auto it = state_.find(p.unsafeGetTensorImpl());
+  return it == state_.end() ? State() : it->second;
+}
+
+void AdamW::SetState(const torch::Tensor& p, State state) { state_[p.unsafeGetTensorImpl()] = std::move(state); }
+
+}  // namespace peerd

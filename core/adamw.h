@@ -24,6 +24,11 @@ class AdamW {
     bool decay = false;  // decoupled weight decay applies
   };
 
+  struct State {
+    torch::Tensor m, v;  // first and second moment, shaped like the parameter (undefined: none yet)
+    int64_t steps = 0;
+  };
+
   explicit AdamW(Options options) : options_(options) {}
 
   void SetParameters(std::vector<Param> params);
@@ -32,11 +37,13 @@ class AdamW {
   void Step(double lr);
   void ZeroGrad();
 
+  // The state of parameter `p` (a default State if it has none) — for checkpoints.
+  State StateOf(const torch::Tensor& p) const;
+  // Restores the state of `p`, which must be one of parameters().
+  void SetState(const torch::Tensor& p, State state);
+  void set_options(Options options) { options_ = options; }
+
  private:
-  struct State {
-    torch::Tensor m, v;  // first and second moment, shaped like the parameter
-    int64_t steps = 0;
-  };
   Options options_;
   std::vector<Param> params_;
   std::unordered_map<const void*, State> state_;  // keyed by the parameter's TensorImpl

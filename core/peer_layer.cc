@@ -25,14 +25,23 @@ PeerLayerImpl::PeerLayerImpl(int64_t d_model, const PeerConfig& config)
 }
 
 Status PeerLayerImpl::AddSegment(int64_t n_keys, int64_t* id) {
+  const int64_t new_id = next_segment_id_;
+  if (Status st = AddSegmentWithId(new_id, n_keys); !st.ok()) return st;
+  if (id) *id = new_id;
+  return Status::OK();
+}
+
+Status PeerLayerImpl::AddSegmentWithId(int64_t id, int64_t n_keys) {
   if (n_keys < static_cast<int64_t>(config_.topk()) || n_keys > 65536)
     return Status::InvalidArgument("a segment needs between top-k (" + std::to_string(config_.topk()) +
                                    ") and 65536 sub-keys per half, got n_keys = " + std::to_string(n_keys));
-  const int64_t new_id = next_segment_id_++;
-  segments_.push_back(register_module(
-      "segment" + std::to_string(new_id),
-      ExpertSegment(new_id, n_keys, d_model_, config_.heads(), config_.query_dim())));
-  if (id) *id = new_id;
+  auto at = segments_.begin();
+  while (at != segments_.end() && (*at)->id() < id) ++at;
+  if (at != segments_.end() && (*at)->id() == id)
+    return Status::FailedPrecondition("segment " + std::to_string(id) + " exists already");
+  segments_.insert(at, register_module("segment" + std::to_string(id),
+                                       ExpertSegment(id, n_keys, d_model_, config_.heads(), config_.query_dim())));
+  next_segment_id_ = std::max(next_segment_id_, id + 1);
   return Status::OK();
 }
 

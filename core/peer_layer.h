@@ -47,6 +47,9 @@ class PeerLayerImpl : public torch::nn::Module {
   // Appends a training segment of n_keys² experts and sets *id (ids are never reused).
   // InvalidArgument if n_keys is below top-k (product-key search needs k sub-keys per half).
   Status AddSegment(int64_t n_keys, int64_t* id = nullptr);
+  // Adds a training segment with a given id (restoring a checkpoint); FailedPrecondition if a
+  // segment has that id.
+  Status AddSegmentWithId(int64_t id, int64_t n_keys);
   // Freezes segment `id`, holding its rows as `hold_rows_as` from then on; NotFound for an
   // unknown id, FailedPrecondition if already frozen.
   Status FreezeSegment(int64_t id, torch::ScalarType hold_rows_as = torch::kFloat);

@@ -40,6 +40,12 @@ Trainer::Trainer(TransformerLM model, const TrainConfig& config)
   RefreshParameters();
 }
 
+void Trainer::SetConfig(const TrainConfig& config) {
+  config_ = config;
+  optimizer_.set_options(OptimizerOptions(config));
+  RefreshParameters();
+}
+
 void Trainer::RefreshParameters() {
   std::vector<AdamW::Param> params;
   for (const ParamInfo& p : model_->ClassifiedParameters()) {

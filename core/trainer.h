@@ -51,7 +51,12 @@ class Trainer {
   // The learning rate at step `step` under the configured schedule.
   double LearningRate(int64_t step) const;
   int64_t step() const { return step_; }
+  void set_step(int64_t step) { step_ = step; }  // restoring a checkpoint
   const AdamW& optimizer() const { return optimizer_; }
+  AdamW& mutable_optimizer() { return optimizer_; }
+  const TrainConfig& config() const { return config_; }
+  // Changes the training policy (groups, learning rates); the caller has validated it.
+  void SetConfig(const TrainConfig& config);
   TransformerLM& model() { return model_; }
 
  private:

@@ -10,7 +10,7 @@ packages=(
   libboost-dev libboost-system-dev    # Asio, Beast
   libprotobuf-dev protobuf-compiler
   libgtest-dev libgmock-dev
-  libcli11-dev libxxhash-dev nlohmann-json3-dev
+  libcli11-dev libxxhash-dev nlohmann-json3-dev libspdlog-dev
   python3 python3-torch               # runs ../shared/bench/peer_ref.py, the peer to measure against
   bible-kjv                           # the demo's and tests' first real text (scripts/corpora.sh)
 )

@@ -7,6 +7,7 @@
 
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
+#include "service/token.h"
 
 namespace peerd {
 
@@ -28,19 +29,6 @@ Status ParseHostPort(const std::string& text, std::string* host, uint16_t* port)
   }
   return Status::OK();
 }
-
-namespace {
-
-// Equal-length comparison whose time does not depend on where the strings differ.
-bool ConstantTimeEquals(const std::string& a, const std::string& b) {
-  unsigned char diff = a.size() != b.size();
-  const size_t n = std::max(a.size(), b.size());
-  for (size_t i = 0; i < n; ++i)
-    diff |= static_cast<unsigned char>((i < a.size() ? a[i] : 0) ^ (i < b.size() ? b[i] : 0));
-  return diff == 0;
-}
-
-}  // namespace
 
 // The spool's writer thread hands results back to the I/O thread through this; once the server
 // stops, nothing more is posted (the io_context may be gone by the time a late result arrives).

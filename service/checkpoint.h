@@ -1,0 +1,31 @@
+// Checkpoints: everything that training changes and the expert store does not hold — dense
+// parameters, query networks, training segments, batch-norm statistics, optimizer state, the step
+// counter and the spool cursor — written together in one synced WriteBatch (column family
+// "checkpoints"), so a restart resumes from one consistent moment. Frozen segments are not in it:
+// the store is their truth, and a segment frozen after the checkpoint stays frozen.
+#pragma once
+
+#include <memory>
+
+#include "core/trainer.h"
+#include "experts_store/store_db.h"
+#include "proto/admin.pb.h"
+
+namespace peerd {
+
+class Checkpointer {
+ public:
+  explicit Checkpointer(std::shared_ptr<StoreDb> db) : db_(std::move(db)) {}
+
+  // Saves the trainer's model and optimizer with `meta` (its training_segments are filled in).
+  Status Save(Trainer& trainer, CheckpointMeta meta);
+  // Loads the latest checkpoint into a trainer whose model already holds the store's frozen
+  // segments: re-creates the checkpoint's training segments, copies every tensor by name, restores
+  // the optimizer and the step. *found = false (and nothing changes) when there is none.
+  Status Load(Trainer& trainer, CheckpointMeta* meta, bool* found);
+
+ private:
+  std::shared_ptr<StoreDb> db_;
+};
+
+}  // namespace peerd

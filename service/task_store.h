@@ -1,0 +1,33 @@
+// TaskStore: held-out tasks (name -> text) and the evaluation history R[phase][task], in the data
+// directory's database (column family "evals"). Bytes only; no LibTorch. Thread-safe.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "experts_store/store_db.h"
+#include "proto/admin.pb.h"
+
+namespace peerd {
+
+class TaskStore {
+ public:
+  explicit TaskStore(std::shared_ptr<StoreDb> db) : db_(std::move(db)) {}
+
+  // Registers (or replaces) a task's held-out text. The name follows data-port task names.
+  Status PutTask(const std::string& name, const std::string& text);
+  Status Tasks(std::vector<std::pair<std::string, std::string>>* out) const;  // in name order
+  Status AppendRow(const EvalRow& row);
+  Status Rows(std::vector<EvalRow>* out) const;  // oldest first
+
+ private:
+  std::shared_ptr<StoreDb> db_;
+};
+
+// The continual-learning metrics of DESIGN.md §4 over the history (lower bits/byte is better).
+// Row "init" (if any) is the model before training; row "after X" is the one right after task X
+// was trained.
+ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows);
+
+}  // namespace peerd

@@ -1,0 +1,382 @@
+#include "service/training_loop.h"
+
+#include <chrono>
+#include <cmath>
+#include <future>
+#include <sstream>
+
+#include "core/config.h"
+#include "core/evaluator.h"
+
+namespace peerd {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+const char* DtypeName(RowDtype d) { return d == ROW_DTYPE_FP32 ? "fp32" : "bf16"; }
+
+}  // namespace
+
+TrainingLoop::TrainingLoop(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool)
+    : options_(options), db_(db), spool_(spool), checkpointer_(db), tasks_(db) {}
+
+Status TrainingLoop::Open(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool,
+                          std::unique_ptr<TrainingLoop>* out) {
+  std::unique_ptr<TrainingLoop> loop(new TrainingLoop(options, std::move(db), spool));
+  if (Status st = loop->Restore(); !st.ok()) return st;
+  *out = std::move(loop);
+  return Status::OK();
+}
+
+Status TrainingLoop::Restore() {
+  const Config& c = options_.config;
+  torch::manual_seed(c.train().seed());
+  model_ = TransformerLM(c.model());
+  trainer_ = std::make_unique<Trainer>(model_, c.train());
+  store_ = std::make_unique<ExpertStore>(db_);
+  pool_ = std::make_unique<ExpertPoolStore>(store_.get(), options_.pool);
+  if (Status st = pool_->Restore(model_); !st.ok()) return st;
+  CheckpointMeta meta;
+  bool found = false;
+  if (Status st = checkpointer_.Load(*trainer_, &meta, &found); !st.ok()) return st;
+  trainer_->RefreshParameters();
+  SpoolCursor cursor;
+  if (found) {
+    cursor = {std::max<uint64_t>(meta.spool_next_index(), 1), meta.spool_offset(), meta.consumed_bytes()};
+    tokens_trained_ = meta.tokens_trained();
+    last_checkpoint_step_ = meta.step();
+    if (meta.has_policy()) {
+      if (meta.policy().has_replay_ratio()) replay_ratio_ = meta.policy().replay_ratio();
+      TrainConfig tc = trainer_->config();
+      if (meta.policy().train_groups_size()) {
+        tc.clear_train_groups();
+        for (const auto& g : meta.policy().train_groups()) tc.add_train_groups(g);
+      }
+      if (meta.policy().has_lr()) tc.set_lr(static_cast<float>(meta.policy().lr()));
+      trainer_->SetConfig(tc);
+    }
+  }
+  spool_->SetConsumed(cursor.index, cursor.consumed_bytes);
+  batches_ = std::make_unique<BatchSource>(spool_, cursor, c.train().seed() + trainer_->step());
+  segments_snapshot_ = SegmentsNow();
+  snapshot_.set_step(trainer_->step());
+  return Status::OK();
+}
+
+TrainingLoop::~TrainingLoop() { Stop(false); }
+
+void TrainingLoop::Start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (running_) return;
+  running_ = true;
+  stopping_ = false;
+  thread_ = std::thread([this] { Run(); });
+}
+
+Status TrainingLoop::Stop(bool checkpoint) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!running_) return checkpoint ? CheckpointNow() : Status::OK();
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    running_ = false;
+  }
+  return checkpoint ? CheckpointNow() : Status::OK();
+}
+
+Status TrainingLoop::RunOnTrainer(const std::function<Status()>& op) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!running_) {
+    lock.unlock();
+    return op();
+  }
+  auto done = std::make_shared<std::promise<Status>>();
+  std::future<Status> result = done->get_future();
+  queue_.push_back([op, done] { done->set_value(op()); });
+  lock.unlock();
+  wake_.notify_all();
+  return result.get();
+}
+
+void TrainingLoop::Run() {
+  const TrainConfig& tc = options_.config.train();
+  const int64_t T = options_.config.model().context();
+  auto last_checkpoint = Clock::now(), last_data = Clock::now(), window_start = Clock::now();
+  double window_loss = 0;
+  int64_t window_steps = 0, window_tokens = 0;
+  for (;;) {
+    std::deque<std::function<void()>> ops;
+    bool paused;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (stopping_) break;
+      ops.swap(queue_);
+      paused = paused_;
+    }
+    for (auto& op : ops) op();
+    if (paused) {
+      std::unique_lock<std::mutex> lock(mu_);
+      snapshot_.set_state("paused");
+      wake_.wait_for(lock, std::chrono::milliseconds(100));
+      continue;
+    }
+    Status st;
+    const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
+    torch::Tensor batch = batches_->Next(tc.batch_size(), T, replay_ratio_, idle, &st);
+    if (!st.ok()) std::fprintf(stderr, "peerd: error: reading the spool: %s\n", st.ToString().c_str());
+    if (!batch.defined()) {
+      std::unique_lock<std::mutex> lock(mu_);
+      snapshot_.set_state("waiting for data");
+      wake_.wait_for(lock, std::chrono::milliseconds(100));
+      continue;
+    }
+    last_data = Clock::now();
+    StepStats s = trainer_->Step(batch);
+    const int64_t tokens = batch.size(0) * T;
+    tokens_trained_ += tokens;
+    window_loss += s.loss;
+    ++window_steps;
+    window_tokens += tokens;
+    spool_->SetConsumed(batches_->cursor().index, batches_->cursor().consumed_bytes);
+    const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      snapshot_.set_state("training");
+      snapshot_.set_step(trainer_->step());
+      snapshot_.set_tokens_trained(tokens_trained_);
+      if (window_steps >= 10 || secs > 5) {
+        snapshot_.set_recent_loss(window_loss / window_steps);
+        snapshot_.set_recent_bits_per_byte(window_loss / window_steps / std::log(2.0));
+        snapshot_.set_tokens_per_second(window_tokens / secs);
+        window_loss = 0;
+        window_steps = window_tokens = 0;
+        window_start = Clock::now();
+      }
+    }
+    if ((options_.checkpoint_every_steps && trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps) ||
+        Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds)) {
+      if (Status c = CheckpointNow(); !c.ok()) std::fprintf(stderr, "peerd: error: checkpoint: %s\n", c.ToString().c_str());
+      last_checkpoint = Clock::now();
+    }
+  }
+}
+
+Status TrainingLoop::CheckpointNow() {
+  CheckpointMeta meta;
+  meta.set_tokens_trained(tokens_trained_);
+  meta.set_spool_next_index(batches_->cursor().index);
+  meta.set_spool_offset(batches_->cursor().offset);
+  meta.set_consumed_bytes(batches_->cursor().consumed_bytes);
+  Policy* p = meta.mutable_policy();
+  for (const auto& g : trainer_->config().train_groups()) p->add_train_groups(g);
+  p->set_replay_ratio(replay_ratio_);
+  p->set_lr(trainer_->config().lr());
+  if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
+  std::lock_guard<std::mutex> lock(mu_);
+  last_checkpoint_step_ = trainer_->step();
+  snapshot_.set_last_checkpoint_step(last_checkpoint_step_);
+  return Status::OK();
+}
+
+Status TrainingLoop::Checkpoint() {
+  return RunOnTrainer([this] { return CheckpointNow(); });
+}
+
+Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<uint32_t> n_keys, std::vector<uint32_t>* ids) {
+  return RunOnTrainer([&]() -> Status {
+    auto layers = model_->PeerLayers();
+    if (layers.empty()) return Status::FailedPrecondition("this model has no PEER layers (model.ffn is dense)");
+    if (layer && *layer >= layers.size())
+      return Status::NotFound("PEER layer " + std::to_string(*layer) + " does not exist; the model has " +
+                              std::to_string(layers.size()) + " (0-based)");
+    const uint32_t keys = n_keys.value_or(options_.config.model().peer().n_keys());
+    ids->clear();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      if (layer && l != *layer) continue;
+      int64_t id = 0;
+      if (Status st = trainer_->AddSegment(l, keys, &id); !st.ok()) return st;
+      ids->push_back(static_cast<uint32_t>(id));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    segments_snapshot_ = SegmentsNow();
+    return Status::OK();
+  });
+}
+
+Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, std::optional<RowDtype> dtype,
+                                   std::vector<uint32_t>* frozen_layers) {
+  return RunOnTrainer([&]() -> Status {
+    auto layers = model_->PeerLayers();
+    frozen_layers->clear();
+    bool known = false;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      if (layer && l != *layer) continue;
+      for (const auto& seg : layers[l]->segments()) {
+        if (seg->id() != id) continue;
+        known = true;
+        if (seg->frozen()) continue;
+        Status st = trainer_->FreezeSegment(
+            l, id, pool_->Freezing(dtype.value_or(options_.freeze_dtype), trainer_->step(), tokens_trained_));
+        if (!st.ok()) return st;
+        frozen_layers->push_back(static_cast<uint32_t>(l));
+      }
+    }
+    if (!known) return Status::NotFound("no segment " + std::to_string(id) + (layer ? " in layer " + std::to_string(*layer) : ""));
+    if (frozen_layers->empty()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
+    std::lock_guard<std::mutex> lock(mu_);
+    segments_snapshot_ = SegmentsNow();
+    return Status::OK();
+  });
+}
+
+Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
+  return RunOnTrainer([&]() -> Status {
+    std::vector<std::pair<std::string, std::string>> tasks;
+    if (Status st = tasks_.Tasks(&tasks); !st.ok()) return st;
+    if (tasks.empty()) return Status::FailedPrecondition("no held-out tasks registered: POST /v1/tasks first");
+    EvalRow r;
+    r.set_step(trainer_->step());
+    r.set_label(label);
+    r.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::system_clock::now().time_since_epoch()).count());
+    EvalOptions eo;
+    eo.max_bytes = options_.config.train().eval_bytes();
+    for (const auto& [name, text] : tasks) {
+      r.add_tasks(name);
+      r.add_bits_per_byte(BitsPerByte(model_, text, eo));
+    }
+    if (Status st = tasks_.AppendRow(r); !st.ok()) return st;
+    *row = r;
+    return Status::OK();
+  });
+}
+
+Status TrainingLoop::SetPolicy(const Policy& policy) {
+  return RunOnTrainer([&]() -> Status {
+    Config c = options_.config;
+    *c.mutable_train() = trainer_->config();
+    if (policy.train_groups_size()) {
+      c.mutable_train()->clear_train_groups();
+      for (const auto& g : policy.train_groups()) c.mutable_train()->add_train_groups(g);
+    }
+    if (policy.has_lr()) {
+      c.mutable_train()->set_lr(static_cast<float>(policy.lr()));
+      c.mutable_train()->set_min_lr(std::min(c.train().min_lr(), c.train().lr()));
+    }
+    if (Status st = ValidateConfig(c); !st.ok()) return st;
+    if (policy.has_replay_ratio() && !(policy.replay_ratio() >= 0 && policy.replay_ratio() < 1))
+      return Status::InvalidArgument("replayRatio must be in [0, 1), got " + std::to_string(policy.replay_ratio()));
+    if (policy.has_freeze_dtype() && policy.freeze_dtype() != "bf16" && policy.freeze_dtype() != "fp32")
+      return Status::InvalidArgument("freezeDtype must be \"bf16\" or \"fp32\", got \"" + policy.freeze_dtype() + "\"");
+    trainer_->SetConfig(c.train());
+    if (policy.has_replay_ratio()) replay_ratio_ = policy.replay_ratio();
+    if (policy.has_freeze_dtype()) options_.freeze_dtype = policy.freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
+    return Status::OK();
+  });
+}
+
+Policy TrainingLoop::GetPolicy() {
+  Policy p;
+  (void)RunOnTrainer([&]() -> Status {
+    for (const auto& g : trainer_->config().train_groups()) p.add_train_groups(g);
+    p.set_replay_ratio(replay_ratio_);
+    p.set_lr(trainer_->config().lr());
+    p.set_freeze_dtype(DtypeName(options_.freeze_dtype));
+    return Status::OK();
+  });
+  return p;
+}
+
+void TrainingLoop::SetPaused(bool paused) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    paused_ = paused;
+  }
+  wake_.notify_all();
+}
+
+SegmentsReply TrainingLoop::SegmentsNow() {
+  // Parameter counts change only with the pool; taken here, on the thread that owns the model.
+  snapshot_.set_total_parameters(model_->TotalParameters());
+  snapshot_.set_active_parameters(model_->ActiveParameters());
+  SegmentsReply reply;
+  auto layers = model_->PeerLayers();
+  std::vector<SegmentManifest> manifests;
+  (void)store_->Manifests(&manifests);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (const auto& seg : layers[l]->segments()) {
+      SegmentInfo* s = reply.add_segments();
+      s->set_layer(static_cast<uint32_t>(l));
+      s->set_id(static_cast<uint32_t>(seg->id()));
+      s->set_state(seg->frozen() ? "frozen" : "training");
+      s->set_n_keys(static_cast<uint32_t>(seg->n_keys()));
+      s->set_experts(seg->num_experts());
+      s->set_resident(seg->resident());
+      const bool bf16 = seg->resident() && seg->down.scalar_type() == torch::kBFloat16;
+      s->set_dtype(bf16 ? "bf16" : "fp32");
+      for (const auto& m : manifests)
+        if (m.layer() == l && m.segment() == seg->id()) {
+          s->set_dtype(DtypeName(m.dtype()));
+          s->set_checksum(m.checksum());
+          s->set_frozen_at_step(m.frozen_at_step());
+        }
+      s->set_bytes(uint64_t(seg->num_experts()) * seg->d_model() * 2 * (s->dtype() == "bf16" ? 2 : 4));
+    }
+  }
+  return reply;
+}
+
+SegmentsReply TrainingLoop::Segments() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return segments_snapshot_;
+}
+
+StatusReply TrainingLoop::Snapshot() {
+  StatusReply r;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    r = snapshot_;
+    r.set_paused(paused_);
+    if (paused_) r.set_state("paused");
+    if (r.state().empty()) r.set_state(running_ ? "starting" : "stopped");
+    r.set_tokens_trained(tokens_trained_);
+    r.set_last_checkpoint_step(last_checkpoint_step_);
+    *r.mutable_segments() = segments_snapshot_.segments();
+  }
+  SpoolStats s = spool_->stats();
+  r.set_spool_documents(s.documents);
+  r.set_spool_bytes(s.bytes);
+  r.set_spool_backlog_bytes(s.backlog_bytes);
+  r.set_data_dir(db_->dir());
+  return r;
+}
+
+std::string TrainingLoop::Metrics() {
+  StatusReply s = Snapshot();
+  std::ostringstream m;
+  m << "# TYPE peerd_step counter\npeerd_step " << s.step() << "\n";
+  m << "# TYPE peerd_tokens_trained_total counter\npeerd_tokens_trained_total " << s.tokens_trained() << "\n";
+  m << "# TYPE peerd_loss gauge\npeerd_loss " << s.recent_loss() << "\n";
+  m << "# TYPE peerd_tokens_per_second gauge\npeerd_tokens_per_second " << s.tokens_per_second() << "\n";
+  m << "# TYPE peerd_spool_bytes gauge\npeerd_spool_bytes " << s.spool_bytes() << "\n";
+  m << "# TYPE peerd_spool_backlog_bytes gauge\npeerd_spool_backlog_bytes " << s.spool_backlog_bytes() << "\n";
+  m << "# TYPE peerd_spool_documents gauge\npeerd_spool_documents " << s.spool_documents() << "\n";
+  m << "# TYPE peerd_segments gauge\n";
+  int training = 0, frozen = 0;
+  for (const auto& seg : s.segments()) (seg.state() == "frozen" ? frozen : training)++;
+  m << "peerd_segments{state=\"training\"} " << training << "\npeerd_segments{state=\"frozen\"} " << frozen << "\n";
+  m << "# TYPE peerd_segment_bytes gauge\n";
+  for (const auto& seg : s.segments())
+    m << "peerd_segment_bytes{layer=\"" << seg.layer() << "\",segment=\"" << seg.id() << "\"} " << seg.bytes() << "\n";
+  RowCache::Stats c = pool_->cache_stats();
+  const double lookups = double(c.hits + c.misses);
+  m << "# TYPE peerd_cache_hit_ratio gauge\npeerd_cache_hit_ratio " << (lookups > 0 ? c.hits / lookups : 0) << "\n";
+  return m.str();
+}
+
+}  // namespace peerd

@@ -1,0 +1,96 @@
+// TrainingLoop: peerd's trainer thread and the operations the admin API asks of it.
+//
+// The thread takes batches from the spool (BatchSource), trains, and checkpoints every N steps or
+// seconds; admin operations (add or freeze segments, evaluate, checkpoint, change the policy) are
+// queued to it and run between steps, so the model has one owner and needs no locks. Status reads
+// a snapshot under a mutex. Open() restores: frozen segments from the expert store, the rest from
+// the last checkpoint.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "core/model.h"
+#include "core/trainer.h"
+#include "proto/admin.pb.h"
+#include "service/batch_source.h"
+#include "service/checkpoint.h"
+#include "service/expert_pool_store.h"
+#include "service/spool.h"
+#include "service/task_store.h"
+
+namespace peerd {
+
+struct LoopOptions {
+  Config config;
+  uint32_t checkpoint_every_steps = 200;
+  double checkpoint_every_seconds = 60;
+  double partial_batch_after_seconds = 2;  // train a smaller batch when no more data comes
+  RowDtype freeze_dtype = ROW_DTYPE_BF16;
+  PoolStoreOptions pool;
+};
+
+class TrainingLoop {
+ public:
+  static Status Open(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool,
+                     std::unique_ptr<TrainingLoop>* out);
+  ~TrainingLoop();  // Stop(false)
+
+  void Start();
+  // Stops the thread; with `checkpoint`, writes one last checkpoint first.
+  Status Stop(bool checkpoint);
+
+  // Admin operations (run on the trainer thread when it runs, else here).
+  Status AddSegments(std::optional<uint32_t> layer, std::optional<uint32_t> n_keys, std::vector<uint32_t>* ids);
+  Status FreezeSegment(uint32_t id, std::optional<uint32_t> layer, std::optional<RowDtype> dtype, std::vector<uint32_t>* layers);
+  Status Evaluate(const std::string& label, EvalRow* row);
+  Status Checkpoint();
+  Status SetPolicy(const Policy& policy);
+  Policy GetPolicy();
+  void SetPaused(bool paused);
+
+  StatusReply Snapshot();
+  SegmentsReply Segments();
+  TaskStore& tasks() { return tasks_; }
+  // Prometheus text for the training side.
+  std::string Metrics();
+
+ private:
+  TrainingLoop(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool);
+  Status Restore();
+  void Run();
+  Status RunOnTrainer(const std::function<Status()>& op);
+  Status CheckpointNow();
+  SegmentsReply SegmentsNow();  // trainer thread only
+
+  LoopOptions options_;
+  std::shared_ptr<StoreDb> db_;
+  Spool* spool_;
+  std::unique_ptr<ExpertStore> store_;
+  std::unique_ptr<ExpertPoolStore> pool_;
+  Checkpointer checkpointer_;
+  TaskStore tasks_;
+  TransformerLM model_{nullptr};
+  std::unique_ptr<Trainer> trainer_;
+  std::unique_ptr<BatchSource> batches_;
+  double replay_ratio_ = 0;
+
+  std::mutex mu_;  // guards the queue, flags and the snapshot below
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false, paused_ = false, running_ = false;
+  std::thread thread_;
+  StatusReply snapshot_;
+  SegmentsReply segments_snapshot_;
+  uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;
+};
+
+}  // namespace peerd
