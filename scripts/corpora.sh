@@ -21,7 +21,8 @@ with open(out + "/train.txt.tmp", "w") as tr, open(out + "/heldout.txt.tmp", "w"
     for line in sys.stdin:
         key, _, text = line.rstrip("\n").partition("\t")
         held = zlib.crc32(key.encode()) % 20 == 0
-        (ho if held else tr).write(text.replace("\\n", "\n") + "\n")
+        # A blank line ends each document, so `peer-ingest --split blank-line` finds them again.
+        (ho if held else tr).write(text.replace("\\n", "\n") + "\n\n")
         n[held] += 1
 print(f"corpora.sh: {out}: {n[0]} train documents, {n[1]} held-out documents")
 ' "$1"
@@ -40,10 +41,11 @@ extract_kjv() {
 
 for d in "${domains[@]}"; do
   dir="$out_root/$d"
-  [ -s "$dir/train.txt" ] && [ -s "$dir/heldout.txt" ] && continue
+  [ -s "$dir/train.txt" ] && [ -s "$dir/heldout.txt" ] && [ -e "$dir/.v2" ] && continue
   mkdir -p "$dir"
   case "$d" in
     kjv) extract_kjv "$dir" ;;
     *) echo "corpora.sh: unknown domain '$d' (known: kjv)" >&2; exit 2 ;;
   esac
+  touch "$dir/.v2"  # format marker: documents separated by blank lines
 done

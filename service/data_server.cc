@@ -40,6 +40,7 @@ struct Mailbox {
 struct DataServer::Impl {
   asio::io_context io;
   std::shared_ptr<Mailbox> mailbox = std::make_shared<Mailbox>();
+  uint16_t port = 0;
   tcp::acceptor acceptor{io};
   Spool* spool = nullptr;
   DataServerOptions options;
@@ -242,6 +243,7 @@ Status DataServer::Start(Spool* spool, const DataServerOptions& options, std::un
   if (!ec) impl->acceptor.bind(endpoint, ec);
   if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return Status::IOError("cannot listen on " + options.listen + " for the data port: " + ec.message());
+  impl->port = impl->acceptor.local_endpoint().port();
   impl->Accept();
   impl->thread = std::thread([p = impl.get()] { p->io.run(); });
   out->reset(new DataServer(std::move(impl)));
@@ -262,7 +264,7 @@ void DataServer::Stop() {
   impl_->thread.join();
 }
 
-uint16_t DataServer::port() const { return impl_->acceptor.local_endpoint().port(); }
+uint16_t DataServer::port() const { return impl_->port; }
 
 DataServerStats DataServer::stats() const {
   return {impl_->connections.load(), impl_->documents.load(), impl_->bytes.load(), impl_->acks.load(),

@@ -1,0 +1,43 @@
+// AdminServer: peerd's admin API over HTTP/1.1 (Boost.Beast). Bodies are protobuf's JSON mapping of
+// the messages in proto/admin.proto, so the binary and the JSON API cannot drift. Every request
+// needs `Authorization: Bearer <token>`; a missing or wrong one is 401 and changes nothing. Errors
+// are {"error": {"code": HTTP status, "message": "..."}}.
+//
+// One thread accepts; each connection is served on its own thread (at most `max_connections`).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "service/data_server.h"
+#include "service/training_loop.h"
+
+namespace peerd {
+
+struct AdminServerOptions {
+  std::string listen = "127.0.0.1:7071";
+  std::string token;
+  std::vector<std::string> task_roots;  // POST /v1/tasks {"path"} must lie under one of these
+  size_t max_body_bytes = 64 << 20;
+  int max_connections = 32;
+};
+
+class AdminServer {
+ public:
+  static Status Start(TrainingLoop* loop, const DataServer* data, const AdminServerOptions& options,
+                      std::unique_ptr<AdminServer>* out);
+  ~AdminServer();
+  void Stop();
+  uint16_t port() const;
+
+  struct Impl;
+
+ private:
+  explicit AdminServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace peerd

@@ -1,0 +1,134 @@
+// peerd: the continual-training service. Streams of documents come in on the data port (from
+// peer-ingest), are spooled durably and trained on; the admin API (peerctl, curl) adds and freezes
+// expert segments, registers held-out tasks and evaluates forgetting. See README.md.
+//
+//   peerd [--data-dir ./peerd-data] [--config FILE] [--data-listen 127.0.0.1:7070]
+//         [--admin-listen 127.0.0.1:7071] [--log-level info] ...
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "core/config.h"
+#include "core/runtime.h"
+#include "service/admin_server.h"
+#include "service/data_server.h"
+#include "service/spool.h"
+#include "service/token.h"
+#include "service/training_loop.h"
+
+using namespace peerd;
+
+namespace {
+
+bool IsLoopback(const std::string& listen) {
+  return listen.rfind("127.", 0) == 0 || listen.rfind("localhost:", 0) == 0 || listen.rfind("[::1]", 0) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"peerd: continual training of a PEER language model on streamed text"};
+  std::string data_dir = "peerd-data", config_path, data_listen = "127.0.0.1:7070", admin_listen = "127.0.0.1:7071";
+  std::string log_level = "info", residency = "resident", freeze_dtype = "bf16";
+  std::vector<std::string> task_roots;
+  uint32_t checkpoint_steps = 200, threads = 0;
+  double checkpoint_seconds = 60;
+  uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8;
+  bool allow_remote = false;
+  app.add_option("--data-dir", data_dir, "where the store, spool, checkpoints and tokens live")->capture_default_str();
+  app.add_option("--config", config_path, "JSON configuration (proto/config.proto); omitted fields: embedded defaults");
+  app.add_option("--data-listen", data_listen, "data port (peer-ingest)")->capture_default_str();
+  app.add_option("--admin-listen", admin_listen, "admin API (peerctl, HTTP)")->capture_default_str();
+  app.add_flag("--allow-remote", allow_remote, "allow listening on addresses other than loopback");
+  app.add_option("--log-level", log_level, "trace | debug | info | warn | error")->capture_default_str();
+  app.add_option("--checkpoint-every-steps", checkpoint_steps, "checkpoint after this many steps")->capture_default_str();
+  app.add_option("--checkpoint-every-seconds", checkpoint_seconds, "…or this many seconds")->capture_default_str();
+  app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")->capture_default_str();
+  app.add_option("--max-document-mb", max_doc_mb, "largest document accepted")->capture_default_str();
+  app.add_option("--residency", residency, "frozen rows: resident | cached")->capture_default_str();
+  app.add_option("--cache-mb", cache_mb, "row cache for --residency cached")->capture_default_str();
+  app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")->capture_default_str();
+  app.add_option("--task-root", task_roots, "directories POST /v1/tasks may read files from (default: the working directory)");
+  app.add_option("--threads", threads, "LibTorch threads (overrides train.threads; 0 = all cores)");
+  CLI11_PARSE(app, argc, argv);
+
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %l %v");
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  auto fail = [](const std::string& what, const Status& st) {
+    spdlog::error("{}: {}", what, st.ToString());
+    return 1;
+  };
+  for (const auto& listen : {data_listen, admin_listen})
+    if (!IsLoopback(listen)) {
+      if (!allow_remote) {
+        spdlog::error("refusing to listen on {}: peerd listens on loopback unless --allow-remote is given", listen);
+        return 2;
+      }
+      spdlog::warn("listening on {}, reachable from other machines: keep the tokens secret", listen);
+    }
+  if (residency != "resident" && residency != "cached") return fail("--residency", Status::InvalidArgument("must be resident or cached"));
+  if (freeze_dtype != "bf16" && freeze_dtype != "fp32") return fail("--freeze-dtype", Status::InvalidArgument("must be bf16 or fp32"));
+
+  LoopOptions lo;
+  lo.config = DefaultConfig();
+  if (!config_path.empty())
+    if (Status st = LoadConfigFile(config_path, &lo.config); !st.ok()) return fail("configuration", st);
+  if (threads) lo.config.mutable_train()->set_threads(threads);
+  lo.checkpoint_every_steps = checkpoint_steps;
+  lo.checkpoint_every_seconds = checkpoint_seconds;
+  lo.freeze_dtype = freeze_dtype == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
+  lo.pool.residency = residency == "cached" ? Residency::kCached : Residency::kResident;
+  lo.pool.cache_bytes = cache_mb << 20;
+  const int used_threads = SetComputeThreads(lo.config.train().threads());
+
+  // Signals are taken by this thread with sigwait; every other thread starts with them blocked.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::shared_ptr<StoreDb> db;
+  if (Status st = StoreDb::Open(data_dir, {}, &db); !st.ok()) return fail("data directory", st);
+  std::string admin_token, data_token;
+  if (Status st = LoadOrCreateToken(data_dir + "/admin.token", &admin_token); !st.ok()) return fail("admin token", st);
+  if (Status st = LoadOrCreateToken(data_dir + "/data.token", &data_token); !st.ok()) return fail("data token", st);
+  std::unique_ptr<Spool> spool;
+  if (Status st = Spool::Open(db, &spool); !st.ok()) return fail("spool", st);
+  std::unique_ptr<TrainingLoop> loop;
+  if (Status st = TrainingLoop::Open(lo, db, spool.get(), &loop); !st.ok()) return fail("restoring the model", st);
+  StatusReply s0 = loop->Snapshot();
+  spdlog::info("data dir {}: step {}, {} spooled documents ({} bytes, {} untrained), {} segments; {} parameters, {} active per token; {} threads; BLAS {}",
+               data_dir, s0.step(), s0.spool_documents(), s0.spool_bytes(), s0.spool_backlog_bytes(),
+               s0.segments_size(), s0.total_parameters(), s0.active_parameters(), used_threads, BlasInfo());
+
+  DataServerOptions dopt;
+  dopt.listen = data_listen;
+  dopt.token = data_token;
+  dopt.backlog_limit_bytes = backlog_mb << 20;
+  dopt.max_document_bytes = max_doc_mb << 20;
+  std::unique_ptr<DataServer> data;
+  if (Status st = DataServer::Start(spool.get(), dopt, &data); !st.ok()) return fail("data port", st);
+  AdminServerOptions aopt;
+  aopt.listen = admin_listen;
+  aopt.token = admin_token;
+  aopt.task_roots = task_roots.empty() ? std::vector<std::string>{std::filesystem::current_path().string()} : task_roots;
+  std::unique_ptr<AdminServer> admin;
+  if (Status st = AdminServer::Start(loop.get(), data.get(), aopt, &admin); !st.ok()) return fail("admin API", st);
+  loop->Start();
+  spdlog::info("data port 127.0.0.1:{} (token {}/data.token), admin API 127.0.0.1:{} (token {}/admin.token)",
+               data->port(), data_dir, admin->port(), data_dir, data_dir);
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("{}: stopping — admin API, data port, then a last checkpoint", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  admin->Stop();
+  data->Stop();
+  if (Status st = loop->Stop(/*checkpoint=*/true); !st.ok()) return fail("last checkpoint", st);
+  spdlog::info("checkpoint written at step {}; bye", loop->Snapshot().step());
+  return 0;
+}
