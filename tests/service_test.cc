@@ -1,0 +1,215 @@
+// peerd end to end, through its public interface only: the real peerd binary on loopback ports it
+// picks itself, fed by the real peer-ingest and steered by the real peerctl — stream a corpus
+// slice, watch it train, add and freeze a segment, register a task, evaluate, kill -9, restart,
+// and find the frozen segment bit-identical, the step resumed from the checkpoint and every
+// acknowledged document trained.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace std::chrono_literals;
+
+struct Result {
+  int code;
+  std::string out;
+};
+
+Result Sh(const std::string& cmd) {
+  Result r{0, ""};
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class Peerd {
+ public:
+  explicit Peerd(std::string dir) : dir_(std::move(dir)) {}
+  ~Peerd() { Kill(SIGKILL); }
+
+  // Starts peerd and waits for its ports in the log.
+  void Start() {
+    const std::string log = dir_ + "/peerd.log";
+    const size_t log_start = fs::exists(log) ? fs::file_size(log) : 0;
+    pid_ = fork();
+    if (pid_ == 0) {
+      std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data --config " + dir_ +
+                        "/config.json --data-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --task-root " + dir_ +
+                        " --checkpoint-every-steps 15 >> " + log + " 2>&1";
+      execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
+      _exit(127);
+    }
+    const std::regex ports("data port 127\\.0\\.0\\.1:([0-9]+).*admin API 127\\.0\\.0\\.1:([0-9]+)");
+    for (int i = 0; i < 600; ++i) {
+      std::string text = Slurp(log).substr(log_start);
+      std::smatch m;
+      if (std::regex_search(text, m, ports)) {
+        data_port_ = m[1];
+        admin_port_ = m[2];
+        return;
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    FAIL() << "peerd did not start: " << Slurp(log);
+  }
+
+  int Kill(int sig) {
+    if (pid_ <= 0) return -1;
+    kill(pid_, sig);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+  Result Ctl(const std::string& args, const std::string& token_file = "") {
+    return Sh(std::string(PEERCTL_BIN) + " --admin 127.0.0.1:" + admin_port_ + " --token-file " +
+              (token_file.empty() ? dir_ + "/data/admin.token" : token_file) + " " + args);
+  }
+  json CtlJson(const std::string& args) {
+    Result r = Ctl("--json " + args);
+    EXPECT_EQ(r.code, 0) << args << ": " << r.out;
+    return json::parse(r.out, nullptr, false);
+  }
+  Result Ingest(const std::string& task, const std::string& file) {
+    return Sh(std::string(PEER_INGEST_BIN) + " --server 127.0.0.1:" + data_port_ + " --task " + task +
+              " --token-file " + dir_ + "/data/data.token --resume " + dir_ + "/" + task + ".acked " + file);
+  }
+  // Polls status until pred holds (or the deadline passes); returns the last status.
+  json WaitFor(const std::function<bool(const json&)>& pred, std::chrono::seconds limit = 120s) {
+    json s;
+    for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;
+         std::this_thread::sleep_for(200ms)) {
+      s = CtlJson("status");
+      if (!s.is_discarded() && pred(s)) return s;
+    }
+    ADD_FAILURE() << "timed out; last status: " << s.dump();
+    return s;
+  }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+  std::string data_port_, admin_port_;
+};
+
+uint64_t U(const json& j, const char* key) {
+  if (!j.contains(key)) return 0;
+  return j[key].is_string() ? std::stoull(j[key].get<std::string>()) : j[key].get<uint64_t>();
+}
+
+json Segment(const json& status, int id) {
+  for (const auto& s : status["segments"])
+    if (s.value("id", -1) == id) return s;
+  return json();
+}
+
+TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
+  const std::string dir = ::testing::TempDir() + "/peerd_service_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  // A small model so that steps are quick; everything else is the embedded default.
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8}})";
+  {
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(120'000, '\0');
+    kjv.read(text.data(), text.size());
+    text.resize(text.rfind("\n\n") + 2);  // whole chapters
+    std::ofstream(dir + "/kjv.txt") << text;
+    std::ifstream ho(std::string(PEERD_CORPUS_DIR) + "/kjv/heldout.txt");
+    std::string held(8'000, '\0');
+    ho.read(held.data(), held.size());
+    std::ofstream(dir + "/heldout.txt") << held;
+  }
+  Peerd peerd(dir);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+
+  // Without the token nothing is served or changed.
+  std::ofstream(dir + "/wrong.token") << "not-the-token\n";
+  Result denied = peerd.Ctl("segments add", dir + "/wrong.token");
+  EXPECT_NE(denied.code, 0);
+  EXPECT_NE(denied.out.find("401"), std::string::npos) << denied.out;
+  Result bad_policy = peerd.Ctl("policy set replayRatio=2");
+  EXPECT_NE(bad_policy.code, 0);
+  EXPECT_NE(bad_policy.out.find("replayRatio must be in [0, 1)"), std::string::npos) << bad_policy.out;
+
+  Result ingest = peerd.Ingest("kjv", dir + "/kjv.txt");
+  ASSERT_EQ(ingest.code, 0) << ingest.out;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(ingest.out, m, std::regex("([0-9]+) documents .* acked of ([0-9]+) sent")));
+  const uint64_t documents = std::stoull(m[1]);
+  EXPECT_EQ(m[1], m[2]);
+  EXPECT_GT(documents, 10u);
+
+  json s = peerd.WaitFor([](const json& st) { return U(st, "step") >= 20; });
+  EXPECT_EQ(U(s, "spoolDocuments"), documents);
+  EXPECT_GT(s.value("recentLoss", 0.0), 0.0);
+
+  json added = peerd.CtlJson("segments add");
+  ASSERT_EQ(added["ids"].size(), 1u);
+  EXPECT_EQ(added["ids"][0], 1);
+  ASSERT_EQ(peerd.Ctl("segments freeze 0").code, 0);
+  Result twice = peerd.Ctl("segments freeze 0");
+  EXPECT_NE(twice.code, 0);
+  EXPECT_NE(twice.out.find("409"), std::string::npos) << twice.out;
+  json frozen = Segment(peerd.CtlJson("status"), 0);
+  ASSERT_EQ(frozen.value("state", ""), "frozen");
+  const std::string checksum = frozen["checksum"].dump();
+
+  ASSERT_EQ(peerd.Ctl("tasks add kjv " + dir + "/heldout.txt").code, 0);
+  json row = peerd.CtlJson("eval run --label 'after kjv'");
+  ASSERT_EQ(row["bitsPerByte"].size(), 1u);
+  EXPECT_LT(row["bitsPerByte"][0].get<double>(), 7.5) << "the model should have learnt something";
+
+  ASSERT_EQ(peerd.Ctl("checkpoint").code, 0);
+  const uint64_t checkpoint_step = U(peerd.CtlJson("status"), "lastCheckpointStep");
+  EXPECT_GE(checkpoint_step, 20u);
+  peerd.WaitFor([&](const json& st) { return U(st, "step") > checkpoint_step + 3; });
+
+  peerd.Kill(SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  json after = peerd.CtlJson("status");
+  EXPECT_GE(U(after, "step"), checkpoint_step) << "the step went back past the last checkpoint";
+  EXPECT_EQ(Segment(after, 0).value("state", ""), "frozen");
+  EXPECT_EQ(Segment(after, 0)["checksum"].dump(), checksum) << "a frozen segment changed across kill -9";
+  EXPECT_EQ(Segment(after, 1).value("state", ""), "training");
+  EXPECT_EQ(U(after, "spoolDocuments"), documents);
+  json report = peerd.CtlJson("eval report");
+  EXPECT_EQ(report["rows"].size(), 1u);
+
+  // Everything acknowledged gets trained: the backlog drains to less than one window.
+  peerd.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 65; });
+  Result again = peerd.Ingest("kjv", dir + "/kjv.txt");
+  EXPECT_EQ(again.code, 0) << again.out;
+  EXPECT_NE(again.out.find(std::to_string(documents) + " skipped"), std::string::npos) << again.out;
+
+  EXPECT_EQ(peerd.Kill(SIGTERM), 0);
+  EXPECT_NE(Slurp(dir + "/peerd.log").find("checkpoint written at step"), std::string::npos);
+}
+
+}  // namespace
