@@ -18,6 +18,8 @@
 
 #include "service/token.h"
 
+#include <spdlog/spdlog.h>
+
 namespace peerd {
 
 namespace asio = boost::asio;
@@ -284,6 +286,14 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
     if (ec) break;
     const auto& req = parser.get();
     Reply r = Handle(req);
+    // One line per request that changes something or fails; reads stay quiet below debug.
+    const std::string what = std::string(req.method_string()) + " " + std::string(req.target());
+    if (r.status != http::status::ok)
+      spdlog::warn("admin {} -> {}: {}", what, static_cast<int>(r.status), r.body);
+    else if (req.method() != http::verb::get)
+      spdlog::info("admin {} -> 200 {}", what, r.body.size() > 300 ? r.body.substr(0, 300) + "…" : r.body);
+    else
+      spdlog::debug("admin {} -> 200", what);
     http::response<http::string_body> res{r.status, req.version()};
     res.set(http::field::content_type, r.content_type);
     res.keep_alive(req.keep_alive());

@@ -8,6 +8,8 @@
 #include "core/config.h"
 #include "core/evaluator.h"
 
+#include <spdlog/spdlog.h>
+
 namespace peerd {
 
 using Clock = std::chrono::steady_clock;
@@ -128,7 +130,7 @@ void TrainingLoop::Run() {
     Status st;
     const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
     torch::Tensor batch = batches_->Next(tc.batch_size(), T, replay_ratio_, idle, &st);
-    if (!st.ok()) std::fprintf(stderr, "peerd: error: reading the spool: %s\n", st.ToString().c_str());
+    if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
     if (!batch.defined()) {
       std::unique_lock<std::mutex> lock(mu_);
       snapshot_.set_state("waiting for data");
@@ -160,7 +162,8 @@ void TrainingLoop::Run() {
     }
     if ((options_.checkpoint_every_steps && trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps) ||
         Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds)) {
-      if (Status c = CheckpointNow(); !c.ok()) std::fprintf(stderr, "peerd: error: checkpoint: %s\n", c.ToString().c_str());
+      if (Status c = CheckpointNow(); !c.ok()) spdlog::error("checkpoint: {}", c.ToString());
+      else spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
       last_checkpoint = Clock::now();
     }
   }
