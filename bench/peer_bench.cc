@@ -2,20 +2,24 @@
 // object per line. Performance figures come from here, never from timed tests.
 //   peer-bench layer [--help]     PEER layer forward+backward vs dense FFN vs peer_ref.py
 //   peer-bench store [--help]     expert store: freeze, cold open, cached reads, memory per expert
+//   peer-bench ingest [--help]    data port throughput; training inside the service vs bare
 #include <cstdio>
 #include <cstring>
 
+#include "bench/ingest_bench.h"
 #include "bench/layer_bench.h"
 #include "bench/store_bench.h"
 
 int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "layer") == 0) return peerd::bench::LayerBench(argc - 1, argv + 1);
+  if (argc >= 2 && std::strcmp(argv[1], "ingest") == 0) return peerd::bench::IngestBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "store") == 0) return peerd::bench::StoreBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "layer-run") == 0) return peerd::bench::LayerRun(argc - 1, argv + 1);
   std::fprintf(stderr,
-               "usage: peer-bench layer|store [--help]\n"
+               "usage: peer-bench layer|store|ingest [--help]\n"
                "  layer   PEER layer forward+backward tokens/s and peak memory, side by side with a\n"
                "          dense FFN of equal active parameters and ../shared/bench/peer_ref.py\n"
-               "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n");
+               "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n"
+               "  ingest  data port MB/s acked (1 and 8 clients); service training vs bare trainer\n");
   return 2;
 }

@@ -1,5 +1,7 @@
 #include "core/runtime.h"
 
+#include <dlfcn.h>
+
 #include <fstream>
 #include <thread>
 
@@ -8,6 +10,11 @@ namespace peerd {
 int SetComputeThreads(uint32_t threads) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   at::set_num_threads(static_cast<int>(threads));
+  // LibTorch parallelises across its own OpenMP threads; OpenBLAS's pthreads on top of them
+  // oversubscribe the cores (measured on 2 cores: a training step runs at half speed). One BLAS
+  // thread per caller. Looked up at run time: the symbol exists only when libblas.so.3 is OpenBLAS.
+  using SetBlasThreads = void (*)(int);
+  if (auto set = reinterpret_cast<SetBlasThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(1);
   return at::get_num_threads();
 }
 
