@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -92,11 +93,12 @@ int IngestBench(int argc, char** argv) {
   CLI::App app{"peer-bench ingest: data port throughput, and training inside the service vs the bare trainer"};
   double mb = 32;
   size_t doc_bytes = 4096;
-  int steps = 60;
+  int steps = 60, reps = 3;
   std::string dir = "bench-out/ingest-bench", json_out = "bench-out/ingest.json";
   app.add_option("--mb", mb, "megabytes each ingest run sends in total")->capture_default_str();
   app.add_option("--doc-bytes", doc_bytes, "document size")->capture_default_str();
   app.add_option("--steps", steps, "training steps timed for each side of the comparison")->capture_default_str();
+  app.add_option("--reps", reps, "repetitions of the training comparison (medians reported)")->capture_default_str();
   app.add_option("--dir", dir, "scratch directory (emptied)")->capture_default_str();
   app.add_option("--json-out", json_out, "JSON lines go here too")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -126,7 +128,6 @@ int IngestBench(int argc, char** argv) {
   std::ifstream in(text_path);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const int64_t T = c.model().context(), B = c.train().batch_size();
-  double bare_tps = 0, service_tps = 0;
   auto bare = [&] {
     torch::manual_seed(1);
     TransformerLM model(c.model());
@@ -137,32 +138,43 @@ int IngestBench(int argc, char** argv) {
     for (int i = 0; i < steps; ++i) trainer.Step(batches.Next(B));
     return steps * B * T / std::chrono::duration<double>(Clock::now() - t0).count();
   };
-  std::thread([&] { bare_tps = bare(); }).join();  // on its own thread, as the service trains
-  {
+  const std::string more = MakeCorpus(dir + "/more.txt", mb, doc_bytes, 7);
+  auto service = [&](int rep, double* tps) -> Status {
     Served s;
-    if (Status st = Serve(dir + "/db-train", &s); !st.ok()) return Fail(st);
+    if (Status st = Serve(dir + "/db-train" + std::to_string(rep), &s); !st.ok()) return st;
     double secs = 0;
-    if (Status st = IngestFiles(s.server->port(), {text_path}, &secs); !st.ok()) return Fail(st);
+    if (Status st = IngestFiles(s.server->port(), {text_path}, &secs); !st.ok()) return st;
     LoopOptions lo;
     lo.config = c;
     lo.checkpoint_every_steps = 0;
     lo.checkpoint_every_seconds = 1e9;
     std::unique_ptr<TrainingLoop> loop;
-    if (Status st = TrainingLoop::Open(lo, s.db, s.spool.get(), &loop); !st.ok()) return Fail(st);
-    const std::string more = MakeCorpus(dir + "/more.txt", mb, doc_bytes, 7);
+    if (Status st = TrainingLoop::Open(lo, s.db, s.spool.get(), &loop); !st.ok()) return st;
     loop->Start();
     while (loop->Snapshot().step() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // warm-up
     const uint64_t step0 = loop->Snapshot().step();
     std::thread ingest([&] { double ignored; (void)IngestFiles(s.server->port(), {more}, &ignored); });
     auto t0 = Clock::now();
     while (loop->Snapshot().step() < step0 + steps) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    service_tps = (loop->Snapshot().step() - step0) * B * T / std::chrono::duration<double>(Clock::now() - t0).count();
+    *tps = (loop->Snapshot().step() - step0) * B * T / std::chrono::duration<double>(Clock::now() - t0).count();
     ingest.join();
-    (void)loop->Stop(false);
+    return loop->Stop(false);
+  };
+  // Interleaved repetitions, medians: this machine is noisy.
+  std::vector<double> bare_runs, service_runs;
+  for (int rep = 0; rep < reps; ++rep) {
+    double b = 0, v = 0;
+    std::thread([&] { b = bare(); }).join();  // on its own thread, as the service trains
+    if (Status st = service(rep, &v); !st.ok()) return Fail(st);
+    bare_runs.push_back(b);
+    service_runs.push_back(v);
   }
-  figures.push_back({{"figure", "train_tokens_per_s_bare"}, {"value", bare_tps}, {"unit", "tokens/s"}, {"steps", steps}});
+  std::sort(bare_runs.begin(), bare_runs.end());
+  std::sort(service_runs.begin(), service_runs.end());
+  const double bare_tps = bare_runs[reps / 2], service_tps = service_runs[reps / 2];
+  figures.push_back({{"figure", "train_tokens_per_s_bare"}, {"value", bare_tps}, {"unit", "tokens/s"}, {"steps", steps}, {"runs", bare_runs}});
   figures.push_back({{"figure", "train_tokens_per_s_in_service_while_ingesting"}, {"value", service_tps},
-                     {"unit", "tokens/s"}, {"steps", steps}});
+                     {"unit", "tokens/s"}, {"steps", steps}, {"runs", service_runs}});
   figures.push_back({{"figure", "service_overhead"}, {"value", 1 - service_tps / bare_tps}, {"unit", "fraction"}});
 
   fs::create_directories(fs::path(json_out).parent_path());
