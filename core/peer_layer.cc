@@ -31,6 +31,11 @@ Status PeerLayerImpl::AddSegment(int64_t n_keys, int64_t* id) {
   return Status::OK();
 }
 
+void PeerLayerImpl::StartUsageRecording() {
+  usage_.clear();
+  recording_usage_ = true;
+}
+
 Status PeerLayerImpl::AddSegmentWithId(int64_t id, int64_t n_keys) {
   if (n_keys < static_cast<int64_t>(config_.topk()) || n_keys > 65536)
     return Status::InvalidArgument("a segment needs between top-k (" + std::to_string(config_.topk()) +
@@ -119,6 +124,16 @@ Retrieval PeerLayerImpl::Retrieve(const torch::Tensor& query, const std::vector<
     // Top-k over the union of every segment's k candidates.
     auto [best, pick] = torch::cat(scores, -1).topk(k, -1);  // [h, M, k]
     r = {best, torch::cat(segment, -1).gather(-1, pick), torch::cat(index, -1).gather(-1, pick)};
+  }
+  if (recording_usage_) {
+    torch::NoGradGuard no_grad;
+    usage_.resize(segments_.size());
+    for (size_t pos = 0; pos < segments_.size(); ++pos) {
+      const int64_t n = segments_[pos]->num_experts();
+      if (!usage_[pos].defined() || usage_[pos].numel() != n) usage_[pos] = torch::zeros({n}, torch::kLong);
+      torch::Tensor mine = r.index.masked_select(r.segment == static_cast<int64_t>(pos));
+      if (mine.numel()) usage_[pos] += torch::bincount(mine.to(torch::kCPU), {}, n);
+    }
   }
   // Token-major, so a token's h·k experts are contiguous for the gather below.
   return {r.scores.transpose(0, 1), r.segment.transpose(0, 1).contiguous(),

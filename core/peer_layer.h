@@ -60,6 +60,13 @@ class PeerLayerImpl : public torch::nn::Module {
   const std::vector<ExpertSegment>& segments() const { return segments_; }
   int64_t num_experts() const;
 
+  // Expert usage: while recording, every retrieval counts how often each expert of each segment
+  // was chosen (the PEER paper's usage and KL-from-uniform figures are computed from these).
+  void StartUsageRecording();
+  void StopUsageRecording() { recording_usage_ = false; }
+  // Counts [n²] int64 of segment position `pos` since StartUsageRecording (undefined if none).
+  torch::Tensor UsageCounts(size_t pos) const { return pos < usage_.size() ? usage_[pos] : torch::Tensor(); }
+
   // Batch-norm running statistics stop moving when frozen (DESIGN.md §1: they drift with new data).
   void set_norm_stats_frozen(bool frozen) { norm_stats_frozen_ = frozen; }
 
@@ -77,6 +84,8 @@ class PeerLayerImpl : public torch::nn::Module {
   std::vector<ExpertSegment> segments_;
   int64_t next_segment_id_ = 0;
   bool norm_stats_frozen_ = false;
+  bool recording_usage_ = false;
+  mutable std::vector<torch::Tensor> usage_;  // per segment position, while recording
 };
 TORCH_MODULE(PeerLayer);
 

@@ -59,11 +59,13 @@ std::string Str(const json& j, const char* key) {
 }
 
 void PrintSegments(const json& segs) {
-  std::printf("%-6s %-4s %-9s %8s %10s %-5s %12s %s\n", "layer", "id", "state", "n_keys", "experts", "dtype", "bytes", "checksum");
+  std::printf("%-6s %-4s %-9s %8s %10s %-5s %12s %7s %8s %s\n", "layer", "id", "state", "n_keys", "experts", "dtype",
+              "bytes", "usage", "KL nats", "checksum");
   for (const auto& s : segs)
-    std::printf("%-6s %-4s %-9s %8s %10s %-5s %12s %s\n", Str(s, "layer").c_str(), Str(s, "id").c_str(),
+    std::printf("%-6s %-4s %-9s %8s %10s %-5s %12s %6.1f%% %8s %s\n", Str(s, "layer").c_str(), Str(s, "id").c_str(),
                 Str(s, "state").c_str(), Str(s, "nKeys").c_str(), Str(s, "experts").c_str(), Str(s, "dtype").c_str(),
-                Str(s, "bytes").c_str(), s.value("state", "") == "frozen" ? Str(s, "checksum").c_str() : "-");
+                Str(s, "bytes").c_str(), 100 * s.value("usage", 0.0), Fixed(s.value("usageKl", 0.0), 2).c_str(),
+                s.value("state", "") == "frozen" ? Str(s, "checksum").c_str() : "-");
 }
 
 void PrintHuman(const std::string& command, const json& j) {

@@ -249,9 +249,34 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
                       std::chrono::system_clock::now().time_since_epoch()).count());
     EvalOptions eo;
     eo.max_bytes = options_.config.train().eval_bytes();
+    auto layers = model_->PeerLayers();
+    for (auto& layer : layers) layer->StartUsageRecording();
     for (const auto& [name, text] : tasks) {
       r.add_tasks(name);
       r.add_bits_per_byte(BitsPerByte(model_, text, eo));
+    }
+    // Usage over the whole evaluation window: the share of each segment's experts retrieved at
+    // least once, and KL(usage || uniform) in nats (PEER paper, Table 2).
+    usage_.clear();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      layers[l]->StopUsageRecording();
+      for (size_t pos = 0; pos < layers[l]->segments().size(); ++pos) {
+        torch::Tensor counts = layers[l]->UsageCounts(pos);
+        if (!counts.defined()) continue;
+        const double total = counts.sum().item<double>(), n = counts.numel();
+        double kl = 0;
+        if (total > 0) {
+          torch::Tensor p = counts.to(torch::kDouble) / total;
+          torch::Tensor used = p.masked_select(p > 0);
+          kl = (used * (used * n).log()).sum().item<double>();
+        }
+        usage_[{static_cast<uint32_t>(l), static_cast<uint32_t>(layers[l]->segments()[pos]->id())}] = {
+            (counts > 0).sum().item<double>() / n, kl};
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      segments_snapshot_ = SegmentsNow();
     }
     if (Status st = tasks_.AppendRow(r); !st.ok()) return st;
     *row = r;
@@ -329,6 +354,11 @@ SegmentsReply TrainingLoop::SegmentsNow() {
           s->set_frozen_at_step(m.frozen_at_step());
         }
       s->set_bytes(uint64_t(seg->num_experts()) * seg->d_model() * 2 * (s->dtype() == "bf16" ? 2 : 4));
+      auto u = usage_.find({static_cast<uint32_t>(l), static_cast<uint32_t>(seg->id())});
+      if (u != usage_.end()) {
+        s->set_usage(u->second.first);
+        s->set_usage_kl(u->second.second);
+      }
     }
   }
   return reply;
@@ -376,6 +406,9 @@ std::string TrainingLoop::Metrics() {
   m << "# TYPE peerd_segment_bytes gauge\n";
   for (const auto& seg : s.segments())
     m << "peerd_segment_bytes{layer=\"" << seg.layer() << "\",segment=\"" << seg.id() << "\"} " << seg.bytes() << "\n";
+  m << "# TYPE peerd_segment_usage gauge\n";
+  for (const auto& seg : s.segments())
+    m << "peerd_segment_usage{layer=\"" << seg.layer() << "\",segment=\"" << seg.id() << "\"} " << seg.usage() << "\n";
   RowCache::Stats c = pool_->cache_stats();
   const double lookups = double(c.hits + c.misses);
   m << "# TYPE peerd_cache_hit_ratio gauge\npeerd_cache_hit_ratio " << (lookups > 0 ? c.hits / lookups : 0) << "\n";

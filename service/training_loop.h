@@ -12,6 +12,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -91,6 +92,8 @@ class TrainingLoop {
   StatusReply snapshot_;
   SegmentsReply segments_snapshot_;
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;
+  // Expert usage over the last evaluation, by (layer, segment id): share used, KL from uniform.
+  std::map<std::pair<uint32_t, uint32_t>, std::pair<double, double>> usage_;
 };
 
 }  // namespace peerd

@@ -142,6 +142,29 @@ TEST(PeerLayer, FrozenBatchNormStatisticsDoNotMove) {
   EXPECT_FALSE(torch::equal(layer->running_mean, mean0));
 }
 
+TEST(PeerLayer, UsageRecordingCountsEveryRetrievedExpertOnce) {
+  torch::manual_seed(6);
+  PeerLayer layer(8, testing::SmallPeer(6, 2, 3, 4));
+  ASSERT_TRUE(layer->AddSegment(6).ok());
+  layer->eval();
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({40, 8});
+  layer->forward(x);  // not recording: nothing counted
+  EXPECT_FALSE(layer->UsageCounts(0).defined());
+  layer->StartUsageRecording();
+  layer->forward(x);
+  layer->forward(x.narrow(0, 0, 10));
+  layer->StopUsageRecording();
+  layer->forward(x);
+  Retrieval r = layer->Retrieve(layer->Query(x));
+  const int64_t total = layer->UsageCounts(0).sum().item<int64_t>() + layer->UsageCounts(1).sum().item<int64_t>();
+  EXPECT_EQ(total, (40 + 10) * 2 * 3);  // (tokens) × h × k
+  // Expert e of segment 0 counted as often as retrieval chose it.
+  torch::Tensor want = torch::bincount(r.index.masked_select(r.segment == 0), {}, 36) +
+                       torch::bincount(r.index.narrow(0, 0, 10).masked_select(r.segment.narrow(0, 0, 10) == 0), {}, 36);
+  EXPECT_TRUE(torch::equal(layer->UsageCounts(0), want));
+}
+
 TEST(PeerLayer, AddSegmentRejectsFewerSubKeysThanTopK) {
   PeerLayer layer(8, testing::SmallPeer(8, 2, 4, 4));
   Status st = layer->AddSegment(3);

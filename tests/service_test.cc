@@ -185,6 +185,9 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   json row = peerd.CtlJson("eval run --label 'after kjv'");
   ASSERT_EQ(row["bitsPerByte"].size(), 1u);
   EXPECT_LT(row["bitsPerByte"][0].get<double>(), 7.5) << "the model should have learnt something";
+  json used = Segment(peerd.CtlJson("status"), 0);
+  EXPECT_GT(used.value("usage", 0.0), 0.0) << "the evaluation should have retrieved experts of segment 0: " << used.dump();
+  EXPECT_GT(used.value("usageKl", -1.0), 0.0);
 
   ASSERT_EQ(peerd.Ctl("checkpoint").code, 0);
   const uint64_t checkpoint_step = U(peerd.CtlJson("status"), "lastCheckpointStep");
