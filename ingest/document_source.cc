@@ -1,6 +1,8 @@
 #include "ingest/document_source.h"
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -72,7 +74,29 @@ bool DocumentSource::LoadNextInput() {
       data_ = ss.str();
     }
     pos_ = 0;
+    base_ = 0;
     if (!data_.empty()) return true;
+  }
+  return false;
+}
+
+bool DocumentSource::WaitForMore() {
+  while (!follow_stop_->load()) {
+    std::error_code ec;
+    const uint64_t size = fs::file_size(name_, ec);
+    const uint64_t have = base_ + data_.size();
+    if (!ec && size > have) {
+      std::ifstream in(name_, std::ios::binary);
+      in.seekg(static_cast<std::streamoff>(have));
+      std::string more(size - have, '\0');
+      in.read(more.data(), static_cast<std::streamsize>(more.size()));
+      more.resize(static_cast<size_t>(in.gcount()));
+      base_ += pos_;
+      data_ = data_.substr(pos_) + more;
+      pos_ = 0;
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   return false;
 }
@@ -80,14 +104,24 @@ bool DocumentSource::LoadNextInput() {
 bool DocumentSource::Next(IngestDocument* doc) {
   for (;;) {
     if (!status_.ok()) return false;
-    if (pos_ >= data_.size() && !LoadNextInput()) return false;
+    const bool last_input = next_input_ >= inputs_.size();
+    const bool following = follow_stop_ && last_input && name_ != "stdin" && !name_.empty();
+    if (pos_ >= data_.size()) {
+      if (following) {
+        if (!WaitForMore()) return false;
+      } else if (!LoadNextInput()) {
+        return false;
+      }
+    }
     size_t end = data_.size(), next = data_.size();
+    bool complete = true;  // its separator has been read (the end of a finished input counts)
     switch (split_.mode) {
       case SplitMode::kFile:
         break;
       case SplitMode::kLine: {
         size_t nl = data_.find('\n', pos_);
         if (nl != std::string::npos) end = nl + 1, next = nl + 1;
+        else complete = false;
         break;
       }
       case SplitMode::kBlankLine: {
@@ -96,18 +130,26 @@ bool DocumentSource::Next(IngestDocument* doc) {
           end = gap + 1;
           next = data_.find_first_not_of('\n', gap);
           if (next == std::string::npos) next = data_.size();
+        } else {
+          complete = false;
         }
         break;
       }
       case SplitMode::kBytes:
         end = next = std::min<size_t>(data_.size(), pos_ + split_.bytes);
+        complete = end - pos_ == split_.bytes;
         break;
+    }
+    // While following, a document without its separator may still be growing: wait for it.
+    if (following && !complete) {
+      if (!WaitForMore()) return false;
+      continue;
     }
     const size_t start = pos_;
     pos_ = next;
     std::string text = data_.substr(start, end - start);
     if (text.find_first_not_of(" \t\r\n") == std::string::npos) continue;  // blank: nothing to train on
-    doc->id = name_ + "@" + std::to_string(start) + "+" + std::to_string(end - start);
+    doc->id = name_ + "@" + std::to_string(base_ + start) + "+" + std::to_string(end - start);
     doc->text = std::move(text);
     return true;
   }

@@ -4,6 +4,7 @@
 // run names the same documents the same way and the server stores each once.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -31,6 +32,9 @@ class DocumentSource {
  public:
   // `paths`: files, directories (walked recursively, in name order) or "-" for stdin.
   static Status Open(const std::vector<std::string>& paths, SplitSpec split, std::unique_ptr<DocumentSource>* out);
+  // Like `tail -f`: after the end of the last input (a regular file), keep watching it and yield
+  // each document appended to it once it is complete (its separator written), until *stop.
+  void Follow(const std::atomic<bool>* stop) { follow_stop_ = stop; }
   // The next non-empty document; false at the end. A read error ends the source with status().
   bool Next(IngestDocument* doc);
   const Status& status() const { return status_; }
@@ -40,8 +44,12 @@ class DocumentSource {
   std::vector<std::string> inputs_;  // files in order ("-" for stdin)
   size_t next_input_ = 0;
   SplitSpec split_;
-  std::string name_, data_;  // the current input, read whole
+  // Waits for bytes appended to the followed file; false once *follow_stop_ is set.
+  bool WaitForMore();
+  std::string name_, data_;  // the current input, read whole (in follow mode: what is not yet cut)
   size_t pos_ = 0;
+  uint64_t base_ = 0;        // file offset of data_[0]
+  const std::atomic<bool>* follow_stop_ = nullptr;
   Status status_;
 };
 

@@ -1,10 +1,13 @@
 // peer-ingest: streams files, directories or stdin into a running peerd, as documents of a task.
 //
 //   peer-ingest --task NAME [--server 127.0.0.1:7070] [--token-file peerd-data/data.token]
-//               [--split file|blank-line|line|bytes:N] [--resume FILE | --no-resume] PATH... | -
+//               [--split file|blank-line|line|bytes:N] [--resume FILE | --no-resume] [--follow] PATH... | -
 //
 // Exit status 0 only when every document sent was acknowledged (durable in peerd's spool).
+#include <signal.h>
 #include <unistd.h>
+
+#include <atomic>
 
 #include <CLI/CLI.hpp>
 
@@ -22,7 +25,7 @@ int main(int argc, char** argv) {
   CLI::App app{"peer-ingest: stream text into a running peerd"};
   IngestOptions o;
   std::string token_file = "peerd-data/data.token", split = "blank-line", resume;
-  bool no_resume = false;
+  bool no_resume = false, follow = false;
   std::vector<std::string> paths;
   app.add_option("--server", o.server, "peerd's data port")->capture_default_str();
   app.add_option("--task", o.task, "task the documents belong to ([A-Za-z0-9_.-], 1-64)")->required();
@@ -30,6 +33,7 @@ int main(int argc, char** argv) {
   app.add_option("--split", split, "file | blank-line | line | bytes:N")->capture_default_str();
   app.add_option("--resume", resume, "file recording acked ids (default .peer-ingest/TASK.acked)");
   app.add_flag("--no-resume", no_resume, "send everything, remember nothing");
+  app.add_flag("--follow", follow, "keep watching the last file for appended documents (until Ctrl-C / SIGTERM)");
   app.add_option("paths", paths, "files, directories (recursive) or - for stdin")->required();
   CLI11_PARSE(app, argc, argv);
 
@@ -53,6 +57,15 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<DocumentSource> source;
   if (Status st = DocumentSource::Open(paths, spec, &source); !st.ok()) return fail(st);
+  static std::atomic<bool> stop{false};
+  if (follow) {
+    // Ctrl-C or SIGTERM ends the watch; what was sent is still acknowledged before exit.
+    struct sigaction sa {};
+    sa.sa_handler = [](int) { stop = true; };
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+    source->Follow(&stop);
+  }
 
   const bool tty = isatty(STDERR_FILENO);
   IngestProgress p;

@@ -100,6 +100,29 @@ TEST(DocumentSource, SplitsByBlankLineLineAndBytesWithStableIds) {
   EXPECT_EQ(DocumentSource::Open({dir + "/missing"}, {}, &src).code(), Status::Code::kNotFound);
 }
 
+TEST(DocumentSource, FollowYieldsAppendedDocumentsOnceComplete) {
+  const std::string dir = FreshDir("follow");
+  const std::string path = dir + "/log.txt";
+  { std::ofstream(path) << "first\n\nsecond, still be"; }
+  std::unique_ptr<DocumentSource> src;
+  ASSERT_TRUE(DocumentSource::Open({path}, {SplitMode::kBlankLine, 0}, &src).ok());
+  std::atomic<bool> stop{false};
+  src->Follow(&stop);
+  std::vector<IngestDocument> docs;
+  std::thread reader([&] {
+    for (IngestDocument d; src->Next(&d);) docs.push_back(d);
+  });
+  std::this_thread::sleep_for(500ms);
+  { std::ofstream(path, std::ios::app) << "ing written\n\nthird\n"; }
+  std::this_thread::sleep_for(700ms);
+  stop = true;
+  reader.join();
+  ASSERT_EQ(docs.size(), 2u) << "the third document has no separator yet";
+  EXPECT_EQ(docs[0].text, "first\n");
+  EXPECT_EQ(docs[1].text, "second, still being written\n");
+  EXPECT_EQ(docs[1].id, path + "@7+28");
+}
+
 TEST(Spool, StoresInOrderOncePerTaskAndIdAndKeepsCountersAcrossReopen) {
   const std::string dir = FreshDir("spool");
   {
