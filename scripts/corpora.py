@@ -1,0 +1,146 @@
+#!/usr/bin/python3
+"""Extracts the text domains of ../shared/CORPORA.md into data/corpora/<domain>/{train,heldout}.txt.
+
+Every domain is cut into documents with a key (scripture: book and chapter; fortunes: file and
+entry; code and man pages: file path). A document goes to heldout.txt when the CRC-32 of its key
+is 0 mod 20 (about 5%), so the split is the same on every machine and no held-out document is also
+trained on. Documents are separated by a blank line. Run by scripts/corpora.sh, which installs the
+Debian packages first.
+
+usage: corpora.py OUT_DIR DOMAIN..."""
+import glob, gzip, io, os, re, struct, subprocess, sys, tarfile, tempfile, zlib
+from concurrent.futures import ThreadPoolExecutor
+
+
+def kjv():
+    out = subprocess.run(["bible", "-l100000", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    key, verses = None, []
+    for line in out.splitlines():
+        if line and not line[0].isspace():  # "Genesis 1": a chapter starts
+            if key:
+                yield key, "\n".join(verses)
+            key, verses = line.strip(), []
+        elif line.strip():
+            verses.append(re.sub(r"^\s*\d+ ", "", line))
+    if key:
+        yield key, "\n".join(verses)
+
+
+def sparv():
+    base = "/usr/share/sword/modules/texts/ztext/spaRV1909eb/"
+    notes, tags = re.compile(r"<note\b.*?</note>", re.S), re.compile(r"<[^>]*>")
+    for testament in ("ot", "nt"):
+        bzs, bzz, bzv = (open(base + testament + ext, "rb").read() for ext in (".bzs", ".bzz", ".bzv"))
+        blocks = {}
+        key, verses = None, []
+        for v in range(len(bzv) // 10):
+            block, offset, size = struct.unpack("<IIH", bzv[v * 10:v * 10 + 10])
+            if size == 0:
+                continue
+            if block not in blocks:
+                start, length, _ = struct.unpack("<III", bzs[block * 12:block * 12 + 12])
+                blocks[block] = zlib.decompress(bzz[start:start + length])
+            raw = blocks[block][offset:offset + size].decode("utf-8", "replace")
+            chapter = re.search(r'<chapter\b[^>]*osisID="([^"]+)"', raw)
+            if chapter:
+                if key and verses:
+                    yield key, "\n".join(verses)
+                key, verses = chapter.group(1), []
+                continue
+            text = " ".join(tags.sub("", notes.sub("", raw)).split())
+            if key and text:
+                verses.append(text)
+        if key and verses:
+            yield key, "\n".join(verses)
+
+
+def fortunes_de():
+    for path in sorted(glob.glob("/usr/share/games/fortunes/de/*")):
+        if path.endswith((".dat", ".u8")) or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        text = open(path, encoding="utf-8", errors="replace").read()
+        for i, entry in enumerate(re.split(r"^%\s*$", text, flags=re.M)):
+            if entry.strip():
+                yield f"{os.path.basename(path)}:{i}", entry.strip("\n")
+
+
+def c_code():
+    files = {}
+    with tarfile.open("/usr/src/uClibc-ng-1.0.35.tar.xz", mode="r|xz") as tar:  # one pass: xz cannot seek
+        for m in tar:
+            if m.isfile() and m.name.endswith(".c"):
+                text = tar.extractfile(m).read().decode("utf-8", "replace")
+                if len(text) > 300:  # about 420 files are tiny include wrappers
+                    files[m.name] = text.strip("\n")
+    for name in sorted(files):
+        yield name, files[name]
+
+
+def man_pages():
+    # The pages of the `manpages` and `manpages-dev` packages only, not whatever else is installed.
+    listed = subprocess.run(["dpkg", "-L", "manpages", "manpages-dev"], capture_output=True, text=True).stdout
+    pages = []
+    for path in sorted(set(listed.split())):
+        if not re.match(r"^/usr/share/man/man[1-8]/[^/]+\.gz$", path) or os.path.islink(path):
+            continue
+        with gzip.open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b".so "):
+            continue
+        pages.append(path)
+
+    def render(path):
+        with gzip.open(path, "rb") as f:
+            src = f.read()
+        r = subprocess.run(["groff", "-man", "-Tutf8", "-P-cbou"], input=src, capture_output=True,
+                           env={**os.environ, "LC_ALL": "C.UTF-8"})
+        return path, r.stdout.decode("utf-8", "replace")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for path, text in pool.map(render, pages):
+            text = "\n".join(line.rstrip() for line in text.splitlines()).strip("\n")
+            if text:
+                yield path, re.sub(r"\n{3,}", "\n\n", text)
+
+
+def python_code():
+    root = "/usr/lib/python3.11/"
+    for path in sorted(glob.glob(root + "**/*.py", recursive=True)):
+        rel = path[len(root):]
+        if rel.startswith(("encodings/", "pydoc_data/", "test/")) or "/test/" in rel:
+            continue
+        text = open(path, encoding="utf-8", errors="replace").read().strip("\n")
+        if text:
+            yield rel, text
+
+
+DOMAINS = {"kjv": kjv, "sparv": sparv, "fortunes-de": fortunes_de, "c-code": c_code,
+           "man-pages": man_pages, "python": python_code}
+
+
+def main():
+    out_root, domains = sys.argv[1], sys.argv[2:]
+    for d in domains:
+        if d not in DOMAINS:
+            sys.exit(f"corpora.py: unknown domain '{d}' (known: {', '.join(DOMAINS)})")
+    for d in domains:
+        out = os.path.join(out_root, d)
+        os.makedirs(out, exist_ok=True)
+        counts, sizes = [0, 0], [0, 0]
+        with open(out + "/train.txt.tmp", "w") as tr, open(out + "/heldout.txt.tmp", "w") as ho:
+            for key, text in DOMAINS[d]():
+                held = zlib.crc32(key.encode()) % 20 == 0
+                # No blank line inside a document: the blank line is the separator peer-ingest splits on.
+                text = re.sub(r"\n\s*\n", "\n", text)
+                (ho if held else tr).write(text + "\n\n")
+                counts[held] += 1
+                sizes[held] += len(text.encode()) + 2
+        os.replace(out + "/train.txt.tmp", out + "/train.txt")
+        os.replace(out + "/heldout.txt.tmp", out + "/heldout.txt")
+        open(out + "/.v2", "w").close()
+        print(f"corpora: {d}: {counts[0]} train documents ({sizes[0] / 1e6:.1f} MB), "
+              f"{counts[1]} held-out ({sizes[1] / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
