@@ -22,10 +22,11 @@ build: setup $(BUILD)/build.ninja
 test: build corpora
 	@cd $(BUILD) && ctest --output-on-failure -j 1
 
-# The main job: train the PEER LM on the KJV corpus, freezing the first expert batch and
-# growing a fresh one halfway, with progress and held-out bits per byte. QUICK=1: a short run.
-demo: build corpora
-	@./$(BUILD)/peer-train --corpus data/corpora/kjv $(if $(QUICK),--steps 120 --grow-at 60,--grow-at 300)
+# The main job: peerd learns six text domains one after another, an expert segment per domain,
+# each frozen when its domain is trained; prints the forgetting matrix and metrics and writes
+# demo-out/. QUICK=1: small slices (about 3 minutes).
+demo: build
+	@BUILD=$(BUILD) bash scripts/demo.sh $(if $(QUICK),--quick,)
 
 bench: build
 	@./$(BUILD)/peer-bench layer

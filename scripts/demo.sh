@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The main job, end to end through the public interface only (peerd, peer-ingest, peerctl):
+# start peerd on embedded defaults, register the six held-out tasks, then for each domain in turn
+# add a fresh expert segment, stream the domain in, wait until it is trained, freeze the segment
+# and evaluate every task. Prints the bits-per-byte matrix and the forgetting metrics, and writes
+# demo-out/report.md, report.json and forgetting.svg.
+#   usage: scripts/demo.sh [--quick]      (env: BUILD=build, DEMO_OUT=demo-out)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+build="${BUILD:-build}"
+out="${DEMO_OUT:-demo-out}"
+domains=(kjv c-code fortunes-de man-pages sparv python)
+slice_kb=1000      # training text per domain: ~1 MB is ~1.5 minutes of training on 2 cores
+heldout_kb=60      # held-out text per task (every evaluation scores all six)
+eval_every=40      # seconds between evaluations while a domain trains (the plot's points)
+if [ "${1:-}" = "--quick" ]; then slice_kb=100; heldout_kb=16; eval_every=15; fi
+
+bash scripts/corpora.sh "${domains[@]}"
+rm -rf "$out"
+mkdir -p "$out"
+data="$out/peerd-data"
+admin=127.0.0.1:7171
+ctl() { "$build/peerctl" --admin "$admin" --token-file "$data/admin.token" "$@"; }
+
+"$build/peerd" --data-dir "$data" --data-listen 127.0.0.1:7170 --admin-listen "$admin" \
+  --task-root "$root" > "$out/peerd.log" 2>&1 &
+peerd_pid=$!
+trap 'kill $peerd_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -s "$data/admin.token" ] && ctl status >/dev/null 2>&1 && break; sleep 0.2; done
+ctl status >/dev/null || { echo "demo: peerd did not start:"; cat "$out/peerd.log"; exit 1; }
+
+for d in "${domains[@]}"; do
+  head -c $((heldout_kb * 1000)) "data/corpora/$d/heldout.txt" > "$out/heldout-$d.txt"
+  ctl tasks add "$d" "$out/heldout-$d.txt" >/dev/null
+done
+echo "demo: peerd up ($(ctl --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["totalParameters"], "parameters,", s["activeParameters"], "active per token")')); 6 held-out tasks registered"
+ctl eval run --label init >/dev/null
+
+# wait_trained: until the spool's untrained backlog is less than one training window.
+backlog() { ctl --json status | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["spoolBacklogBytes"]))'; }
+start=$(date +%s)
+for i in "${!domains[@]}"; do
+  d=${domains[$i]}
+  if [ "$i" -gt 0 ]; then
+    id=$(ctl --json segments add | python3 -c 'import json,sys; print(json.load(sys.stdin)["ids"][0])')
+  else
+    id=0  # the segment peerd starts with
+  fi
+  # A slice of whole documents.
+  head -c $((slice_kb * 1000)) "data/corpora/$d/train.txt" | python3 -c 'import sys; t=sys.stdin.read(); sys.stdout.write(t[:t.rfind("\n\n")+2])' > "$out/train-$d.txt"
+  "$build/peer-ingest" --server 127.0.0.1:7170 --task "$d" --token-file "$data/data.token" --no-resume "$out/train-$d.txt" 2>&1 | sed 's/^/  /'
+  t0=$(date +%s); next_eval=$((t0 + eval_every))
+  while [ "$(backlog)" -gt 129 ]; do
+    sleep 1
+    if [ "$(date +%s)" -ge "$next_eval" ]; then ctl eval run --label "during $d" >/dev/null; next_eval=$(( $(date +%s) + eval_every )); fi
+  done
+  ctl segments freeze "$id" >/dev/null
+  ctl eval run --label "after $d" > /dev/null
+  echo "demo: $d trained in $(( $(date +%s) - t0 )) s, segment $id frozen; $(ctl status | head -1)"
+done
+echo "demo: all domains in $(( $(date +%s) - start )) s"
+ctl --json eval report > "$out/report.json"
+ctl --json segments > "$out/segments.json"
+ctl segments
+python3 scripts/report.py "$out"
+kill -TERM $peerd_pid; wait $peerd_pid || true
+trap - EXIT
