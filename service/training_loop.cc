@@ -87,12 +87,14 @@ Status TrainingLoop::Stop(bool checkpoint) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     running_ = false;
+    stopping_ = false;
   }
   return checkpoint ? CheckpointNow() : Status::OK();
 }
 
 Status TrainingLoop::RunOnTrainer(const std::function<Status()>& op) {
   std::unique_lock<std::mutex> lock(mu_);
+  if (stopping_) return Status::FailedPrecondition("peerd is stopping: try again after it restarts");
   if (!running_) {
     lock.unlock();
     return op();
@@ -114,13 +116,15 @@ void TrainingLoop::Run() {
   for (;;) {
     std::deque<std::function<void()>> ops;
     bool paused;
+    bool stop;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      if (stopping_) break;
+      stop = stopping_;
       ops.swap(queue_);
       paused = paused_;
     }
-    for (auto& op : ops) op();
+    for (auto& op : ops) op();  // even when stopping: their callers are waiting for an answer
+    if (stop) break;
     if (paused) {
       std::unique_lock<std::mutex> lock(mu_);
       snapshot_.set_state("paused");
