@@ -199,6 +199,23 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
     }
   };
 
+  // Waits (holding `lock` on mu) until ready(); a dead stream is reconnected meanwhile, and a
+  // refusal by the server ends the run.
+  auto wait_until = [&](const std::function<bool()>& ready, std::unique_lock<std::mutex>& lock) -> Status {
+    for (;;) {
+      if (stream_dead) {
+        if (stream_fatal) return stream_error;
+        lock.unlock();
+        Status c = connect();
+        lock.lock();
+        if (!c.ok()) return c;
+        continue;
+      }
+      if (ready()) return Status::OK();
+      cv.wait_for(lock, std::chrono::milliseconds(200));
+    }
+  };
+
   Status st = connect();
   if (!st.ok()) return st;
   IngestDocument doc;
@@ -213,17 +230,9 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
                                      " bytes, over the server's limit of " + std::to_string(stream->max_document_bytes()) +
                                      ": split it smaller (--split line or bytes:N)");
     std::unique_lock<std::mutex> lock(mu);
-    for (;;) {
-      if (stream_dead) {
-        if (stream_fatal) return stream_error;
-        lock.unlock();
-        if (Status c = connect(); !c.ok()) return c;
-        lock.lock();
-        continue;
-      }
-      if (unacked_bytes + doc.text.size() <= options_.window_bytes || unacked.empty()) break;
-      cv.wait_for(lock, std::chrono::milliseconds(200));
-    }
+    if (Status st = wait_until([&] { return unacked_bytes + doc.text.size() <= options_.window_bytes || unacked.empty(); }, lock);
+        !st.ok())
+      return st;
     Pending p{next_seq++, doc};
     ClientFrame f;
     f.mutable_document()->set_seq(p.seq);
@@ -247,16 +256,7 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
   }
   // Wait for the last acks, reconnecting as needed.
   std::unique_lock<std::mutex> lock(mu);
-  while (!unacked.empty()) {
-    if (stream_dead) {
-      if (stream_fatal) return stream_error;
-      lock.unlock();
-      if (Status c = connect(); !c.ok()) return c;
-      lock.lock();
-      continue;
-    }
-    cv.wait_for(lock, std::chrono::milliseconds(200));
-  }
+  if (Status st = wait_until([&] { return unacked.empty(); }, lock); !st.ok()) return st;
   lock.unlock();
   stop_stream();
   progress->seconds = std::chrono::duration<double>(Clock::now() - start).count();

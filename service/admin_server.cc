@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "service/listen.h"
 #include "service/token.h"
 
 #include <spdlog/spdlog.h>
@@ -316,23 +317,11 @@ AdminServer::~AdminServer() { Stop(); }
 
 Status AdminServer::Start(TrainingLoop* loop, const DataServer* data, const AdminServerOptions& options,
                           std::unique_ptr<AdminServer>* out) {
-  std::string host;
-  uint16_t port = 0;
-  if (Status st = ParseHostPort(options.listen, &host, &port); !st.ok()) return st;
   auto impl = std::make_unique<Impl>();
   impl->loop = loop;
   impl->data = data;
   impl->options = options;
-  boost::system::error_code ec;
-  auto address = asio::ip::make_address(host, ec);
-  if (ec) return Status::InvalidArgument("admin address '" + host + "' is not an IP address");
-  tcp::endpoint endpoint(address, port);
-  impl->acceptor.open(endpoint.protocol(), ec);
-  if (!ec) impl->acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
-  if (!ec) impl->acceptor.bind(endpoint, ec);
-  if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return Status::IOError("cannot listen on " + options.listen + " for the admin API: " + ec.message());
-  impl->port = impl->acceptor.local_endpoint().port();
+  if (Status st = Listen(impl->acceptor, options.listen, "the admin API", &impl->port); !st.ok()) return st;
   impl->accept_thread = std::thread([p = impl.get()] {
     for (;;) {
       tcp::socket socket(p->io);

@@ -7,6 +7,7 @@
 
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
+#include "service/listen.h"
 #include "service/token.h"
 
 namespace peerd {
@@ -228,22 +229,10 @@ DataServer::DataServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 DataServer::~DataServer() { Stop(); }
 
 Status DataServer::Start(Spool* spool, const DataServerOptions& options, std::unique_ptr<DataServer>* out) {
-  std::string host;
-  uint16_t port = 0;
-  if (Status st = ParseHostPort(options.listen, &host, &port); !st.ok()) return st;
   auto impl = std::make_unique<Impl>();
   impl->spool = spool;
   impl->options = options;
-  boost::system::error_code ec;
-  auto address = asio::ip::make_address(host, ec);
-  if (ec) return Status::InvalidArgument("data port address '" + host + "' is not an IP address: " + ec.message());
-  tcp::endpoint endpoint(address, port);
-  impl->acceptor.open(endpoint.protocol(), ec);
-  if (!ec) impl->acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
-  if (!ec) impl->acceptor.bind(endpoint, ec);
-  if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return Status::IOError("cannot listen on " + options.listen + " for the data port: " + ec.message());
-  impl->port = impl->acceptor.local_endpoint().port();
+  if (Status st = Listen(impl->acceptor, options.listen, "the data port", &impl->port); !st.ok()) return st;
   impl->Accept();
   impl->thread = std::thread([p = impl.get()] { p->io.run(); });
   out->reset(new DataServer(std::move(impl)));

@@ -18,6 +18,7 @@
 #include "experts_store/bf16.h"
 #include "experts_store/expert_store.h"
 #include "experts_store/format.h"
+#include "tests/raw_rocksdb.h"
 
 namespace peerd {
 namespace {
@@ -159,19 +160,11 @@ TEST(ExpertStore, AFlippedByteInAFrozenRowIsCorruptionNamingTheSegment) {
     ASSERT_TRUE(store->FreezeSegment(m, SubKeys(m, 1), Rows(m), &m).ok());
   }
   {  // Damage one row behind the store's back, through RocksDB itself (so only our checksum can tell).
-    std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
-    std::vector<std::string> names;
-    ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir, &names).ok());
-    for (auto& n : names) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::DBOptions(), dir, cfs, &handles, &db).ok());
-    rocksdb::ColumnFamilyHandle* experts = handles[std::find(names.begin(), names.end(), "experts") - names.begin()];
+    testing::RawRocksDb raw(dir);
+    ASSERT_TRUE(raw.ok());
     std::string row = ExpectedRow(m, 7);
     row[3] ^= 0x10;
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), experts, store::ExpertKey(2, 5, 7), row).ok());
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-    delete db;
+    ASSERT_TRUE(raw.db()->Put(rocksdb::WriteOptions(), raw.family("experts"), store::ExpertKey(2, 5, 7), row).ok());
   }
   std::unique_ptr<ExpertStore> store;
   ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok());
@@ -243,18 +236,11 @@ TEST(ExpertStore, RefusesAStoreFromANewerSchemaVersion) {
   const std::string dir = FreshDir("newer");
   { std::unique_ptr<ExpertStore> store; ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok()); }
   {
-    std::vector<std::string> names;
-    ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir, &names).ok());
-    std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
-    for (auto& n : names) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::DBOptions(), dir, cfs, &handles, &db).ok());
+    testing::RawRocksDb raw(dir);
+    ASSERT_TRUE(raw.ok());
     StoreMeta meta;
     meta.set_schema_version(store::kSchemaVersion + 1);
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), store::kMetaKey, meta.SerializeAsString()).ok());
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-    delete db;
+    ASSERT_TRUE(raw.db()->Put(rocksdb::WriteOptions(), store::kMetaKey, meta.SerializeAsString()).ok());
   }
   std::unique_ptr<ExpertStore> store;
   Status st = ExpertStore::Open(dir, {}, &store);

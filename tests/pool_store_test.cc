@@ -14,6 +14,7 @@
 #include "core/trainer.h"
 #include "experts_store/format.h"
 #include "service/expert_pool_store.h"
+#include "tests/raw_rocksdb.h"
 #include "tests/test_util.h"
 
 namespace peerd::testing {
@@ -211,20 +212,12 @@ TEST(PoolStore, RestoreRefusesACorruptedSegmentByName) {
   const std::string dir = FreshDir("corrupt");
   BuildAndFreeze(dir);
   {  // Change one byte of one bf16 row of segment 1 through RocksDB itself.
-    std::vector<std::string> names;
-    ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir + "/store", &names).ok());
-    std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
-    for (auto& n : names) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::DBOptions(), dir + "/store", cfs, &handles, &db).ok());
-    auto* experts = handles[std::find(names.begin(), names.end(), "experts") - names.begin()];
+    RawRocksDb raw(dir + "/store");
+    ASSERT_TRUE(raw.ok());
     std::string row;
-    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), experts, store::ExpertKey(0, 1, 100), &row).ok());
+    ASSERT_TRUE(raw.db()->Get(rocksdb::ReadOptions(), raw.family("experts"), store::ExpertKey(0, 1, 100), &row).ok());
     row[10] ^= 0x01;
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), experts, store::ExpertKey(0, 1, 100), row).ok());
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-    delete db;
+    ASSERT_TRUE(raw.db()->Put(rocksdb::WriteOptions(), raw.family("experts"), store::ExpertKey(0, 1, 100), row).ok());
   }
   std::unique_ptr<ExpertStore> store;
   ASSERT_TRUE(ExpertStore::Open(dir + "/store", {}, &store).ok());
