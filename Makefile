@@ -31,6 +31,7 @@ demo: build
 bench: build
 	@./$(BUILD)/peer-bench layer
 	@./$(BUILD)/peer-bench store
+	@./$(BUILD)/peer-bench ingest
 
 clean:
 	rm -rf $(BUILD)
