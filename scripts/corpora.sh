@@ -25,26 +25,15 @@ packages_of() {
   esac
 }
 
-todo=() missing=()
+todo=() needed=()
 for d in "${domains[@]}"; do
   pkgs=$(packages_of "$d")
   dir="$out_root/$d"
   [ -s "$dir/train.txt" ] && [ -s "$dir/heldout.txt" ] && [ -e "$dir/.v2" ] && continue
   todo+=("$d")
-  for p in $pkgs python3; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
+  needed+=($pkgs)
 done
 [ ${#todo[@]} -eq 0 ] && exit 0
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "corpora.sh: missing packages: ${missing[*]} — run as root, or apt-get install them" >&2
-    exit 1
-  fi
-  echo "corpora.sh: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash "$root/scripts/setup.sh" "${needed[@]}"
 mkdir -p "$out_root"
 /usr/bin/python3 "$root/scripts/corpora.py" "$out_root" "${todo[@]}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, from Debian's archive, everything peerd needs to build, test and run its demo.
 # Idempotent and quiet: when every package is present it prints nothing and exits 0.
+#   usage: scripts/setup.sh [EXTRA_PACKAGE...]   (corpora.sh passes each domain's packages)
 set -euo pipefail
 
 packages=(
@@ -15,6 +16,7 @@ packages=(
   bible-kjv                           # the demo's and tests' first real text (scripts/corpora.sh)
 )
 
+packages+=("$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

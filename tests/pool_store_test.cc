@@ -69,7 +69,7 @@ void CopyTrainable(TransformerLM& to, const TransformerLM& from) {
 }
 
 // Restores a fresh model from the store in `residency`.
-TransformerLM Restored(const std::string& dir, ExpertStore* store, Residency residency, size_t cache_bytes,
+TransformerLM Restored(ExpertStore* store, Residency residency, size_t cache_bytes,
                        std::unique_ptr<ExpertPoolStore>* pool) {
   torch::manual_seed(7);  // different from BuildAndFreeze: nothing may come from the seed
   TransformerLM model(StoreModel().model());
@@ -78,7 +78,6 @@ TransformerLM Restored(const std::string& dir, ExpertStore* store, Residency res
   EXPECT_TRUE(st.ok()) << st.ToString();
   EXPECT_TRUE(model->PeerLayers()[0]->AddSegment(16).ok());  // segment 2, training
   return model;
-  (void)dir;
 }
 
 }  // namespace
@@ -93,7 +92,7 @@ int PoolStoreReader(const char* dir_c) {
     return 1;
   }
   std::unique_ptr<ExpertPoolStore> pool;
-  TransformerLM model = Restored(dir, store.get(), Residency::kResident, 0, &pool);
+  TransformerLM model = Restored(store.get(), Residency::kResident, 0, &pool);
   std::vector<torch::Tensor> trainable;
   torch::load(trainable, dir + "/trainable.pt");
   auto params = model->ClassifiedParameters();
@@ -175,11 +174,11 @@ TEST(PoolStore, CacheSmallerThanTheFrozenRowsGivesTheSameOutputsAndTrainingAsRes
   std::unique_ptr<ExpertStore> store;
   ASSERT_TRUE(ExpertStore::Open(dir + "/store", {}, &store).ok());
   std::unique_ptr<ExpertPoolStore> resident_pool, cached_pool;
-  TransformerLM resident = Restored(dir, store.get(), Residency::kResident, 0, &resident_pool);
+  TransformerLM resident = Restored(store.get(), Residency::kResident, 0, &resident_pool);
   const size_t frozen_bytes = 256 * 32 * 2 * 4 + 256 * 32 * 2 * 2;  // fp32 + bf16 segments
   const size_t cache_bytes = 4 << 10;
   ASSERT_LT(cache_bytes * 4, frozen_bytes);
-  TransformerLM cached = Restored(dir, store.get(), Residency::kCached, cache_bytes, &cached_pool);
+  TransformerLM cached = Restored(store.get(), Residency::kCached, cache_bytes, &cached_pool);
   CopyTrainable(resident, original);
   CopyTrainable(cached, original);
   EXPECT_FALSE(cached->PeerLayers()[0]->segments()[0]->resident());
