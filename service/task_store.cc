@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 
+#include "core/forgetting.h"
 #include "proto/frame.h"
 
 namespace peerd {
@@ -68,49 +68,26 @@ ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows) {
   ForgettingReport r;
   for (const auto& row : rows) *r.add_rows() = row;
   if (rows.empty()) return r;
+  // Columns are the tasks of the last row; "after X" marks where task X was (last) trained.
   const EvalRow& last = rows.back();
-  const size_t T = rows.size() - 1;
-  double acc = 0;
-  for (double b : last.bits_per_byte()) acc += b;
-  r.set_acc(last.bits_per_byte_size() ? acc / last.bits_per_byte_size() : 0);
-
-  // Where each task was last trained, and the row before any training.
-  std::map<std::string, size_t> trained_at;
-  std::ptrdiff_t init = -1;
+  ForgettingInput in;
+  in.trained_at.assign(last.tasks_size(), -1);
   for (size_t i = 0; i < rows.size(); ++i) {
-    if (rows[i].label() == "init") init = static_cast<std::ptrdiff_t>(i);
-    if (rows[i].label().rfind("after ", 0) == 0) trained_at[rows[i].label().substr(6)] = i;
+    if (rows[i].label() == "init") in.init = static_cast<int>(i);
+    std::vector<double> scores;
+    for (const std::string& task : last.tasks()) {
+      scores.push_back(Score(rows[i], task));
+      if (rows[i].label() == "after " + task) in.trained_at[scores.size() - 1] = static_cast<int>(i);
+    }
+    in.rows.push_back(std::move(scores));
   }
-  double f_sum = 0, bwt_sum = 0, fwt_sum = 0;
-  int f_n = 0, bwt_n = 0, fwt_n = 0;
-  for (const std::string& task : last.tasks()) {
-    const double now = Score(last, task);
-    double best = INFINITY;
-    for (size_t l = 0; l < T; ++l) {
-      double v = Score(rows[l], task);
-      if (!std::isnan(v)) best = std::min(best, v);
-    }
-    if (std::isfinite(best)) {
-      (*r.mutable_forgetting())[task] = now - best;
-      f_sum += now - best;
-      ++f_n;
-    }
-    auto at = trained_at.find(task);
-    if (at != trained_at.end() && at->second < T) {
-      bwt_sum += Score(rows[at->second], task) - now;
-      ++bwt_n;
-    }
-    if (at != trained_at.end() && init >= 0 && at->second > static_cast<size_t>(init) + 1) {
-      const double before = Score(rows[at->second - 1], task), untrained = Score(rows[init], task);
-      if (!std::isnan(before) && !std::isnan(untrained)) {
-        fwt_sum += untrained - before;
-        ++fwt_n;
-      }
-    }
-  }
-  r.set_mean_forgetting(f_n ? f_sum / f_n : 0);
-  r.set_bwt(bwt_n ? bwt_sum / bwt_n : 0);
-  r.set_fwt(fwt_n ? fwt_sum / fwt_n : 0);
+  const ForgettingMetrics m = ComputeForgettingMetrics(in);
+  for (int j = 0; j < last.tasks_size(); ++j)
+    if (!std::isnan(m.forgetting[j])) (*r.mutable_forgetting())[last.tasks(j)] = m.forgetting[j];
+  r.set_acc(m.acc);
+  r.set_mean_forgetting(m.mean_forgetting);
+  r.set_bwt(m.bwt);
+  r.set_fwt(m.fwt);
   return r;
 }
 
