@@ -34,9 +34,10 @@ void AdamW::Step(double lr) {
     s.v.mul_(options_.beta2).addcmul_(g, g, 1 - options_.beta2);
     const double bc1 = 1 - std::pow(options_.beta1, s.steps);
     const double bc2 = 1 - std::pow(options_.beta2, s.steps);
-    if (p.decay && options_.weight_decay > 0) p.tensor.mul_(1 - lr * options_.weight_decay);
+    const double plr = lr * p.lr_scale;
+    if (p.decay && options_.weight_decay > 0) p.tensor.mul_(1 - plr * options_.weight_decay);
     torch::Tensor denom = (s.v / bc2).sqrt_().add_(options_.eps);
-    p.tensor.addcdiv_(s.m, denom, -lr / bc1);
+    p.tensor.addcdiv_(s.m, denom, -plr / bc1);
   }
 }
 

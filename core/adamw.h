@@ -21,7 +21,8 @@ class AdamW {
   };
   struct Param {
     torch::Tensor tensor;
-    bool decay = false;  // decoupled weight decay applies
+    bool decay = false;     // decoupled weight decay applies
+    double lr_scale = 1.0;  // this parameter's learning rate is lr · lr_scale (policy groups)
   };
 
   struct State {

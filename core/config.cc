@@ -56,6 +56,9 @@ Config DefaultConfig() {
   t->set_eval_every(100);
   t->set_eval_bytes(65536);
   t->add_train_groups("all");
+  t->set_expert_lr_scale(1.0f);
+  t->set_backbone_lr_scale(1.0f);
+  t->set_distill_weight(0.0f);
   return c;
 }
 
@@ -114,6 +117,13 @@ Status ValidateConfig(const Config& c) {
   if (!std::isfinite(t.grad_clip()) || t.grad_clip() < 0)
     return Invalid("train.gradClip", "must be zero (off) or positive");
   if (t.log_every() == 0) return Invalid("train.logEvery", "must be at least 1");
+  if (!std::isfinite(t.expert_lr_scale()) || t.expert_lr_scale() < 0 || t.expert_lr_scale() > 1000)
+    return Invalid("train.expertLrScale", "must be in [0, 1000], got " + std::to_string(t.expert_lr_scale()));
+  if (!std::isfinite(t.backbone_lr_scale()) || t.backbone_lr_scale() < 0 || t.backbone_lr_scale() > 1000)
+    return Invalid("train.backboneLrScale", "must be in [0, 1000], got " + std::to_string(t.backbone_lr_scale()));
+  if (!std::isfinite(t.distill_weight()) || t.distill_weight() < 0 || t.distill_weight() > 1000)
+    return Invalid("train.distillWeight", "must be in [0, 1000] (0 = no distillation), got " +
+                                              std::to_string(t.distill_weight()));
   if (t.train_groups_size() == 0) return Invalid("train.trainGroups", "must name at least one group");
   for (const std::string& g : t.train_groups()) {
     if (std::find(std::begin(kTrainGroups), std::end(kTrainGroups), g) == std::end(kTrainGroups)) {

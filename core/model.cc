@@ -144,4 +144,28 @@ int64_t TransformerLMImpl::ActiveParameters() const {
   return n;
 }
 
+TransformerLM CopyForTeacher(const TransformerLM& model) {
+  ModelConfig config = model->config();
+  config.mutable_peer()->set_initial_segments(0);  // the segments follow the model's
+  TransformerLM copy(config);
+  auto from = model->PeerLayers(), to = copy->PeerLayers();
+  for (size_t l = 0; l < from.size(); ++l) {
+    for (const auto& s : from[l]->segments()) {
+      Status st = s->frozen() ? to[l]->InsertFrozenSegment(s) : to[l]->AddSegmentWithId(s->id(), s->n_keys());
+      TORCH_CHECK(st.ok(), st.ToString());
+    }
+  }
+  torch::NoGradGuard no_grad;
+  auto src = model->named_parameters(), src_buffers = model->named_buffers();
+  for (auto& p : copy->named_parameters()) {
+    const torch::Tensor& s = src[p.key()];
+    if (!p.value().is_same(s)) p.value().copy_(s);  // shared frozen segments are the same tensor
+    p.value().set_requires_grad(false);
+  }
+  for (auto& b : copy->named_buffers())
+    if (!b.value().is_same(src_buffers[b.key()])) b.value().copy_(src_buffers[b.key()]);
+  copy->eval();
+  return copy;
+}
+
 }  // namespace peerd

@@ -88,4 +88,8 @@ class TransformerLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(TransformerLM);
 
+// A copy of `model` to evaluate with (the distillation teacher): the same pool of segments, every
+// training part copied, frozen segments shared (they never change); nothing requires gradients.
+TransformerLM CopyForTeacher(const TransformerLM& model);
+
 }  // namespace peerd

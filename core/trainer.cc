@@ -51,7 +51,8 @@ void Trainer::RefreshParameters() {
   for (const ParamInfo& p : model_->ClassifiedParameters()) {
     const bool on = Selected(config_, p);
     p.tensor.set_requires_grad(on);  // parts that do not train need no gradient at all
-    if (on) params.push_back({p.tensor, p.decay});
+    const double scale = p.kind == ParamKind::kExpert ? config_.expert_lr_scale() : config_.backbone_lr_scale();
+    if (on) params.push_back({p.tensor, p.decay, scale});
   }
   optimizer_.SetParameters(std::move(params));
   const bool stats_move = Lists(config_, "all") || Lists(config_, "norm-stats");
@@ -96,15 +97,36 @@ double Trainer::LearningRate(int64_t step) const {
   return min_lr + 0.5 * (lr - min_lr) * (1 + std::cos(M_PI * progress));
 }
 
-StepStats Trainer::Step(const torch::Tensor& tokens) {
+StepStats Trainer::Step(const torch::Tensor& tokens, int64_t replayed) {
   model_->train();
   optimizer_.ZeroGrad();
-  torch::Tensor loss = model_->Loss(tokens);
+  StepStats stats;
+  torch::Tensor loss;
+  const bool distill = has_teacher() && replayed > 0 && config_.distill_weight() > 0;
+  if (!distill) {
+    loss = model_->Loss(tokens);
+    stats.loss = loss.item<double>();
+  } else {
+    const int64_t T = tokens.size(1) - 1;
+    const torch::Tensor inputs = tokens.slice(1, 0, T), targets = tokens.slice(1, 1, T + 1);
+    torch::Tensor logits = model_->forward(inputs);  // [B, T, V]
+    torch::Tensor ce = torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1));
+    torch::Tensor teacher_logp;
+    {
+      torch::NoGradGuard no_grad;
+      teacher_->eval();
+      teacher_logp = torch::log_softmax(teacher_->forward(inputs.slice(0, 0, replayed)), -1);  // [r, T, V]
+    }
+    torch::Tensor student_logp = torch::log_softmax(logits.slice(0, 0, replayed), -1);
+    // KL(p_t ‖ p_s) = Σ_v p_t (log p_t − log p_s), averaged over the replayed tokens.
+    torch::Tensor kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean();
+    loss = ce + config_.distill_weight() * kl;
+    stats.loss = ce.item<double>();
+    stats.distill = kl.item<double>();
+  }
   loss.backward();
   std::vector<torch::Tensor> params;
   for (const auto& p : optimizer_.parameters()) params.push_back(p.tensor);
-  StepStats stats;
-  stats.loss = loss.item<double>();
   stats.grad_norm = config_.grad_clip() > 0
                         ? torch::nn::utils::clip_grad_norm_(params, config_.grad_clip())
                         : torch::nn::utils::clip_grad_norm_(params, INFINITY);

@@ -29,6 +29,7 @@ struct FreezeOptions {
 
 struct StepStats {
   double loss = 0;       // mean cross-entropy, nats per token
+  double distill = 0;    // mean KL(teacher ‖ model) over the replayed tokens, nats (0 without)
   double lr = 0;
   double grad_norm = 0;  // global norm before clipping
 };
@@ -37,8 +38,14 @@ class Trainer {
  public:
   Trainer(TransformerLM model, const TrainConfig& config);
 
-  // One step on tokens [B, T+1].
-  StepStats Step(const torch::Tensor& tokens);
+  // One step on tokens [B, T+1]. The first `replayed` rows were replayed from earlier domains:
+  // with a teacher and train.distill_weight > 0, their loss adds distill_weight · KL(teacher ‖
+  // model) of the next-byte distributions (the continual-learning recipe: replay + distillation).
+  StepStats Step(const torch::Tensor& tokens, int64_t replayed = 0);
+
+  // The model as it was before the current domain (CopyForTeacher), or nullptr for none.
+  void SetTeacher(TransformerLM teacher) { teacher_ = std::move(teacher); }
+  bool has_teacher() const { return !teacher_.is_empty(); }
 
   // Adds a training segment to PEER layer `layer` (position among the model's PEER layers).
   Status AddSegment(size_t layer, int64_t n_keys, int64_t* id = nullptr);
@@ -61,6 +68,7 @@ class Trainer {
 
  private:
   TransformerLM model_;
+  TransformerLM teacher_{nullptr};
   TrainConfig config_;
   AdamW optimizer_;
   int64_t step_ = 0;
