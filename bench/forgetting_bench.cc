@@ -1,0 +1,393 @@
+#include "bench/forgetting_bench.h"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "core/config.h"
+#include "core/evaluator.h"
+#include "core/forgetting.h"
+#include "core/model.h"
+#include "core/runtime.h"
+#include "core/text_batcher.h"
+#include "core/text_file.h"
+#include "core/trainer.h"
+
+namespace peerd::bench {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+struct Domain {
+  std::string name, train, heldout;
+};
+
+struct Policy {
+  std::string name;
+  bool peer = false;    // PEER model (else the dense-FFN baseline)
+  bool grow = false;    // a new segment per domain, the previous one frozen
+  bool recipe = false;  // replay of earlier domains + distillation towards the previous model
+};
+
+const Policy kPolicies[] = {{"dense", false, false, false},
+                            {"dense+recipe", false, false, true},
+                            {"peer-all", true, false, false},
+                            {"freeze-grow", true, true, false},
+                            {"freeze-grow+recipe", true, true, true}};
+
+struct Knobs {
+  Config base;                 // the PEER model and training (per domain: train.steps steps)
+  uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
+  double replay = 0.25;        // share of each batch replayed from earlier domains (recipe)
+  TrainConfig later;           // freeze-grow's training policy from the second domain on
+  int64_t eval_bytes = 0;
+  bool verbose = true;
+};
+
+// "name" (a folder of `corpus_dir`), "path/to/folder" (with train.txt and heldout.txt), or
+// "name=TRAIN_FILE:HELDOUT_FILE".
+Status LoadDomain(const std::string& spec, const std::string& corpus_dir, size_t train_bytes, Domain* d) {
+  std::string train_path, heldout_path;
+  if (auto eq = spec.find('='); eq != std::string::npos) {
+    d->name = spec.substr(0, eq);
+    const std::string files = spec.substr(eq + 1);
+    const auto colon = files.find(':');
+    if (colon == std::string::npos)
+      return Status::InvalidArgument("domain '" + spec + "': write NAME=TRAIN_FILE:HELDOUT_FILE");
+    train_path = files.substr(0, colon);
+    heldout_path = files.substr(colon + 1);
+  } else {
+    const std::string dir = spec.find('/') != std::string::npos ? spec : corpus_dir + "/" + spec;
+    d->name = std::filesystem::path(dir).filename().string();
+    train_path = dir + "/train.txt";
+    heldout_path = dir + "/heldout.txt";
+  }
+  if (Status st = ReadTextFile(train_path, &d->train); !st.ok())
+    return Status::IOError(st.message() + " (the six domains: scripts/corpora.sh all)");
+  if (Status st = ReadTextFile(heldout_path, &d->heldout); !st.ok()) return st;
+  if (train_bytes > 0 && d->train.size() > train_bytes) d->train.resize(train_bytes);
+  return Status::OK();
+}
+
+// The dense FFN width that gives the dense model the PEER model's active parameters per token.
+uint32_t MatchingDenseHidden(const ModelConfig& peer_model) {
+  const int64_t target = TransformerLM(peer_model)->ActiveParameters();
+  ModelConfig m = peer_model;
+  m.set_ffn(FFN_KIND_DENSE);
+  auto active = [&](uint32_t h) {
+    m.set_dense_hidden(h);
+    return TransformerLM(m)->ActiveParameters();
+  };
+  const int64_t a1 = active(1), slope = active(2) - a1;  // every block's FFN grows with the width
+  return static_cast<uint32_t>(std::max<int64_t>(1, std::llround(static_cast<double>(target - a1) / slope) + 1));
+}
+
+std::vector<double> EvaluateAll(TransformerLM& model, const std::vector<Domain>& domains, int64_t eval_bytes) {
+  EvalOptions o;
+  o.max_bytes = eval_bytes;
+  std::vector<double> row;
+  for (const Domain& d : domains) row.push_back(BitsPerByte(model, d.heldout, o));
+  return row;
+}
+
+Status GrowAll(Trainer& trainer, uint32_t n_keys) {
+  auto layers = trainer.model()->PeerLayers();
+  for (size_t l = 0; l < layers.size(); ++l) {
+    std::vector<int64_t> training;
+    for (const auto& s : layers[l]->segments())
+      if (!s->frozen()) training.push_back(s->id());
+    for (int64_t id : training)
+      if (Status st = trainer.FreezeSegment(l, id); !st.ok()) return st;
+    if (Status st = trainer.AddSegment(l, n_keys); !st.ok()) return st;
+  }
+  return Status::OK();
+}
+
+json RunPolicy(const Policy& p, const std::vector<Domain>& domains, const std::vector<int>& sequence, const Knobs& k) {
+  const auto start = Clock::now();
+  Config c = k.base;
+  if (!p.peer) {
+    c.mutable_model()->set_ffn(FFN_KIND_DENSE);
+    c.mutable_model()->set_dense_hidden(k.dense_hidden);
+  }
+  if (!p.recipe) c.mutable_train()->set_distill_weight(0);
+  const TrainConfig& tc = c.train();
+  SeedCompute(tc.seed());
+  TransformerLM model(c.model());
+  Trainer trainer(model, tc);
+  const int64_t batch = tc.batch_size(), context = c.model().context();
+  std::vector<TextBatcher> fresh, replay;
+  for (size_t i = 0; i < domains.size(); ++i) {
+    fresh.emplace_back(domains[i].train, context, tc.seed() + i);
+    replay.emplace_back(domains[i].train, context, tc.seed() + 1000 + i);
+  }
+  std::mt19937_64 rng(tc.seed());
+
+  ForgettingInput in;
+  in.trained_at.assign(domains.size(), -1);
+  in.init = 0;
+  in.rows.push_back(EvaluateAll(model, domains, k.eval_bytes));
+  std::vector<std::string> labels = {"init"};
+  double train_seconds = 0, plasticity = 0, distill_sum = 0;
+  int64_t distill_n = 0;
+  for (size_t phase = 0; phase < sequence.size(); ++phase) {
+    const int d = sequence[phase];
+    std::vector<int> earlier;  // domains trained before this phase, other than this one
+    for (size_t q = 0; q < phase; ++q)
+      if (sequence[q] != d && std::find(earlier.begin(), earlier.end(), sequence[q]) == earlier.end())
+        earlier.push_back(sequence[q]);
+    if (phase > 0) {
+      if (p.recipe) trainer.SetTeacher(CopyForTeacher(model));  // before the pool grows
+      if (p.grow) {
+        if (Status st = GrowAll(trainer, c.model().peer().n_keys()); !st.ok())
+          return {{"policy", p.name}, {"error", st.ToString()}};
+        if (phase == 1) trainer.SetConfig(k.later);
+      }
+    }
+    trainer.set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
+    const int64_t replayed =
+        p.recipe && !earlier.empty() ? std::llround(static_cast<double>(batch) * k.replay) : 0;
+    const auto t0 = Clock::now();
+    double loss = 0;
+    for (uint32_t s = 0; s < tc.steps(); ++s) {
+      std::vector<torch::Tensor> rows;
+      for (int64_t r = 0; r < replayed; ++r) rows.push_back(replay[earlier[rng() % earlier.size()]].Next(1));
+      rows.push_back(fresh[d].Next(batch - replayed));
+      StepStats st = trainer.Step(torch::cat(rows, 0), replayed);
+      loss += st.loss;
+      distill_sum += st.distill;
+      distill_n += replayed > 0;
+    }
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    train_seconds += secs;
+    in.rows.push_back(EvaluateAll(model, domains, k.eval_bytes));
+    in.trained_at[d] = static_cast<int>(in.rows.size() - 1);
+    labels.push_back("after " + domains[d].name);
+    plasticity += in.rows.back()[d];
+    if (k.verbose) {
+      std::fprintf(stderr, "  %-19s %2zu/%zu %-12s train loss %.3f bits/byte, held-out %.3f, %.0f tokens/s\n",
+                   p.name.c_str(), phase + 1, sequence.size(), domains[d].name.c_str(),
+                   loss / tc.steps() / std::log(2.0), in.rows.back()[d], tc.steps() * batch * context / secs);
+    }
+  }
+  const ForgettingMetrics m = ComputeForgettingMetrics(in);
+  json forgetting = json::object();
+  for (size_t j = 0; j < domains.size(); ++j)
+    if (!std::isnan(m.forgetting[j])) forgetting[domains[j].name] = m.forgetting[j];
+  json tasks = json::array();
+  for (const Domain& d : domains) tasks.push_back(d.name);
+  return {{"policy", p.name},
+          {"tasks", tasks},
+          {"labels", labels},
+          {"matrix", in.rows},
+          {"mean_forgetting", m.mean_forgetting},
+          {"forgetting", forgetting},
+          {"bwt", m.bwt},
+          {"fwt", m.fwt},
+          {"acc", m.acc},
+          {"plasticity_bpb", plasticity / sequence.size()},  // mean of R[phase][domain just trained]
+          {"last_domain_bpb", in.rows.back()[sequence.back()]},
+          {"mean_distill_kl", distill_n ? distill_sum / distill_n : 0.0},
+          {"total_params", model->TotalParameters()},
+          {"active_params", model->ActiveParameters()},
+          {"train_tokens", static_cast<int64_t>(sequence.size()) * tc.steps() * batch * context},
+          {"train_seconds", train_seconds},
+          {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()}};
+}
+
+void PrintPolicy(const json& r) {
+  std::printf("\n%s — held-out bits/byte (rows: after each phase; columns: tasks)\n", r["policy"].get<std::string>().c_str());
+  std::printf("%-22s", "");
+  for (const auto& t : r["tasks"]) std::printf(" %11.11s", t.get<std::string>().c_str());
+  std::printf("\n");
+  for (size_t i = 0; i < r["matrix"].size(); ++i) {
+    std::printf("%-22.22s", r["labels"][i].get<std::string>().c_str());
+    for (const auto& v : r["matrix"][i]) std::printf(" %11.3f", v.get<double>());
+    std::printf("\n");
+  }
+}
+
+void PrintSummary(const std::vector<json>& rows) {
+  std::printf("\n%-19s %9s %8s %9s %7s %7s %7s %7s %8s %8s %8s %7s\n", "policy", "params", "active", "forgetting",
+              "BWT", "FWT", "ACC", "plast.", "F/dense", "ACC/d+r", "P/dense", "wall s");
+  for (const json& r : rows) {
+    if (r.contains("error")) {
+      std::printf("%-19s error: %s\n", r["policy"].get<std::string>().c_str(), r["error"].get<std::string>().c_str());
+      continue;
+    }
+    auto ratio = [&](const char* key) {
+      char buf[32];
+      if (!r.contains(key)) return std::string("–");
+      std::snprintf(buf, sizeof buf, "%.3f", r[key].get<double>());
+      return std::string(buf);
+    };
+    std::printf("%-19s %9lld %8lld %10.3f %+7.3f %+7.3f %7.3f %7.3f %8s %8s %8s %7.0f\n",
+                r["policy"].get<std::string>().c_str(), static_cast<long long>(r["total_params"].get<int64_t>()),
+                static_cast<long long>(r["active_params"].get<int64_t>()), r["mean_forgetting"].get<double>(),
+                r["bwt"].get<double>(), r["fwt"].get<double>(), r["acc"].get<double>(),
+                r["plasticity_bpb"].get<double>(), ratio("forgetting_ratio_vs_dense").c_str(),
+                ratio("acc_ratio_vs_dense_recipe").c_str(), ratio("plasticity_ratio_vs_dense").c_str(),
+                r["wall_seconds"].get<double>());
+  }
+  std::printf("\nforgetting: mean over tasks of final − best earlier bits/byte (Chaudhry); BWT < 0 is forgetting;\n"
+              "ACC: mean final held-out bits/byte (lower is better); plast.: mean bits/byte on the domain just\n"
+              "trained; ratios: F/dense = forgetting ÷ dense's, ACC/d+r = ACC ÷ dense+recipe's, P/dense =\n"
+              "plasticity ÷ dense's.\n");
+}
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+}  // namespace
+
+int ForgettingBench(int argc, char** argv) {
+  CLI::App app{"peer-bench forgetting: five continual-learning policies on one sequence of text domains"};
+  std::string domains_arg = "kjv,c-code,fortunes-de,man-pages,sparv,python", corpus_dir = "data/corpora";
+  std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all", json_out = "bench-out/forgetting.json";
+  uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 0, batch = 0;
+  size_t train_kb = 2048, heldout_kb = 24;
+  double replay = 0.25, distill = 1.0, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
+  bool as_json = false, quiet = false;
+  app.add_option("--domains", domains_arg,
+                 "comma-separated domains in training order: NAME (a folder of --corpus-dir), a folder path "
+                 "with train.txt and heldout.txt, or NAME=TRAIN_FILE:HELDOUT_FILE")->capture_default_str();
+  app.add_option("--corpus-dir", corpus_dir, "where NAME domains live (scripts/corpora.sh writes them)")->capture_default_str();
+  app.add_option("--repeat", repeat, "train the sequence this many times (a longer stream)")->capture_default_str();
+  app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe (default all)");
+  app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
+  app.add_option("--steps", steps, "training steps per domain")->capture_default_str();
+  app.add_option("--batch", batch, "sequences per step (default: the config's)");
+  app.add_option("--context", context, "bytes per sequence (default: the config's)");
+  app.add_option("--d-model", d_model, "model width (default: the config's)");
+  app.add_option("--layers", layers, "transformer blocks (default: the config's)");
+  app.add_option("--peer-blocks", peer_blocks_arg, "comma-separated blocks that carry PEER (default: the config's)");
+  app.add_option("--n-keys", n_keys, "sub-keys per half of a segment: n_keys² experts per segment (default: the config's)");
+  app.add_option("--lr", lr, "peak learning rate (default: the config's)");
+  app.add_option("--train-kb", train_kb, "training text per domain, KB (its first bytes)")->capture_default_str();
+  app.add_option("--heldout-kb", heldout_kb, "held-out text scored per task and evaluation, KB")->capture_default_str();
+  app.add_option("--replay", replay, "recipe: share of each batch replayed from earlier domains")->capture_default_str();
+  app.add_option("--distill", distill, "recipe: weight of KL(previous model ‖ model) on replayed rows")->capture_default_str();
+  app.add_option("--expert-lr-scale", expert_lr_scale, "PEER policies: learning-rate multiplier of expert tables");
+  app.add_option("--later-groups", later_groups_arg, "freeze-grow: policy groups that train from the second domain on")->capture_default_str();
+  app.add_option("--later-backbone-lr-scale", later_backbone_lr_scale, "freeze-grow: backbone learning-rate multiplier from the second domain on");
+  app.add_option("--threads", threads, "LibTorch threads (0 = all cores)")->capture_default_str();
+  app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
+  app.add_flag("--quiet", quiet, "no per-domain progress on stderr");
+  app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  auto fail = [](const Status& st) {
+    std::fprintf(stderr, "peer-bench forgetting: %s\n", st.ToString().c_str());
+    return 1;
+  };
+  Knobs k;
+  k.base = DefaultConfig();
+  if (!config_path.empty())
+    if (Status st = LoadConfigFile(config_path, &k.base); !st.ok()) return fail(st);
+  ModelConfig* m = k.base.mutable_model();
+  TrainConfig* t = k.base.mutable_train();
+  m->set_ffn(FFN_KIND_PEER);
+  if (d_model) m->set_d_model(d_model);
+  if (layers) m->set_n_layers(layers);
+  if (context) m->set_context(context);
+  if (n_keys) m->mutable_peer()->set_n_keys(n_keys);
+  if (!peer_blocks_arg.empty()) {
+    m->clear_peer_blocks();
+    for (const std::string& b : Split(peer_blocks_arg)) m->add_peer_blocks(static_cast<uint32_t>(std::stoul(b)));
+  }
+  if (batch) t->set_batch_size(batch);
+  if (lr > 0) t->set_lr(static_cast<float>(lr));
+  if (lr > 0 && t->min_lr() > t->lr()) t->set_min_lr(t->lr() / 10);
+  t->set_steps(steps);
+  t->set_warmup_steps(std::min<uint32_t>(t->warmup_steps(), steps / 10));
+  if (threads) t->set_threads(threads);
+  t->set_distill_weight(static_cast<float>(distill));
+  if (expert_lr_scale >= 0) t->set_expert_lr_scale(static_cast<float>(expert_lr_scale));
+  k.later = *t;
+  k.later.clear_train_groups();
+  for (const std::string& g : Split(later_groups_arg)) k.later.add_train_groups(g);
+  if (later_backbone_lr_scale >= 0) k.later.set_backbone_lr_scale(static_cast<float>(later_backbone_lr_scale));
+  for (const Config& check : {k.base, [&] { Config c = k.base; *c.mutable_train() = k.later; return c; }()})
+    if (Status st = ValidateConfig(check); !st.ok()) return fail(st);
+  if (!(replay >= 0 && replay < 1)) return fail(Status::InvalidArgument("--replay must be in [0, 1)"));
+  if (steps == 0 || repeat == 0) return fail(Status::InvalidArgument("--steps and --repeat must be at least 1"));
+  k.replay = replay;
+  k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
+  k.verbose = !quiet;
+
+  std::vector<Policy> policies;
+  if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
+  for (const std::string& name : Split(policies_arg)) {
+    auto it = std::find_if(std::begin(kPolicies), std::end(kPolicies), [&](const Policy& p) { return p.name == name; });
+    if (it == std::end(kPolicies))
+      return fail(Status::InvalidArgument("unknown policy '" + name + "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe)"));
+    policies.push_back(*it);
+  }
+  std::vector<Domain> domains;
+  for (const std::string& spec : Split(domains_arg)) {
+    Domain d;
+    if (Status st = LoadDomain(spec, corpus_dir, train_kb * 1000, &d); !st.ok()) return fail(st);
+    if (d.train.size() <= static_cast<size_t>(m->context()) + 1 || d.heldout.size() < 2)
+      return fail(Status::InvalidArgument("domain '" + d.name + "' has too little text for context " +
+                                          std::to_string(m->context())));
+    domains.push_back(std::move(d));
+  }
+  std::vector<int> sequence;
+  for (uint32_t r = 0; r < repeat; ++r)
+    for (size_t i = 0; i < domains.size(); ++i) sequence.push_back(static_cast<int>(i));
+
+  const int used_threads = SetComputeThreads(t->threads());
+  k.dense_hidden = MatchingDenseHidden(*m);
+  std::fprintf(stderr, "peer-bench forgetting: %zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
+               domains.size(), repeat, steps, t->batch_size(), m->context(), used_threads, BlasInfo().c_str());
+  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (equal active parameters)\n", k.dense_hidden);
+
+  std::vector<json> rows;
+  for (const Policy& p : policies) rows.push_back(RunPolicy(p, domains, sequence, k));
+  auto find = [&](const char* name) -> const json* {
+    for (const json& r : rows)
+      if (r["policy"] == name && !r.contains("error")) return &r;
+    return nullptr;
+  };
+  const json *dense = find("dense"), *dense_recipe = find("dense+recipe");
+  for (json& r : rows) {
+    if (r.contains("error")) continue;
+    if (dense && (*dense)["mean_forgetting"].get<double>() != 0)
+      r["forgetting_ratio_vs_dense"] = r["mean_forgetting"].get<double>() / (*dense)["mean_forgetting"].get<double>();
+    if (dense) r["plasticity_ratio_vs_dense"] = r["plasticity_bpb"].get<double>() / (*dense)["plasticity_bpb"].get<double>();
+    if (dense_recipe) r["acc_ratio_vs_dense_recipe"] = r["acc"].get<double>() / (*dense_recipe)["acc"].get<double>();
+    r["config"] = json::parse(ConfigToJson(k.base));
+    r["replay"] = replay;
+    r["later_groups"] = later_groups_arg;
+  }
+  if (!json_out.empty()) {
+    std::filesystem::path path(json_out);
+    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
+    std::ofstream out(json_out);
+    for (const json& r : rows) out << r.dump() << "\n";
+    if (!out) std::fprintf(stderr, "peer-bench: cannot write %s\n", json_out.c_str());
+  }
+  if (as_json) {
+    for (const json& r : rows) std::printf("%s\n", r.dump().c_str());
+    return 0;
+  }
+  for (const json& r : rows)
+    if (!r.contains("error")) PrintPolicy(r);
+  PrintSummary(rows);
+  return 0;
+}
+
+}  // namespace peerd::bench
