@@ -4,37 +4,46 @@
 # add a fresh expert segment, stream the domain in, wait until it is trained, freeze the segment
 # and evaluate every task. Prints the bits-per-byte matrix and the forgetting metrics, and writes
 # demo-out/report.md, report.json and forgetting.svg.
-#   usage: scripts/demo.sh [--quick]      (env: BUILD=build, DEMO_OUT=demo-out)
+#   usage: scripts/demo.sh [--quick]
+# env: BUILD=build, DEMO_OUT=demo-out; for other corpora and models (the end-to-end test uses
+# these): DEMO_DOMAINS="a b" (folders of DEMO_CORPUS with train.txt and heldout.txt; setting
+# DEMO_CORPUS skips scripts/corpora.sh), DEMO_CONFIG=peerd's --config file, DEMO_PORT=7170 (data;
+# admin is the next port), DEMO_SLICE_KB, DEMO_HELDOUT_KB, DEMO_EVAL_EVERY (seconds).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 build="${BUILD:-build}"
 out="${DEMO_OUT:-demo-out}"
-domains=(kjv c-code fortunes-de man-pages sparv python)
+read -r -a domains <<< "${DEMO_DOMAINS:-kjv c-code fortunes-de man-pages sparv python}"
 slice_kb=600       # training text per domain (1 MB per domain took 17 minutes in all on 2 cores)
 heldout_kb=40      # held-out text per task (every evaluation scores all six)
 eval_every=60      # seconds between evaluations while a domain trains (the plot's points)
 if [ "${1:-}" = "--quick" ]; then slice_kb=100; heldout_kb=16; eval_every=15; fi
+slice_kb=${DEMO_SLICE_KB:-$slice_kb}; heldout_kb=${DEMO_HELDOUT_KB:-$heldout_kb}; eval_every=${DEMO_EVAL_EVERY:-$eval_every}
+port=${DEMO_PORT:-7170}
+corpus=${DEMO_CORPUS:-data/corpora}
+config_args=()
+[ -n "${DEMO_CONFIG:-}" ] && config_args=(--config "$DEMO_CONFIG")
 
-bash scripts/corpora.sh "${domains[@]}"
+[ -n "${DEMO_CORPUS:-}" ] || bash scripts/corpora.sh "${domains[@]}"
 rm -rf "$out"
 mkdir -p "$out"
 data="$out/peerd-data"
-admin=127.0.0.1:7171
+admin=127.0.0.1:$((port + 1))
 ctl() { "$build/peerctl" --admin "$admin" --token-file "$data/admin.token" "$@"; }
 
-"$build/peerd" --data-dir "$data" --data-listen 127.0.0.1:7170 --admin-listen "$admin" \
-  --task-root "$root" > "$out/peerd.log" 2>&1 &
+"$build/peerd" --data-dir "$data" --data-listen "127.0.0.1:$port" --admin-listen "$admin" \
+  --task-root "$root" --task-root "$(cd "$out" && pwd)" "${config_args[@]}" > "$out/peerd.log" 2>&1 &
 peerd_pid=$!
 trap 'kill $peerd_pid 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s "$data/admin.token" ] && ctl status >/dev/null 2>&1 && break; sleep 0.2; done
 ctl status >/dev/null || { echo "demo: peerd did not start:"; cat "$out/peerd.log"; exit 1; }
 
 for d in "${domains[@]}"; do
-  head -c $((heldout_kb * 1000)) "data/corpora/$d/heldout.txt" > "$out/heldout-$d.txt"
+  head -c $((heldout_kb * 1000)) "$corpus/$d/heldout.txt" > "$out/heldout-$d.txt"
   ctl tasks add "$d" "$out/heldout-$d.txt" >/dev/null
 done
-echo "demo: peerd up ($(ctl --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["totalParameters"], "parameters,", s["activeParameters"], "active per token")')); 6 held-out tasks registered"
+echo "demo: peerd up ($(ctl --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["totalParameters"], "parameters,", s["activeParameters"], "active per token")')); ${#domains[@]} held-out tasks registered"
 ctl eval run --label init >/dev/null
 
 # wait_trained: until the spool's untrained backlog is less than one training window.
@@ -48,8 +57,8 @@ for i in "${!domains[@]}"; do
     id=0  # the segment peerd starts with
   fi
   # A slice of whole documents.
-  head -c $((slice_kb * 1000)) "data/corpora/$d/train.txt" | python3 -c 'import sys; t=sys.stdin.read(); sys.stdout.write(t[:t.rfind("\n\n")+2])' > "$out/train-$d.txt"
-  "$build/peer-ingest" --server 127.0.0.1:7170 --task "$d" --token-file "$data/data.token" --no-resume "$out/train-$d.txt" 2>&1 | sed 's/^/  /'
+  head -c $((slice_kb * 1000)) "$corpus/$d/train.txt" | python3 -c 'import sys; t=sys.stdin.read(); sys.stdout.write(t[:t.rfind("\n\n")+2])' > "$out/train-$d.txt"
+  "$build/peer-ingest" --server "127.0.0.1:$port" --task "$d" --token-file "$data/data.token" --no-resume "$out/train-$d.txt" 2>&1 | sed 's/^/  /'
   t0=$(date +%s); next_eval=$((t0 + eval_every))
   while [ "$(backlog)" -gt 129 ]; do
     sleep 1

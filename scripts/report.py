@@ -32,7 +32,7 @@ def main():
               f"- forward transfer FWT: {num(r.get('fwt')):+.3f} (positive = earlier domains helped later ones)",
               f"- mean forgetting: {num(r.get('meanForgetting')):.3f} bits/byte",
               "- forgetting per task (final − best earlier): " +
-              ", ".join(f"{t} {num(forgetting.get(t)):+.3f}" for t in tasks), ""]
+              ", ".join(f"{t} {num(forgetting.get(t)):+.3f}" for t in tasks if t in forgetting), ""]
     md = "\n".join(lines)
     open(out + "/report.md", "w").write(md + "\n")
     print(md)

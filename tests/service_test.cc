@@ -215,4 +215,65 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   EXPECT_NE(Slurp(dir + "/peerd.log").find("checkpoint written at step"), std::string::npos);
 }
 
+// The main job (scripts/demo.sh, what `make demo` runs) on two tiny domains and a tiny model:
+// real peerd, peer-ingest and peerctl; the report files must be complete and parse.
+TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatParse) {
+  const std::string dir = ::testing::TempDir() + "/peerd_demo_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  // Domain "verse": KJV chapters; domain "code": this repository's own C++ sources.
+  for (const char* d : {"verse", "code"}) fs::create_directories(dir + "/corpus/" + d);
+  {
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(40'000, '\0');
+    kjv.read(text.data(), text.size());
+    std::ofstream(dir + "/corpus/verse/train.txt") << text.substr(0, 36'000);
+    std::ofstream(dir + "/corpus/verse/heldout.txt") << text.substr(36'000);
+    std::string code;
+    for (const char* f : {"core/model.cc", "core/peer_layer.cc", "core/trainer.cc", "service/spool.cc",
+                          "service/training_loop.cc", "service/admin_server.cc"})
+      code += Slurp(std::string(PEERD_SOURCE_DIR) + "/" + f) + "\n\n";
+    ASSERT_GT(code.size(), 30'000u);
+    std::ofstream(dir + "/corpus/code/train.txt") << code.substr(0, code.size() - 4'000);
+    std::ofstream(dir + "/corpus/code/heldout.txt") << code.substr(code.size() - 4'000);
+  }
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
+                                            "train": {"batchSize": 8}})";
+  const int port = 20000 + 2 * (getpid() % 10000);
+  const std::string env = "BUILD=" + std::string(PEERD_BUILD_DIR) + " DEMO_OUT=" + dir + "/out DEMO_CORPUS=" + dir +
+                          "/corpus DEMO_DOMAINS='verse code' DEMO_CONFIG=" + dir + "/config.json DEMO_PORT=" +
+                          std::to_string(port) + " DEMO_SLICE_KB=30 DEMO_HELDOUT_KB=4 DEMO_EVAL_EVERY=2";
+  Result demo = Sh(env + " bash " + std::string(PEERD_SOURCE_DIR) + "/scripts/demo.sh");
+  ASSERT_EQ(demo.code, 0) << demo.out;
+  EXPECT_NE(demo.out.find("ACC"), std::string::npos) << demo.out;
+
+  json report = json::parse(Slurp(dir + "/out/report.json"));
+  std::vector<std::string> phases;
+  for (const auto& row : report["rows"]) {
+    ASSERT_EQ(row["tasks"].size(), 2u) << row.dump();
+    ASSERT_EQ(row["bitsPerByte"].size(), 2u) << row.dump();
+    for (const auto& b : row["bitsPerByte"]) EXPECT_TRUE(b.get<double>() > 0 && b.get<double>() < 9) << row.dump();
+    const std::string label = row["label"];
+    if (label == "init" || label.rfind("after ", 0) == 0) phases.push_back(label);
+  }
+  EXPECT_EQ(phases, (std::vector<std::string>{"init", "after verse", "after code"}));
+  EXPECT_TRUE(report.contains("acc")) << report.dump();
+  ASSERT_TRUE(report.contains("forgetting")) << report.dump();
+  EXPECT_TRUE(report["forgetting"].contains("verse"));
+  EXPECT_FALSE(report["forgetting"].contains("code")) << "the last domain has nothing to forget yet";
+  // Both held-out tasks were learnt from the untrained model's ~8 bits per byte.
+  const auto& first = report["rows"][0]["bitsPerByte"];
+  const auto& last = report["rows"][report["rows"].size() - 1]["bitsPerByte"];
+  for (int j = 0; j < 2; ++j) EXPECT_LT(last[j].get<double>(), first[j].get<double>() - 0.5);
+
+  const std::string md = Slurp(dir + "/out/report.md");
+  EXPECT_NE(md.find("| after verse"), std::string::npos) << md;
+  EXPECT_NE(md.find("| after code"), std::string::npos) << md;
+  Result svg = Sh("python3 -c 'import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); "
+                  "assert r.tag.endswith(\"svg\"), r.tag; print(len(list(r.iter())))' " + dir + "/out/forgetting.svg");
+  EXPECT_EQ(svg.code, 0) << svg.out;
+  EXPECT_GT(std::stoi(svg.out), 10) << "a plot with lines, axes and labels";
+  fs::remove_all(dir);
+}
+
 }  // namespace
