@@ -81,7 +81,9 @@ Status BatchSource::Replay(int64_t count, int64_t n, std::vector<torch::Tensor>*
   return Status::OK();
 }
 
-torch::Tensor BatchSource::Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status) {
+torch::Tensor BatchSource::Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status,
+                                int64_t* replayed_rows) {
+  if (replayed_rows) *replayed_rows = 0;
   *status = Status::OK();
   const int64_t window = seq_len + 1;
   const int64_t replayed = std::min<int64_t>(batch - 1, std::llround(batch * replay_ratio));
@@ -93,11 +95,12 @@ torch::Tensor BatchSource::Next(int64_t batch, int64_t seq_len, double replay_ra
   const int64_t available = buffered_tokens() / window;
   if (available == 0 || (available < fresh && !allow_partial)) return {};
   std::vector<torch::Tensor> rows;
-  for (int64_t i = 0; i < std::min(available, fresh); ++i) rows.push_back(Take(window));
   if (Status st = Replay(replayed, window, &rows); !st.ok()) {
     *status = st;
     return {};
   }
+  if (replayed_rows) *replayed_rows = static_cast<int64_t>(rows.size());
+  for (int64_t i = 0; i < std::min(available, fresh); ++i) rows.push_back(Take(window));
   return torch::stack(rows);
 }
 

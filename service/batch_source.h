@@ -22,10 +22,12 @@ class BatchSource {
  public:
   BatchSource(Spool* spool, SpoolCursor cursor, uint64_t seed) : spool_(spool), cursor_(cursor), rng_(seed) {}
 
-  // Up to `batch` sequences of seq_len + 1 fresh tokens ([b, seq_len + 1] int64), of which a share
-  // `replay_ratio` is drawn from documents before the cursor. Fewer than `batch` only when
-  // `allow_partial`; an undefined tensor when there is not enough new data.
-  torch::Tensor Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status);
+  // Up to `batch` sequences of seq_len + 1 tokens ([b, seq_len + 1] int64), of which a share
+  // `replay_ratio` is drawn from documents before the cursor: those come first, and *replayed
+  // says how many there are. Fewer than `batch` only when `allow_partial`; an undefined tensor
+  // when there is not enough new data.
+  torch::Tensor Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status,
+                     int64_t* replayed = nullptr);
   const SpoolCursor& cursor() const { return cursor_; }
   // Fresh tokens read from the spool and not yet trained.
   int64_t buffered_tokens() const;

@@ -3,7 +3,8 @@
 //   peerctl [--admin 127.0.0.1:7071] [--token-file peerd-data/admin.token] [--json] COMMAND
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
 //     tasks [list | add NAME FILE] | eval [run [--label L] | report] | checkpoint | pause | resume
-//     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  lr=0.001  freezeDtype=bf16)
+//     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
+//                                          freezeDtype=bf16)
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 

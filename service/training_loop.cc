@@ -56,9 +56,16 @@ Status TrainingLoop::Restore() {
         for (const auto& g : meta.policy().train_groups()) tc.add_train_groups(g);
       }
       if (meta.policy().has_lr()) tc.set_lr(static_cast<float>(meta.policy().lr()));
+      if (meta.policy().has_distill_weight()) tc.set_distill_weight(static_cast<float>(meta.policy().distill_weight()));
       trainer_->SetConfig(tc);
     }
   }
+  // The teacher is not checkpointed: after a restart past the first domain it is the model as
+  // restored (it drifted at most one checkpoint interval from the one before the restart).
+  bool grown = false;
+  for (const auto& layer : model_->PeerLayers())
+    for (const auto& s : layer->segments()) grown |= s->frozen();
+  if (grown && trainer_->config().distill_weight() > 0) trainer_->SetTeacher(CopyForTeacher(model_));
   spool_->SetConsumed(cursor.index, cursor.consumed_bytes);
   batches_ = std::make_unique<BatchSource>(spool_, cursor, c.train().seed() + trainer_->step());
   segments_snapshot_ = SegmentsNow();
@@ -133,7 +140,8 @@ void TrainingLoop::Run() {
     }
     Status st;
     const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
-    torch::Tensor batch = batches_->Next(tc.batch_size(), T, replay_ratio_, idle, &st);
+    int64_t replayed = 0;
+    torch::Tensor batch = batches_->Next(tc.batch_size(), T, replay_ratio_, idle, &st, &replayed);
     if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
     if (!batch.defined()) {
       std::unique_lock<std::mutex> lock(mu_);
@@ -142,7 +150,7 @@ void TrainingLoop::Run() {
       continue;
     }
     last_data = Clock::now();
-    StepStats s = trainer_->Step(batch);
+    StepStats s = trainer_->Step(batch, replayed);
     const int64_t tokens = batch.size(0) * T;
     tokens_trained_ += tokens;
     window_loss += s.loss;
@@ -183,6 +191,7 @@ Status TrainingLoop::CheckpointNow() {
   for (const auto& g : trainer_->config().train_groups()) p->add_train_groups(g);
   p->set_replay_ratio(replay_ratio_);
   p->set_lr(trainer_->config().lr());
+  p->set_distill_weight(trainer_->config().distill_weight());
   if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
   std::lock_guard<std::mutex> lock(mu_);
   last_checkpoint_step_ = trainer_->step();
@@ -202,6 +211,12 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       return Status::NotFound("PEER layer " + std::to_string(*layer) + " does not exist; the model has " +
                               std::to_string(layers.size()) + " (0-based)");
     const uint32_t keys = n_keys.value_or(options_.config.model().peer().n_keys());
+    if (keys < options_.config.model().peer().topk() || keys > 65536)
+      return Status::InvalidArgument("nKeys must be between top-k (" + std::to_string(options_.config.model().peer().topk()) +
+                                     ") and 65536, got " + std::to_string(keys));
+    // A new segment starts a new domain: the model as it is now is what distillation on replayed
+    // rows holds the model to from here on.
+    if (trainer_->config().distill_weight() > 0) trainer_->SetTeacher(CopyForTeacher(model_));
     ids->clear();
     for (size_t l = 0; l < layers.size(); ++l) {
       if (layer && l != *layer) continue;
@@ -296,6 +311,7 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
       c.mutable_train()->clear_train_groups();
       for (const auto& g : policy.train_groups()) c.mutable_train()->add_train_groups(g);
     }
+    if (policy.has_distill_weight()) c.mutable_train()->set_distill_weight(static_cast<float>(policy.distill_weight()));
     if (policy.has_lr()) {
       c.mutable_train()->set_lr(static_cast<float>(policy.lr()));
       c.mutable_train()->set_min_lr(std::min(c.train().min_lr(), c.train().lr()));
@@ -318,6 +334,7 @@ Policy TrainingLoop::GetPolicy() {
     for (const auto& g : trainer_->config().train_groups()) p.add_train_groups(g);
     p.set_replay_ratio(replay_ratio_);
     p.set_lr(trainer_->config().lr());
+    p.set_distill_weight(trainer_->config().distill_weight());
     p.set_freeze_dtype(DtypeName(options_.freeze_dtype));
     return Status::OK();
   });

@@ -157,6 +157,12 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   Result bad_policy = peerd.Ctl("policy set replayRatio=2");
   EXPECT_NE(bad_policy.code, 0);
   EXPECT_NE(bad_policy.out.find("replayRatio must be in [0, 1)"), std::string::npos) << bad_policy.out;
+  Result bad_distill = peerd.Ctl("policy set distillWeight=-1");
+  EXPECT_NE(bad_distill.code, 0);
+  EXPECT_NE(bad_distill.out.find("'train.distillWeight' must be in [0, 1000]"), std::string::npos) << bad_distill.out;
+  json recipe = peerd.CtlJson("policy set replayRatio=0.25 distillWeight=2");
+  EXPECT_EQ(recipe.value("distillWeight", 0.0), 2.0) << recipe.dump();
+  EXPECT_EQ(recipe.value("replayRatio", 0.0), 0.25) << recipe.dump();
 
   Result ingest = peerd.Ingest("kjv", dir + "/kjv.txt");
   ASSERT_EQ(ingest.code, 0) << ingest.out;
