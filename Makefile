@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench clean
+.PHONY: all setup corpora build test demo bench bench-forgetting clean
 
 all: build
 
@@ -32,6 +32,11 @@ bench: build
 	@./$(BUILD)/peer-bench layer
 	@./$(BUILD)/peer-bench store
 	@./$(BUILD)/peer-bench ingest
+
+# The five continual-learning policies on the six domains (bench/FORGETTING.md; about 10 minutes).
+bench-forgetting: build
+	@bash scripts/corpora.sh all
+	@./$(BUILD)/peer-bench forgetting
 
 clean:
 	rm -rf $(BUILD)

@@ -77,9 +77,13 @@ Status LoadDomain(const std::string& spec, const std::string& corpus_dir, size_t
   return Status::OK();
 }
 
-// The dense FFN width that gives the dense model the PEER model's active parameters per token.
-uint32_t MatchingDenseHidden(const ModelConfig& peer_model) {
-  const int64_t target = TransformerLM(peer_model)->ActiveParameters();
+// The dense FFN width that gives the dense model the PEER model's active parameters per token with
+// `segments` segments per PEER layer. Every segment's sub-keys are scored for every token, so
+// they count as active; matching the final, grown pool is the comparison least kind to PEER.
+uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments) {
+  ModelConfig grown = peer_model;
+  grown.mutable_peer()->set_initial_segments(static_cast<uint32_t>(segments));
+  const int64_t target = TransformerLM(grown)->ActiveParameters();
   ModelConfig m = peer_model;
   m.set_ffn(FFN_KIND_DENSE);
   auto active = [&](uint32_t h) {
@@ -350,10 +354,10 @@ int ForgettingBench(int argc, char** argv) {
     for (size_t i = 0; i < domains.size(); ++i) sequence.push_back(static_cast<int>(i));
 
   const int used_threads = SetComputeThreads(t->threads());
-  k.dense_hidden = MatchingDenseHidden(*m);
+  k.dense_hidden = MatchingDenseHidden(*m, sequence.size());
   std::fprintf(stderr, "peer-bench forgetting: %zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
                domains.size(), repeat, steps, t->batch_size(), m->context(), used_threads, BlasInfo().c_str());
-  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (equal active parameters)\n", k.dense_hidden);
+  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model)\n", k.dense_hidden);
 
   std::vector<json> rows;
   for (const Policy& p : policies) rows.push_back(RunPolicy(p, domains, sequence, k));
