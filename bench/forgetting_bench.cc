@@ -263,7 +263,7 @@ int ForgettingBench(int argc, char** argv) {
   std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all", json_out = "bench-out/forgetting.json";
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 0, batch = 0;
   size_t train_kb = 2048, heldout_kb = 24;
-  double replay = 0.25, distill = 1.0, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
+  double replay = -1, distill = -1, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
   bool as_json = false, quiet = false;
   app.add_option("--domains", domains_arg,
                  "comma-separated domains in training order: NAME (a folder of --corpus-dir), a folder path "
@@ -282,8 +282,8 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--lr", lr, "peak learning rate (default: the config's)");
   app.add_option("--train-kb", train_kb, "training text per domain, KB (its first bytes)")->capture_default_str();
   app.add_option("--heldout-kb", heldout_kb, "held-out text scored per task and evaluation, KB")->capture_default_str();
-  app.add_option("--replay", replay, "recipe: share of each batch replayed from earlier domains")->capture_default_str();
-  app.add_option("--distill", distill, "recipe: weight of KL(previous model ‖ model) on replayed rows")->capture_default_str();
+  app.add_option("--replay", replay, "recipe: share of each batch replayed from earlier domains (default: the config's, 0.25)");
+  app.add_option("--distill", distill, "recipe: weight of KL(previous model ‖ model) on replayed rows (default: the config's, 1)");
   app.add_option("--expert-lr-scale", expert_lr_scale, "PEER policies: learning-rate multiplier of expert tables");
   app.add_option("--later-groups", later_groups_arg, "freeze-grow: policy groups that train from the second domain on")->capture_default_str();
   app.add_option("--later-backbone-lr-scale", later_backbone_lr_scale, "freeze-grow: backbone learning-rate multiplier from the second domain on");
@@ -318,7 +318,8 @@ int ForgettingBench(int argc, char** argv) {
   t->set_steps(steps);
   t->set_warmup_steps(std::min<uint32_t>(t->warmup_steps(), steps / 10));
   if (threads) t->set_threads(threads);
-  t->set_distill_weight(static_cast<float>(distill));
+  if (distill >= 0) t->set_distill_weight(static_cast<float>(distill));
+  if (replay >= 0) t->set_replay_ratio(static_cast<float>(replay));
   if (expert_lr_scale >= 0) t->set_expert_lr_scale(static_cast<float>(expert_lr_scale));
   k.later = *t;
   k.later.clear_train_groups();
@@ -326,9 +327,8 @@ int ForgettingBench(int argc, char** argv) {
   if (later_backbone_lr_scale >= 0) k.later.set_backbone_lr_scale(static_cast<float>(later_backbone_lr_scale));
   for (const Config& check : {k.base, [&] { Config c = k.base; *c.mutable_train() = k.later; return c; }()})
     if (Status st = ValidateConfig(check); !st.ok()) return fail(st);
-  if (!(replay >= 0 && replay < 1)) return fail(Status::InvalidArgument("--replay must be in [0, 1)"));
   if (steps == 0 || repeat == 0) return fail(Status::InvalidArgument("--steps and --repeat must be at least 1"));
-  k.replay = replay;
+  k.replay = t->replay_ratio();
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.verbose = !quiet;
 
@@ -374,7 +374,7 @@ int ForgettingBench(int argc, char** argv) {
     if (dense) r["plasticity_ratio_vs_dense"] = r["plasticity_bpb"].get<double>() / (*dense)["plasticity_bpb"].get<double>();
     if (dense_recipe) r["acc_ratio_vs_dense_recipe"] = r["acc"].get<double>() / (*dense_recipe)["acc"].get<double>();
     r["config"] = json::parse(ConfigToJson(k.base));
-    r["replay"] = replay;
+    r["replay"] = k.replay;
     r["later_groups"] = later_groups_arg;
   }
   if (!json_out.empty()) {

@@ -58,7 +58,10 @@ Config DefaultConfig() {
   t->add_train_groups("all");
   t->set_expert_lr_scale(1.0f);
   t->set_backbone_lr_scale(1.0f);
-  t->set_distill_weight(0.0f);
+  // The continual-learning recipe is on by default: bench/FORGETTING.md measured it cutting mean
+  // forgetting to ~5% of plain sequential training on the six domains.
+  t->set_replay_ratio(0.25f);
+  t->set_distill_weight(1.0f);
   return c;
 }
 
@@ -121,6 +124,8 @@ Status ValidateConfig(const Config& c) {
     return Invalid("train.expertLrScale", "must be in [0, 1000], got " + std::to_string(t.expert_lr_scale()));
   if (!std::isfinite(t.backbone_lr_scale()) || t.backbone_lr_scale() < 0 || t.backbone_lr_scale() > 1000)
     return Invalid("train.backboneLrScale", "must be in [0, 1000], got " + std::to_string(t.backbone_lr_scale()));
+  if (!(t.replay_ratio() >= 0 && t.replay_ratio() < 1))
+    return Invalid("train.replayRatio", "must be in [0, 1), got " + std::to_string(t.replay_ratio()));
   if (!std::isfinite(t.distill_weight()) || t.distill_weight() < 0 || t.distill_weight() > 1000)
     return Invalid("train.distillWeight", "must be in [0, 1000] (0 = no distillation), got " +
                                               std::to_string(t.distill_weight()));

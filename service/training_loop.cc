@@ -49,8 +49,8 @@ Status TrainingLoop::Restore() {
     tokens_trained_ = meta.tokens_trained();
     last_checkpoint_step_ = meta.step();
     if (meta.has_policy()) {
-      if (meta.policy().has_replay_ratio()) replay_ratio_ = meta.policy().replay_ratio();
       TrainConfig tc = trainer_->config();
+      if (meta.policy().has_replay_ratio()) tc.set_replay_ratio(static_cast<float>(meta.policy().replay_ratio()));
       if (meta.policy().train_groups_size()) {
         tc.clear_train_groups();
         for (const auto& g : meta.policy().train_groups()) tc.add_train_groups(g);
@@ -141,7 +141,7 @@ void TrainingLoop::Run() {
     Status st;
     const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
     int64_t replayed = 0;
-    torch::Tensor batch = batches_->Next(tc.batch_size(), T, replay_ratio_, idle, &st, &replayed);
+    torch::Tensor batch = batches_->Next(tc.batch_size(), T, trainer_->config().replay_ratio(), idle, &st, &replayed);
     if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
     if (!batch.defined()) {
       std::unique_lock<std::mutex> lock(mu_);
@@ -189,7 +189,7 @@ Status TrainingLoop::CheckpointNow() {
   meta.set_consumed_bytes(batches_->cursor().consumed_bytes);
   Policy* p = meta.mutable_policy();
   for (const auto& g : trainer_->config().train_groups()) p->add_train_groups(g);
-  p->set_replay_ratio(replay_ratio_);
+  p->set_replay_ratio(trainer_->config().replay_ratio());
   p->set_lr(trainer_->config().lr());
   p->set_distill_weight(trainer_->config().distill_weight());
   if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
@@ -311,18 +311,16 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
       c.mutable_train()->clear_train_groups();
       for (const auto& g : policy.train_groups()) c.mutable_train()->add_train_groups(g);
     }
+    if (policy.has_replay_ratio()) c.mutable_train()->set_replay_ratio(static_cast<float>(policy.replay_ratio()));
     if (policy.has_distill_weight()) c.mutable_train()->set_distill_weight(static_cast<float>(policy.distill_weight()));
     if (policy.has_lr()) {
       c.mutable_train()->set_lr(static_cast<float>(policy.lr()));
       c.mutable_train()->set_min_lr(std::min(c.train().min_lr(), c.train().lr()));
     }
     if (Status st = ValidateConfig(c); !st.ok()) return st;
-    if (policy.has_replay_ratio() && !(policy.replay_ratio() >= 0 && policy.replay_ratio() < 1))
-      return Status::InvalidArgument("replayRatio must be in [0, 1), got " + std::to_string(policy.replay_ratio()));
     if (policy.has_freeze_dtype() && policy.freeze_dtype() != "bf16" && policy.freeze_dtype() != "fp32")
       return Status::InvalidArgument("freezeDtype must be \"bf16\" or \"fp32\", got \"" + policy.freeze_dtype() + "\"");
     trainer_->SetConfig(c.train());
-    if (policy.has_replay_ratio()) replay_ratio_ = policy.replay_ratio();
     if (policy.has_freeze_dtype()) options_.freeze_dtype = policy.freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
     return Status::OK();
   });
@@ -332,7 +330,7 @@ Policy TrainingLoop::GetPolicy() {
   Policy p;
   (void)RunOnTrainer([&]() -> Status {
     for (const auto& g : trainer_->config().train_groups()) p.add_train_groups(g);
-    p.set_replay_ratio(replay_ratio_);
+    p.set_replay_ratio(trainer_->config().replay_ratio());
     p.set_lr(trainer_->config().lr());
     p.set_distill_weight(trainer_->config().distill_weight());
     p.set_freeze_dtype(DtypeName(options_.freeze_dtype));

@@ -82,7 +82,6 @@ class TrainingLoop {
   TransformerLM model_{nullptr};
   std::unique_ptr<Trainer> trainer_;
   std::unique_ptr<BatchSource> batches_;
-  double replay_ratio_ = 0;
 
   std::mutex mu_;  // guards the queue, flags and the snapshot below
   std::condition_variable wake_;

@@ -156,7 +156,7 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   EXPECT_NE(denied.out.find("401"), std::string::npos) << denied.out;
   Result bad_policy = peerd.Ctl("policy set replayRatio=2");
   EXPECT_NE(bad_policy.code, 0);
-  EXPECT_NE(bad_policy.out.find("replayRatio must be in [0, 1)"), std::string::npos) << bad_policy.out;
+  EXPECT_NE(bad_policy.out.find("'train.replayRatio' must be in [0, 1)"), std::string::npos) << bad_policy.out;
   Result bad_distill = peerd.Ctl("policy set distillWeight=-1");
   EXPECT_NE(bad_distill.code, 0);
   EXPECT_NE(bad_distill.out.find("'train.distillWeight' must be in [0, 1000]"), std::string::npos) << bad_distill.out;
