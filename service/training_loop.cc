@@ -60,11 +60,10 @@ Status TrainingLoop::Restore() {
       trainer_->SetConfig(tc);
     }
   }
-  // The teacher is not checkpointed: after a restart past the first domain it is the model as
-  // restored (it drifted at most one checkpoint interval from the one before the restart).
+  // The teacher is not checkpointed: after a restart past the first domain (a segment was added)
+  // it is the model as restored, which drifted at most one checkpoint interval from the teacher.
   bool grown = false;
-  for (const auto& layer : model_->PeerLayers())
-    for (const auto& s : layer->segments()) grown |= s->frozen();
+  for (const auto& layer : model_->PeerLayers()) grown |= layer->segments().size() > 1;
   if (grown && trainer_->config().distill_weight() > 0) trainer_->SetTeacher(CopyForTeacher(model_));
   spool_->SetConsumed(cursor.index, cursor.consumed_bytes);
   batches_ = std::make_unique<BatchSource>(spool_, cursor, c.train().seed() + trainer_->step());
