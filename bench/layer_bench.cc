@@ -112,7 +112,7 @@ int LayerRun(int argc, char** argv) {
   std::string impl = "peerd";
   int64_t experts = 65536;
   AddShapeFlags(app, s);
-  app.add_option("--impl", impl, "peerd | dense-ffn");
+  app.add_option("--impl", impl, "peerd (reference composition) | fused (kernels/) | dense-ffn");
   app.add_option("--experts", experts, "experts in the pool (a square)");
   CLI11_PARSE(app, argc, argv);
   SetComputeThreads(s.threads);
@@ -120,7 +120,7 @@ int LayerRun(int argc, char** argv) {
 
   std::function<torch::Tensor(const torch::Tensor&)> layer;
   int64_t params = 0;
-  if (impl == "peerd") {
+  if (impl == "peerd" || impl == "fused") {
     const int64_t n_keys = std::llround(std::sqrt(static_cast<double>(experts)));
     if (n_keys * n_keys != experts) {
       std::fprintf(stderr, "--experts must be a square (n_keys²), got %lld\n", static_cast<long long>(experts));
@@ -134,6 +134,7 @@ int LayerRun(int argc, char** argv) {
     p.set_query_norm(s.query_norm == "batch" ? QUERY_NORM_BATCH
                      : s.query_norm == "layer" ? QUERY_NORM_LAYER : QUERY_NORM_NONE);
     p.set_initial_segments(1);
+    p.set_impl(impl == "fused" ? PEER_IMPL_FUSED : PEER_IMPL_REFERENCE);
     PeerLayer peer(s.dim, p);
     for (const auto& t : peer->parameters()) params += t.numel();
     layer = [peer](const torch::Tensor& x) mutable { return peer->forward(x); };
@@ -144,7 +145,7 @@ int LayerRun(int argc, char** argv) {
     layer = [dense](const torch::Tensor& x) mutable { return dense->forward(x); };
     experts = 0;
   } else {
-    std::fprintf(stderr, "--impl must be peerd or dense-ffn, got '%s'\n", impl.c_str());
+    std::fprintf(stderr, "--impl must be peerd, fused or dense-ffn, got '%s'\n", impl.c_str());
     return 2;
   }
 
@@ -171,13 +172,13 @@ int LayerBench(int argc, char** argv) {
                "active parameters and ../shared/bench/peer_ref.py"};
   Shape s;
   std::vector<int64_t> experts = {65536, 1048576};
-  std::vector<std::string> impls = {"peerd", "dense-ffn", "peer_ref.py"};
+  std::vector<std::string> impls = {"peerd", "fused", "dense-ffn", "peer_ref.py"};
   std::string ref_script = "../shared/bench/peer_ref.py";
   bool as_json = false;
   std::string json_out = "bench-out/layer.json";
   AddShapeFlags(app, s);
   app.add_option("--experts", experts, "pool sizes (squares), comma-separated")->delimiter(',')->capture_default_str();
-  app.add_option("--impl", impls, "peerd, dense-ffn, peer_ref.py (comma-separated)")->delimiter(',')->capture_default_str();
+  app.add_option("--impl", impls, "peerd (reference), fused, dense-ffn, peer_ref.py (comma-separated)")->delimiter(',')->capture_default_str();
   app.add_option("--ref-script", ref_script, "path to peer_ref.py")->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object per configuration instead of the table");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
@@ -188,6 +189,7 @@ int LayerBench(int argc, char** argv) {
   if (wants("dense-ffn")) rows.push_back(RunChild("dense-ffn", 0, s));
   for (int64_t n : experts) {
     if (wants("peerd")) rows.push_back(RunChild("peerd", n, s));
+    if (wants("fused")) rows.push_back(RunChild("fused", n, s));
     if (wants("peer_ref.py")) rows.push_back(RunPeerRef(ref_script, n, s));
   }
 

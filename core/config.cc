@@ -37,6 +37,7 @@ Config DefaultConfig() {
   p->set_query_dim(64);
   p->set_query_norm(QUERY_NORM_LAYER);
   p->set_initial_segments(1);
+  p->set_impl(PEER_IMPL_REFERENCE);
 
   TrainConfig* t = c.mutable_train();
   t->set_batch_size(16);
@@ -101,6 +102,8 @@ Status ValidateConfig(const Config& c) {
                                               std::to_string(p.query_dim()));
   if (p.query_norm() == QUERY_NORM_UNSPECIFIED)
     return Invalid("model.peer.queryNorm", "must be QUERY_NORM_BATCH, QUERY_NORM_LAYER or QUERY_NORM_NONE");
+  if (p.impl() != PEER_IMPL_REFERENCE && p.impl() != PEER_IMPL_FUSED)
+    return Invalid("model.peer.impl", "must be PEER_IMPL_REFERENCE or PEER_IMPL_FUSED");
   if (p.initial_segments() == 0 && m.ffn() == FFN_KIND_PEER)
     return Invalid("model.peer.initialSegments", "must be at least 1 for a PEER model");
 

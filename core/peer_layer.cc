@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <string>
 
+#include "kernels/expert_mixture.h"
+
 namespace peerd {
 
 PeerLayerImpl::PeerLayerImpl(int64_t d_model, const PeerConfig& config)
@@ -160,12 +162,24 @@ std::pair<torch::Tensor, torch::Tensor> PeerLayerImpl::Gather(const Retrieval& r
   return {torch::cat(downs).index_select(0, inverse), torch::cat(ups).index_select(0, inverse)};
 }
 
+bool PeerLayerImpl::UsesFusedKernel(const torch::Tensor& x) const {
+  if (config_.impl() != PEER_IMPL_FUSED || !x.device().is_cpu() || x.scalar_type() != torch::kFloat) return false;
+  // Rows fetched through a cache are gathered by the reference path.
+  return std::all_of(segments_.begin(), segments_.end(), [](const ExpertSegment& s) { return s->resident(); });
+}
+
 torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active) {
   const int64_t D = d_model_, hk = config_.heads() * config_.topk();
   torch::Tensor xs = x.reshape({-1, D});                        // [M, D]
   const int64_t M = xs.size(0);
   Retrieval r = Retrieve(Query(xs), active);                    // [M, h, k]
   torch::Tensor w = torch::softmax(r.scores, -1).reshape({M, 1, hk});  // router weights per head
+  if (UsesFusedKernel(xs)) {
+    std::vector<kernels::ExpertTable> tables;
+    for (const auto& s : segments_) tables.push_back({s->down, s->up});
+    return kernels::ExpertMixture(xs, w.view({M, hk}), r.segment.view({M, hk}), r.index.view({M, hk}), tables)
+        .view(x.sizes());
+  }
   auto [down, up] = Gather(r, xs.scalar_type());
   torch::Tensor u = down.view({M, hk, D});                      // [M, h·k, D]
   torch::Tensor v = up.view({M, hk, D});                        // [M, h·k, D]

@@ -8,8 +8,9 @@
 //   w      = softmax over the head's k scores
 //   y(x)   = Σ_heads Σ_top-k  w · GELU(u_e · x) · v_e
 //
-// This is the reference composition in LibTorch ops (gathered [h, M, k, D] tensors, dense
-// gradients over each training table); kernels/ adds fused versions checked against it.
+// The reference composition is in LibTorch ops (gathered [M, h·k, D] tensors, dense gradients
+// over each training table); with model.peer.impl = PEER_IMPL_FUSED the expert half runs in
+// kernels/ (kernels/expert_mixture.h), checked against it. Retrieval is shared by both.
 // Not thread-safe: one trainer thread owns a layer.
 #pragma once
 
@@ -71,6 +72,8 @@ class PeerLayerImpl : public torch::nn::Module {
   void set_norm_stats_frozen(bool frozen) { norm_stats_frozen_ = frozen; }
 
   const PeerConfig& config() const { return config_; }
+  // Whether forward runs the fused CPU kernel (configured, CPU fp32 input, every segment resident).
+  bool UsesFusedKernel(const torch::Tensor& x) const;
   torch::nn::Linear query_proj{nullptr};  // W_q: D -> h·dk, no bias
   torch::Tensor norm_weight, norm_bias;   // affine of the query norm ([h·dk]; undefined for NONE)
   torch::Tensor running_mean, running_var;  // batch-norm buffers (undefined unless BATCH)

@@ -1,0 +1,30 @@
+// The expert half of a PEER layer, fused: for every token m and each of the J = h·k experts it
+// retrieved, e = (segment[m, j], index[m, j]),
+//
+//   a[m, j] = u_e · x[m]                    (u_e = down row e of its segment's table)
+//   y[m]    = Σ_j w[m, j] · GELU(a[m, j]) · v_e     (v_e = up row e)
+//
+// without materialising the gathered [M, J, D] row tensors the reference composition
+// (PeerLayerImpl::forward) builds. Differentiable in x, w and every table that requires a
+// gradient (training segments); frozen tables (fp32 or bf16, read as stored) get none. Table
+// gradients are accumulated row by row in a fixed order, so results do not depend on the thread
+// count's scheduling. DESIGN.md §5.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace peerd::kernels {
+
+// One segment's expert rows, resident: down and up [N, D], fp32 or bf16, contiguous.
+struct ExpertTable {
+  torch::Tensor down, up;
+};
+
+// x [M, D] fp32, w [M, J] fp32, segment and index [M, J] int64 (segment: position in `tables`).
+// Returns y [M, D] fp32.
+torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
+                            const torch::Tensor& index, const std::vector<ExpertTable>& tables);
+
+}  // namespace peerd::kernels
