@@ -31,7 +31,7 @@ Status BatchSource::Fill(int64_t want) {
     if (docs.empty()) break;
     for (SpoolEntry& d : docs) {
       const uint64_t from = d.index == cursor_.index ? cursor_.offset : 0;
-      buffer_.push_back({d.index, from, Tokens(d.text, from)});
+      buffer_.push_back({d.index, from, d.task, Tokens(d.text, from)});
       have += static_cast<int64_t>(buffer_.back().tokens.size());
       next_read_ = d.index + 1;
     }
@@ -50,7 +50,10 @@ torch::Tensor BatchSource::Take(int64_t n) {
       if (p.tokens[i] != ByteTokenizer::kEndOfDocument) ++cursor_.consumed_bytes;
     p.tokens.erase(p.tokens.begin(), p.tokens.begin() + take);
     p.offset += take;
-    if (p.tokens.empty()) buffer_.pop_front();
+    if (p.tokens.empty()) {
+      if (trained_indexed_) trained_[p.task].push_back(p.index);
+      buffer_.pop_front();
+    }
   }
   if (buffer_.empty()) {
     cursor_.index = next_read_;
@@ -62,18 +65,27 @@ torch::Tensor BatchSource::Take(int64_t n) {
   return torch::tensor(out);
 }
 
-Status BatchSource::Replay(int64_t count, int64_t n, std::vector<torch::Tensor>* rows) {
-  if (cursor_.index <= 1) return Status::OK();
-  std::uniform_int_distribution<uint64_t> pick(1, cursor_.index - 1);
+Status BatchSource::Replay(int64_t count, int64_t n, const std::string& current, std::vector<torch::Tensor>* rows) {
+  if (count <= 0 || cursor_.index <= 1) return Status::OK();
+  if (!trained_indexed_) {
+    if (Status st = spool_->TaskIndex(cursor_.index, &trained_); !st.ok()) return st;
+    trained_indexed_ = true;
+  }
+  std::vector<const std::vector<uint64_t>*> tasks;
+  for (const auto& [task, indices] : trained_)
+    if (task != current && !indices.empty()) tasks.push_back(&indices);
+  if (tasks.empty()) return Status::OK();
   for (int64_t r = 0; r < count; ++r) {
+    const std::vector<uint64_t>& docs = *tasks[std::uniform_int_distribution<size_t>(0, tasks.size() - 1)(rng_)];
     std::vector<int64_t> tokens;
-    for (uint64_t index = pick(rng_); static_cast<int64_t>(tokens.size()) < n && index < cursor_.index; ++index) {
+    for (size_t at = std::uniform_int_distribution<size_t>(0, docs.size() - 1)(rng_);
+         static_cast<int64_t>(tokens.size()) < n && at < docs.size(); ++at) {
       SpoolEntry doc;
-      if (Status st = spool_->Get(index, &doc); !st.ok()) return st;
+      if (Status st = spool_->Get(docs[at], &doc); !st.ok()) return st;
       std::vector<int64_t> t = Tokens(doc.text, 0);
       tokens.insert(tokens.end(), t.begin(), t.end());
     }
-    if (static_cast<int64_t>(tokens.size()) < n) continue;  // too little old text yet
+    if (static_cast<int64_t>(tokens.size()) < n) continue;  // too little old text there yet
     std::uniform_int_distribution<size_t> start(0, tokens.size() - n);
     const size_t s = start(rng_);
     rows->push_back(torch::tensor(std::vector<int64_t>(tokens.begin() + s, tokens.begin() + s + n)));
@@ -86,19 +98,20 @@ torch::Tensor BatchSource::Next(int64_t batch, int64_t seq_len, double replay_ra
   if (replayed_rows) *replayed_rows = 0;
   *status = Status::OK();
   const int64_t window = seq_len + 1;
-  const int64_t replayed = std::min<int64_t>(batch - 1, std::llround(batch * replay_ratio));
-  const int64_t fresh = batch - replayed;
-  if (Status st = Fill(fresh * window); !st.ok()) {
+  const int64_t replay = std::min<int64_t>(batch - 1, std::llround(batch * replay_ratio));
+  if (Status st = Fill(batch * window); !st.ok()) {
     *status = st;
     return {};
   }
   const int64_t available = buffered_tokens() / window;
-  if (available == 0 || (available < fresh && !allow_partial)) return {};
+  if (available == 0 || (available < batch - replay && !allow_partial)) return {};
   std::vector<torch::Tensor> rows;
-  if (Status st = Replay(replayed, window, &rows); !st.ok()) {
+  if (Status st = Replay(replay, window, buffer_.front().task, &rows); !st.ok()) {
     *status = st;
     return {};
   }
+  const int64_t fresh = batch - static_cast<int64_t>(rows.size());
+  if (available < fresh && !allow_partial) return {};
   if (replayed_rows) *replayed_rows = static_cast<int64_t>(rows.size());
   for (int64_t i = 0; i < std::min(available, fresh); ++i) rows.push_back(Take(window));
   return torch::stack(rows);

@@ -1,11 +1,15 @@
 // BatchSource: training batches cut from the spool in arrival order, each byte trained once,
-// plus optional replay of earlier documents. It tracks the cursor — the first spooled byte not yet
+// plus optional replay of earlier documents: balanced over the tasks trained before, other than
+// the one training now (uniform over documents would let a task of many small documents crowd
+// out one of few large ones: 4,241 fortunes against 24 Python files in the demo). It tracks the cursor — the first spooled byte not yet
 // in a batch — which checkpoints record, so a restart trains exactly what was not trained yet.
 #pragma once
 
 #include <torch/torch.h>
 
 #include <deque>
+#include <map>
+#include <string>
 #include <random>
 
 #include "service/spool.h"
@@ -23,9 +27,10 @@ class BatchSource {
   BatchSource(Spool* spool, SpoolCursor cursor, uint64_t seed) : spool_(spool), cursor_(cursor), rng_(seed) {}
 
   // Up to `batch` sequences of seq_len + 1 tokens ([b, seq_len + 1] int64), of which a share
-  // `replay_ratio` is drawn from documents before the cursor: those come first, and *replayed
-  // says how many there are. Fewer than `batch` only when `allow_partial`; an undefined tensor
-  // when there is not enough new data.
+  // `replay_ratio` is drawn from documents before the cursor of other tasks than the next fresh
+  // document's: those come first, and *replayed says how many there are (fresh rows take the
+  // place of replayed ones while no other task has been trained). Fewer than `batch` only when
+  // `allow_partial`; an undefined tensor when there is not enough new data.
   torch::Tensor Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status,
                      int64_t* replayed = nullptr);
   const SpoolCursor& cursor() const { return cursor_; }
@@ -35,17 +40,23 @@ class BatchSource {
  private:
   struct Piece {
     uint64_t index, offset;
+    std::string task;
     std::vector<int64_t> tokens;  // the document's remaining bytes and its end-of-document token
   };
   Status Fill(int64_t want);
   torch::Tensor Take(int64_t n);  // n fresh tokens
-  // `count` windows of n tokens from random documents before the cursor.
-  Status Replay(int64_t count, int64_t n, std::vector<torch::Tensor>* rows);
+  // Up to `count` windows of n tokens from documents before the cursor: a task other than
+  // `current` at random, then a random document of it (and the task's next ones, for length).
+  Status Replay(int64_t count, int64_t n, const std::string& current, std::vector<torch::Tensor>* rows);
 
   Spool* spool_;
   SpoolCursor cursor_;
   std::deque<Piece> buffer_;
   uint64_t next_read_ = 0;  // next spool index to read into the buffer (0: from the cursor)
+  // Documents wholly trained, by task (read from the spool's id index on the first replay, then
+  // kept up as documents are trained).
+  std::map<std::string, std::vector<uint64_t>> trained_;
+  bool trained_indexed_ = false;
   std::mt19937_64 rng_;
 };
 

@@ -3,6 +3,7 @@
 #include <rocksdb/db.h>
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
 #include <future>
 #include <unordered_set>
 
@@ -172,6 +173,20 @@ Status Spool::Get(uint64_t index, SpoolEntry* out) const {
   if (!doc.ParseFromString(value)) return Status::Corruption("spooled document " + std::to_string(index) + " is unreadable");
   *out = {index, doc.task(), doc.id(), doc.text()};
   return Status::OK();
+}
+
+Status Spool::TaskIndex(uint64_t before, std::map<std::string, std::vector<uint64_t>>* out) const {
+  out->clear();
+  std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(rocksdb::ReadOptions(), db_->family(Family::kSpool)));
+  for (it->Seek("i"); it->Valid() && it->key().starts_with("i"); it->Next()) {
+    const std::string key = it->key().ToString();
+    const size_t nul = key.find('\0', 1);
+    if (nul == std::string::npos || it->value().size() != 8) return Status::Corruption("a spool id record is unreadable");
+    const uint64_t index = GetBe64(it->value().data());
+    if (index < before) (*out)[key.substr(1, nul - 1)].push_back(index);
+  }
+  for (auto& [task, indices] : *out) std::sort(indices.begin(), indices.end());
+  return FromRocks(it->status(), "indexing the spool by task");
 }
 
 uint64_t Spool::last_index() const {

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -62,6 +63,9 @@ class Spool {
   Status Read(uint64_t from, size_t max, std::vector<SpoolEntry>* out) const;
   // One document by index.
   Status Get(uint64_t index, SpoolEntry* out) const;
+  // The indices of the documents before `before`, by task, each list ascending (from the id
+  // index, without reading any text).
+  Status TaskIndex(uint64_t before, std::map<std::string, std::vector<uint64_t>>* out) const;
   uint64_t last_index() const;
 
   // The consumer (trainer) reports how far it has read: documents before `next_index` and their
