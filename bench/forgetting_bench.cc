@@ -11,6 +11,7 @@
 #include <random>
 #include <sstream>
 
+#include "bench/json_lines.h"
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/forgetting.h"
@@ -44,9 +45,9 @@ const Policy kPolicies[] = {{"dense", false, false, false},
                             {"freeze-grow+recipe", true, true, true}};
 
 struct Knobs {
-  Config base;                 // the PEER model and training (per domain: train.steps steps)
+  Config base;                 // the PEER model and training (per domain: train.steps steps;
+                               // the recipe's replay share and distillation weight)
   uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
-  double replay = 0.25;        // share of each batch replayed from earlier domains (recipe)
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   int64_t eval_bytes = 0;
   bool verbose = true;
@@ -131,7 +132,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& domains, const std::v
   std::vector<TextBatcher> fresh, replay;
   for (size_t i = 0; i < domains.size(); ++i) {
     fresh.emplace_back(domains[i].train, context, tc.seed() + i);
-    replay.emplace_back(domains[i].train, context, tc.seed() + 1000 + i);
+    if (p.recipe) replay.emplace_back(domains[i].train, context, tc.seed() + 1000 + i);
   }
   std::mt19937_64 rng(tc.seed());
 
@@ -158,7 +159,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& domains, const std::v
     }
     trainer.set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
     const int64_t replayed =
-        p.recipe && !earlier.empty() ? std::llround(static_cast<double>(batch) * k.replay) : 0;
+        p.recipe && !earlier.empty() ? std::llround(static_cast<double>(batch) * tc.replay_ratio()) : 0;
     const auto t0 = Clock::now();
     double loss = 0;
     for (uint32_t s = 0; s < tc.steps(); ++s) {
@@ -331,7 +332,6 @@ int ForgettingBench(int argc, char** argv) {
   for (const Config& check : {k.base, [&] { Config c = k.base; *c.mutable_train() = k.later; return c; }()})
     if (Status st = ValidateConfig(check); !st.ok()) return fail(st);
   if (steps == 0 || repeat == 0) return fail(Status::InvalidArgument("--steps and --repeat must be at least 1"));
-  k.replay = t->replay_ratio();
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.verbose = !quiet;
 
@@ -377,18 +377,12 @@ int ForgettingBench(int argc, char** argv) {
     if (dense) r["plasticity_ratio_vs_dense"] = r["plasticity_bpb"].get<double>() / (*dense)["plasticity_bpb"].get<double>();
     if (dense_recipe) r["acc_ratio_vs_dense_recipe"] = r["acc"].get<double>() / (*dense_recipe)["acc"].get<double>();
     r["config"] = json::parse(ConfigToJson(k.base));
-    r["replay"] = k.replay;
+    r["replay"] = t->replay_ratio();
     r["later_groups"] = later_groups_arg;
   }
-  if (!json_out.empty()) {
-    std::filesystem::path path(json_out);
-    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
-    std::ofstream out(json_out);
-    for (const json& r : rows) out << r.dump() << "\n";
-    if (!out) std::fprintf(stderr, "peer-bench: cannot write %s\n", json_out.c_str());
-  }
+  WriteJsonLines(json_out, rows);
   if (as_json) {
-    for (const json& r : rows) std::printf("%s\n", r.dump().c_str());
+    PrintJsonLines(rows);
     return 0;
   }
   for (const json& r : rows)

@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "bench/json_lines.h"
 #include "core/config.h"
 #include "core/runtime.h"
 #include "core/text_batcher.h"
@@ -177,11 +178,9 @@ int IngestBench(int argc, char** argv) {
                      {"unit", "tokens/s"}, {"steps", steps}, {"runs", service_runs}});
   figures.push_back({{"figure", "service_overhead"}, {"value", 1 - service_tps / bare_tps}, {"unit", "fraction"}});
 
-  fs::create_directories(fs::path(json_out).parent_path());
-  std::ofstream jo(json_out);
+  WriteJsonLines(json_out, figures);
   std::printf("%-48s %14s  %s\n", "figure", "value", "unit / detail");
   for (const auto& f : figures) {
-    jo << f.dump() << "\n";
     std::string detail = f["unit"].get<std::string>();
     if (f.contains("clients")) detail += ", " + std::to_string(f["clients"].get<int>()) + " client(s), " +
                                          std::to_string(f["documents_per_commit"].get<double>()).substr(0, 5) + " docs per fsync";

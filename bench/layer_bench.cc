@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/json_lines.h"
 #include "core/config.h"
 #include "core/model.h"
 #include "core/peer_layer.h"
@@ -199,15 +200,9 @@ int LayerBench(int argc, char** argv) {
   for (json& r : rows)
     if (ref_tps.count(r["experts"]) && r.contains("tokens_per_s"))
       r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / ref_tps[r["experts"]];
-  if (!json_out.empty()) {
-    std::filesystem::path path(json_out);
-    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
-    std::ofstream out(path);
-    for (const json& r : rows) out << r.dump() << "\n";
-    if (!out) std::fprintf(stderr, "peer-bench: cannot write %s\n", json_out.c_str());
-  }
+  WriteJsonLines(json_out, rows);
   if (as_json) {
-    for (const json& r : rows) std::printf("%s\n", r.dump().c_str());
+    PrintJsonLines(rows);
     return 0;
   }
   std::printf("PEER layer forward+backward: D=%lld h=%lld k=%lld, %lld tokens/step, %u threads, "

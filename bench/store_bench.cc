@@ -14,6 +14,7 @@
 #include <numeric>
 #include <random>
 
+#include "bench/json_lines.h"
 #include "core/runtime.h"
 #include "experts_store/expert_store.h"
 #include "experts_store/row_cache.h"
@@ -190,14 +191,9 @@ int StoreBench(int argc, char** argv) {
   store.reset();
   if (!keep) fs::remove_all(dir);
 
-  if (!json_out.empty()) {
-    fs::path path(json_out);
-    if (path.has_parent_path()) fs::create_directories(path.parent_path());
-    std::ofstream out(path);
-    for (const auto& f : figures) out << f.dump() << "\n";
-  }
+  WriteJsonLines(json_out, figures);
   if (as_json) {
-    for (const auto& f : figures) std::printf("%s\n", f.dump().c_str());
+    PrintJsonLines(figures);
     return 0;
   }
   std::printf("expert store: one segment of %lld experts, D=%lld, bf16 rows (%zu bytes each)\n",
