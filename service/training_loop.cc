@@ -210,12 +210,9 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       return Status::NotFound("PEER layer " + std::to_string(*layer) + " does not exist; the model has " +
                               std::to_string(layers.size()) + " (0-based)");
     const uint32_t keys = n_keys.value_or(options_.config.model().peer().n_keys());
-    if (keys < options_.config.model().peer().topk() || keys > 65536)
-      return Status::InvalidArgument("nKeys must be between top-k (" + std::to_string(options_.config.model().peer().topk()) +
-                                     ") and 65536, got " + std::to_string(keys));
-    // A new segment starts a new domain: the model as it is now is what distillation on replayed
-    // rows holds the model to from here on.
-    if (trainer_->config().distill_weight() > 0) trainer_->SetTeacher(CopyForTeacher(model_));
+    // A new segment starts a new domain: the model as it is now (before the segment) is what
+    // distillation on replayed rows holds the model to from here on.
+    TransformerLM teacher = trainer_->config().distill_weight() > 0 ? CopyForTeacher(model_) : TransformerLM(nullptr);
     ids->clear();
     for (size_t l = 0; l < layers.size(); ++l) {
       if (layer && l != *layer) continue;
@@ -223,6 +220,7 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       if (Status st = trainer_->AddSegment(l, keys, &id); !st.ok()) return st;
       ids->push_back(static_cast<uint32_t>(id));
     }
+    if (!teacher.is_empty()) trainer_->SetTeacher(teacher);
     std::lock_guard<std::mutex> lock(mu_);
     segments_snapshot_ = SegmentsNow();
     return Status::OK();
