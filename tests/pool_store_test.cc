@@ -11,6 +11,7 @@
 #include <fstream>
 
 #include "core/model.h"
+#include "core/runtime.h"
 #include "core/trainer.h"
 #include "experts_store/format.h"
 #include "service/expert_pool_store.h"
@@ -86,6 +87,10 @@ TransformerLM Restored(ExpertStore* store, Residency residency, size_t cache_byt
 // process saved, compute, save.
 int PoolStoreReader(const char* dir_c) {
   const std::string dir = dir_c;
+  // The writer's thread counts: a parallel reduction split another way rounds differently.
+  int threads = 1;
+  std::ifstream(dir + "/threads") >> threads;
+  SetComputeThreads(static_cast<uint32_t>(threads));
   std::unique_ptr<ExpertStore> store;
   if (Status st = ExpertStore::Open(dir + "/store", {}, &store); !st.ok()) {
     std::fprintf(stderr, "reader: %s\n", st.ToString().c_str());
@@ -119,7 +124,10 @@ namespace {
 
 TEST(PoolStore, RoundTripInANewProcessGivesIdenticalRetrievalAndOutputs) {
   const std::string dir = FreshDir("roundtrip");
+  // Both processes compute with the same thread counts (LibTorch's, and one BLAS thread).
+  const int threads = SetComputeThreads(static_cast<uint32_t>(at::get_num_threads()));
   TransformerLM model = BuildAndFreeze(dir);
+  std::ofstream(dir + "/threads") << threads;
   std::vector<torch::Tensor> trainable;
   for (const auto& p : model->ClassifiedParameters()) trainable.push_back(p.tensor.detach().clone());
   torch::save(trainable, dir + "/trainable.pt");
