@@ -5,6 +5,10 @@
 // whose gradient is zero, so zero gradients are not enough), and a new segment joins with fresh
 // state. SetParameters keeps the state of parameters that stay and drops the rest. Each parameter
 // counts its own steps, so bias correction is right for one that joined late.
+//
+// A parameter whose gradient is sparse (an expert table through the fused kernel: only the rows
+// retrieved this step) is updated row-wise (kernels/adamw_rows.h): rows without a gradient keep
+// their values and moments, so a step costs what the retrieved rows cost.
 #pragma once
 
 #include <torch/torch.h>
@@ -34,6 +38,9 @@ class AdamW {
 
   void SetParameters(std::vector<Param> params);
   const std::vector<Param>& parameters() const { return params_; }
+  // Scales every gradient (dense and sparse alike) so that their joint L2 norm is at most
+  // `max_norm` (infinity: no scaling); returns the norm before scaling.
+  double ClipGradNorm(double max_norm);
   // One update of every parameter that has a gradient, at learning rate `lr`.
   void Step(double lr);
   void ZeroGrad();

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "kernels/expert_mixture.h"
+#include "kernels/product_key_retrieval.h"
 
 namespace peerd {
 
@@ -110,22 +111,21 @@ torch::Tensor PeerLayerImpl::Query(const torch::Tensor& x) {
 
 Retrieval PeerLayerImpl::Retrieve(const torch::Tensor& query, const std::vector<bool>* active) const {
   const int64_t k = config_.topk();
-  std::vector<torch::Tensor> scores, segment, index;
-  for (size_t pos = 0; pos < segments_.size(); ++pos) {
-    if (active && (pos >= active->size() || !(*active)[pos])) continue;
-    TopK t = ProductKeyTopK(query, segments_[pos]->sub_keys, k);  // [h, M, k]
-    scores.push_back(t.scores);
-    index.push_back(t.index);
-    segment.push_back(torch::full_like(t.index, static_cast<int64_t>(pos)));
-  }
-  TORCH_CHECK(!scores.empty(), "PEER retrieval needs at least one active segment");
+  std::vector<int64_t> positions;  // of the active segments
+  for (size_t pos = 0; pos < segments_.size(); ++pos)
+    if (!active || (pos < active->size() && (*active)[pos])) positions.push_back(static_cast<int64_t>(pos));
+  TORCH_CHECK(!positions.empty(), "PEER retrieval needs at least one active segment");
   Retrieval r;
-  if (scores.size() == 1) {
-    r = {scores[0], segment[0], index[0]};
+  if (UsesFusedKernel(query)) {
+    std::vector<torch::Tensor> keys;
+    for (int64_t pos : positions) keys.push_back(segments_[pos]->sub_keys);
+    kernels::RetrievedExperts e = kernels::ProductKeyRetrieval(query, keys, k);  // [M, h, k]
+    torch::Tensor segment = e.segment;
+    if (positions.size() != segments_.size())  // positions in `keys` -> positions in segments()
+      segment = torch::tensor(positions).to(segment.device()).index_select(0, segment.flatten()).view_as(segment);
+    r = {e.scores, segment, e.index};
   } else {
-    // Top-k over the union of every segment's k candidates.
-    auto [best, pick] = torch::cat(scores, -1).topk(k, -1);  // [h, M, k]
-    r = {best, torch::cat(segment, -1).gather(-1, pick), torch::cat(index, -1).gather(-1, pick)};
+    r = RetrieveReference(query, positions);
   }
   if (recording_usage_) {
     torch::NoGradGuard no_grad;
@@ -137,9 +137,28 @@ Retrieval PeerLayerImpl::Retrieve(const torch::Tensor& query, const std::vector<
       if (mine.numel()) usage_[pos] += torch::bincount(mine.to(torch::kCPU), {}, n);
     }
   }
-  // Token-major, so a token's h·k experts are contiguous for the gather below.
-  return {r.scores.transpose(0, 1), r.segment.transpose(0, 1).contiguous(),
-          r.index.transpose(0, 1).contiguous()};
+  return r;
+}
+
+Retrieval PeerLayerImpl::RetrieveReference(const torch::Tensor& query, const std::vector<int64_t>& positions) const {
+  const int64_t k = config_.topk();
+  std::vector<torch::Tensor> scores, segment, index;
+  for (int64_t pos : positions) {
+    TopK t = ProductKeyTopK(query, segments_[pos]->sub_keys, k);  // [h, M, k]
+    scores.push_back(t.scores);
+    index.push_back(t.index);
+    segment.push_back(torch::full_like(t.index, pos));
+  }
+  Retrieval r;
+  if (scores.size() == 1) {
+    r = {scores[0], segment[0], index[0]};
+  } else {
+    // Top-k over the union of every segment's k candidates.
+    auto [best, pick] = torch::cat(scores, -1).topk(k, -1);  // [h, M, k]
+    r = {best, torch::cat(segment, -1).gather(-1, pick), torch::cat(index, -1).gather(-1, pick)};
+  }
+  // Token-major, so a token's h·k experts are contiguous for the gather.
+  return {r.scores.transpose(0, 1), r.segment.transpose(0, 1).contiguous(), r.index.transpose(0, 1).contiguous()};
 }
 
 std::pair<torch::Tensor, torch::Tensor> PeerLayerImpl::Gather(const Retrieval& r, torch::ScalarType dtype) const {
@@ -163,9 +182,31 @@ std::pair<torch::Tensor, torch::Tensor> PeerLayerImpl::Gather(const Retrieval& r
 }
 
 bool PeerLayerImpl::UsesFusedKernel(const torch::Tensor& x) const {
-  if (config_.impl() != PEER_IMPL_FUSED || !x.device().is_cpu() || x.scalar_type() != torch::kFloat) return false;
-  // Rows fetched through a cache are gathered by the reference path.
-  return std::all_of(segments_.begin(), segments_.end(), [](const ExpertSegment& s) { return s->resident(); });
+  return config_.impl() == PEER_IMPL_FUSED && kernels::FusedKernelsSupport(x);
+}
+
+torch::Tensor PeerLayerImpl::MixFused(const torch::Tensor& x, const torch::Tensor& w, const Retrieval& r) const {
+  const int64_t M = x.size(0), hk = w.size(1);
+  torch::Tensor segment = r.segment.reshape({M, hk}), index = r.index.reshape({M, hk});
+  std::vector<kernels::ExpertTable> tables;
+  for (size_t pos = 0; pos < segments_.size(); ++pos) {
+    const ExpertSegment& s = segments_[pos];
+    if (s->resident()) {
+      tables.push_back({s->down, s->up});
+      continue;
+    }
+    // Rows behind a cache: fetch each distinct retrieved row once into a small table and point
+    // the retrieval at it.
+    torch::NoGradGuard no_grad;
+    torch::Tensor mine = segment == static_cast<int64_t>(pos);
+    torch::Tensor ids = index.masked_select(mine);
+    auto [distinct, inverse, counts] = at::_unique2(ids, /*sorted=*/true, /*return_inverse=*/true);
+    if (index.data_ptr() == r.index.data_ptr()) index = index.clone();  // r.index stays as retrieved
+    index.masked_scatter_(mine, inverse);
+    auto [down, up] = s->Rows(distinct, x.scalar_type());
+    tables.push_back({down.contiguous(), up.contiguous()});
+  }
+  return kernels::ExpertMixture(x, w, segment, index, tables);
 }
 
 torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active) {
@@ -174,12 +215,7 @@ torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<b
   const int64_t M = xs.size(0);
   Retrieval r = Retrieve(Query(xs), active);                    // [M, h, k]
   torch::Tensor w = torch::softmax(r.scores, -1).reshape({M, 1, hk});  // router weights per head
-  if (UsesFusedKernel(xs)) {
-    std::vector<kernels::ExpertTable> tables;
-    for (const auto& s : segments_) tables.push_back({s->down, s->up});
-    return kernels::ExpertMixture(xs, w.view({M, hk}), r.segment.view({M, hk}), r.index.view({M, hk}), tables)
-        .view(x.sizes());
-  }
+  if (UsesFusedKernel(xs)) return MixFused(xs, w.view({M, hk}), r).view(x.sizes());
   auto [down, up] = Gather(r, xs.scalar_type());
   torch::Tensor u = down.view({M, hk, D});                      // [M, h·k, D]
   torch::Tensor v = up.view({M, hk, D});                        // [M, h·k, D]

@@ -8,9 +8,11 @@
 //   w      = softmax over the head's k scores
 //   y(x)   = Σ_heads Σ_top-k  w · GELU(u_e · x) · v_e
 //
-// The reference composition is in LibTorch ops (gathered [M, h·k, D] tensors, dense gradients
-// over each training table); with model.peer.impl = PEER_IMPL_FUSED the expert half runs in
-// kernels/ (kernels/expert_mixture.h), checked against it. Retrieval is shared by both.
+// Two implementations of the same function: the reference composition in LibTorch ops (per
+// segment ProductKeyTopK, gathered [M, h·k, D] row tensors, dense gradients over each training
+// table), and with model.peer.impl = PEER_IMPL_FUSED (the default) the kernels/ of DESIGN.md §5 —
+// fused retrieval (kernels/product_key_retrieval.h) and a fused expert mixture whose table
+// gradients hold only the retrieved rows (kernels/expert_mixture.h). Tests hold them equal.
 // Not thread-safe: one trainer thread owns a layer.
 #pragma once
 
@@ -72,13 +74,18 @@ class PeerLayerImpl : public torch::nn::Module {
   void set_norm_stats_frozen(bool frozen) { norm_stats_frozen_ = frozen; }
 
   const PeerConfig& config() const { return config_; }
-  // Whether forward runs the fused CPU kernel (configured, CPU fp32 input, every segment resident).
+  // Whether forward runs the fused kernels (configured, and built for x's device and dtype).
   bool UsesFusedKernel(const torch::Tensor& x) const;
   torch::nn::Linear query_proj{nullptr};  // W_q: D -> h·dk, no bias
   torch::Tensor norm_weight, norm_bias;   // affine of the query norm ([h·dk]; undefined for NONE)
   torch::Tensor running_mean, running_var;  // batch-norm buffers (undefined unless BATCH)
 
  private:
+  // ProductKeyTopK per active segment (by position), then the top-k over their union.
+  Retrieval RetrieveReference(const torch::Tensor& query, const std::vector<int64_t>& positions) const;
+  // The fused expert half: x [M, D], w [M, h·k] -> [M, D]. Rows of cached segments are fetched
+  // once per distinct retrieved row.
+  torch::Tensor MixFused(const torch::Tensor& x, const torch::Tensor& w, const Retrieval& r) const;
   // {down (u), up (v)} rows [M·h·k, D] of each retrieved expert, in retrieval order, as `dtype`.
   std::pair<torch::Tensor, torch::Tensor> Gather(const Retrieval& r, torch::ScalarType dtype) const;
 

@@ -125,11 +125,8 @@ StepStats Trainer::Step(const torch::Tensor& tokens, int64_t replayed) {
     stats.distill = kl.item<double>();
   }
   loss.backward();
-  std::vector<torch::Tensor> params;
-  for (const auto& p : optimizer_.parameters()) params.push_back(p.tensor);
-  stats.grad_norm = config_.grad_clip() > 0
-                        ? torch::nn::utils::clip_grad_norm_(params, config_.grad_clip())
-                        : torch::nn::utils::clip_grad_norm_(params, INFINITY);
+  // Our own clipping: LibTorch's clip_grad_norm_ does not scale sparse gradients (expert tables).
+  stats.grad_norm = optimizer_.ClipGradNorm(config_.grad_clip() > 0 ? config_.grad_clip() : INFINITY);
   stats.lr = LearningRate(step_);
   optimizer_.Step(stats.lr);
   ++step_;

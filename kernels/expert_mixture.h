@@ -6,9 +6,11 @@
 //
 // without materialising the gathered [M, J, D] row tensors the reference composition
 // (PeerLayerImpl::forward) builds. Differentiable in x, w and every table that requires a
-// gradient (training segments); frozen tables (fp32 or bf16, read as stored) get none. Table
-// gradients are accumulated row by row in a fixed order, so results do not depend on the thread
-// count's scheduling. DESIGN.md §5.
+// gradient (training segments); frozen tables (fp32 or bf16, read as stored) get none. A table's
+// gradient is a sparse COO tensor [N, D] holding only the retrieved rows (indices strictly
+// increasing, one entry per row), so a 1M-row table never gets a dense gradient; AdamW updates
+// just those rows (kernels/adamw_rows.h). Each row sums its contributions in a fixed order, so
+// results do not depend on the scheduling of threads. DESIGN.md §5.
 #pragma once
 
 #include <torch/torch.h>
@@ -21,6 +23,10 @@ namespace peerd::kernels {
 struct ExpertTable {
   torch::Tensor down, up;
 };
+
+// Whether this build has the fused kernels for tensors like `x`: fp32 on the CPU, or on a CUDA
+// device when built with kernels/cuda (PEERD_WITH_CUDA_KERNELS).
+bool FusedKernelsSupport(const torch::Tensor& x);
 
 // x [M, D] fp32, w [M, J] fp32, segment and index [M, J] int64 (segment: position in `tables`).
 // Returns y [M, D] fp32.

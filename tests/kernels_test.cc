@@ -1,13 +1,19 @@
-// The fused CPU expert mixture (kernels/) computes the same function as the reference LibTorch
+// The fused CPU kernels (kernels/) compute the same function as the reference LibTorch
 // composition — forward and every gradient — on fresh random inputs, several shapes, several
-// segments, training and frozen (fp32 and bf16) tables.
+// segments, training and frozen (fp32 and bf16) tables; retrieval finds the brute-force top-k;
+// the row-wise AdamW update equals dense AdamW on the rows it touches and touches no other.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <cstring>
 #include <random>
+#include <set>
 
+#include "core/adamw.h"
 #include "core/peer_layer.h"
 #include "kernels/expert_mixture.h"
+#include "kernels/product_key_retrieval.h"
 #include "tests/test_util.h"
 
 namespace peerd {
@@ -33,6 +39,11 @@ torch::Tensor Reference(const torch::Tensor& x, const torch::Tensor& w, const to
   torch::Tensor a = torch::bmm(u.view({M, J, D}), x.unsqueeze(2)).view({M, 1, J});
   return torch::bmm(torch::gelu(a) * w.view({M, 1, J}), v.view({M, J, D})).view({M, D});
 }
+
+torch::Tensor Dense(const torch::Tensor& t) { return t.is_sparse() ? t.to_dense() : t; }
+
+// Distinct values of an int64 tensor, ascending.
+torch::Tensor Distinct(const torch::Tensor& t) { return std::get<0>(at::_unique2(t.reshape(-1), true)); }
 
 class ExpertMixture : public ::testing::TestWithParam<Shape> {};
 
@@ -69,11 +80,22 @@ TEST_P(ExpertMixture, MatchesTheReferenceForwardAndEveryGradient) {
   auto fused = torch::autograd::grad({y}, inputs, {gy}, /*retain_graph=*/true);
   auto ref = torch::autograd::grad({y_ref}, inputs, {gy});
   for (size_t i = 0; i < inputs.size(); ++i)
-    EXPECT_TRUE(torch::allclose(fused[i], ref[i], 1e-4, 1e-5))
-        << "gradient " << i << " differs by " << (fused[i] - ref[i]).abs().max().item<float>();
+    EXPECT_TRUE(torch::allclose(Dense(fused[i]), ref[i], 1e-4, 1e-5))
+        << "gradient " << i << " differs by " << (Dense(fused[i]) - ref[i]).abs().max().item<float>();
+  // A table's gradient is sparse and holds exactly the rows its segment's tokens retrieved.
+  for (size_t s = 0, i = 2; s < tables.size(); ++s) {
+    if (!tables[s].down.requires_grad()) continue;
+    torch::Tensor retrieved = Distinct(idx.masked_select(seg == static_cast<int64_t>(s)));
+    for (size_t t = i; t < i + 2; ++t) {
+      ASSERT_TRUE(fused[t].is_sparse()) << "gradient " << t;
+      EXPECT_TRUE(torch::equal(fused[t]._indices()[0], retrieved)) << "gradient " << t << " rows";
+    }
+    i += 2;
+  }
   // Deterministic: a second backward gives the same bits.
   auto again = torch::autograd::grad({y}, inputs, {gy});
-  for (size_t i = 0; i < inputs.size(); ++i) EXPECT_TRUE(torch::equal(fused[i], again[i])) << "gradient " << i;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_TRUE(torch::equal(Dense(fused[i]), Dense(again[i]))) << "gradient " << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -83,6 +105,81 @@ INSTANTIATE_TEST_SUITE_P(
                       Shape{64, 24, 8, {25, 49, 16}, {torch::kDouble, torch::kBFloat16, torch::kFloat}},
                       Shape{200, 64, 32, {1024, 256}, {torch::kBFloat16, torch::kFloat}},
                       Shape{50, 16, 12, {36, 36}, {torch::kDouble, torch::kDouble}}));
+
+struct RetrievalShape {
+  int64_t h, M, dk, k;
+  std::vector<int64_t> n_keys;  // per segment
+  std::vector<bool> training;   // sub-keys require a gradient
+};
+
+class Retrieval : public ::testing::TestWithParam<RetrievalShape> {};
+
+// Fused retrieval returns the brute-force top-k over every expert of every segment (scores equal
+// to q·key, best first), and its gradients equal autograd's through the same selected sums.
+TEST_P(Retrieval, FindsTheBruteForceTopKAndMatchesTheReferenceGradients) {
+  const RetrievalShape& sh = GetParam();
+  std::random_device rd;
+  const uint64_t seed = rd();
+  torch::manual_seed(seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const int64_t half = sh.dk / 2;
+  torch::Tensor q = torch::randn({sh.h, sh.M, sh.dk}).set_requires_grad(true);
+  std::vector<torch::Tensor> keys;
+  for (size_t s = 0; s < sh.n_keys.size(); ++s)
+    keys.push_back(torch::randn({sh.h, 2, sh.n_keys[s], half}).set_requires_grad(sh.training[s]));
+  kernels::RetrievedExperts r = kernels::ProductKeyRetrieval(q, keys, sh.k);
+  ASSERT_EQ(r.scores.sizes(), (std::vector<int64_t>{sh.M, sh.h, sh.k}));
+
+  // Brute force: every expert's full score, [h, M, Σ n_s²], and its k best.
+  std::vector<torch::Tensor> full;
+  for (const auto& kt : keys) {
+    torch::Tensor s1 = torch::bmm(q.narrow(2, 0, half), kt.select(1, 0).transpose(1, 2));     // [h, M, n]
+    torch::Tensor s2 = torch::bmm(q.narrow(2, half, half), kt.select(1, 1).transpose(1, 2));  // [h, M, n]
+    full.push_back((s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2));
+  }
+  torch::Tensor all = torch::cat(full, -1).detach();  // [h, M, Σ n²]
+  torch::Tensor best = std::get<0>(all.topk(sh.k, -1)).transpose(0, 1);  // [M, h, k]
+  EXPECT_TRUE(torch::allclose(r.scores, best, 1e-4, 1e-4)) << (r.scores - best).abs().max().item<float>();
+  // Each returned (segment, index) really has the returned score.
+  torch::Tensor offset = torch::zeros({(int64_t)keys.size()}, torch::kLong);
+  for (size_t s = 1; s < keys.size(); ++s) offset[s] = offset[s - 1] + sh.n_keys[s - 1] * sh.n_keys[s - 1];
+  torch::Tensor flat = (offset.index_select(0, r.segment.flatten()).view_as(r.segment) + r.index).transpose(0, 1);
+  EXPECT_TRUE(torch::allclose(all.gather(-1, flat).transpose(0, 1), r.scores, 1e-4, 1e-4));
+  EXPECT_TRUE((r.scores.slice(2, 1) <= r.scores.slice(2, 0, sh.k - 1)).all().item<bool>()) << "best first";
+
+  // Gradients: the reference recomputes the selected scores from the same (segment, i, j).
+  torch::Tensor g = torch::randn({sh.M, sh.h, sh.k});
+  std::vector<torch::Tensor> inputs = {q};
+  for (size_t s = 0; s < keys.size(); ++s)
+    if (sh.training[s]) inputs.push_back(keys[s]);
+  auto fused = torch::autograd::grad({r.scores}, inputs, {g});
+  torch::Tensor ref_scores = torch::zeros({sh.h, sh.M, sh.k});
+  torch::Tensor seg = r.segment.transpose(0, 1), idx = r.index.transpose(0, 1);  // [h, M, k]
+  for (size_t s = 0; s < keys.size(); ++s) {
+    const int64_t n = sh.n_keys[s];
+    torch::Tensor mine = seg == static_cast<int64_t>(s);
+    torch::Tensor i = torch::where(mine, idx.div(n, "floor"), torch::zeros_like(idx));
+    torch::Tensor j = torch::where(mine, idx.remainder(n), torch::zeros_like(idx));
+    auto pick = [&](int part, const torch::Tensor& row) {  // [h, M, k, dk/2]
+      torch::Tensor table = keys[s].select(1, part);     // [h, n, dk/2]
+      return table.unsqueeze(1).expand({sh.h, sh.M, n, half}).gather(2, row.unsqueeze(-1).expand({sh.h, sh.M, sh.k, half}));
+    };
+    torch::Tensor sc = (pick(0, i) * q.narrow(2, 0, half).unsqueeze(2)).sum(-1) +
+                       (pick(1, j) * q.narrow(2, half, half).unsqueeze(2)).sum(-1);
+    ref_scores = ref_scores + mine.to(torch::kFloat) * sc;
+  }
+  auto ref = torch::autograd::grad({ref_scores.transpose(0, 1)}, inputs, {g});
+  for (size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_TRUE(torch::allclose(fused[i], ref[i], 1e-4, 1e-4))
+        << "gradient " << i << " differs by " << (fused[i] - ref[i]).abs().max().item<float>();
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, Retrieval,
+                         ::testing::Values(RetrievalShape{1, 1, 4, 2, {2}, {true}},
+                                           RetrievalShape{2, 33, 8, 4, {8}, {true}},
+                                           RetrievalShape{4, 70, 16, 8, {12, 9, 16}, {false, false, true}},
+                                           RetrievalShape{3, 50, 32, 16, {40, 16}, {false, true}},
+                                           RetrievalShape{2, 129, 6, 3, {5, 5}, {false, false}}));
 
 // The whole layer: the same pool (a bf16-frozen, an fp32-frozen and a training segment) computed
 // with each implementation gives the same output and the same gradients.
@@ -120,10 +217,118 @@ TEST(PeerLayerFused, SameOutputAndGradientsAsTheReferenceLayer) {
     const torch::Tensor& gr = item.value().grad();
     const torch::Tensor& gf = pf[item.key()].grad();
     ASSERT_TRUE(gr.defined() && gf.defined()) << item.key();
-    EXPECT_TRUE(torch::allclose(gf, gr, 1e-4, 1e-5)) << item.key() << " differs by " << (gf - gr).abs().max().item<float>();
+    EXPECT_TRUE(torch::allclose(Dense(gf), gr, 1e-4, 1e-5))
+        << item.key() << " differs by " << (Dense(gf) - gr).abs().max().item<float>();
     ++compared;
   }
   EXPECT_GE(compared, 6);  // query projection, norm affine, training sub-keys, down, up
+}
+
+// A segment whose rows sit behind a cache gives the fused layer the same output and gradients as
+// the same rows held in memory, and each distinct retrieved row is fetched once per forward.
+class TableRowSource : public ExpertRowSource {
+ public:
+  TableRowSource(torch::Tensor down, torch::Tensor up) : down_(std::move(down)), up_(std::move(up)) {}
+  Status Fetch(const int64_t* experts, int64_t n, float* down, float* up) override {
+    const int64_t D = down_.size(1);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(down + i * D, down_[experts[i]].data_ptr<float>(), D * sizeof(float));
+      std::memcpy(up + i * D, up_[experts[i]].data_ptr<float>(), D * sizeof(float));
+    }
+    fetched += n;
+    return Status::OK();
+  }
+  int64_t fetched = 0;
+
+ private:
+  torch::Tensor down_, up_;
+};
+
+TEST(PeerLayerFused, CachedSegmentMatchesTheSameRowsHeldInMemory) {
+  std::random_device rd;
+  const uint64_t seed = rd();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  torch::manual_seed(seed);
+  const int64_t D = 16, n = 10;
+  PeerConfig c = testing::SmallPeer(/*n_keys=*/8, /*heads=*/2, /*topk=*/4, /*query_dim=*/8);
+  c.set_impl(PEER_IMPL_FUSED);
+  torch::Tensor keys = torch::randn({2, 2, n, 4}), down = torch::randn({n * n, D}) / 4, up = torch::randn({n * n, D}) / 4;
+  auto source = std::make_shared<TableRowSource>(down, up);
+  auto build = [&](bool cached) {
+    torch::manual_seed(seed);
+    PeerLayer layer(D, c);
+    ExpertSegment frozen = cached ? ExpertSegment(1, keys.clone(), D, source)
+                                  : ExpertSegment(1, keys.clone(), down.clone(), up.clone());
+    EXPECT_TRUE(layer->InsertFrozenSegment(frozen).ok());
+    return layer;
+  };
+  PeerLayer resident = build(false), cached = build(true);
+  ASSERT_FALSE(cached->segments()[1]->resident());
+  torch::Tensor x = torch::randn({2, 30, D});
+  torch::Tensor xr = x.clone().requires_grad_(true), xc = x.clone().requires_grad_(true);
+  cached->StartUsageRecording();
+  torch::Tensor yr = resident->forward(xr), yc = cached->forward(xc);
+  EXPECT_TRUE(torch::equal(yc, yr)) << (yc - yr).abs().max().item<float>();
+  EXPECT_EQ(source->fetched, (cached->UsageCounts(1) > 0).sum().item<int64_t>()) << "each distinct row once";
+  EXPECT_GT(source->fetched, 0);
+  torch::Tensor gy = torch::randn_like(yr);
+  yr.backward(gy);
+  yc.backward(gy);
+  EXPECT_TRUE(torch::equal(xc.grad(), xr.grad()));
+  EXPECT_TRUE(torch::equal(cached->query_proj->weight.grad(), resident->query_proj->weight.grad()));
+  EXPECT_TRUE(torch::equal(Dense(cached->segments()[0]->down.grad()), Dense(resident->segments()[0]->down.grad())));
+}
+
+// The row-wise update (lazy AdamW) against the formula applied by hand to each touched row, over
+// steps that touch different rows, none, and the same row twice (a gradient that needs coalescing).
+TEST(AdamWRows, SparseStepsUpdateExactlyTheirRowsAsAdamWWould) {
+  std::random_device rd;
+  const uint64_t seed = rd();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  torch::manual_seed(seed);
+  const int64_t N = 40, D = 8;
+  torch::Tensor p = torch::randn({N, D}), start = p.clone();
+  AdamW::Options o;
+  o.weight_decay = 0.1;
+  AdamW opt(o);
+  opt.SetParameters({{p, /*decay=*/true, /*lr_scale=*/0.5}});
+  const double lr = 0.01, plr = lr * 0.5;
+  torch::Tensor ref = p.clone(), m = torch::zeros({N, D}), v = torch::zeros({N, D});
+  const std::vector<std::vector<int64_t>> steps = {{0, 3, 7}, {3, 4, 39}, {}, {9, 2, 9}, {7}};
+  for (size_t t = 0; t < steps.size(); ++t) {
+    const int64_t R = static_cast<int64_t>(steps[t].size());
+    torch::Tensor rows = torch::tensor(steps[t], torch::kLong).view({R});
+    torch::Tensor values = torch::randn({R, D});
+    p.mutable_grad() = at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), values, {N, D});
+    opt.Step(lr);
+    const double bc1 = 1 - std::pow(o.beta1, t + 1), bc2 = 1 - std::pow(o.beta2, t + 1);
+    torch::Tensor g = torch::zeros({N, D}).index_add_(0, rows, values);
+    for (int64_t e : std::set<int64_t>(steps[t].begin(), steps[t].end())) {
+      m[e] = o.beta1 * m[e] + (1 - o.beta1) * g[e];
+      v[e] = o.beta2 * v[e] + (1 - o.beta2) * g[e] * g[e];
+      ref[e] = ref[e] * (1 - plr * o.weight_decay) - plr / bc1 * m[e] / ((v[e] / bc2).sqrt() + o.eps);
+    }
+  }
+  EXPECT_TRUE(torch::allclose(p, ref, 1e-5, 1e-6)) << (p - ref).abs().max().item<float>();
+  const std::set<int64_t> touched = {0, 2, 3, 4, 7, 9, 39};
+  for (int64_t e = 0; e < N; ++e)
+    if (!touched.count(e)) {
+      EXPECT_TRUE(torch::equal(p[e], start[e])) << "row " << e << " was never retrieved";
+    }
+  EXPECT_TRUE(torch::equal(opt.StateOf(p).m[5], torch::zeros({D})));
+}
+
+TEST(AdamWRows, ClipGradNormScalesSparseAndDenseGradientsTogether) {
+  torch::Tensor dense = torch::zeros({5}), table = torch::zeros({6, 2});
+  AdamW opt({});
+  opt.SetParameters({{dense}, {table}});
+  dense.mutable_grad() = torch::full({5}, 3.0);                                    // |g|² = 45
+  table.mutable_grad() = at::_sparse_coo_tensor_unsafe(torch::tensor({{1, 4}}), torch::full({2, 2}, 4.0), {6, 2});  // 64
+  EXPECT_NEAR(opt.ClipGradNorm(1.0), std::sqrt(109.0), 1e-9);
+  const double after = std::sqrt(dense.grad().square().sum().item<double>() +
+                                 table.grad()._values().square().sum().item<double>());
+  EXPECT_NEAR(after, 1.0, 1e-5);
+  EXPECT_NEAR(opt.ClipGradNorm(INFINITY), after, 1e-6) << "infinity only measures";
 }
 
 }  // namespace

@@ -1,17 +1,25 @@
-// CPU implementation of kernels/expert_mixture.h: parallel over tokens for the forward pass and
-// for the gradients of x and w; parallel over distinct retrieved rows for the table gradients.
+// CPU implementation of kernels/expert_mixture.h. Forward and the gradients of x and w are
+// parallel over tokens; table gradients are parallel over the distinct retrieved rows, each row
+// summing its (token, slot) contributions in ascending order — deterministic for any thread count.
 #include "kernels/expert_mixture.h"
 
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <numeric>
+#include <vector>
+
+#include "kernels/cpu/rows.h"
+#ifdef PEERD_WITH_CUDA_KERNELS
+#include "kernels/cuda/kernels_cuda.h"
+#endif
 
 namespace peerd::kernels {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using cpu::Axpy;
+using cpu::Dot;
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -19,41 +27,131 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 inline float Gelu(float a) { return 0.5f * a * (1.0f + std::erf(a * kInvSqrt2)); }
 inline float GeluGrad(float a) { return 0.5f * (1.0f + std::erf(a * kInvSqrt2)) + a * kInvSqrt2Pi * std::exp(-0.5f * a * a); }
 
-// Row e of a table as floats (the row pointer typed by the table's dtype).
-struct RowView {
-  const void* base;
-  bool bf16;
-  int64_t D;
-  float At(int64_t e, int64_t d) const {
-    return bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(base)[e * D + d])
-                : static_cast<const float*>(base)[e * D + d];
-  }
+// One table's rows, typed: exactly one pointer is set.
+struct Rows {
+  const float* f32 = nullptr;
+  const c10::BFloat16* bf16 = nullptr;
 };
 
-RowView View(const torch::Tensor& t) {
+Rows RowsOf(const torch::Tensor& t) {
   TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16),
               "expert tables must be contiguous fp32 or bf16");
-  return {t.data_ptr(), t.scalar_type() == torch::kBFloat16, t.size(1)};
+  Rows r;
+  if (t.scalar_type() == torch::kFloat) r.f32 = t.data_ptr<float>();
+  else r.bf16 = t.data_ptr<c10::BFloat16>();
+  return r;
 }
 
-float Dot(const RowView& r, int64_t e, const float* x, int64_t D) {
-  float s = 0;
-  if (!r.bf16) {
-    const float* row = static_cast<const float*>(r.base) + e * D;
-    for (int64_t d = 0; d < D; ++d) s += row[d] * x[d];
-  } else {
-    for (int64_t d = 0; d < D; ++d) s += r.At(e, d) * x[d];
-  }
-  return s;
+inline float DotRow(const Rows& t, int64_t e, const float* x, int64_t D) {
+  return t.f32 ? Dot(t.f32 + e * D, x, D) : Dot(t.bf16 + e * D, x, D);
+}
+inline void AxpyRow(float c, const Rows& t, int64_t e, float* y, int64_t D) {
+  if (t.f32) Axpy(c, t.f32 + e * D, y, D);
+  else Axpy(c, t.bf16 + e * D, y, D);
+}
+inline void PrefetchRow(const Rows& t, int64_t e, int64_t D) {
+  const char* p = t.f32 ? reinterpret_cast<const char*>(t.f32 + e * D) : reinterpret_cast<const char*>(t.bf16 + e * D);
+  const int64_t bytes = D * (t.f32 ? 4 : 2);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
 }
 
-void Axpy(float c, const RowView& r, int64_t e, float* y, int64_t D) {
-  if (!r.bf16) {
-    const float* row = static_cast<const float*>(r.base) + e * D;
-    for (int64_t d = 0; d < D; ++d) y[d] += c * row[d];
-  } else {
-    for (int64_t d = 0; d < D; ++d) y[d] += c * r.At(e, d);
+// What the loops read: [M, J] retrieval and weights, x [M, D], the tables by segment position.
+struct Problem {
+  int64_t M, D, J;
+  const float *x, *w;
+  const int64_t *segment, *index;
+  std::vector<Rows> down, up;
+};
+
+// y[m] = Σ_j w·GELU(u·x)·v for tokens [begin, end); keeps a = u·x for backward.
+PEERD_MULTIVERSION
+void ForwardTokens(const Problem& p, int64_t begin, int64_t end, float* y, float* a) {
+  const int64_t D = p.D, J = p.J;
+  for (int64_t m = begin; m < end; ++m) {
+    const float* xm = p.x + m * D;
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t mj = m * J + j, s = p.segment[mj], e = p.index[mj];
+      if (j + 1 < J) {  // the rows are random: ask for the next expert's while this one computes
+        PrefetchRow(p.down[p.segment[mj + 1]], p.index[mj + 1], D);
+        PrefetchRow(p.up[p.segment[mj + 1]], p.index[mj + 1], D);
+      }
+      const float pre = DotRow(p.down[s], e, xm, D);
+      a[mj] = pre;
+      AxpyRow(p.w[mj] * Gelu(pre), p.up[s], e, y + m * D, D);
+    }
   }
+}
+
+// Per token: gw = GELU(a)·(gy·v), c = w·GELU(a), ga = w·(gy·v)·GELU'(a), gx = Σ_j ga·u.
+PEERD_MULTIVERSION
+void BackwardTokens(const Problem& p, int64_t begin, int64_t end, const float* a, const float* gy, float* gx,
+                    float* gw, float* ga, float* c) {
+  const int64_t D = p.D, J = p.J;
+  for (int64_t m = begin; m < end; ++m) {
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t mj = m * J + j, s = p.segment[mj], e = p.index[mj];
+      if (j + 1 < J) {
+        PrefetchRow(p.up[p.segment[mj + 1]], p.index[mj + 1], D);
+        PrefetchRow(p.down[p.segment[mj + 1]], p.index[mj + 1], D);
+      }
+      const float sv = DotRow(p.up[s], e, gy + m * D, D);
+      const float g = Gelu(a[mj]);
+      gw[mj] = g * sv;
+      c[mj] = p.w[mj] * g;
+      ga[mj] = p.w[mj] * sv * GeluGrad(a[mj]);
+      AxpyRow(ga[mj], p.down[s], e, gx + m * D, D);
+    }
+  }
+}
+
+// Row r of the compacted gradient: gd[r] = Σ ga·x[m], gu[r] = Σ c·gy[m] over the row's hits
+// hits[start[r] .. start[r+1]), which are in ascending (m, j) order.
+PEERD_MULTIVERSION
+void RowGradients(const Problem& p, const int64_t* hits, const int64_t* start, int64_t begin, int64_t end,
+                  const float* ga, const float* c, const float* gy, float* gd, float* gu) {
+  const int64_t D = p.D, J = p.J;
+  for (int64_t r = begin; r < end; ++r) {
+    float *gdr = gd + r * D, *gur = gu + r * D;
+    for (int64_t h = start[r]; h < start[r + 1]; ++h) {
+      const int64_t mj = hits[h], m = mj / J;
+      Axpy(ga[mj], p.x + m * D, gdr, D);
+      Axpy(c[mj], gy + m * D, gur, D);
+    }
+  }
+}
+
+// The (m, j) slots that retrieved rows of segment `s`, grouped by row (a counting sort: O(N + M·J),
+// stable, so each row's slots stay in ascending order). rows: the distinct rows, ascending.
+void GroupByRow(const Problem& p, int64_t s, int64_t n_rows, std::vector<int64_t>* rows,
+                std::vector<int64_t>* start, std::vector<int64_t>* hits) {
+  const int64_t MJ = p.M * p.J;
+  std::vector<int64_t> count(n_rows + 1, 0);
+  for (int64_t mj = 0; mj < MJ; ++mj)
+    if (p.segment[mj] == s) ++count[p.index[mj] + 1];
+  rows->clear();
+  start->clear();
+  for (int64_t e = 0; e < n_rows; ++e) {
+    if (count[e + 1] > 0) {
+      rows->push_back(e);
+      start->push_back(count[e]);
+    }
+    count[e + 1] += count[e];  // count[e] becomes the first slot of row e
+  }
+  start->push_back(count[n_rows]);
+  hits->resize(count[n_rows]);
+  for (int64_t mj = 0; mj < MJ; ++mj)
+    if (p.segment[mj] == s) (*hits)[count[p.index[mj]]++] = mj;
+}
+
+Problem Describe(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
+                 const torch::Tensor& index, const std::vector<torch::Tensor>& tables) {
+  Problem p{x.size(0), x.size(1), w.size(1), x.data_ptr<float>(), w.data_ptr<float>(),
+            segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(), {}, {}};
+  for (size_t t = 0; t < tables.size(); t += 2) {
+    p.down.push_back(RowsOf(tables[t]));
+    p.up.push_back(RowsOf(tables[t + 1]));
+  }
+  return p;
 }
 
 class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunction> {
@@ -61,34 +159,14 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
   // tables: down0, up0, down1, up1, ...
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
                                const torch::Tensor& segment, const torch::Tensor& index, torch::TensorList tables) {
-    const int64_t M = x.size(0), D = x.size(1), J = w.size(1);
-    std::vector<RowView> downs, ups;
-    for (size_t t = 0; t < tables.size(); t += 2) {
-      downs.push_back(View(tables[t]));
-      ups.push_back(View(tables[t + 1]));
-    }
-    torch::Tensor y = torch::zeros({M, D});
-    torch::Tensor a = torch::empty({M, J});
-    const float* xp = x.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
-    const int64_t* sp = segment.data_ptr<int64_t>();
-    const int64_t* ip = index.data_ptr<int64_t>();
-    float* yp = y.data_ptr<float>();
-    float* ap = a.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const float* xm = xp + m * D;
-        for (int64_t j = 0; j < J; ++j) {
-          const int64_t s = sp[m * J + j], e = ip[m * J + j];
-          const float pre = Dot(downs[s], e, xm, D);
-          ap[m * J + j] = pre;
-          Axpy(wp[m * J + j] * Gelu(pre), ups[s], e, yp + m * D, D);
-        }
-      }
+    std::vector<torch::Tensor> kept(tables.begin(), tables.end());
+    const Problem p = Describe(x, w, segment, index, kept);
+    torch::Tensor y = torch::zeros({p.M, p.D});
+    torch::Tensor a = torch::empty({p.M, p.J});
+    at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
+      ForwardTokens(p, begin, end, y.data_ptr<float>(), a.data_ptr<float>());
     });
     ctx->save_for_backward({x, w, segment, index, a});
-    ctx->saved_data["tables"] = static_cast<int64_t>(tables.size());
-    std::vector<torch::Tensor> kept(tables.begin(), tables.end());
     ctx->saved_data["table_list"] = c10::List<torch::Tensor>(kept);
     return y;
   }
@@ -97,71 +175,41 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
     auto saved = ctx->get_saved_variables();
     const torch::Tensor x = saved[0], w = saved[1], segment = saved[2], index = saved[3], a = saved[4];
     const auto table_list = ctx->saved_data["table_list"].toTensorList();
-    const torch::Tensor gy = grad_outputs[0].contiguous();
-    const int64_t M = x.size(0), D = x.size(1), J = w.size(1);
-    const size_t n_tables = table_list.size();
-    std::vector<RowView> downs, ups;
     std::vector<torch::Tensor> tables;
-    for (size_t t = 0; t < n_tables; ++t) tables.push_back(table_list.get(t));
-    for (size_t t = 0; t < n_tables; t += 2) {
-      downs.push_back(View(tables[t]));
-      ups.push_back(View(tables[t + 1]));
-    }
-    torch::Tensor gx = torch::zeros({M, D}), gw = torch::empty({M, J});
-    torch::Tensor ga = torch::empty({M, J}), c = torch::empty({M, J});  // dL/da and w·GELU(a)
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *ap = a.data_ptr<float>(),
-                *gyp = gy.data_ptr<float>();
-    const int64_t *sp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
-    float *gxp = gx.data_ptr<float>(), *gwp = gw.data_ptr<float>(), *gap = ga.data_ptr<float>(), *cp = c.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        for (int64_t j = 0; j < J; ++j) {
-          const int64_t mj = m * J + j, s = sp[mj], e = ip[mj];
-          const float sv = Dot(ups[s], e, gyp + m * D, D);  // gy · v
-          const float g = Gelu(ap[mj]);
-          gwp[mj] = g * sv;
-          cp[mj] = wp[mj] * g;
-          gap[mj] = wp[mj] * sv * GeluGrad(ap[mj]);
-          Axpy(gap[mj], downs[s], e, gxp + m * D, D);
-        }
-      }
+    for (size_t t = 0; t < table_list.size(); ++t) tables.push_back(table_list.get(t));
+    const torch::Tensor gy = grad_outputs[0].contiguous();
+    const Problem p = Describe(x, w, segment, index, tables);
+    torch::Tensor gx = torch::zeros({p.M, p.D}), gw = torch::empty({p.M, p.J});
+    torch::Tensor ga = torch::empty({p.M, p.J}), c = torch::empty({p.M, p.J});  // dL/da and w·GELU(a)
+    at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
+      BackwardTokens(p, begin, end, a.data_ptr<float>(), gy.data_ptr<float>(), gx.data_ptr<float>(),
+                     gw.data_ptr<float>(), ga.data_ptr<float>(), c.data_ptr<float>());
     });
 
     variable_list grads = {gx, gw, torch::Tensor(), torch::Tensor()};
-    // Table gradients: for each segment that trains, the (m, j) pairs that retrieved it, ordered
-    // by row then by (m, j), so every row sums its contributions in one fixed order.
-    for (size_t s = 0; s < n_tables / 2; ++s) {
+    std::vector<int64_t> rows, start, hits;
+    for (size_t s = 0; s < tables.size() / 2; ++s) {
       const torch::Tensor &down = tables[2 * s], &up = tables[2 * s + 1];
       if (!ctx->needs_input_grad(4 + 2 * s) && !ctx->needs_input_grad(5 + 2 * s)) {
         grads.push_back(torch::Tensor());
         grads.push_back(torch::Tensor());
         continue;
       }
-      std::vector<int64_t> hits;
-      for (int64_t mj = 0; mj < M * J; ++mj)
-        if (sp[mj] == static_cast<int64_t>(s)) hits.push_back(mj);
-      std::stable_sort(hits.begin(), hits.end(), [&](int64_t p, int64_t q) { return ip[p] < ip[q]; });
-      std::vector<size_t> starts;
-      for (size_t h = 0; h < hits.size(); ++h)
-        if (h == 0 || ip[hits[h]] != ip[hits[h - 1]]) starts.push_back(h);
-      starts.push_back(hits.size());
-      torch::Tensor gd = torch::zeros_like(down, torch::kFloat), gu = torch::zeros_like(up, torch::kFloat);
-      float *gdp = gd.data_ptr<float>(), *gup = gu.data_ptr<float>();
-      at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t e = ip[hits[starts[r]]];
-          float *gdr = gdp + e * D, *gur = gup + e * D;
-          for (size_t h = starts[r]; h < starts[r + 1]; ++h) {
-            const int64_t mj = hits[h], m = mj / J;
-            for (int64_t d = 0; d < D; ++d) {
-              gdr[d] += gap[mj] * xp[m * D + d];
-              gur[d] += cp[mj] * gyp[m * D + d];
-            }
-          }
-        }
+      const int64_t N = down.size(0);
+      GroupByRow(p, static_cast<int64_t>(s), N, &rows, &start, &hits);
+      const int64_t R = static_cast<int64_t>(rows.size());
+      torch::Tensor gd = torch::zeros({R, p.D}), gu = torch::zeros({R, p.D});
+      at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+        RowGradients(p, hits.data(), start.data(), begin, end, ga.data_ptr<float>(), c.data_ptr<float>(),
+                     gy.data_ptr<float>(), gd.data_ptr<float>(), gu.data_ptr<float>());
       });
-      grads.push_back(gd.to(down.scalar_type()));
-      grads.push_back(gu.to(up.scalar_type()));
+      // Sparse COO [N, D]: one entry per distinct row, indices ascending — coalesced by construction.
+      torch::Tensor ids = torch::from_blob(rows.data(), {1, R}, torch::kLong).clone();
+      auto sparse = [&](const torch::Tensor& values, const torch::Tensor& like) {
+        return at::_sparse_coo_tensor_unsafe(ids, values.to(like.scalar_type()), {N, p.D})._coalesced_(true);
+      };
+      grads.push_back(sparse(gd, down));
+      grads.push_back(sparse(gu, up));
     }
     return grads;
   }
@@ -169,8 +217,20 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
 
 }  // namespace
 
+bool FusedKernelsSupport(const torch::Tensor& x) {
+  if (x.scalar_type() != torch::kFloat) return false;
+#ifdef PEERD_WITH_CUDA_KERNELS
+  if (x.is_cuda()) return true;
+#endif
+  return x.device().is_cpu();
+}
+
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables) {
+#ifdef PEERD_WITH_CUDA_KERNELS
+  if (x.is_cuda()) return cuda::ExpertMixture(x, w, segment, index, tables);
+#endif
+  TORCH_CHECK(x.device().is_cpu(), "ExpertMixture: this build has no CUDA kernels; x is on ", x.device());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be [M, D] fp32");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.scalar_type() == torch::kFloat, "w must be [M, J] fp32");
   TORCH_CHECK(segment.sizes() == w.sizes() && index.sizes() == w.sizes() && segment.scalar_type() == torch::kLong &&

@@ -1,0 +1,212 @@
+// CPU implementation of kernels/product_key_retrieval.h.
+//
+// Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (BLAS), a
+// parallel pass keeps each row's top-k, and a second parallel pass merges the k×k sums of every
+// segment into the head's k best — pruned, since both halves' lists are sorted. Backward touches
+// only the 2·k sub-keys each token's head selected.
+#include "kernels/product_key_retrieval.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "kernels/cpu/rows.h"
+#ifdef PEERD_WITH_CUDA_KERNELS
+#include "kernels/cuda/kernels_cuda.h"
+#endif
+
+namespace peerd::kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Inserts (v, id) into the descending list best[0..k) if it beats the last entry.
+inline void Offer(float v, int64_t id, float* best, int64_t* ids, int64_t k) {
+  if (!(v > best[k - 1])) return;
+  int64_t at = k - 1;
+  while (at > 0 && v > best[at - 1]) {
+    best[at] = best[at - 1];
+    ids[at] = ids[at - 1];
+    --at;
+  }
+  best[at] = v;
+  ids[at] = id;
+}
+
+// For rows [begin, end) of scores [M, n]: the k largest of each row, descending, into val/ids [M, k].
+// Blocks of 16 whose maximum cannot enter the list are skipped after one vectorised max.
+PEERD_MULTIVERSION
+void TopKRows(const float* scores, int64_t n, int64_t k, int64_t begin, int64_t end, float* val, int64_t* ids) {
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  for (int64_t m = begin; m < end; ++m) {
+    const float* row = scores + m * n;
+    float* best = val + m * k;
+    int64_t* id = ids + m * k;
+    std::fill(best, best + k, kNone);
+    std::fill(id, id + k, int64_t{0});
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      float top = row[i];
+#pragma omp simd reduction(max : top)
+      for (int64_t d = 1; d < 16; ++d) top = std::max(top, row[i + d]);
+      if (!(top > best[k - 1])) continue;
+      for (int64_t d = 0; d < 16; ++d) Offer(row[i + d], i + d, best, id, k);
+    }
+    for (; i < n; ++i) Offer(row[i], i, best, id, k);
+  }
+}
+
+struct SegmentTopK {
+  torch::Tensor val[2];  // [M, k] per half, descending
+  torch::Tensor ids[2];  // [M, k]
+  int64_t n;
+};
+
+class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const torch::Tensor& query, int64_t k, torch::TensorList keys) {
+    const int64_t h = query.size(0), M = query.size(1), half = query.size(2) / 2;
+    const int64_t S = static_cast<int64_t>(keys.size());
+    torch::Tensor scores = torch::empty({M, h, k}), segment = torch::empty({M, h, k}, torch::kLong),
+                  index = torch::empty({M, h, k}, torch::kLong);
+    float* sp = scores.data_ptr<float>();
+    int64_t *gp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
+    torch::Tensor half_scores;  // [M, n] reused across segments and halves
+    for (int64_t hh = 0; hh < h; ++hh) {
+      std::vector<SegmentTopK> tops(S);
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t n = keys[s].size(2);
+        tops[s].n = n;
+        for (int part = 0; part < 2; ++part) {
+          // [M, dk/2] x [dk/2, n] -> [M, n]
+          half_scores = at::mm(query[hh].narrow(1, part * half, half), keys[s][hh][part].t()).contiguous();
+          tops[s].val[part] = torch::empty({M, k});
+          tops[s].ids[part] = torch::empty({M, k}, torch::kLong);
+          const float* hs = half_scores.data_ptr<float>();
+          float* v = tops[s].val[part].data_ptr<float>();
+          int64_t* id = tops[s].ids[part].data_ptr<int64_t>();
+          at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) { TopKRows(hs, n, k, begin, end, v, id); });
+        }
+      }
+      // Merge: the k best of every segment's k×k sums. Lists are descending, so once
+      // v1[a] + v2[b] cannot enter, neither can any later b; once v1[a] + v2[0] cannot, no later a.
+      at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+        std::vector<float> best(k);
+        std::vector<int64_t> who(k);  // s · 2^40 + expert: position and index in one
+        for (int64_t m = begin; m < end; ++m) {
+          std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
+          std::fill(who.begin(), who.end(), int64_t{0});
+          for (int64_t s = 0; s < S; ++s) {
+            const float* v1 = tops[s].val[0].data_ptr<float>() + m * k;
+            const float* v2 = tops[s].val[1].data_ptr<float>() + m * k;
+            const int64_t* i1 = tops[s].ids[0].data_ptr<int64_t>() + m * k;
+            const int64_t* i2 = tops[s].ids[1].data_ptr<int64_t>() + m * k;
+            for (int64_t a = 0; a < k; ++a) {
+              if (!(v1[a] + v2[0] > best[k - 1])) break;
+              for (int64_t b = 0; b < k; ++b) {
+                const float sum = v1[a] + v2[b];
+                if (!(sum > best[k - 1])) break;
+                Offer(sum, (s << 40) | (i1[a] * tops[s].n + i2[b]), best.data(), who.data(), k);
+              }
+            }
+          }
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t o = (m * h + hh) * k + j;
+            sp[o] = best[j];
+            gp[o] = who[j] >> 40;
+            ip[o] = who[j] & ((int64_t{1} << 40) - 1);
+          }
+        }
+      });
+    }
+    std::vector<torch::Tensor> saved = {query, segment, index};
+    saved.insert(saved.end(), keys.begin(), keys.end());
+    ctx->save_for_backward(saved);
+    ctx->mark_non_differentiable({segment, index});
+    return {scores, segment, index};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor query = saved[0], segment = saved[1], index = saved[2];
+    const std::vector<torch::Tensor> keys(saved.begin() + 3, saved.end());
+    const int64_t h = query.size(0), M = query.size(1), dk = query.size(2), half = dk / 2, k = segment.size(2);
+    const int64_t S = static_cast<int64_t>(keys.size());
+    torch::Tensor gs = grad_outputs[0].defined() ? grad_outputs[0].contiguous() : torch::zeros({M, h, k});
+    const float* g = gs.data_ptr<float>();
+    const float* q = query.data_ptr<float>();
+    const int64_t *gp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
+    std::vector<const float*> kp(S);
+    std::vector<int64_t> n(S);
+    for (int64_t s = 0; s < S; ++s) {
+      kp[s] = keys[s].data_ptr<float>();
+      n[s] = keys[s].size(2);
+    }
+    // Sub-key (s, head, part, row) as a pointer into [h, 2, n, dk/2].
+    auto key = [&](int64_t s, int64_t hh, int64_t part, int64_t row) { return ((hh * 2 + part) * n[s] + row) * half; };
+
+    variable_list grads(2 + S);  // query, k, then each segment's sub-keys
+    if (ctx->needs_input_grad(0)) {
+      torch::Tensor gq = torch::zeros({h, M, dk});
+      float* gqp = gq.data_ptr<float>();
+      at::parallel_for(0, h * M, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t hh = u / M, m = u % M;
+          float* out = gqp + (hh * M + m) * dk;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t o = (m * h + hh) * k + j, s = gp[o], e = ip[o];
+            cpu::Axpy(g[o], kp[s] + key(s, hh, 0, e / n[s]), out, half);
+            cpu::Axpy(g[o], kp[s] + key(s, hh, 1, e % n[s]), out + half, half);
+          }
+        }
+      });
+      grads[0] = gq;
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      if (!ctx->needs_input_grad(1 + s)) continue;  // counts tensor inputs only: query, then the keys
+      torch::Tensor gk = torch::zeros_like(keys[s]);
+      float* gkp = gk.data_ptr<float>();
+      // One head per task; within it tokens and slots in ascending order: deterministic.
+      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t hh = begin; hh < end; ++hh)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < k; ++j) {
+              const int64_t o = (m * h + hh) * k + j;
+              if (gp[o] != s) continue;
+              const float* qm = q + (hh * M + m) * dk;
+              cpu::Axpy(g[o], qm, gkp + key(s, hh, 0, ip[o] / n[s]), half);
+              cpu::Axpy(g[o], qm + half, gkp + key(s, hh, 1, ip[o] % n[s]), half);
+            }
+      });
+      grads[2 + s] = gk;
+    }
+    return grads;
+  }
+};
+
+}  // namespace
+
+RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys,
+                                     int64_t k) {
+#ifdef PEERD_WITH_CUDA_KERNELS
+  if (query.is_cuda()) return cuda::ProductKeyRetrieval(query, sub_keys, k);
+#endif
+  TORCH_CHECK(query.device().is_cpu(), "ProductKeyRetrieval: this build has no CUDA kernels; query is on ",
+              query.device());
+  TORCH_CHECK(query.dim() == 3 && query.size(2) % 2 == 0 && query.scalar_type() == torch::kFloat,
+              "query must be [h, M, dk] fp32 with dk even");
+  TORCH_CHECK(!sub_keys.empty(), "retrieval needs at least one segment");
+  std::vector<torch::Tensor> keys;
+  for (const torch::Tensor& t : sub_keys) {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == 2 && t.size(3) * 2 == query.size(2) &&
+                    t.size(2) >= k && t.scalar_type() == torch::kFloat,
+                "sub-keys must be [h, 2, n, dk/2] fp32 with n >= k");
+    keys.push_back(t.contiguous());
+  }
+  variable_list out = RetrievalFunction::apply(query.contiguous(), k, torch::TensorList(keys));
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace peerd::kernels
