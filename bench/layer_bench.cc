@@ -33,6 +33,7 @@ struct Shape {
   int64_t dim = 256, heads = 8, topk = 16, tokens = 4096, iters = 3;
   uint32_t threads = 2;
   std::string query_norm = "none";  // peer_ref.py has no query norm
+  std::string pool = "training";     // training | frozen (fp32) | frozen-bf16
 };
 
 void AddShapeFlags(CLI::App& app, Shape& s) {
@@ -43,6 +44,58 @@ void AddShapeFlags(CLI::App& app, Shape& s) {
   app.add_option("--iters", s.iters, "timed steps after one warm-up step")->capture_default_str();
   app.add_option("--threads", s.threads, "LibTorch threads")->capture_default_str();
   app.add_option("--query-norm", s.query_norm, "none | layer | batch")->capture_default_str();
+}
+
+// What a step must do at least, for the floor: GEMM FLOPs (query network forward and backward,
+// sub-key scores) and bytes of expert rows (each retrieval reads its two rows in forward and
+// again in backward; a training pool also writes the gradient of each distinct retrieved row).
+// The mixture's own arithmetic (4·D FLOPs per retrieval and pass) hides under its memory traffic.
+struct Floor {
+  double gemm_flops = 0, row_bytes = 0;
+};
+
+Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem_bytes) {
+  const double M = s.tokens, J = s.heads * s.topk, D = s.dim, dk = s.dim, h = s.heads;
+  const double n = std::sqrt(static_cast<double>(experts)), N = experts;
+  Floor f;
+  f.gemm_flops = 3 * 2 * M * D * h * dk  // W_q: forward, and the gradients of x and of W_q
+                 + 2 * M * h * n * dk;   // both halves' sub-key scores, every head
+  f.row_bytes = 2 * M * J * 2 * D * row_elem_bytes;
+  if (training) f.row_bytes += N * (1 - std::exp(-M * J / N)) * 2 * D * 4;  // expected distinct rows
+  return f;
+}
+
+// Measured once per run: streaming copy bandwidth (bytes read + written per second) over 512 MB,
+// and the GEMM rate at the retrieval's shape ([M, dk/2] x [dk/2, 1024], one task per thread,
+// as the kernel runs them).
+struct MachineRates {
+  double bandwidth = 0, gemm = 0;
+};
+
+MachineRates MeasureRates(const Shape& s) {
+  SetComputeThreads(s.threads);
+  auto median = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+  MachineRates r;
+  torch::Tensor src = torch::rand({128 << 20}), dst = torch::empty_like(src);
+  std::vector<double> secs;
+  for (int i = 0; i < 5; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    dst.copy_(src);
+    secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  r.bandwidth = 2.0 * src.numel() * 4 / median(secs);
+  const int64_t half = s.dim / 2, tasks = 2 * s.threads;
+  torch::Tensor a = torch::randn({s.tokens, half}), b = torch::randn({half, 1024});
+  secs.clear();
+  for (int i = 0; i < 5; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) at::mm(a, b);
+    });
+    secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  r.gemm = 2.0 * s.tokens * half * 1024 * tasks / median(secs);
+  return r;
 }
 
 double PeakRssMb() {
@@ -65,11 +118,20 @@ std::string RunCommand(const std::string& cmd) {
 std::string ShapeArgs(const Shape& s) {
   return " --dim " + std::to_string(s.dim) + " --heads " + std::to_string(s.heads) + " --topk " +
          std::to_string(s.topk) + " --tokens " + std::to_string(s.tokens) + " --iters " +
-         std::to_string(s.iters) + " --threads " + std::to_string(s.threads) + " --query-norm " + s.query_norm;
+         std::to_string(s.iters) + " --threads " + std::to_string(s.threads) + " --query-norm " + s.query_norm +
+         " --pool " + s.pool;
 }
 
 json ErrorRow(const std::string& impl, int64_t experts, const std::string& why) {
   return {{"impl", impl}, {"experts", experts}, {"error", why}};
+}
+
+double RssMb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
 }
 
 // One configuration in a child process (its own peak RSS), as a JSON object.
@@ -102,7 +164,7 @@ json RunPeerRef(const std::string& script, int64_t experts, const Shape& s) {
   return {{"impl", "peer_ref.py"}, {"experts", experts}, {"dim", s.dim}, {"heads", s.heads},
           {"topk", s.topk}, {"tokens", s.tokens}, {"threads", s.threads},
           {"tokens_per_s", std::stod(tps[1])}, {"peak_rss_mb", std::stod(rss[1])},
-          {"param_mb", params * 4 / 1e6}};
+          {"param_mb", params * 4 / 1e6}, {"pool", "training"}};
 }
 
 }  // namespace
@@ -115,11 +177,17 @@ int LayerRun(int argc, char** argv) {
   AddShapeFlags(app, s);
   app.add_option("--impl", impl, "peerd (reference composition) | fused (kernels/) | dense-ffn");
   app.add_option("--experts", experts, "experts in the pool (a square)");
+  app.add_option("--pool", s.pool, "training | frozen | frozen-bf16")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   SetComputeThreads(s.threads);
+  if (s.pool != "training" && s.pool != "frozen" && s.pool != "frozen-bf16") {
+    std::fprintf(stderr, "--pool must be training, frozen or frozen-bf16, got '%s'\n", s.pool.c_str());
+    return 2;
+  }
   torch::manual_seed(0);
 
   std::function<torch::Tensor(const torch::Tensor&)> layer;
+  std::vector<torch::Tensor> trained;  // parameters whose gradients a step makes (and a trainer clears)
   int64_t params = 0;
   if (impl == "peerd" || impl == "fused") {
     const int64_t n_keys = std::llround(std::sqrt(static_cast<double>(experts)));
@@ -138,11 +206,18 @@ int LayerRun(int argc, char** argv) {
     p.set_impl(impl == "fused" ? PEER_IMPL_FUSED : PEER_IMPL_REFERENCE);
     PeerLayer peer(s.dim, p);
     for (const auto& t : peer->parameters()) params += t.numel();
+    if (s.pool != "training") {
+      Status st = peer->FreezeSegment(peer->segments()[0]->id(), s.pool == "frozen-bf16" ? torch::kBFloat16 : torch::kFloat);
+      TORCH_CHECK(st.ok(), st.ToString());
+    }
+    for (const auto& t : peer->parameters())
+      if (t.requires_grad()) trained.push_back(t);
     layer = [peer](const torch::Tensor& x) mutable { return peer->forward(x); };
   } else if (impl == "dense-ffn") {
     // Equal active parameters: h·k experts of 2·D weights each = a hidden width of h·k.
     DenseFfn dense(s.dim, s.heads * s.topk);
     for (const auto& t : dense->parameters()) params += t.numel();
+    trained = dense->parameters();
     layer = [dense](const torch::Tensor& x) mutable { return dense->forward(x); };
     experts = 0;
   } else {
@@ -150,9 +225,13 @@ int LayerRun(int argc, char** argv) {
     return 2;
   }
 
+  KeepFreedMemory();  // once the parameters exist: their initialisation's temporaries went back
   torch::Tensor x = torch::randn({s.tokens / 256, 256, s.dim}).requires_grad_(true);
+  const double rss_before_mb = RssMb();
   std::vector<double> step_seconds;
   for (int64_t i = 0; i <= s.iters; ++i) {
+    for (auto& t : trained) t.mutable_grad() = torch::Tensor();  // as a trainer's zero_grad, untimed
+    x.mutable_grad() = torch::Tensor();
     auto t0 = std::chrono::steady_clock::now();
     torch::Tensor y = layer(x);
     y.square().mean().backward();
@@ -163,43 +242,75 @@ int LayerRun(int argc, char** argv) {
   json row = {{"impl", impl}, {"experts", experts}, {"dim", s.dim},
               {"heads", s.heads}, {"topk", s.topk}, {"tokens", s.tokens}, {"threads", s.threads},
               {"tokens_per_s", s.tokens / median}, {"peak_rss_mb", PeakRssMb()},
-              {"param_mb", params * 4 / 1e6}, {"query_norm", s.query_norm}};
+              {"param_mb", params * 4 / 1e6}, {"query_norm", s.query_norm}, {"pool", s.pool},
+              {"rss_before_step_mb", rss_before_mb}, {"step_s", median}};
+  if (experts > 0) {
+    const Floor f = CountFloor(s, experts, s.pool == "training", s.pool == "frozen-bf16" ? 2 : 4);
+    row["gemm_flops"] = f.gemm_flops;
+    row["row_bytes"] = f.row_bytes;
+  }
   std::printf("%s\n", row.dump().c_str());
   return 0;
 }
 
 int LayerBench(int argc, char** argv) {
-  CLI::App app{"peer-bench layer: PEER layer forward+backward, side by side with a dense FFN of equal "
-               "active parameters and ../shared/bench/peer_ref.py"};
+  CLI::App app{"peer-bench layer: PEER layer forward+backward, fused kernels vs the reference composition, "
+               "training and frozen pools, side by side with a dense FFN of equal active parameters and "
+               "../shared/bench/peer_ref.py"};
   Shape s;
-  std::vector<int64_t> experts = {65536, 1048576};
+  std::vector<int64_t> experts = {65536, 262144, 1048576};
   std::vector<std::string> impls = {"peerd", "fused", "dense-ffn", "peer_ref.py"};
+  std::vector<std::string> pools = {"training", "frozen"};
   std::string ref_script = "../shared/bench/peer_ref.py";
   bool as_json = false;
   std::string json_out = "bench-out/layer.json";
   AddShapeFlags(app, s);
   app.add_option("--experts", experts, "pool sizes (squares), comma-separated")->delimiter(',')->capture_default_str();
   app.add_option("--impl", impls, "peerd (reference), fused, dense-ffn, peer_ref.py (comma-separated)")->delimiter(',')->capture_default_str();
+  app.add_option("--pools", pools, "training, frozen, frozen-bf16 (comma-separated; peer_ref.py trains)")->delimiter(',')->capture_default_str();
   app.add_option("--ref-script", ref_script, "path to peer_ref.py")->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object per configuration instead of the table");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
+  const MachineRates rates = MeasureRates(s);
   std::vector<json> rows;
   auto wants = [&](const std::string& i) { return std::find(impls.begin(), impls.end(), i) != impls.end(); };
   if (wants("dense-ffn")) rows.push_back(RunChild("dense-ffn", 0, s));
   for (int64_t n : experts) {
-    if (wants("peerd")) rows.push_back(RunChild("peerd", n, s));
-    if (wants("fused")) rows.push_back(RunChild("fused", n, s));
+    for (const std::string& pool : pools) {
+      Shape ps = s;
+      ps.pool = pool;
+      if (wants("peerd")) rows.push_back(RunChild("peerd", n, ps));
+      if (wants("fused")) rows.push_back(RunChild("fused", n, ps));
+    }
     if (wants("peer_ref.py")) rows.push_back(RunPeerRef(ref_script, n, s));
   }
 
-  std::map<int64_t, double> ref_tps;
-  for (const json& r : rows)
-    if (r["impl"] == "peer_ref.py" && r.contains("tokens_per_s")) ref_tps[r["experts"]] = r["tokens_per_s"];
-  for (json& r : rows)
-    if (ref_tps.count(r["experts"]) && r.contains("tokens_per_s"))
-      r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / ref_tps[r["experts"]];
+  // Ratios against peer_ref.py (same size) and against the reference composition (same size and pool);
+  // the floor's time at the measured rates, and the fraction of it a step achieves.
+  auto find = [&](const std::string& impl, int64_t n, const std::string& pool) -> const json* {
+    for (const json& r : rows)
+      if (r["impl"] == impl && r["experts"] == n && r.value("pool", "") == pool && r.contains("tokens_per_s")) return &r;
+    return nullptr;
+  };
+  for (json& r : rows) {
+    if (!r.contains("tokens_per_s")) continue;
+    const int64_t n = r["experts"];
+    if (const json* ref = find("peer_ref.py", n, "training"); ref && r["impl"] != "peer_ref.py")
+      r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
+    if (const json* ref = find("peerd", n, r.value("pool", "")); ref && r["impl"] == "fused")
+      r["ratio_vs_reference"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
+    if (r.contains("gemm_flops")) {
+      const double floor_s = r["gemm_flops"].get<double>() / rates.gemm + r["row_bytes"].get<double>() / rates.bandwidth;
+      r["floor_s"] = floor_s;
+      r["floor_fraction"] = floor_s / r["step_s"].get<double>();
+      r["memory_fraction"] = r["row_bytes"].get<double>() / rates.bandwidth / r["step_s"].get<double>();
+      r["gemm_fraction"] = r["gemm_flops"].get<double>() / rates.gemm / r["step_s"].get<double>();
+    }
+    r["measured_bandwidth_gbs"] = rates.bandwidth / 1e9;
+    r["measured_gemm_gflops"] = rates.gemm / 1e9;
+  }
   WriteJsonLines(json_out, rows);
   if (as_json) {
     PrintJsonLines(rows);
@@ -209,24 +320,29 @@ int LayerBench(int argc, char** argv) {
               "median of %lld steps (peer_ref.py: mean)\n",
               (long long)s.dim, (long long)s.heads, (long long)s.topk, (long long)s.tokens, s.threads,
               (long long)s.iters);
-  std::printf("%-12s %10s %11s %12s %13s %14s\n", "impl", "experts", "params MB", "tokens/s",
-              "peak RSS MB", "vs peer_ref");
+  std::printf("measured: copy bandwidth %.1f GB/s, GEMM %.1f GFLOP/s (retrieval shape); floor = GEMM FLOPs / "
+              "GEMM rate + expert-row bytes / bandwidth\n",
+              rates.bandwidth / 1e9, rates.gemm / 1e9);
+  std::printf("%-12s %-9s %9s %10s %10s %10s %9s %9s %9s %7s %7s\n", "impl", "pool", "experts", "params MB",
+              "tokens/s", "peak RSS", "RSS/param", "vs ref", "vs py", "floor%", "mem%");
+  auto fmt = [](const json& r, const char* key, const char* f, double scale = 1) {
+    if (!r.contains(key)) return std::string("-");
+    char buf[32];
+    std::snprintf(buf, sizeof buf, f, r[key].get<double>() * scale);
+    return std::string(buf);
+  };
   for (const json& r : rows) {
     if (r.contains("error")) {
-      std::printf("%-12s %10lld  error: %s\n", r["impl"].get<std::string>().c_str(),
+      std::printf("%-12s %-9s %9lld  error: %s\n", r["impl"].get<std::string>().c_str(), "",
                   (long long)r["experts"].get<int64_t>(), r["error"].get<std::string>().c_str());
       continue;
     }
-    const double tps = r["tokens_per_s"];
-    std::string ratio = "-";
-    if (r.contains("ratio_vs_peer_ref")) {
-      char buf[32];
-      std::snprintf(buf, sizeof buf, "%.2fx", r["ratio_vs_peer_ref"].get<double>());
-      ratio = buf;
-    }
-    std::printf("%-12s %10lld %11.1f %12.0f %13.0f %14s\n", r["impl"].get<std::string>().c_str(),
-                (long long)r["experts"].get<int64_t>(), r["param_mb"].get<double>(), tps,
-                r["peak_rss_mb"].get<double>(), ratio.c_str());
+    const double rss_per_param = r["peak_rss_mb"].get<double>() / r["param_mb"].get<double>();
+    std::printf("%-12s %-9s %9lld %10.1f %10.0f %10.0f %9.2f %9s %9s %7s %7s\n", r["impl"].get<std::string>().c_str(),
+                r.value("pool", "").c_str(), (long long)r["experts"].get<int64_t>(), r["param_mb"].get<double>(),
+                r["tokens_per_s"].get<double>(), r["peak_rss_mb"].get<double>(), rss_per_param,
+                fmt(r, "ratio_vs_reference", "%.2fx").c_str(), fmt(r, "ratio_vs_peer_ref", "%.2fx").c_str(),
+                fmt(r, "floor_fraction", "%.0f%%", 100).c_str(), fmt(r, "memory_fraction", "%.0f%%", 100).c_str());
   }
   return 0;
 }

@@ -37,7 +37,7 @@ Config DefaultConfig() {
   p->set_query_dim(64);
   p->set_query_norm(QUERY_NORM_LAYER);
   p->set_initial_segments(1);
-  p->set_impl(PEER_IMPL_REFERENCE);
+  p->set_impl(PEER_IMPL_FUSED);
 
   TrainConfig* t = c.mutable_train();
   t->set_batch_size(16);

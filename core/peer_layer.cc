@@ -182,7 +182,8 @@ std::pair<torch::Tensor, torch::Tensor> PeerLayerImpl::Gather(const Retrieval& r
 }
 
 bool PeerLayerImpl::UsesFusedKernel(const torch::Tensor& x) const {
-  return config_.impl() == PEER_IMPL_FUSED && kernels::FusedKernelsSupport(x);
+  // Unset means the default: fused. The reference runs only when asked for, or where no kernel is built.
+  return config_.impl() != PEER_IMPL_REFERENCE && kernels::FusedKernelsSupport(x);
 }
 
 torch::Tensor PeerLayerImpl::MixFused(const torch::Tensor& x, const torch::Tensor& w, const Retrieval& r) const {

@@ -1,11 +1,17 @@
 #include "core/runtime.h"
 
 #include <dlfcn.h>
+#include <malloc.h>
 
 #include <fstream>
 #include <thread>
 
 namespace peerd {
+
+void KeepFreedMemory() {
+  mallopt(M_MMAP_MAX, 0);              // every block from the heap, which stays mapped
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);  // hand the free top of the heap back only past 1 GiB
+}
 
 int SetComputeThreads(uint32_t threads) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());

@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
   SeedCompute(tc.seed());
   TransformerLM model(config.model());
   Trainer trainer(model, tc);
+  KeepFreedMemory();  // the model is built; from here on every step re-uses the last step's memory
   TextBatcher batcher(train_text, config.model().context(), tc.seed());
   EvalOptions eval;
   eval.max_bytes = tc.eval_bytes();

@@ -100,6 +100,7 @@ int main(int argc, char** argv) {
   if (Status st = Spool::Open(db, &spool); !st.ok()) return fail("spool", st);
   std::unique_ptr<TrainingLoop> loop;
   if (Status st = TrainingLoop::Open(lo, db, spool.get(), &loop); !st.ok()) return fail("restoring the model", st);
+  KeepFreedMemory();  // the model is built; from here on every step re-uses the last step's memory
   StatusReply s0 = loop->Snapshot();
   spdlog::info("data dir {}: step {}, {} spooled documents ({} bytes, {} untrained), {} segments; {} parameters, {} active per token; {} threads; BLAS {}",
                data_dir, s0.step(), s0.spool_documents(), s0.spool_bytes(), s0.spool_backlog_bytes(),

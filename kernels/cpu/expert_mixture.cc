@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/cpu/rows.h"
@@ -105,19 +107,66 @@ void BackwardTokens(const Problem& p, int64_t begin, int64_t end, const float* a
 }
 
 // Row r of the compacted gradient: gd[r] = Σ ga·x[m], gu[r] = Σ c·gy[m] over the row's hits
-// hits[start[r] .. start[r+1]), which are in ascending (m, j) order.
+// hits[start[r] .. start[r+1]) (at least one), in ascending (m, j) order. gd and gu need not be
+// zeroed: the first hit writes.
 PEERD_MULTIVERSION
 void RowGradients(const Problem& p, const int64_t* hits, const int64_t* start, int64_t begin, int64_t end,
                   const float* ga, const float* c, const float* gy, float* gd, float* gu) {
   const int64_t D = p.D, J = p.J;
   for (int64_t r = begin; r < end; ++r) {
     float *gdr = gd + r * D, *gur = gu + r * D;
-    for (int64_t h = start[r]; h < start[r + 1]; ++h) {
+    const int64_t first = hits[start[r]], m0 = first / J;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      gdr[d] = ga[first] * p.x[m0 * D + d];
+      gur[d] = c[first] * gy[m0 * D + d];
+    }
+    for (int64_t h = start[r] + 1; h < start[r + 1]; ++h) {
       const int64_t mj = hits[h], m = mj / J;
       Axpy(ga[mj], p.x + m * D, gdr, D);
       Axpy(c[mj], gy + m * D, gur, D);
     }
   }
+}
+
+// A training table's row gradients are needed every step and are large (at 1M experts ~40% of
+// the table: 400 MB at D = 256). Allocating them afresh each step costs the kernel's page faults
+// and zeroing — measured at ~30% of a step. So each table keeps its last buffer and gets it back
+// once nobody holds it any more (the optimizer has dropped the gradient); a buffer still held (two
+// backward passes kept side by side) is never handed out twice. Buffers of tables that stopped
+// training (frozen, or gone) are released.
+class RowGradientBuffers {
+ public:
+  // A [rows, D] fp32 tensor, uninitialised, for the gradient of `table`.
+  torch::Tensor Take(const torch::Tensor& table, int64_t rows, int64_t D) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = buffers_.begin(); it != buffers_.end();) {
+      auto alive = it->second.table.lock();
+      if (!alive || !alive->requires_grad()) it = buffers_.erase(it);
+      else ++it;
+    }
+    Entry& e = buffers_[table.unsafeGetTensorImpl()];
+    const bool free = e.rows.defined() && e.rows.storage().use_count() == 1;
+    if (!free || e.rows.size(0) < rows || e.rows.size(1) != D) {
+      // Headroom: the number of distinct rows retrieved varies a little from step to step.
+      e.rows = torch::empty({rows + rows / 8 + 1, D});
+      e.table = table.getIntrusivePtr();
+    }
+    return e.rows.narrow(0, 0, rows);
+  }
+
+ private:
+  struct Entry {
+    torch::Tensor rows;
+    c10::weak_intrusive_ptr<c10::TensorImpl> table{c10::intrusive_ptr<c10::TensorImpl>()};
+  };
+  std::mutex mu_;
+  std::unordered_map<const c10::TensorImpl*, Entry> buffers_;
+};
+
+RowGradientBuffers& GradientBuffers() {
+  static RowGradientBuffers* buffers = new RowGradientBuffers();  // never destroyed: used until exit
+  return *buffers;
 }
 
 // The (m, j) slots that retrieved rows of segment `s`, grouped by row (a counting sort: O(N + M·J),
@@ -198,14 +247,16 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
       const int64_t N = down.size(0);
       GroupByRow(p, static_cast<int64_t>(s), N, &rows, &start, &hits);
       const int64_t R = static_cast<int64_t>(rows.size());
-      torch::Tensor gd = torch::zeros({R, p.D}), gu = torch::zeros({R, p.D});
+      torch::Tensor gd = GradientBuffers().Take(down, R, p.D), gu = GradientBuffers().Take(up, R, p.D);
       at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
         RowGradients(p, hits.data(), start.data(), begin, end, ga.data_ptr<float>(), c.data_ptr<float>(),
                      gy.data_ptr<float>(), gd.data_ptr<float>(), gu.data_ptr<float>());
       });
       // Sparse COO [N, D]: one entry per distinct row, indices ascending — coalesced by construction.
-      torch::Tensor ids = torch::from_blob(rows.data(), {1, R}, torch::kLong).clone();
+      // Each gradient gets its own indices: autograd stores a sparse gradient without copying it
+      // only when nothing else holds its indices and values.
       auto sparse = [&](const torch::Tensor& values, const torch::Tensor& like) {
+        torch::Tensor ids = torch::from_blob(rows.data(), {1, R}, torch::kLong).clone();
         return at::_sparse_coo_tensor_unsafe(ids, values.to(like.scalar_type()), {N, p.D})._coalesced_(true);
       };
       grads.push_back(sparse(gd, down));

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <limits>
 
 #include "kernels/cpu/rows.h"
@@ -35,26 +37,55 @@ inline void Offer(float v, int64_t id, float* best, int64_t* ids, int64_t k) {
   ids[at] = id;
 }
 
-// For rows [begin, end) of scores [M, n]: the k largest of each row, descending, into val/ids [M, k].
-// Blocks of 16 whose maximum cannot enter the list are skipped after one vectorised max.
+// Scratch for TopKRows, one per task.
+struct TopKScratch {
+  std::vector<float> maxima;
+  std::vector<std::pair<float, int64_t>> candidates;
+};
+
+// For rows [begin, end) of scores [M, n]: the k largest of each row, descending (ties: lower
+// index first), into val/ids [M, k]. Two passes instead of a heap: the maxima of blocks of 16
+// (vectorised), whose k-th largest t bounds the row's k-th largest from below — k distinct
+// elements are ≥ t — then only elements ≥ t (typically ~k to 2k of them) are sorted.
 PEERD_MULTIVERSION
-void TopKRows(const float* scores, int64_t n, int64_t k, int64_t begin, int64_t end, float* val, int64_t* ids) {
-  constexpr float kNone = -std::numeric_limits<float>::infinity();
+void TopKRows(const float* scores, int64_t n, int64_t k, int64_t begin, int64_t end, float* val, int64_t* ids,
+              TopKScratch& scratch) {
+  // About 4k blocks of at most 16: enough maxima for a tight bound, each a vectorised max.
+  const int64_t kBlock = std::clamp<int64_t>(n / (4 * k), 1, 16);
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<float>& maxima = scratch.maxima;
+  auto& cand = scratch.candidates;
+  maxima.resize(blocks);
+  auto larger = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
   for (int64_t m = begin; m < end; ++m) {
     const float* row = scores + m * n;
-    float* best = val + m * k;
-    int64_t* id = ids + m * k;
-    std::fill(best, best + k, kNone);
-    std::fill(id, id + k, int64_t{0});
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      float top = row[i];
+    float t = -std::numeric_limits<float>::infinity();
+    if (blocks > k) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+        float top = row[lo];
 #pragma omp simd reduction(max : top)
-      for (int64_t d = 1; d < 16; ++d) top = std::max(top, row[i + d]);
-      if (!(top > best[k - 1])) continue;
-      for (int64_t d = 0; d < 16; ++d) Offer(row[i + d], i + d, best, id, k);
+        for (int64_t i = lo + 1; i < hi; ++i) top = std::max(top, row[i]);
+        maxima[b] = top;
+      }
+      std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
+      t = maxima[k - 1];
     }
-    for (; i < n; ++i) Offer(row[i], i, best, id, k);
+    cand.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (row[i] >= t) cand.emplace_back(row[i], i);
+    if (static_cast<int64_t>(cand.size()) < k) {  // only when scores are NaN: keep every entry, NaN last
+      cand.clear();
+      for (int64_t i = 0; i < n; ++i)
+        cand.emplace_back(std::isnan(row[i]) ? -std::numeric_limits<float>::infinity() : row[i], i);
+    }
+    std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), larger);
+    for (int64_t j = 0; j < k; ++j) {
+      val[m * k + j] = cand[j].first;
+      ids[m * k + j] = cand[j].second;
+    }
   }
 }
 
@@ -73,42 +104,45 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
                   index = torch::empty({M, h, k}, torch::kLong);
     float* sp = scores.data_ptr<float>();
     int64_t *gp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
-    torch::Tensor half_scores;  // [M, n] reused across segments and halves
-    for (int64_t hh = 0; hh < h; ++hh) {
-      std::vector<SegmentTopK> tops(S);
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t n = keys[s].size(2);
-        tops[s].n = n;
-        for (int part = 0; part < 2; ++part) {
-          // [M, dk/2] x [dk/2, n] -> [M, n]
-          half_scores = at::mm(query[hh].narrow(1, part * half, half), keys[s][hh][part].t()).contiguous();
-          tops[s].val[part] = torch::empty({M, k});
-          tops[s].ids[part] = torch::empty({M, k}, torch::kLong);
-          const float* hs = half_scores.data_ptr<float>();
-          float* v = tops[s].val[part].data_ptr<float>();
-          int64_t* id = tops[s].ids[part].data_ptr<int64_t>();
-          at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) { TopKRows(hs, n, k, begin, end, v, id); });
-        }
+    // One task per (segment, head, half): its GEMM and the top-k of each row, while the scores
+    // are warm in cache. BLAS runs one thread per caller (core/runtime.cc), so the tasks are
+    // what spreads the GEMMs over the cores.
+    std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
+    for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
+    at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
+      TopKScratch scratch;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / (2 * h), hh = (task / 2) % h, part = task % 2;
+        SegmentTopK& top = tops[s * h + hh];
+        // [M, dk/2] x [dk/2, n] -> [M, n]
+        torch::Tensor half_scores = at::mm(query[hh].narrow(1, part * half, half), keys[s][hh][part].t()).contiguous();
+        top.val[part] = torch::empty({M, k});
+        top.ids[part] = torch::empty({M, k}, torch::kLong);
+        TopKRows(half_scores.data_ptr<float>(), top.n, k, 0, M, top.val[part].data_ptr<float>(),
+                 top.ids[part].data_ptr<int64_t>(), scratch);
       }
-      // Merge: the k best of every segment's k×k sums. Lists are descending, so once
-      // v1[a] + v2[b] cannot enter, neither can any later b; once v1[a] + v2[0] cannot, no later a.
-      at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-        std::vector<float> best(k);
-        std::vector<int64_t> who(k);  // s · 2^40 + expert: position and index in one
-        for (int64_t m = begin; m < end; ++m) {
+    });
+    // Merge: per token and head, the k best of every segment's k×k sums. Lists are descending, so
+    // once v1[a] + v2[b] cannot enter, neither can any later b; once v1[a] + v2[0] cannot, no later a.
+    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> best(k);
+      std::vector<int64_t> who(k);  // s · 2^40 + expert: position and index in one
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t hh = 0; hh < h; ++hh) {
           std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
           std::fill(who.begin(), who.end(), int64_t{0});
           for (int64_t s = 0; s < S; ++s) {
-            const float* v1 = tops[s].val[0].data_ptr<float>() + m * k;
-            const float* v2 = tops[s].val[1].data_ptr<float>() + m * k;
-            const int64_t* i1 = tops[s].ids[0].data_ptr<int64_t>() + m * k;
-            const int64_t* i2 = tops[s].ids[1].data_ptr<int64_t>() + m * k;
+            const SegmentTopK& top = tops[s * h + hh];
+            const float* v1 = top.val[0].data_ptr<float>() + m * k;
+            const float* v2 = top.val[1].data_ptr<float>() + m * k;
+            const int64_t* i1 = top.ids[0].data_ptr<int64_t>() + m * k;
+            const int64_t* i2 = top.ids[1].data_ptr<int64_t>() + m * k;
             for (int64_t a = 0; a < k; ++a) {
               if (!(v1[a] + v2[0] > best[k - 1])) break;
               for (int64_t b = 0; b < k; ++b) {
                 const float sum = v1[a] + v2[b];
                 if (!(sum > best[k - 1])) break;
-                Offer(sum, (s << 40) | (i1[a] * tops[s].n + i2[b]), best.data(), who.data(), k);
+                Offer(sum, (s << 40) | (i1[a] * top.n + i2[b]), best.data(), who.data(), k);
               }
             }
           }
@@ -119,8 +153,8 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
             ip[o] = who[j] & ((int64_t{1} << 40) - 1);
           }
         }
-      });
-    }
+      }
+    });
     std::vector<torch::Tensor> saved = {query, segment, index};
     saved.insert(saved.end(), keys.begin(), keys.end());
     ctx->save_for_backward(saved);
