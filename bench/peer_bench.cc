@@ -11,8 +11,10 @@
 #include "bench/ingest_bench.h"
 #include "bench/layer_bench.h"
 #include "bench/store_bench.h"
+#include "core/runtime.h"
 
 int main(int argc, char** argv) {
+  peerd::UsePassiveOpenMp(argv);
   if (argc >= 2 && std::strcmp(argv[1], "layer") == 0) return peerd::bench::LayerBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "ingest") == 0) return peerd::bench::IngestBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "forgetting") == 0) return peerd::bench::ForgettingBench(argc - 1, argv + 1);
