@@ -16,7 +16,10 @@ void AdamWRows(torch::Tensor& param, torch::Tensor& m, torch::Tensor& v, const t
   TORCH_CHECK(r.dim() == 1 && r.scalar_type() == torch::kLong && g.dim() == 2 && g.size(0) == r.size(0) &&
                   g.size(1) == param.size(1) && g.scalar_type() == torch::kFloat,
               "AdamWRows: rows must be [R] int64 and grad [R, D] fp32");
-  for (const torch::Tensor* t : {&m, &v, &r, &g}) CheckOn(*t, param.device(), "AdamWRows' tensors");
+  CheckOn(m, param.device(), "m");
+  CheckOn(v, param.device(), "v");
+  CheckOn(r, param.device(), "rows");
+  CheckOn(g, param.device(), "grad");
   const c10::DeviceGuard guard(param.device());
   CheckDefaultStream(param.device());
   AdamWConstants c;

@@ -36,6 +36,8 @@ inline const char* LaunchStatus() {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-inline unsigned Blocks(int64_t work, int64_t per_block) { return static_cast<unsigned>((work + per_block - 1) / per_block); }
+inline unsigned Blocks(int64_t work, int64_t per_block) {
+  return static_cast<unsigned>((work + per_block - 1) / per_block);
+}
 
 }  // namespace peerd::kernels::cuda

@@ -111,7 +111,8 @@ class MixtureFunction : public torch::autograd::Function<MixtureFunction> {
 
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be [M, D] fp32 on a CUDA device");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == torch::kFloat,
+              "x must be [M, D] fp32 on a CUDA device");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.scalar_type() == torch::kFloat, "w must be [M, J] fp32");
   TORCH_CHECK(segment.sizes() == w.sizes() && index.sizes() == w.sizes() && segment.scalar_type() == torch::kLong &&
                   index.scalar_type() == torch::kLong,

@@ -72,7 +72,9 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       grads[0] = gq;
     }
     for (int64_t s = 0; s < S; ++s) {
-      if (!ctx->needs_input_grad(2 + s)) continue;
+      // needs_input_grad counts tensor inputs only (query, then the sub-keys); the returned
+      // list counts every argument (query, k, then the sub-keys).
+      if (!ctx->needs_input_grad(1 + s)) continue;
       torch::Tensor gk = torch::zeros_like(keys[s]);
       CheckLaunch(RetrievalKeyGrad(g.data_ptr<float>(), segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
                                    query.data_ptr<float>(), s, keys[s].size(2), static_cast<int>(h), M,

@@ -222,10 +222,12 @@ const char* MergeCandidates(const float* half_val, const int32_t* half_idx, cons
   if (k < 1 || k > kMaxTopK || S < 1) return "MergeCandidates: needs 1 <= k <= 32 and a segment";
   if (M * h == 0) return nullptr;
   const unsigned blocks = Blocks(M * h, kWarpsPerBlock), threads = kWarpsPerBlock * kWarp;
+  const auto v = half_val;
+  const auto i = half_idx;
   switch (LaneSlots(k)) {
-    case 8: MergeKernel<8><<<blocks, threads>>>(half_val, half_idx, n_keys, S, h, M, k, scores, segment, index); break;
-    case 16: MergeKernel<16><<<blocks, threads>>>(half_val, half_idx, n_keys, S, h, M, k, scores, segment, index); break;
-    default: MergeKernel<32><<<blocks, threads>>>(half_val, half_idx, n_keys, S, h, M, k, scores, segment, index); break;
+    case 8: MergeKernel<8><<<blocks, threads>>>(v, i, n_keys, S, h, M, k, scores, segment, index); break;
+    case 16: MergeKernel<16><<<blocks, threads>>>(v, i, n_keys, S, h, M, k, scores, segment, index); break;
+    default: MergeKernel<32><<<blocks, threads>>>(v, i, n_keys, S, h, M, k, scores, segment, index); break;
   }
   return LaunchStatus();
 }
