@@ -278,19 +278,21 @@ bool FusedKernelsSupport(const torch::Tensor& x) {
 
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables) {
-#ifdef PEERD_WITH_CUDA_KERNELS
-  if (x.is_cuda()) return cuda::ExpertMixture(x, w, segment, index, tables);
-#endif
-  TORCH_CHECK(x.device().is_cpu(), "ExpertMixture: this build has no CUDA kernels; x is on ", x.device());
+  // Shapes are checked here, once, for every device; the CUDA glue checks only what is its own.
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be [M, D] fp32");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.scalar_type() == torch::kFloat, "w must be [M, J] fp32");
   TORCH_CHECK(segment.sizes() == w.sizes() && index.sizes() == w.sizes() && segment.scalar_type() == torch::kLong &&
                   index.scalar_type() == torch::kLong,
               "segment and index must be int64 shaped like w");
-  std::vector<torch::Tensor> flat;
-  for (const ExpertTable& t : tables) {
+  for (const ExpertTable& t : tables)
     TORCH_CHECK(t.down.dim() == 2 && t.down.size(1) == x.size(1) && t.up.sizes() == t.down.sizes(),
                 "expert tables must be [N, D] with D = x.size(1)");
+#ifdef PEERD_WITH_CUDA_KERNELS
+  if (x.is_cuda()) return cuda::ExpertMixture(x, w, segment, index, tables);
+#endif
+  TORCH_CHECK(x.device().is_cpu(), "ExpertMixture: this build has no CUDA kernels; x is on ", x.device());
+  std::vector<torch::Tensor> flat;
+  for (const ExpertTable& t : tables) {
     flat.push_back(t.down);
     flat.push_back(t.up);
   }

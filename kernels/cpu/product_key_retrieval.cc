@@ -224,21 +224,21 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
 
 RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys,
                                      int64_t k) {
+  // Shapes are checked here, once, for every device; the CUDA glue checks only what is its own.
+  TORCH_CHECK(query.dim() == 3 && query.size(2) % 2 == 0 && query.scalar_type() == torch::kFloat,
+              "query must be [h, M, dk] fp32 with dk even");
+  TORCH_CHECK(!sub_keys.empty(), "retrieval needs at least one segment");
+  for (const torch::Tensor& t : sub_keys)
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == 2 && t.size(3) * 2 == query.size(2) &&
+                    t.size(2) >= k && t.scalar_type() == torch::kFloat,
+                "sub-keys must be [h, 2, n, dk/2] fp32 with n >= k");
 #ifdef PEERD_WITH_CUDA_KERNELS
   if (query.is_cuda()) return cuda::ProductKeyRetrieval(query, sub_keys, k);
 #endif
   TORCH_CHECK(query.device().is_cpu(), "ProductKeyRetrieval: this build has no CUDA kernels; query is on ",
               query.device());
-  TORCH_CHECK(query.dim() == 3 && query.size(2) % 2 == 0 && query.scalar_type() == torch::kFloat,
-              "query must be [h, M, dk] fp32 with dk even");
-  TORCH_CHECK(!sub_keys.empty(), "retrieval needs at least one segment");
   std::vector<torch::Tensor> keys;
-  for (const torch::Tensor& t : sub_keys) {
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == 2 && t.size(3) * 2 == query.size(2) &&
-                    t.size(2) >= k && t.scalar_type() == torch::kFloat,
-                "sub-keys must be [h, 2, n, dk/2] fp32 with n >= k");
-    keys.push_back(t.contiguous());
-  }
+  for (const torch::Tensor& t : sub_keys) keys.push_back(t.contiguous());
   variable_list out = RetrievalFunction::apply(query.contiguous(), k, torch::TensorList(keys));
   return {out[0], out[1], out[2]};
 }
