@@ -21,6 +21,9 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// Errors a client cannot cure by reconnecting (all but a busy or timed-out server).
+bool FatalCode(ErrorReply::Code c) { return c != ErrorReply::UNAVAILABLE && c != ErrorReply::TIMEOUT; }
+
 struct Pending {
   uint64_t seq;
   IngestDocument doc;
@@ -49,7 +52,7 @@ class Stream {
     ServerFrame reply;
     if (Status st = Read(&reply); !st.ok()) return st;
     if (reply.has_error()) {
-      *fatal = true;
+      *fatal = FatalCode(reply.error().code());
       return Status::InvalidArgument("server refused the stream: " + reply.error().message());
     }
     if (!reply.has_hello()) return Status::IOError("server did not answer the hello");
@@ -87,8 +90,6 @@ class Stream {
   tcp::socket socket_;
   uint64_t max_document_bytes_ = 0;
 };
-
-bool FatalCode(ErrorReply::Code c) { return c != ErrorReply::UNAVAILABLE; }
 
 }  // namespace
 

@@ -7,8 +7,8 @@
 
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
+#include "service/data_protocol.h"
 #include "service/listen.h"
-#include "service/token.h"
 
 namespace peerd {
 
@@ -47,6 +47,7 @@ struct DataServer::Impl {
   DataServerOptions options;
   std::thread thread;
   std::atomic<uint64_t> connections{0}, documents{0}, bytes{0}, acks{0}, errors{0};
+  std::atomic<uint64_t> open_connections{0}, refused_connections{0}, timeouts{0};
   // Bytes handed to the spool, not yet durable, over all connections. Shared, so that a
   // connection destroyed with the io_context can still give its share back.
   std::shared_ptr<std::atomic<uint64_t>> inflight = std::make_shared<std::atomic<uint64_t>>(0);
@@ -59,68 +60,60 @@ namespace {
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
   Connection(tcp::socket socket, DataServer::Impl* server)
-      : socket_(std::move(socket)), server_(server), inflight_total_(server->inflight) {}
+      : socket_(std::move(socket)),
+        server_(server),
+        stream_(&server->options.token, {server->options.max_document_bytes}),
+        inflight_total_(server->inflight),
+        read_timer_(server->io),
+        write_timer_(server->io) {
+    server_->open_connections++;
+  }
   // A connection that goes away before its documents were durable gives back their share.
-  ~Connection() { *inflight_total_ -= inflight_; }
+  ~Connection() {
+    *inflight_total_ -= inflight_;
+    server_->open_connections--;
+  }
   void Start() { ReadHeader(); }
+  // Refuses a connection over the limit: says why, then closes.
+  void Refuse(const std::string& why) { Fail(MakeError(ErrorReply::UNAVAILABLE, why)); }
 
  private:
+  // The next frame must arrive within the hello timeout (before the hello) or the idle timeout.
+  void ArmReadTimer() {
+    const uint32_t ms = stream_.authenticated() ? server_->options.idle_timeout_ms : server_->options.hello_timeout_ms;
+    read_timer_.expires_after(std::chrono::milliseconds(ms));
+    read_timer_.async_wait([self = shared_from_this(), ms](boost::system::error_code ec) {
+      if (ec) return;  // cancelled: the frame came
+      self->server_->timeouts++;
+      self->Fail(MakeError(ErrorReply::TIMEOUT, std::string(self->stream_.authenticated() ? "no frame" : "no hello") +
+                                                    " for " + std::to_string(ms) + " ms: closing the stream"));
+    });
+  }
+
   void ReadHeader() {
+    ArmReadTimer();
     asio::async_read(socket_, asio::buffer(header_), [self = shared_from_this()](auto ec, size_t) {
       if (ec) return self->Close();
-      const uint32_t n = wire::DecodeLength(self->header_);
-      const uint64_t limit = self->server_->options.max_document_bytes + 4096;
-      if (n == 0 || n > limit)
-        return self->Fail(ErrorReply::BAD_FRAME, "frame of " + std::to_string(n) + " bytes: frames must be 1 to " +
-                                                     std::to_string(limit) + " bytes (documents up to " +
-                                                     std::to_string(self->server_->options.max_document_bytes) + ")");
-      self->body_.resize(n);
+      if (self->failing_) return;  // the error on its way out closes the connection
+      if (auto error = self->stream_.CheckLength(wire::DecodeLength(self->header_))) return self->Fail(*error);
+      self->body_.resize(wire::DecodeLength(self->header_));
       asio::async_read(self->socket_, asio::buffer(self->body_), [self](auto ec2, size_t) {
         if (ec2) return self->Close();
+        if (self->failing_) return;
+        self->read_timer_.cancel();
         self->OnFrame();
       });
     });
   }
 
   void OnFrame() {
-    ClientFrame frame;
-    if (!frame.ParseFromString(body_)) return Fail(ErrorReply::BAD_FRAME, "frame is not a peerd.ClientFrame");
-    if (frame.has_hello()) return OnHello(frame.hello());
-    if (frame.has_document()) return OnDocument(*frame.mutable_document());
-    Fail(ErrorReply::BAD_FRAME, "frame carries neither a hello nor a document (newer client?)");
-  }
-
-  void OnHello(const Hello& hello) {
-    if (!task_.empty()) return Fail(ErrorReply::BAD_HELLO, "hello sent twice on one stream");
-    if (hello.protocol_version() != wire::kProtocolVersion)
-      return Fail(ErrorReply::BAD_HELLO, "protocol version " + std::to_string(hello.protocol_version()) +
-                                             " is not spoken here (peerd speaks " +
-                                             std::to_string(wire::kProtocolVersion) + ")");
-    if (!ConstantTimeEquals(hello.token(), server_->options.token))
-      return Fail(ErrorReply::UNAUTHENTICATED, "wrong data token: use the one in the data directory's data.token");
-    if (!wire::ValidTaskName(hello.task()))
-      return Fail(ErrorReply::BAD_HELLO, "task name must be 1-64 characters of A-Z a-z 0-9 _ . -");
-    task_ = hello.task();
-    ServerFrame reply;
-    reply.mutable_hello()->set_protocol_version(wire::kProtocolVersion);
-    reply.mutable_hello()->set_max_document_bytes(server_->options.max_document_bytes);
-    reply.mutable_hello()->set_max_frame_bytes(server_->options.max_document_bytes + 4096);
-    Send(wire::EncodeFrame(reply));
-    ReadWhenAllowed();
-  }
-
-  void OnDocument(Document& doc) {
-    if (task_.empty()) return Fail(ErrorReply::BAD_HELLO, "a stream must open with a hello");
-    if (doc.seq() != last_seq_ + 1)
-      return Fail(ErrorReply::BAD_DOCUMENT, "document seq " + std::to_string(doc.seq()) + " after " +
-                                                std::to_string(last_seq_) + ": seq must count up by one from 1");
-    if (doc.id().empty()) return Fail(ErrorReply::BAD_DOCUMENT, "document seq " + std::to_string(doc.seq()) + " has no id");
-    if (doc.text().empty())
-      return Fail(ErrorReply::BAD_DOCUMENT, "document '" + doc.id() + "' is empty: there is nothing to train on");
-    if (doc.text().size() > server_->options.max_document_bytes)
-      return Fail(ErrorReply::BAD_DOCUMENT, "document '" + doc.id() + "' is over the limit of " +
-                                                std::to_string(server_->options.max_document_bytes) + " bytes");
-    last_seq_ = doc.seq();
+    DataStream::Step step = stream_.OnFrame(body_);
+    if (step.error) return Fail(*step.error);
+    if (step.hello) {
+      Send(wire::EncodeFrame(stream_.hello_reply()));
+      return ReadWhenAllowed();
+    }
+    Document& doc = *step.document;
     const uint64_t size = doc.text().size(), seq = doc.seq();
     inflight_ += size;
     *inflight_total_ += size;
@@ -129,7 +122,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     std::vector<Spool::NewDocument> docs;
     docs.push_back({std::move(*doc.mutable_id()), std::move(*doc.mutable_text())});
     std::weak_ptr<Connection> weak = shared_from_this();
-    server_->spool->Append(task_, std::move(docs),
+    server_->spool->Append(stream_.task(), std::move(docs),
                            [weak, mailbox = server_->mailbox, io = &server_->io, seq, size](const Status& st, uint64_t dups) {
                              std::lock_guard<std::mutex> lock(mailbox->mu);
                              if (!mailbox->open) return;
@@ -140,7 +133,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
 
   // Reads the next frame unless the spool or this connection holds too much not yet trained or
-  // not yet durable; then checks again shortly.
+  // not yet durable; then checks again shortly. Waiting here is peerd's doing, so no timer runs.
   void ReadWhenAllowed() {
     if (closed_) return;
     // What is on its way to the spool counts too: it will be backlog in a moment.
@@ -155,7 +148,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void OnDurable(const Status& st, uint64_t seq, uint64_t size, uint64_t dups) {
     inflight_ -= size;
     *inflight_total_ -= size;
-    if (!st.ok()) return Fail(ErrorReply::UNAVAILABLE, st.message() + "; resend after a while");
+    if (!st.ok()) return Fail(MakeError(ErrorReply::UNAVAILABLE, st.message() + "; resend after a while"));
     duplicates_ += dups;
     acked_ = seq;
     if (ack_queued_) return;  // the queued ack will carry the newest seq
@@ -166,29 +159,44 @@ class Connection : public std::enable_shared_from_this<Connection> {
       frame.mutable_ack()->set_seq(self->acked_);
       frame.mutable_ack()->set_duplicates(self->duplicates_);
       self->server_->acks++;
-      self->Send(wire::EncodeFrame(frame));
+      self->Send(wire::EncodeFrame(frame), /*then_close=*/false, /*is_ack=*/true);
     });
   }
 
-  void Fail(ErrorReply::Code code, const std::string& message) {
+  void Fail(const ErrorReply& error) {
     if (closed_ || failing_) return;
     failing_ = true;
     server_->errors++;
+    read_timer_.cancel();
     ServerFrame frame;
-    frame.mutable_error()->set_code(code);
-    frame.mutable_error()->set_message(message);
+    *frame.mutable_error() = error;
     Send(wire::EncodeFrame(frame), /*then_close=*/true);
   }
 
-  void Send(std::string bytes, bool then_close = false) {
+  // Acks are cumulative: an ack still waiting behind a blocked write is replaced by a newer one,
+  // so a client that does not read costs one queued ack, not one per document.
+  void Send(std::string bytes, bool then_close = false, bool is_ack = false) {
     if (closed_) return;
-    outbox_.push_back({std::move(bytes), then_close});
+    if (is_ack && outbox_.size() > 1 && outbox_.back().is_ack) {
+      outbox_.back().bytes = std::move(bytes);
+      return;
+    }
+    outbox_.push_back({std::move(bytes), then_close, is_ack});
     if (outbox_.size() == 1) WriteNext();
   }
 
   void WriteNext() {
-    asio::async_write(socket_, asio::buffer(outbox_.front().first), [self = shared_from_this()](auto ec, size_t) {
-      const bool close_after = self->outbox_.front().second;
+    // A write the client does not take for the idle timeout ends the connection.
+    write_timer_.expires_after(std::chrono::milliseconds(server_->options.idle_timeout_ms));
+    write_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+      if (ec) return;
+      self->server_->timeouts++;
+      self->Close();
+    });
+    asio::async_write(socket_, asio::buffer(outbox_.front().bytes), [self = shared_from_this()](auto ec, size_t) {
+      self->write_timer_.cancel();
+      if (self->outbox_.empty()) return;  // closed meanwhile
+      const bool close_after = self->outbox_.front().then_close;
       self->outbox_.pop_front();
       if (ec || close_after) return self->Close();
       if (!self->outbox_.empty()) self->WriteNext();
@@ -198,20 +206,28 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Close() {
     if (closed_) return;
     closed_ = true;
+    read_timer_.cancel();
+    write_timer_.cancel();
     boost::system::error_code ignored;
     socket_.shutdown(tcp::socket::shutdown_both, ignored);
     socket_.close(ignored);
   }
 
+  struct Outgoing {
+    std::string bytes;
+    bool then_close = false, is_ack = false;
+  };
+
   tcp::socket socket_;
   DataServer::Impl* server_;
+  DataStream stream_;
   unsigned char header_[wire::kHeaderBytes];
   std::string body_;
-  std::string task_;
   std::shared_ptr<std::atomic<uint64_t>> inflight_total_;
-  uint64_t last_seq_ = 0, acked_ = 0, duplicates_ = 0, inflight_ = 0;
+  asio::steady_timer read_timer_, write_timer_;
+  uint64_t acked_ = 0, duplicates_ = 0, inflight_ = 0;
   bool ack_queued_ = false, closed_ = false, failing_ = false;
-  std::deque<std::pair<std::string, bool>> outbox_;
+  std::deque<Outgoing> outbox_;
 };
 
 }  // namespace
@@ -220,7 +236,14 @@ void DataServer::Impl::Accept() {
   acceptor.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
     if (ec) return;  // acceptor closed
     connections++;
-    std::make_shared<Connection>(std::move(socket), this)->Start();
+    auto connection = std::make_shared<Connection>(std::move(socket), this);
+    if (open_connections > static_cast<uint64_t>(options.max_connections)) {
+      refused_connections++;
+      connection->Refuse("peerd serves at most " + std::to_string(options.max_connections) +
+                         " data connections at once: retry later");
+    } else {
+      connection->Start();
+    }
     Accept();
   });
 }
@@ -256,8 +279,16 @@ void DataServer::Stop() {
 uint16_t DataServer::port() const { return impl_->port; }
 
 DataServerStats DataServer::stats() const {
-  return {impl_->connections.load(), impl_->documents.load(), impl_->bytes.load(), impl_->acks.load(),
-          impl_->errors.load()};
+  DataServerStats s;
+  s.connections = impl_->connections;
+  s.documents = impl_->documents;
+  s.bytes = impl_->bytes;
+  s.acks = impl_->acks;
+  s.errors = impl_->errors;
+  s.open_connections = impl_->open_connections;
+  s.refused_connections = impl_->refused_connections;
+  s.timeouts = impl_->timeouts;
+  return s;
 }
 
 }  // namespace peerd

@@ -5,6 +5,11 @@
 // Flow control: a connection stops reading while the spool's unconsumed backlog is above
 // `backlog_limit_bytes` or its own not-yet-durable documents are above `inflight_limit_bytes`,
 // so a fast client cannot exhaust memory; TCP then pushes back on the client.
+// Misbehaving peers cost bounded memory and time: at most `max_connections` at once (more are
+// refused with UNAVAILABLE), a hello within `hello_timeout_ms`, then a frame at least every
+// `idle_timeout_ms` (time paused by flow control does not count), and a client that does not read
+// its acks is closed after `idle_timeout_ms` of a blocked write; its acks coalesce meanwhile.
+// The rules of the stream itself live in DataStream (service/data_protocol.h).
 // One I/O thread serves every connection. Start/Stop are not thread-safe; stats() is.
 #pragma once
 
@@ -25,10 +30,14 @@ struct DataServerOptions {
   uint64_t max_document_bytes = 8 << 20;
   uint64_t backlog_limit_bytes = 256 << 20;
   uint64_t inflight_limit_bytes = 16 << 20;
+  int max_connections = 256;
+  uint32_t hello_timeout_ms = 10'000;
+  uint32_t idle_timeout_ms = 300'000;
 };
 
 struct DataServerStats {
   uint64_t connections = 0, documents = 0, bytes = 0, acks = 0, errors = 0;
+  uint64_t open_connections = 0, refused_connections = 0, timeouts = 0;
 };
 
 class DataServer {

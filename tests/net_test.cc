@@ -3,6 +3,7 @@
 // peer-ingest's client (resends, resumes) and its document splitting — over real loopback TCP.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -259,6 +260,18 @@ struct RawClient {
   boost::asio::ip::tcp::socket socket{io};
   explicit RawClient(uint16_t port) {
     socket.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+    timeval limit{10, 0};  // a read that waits longer fails the test instead of hanging it
+    setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+  }
+  // recv() itself, as asio's blocking read would wait past SO_RCVTIMEO.
+  void ReadExactly(void* out, size_t n) {
+    char* p = static_cast<char*>(out);
+    while (n > 0) {
+      const ssize_t got = ::recv(socket.native_handle(), p, n, 0);
+      if (got <= 0) throw std::runtime_error(got == 0 ? "server closed the connection" : "no reply within 10 s");
+      p += got;
+      n -= static_cast<size_t>(got);
+    }
   }
   void Send(const std::string& bytes) { boost::asio::write(socket, boost::asio::buffer(bytes)); }
   void Hello(const std::string& token = "secret", uint32_t version = wire::kProtocolVersion, const std::string& task = "kjv") {
@@ -277,9 +290,9 @@ struct RawClient {
   }
   ServerFrame Read() {
     unsigned char h[4];
-    boost::asio::read(socket, boost::asio::buffer(h));
+    ReadExactly(h, sizeof h);
     std::string body(wire::DecodeLength(h), '\0');
-    boost::asio::read(socket, boost::asio::buffer(body));
+    ReadExactly(body.data(), body.size());
     ServerFrame f;
     f.ParseFromString(body);
     return f;
@@ -307,13 +320,18 @@ TEST(DataPort, BadInputGetsAClearErrorAndTheServerKeepsServingOthers) {
     std::string says;
   };
   std::vector<Case> cases = {
-      {"length over the limit", [](RawClient& c) { c.Send(std::string("\x7f\xff\xff\xff", 4)); }, ErrorReply::BAD_FRAME, "frames must be"},
+      {"length over the limit", [](RawClient& c) { c.Hello(); c.Send(std::string("\x7f\xff\xff\xff", 4)); }, ErrorReply::BAD_FRAME, "frames must be 1 to 5096 bytes"},
+      {"large frame before the hello", [](RawClient& c) { c.Send(std::string("\0\0\x10\x01", 4)); }, ErrorReply::BAD_FRAME, "frame of 4097 bytes before the hello"},
+      {"zero-length frame", [](RawClient& c) { c.Send(std::string("\0\0\0\0", 4)); }, ErrorReply::BAD_FRAME, "frame of 0 bytes"},
+      {"frame of neither kind", [](RawClient& c) { c.Send(std::string("\0\0\0\x02\x18\x01", 6)); }, ErrorReply::BAD_FRAME, "neither a hello nor a document"},
       {"garbage body", [](RawClient& c) { c.Send(std::string("\0\0\0\x05\xff\xff\xff\xff\xff", 9)); }, ErrorReply::BAD_FRAME, "not a peerd.ClientFrame"},
       {"wrong token", [](RawClient& c) { c.Hello("guess"); }, ErrorReply::UNAUTHENTICATED, "wrong data token"},
       {"wrong version", [](RawClient& c) { c.Hello("secret", 99); }, ErrorReply::BAD_HELLO, "protocol version 99"},
       {"bad task name", [](RawClient& c) { c.Hello("secret", wire::kProtocolVersion, "../etc"); }, ErrorReply::BAD_HELLO, "task name"},
       {"document before hello", [](RawClient& c) { c.Doc(1, "a", "text"); }, ErrorReply::BAD_HELLO, "must open with a hello"},
       {"empty document", [](RawClient& c) { c.Hello(); c.Doc(1, "a", ""); }, ErrorReply::BAD_DOCUMENT, "is empty"},
+      {"document without id", [](RawClient& c) { c.Hello(); c.Doc(1, "", "text"); }, ErrorReply::BAD_DOCUMENT, "has no id"},
+      {"id over 1024 bytes", [](RawClient& c) { c.Hello(); c.Doc(1, std::string(1025, 'i'), "text"); }, ErrorReply::BAD_DOCUMENT, "ids are at most 1024"},
       {"document over the limit", [](RawClient& c) { c.Hello(); c.Doc(1, "big", std::string(1001, 'x')); }, ErrorReply::BAD_DOCUMENT, "over the limit of 1000"},
       {"seq out of order", [](RawClient& c) { c.Hello(); c.Doc(2, "a", "text"); }, ErrorReply::BAD_DOCUMENT, "seq must count up"},
       {"second hello", [](RawClient& c) { c.Hello(); c.Hello(); }, ErrorReply::BAD_HELLO, "hello sent twice"},
@@ -335,6 +353,117 @@ TEST(DataPort, BadInputGetsAClearErrorAndTheServerKeepsServingOthers) {
   ASSERT_TRUE(ack.has_ack());
   EXPECT_EQ(ack.ack().seq(), 1u);
   EXPECT_EQ(s.spool->stats().documents, 1u);
+}
+
+// Bytes, not text: the model is byte-level, so a document that is not UTF-8 is stored as sent.
+TEST(DataPort, DocumentsThatAreNotUtf8AreAcceptedAndStoredByteForByte) {
+  const std::string dir = FreshDir("bytes");
+  Service s;
+  ASSERT_TRUE(s.Start(dir).ok());
+  RawClient c(s.server->port());
+  const std::string text("caf\xe9 \xff\xfe\x00 \xc3\x28", 10);
+  c.Hello();
+  c.Doc(1, "latin1", text);
+  ASSERT_TRUE(c.Read().has_hello());
+  ServerFrame ack = c.Read();
+  ASSERT_TRUE(ack.has_ack()) << ack.DebugString();
+  SpoolEntry stored;
+  ASSERT_TRUE(s.spool->Get(1, &stored).ok());
+  EXPECT_EQ(stored.text, text);
+}
+
+// A client that goes quiet costs a connection for a bounded time: no hello within the hello
+// timeout, or half a frame and then nothing for the idle timeout, and the stream is closed with
+// TIMEOUT — while a well-behaved client beside them is served.
+TEST(DataPort, SilentAndHalfFrameClientsTimeOutWhileOthersAreServed) {
+  const std::string dir = FreshDir("idle");
+  Service s;
+  DataServerOptions o;
+  o.hello_timeout_ms = 300;
+  o.idle_timeout_ms = 600;
+  ASSERT_TRUE(s.Start(dir, o).ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  RawClient silent(s.server->port()), half(s.server->port()), good(s.server->port());
+  half.Hello();
+  ClientFrame doc;
+  doc.mutable_document()->set_seq(1);
+  doc.mutable_document()->set_id("half");
+  doc.mutable_document()->set_text(std::string(200, 'h'));
+  half.Send(wire::EncodeFrame(doc).substr(0, 50));  // the header and a quarter of the body
+  good.Hello();
+  ASSERT_TRUE(good.Read().has_hello());
+  for (uint64_t seq = 1; seq <= 5; ++seq) {  // one document every 200 ms: never idle for 600
+    good.Doc(seq, "good" + std::to_string(seq), "text " + std::to_string(seq));
+    ServerFrame ack = good.Read();
+    ASSERT_TRUE(ack.has_ack()) << ack.DebugString();
+    EXPECT_EQ(ack.ack().seq(), seq);
+    std::this_thread::sleep_for(200ms);
+  }
+  ServerFrame e1 = silent.ReadUntilError();
+  EXPECT_EQ(e1.error().code(), ErrorReply::TIMEOUT);
+  EXPECT_NE(e1.error().message().find("no hello for 300 ms"), std::string::npos) << e1.error().message();
+  ServerFrame e2 = half.ReadUntilError();
+  EXPECT_EQ(e2.error().code(), ErrorReply::TIMEOUT);
+  EXPECT_NE(e2.error().message().find("no frame for 600 ms"), std::string::npos) << e2.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_EQ(s.server->stats().timeouts, 2u);
+  EXPECT_EQ(s.spool->stats().documents, 5u) << "only the good client's documents are stored";
+}
+
+// Over max_connections, a new connection is told UNAVAILABLE (which peer-ingest retries) rather
+// than left waiting; once one closes, the next is served.
+TEST(DataPort, ConnectionsOverTheLimitAreRefusedAsUnavailableUntilOneCloses) {
+  const std::string dir = FreshDir("limit");
+  Service s;
+  DataServerOptions o;
+  o.max_connections = 3;
+  ASSERT_TRUE(s.Start(dir, o).ok());
+  std::vector<std::unique_ptr<RawClient>> open;
+  for (int i = 0; i < 3; ++i) {
+    open.push_back(std::make_unique<RawClient>(s.server->port()));
+    open.back()->Hello();
+    ASSERT_TRUE(open.back()->Read().has_hello());
+  }
+  RawClient over(s.server->port());
+  ServerFrame refused = over.ReadUntilError();
+  EXPECT_EQ(refused.error().code(), ErrorReply::UNAVAILABLE);
+  EXPECT_NE(refused.error().message().find("at most 3 data connections"), std::string::npos) << refused.error().message();
+  open.pop_back();  // closes one
+  ServerFrame reply;
+  for (int attempt = 0; attempt < 50 && !reply.has_hello(); ++attempt) {
+    std::this_thread::sleep_for(20ms);
+    RawClient next(s.server->port());
+    next.Hello();
+    reply = next.Read();
+  }
+  EXPECT_TRUE(reply.has_hello()) << reply.DebugString();
+  EXPECT_GE(s.server->stats().refused_connections, 1u);
+}
+
+// A client that vanishes in the middle of a frame leaves nothing behind, and the port goes on.
+TEST(DataPort, DisconnectMidFrameStoresNothingAndTheNextClientIsServed) {
+  const std::string dir = FreshDir("midframe");
+  Service s;
+  ASSERT_TRUE(s.Start(dir).ok());
+  {
+    RawClient c(s.server->port());
+    c.Hello();
+    ASSERT_TRUE(c.Read().has_hello());
+    ClientFrame doc;
+    doc.mutable_document()->set_seq(1);
+    doc.mutable_document()->set_id("cut");
+    doc.mutable_document()->set_text(std::string(1000, 'c'));
+    c.Send(wire::EncodeFrame(doc).substr(0, 500));
+  }  // closed here, half sent
+  RawClient good(s.server->port());
+  good.Hello();
+  good.Doc(1, "whole", "whole text");
+  ASSERT_TRUE(good.Read().has_hello());
+  ASSERT_TRUE(good.Read().has_ack());
+  EXPECT_EQ(s.spool->stats().documents, 1u);
+  SpoolEntry stored;
+  ASSERT_TRUE(s.spool->Get(1, &stored).ok());
+  EXPECT_EQ(stored.id, "whole");
 }
 
 TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {
