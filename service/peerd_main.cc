@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   uint32_t checkpoint_steps = 200, threads = 0;
   double checkpoint_seconds = 60;
   uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8;
+  uint32_t idle_timeout_s = 300, max_data_connections = 256;
   bool allow_remote = false;
   app.add_option("--data-dir", data_dir, "where the store, spool, checkpoints and tokens live")->capture_default_str();
   app.add_option("--config", config_path, "JSON configuration (proto/config.proto); omitted fields: embedded defaults");
@@ -49,6 +50,8 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint-every-seconds", checkpoint_seconds, "…or this many seconds")->capture_default_str();
   app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")->capture_default_str();
   app.add_option("--max-document-mb", max_doc_mb, "largest document accepted")->capture_default_str();
+  app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")->check(CLI::Range(1u, 86400u))->capture_default_str();
+  app.add_option("--max-data-connections", max_data_connections, "refuse data connections beyond this many")->check(CLI::Range(1u, 65536u))->capture_default_str();
   app.add_option("--residency", residency, "frozen rows: resident | cached")->capture_default_str();
   app.add_option("--cache-mb", cache_mb, "row cache for --residency cached")->capture_default_str();
   app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")->capture_default_str();
@@ -112,6 +115,8 @@ int main(int argc, char** argv) {
   dopt.token = data_token;
   dopt.backlog_limit_bytes = backlog_mb << 20;
   dopt.max_document_bytes = max_doc_mb << 20;
+  dopt.idle_timeout_ms = idle_timeout_s * 1000;
+  dopt.max_connections = static_cast<int>(max_data_connections);
   std::unique_ptr<DataServer> data;
   if (Status st = DataServer::Start(spool.get(), dopt, &data); !st.ok()) return fail("data port", st);
   AdminServerOptions aopt;

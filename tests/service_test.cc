@@ -17,110 +17,19 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/peerd_process.h"
+
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 using namespace std::chrono_literals;
 
-struct Result {
-  int code;
-  std::string out;
-};
-
-Result Sh(const std::string& cmd) {
-  Result r{0, ""};
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string Slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-class Peerd {
- public:
-  explicit Peerd(std::string dir) : dir_(std::move(dir)) {}
-  ~Peerd() { Kill(SIGKILL); }
-
-  // Starts peerd and waits for its ports in the log.
-  void Start() {
-    const std::string log = dir_ + "/peerd.log";
-    const size_t log_start = fs::exists(log) ? fs::file_size(log) : 0;
-    pid_ = fork();
-    if (pid_ == 0) {
-      std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data --config " + dir_ +
-                        "/config.json --data-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --task-root " + dir_ +
-                        " --checkpoint-every-steps 15 >> " + log + " 2>&1";
-      execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
-      _exit(127);
-    }
-    const std::regex ports("data port 127\\.0\\.0\\.1:([0-9]+).*admin API 127\\.0\\.0\\.1:([0-9]+)");
-    for (int i = 0; i < 600; ++i) {
-      std::string text = Slurp(log).substr(log_start);
-      std::smatch m;
-      if (std::regex_search(text, m, ports)) {
-        data_port_ = m[1];
-        admin_port_ = m[2];
-        return;
-      }
-      std::this_thread::sleep_for(100ms);
-    }
-    FAIL() << "peerd did not start: " << Slurp(log);
-  }
-
-  int Kill(int sig) {
-    if (pid_ <= 0) return -1;
-    kill(pid_, sig);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-
-  Result Ctl(const std::string& args, const std::string& token_file = "") {
-    return Sh(std::string(PEERCTL_BIN) + " --admin 127.0.0.1:" + admin_port_ + " --token-file " +
-              (token_file.empty() ? dir_ + "/data/admin.token" : token_file) + " " + args);
-  }
-  json CtlJson(const std::string& args) {
-    Result r = Ctl("--json " + args);
-    EXPECT_EQ(r.code, 0) << args << ": " << r.out;
-    return json::parse(r.out, nullptr, false);
-  }
-  Result Ingest(const std::string& task, const std::string& file) {
-    return Sh(std::string(PEER_INGEST_BIN) + " --server 127.0.0.1:" + data_port_ + " --task " + task +
-              " --token-file " + dir_ + "/data/data.token --resume " + dir_ + "/" + task + ".acked " + file);
-  }
-  // Polls status until pred holds (or the deadline passes); returns the last status.
-  json WaitFor(const std::function<bool(const json&)>& pred, std::chrono::seconds limit = 120s) {
-    json s;
-    for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;
-         std::this_thread::sleep_for(200ms)) {
-      s = CtlJson("status");
-      if (!s.is_discarded() && pred(s)) return s;
-    }
-    ADD_FAILURE() << "timed out; last status: " << s.dump();
-    return s;
-  }
-
- private:
-  std::string dir_;
-  pid_t pid_ = -1;
-  std::string data_port_, admin_port_;
-};
-
-uint64_t U(const json& j, const char* key) {
-  if (!j.contains(key)) return 0;
-  return j[key].is_string() ? std::stoull(j[key].get<std::string>()) : j[key].get<uint64_t>();
-}
+using peerd::testing::PeerdProcess;
+using peerd::testing::ShellResult;
+using peerd::testing::Sh;
+using peerd::testing::Slurp;
+using peerd::testing::U;
 
 json Segment(const json& status, int id) {
   for (const auto& s : status["segments"])
@@ -146,25 +55,25 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
     ho.read(held.data(), held.size());
     std::ofstream(dir + "/heldout.txt") << held;
   }
-  Peerd peerd(dir);
+  PeerdProcess peerd(dir);
   ASSERT_NO_FATAL_FAILURE(peerd.Start());
 
   // Without the token nothing is served or changed.
   std::ofstream(dir + "/wrong.token") << "not-the-token\n";
-  Result denied = peerd.Ctl("segments add", dir + "/wrong.token");
+  ShellResult denied = peerd.Ctl("segments add", dir + "/wrong.token");
   EXPECT_NE(denied.code, 0);
   EXPECT_NE(denied.out.find("401"), std::string::npos) << denied.out;
-  Result bad_policy = peerd.Ctl("policy set replayRatio=2");
+  ShellResult bad_policy = peerd.Ctl("policy set replayRatio=2");
   EXPECT_NE(bad_policy.code, 0);
   EXPECT_NE(bad_policy.out.find("'train.replayRatio' must be in [0, 1)"), std::string::npos) << bad_policy.out;
-  Result bad_distill = peerd.Ctl("policy set distillWeight=-1");
+  ShellResult bad_distill = peerd.Ctl("policy set distillWeight=-1");
   EXPECT_NE(bad_distill.code, 0);
   EXPECT_NE(bad_distill.out.find("'train.distillWeight' must be in [0, 1000]"), std::string::npos) << bad_distill.out;
   json recipe = peerd.CtlJson("policy set replayRatio=0.25 distillWeight=2");
   EXPECT_EQ(recipe.value("distillWeight", 0.0), 2.0) << recipe.dump();
   EXPECT_EQ(recipe.value("replayRatio", 0.0), 0.25) << recipe.dump();
 
-  Result ingest = peerd.Ingest("kjv", dir + "/kjv.txt");
+  ShellResult ingest = peerd.Ingest("kjv", dir + "/kjv.txt");
   ASSERT_EQ(ingest.code, 0) << ingest.out;
   std::smatch m;
   ASSERT_TRUE(std::regex_search(ingest.out, m, std::regex("([0-9]+) documents .* acked of ([0-9]+) sent")));
@@ -180,7 +89,7 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   ASSERT_EQ(added["ids"].size(), 1u);
   EXPECT_EQ(added["ids"][0], 1);
   ASSERT_EQ(peerd.Ctl("segments freeze 0").code, 0);
-  Result twice = peerd.Ctl("segments freeze 0");
+  ShellResult twice = peerd.Ctl("segments freeze 0");
   EXPECT_NE(twice.code, 0);
   EXPECT_NE(twice.out.find("409"), std::string::npos) << twice.out;
   json frozen = Segment(peerd.CtlJson("status"), 0);
@@ -213,7 +122,7 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
 
   // Everything acknowledged gets trained: the backlog drains to less than one window.
   peerd.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 65; });
-  Result again = peerd.Ingest("kjv", dir + "/kjv.txt");
+  ShellResult again = peerd.Ingest("kjv", dir + "/kjv.txt");
   EXPECT_EQ(again.code, 0) << again.out;
   EXPECT_NE(again.out.find(std::to_string(documents) + " skipped"), std::string::npos) << again.out;
 
@@ -249,7 +158,7 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
   const std::string env = "BUILD=" + std::string(PEERD_BUILD_DIR) + " DEMO_OUT=" + dir + "/out DEMO_CORPUS=" + dir +
                           "/corpus DEMO_DOMAINS='verse code' DEMO_CONFIG=" + dir + "/config.json DEMO_PORT=" +
                           std::to_string(port) + " DEMO_SLICE_KB=30 DEMO_HELDOUT_KB=4 DEMO_EVAL_EVERY=2";
-  Result demo = Sh(env + " bash " + std::string(PEERD_SOURCE_DIR) + "/scripts/demo.sh");
+  ShellResult demo = Sh(env + " bash " + std::string(PEERD_SOURCE_DIR) + "/scripts/demo.sh");
   ASSERT_EQ(demo.code, 0) << demo.out;
   EXPECT_NE(demo.out.find("ACC"), std::string::npos) << demo.out;
 
@@ -275,7 +184,7 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
   const std::string md = Slurp(dir + "/out/report.md");
   EXPECT_NE(md.find("| after verse"), std::string::npos) << md;
   EXPECT_NE(md.find("| after code"), std::string::npos) << md;
-  Result svg = Sh("python3 -c 'import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); "
+  ShellResult svg = Sh("python3 -c 'import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); "
                   "assert r.tag.endswith(\"svg\"), r.tag; print(len(list(r.iter())))' " + dir + "/out/forgetting.svg");
   EXPECT_EQ(svg.code, 0) << svg.out;
   EXPECT_GT(std::stoi(svg.out), 10) << "a plot with lines, axes and labels";

@@ -1,0 +1,280 @@
+// The crash loop (issue 7): the real peerd, under ingest from several peer-ingest clients and
+// training, with segments added and frozen through the admin API, is killed with SIGKILL at
+// random moments and restarted, again and again. After every kill the store must open, every
+// frozen segment's checksum must hold and never change, every freeze that was acknowledged must
+// still be there, and the checkpoint (step, spool cursor) must never go back. At the end every
+// document is acknowledged, stored once, and trained once: the checkpoint's cursor and byte count
+// agree with the spool.
+//
+// PEERD_FAULT_CYCLES sets the number of kills (CI: 3; the full run: 50, see bench/RELIABILITY.md);
+// PEERD_FAULT_SEED replays a run (the seed is printed).
+#include <gtest/gtest.h>
+
+#include <rocksdb/db.h>
+
+#include <filesystem>
+#include <fstream>
+#include <atomic>
+#include <map>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "experts_store/expert_store.h"
+#include "experts_store/store_db.h"
+#include "ingest/document_source.h"
+#include "proto/admin.pb.h"
+#include "service/spool.h"
+#include "tests/peerd_process.h"
+
+namespace peerd {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::json;
+using testing::PeerdProcess;
+using testing::U;
+using namespace std::chrono_literals;
+
+uint64_t EnvOr(const char* name, uint64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::stoull(v) : fallback;
+}
+
+// What the data directory says while peerd is down: read with the store's own code.
+struct DiskState {
+  std::map<uint32_t, uint64_t> frozen;  // segment id (layer 0) -> checksum
+  CheckpointMeta checkpoint;               // default when none was written yet
+};
+
+void ReadDisk(const std::string& data_dir, DiskState* out) {
+  std::shared_ptr<StoreDb> db;
+  Status st = StoreDb::Open(data_dir, {}, &db);
+  ASSERT_TRUE(st.ok()) << "the store does not open after kill -9: " << st.ToString();
+  ExpertStore store(db);
+  std::vector<SegmentManifest> manifests;
+  ASSERT_TRUE(store.Manifests(&manifests).ok());
+  for (const SegmentManifest& m : manifests) {
+    if (m.state() != SEGMENT_STATE_FROZEN) continue;
+    Status v = store.VerifySegment(m);
+    ASSERT_TRUE(v.ok()) << v.ToString();
+    out->frozen[m.segment()] = m.checksum();
+  }
+  // The trainer's record: the checkpoint's meta (service/checkpoint.cc keeps it under "meta").
+  std::string meta;
+  rocksdb::Status s = db->db()->Get(rocksdb::ReadOptions(), db->family(Family::kCheckpoints), "meta", &meta);
+  if (s.ok()) {
+    ASSERT_TRUE(out->checkpoint.ParseFromString(meta)) << "the checkpoint record is unreadable";
+  } else {
+    ASSERT_TRUE(s.IsNotFound()) << s.ToString();
+  }
+}
+
+// A peer-ingest process following one task's file (--follow: it sends lines as they are
+// appended), launched again whenever it exits before the end (the resume file makes that safe).
+struct Client {
+  std::string task, file;
+  pid_t pid = -1;
+  int runs = 0;
+};
+
+void Launch(const PeerdProcess& p, Client* c) {
+  c->pid = fork();
+  if (c->pid == 0) {
+    const std::string cmd = p.IngestCommand(c->task, c->file, "--split line --follow") + " >> " + p.dir() + "/" +
+                            c->task + ".log 2>&1";
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
+    _exit(127);
+  }
+  c->runs++;
+}
+
+void Tend(const PeerdProcess& p, Client* c) {
+  int status = 0;
+  if (c->pid > 0 && waitpid(c->pid, &status, WNOHANG) != c->pid) return;  // still running
+  Launch(p, c);
+}
+
+// Documents of a file as peer-ingest splits it (a line each), and those its resume file says
+// were acknowledged.
+std::set<std::string> Ids(const std::string& file) {
+  std::set<std::string> ids;
+  std::unique_ptr<DocumentSource> source;
+  if (!DocumentSource::Open({file}, {SplitMode::kLine}, &source).ok()) return ids;
+  for (IngestDocument d; source->Next(&d);) ids.insert(d.id);
+  return ids;
+}
+std::set<std::string> Acked(const std::string& resume_file) {
+  std::set<std::string> ids;
+  std::ifstream in(resume_file);
+  for (std::string id; std::getline(in, id);) ids.insert(id);
+  return ids;
+}
+
+TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSigkills) {
+  const uint64_t cycles = EnvOr("PEERD_FAULT_CYCLES", 3);
+  const uint64_t seed = EnvOr("PEERD_FAULT_SEED", std::random_device{}());
+  std::mt19937_64 rng(seed);
+  std::cout << "crash loop: " << cycles << " cycles, PEERD_FAULT_SEED=" << seed << "\n";
+
+  const std::string dir = ::testing::TempDir() + "/peerd_crash_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json")
+      << R"({"model": {"dModel": 32, "nLayers": 1, "context": 32, "peer": {"nKeys": 16}}, "train": {"batchSize": 4}})";
+  // Three tasks of real text, a verse a line, each followed by its own client while a feeder
+  // thread appends verses to the three files all through the run, so every kill lands mid-ingest.
+  std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+  ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+  std::vector<std::string> verses;
+  for (std::string line; std::getline(kjv, line) && verses.size() < 200'000;)
+    if (!line.empty()) verses.push_back(line);
+  std::vector<Client> clients;
+  for (const char* task : {"law", "prophets", "gospels"}) {
+    clients.push_back({task, dir + "/" + task + ".txt"});
+    std::ofstream(clients.back().file);
+  }
+  std::atomic<bool> feeding{true};
+  std::atomic<size_t> fed{0};
+  std::thread feeder([&] {
+    for (size_t i = 0; feeding && i < verses.size(); ++i, ++fed) {
+      std::ofstream(clients[i % clients.size()].file, std::ios::app) << verses[i] << "\n";
+      std::this_thread::sleep_for(2ms);
+    }
+  });
+  struct StopFeeder {
+    std::atomic<bool>* feeding;
+    std::thread* feeder;
+    ~StopFeeder() {
+      *feeding = false;
+      if (feeder->joinable()) feeder->join();
+    }
+  } stop_feeder{&feeding, &feeder};
+  struct StopClients {
+    std::vector<Client>* clients;
+    ~StopClients() {
+      for (Client& c : *clients)
+        if (c.pid > 0) {
+          kill(c.pid, SIGKILL);
+          waitpid(c.pid, nullptr, 0);
+        }
+    }
+  } stop_clients{&clients};
+
+  const uint16_t data_port = testing::FreeLoopbackPort(), admin_port = testing::FreeLoopbackPort();
+  PeerdProcess peerd(dir, data_port, admin_port);
+  const std::string flags = "--checkpoint-every-steps 20 --checkpoint-every-seconds 1 --threads 1";
+
+  DiskState last;                                 // as read after the previous kill
+  std::map<uint32_t, uint64_t> frozen_first;       // checksum of each segment when first seen frozen
+  std::set<uint32_t> freezes_acked;
+  uint64_t checkpoint_seen = 0, documents_acked_before = 0;
+  std::uniform_int_distribution<int> kill_after_ms(300, 2500), coin(0, 3);
+
+  for (uint64_t cycle = 0; cycle < cycles; ++cycle) {
+    ASSERT_NO_FATAL_FAILURE(peerd.Start(flags)) << "cycle " << cycle;
+    json s = peerd.CtlJson("status");
+    EXPECT_GE(U(s, "step"), last.checkpoint.step()) << "cycle " << cycle << ": the step went back past the checkpoint";
+    EXPECT_GE(U(s, "spoolDocuments"), documents_acked_before) << "acknowledged documents were lost";
+
+    for (Client& c : clients) Tend(peerd, &c);
+
+    // Admin work at random points of the cycle: add a segment, freeze the oldest training one.
+    const auto kill_at = std::chrono::steady_clock::now() + std::chrono::milliseconds(kill_after_ms(rng));
+    while (std::chrono::steady_clock::now() < kill_at) {
+      if (coin(rng) == 0) {
+        json st = peerd.CtlJson("status");
+        int training = -1, count = 0;
+        for (const auto& seg : st["segments"])
+          if (seg.value("state", "") == "training") {
+            ++count;
+            if (training < 0) training = seg.value("id", -1);
+          }
+        if (count < 2) {
+          peerd.Ctl("segments add");
+        } else if (training >= 0 && peerd.Ctl("segments freeze " + std::to_string(training)).code == 0) {
+          freezes_acked.insert(static_cast<uint32_t>(training));
+        }
+        checkpoint_seen = std::max(checkpoint_seen, U(st, "lastCheckpointStep"));
+        documents_acked_before = std::max(documents_acked_before, U(st, "spoolDocuments"));
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    peerd.Kill(SIGKILL);
+
+    DiskState now;
+    ASSERT_NO_FATAL_FAILURE(ReadDisk(peerd.data_dir(), &now)) << "cycle " << cycle;
+    for (uint32_t id : freezes_acked) EXPECT_TRUE(now.frozen.count(id)) << "acknowledged freeze of segment " << id << " lost";
+    for (const auto& [id, checksum] : now.frozen) {
+      auto [it, first] = frozen_first.emplace(id, checksum);
+      EXPECT_TRUE(first || it->second == checksum) << "frozen segment " << id << " changed";
+    }
+    EXPECT_GE(now.checkpoint.step(), last.checkpoint.step()) << "the checkpoint went back";
+    EXPECT_GE(now.checkpoint.step(), checkpoint_seen) << "a checkpoint reported on /v1/status is not on disk";
+    EXPECT_GE(now.checkpoint.spool_next_index(), last.checkpoint.spool_next_index());
+    EXPECT_GE(now.checkpoint.consumed_bytes(), last.checkpoint.consumed_bytes());
+    last = now;
+    if (::testing::Test::HasFailure()) return;
+  }
+
+  // The end: no more kills, no more text. Every client gets every line acknowledged, the
+  // backlog drains, a last checkpoint.
+  feeding = false;
+  feeder.join();
+  ASSERT_NO_FATAL_FAILURE(peerd.Start(flags));
+  std::set<std::pair<std::string, std::string>> sent;
+  const auto deadline = std::chrono::steady_clock::now() + 180s;
+  for (Client& c : clients) {
+    const std::set<std::string> lines = Ids(c.file);
+    while (Acked(dir + "/" + c.task + ".acked") != lines && std::chrono::steady_clock::now() < deadline) {
+      Tend(peerd, &c);
+      std::this_thread::sleep_for(100ms);
+    }
+    ASSERT_EQ(Acked(dir + "/" + c.task + ".acked"), lines)
+        << c.task << ": not every line was acknowledged: " << testing::Slurp(dir + "/" + c.task + ".log");
+    kill(c.pid, SIGTERM);
+    waitpid(c.pid, nullptr, 0);
+    c.pid = -1;
+    for (const std::string& id : lines) sent.insert({c.task, id});
+  }
+  peerd.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 33; }, 180s);
+  ASSERT_EQ(peerd.Ctl("checkpoint").code, 0);
+  ASSERT_EQ(peerd.Kill(SIGTERM), 0);
+
+  // Every line of every file is stored exactly once.
+  std::shared_ptr<StoreDb> db;
+  ASSERT_TRUE(StoreDb::Open(peerd.data_dir(), {}, &db).ok());
+  std::unique_ptr<Spool> spool;
+  ASSERT_TRUE(Spool::Open(db, &spool).ok());
+  std::vector<SpoolEntry> stored;
+  ASSERT_TRUE(spool->Read(1, 1 << 30, &stored).ok());
+  std::set<std::pair<std::string, std::string>> unique;
+  for (const SpoolEntry& e : stored) unique.insert({e.task, e.id});
+  EXPECT_EQ(unique.size(), stored.size()) << "a document was stored twice";
+  EXPECT_EQ(unique, sent) << "the spool does not hold exactly the documents sent";
+
+  // Trained once: the last checkpoint's cursor and byte count agree with the spool — every byte
+  // before the cursor counted once, none after it.
+  DiskState end;
+  db.reset();
+  spool.reset();
+  ASSERT_NO_FATAL_FAILURE(ReadDisk(peerd.data_dir(), &end));
+  const CheckpointMeta& m = end.checkpoint;
+  uint64_t before_cursor = 0, total = 0;
+  for (const SpoolEntry& e : stored) {
+    if (e.index < m.spool_next_index()) before_cursor += e.text.size();
+    total += e.text.size();
+  }
+  EXPECT_GE(m.consumed_bytes(), before_cursor);
+  EXPECT_LE(m.consumed_bytes(), before_cursor + m.spool_offset());
+  EXPECT_LT(total - m.consumed_bytes(), 33u) << "acknowledged text left untrained";
+  for (const auto& [id, checksum] : frozen_first) EXPECT_EQ(end.frozen[id], checksum);
+  int runs = 0;
+  for (const Client& c : clients) runs += c.runs;
+  std::cout << "crash loop: " << cycles << " kills survived; " << stored.size() << " documents acked, 0 lost, "
+            << stored.size() - unique.size() << " duplicated; " << frozen_first.size() << " frozen segments intact; "
+            << runs << " client runs; " << fed << " lines fed; last checkpoint step " << m.step() << "\n";
+}
+
+}  // namespace
+}  // namespace peerd

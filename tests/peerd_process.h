@@ -1,0 +1,166 @@
+// PeerdProcess: the real peerd binary as a child process, for tests that drive the service through
+// its public interface (peerctl, peer-ingest, the ports). Header-only; no LibTorch.
+//
+// The binaries come from compile definitions: PEERD_BIN, PEER_INGEST_BIN, PEERCTL_BIN.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+
+namespace peerd::testing {
+
+using nlohmann::json;
+using namespace std::chrono_literals;
+
+struct ShellResult {
+  int code;
+  std::string out;
+};
+
+// Runs `cmd` with /bin/sh; stdout and stderr together.
+inline ShellResult Sh(const std::string& cmd) {
+  ShellResult r{0, ""};
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+inline std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A port free now on 127.0.0.1 (for a server that must come back on the same port after a kill).
+inline uint16_t FreeLoopbackPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// A JSON number that protobuf's JSON mapping may print as a string (64-bit fields).
+inline uint64_t U(const json& j, const char* key) {
+  if (!j.contains(key)) return 0;
+  return j[key].is_string() ? std::stoull(j[key].get<std::string>()) : j[key].get<uint64_t>();
+}
+
+class PeerdProcess {
+ public:
+  // `dir` holds config.json; peerd keeps its data in dir/data and logs to dir/peerd.log. Ports 0
+  // pick free ones at each start; fixed ports let clients reconnect across restarts.
+  explicit PeerdProcess(std::string dir, uint16_t data_port = 0, uint16_t admin_port = 0)
+      : dir_(std::move(dir)), data_port_(std::to_string(data_port)), admin_port_(std::to_string(admin_port)),
+        fixed_ports_(data_port != 0) {}
+  ~PeerdProcess() { Kill(SIGKILL); }
+
+  // Starts peerd (extra flags appended) and waits until it logs its ports.
+  void Start(const std::string& extra_flags = "--checkpoint-every-steps 15") {
+    const std::string log = dir_ + "/peerd.log";
+    const size_t log_start = std::filesystem::exists(log) ? std::filesystem::file_size(log) : 0;
+    const std::string data = fixed_ports_ ? data_port_ : "0", admin = fixed_ports_ ? admin_port_ : "0";
+    pid_ = fork();
+    if (pid_ == 0) {
+      const std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data --config " + dir_ +
+                              "/config.json --data-listen 127.0.0.1:" + data + " --admin-listen 127.0.0.1:" + admin +
+                              " --task-root " + dir_ + " " + extra_flags + " >> " + log + " 2>&1";
+      execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
+      _exit(127);
+    }
+    const std::regex ports("data port 127\\.0\\.0\\.1:([0-9]+).*admin API 127\\.0\\.0\\.1:([0-9]+)");
+    for (int i = 0; i < 600; ++i) {
+      const std::string text = Slurp(log).substr(log_start);
+      std::smatch m;
+      if (std::regex_search(text, m, ports)) {
+        data_port_ = m[1];
+        admin_port_ = m[2];
+        return;
+      }
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        FAIL() << "peerd exited while starting: " << text;
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    FAIL() << "peerd did not start: " << Slurp(log).substr(log_start);
+  }
+
+  // Sends `sig` and reaps; the exit code, or -1 when killed by a signal.
+  int Kill(int sig) {
+    if (pid_ <= 0) return -1;
+    kill(pid_, sig);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  bool running() const { return pid_ > 0; }
+
+  ShellResult Ctl(const std::string& args, const std::string& token_file = "") const {
+    return Sh(std::string(PEERCTL_BIN) + " --admin 127.0.0.1:" + admin_port_ + " --token-file " +
+              (token_file.empty() ? dir_ + "/data/admin.token" : token_file) + " " + args);
+  }
+  json CtlJson(const std::string& args) const {
+    ShellResult r = Ctl("--json " + args);
+    EXPECT_EQ(r.code, 0) << args << ": " << r.out;
+    return json::parse(r.out, nullptr, false);
+  }
+  // peer-ingest's command line for `task` and `file`, its acked ids kept in dir/TASK.acked.
+  std::string IngestCommand(const std::string& task, const std::string& file, const std::string& flags = "") const {
+    return std::string(PEER_INGEST_BIN) + " " + flags + " --server 127.0.0.1:" + data_port_ + " --task " + task +
+           " --token-file " + dir_ + "/data/data.token --resume " + dir_ + "/" + task + ".acked " + file;
+  }
+  ShellResult Ingest(const std::string& task, const std::string& file) const { return Sh(IngestCommand(task, file)); }
+
+  // Polls status until pred holds (or the deadline passes); returns the last status.
+  json WaitFor(const std::function<bool(const json&)>& pred, std::chrono::seconds limit = 120s) const {
+    json s;
+    for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;
+         std::this_thread::sleep_for(200ms)) {
+      s = CtlJson("status");
+      if (!s.is_discarded() && pred(s)) return s;
+    }
+    ADD_FAILURE() << "timed out; last status: " << s.dump();
+    return s;
+  }
+
+  const std::string& dir() const { return dir_; }
+  std::string data_dir() const { return dir_ + "/data"; }
+  const std::string& data_port() const { return data_port_; }
+  const std::string& admin_port() const { return admin_port_; }
+
+ private:
+  std::string dir_;
+  std::string data_port_, admin_port_;
+  bool fixed_ports_;
+  pid_t pid_ = -1;
+};
+
+}  // namespace peerd::testing
