@@ -86,10 +86,8 @@ Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view
   m.set_checksum(hash.Digest());
   batch.Put(subkeys_, key, rocksdb::Slice(sub_keys.data(), sub_keys.size()));
   batch.Put(manifests_, key, m.SerializeAsString());
-  rocksdb::WriteOptions sync;
-  sync.sync = true;  // acknowledged frozen means on disk
-  s = db_->db()->Write(sync, &batch);
-  if (!s.ok()) return FromRocks(s, "freezing " + name);
+  // Acknowledged frozen means on disk.
+  if (Status st = db_->SyncedWrite(&batch, "freezing " + name); !st.ok()) return st;
   if (written) *written = m;
   return Status::OK();
 }

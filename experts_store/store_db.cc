@@ -1,11 +1,14 @@
 #include "experts_store/store_db.h"
 
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/options.h>
 #include <rocksdb/table.h>
+#include <rocksdb/write_batch.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +20,35 @@ namespace peerd {
 
 namespace fs = std::filesystem;
 using namespace store;
+
+namespace {
+
+class StderrLogger : public rocksdb::Logger {
+ public:
+  StderrLogger() : rocksdb::Logger(rocksdb::InfoLogLevel::WARN_LEVEL) {}
+  using rocksdb::Logger::Logv;
+  void Logv(const char* format, va_list ap) override {
+    char line[1024];
+    std::vsnprintf(line, sizeof line, format, ap);
+    std::fprintf(stderr, "rocksdb: %s\n", line);
+  }
+};
+
+}  // namespace
+
+Status StoreDb::SyncedWrite(rocksdb::WriteBatch* batch, const std::string& what) {
+  std::lock_guard<std::mutex> lock(write_mu_);
+  if (!write_error_.empty()) {
+    rocksdb::Status r = db_->Resume();
+    if (!r.ok()) return Status::IOError(what + ": the store still cannot write (" + write_error_ + "; " + r.ToString() + ")");
+    write_error_.clear();
+  }
+  rocksdb::WriteOptions sync;
+  sync.sync = true;
+  rocksdb::Status s = db_->Write(sync, batch);
+  if (!s.ok()) write_error_ = s.ToString();
+  return FromRocks(s, what);
+}
 
 Status FromRocks(const rocksdb::Status& s, const std::string& what) {
   if (s.ok()) return Status::OK();
@@ -62,6 +94,11 @@ Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::s
   db_options.create_if_missing = !is_rocksdb;
   db_options.create_missing_column_families = true;
   db_options.paranoid_checks = true;
+  // RocksDB's own log goes to peerd's stderr, warnings and errors only, not to a LOG file in the
+  // data directory: on a full disk, Debian's RocksDB 7.8 aborts the process on its second failed
+  // write to that file (an assertion in WritableFileWriter), which would turn "disk full" into a
+  // crash.
+  db_options.info_log = std::make_shared<StderrLogger>();
   std::vector<std::string> cf_names = {rocksdb::kDefaultColumnFamilyName, kExpertsCF, kSubKeysCF,
                                        kManifestsCF, kSpoolCF, kCheckpointsCF, kEvalsCF};
   if (is_rocksdb) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@ namespace rocksdb {
 class DB;
 class ColumnFamilyHandle;
 class Status;
+class WriteBatch;
 }  // namespace rocksdb
 
 namespace peerd {
@@ -37,6 +39,13 @@ class StoreDb {
   StoreDb& operator=(const StoreDb&) = delete;
 
   rocksdb::DB* db() const { return db_.get(); }
+
+  // Every write of peerd goes through here: synced (what is acknowledged is on disk) and one at a
+  // time. After a failed write (disk full) RocksDB must not be written again before it is resumed
+  // — Debian's RocksDB 7.8 aborts the process on a write after a failed WAL write — so the next
+  // write first resumes it, and fails without writing while it cannot. `what` goes in front of
+  // the error message.
+  Status SyncedWrite(rocksdb::WriteBatch* batch, const std::string& what);
   rocksdb::ColumnFamilyHandle* family(Family f) const { return handles_[static_cast<size_t>(f)]; }
   const std::string& dir() const { return dir_; }
 
@@ -45,6 +54,8 @@ class StoreDb {
   std::string dir_;
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
+  std::mutex write_mu_;
+  std::string write_error_;  // guarded by write_mu_; "" while writes succeed
 };
 
 // A RocksDB status as a peerd Status, with `what` in front of its message.

@@ -7,15 +7,12 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
-#include <filesystem>
-#include <fstream>
 #include <mutex>
-#include <optional>
-#include <regex>
 #include <set>
-#include <sstream>
 #include <thread>
+#include <variant>
 
+#include "service/admin_requests.h"
 #include "service/listen.h"
 #include "service/token.h"
 
@@ -27,9 +24,12 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 using asio::ip::tcp;
-namespace fs = std::filesystem;
 
 namespace {
+
+// The request line and headers together: room for a target of kMaxTargetBytes (admin_requests.h)
+// and ordinary headers; longer is 431 before the target is looked at.
+constexpr size_t kMaxHeaderBytes = 16 << 10;
 
 struct Reply {
   http::status status = http::status::ok;
@@ -64,25 +64,26 @@ Reply FromStatus(const Status& st) {
 
 Reply Ok(const google::protobuf::Message& m) { return {http::status::ok, ToJson(m)}; }
 
-// Parses a request body (empty = all defaults) into `m`; unknown fields and wrong types are errors.
-std::optional<Reply> ParseBody(const std::string& body, google::protobuf::Message* m) {
-  if (body.find_first_not_of(" \t\r\n") == std::string::npos) return std::nullopt;
-  google::protobuf::util::JsonParseOptions o;
-  o.ignore_unknown_fields = false;
-  auto st = google::protobuf::util::JsonStringToMessage(body, m, o);
-  if (!st.ok())
-    return Error(http::status::bad_request, "request body is not valid JSON for " + m->GetTypeName() + ": " +
-                                                std::string(st.message()));
-  return std::nullopt;
+Reply Ok(const std::string& message, const std::vector<uint32_t>& ids = {}) {
+  OkReply ok;
+  ok.set_message(message);
+  for (uint32_t id : ids) ok.add_ids(id);
+  return Ok(ok);
 }
 
-std::optional<RowDtype> ParseDtype(const std::string& s, std::optional<Reply>* error) {
-  if (s.empty()) return std::nullopt;
-  if (s == "bf16") return ROW_DTYPE_BF16;
-  if (s == "fp32") return ROW_DTYPE_FP32;
-  *error = Error(http::status::bad_request, "dtype must be \"bf16\" or \"fp32\", got \"" + s + "\"");
-  return std::nullopt;
+Reply FromAdminError(const AdminError& e) { return Error(static_cast<http::status>(e.http_status), e.message); }
+
+// Requests that the log quotes are clipped: a 2 KB target or a control character stays out of it.
+std::string ForLog(const http::request<http::string_body>& req) {
+  return ClipForMessage(std::string(req.method_string()), 16) + " " + ClipForMessage(std::string(req.target()), 200);
 }
+
+template <class... F>
+struct Overloaded : F... {
+  using F::operator()...;
+};
+template <class... F>
+Overloaded(F...) -> Overloaded<F...>;
 
 }  // namespace
 
@@ -101,149 +102,97 @@ struct AdminServer::Impl {
   std::atomic<bool> stopping{false};
 
   Reply Route(const http::request<http::string_body>& req);
+  Reply Dispatch(const AdminRequest& request);
   Reply Handle(const http::request<http::string_body>& req);
   void Serve(tcp::socket socket);
-  std::optional<Reply> ReadTaskFile(const std::string& path, std::string* text);
 };
 
-std::optional<Reply> AdminServer::Impl::ReadTaskFile(const std::string& path, std::string* text) {
-  std::error_code ec;
-  fs::path real = fs::weakly_canonical(path, ec);
-  bool allowed = false;
-  for (const auto& root : options.task_roots) {
-    fs::path r = fs::weakly_canonical(root, ec);
-    auto [end, unused] = std::mismatch(r.begin(), r.end(), real.begin(), real.end());
-    (void)unused;
-    if (end == r.end()) allowed = true;
-  }
-  if (!allowed) {
-    std::string roots;
-    for (const auto& r : options.task_roots) roots += (roots.empty() ? "" : ", ") + r;
-    return Error(http::status::forbidden, "path '" + path + "' is outside the allowed task roots (" + roots +
-                                              "): start peerd with --task-root, or send the text itself");
-  }
-  std::ifstream in(real, std::ios::binary);
-  if (!in) return Error(http::status::bad_request, "cannot read '" + path + "'");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  *text = ss.str();
-  return std::nullopt;
+Reply AdminServer::Impl::Route(const http::request<http::string_body>& req) {
+  AdminRequest request;
+  AdminError error;
+  const auto method = req.method_string(), target = req.target();
+  if (!ParseAdminRequest(std::string_view(method.data(), method.size()), std::string_view(target.data(), target.size()),
+                         req.body(), &request, &error))
+    return FromAdminError(error);
+  return Dispatch(request);
 }
 
-Reply AdminServer::Impl::Route(const http::request<http::string_body>& req) {
-  const std::string target(req.target());
-  const std::string path = target.substr(0, target.find('?'));
-  const auto method = req.method();
-  auto is = [&](http::verb v, const char* p) { return method == v && path == p; };
-  std::smatch match;
-
-  if (is(http::verb::get, "/v1/status")) return Ok(loop->Snapshot());
-  if (is(http::verb::get, "/v1/segments")) return Ok(loop->Segments());
-  if (is(http::verb::post, "/v1/segments")) {
-    AddSegmentRequest r;
-    if (auto e = ParseBody(req.body(), &r)) return *e;
-    if (r.has_n_keys() && (r.n_keys() == 0 || r.n_keys() > 65536))
-      return Error(http::status::bad_request, "nKeys must be in [top-k, 65536], got " + std::to_string(r.n_keys()));
-    OkReply ok;
-    std::vector<uint32_t> ids;
-    Status st = loop->AddSegments(r.has_layer() ? std::optional(r.layer()) : std::nullopt,
-                                  r.has_n_keys() ? std::optional(r.n_keys()) : std::nullopt, &ids);
-    if (!st.ok()) return FromStatus(st);
-    for (uint32_t id : ids) ok.add_ids(id);
-    ok.set_message("added segment " + std::to_string(ids.empty() ? 0 : ids[0]) + " (training) to " +
-                   std::to_string(ids.size()) + " layer(s)");
-    return Ok(ok);
-  }
-  static const std::regex freeze_re("^/v1/segments/([0-9]{1,9})/freeze$");
-  if (method == http::verb::post && std::regex_match(path, match, freeze_re)) {
-    FreezeRequest r;
-    if (auto e = ParseBody(req.body(), &r)) return *e;
-    std::optional<Reply> bad;
-    std::optional<RowDtype> dtype = ParseDtype(r.dtype(), &bad);
-    if (bad) return *bad;
-    const uint32_t id = static_cast<uint32_t>(std::stoul(match[1]));
-    std::vector<uint32_t> layers;
-    Status st = loop->FreezeSegment(id, r.has_layer() ? std::optional(r.layer()) : std::nullopt, dtype, &layers);
-    if (!st.ok()) return FromStatus(st);
-    OkReply ok;
-    for (uint32_t l : layers) ok.add_ids(l);
-    ok.set_message("froze segment " + std::to_string(id) + " in " + std::to_string(layers.size()) + " layer(s)");
-    return Ok(ok);
-  }
-  if (is(http::verb::post, "/v1/tasks")) {
-    TaskRequest r;
-    if (auto e = ParseBody(req.body(), &r)) return *e;
-    if (r.name().empty()) return Error(http::status::bad_request, "a task needs a name");
-    if (!r.text().empty() && !r.path().empty())
-      return Error(http::status::bad_request, "give the task's text or its path, not both");
-    std::string text = r.text();
-    if (!r.path().empty())
-      if (auto e = ReadTaskFile(r.path(), &text)) return *e;
-    if (Status st = loop->tasks().PutTask(r.name(), text); !st.ok()) return FromStatus(st);
-    OkReply ok;
-    ok.set_message("task " + r.name() + " registered (" + std::to_string(text.size()) + " held-out bytes)");
-    return Ok(ok);
-  }
-  if (is(http::verb::get, "/v1/tasks")) {
-    std::vector<std::pair<std::string, std::string>> tasks;
-    if (Status st = loop->tasks().Tasks(&tasks); !st.ok()) return FromStatus(st);
-    TasksReply reply;
-    for (const auto& [name, text] : tasks) {
-      TaskInfo* t = reply.add_tasks();
-      t->set_name(name);
-      t->set_bytes(text.size());
-    }
-    return Ok(reply);
-  }
-  if (is(http::verb::post, "/v1/eval")) {
-    EvalRequest r;
-    if (auto e = ParseBody(req.body(), &r)) return *e;
-    EvalRow row;
-    if (Status st = loop->Evaluate(r.label(), &row); !st.ok()) return FromStatus(st);
-    return Ok(row);
-  }
-  if (is(http::verb::get, "/v1/eval")) {
-    std::vector<EvalRow> rows;
-    if (Status st = loop->tasks().Rows(&rows); !st.ok()) return FromStatus(st);
-    return Ok(ComputeForgetting(rows));
-  }
-  if (is(http::verb::post, "/v1/checkpoint")) {
-    if (Status st = loop->Checkpoint(); !st.ok()) return FromStatus(st);
-    OkReply ok;
-    ok.set_message("checkpoint written");
-    return Ok(ok);
-  }
-  if (is(http::verb::post, "/v1/train/pause") || is(http::verb::post, "/v1/train/resume")) {
-    const bool pause = path == "/v1/train/pause";
-    loop->SetPaused(pause);
-    OkReply ok;
-    ok.set_message(pause ? "training paused" : "training resumed");
-    return Ok(ok);
-  }
-  if (is(http::verb::get, "/v1/policy")) return Ok(loop->GetPolicy());
-  if (is(http::verb::put, "/v1/policy")) {
-    Policy p;
-    if (auto e = ParseBody(req.body(), &p)) return *e;
-    if (Status st = loop->SetPolicy(p); !st.ok()) return FromStatus(st);
-    return Ok(loop->GetPolicy());
-  }
-  if (is(http::verb::get, "/metrics")) {
-    std::string text = loop->Metrics();
-    if (data) {
-      DataServerStats d = data->stats();
-      text += "# TYPE peerd_ingest_documents_total counter\npeerd_ingest_documents_total " + std::to_string(d.documents) + "\n";
-      text += "# TYPE peerd_ingest_acks_total counter\npeerd_ingest_acks_total " + std::to_string(d.acks) + "\n";
-      text += "# TYPE peerd_ingest_errors_total counter\npeerd_ingest_errors_total " + std::to_string(d.errors) + "\n";
-    }
-    text += "# TYPE peerd_admin_request_errors_total counter\npeerd_admin_request_errors_total " +
-            std::to_string(request_errors.load()) + "\n";
-    return {http::status::ok, text, "text/plain; version=0.0.4"};
-  }
-  static const std::set<std::string> known = {"/v1/status", "/v1/segments", "/v1/tasks", "/v1/eval", "/v1/checkpoint",
-                                              "/v1/train/pause", "/v1/train/resume", "/v1/policy", "/metrics"};
-  if (known.count(path) || std::regex_match(path, freeze_re))
-    return Error(http::status::method_not_allowed, std::string(req.method_string()) + " is not allowed on " + path);
-  return Error(http::status::not_found, "no route " + path + " (see README: admin API)");
+// Runs a request that ParseAdminRequest accepted; what is left to refuse here needs the model or
+// the store (a segment that does not exist, a task file that cannot be read).
+Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
+  return std::visit(
+      Overloaded{
+          [&](const admin::GetStatus&) { return Ok(loop->Snapshot()); },
+          [&](const admin::ListSegments&) { return Ok(loop->Segments()); },
+          [&](const admin::AddSegments& r) {
+            std::vector<uint32_t> ids;
+            if (Status st = loop->AddSegments(r.layer, r.n_keys, &ids); !st.ok()) return FromStatus(st);
+            return Ok("added segment " + std::to_string(ids.empty() ? 0 : ids[0]) + " (training) to " +
+                          std::to_string(ids.size()) + " layer(s)",
+                      ids);
+          },
+          [&](const admin::FreezeSegment& r) {
+            std::vector<uint32_t> layers;
+            if (Status st = loop->FreezeSegment(r.id, r.layer, r.dtype, &layers); !st.ok()) return FromStatus(st);
+            return Ok("froze segment " + std::to_string(r.id) + " in " + std::to_string(layers.size()) + " layer(s)",
+                      layers);
+          },
+          [&](const admin::AddTask& r) {
+            std::string text = r.text;
+            AdminError e;
+            if (!r.path.empty() && !ReadConfinedTaskFile(r.path, options.task_roots, options.max_body_bytes, &text, &e))
+              return FromAdminError(e);
+            if (Status st = loop->tasks().PutTask(r.name, text); !st.ok()) return FromStatus(st);
+            return Ok("task " + r.name + " registered (" + std::to_string(text.size()) + " held-out bytes)");
+          },
+          [&](const admin::ListTasks&) {
+            std::vector<std::pair<std::string, std::string>> tasks;
+            if (Status st = loop->tasks().Tasks(&tasks); !st.ok()) return FromStatus(st);
+            TasksReply reply;
+            for (const auto& [name, text] : tasks) {
+              TaskInfo* t = reply.add_tasks();
+              t->set_name(name);
+              t->set_bytes(text.size());
+            }
+            return Ok(reply);
+          },
+          [&](const admin::RunEval& r) {
+            EvalRow row;
+            if (Status st = loop->Evaluate(r.label, &row); !st.ok()) return FromStatus(st);
+            return Ok(row);
+          },
+          [&](const admin::EvalReport&) {
+            std::vector<EvalRow> rows;
+            if (Status st = loop->tasks().Rows(&rows); !st.ok()) return FromStatus(st);
+            return Ok(ComputeForgetting(rows));
+          },
+          [&](const admin::Checkpoint&) {
+            if (Status st = loop->Checkpoint(); !st.ok()) return FromStatus(st);
+            return Ok("checkpoint written");
+          },
+          [&](const admin::SetPaused& r) {
+            loop->SetPaused(r.paused);
+            return Ok(r.paused ? "training paused" : "training resumed");
+          },
+          [&](const admin::GetPolicy&) { return Ok(loop->GetPolicy()); },
+          [&](const admin::SetPolicy& r) {
+            if (Status st = loop->SetPolicy(r.policy); !st.ok()) return FromStatus(st);
+            return Ok(loop->GetPolicy());
+          },
+          [&](const admin::Metrics&) {
+            std::string text = loop->Metrics();
+            if (data) {
+              DataServerStats d = data->stats();
+              text += "# TYPE peerd_ingest_documents_total counter\npeerd_ingest_documents_total " + std::to_string(d.documents) + "\n";
+              text += "# TYPE peerd_ingest_acks_total counter\npeerd_ingest_acks_total " + std::to_string(d.acks) + "\n";
+              text += "# TYPE peerd_ingest_errors_total counter\npeerd_ingest_errors_total " + std::to_string(d.errors) + "\n";
+            }
+            text += "# TYPE peerd_admin_request_errors_total counter\npeerd_admin_request_errors_total " +
+                    std::to_string(request_errors.load()) + "\n";
+            return Reply{http::status::ok, text, "text/plain; version=0.0.4"};
+          },
+      },
+      request);
 }
 
 Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
@@ -270,25 +219,47 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
   timeval timeout{30, 0};  // an idle keep-alive connection is closed after 30 s
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
   beast::flat_buffer buffer;
+  // Answers a request that could not be read whole, then the connection closes: the stream is
+  // out of step after it.
+  auto refuse = [&](http::status status, const std::string& message) {
+    request_errors++;
+    spdlog::warn("admin request refused -> {}: {}", static_cast<int>(status), message);
+    Reply r = Error(status, message);
+    http::response<http::string_body> res{r.status, 11};
+    res.set(http::field::content_type, r.content_type);
+    res.keep_alive(false);
+    res.body() = r.body;
+    res.prepare_payload();
+    beast::error_code wec;
+    http::write(socket, res, wec);
+  };
   for (;;) {
     http::request_parser<http::string_body> parser;
     parser.body_limit(options.max_body_bytes);
+    parser.header_limit(kMaxHeaderBytes);
     beast::error_code ec;
     http::read(socket, buffer, parser, ec);
     if (ec == http::error::body_limit) {
-      Reply r = Error(http::status::payload_too_large, "request body over " + std::to_string(options.max_body_bytes) + " bytes");
-      http::response<http::string_body> res{r.status, 11};
-      res.set(http::field::content_type, r.content_type);
-      res.body() = r.body;
-      res.prepare_payload();
-      http::write(socket, res, ec);
+      refuse(http::status::payload_too_large, "request body over " + std::to_string(options.max_body_bytes) + " bytes");
+      break;
+    }
+    if (ec == http::error::header_limit) {
+      refuse(http::status::request_header_fields_too_large,
+             "request line and headers over " + std::to_string(kMaxHeaderBytes) + " bytes");
+      break;
+    }
+    // Bytes that are not HTTP/1.1 get a 400; a closed or timed-out connection gets nothing.
+    if (ec && ec.category() == http::make_error_code(http::error::bad_target).category() &&
+        ec != http::error::end_of_stream && ec != http::error::partial_message) {
+      refuse(http::status::bad_request, "malformed HTTP request: " + ec.message());
       break;
     }
     if (ec) break;
     const auto& req = parser.get();
     Reply r = Handle(req);
-    // One line per request that changes something or fails; reads stay quiet below debug.
-    const std::string what = std::string(req.method_string()) + " " + std::string(req.target());
+    // One line per request that changes something or fails; reads stay quiet below debug. Bodies
+    // are not logged (they may hold held-out text); the Authorization header never is.
+    const std::string what = ForLog(req);
     if (r.status != http::status::ok)
       spdlog::warn("admin {} -> {}: {}", what, static_cast<int>(r.status), r.body);
     else if (req.method() != http::verb::get)

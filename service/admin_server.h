@@ -1,7 +1,9 @@
 // AdminServer: peerd's admin API over HTTP/1.1 (Boost.Beast). Bodies are protobuf's JSON mapping of
 // the messages in proto/admin.proto, so the binary and the JSON API cannot drift. Every request
 // needs `Authorization: Bearer <token>`; a missing or wrong one is 401 and changes nothing. Errors
-// are {"error": {"code": HTTP status, "message": "..."}}.
+// are {"error": {"code": HTTP status, "message": "..."}}. What each route accepts is parsed and
+// checked by service/admin_requests.h (torch-free, fuzzed); this file only authenticates, reads
+// HTTP within its limits and dispatches.
 //
 // One thread accepts; each connection is served on its own thread (at most `max_connections`).
 #pragma once

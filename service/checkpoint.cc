@@ -65,9 +65,7 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
   rocksdb::WriteBatch batch;
   batch.Put(db_->family(Family::kCheckpoints), kTensorsKey, bytes.str());
   batch.Put(db_->family(Family::kCheckpoints), kMetaKey, meta.SerializeAsString());
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  return FromRocks(db_->db()->Write(sync, &batch), "writing a checkpoint in '" + db_->dir() + "'");
+  return db_->SyncedWrite(&batch, "writing a checkpoint in '" + db_->dir() + "'");
 }
 
 Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {

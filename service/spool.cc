@@ -140,11 +140,15 @@ Status Spool::Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplica
   PutBe64(&counters, next);
   PutBe64(&counters, bytes);
   wb.Put(cf, kCounterKey, counters);
-  rocksdb::WriteOptions sync;
-  sync.sync = true;  // acknowledged means on disk
-  rocksdb::Status s = db_->db()->Write(sync, &wb);
-  if (!s.ok()) return Status::IOError("the spool cannot write (" + s.ToString() + "): documents are not acknowledged");
+  Status written = db_->SyncedWrite(&wb, "the spool");  // acknowledged means on disk
+  if (!written.ok()) {
+    Status error = Status::IOError(written.message() + ": documents are not acknowledged");
+    std::lock_guard<std::mutex> lock(mu_);
+    write_error_ = error.message();
+    return error;
+  }
   std::lock_guard<std::mutex> lock(mu_);
+  write_error_.clear();
   last_index_ = next;
   total_bytes_ = bytes;
   duplicates_ += dup_total;
@@ -208,6 +212,7 @@ SpoolStats Spool::stats() const {
   s.duplicates = duplicates_;
   s.commits = commits_;
   s.backlog_bytes = total_bytes_ > consumed_bytes_ ? total_bytes_ - consumed_bytes_ : 0;
+  s.write_error = write_error_;
   return s;
 }
 

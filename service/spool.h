@@ -9,6 +9,9 @@
 // Appends are group-committed: Append() queues a request; one writer thread commits everything
 // waiting in one WriteBatch with a synced WAL, then runs each request's callback — so a callback
 // with OK means the documents are on disk, and many clients share one fsync.
+// A failed commit (disk full) acknowledges nothing and is remembered in stats().write_error; the
+// next commits try again (StoreDb::SyncedWrite resumes the database first), so once space is back
+// writes and acks go on by themselves.
 //
 // Thread-safe.
 #pragma once
@@ -41,6 +44,7 @@ struct SpoolStats {
   uint64_t duplicates = 0;  // appends of a (task, id) already stored (since open)
   uint64_t commits = 0;     // WriteBatches synced (since open)
   uint64_t backlog_bytes = 0;  // text bytes after the consumer's cursor
+  std::string write_error;     // why the last commit failed (disk full, read-only); "" once one succeeds
 };
 
 class Spool {
@@ -91,6 +95,7 @@ class Spool {
   uint64_t last_index_ = 0, total_bytes_ = 0;  // guarded by mu_; durable values
   uint64_t consumed_index_ = 1, consumed_bytes_ = 0;
   uint64_t duplicates_ = 0, commits_ = 0;
+  std::string write_error_;
   std::thread writer_;
 };
 

@@ -30,9 +30,9 @@ double Score(const EvalRow& row, const std::string& task) {
 Status TaskStore::PutTask(const std::string& name, const std::string& text) {
   if (!wire::ValidTaskName(name)) return Status::InvalidArgument("task name must be 1-64 characters of A-Z a-z 0-9 _ . -");
   if (text.size() < 2) return Status::InvalidArgument("task '" + name + "' needs at least 2 bytes of held-out text");
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  return FromRocks(db_->db()->Put(sync, db_->family(Family::kEvals), "task/" + name, text), "registering task " + name);
+  rocksdb::WriteBatch batch;
+  batch.Put(db_->family(Family::kEvals), "task/" + name, text);
+  return db_->SyncedWrite(&batch, "registering task " + name);
 }
 
 Status TaskStore::Tasks(std::vector<std::pair<std::string, std::string>>* out) const {
@@ -46,10 +46,9 @@ Status TaskStore::Tasks(std::vector<std::pair<std::string, std::string>>* out) c
 Status TaskStore::AppendRow(const EvalRow& row) {
   std::vector<EvalRow> rows;
   if (Status st = Rows(&rows); !st.ok()) return st;
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  return FromRocks(db_->db()->Put(sync, db_->family(Family::kEvals), RowKey(rows.size()), row.SerializeAsString()),
-                   "recording an evaluation");
+  rocksdb::WriteBatch batch;
+  batch.Put(db_->family(Family::kEvals), RowKey(rows.size()), row.SerializeAsString());
+  return db_->SyncedWrite(&batch, "recording an evaluation");
 }
 
 Status TaskStore::Rows(std::vector<EvalRow>* out) const {

@@ -1,5 +1,7 @@
 #include "service/training_loop.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <future>
@@ -7,6 +9,7 @@
 
 #include "core/config.h"
 #include "core/evaluator.h"
+#include "service/admin_requests.h"
 
 #include <spdlog/spdlog.h>
 
@@ -17,6 +20,12 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 const char* DtypeName(RowDtype d) { return d == ROW_DTYPE_FP32 ? "fp32" : "bf16"; }
+
+// The physical memory of this machine: what a new segment is sized against.
+uint64_t PhysicalMemoryBytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? uint64_t(pages) * uint64_t(page) : UINT64_MAX;
+}
 
 }  // namespace
 
@@ -107,7 +116,15 @@ Status TrainingLoop::RunOnTrainer(const std::function<Status()>& op) {
   }
   auto done = std::make_shared<std::promise<Status>>();
   std::future<Status> result = done->get_future();
-  queue_.push_back([op, done] { done->set_value(op()); });
+  // An exception (LibTorch throws on a failed allocation) goes back to the caller, who answers it
+  // as an internal error; escaping here it would end the trainer thread and with it peerd.
+  queue_.push_back([op, done] {
+    try {
+      done->set_value(op());
+    } catch (...) {
+      done->set_exception(std::current_exception());
+    }
+  });
   lock.unlock();
   wake_.notify_all();
   return result.get();
@@ -119,6 +136,8 @@ void TrainingLoop::Run() {
   auto last_checkpoint = Clock::now(), last_data = Clock::now(), window_start = Clock::now();
   double window_loss = 0;
   int64_t window_steps = 0, window_tokens = 0;
+  bool checkpoint_ok = true;
+  std::string ingest_error;
   for (;;) {
     std::deque<std::function<void()>> ops;
     bool paused;
@@ -136,6 +155,13 @@ void TrainingLoop::Run() {
       snapshot_.set_state("paused");
       wake_.wait_for(lock, std::chrono::milliseconds(100));
       continue;
+    }
+    // The spool's write errors are not the trainer's, but it is the one thread that is always
+    // looking: say so in the log once when acks stop and once when they resume.
+    if (std::string e = spool_->stats().write_error; e != ingest_error) {
+      if (!e.empty()) spdlog::error("ingest stopped: documents are not being acknowledged: {}", e);
+      else spdlog::info("ingest resumed: the spool writes again");
+      ingest_error = e;
     }
     Status st;
     const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
@@ -171,10 +197,19 @@ void TrainingLoop::Run() {
         window_start = Clock::now();
       }
     }
-    if ((options_.checkpoint_every_steps && trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps) ||
-        Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds)) {
-      if (Status c = CheckpointNow(); !c.ok()) spdlog::error("checkpoint: {}", c.ToString());
+    // After a failed checkpoint (disk full) the next try waits the full interval, not one step.
+    const bool due_by_time = Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds);
+    const bool due_by_steps = options_.checkpoint_every_steps &&
+                              trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps;
+    if (due_by_time || (due_by_steps && checkpoint_ok)) {
+      Status c = CheckpointNow();
+      if (!c.ok()) spdlog::error("checkpoint failed, training goes on from memory and retries in {} s: {}",
+                                 options_.checkpoint_every_seconds, c.ToString());
+      else if (!checkpoint_ok) spdlog::info("checkpoint at step {} written again after failures", trainer_->step());
       else spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
+      checkpoint_ok = c.ok();
+      std::lock_guard<std::mutex> lock(mu_);
+      checkpoint_error_ = c.ok() ? "" : c.ToString();
       last_checkpoint = Clock::now();
     }
   }
@@ -210,6 +245,8 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       return Status::NotFound("PEER layer " + std::to_string(*layer) + " does not exist; the model has " +
                               std::to_string(layers.size()) + " (0-based)");
     const uint32_t keys = n_keys.value_or(options_.config.model().peer().n_keys());
+    if (Status st = CheckNewSegmentSize(keys, options_.config.model().d_model(), PhysicalMemoryBytes()); !st.ok())
+      return st;
     // A new segment starts a new domain: the model as it is now (before the segment) is what
     // distillation on replayed rows holds the model to from here on.
     TransformerLM teacher = trainer_->config().distill_weight() > 0 ? CopyForTeacher(model_) : TransformerLM(nullptr);
@@ -301,6 +338,8 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
 }
 
 Status TrainingLoop::SetPolicy(const Policy& policy) {
+  // Numbers a float cannot hold must not reach the conversions below.
+  if (Status st = CheckPolicyNumbers(policy); !st.ok()) return st;
   return RunOnTrainer([&]() -> Status {
     Config c = options_.config;
     *c.mutable_train() = trainer_->config();
@@ -395,12 +434,14 @@ StatusReply TrainingLoop::Snapshot() {
     if (r.state().empty()) r.set_state(running_ ? "starting" : "stopped");
     r.set_tokens_trained(tokens_trained_);
     r.set_last_checkpoint_step(last_checkpoint_step_);
+    r.set_checkpoint_error(checkpoint_error_);
     *r.mutable_segments() = segments_snapshot_.segments();
   }
   SpoolStats s = spool_->stats();
   r.set_spool_documents(s.documents);
   r.set_spool_bytes(s.bytes);
   r.set_spool_backlog_bytes(s.backlog_bytes);
+  r.set_ingest_error(s.write_error);
   r.set_data_dir(db_->dir());
   return r;
 }

@@ -91,6 +91,7 @@ class TrainingLoop {
   StatusReply snapshot_;
   SegmentsReply segments_snapshot_;
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;
+  std::string checkpoint_error_;  // guarded by mu_
   // Expert usage over the last evaluation, by (layer, segment id): share used, KL from uniform.
   std::map<std::pair<uint32_t, uint32_t>, std::pair<double, double>> usage_;
 };
