@@ -122,6 +122,7 @@ class PeerdProcess {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
   bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
 
   ShellResult Ctl(const std::string& args, const std::string& token_file = "") const {
     return Sh(std::string(PEERCTL_BIN) + " --admin 127.0.0.1:" + admin_port_ + " --token-file " +
