@@ -22,6 +22,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace peerd::testing {
 
@@ -65,6 +66,19 @@ inline uint16_t FreeLoopbackPort() {
   return ntohs(a.sin_port);
 }
 
+// A model small enough that peerd starts in about a second and steps fast on one thread.
+inline constexpr char kTinyConfigJson[] =
+    R"({"model": {"dModel": 32, "nLayers": 1, "context": 32, "peer": {"nKeys": 16}}, "train": {"batchSize": 4}})";
+
+// Up to `max` non-empty lines of a text file (KJV train.txt: a verse each).
+inline std::vector<std::string> NonEmptyLines(const std::string& path, size_t max) {
+  std::vector<std::string> lines;
+  std::ifstream in(path);
+  for (std::string line; lines.size() < max && std::getline(in, line);)
+    if (!line.empty()) lines.push_back(std::move(line));
+  return lines;
+}
+
 // A JSON number that protobuf's JSON mapping may print as a string (64-bit fields).
 inline uint64_t U(const json& j, const char* key) {
   if (!j.contains(key)) return 0;
@@ -80,7 +94,8 @@ class PeerdProcess {
         fixed_ports_(data_port != 0) {}
   ~PeerdProcess() { Kill(SIGKILL); }
 
-  // Starts peerd (extra flags appended) and waits until it logs its ports.
+  // Starts peerd (extra flags appended) and waits until it logs its ports. Files may be read from
+  // `dir` (--task-root) unless the flags name other roots.
   void Start(const std::string& extra_flags = "--checkpoint-every-steps 15") {
     const std::string log = dir_ + "/peerd.log";
     const size_t log_start = std::filesystem::exists(log) ? std::filesystem::file_size(log) : 0;
@@ -89,7 +104,8 @@ class PeerdProcess {
     if (pid_ == 0) {
       const std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data --config " + dir_ +
                               "/config.json --data-listen 127.0.0.1:" + data + " --admin-listen 127.0.0.1:" + admin +
-                              " --task-root " + dir_ + " " + extra_flags + " >> " + log + " 2>&1";
+                              (extra_flags.find("--task-root") == std::string::npos ? " --task-root " + dir_ : "") +
+                              " " + extra_flags + " >> " + log + " 2>&1";
       execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
       _exit(127);
     }

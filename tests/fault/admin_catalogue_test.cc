@@ -22,18 +22,15 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/peerd_process.h"
+
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 using namespace std::chrono_literals;
 
-std::string Slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using peerd::testing::Slurp;
 
 struct HttpReply {
   int status = 0;  // 0: no reply (connection closed or timed out)
@@ -103,29 +100,15 @@ class AdminCatalogue : public ::testing::Test {
     std::ofstream(dir_ + "/rootx/x.txt") << "a sibling that only looks like the root";
 
     log_ = dir_ + "/peerd.log";
-    pid_ = fork();
-    if (pid_ == 0) {
-      const std::string cmd = std::string("exec ") + PEERD_BIN + " --data-dir " + dir_ + "/data --config " + dir_ +
-                              "/config.json --data-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --task-root " + dir_ +
-                              "/root --log-level debug >> " + log_ + " 2>&1";
-      execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
-      _exit(127);
-    }
-    const std::regex ports("admin API 127\\.0\\.0\\.1:([0-9]+)");
-    for (int i = 0; i < 600 && port_ == 0; ++i) {  // at most 60 s
-      std::smatch m;
-      const std::string text = Slurp(log_);
-      if (std::regex_search(text, m, ports)) port_ = std::stoi(m[1]);
-      else std::this_thread::sleep_for(100ms);
-    }
+    peerd_ = new peerd::testing::PeerdProcess(dir_);
+    peerd_->Start("--task-root " + dir_ + "/root --log-level debug");
+    if (peerd_->running()) port_ = std::stoi(peerd_->admin_port());
     std::getline(std::ifstream(dir_ + "/data/admin.token"), token_);
   }
   static void TearDownTestSuite() {
-    if (pid_ > 0) {
-      kill(pid_, SIGTERM);
-      int status = 0;
-      waitpid(pid_, &status, 0);
-    }
+    if (peerd_) peerd_->Kill(SIGTERM);
+    delete peerd_;
+    peerd_ = nullptr;
     fs::remove_all(dir_);
   }
   void SetUp() override {
@@ -143,12 +126,12 @@ class AdminCatalogue : public ::testing::Test {
   }
 
   static std::string dir_, log_, token_;
-  static pid_t pid_;
+  static peerd::testing::PeerdProcess* peerd_;  // one per test process, for the whole suite
   static int port_;
 };
 
 std::string AdminCatalogue::dir_, AdminCatalogue::log_, AdminCatalogue::token_;
-pid_t AdminCatalogue::pid_ = -1;
+peerd::testing::PeerdProcess* AdminCatalogue::peerd_ = nullptr;
 int AdminCatalogue::port_ = 0;
 
 TEST_F(AdminCatalogue, BadTokenIs401AndChangesNothing) {

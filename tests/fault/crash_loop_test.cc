@@ -120,15 +120,12 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   const std::string dir = ::testing::TempDir() + "/peerd_crash_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
-  std::ofstream(dir + "/config.json")
-      << R"({"model": {"dModel": 32, "nLayers": 1, "context": 32, "peer": {"nKeys": 16}}, "train": {"batchSize": 4}})";
+  std::ofstream(dir + "/config.json") << testing::kTinyConfigJson;
   // Three tasks of real text, a verse a line, each followed by its own client while a feeder
   // thread appends verses to the three files all through the run, so every kill lands mid-ingest.
-  std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-  ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
-  std::vector<std::string> verses;
-  for (std::string line; std::getline(kjv, line) && verses.size() < 200'000;)
-    if (!line.empty()) verses.push_back(line);
+  const std::vector<std::string> verses =
+      testing::NonEmptyLines(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt", 200'000);
+  ASSERT_FALSE(verses.empty()) << "run scripts/corpora.sh kjv";
   std::vector<Client> clients;
   for (const char* task : {"law", "prophets", "gospels"}) {
     clients.push_back({task, dir + "/" + task + ".txt"});

@@ -82,15 +82,12 @@ struct SmallTmpfs {
   }
 };
 
-const char kTinyConfig[] =
-    R"({"model": {"dModel": 32, "nLayers": 1, "context": 32, "peer": {"nKeys": 16}}, "train": {"batchSize": 4}})";
-
 TEST(DiskFull, PeerdStopsAckingSaysWhyAndResumesWhenSpaceReturns) {
   const std::string dir = ::testing::TempDir() + "/peerd_diskfull_" + std::to_string(getpid());
   fs::remove_all(dir);
   SmallTmpfs data(dir + "/data");
   if (!data.mounted) GTEST_SKIP() << "mounting a small tmpfs needs root: " << std::strerror(errno);
-  std::ofstream(dir + "/config.json") << kTinyConfig;
+  std::ofstream(dir + "/config.json") << testing::kTinyConfigJson;
   PeerdProcess peerd(dir);
   ASSERT_NO_FATAL_FAILURE(peerd.Start("--checkpoint-every-seconds 1 --threads 1"));
   const std::string token = testing::Slurp(data.path + "/data.token").substr(0, 64);
@@ -148,7 +145,7 @@ TEST(DiskFull, PeerdRefusesToStartOnAReadOnlyDataDirectoryAndSaysSo) {
   fs::remove_all(dir);
   SmallTmpfs data(dir + "/data");
   if (!data.mounted) GTEST_SKIP() << "mounting a small tmpfs needs root: " << std::strerror(errno);
-  std::ofstream(dir + "/config.json") << kTinyConfig;
+  std::ofstream(dir + "/config.json") << testing::kTinyConfigJson;
   {
     PeerdProcess first(dir);  // a store with a checkpoint in it
     ASSERT_NO_FATAL_FAILURE(first.Start("--threads 1"));

@@ -37,20 +37,18 @@ TEST(Load, SixtyClientsBesideNonReadersAndIdlersAreServedInBoundedMemory) {
   const std::string dir = ::testing::TempDir() + "/peerd_load_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
-  std::ofstream(dir + "/config.json")
-      << R"({"model": {"dModel": 32, "nLayers": 1, "context": 32, "peer": {"nKeys": 16}}, "train": {"batchSize": 4}})";
-  std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-  ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+  std::ofstream(dir + "/config.json") << testing::kTinyConfigJson;
   constexpr int kClients = 60;
-  std::string verse;
-  size_t total_bytes = 0;
+  const std::vector<std::string> verses =
+      testing::NonEmptyLines(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt", 100'000);
+  ASSERT_FALSE(verses.empty()) << "run scripts/corpora.sh kjv";
+  size_t total_bytes = 0, next = 0;
   for (int c = 0; c < kClients; ++c) {
     std::ofstream out(dir + "/c" + std::to_string(c) + ".txt");
-    for (size_t bytes = 0; bytes < 30'000 && std::getline(kjv, verse);) {
-      if (verse.empty()) continue;
-      out << verse << "\n";
-      bytes += verse.size();
-      total_bytes += verse.size();
+    for (size_t bytes = 0; bytes < 30'000 && next < verses.size(); ++next) {
+      out << verses[next] << "\n";
+      bytes += verses[next].size();
+      total_bytes += verses[next].size();
     }
   }
   PeerdProcess peerd(dir);
