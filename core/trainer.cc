@@ -4,6 +4,8 @@
 #include <cmath>
 #include <string>
 
+#include "core/gradient_sync.h"
+
 namespace peerd {
 
 namespace {
@@ -98,9 +100,18 @@ double Trainer::LearningRate(int64_t step) const {
 }
 
 StepStats Trainer::Step(const torch::Tensor& tokens, int64_t replayed) {
+  StepStats stats;
+  Status st = Step(tokens, replayed, &stats);
+  TORCH_CHECK(st.ok(), st.ToString());
+  return stats;
+}
+
+Status Trainer::Step(const torch::Tensor& tokens, int64_t replayed, StepStats* out) {
+  if (collective_ && collective_->world_size() > 1) return StepShare(tokens, replayed, out);
   model_->train();
   optimizer_.ZeroGrad();
-  StepStats stats;
+  StepStats& stats = *out;
+  stats = StepStats();
   torch::Tensor loss;
   const bool distill = has_teacher() && replayed > 0 && config_.distill_weight() > 0;
   if (!distill) {
@@ -130,7 +141,54 @@ StepStats Trainer::Step(const torch::Tensor& tokens, int64_t replayed) {
   stats.lr = LearningRate(step_);
   optimizer_.Step(stats.lr);
   ++step_;
-  return stats;
+  return Status::OK();
+}
+
+Status Trainer::StepShare(const torch::Tensor& tokens, int64_t replayed, StepStats* out) {
+  model_->train();
+  optimizer_.ZeroGrad();
+  const int64_t B = tokens.size(0), T = tokens.size(1) - 1;
+  const int64_t W = collective_->world_size(), r = collective_->rank();
+  const int64_t lo = B * r / W, hi = B * (r + 1) / W;
+  const int64_t local_replayed = std::clamp<int64_t>(replayed - lo, 0, hi - lo);
+  const bool distill = has_teacher() && replayed > 0 && config_.distill_weight() > 0;
+  double ce_part = 0, kl_part = 0;  // this rank's share of the global means
+  if (hi > lo) {
+    const torch::Tensor share = tokens.slice(0, lo, hi);
+    const torch::Tensor inputs = share.slice(1, 0, T), targets = share.slice(1, 1, T + 1);
+    torch::Tensor logits = model_->forward(inputs);  // [b, T, V]
+    torch::Tensor loss = torch::nn::functional::cross_entropy(
+                             logits.reshape({-1, logits.size(-1)}), targets.reshape(-1),
+                             torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
+                         static_cast<double>(B * T);
+    ce_part = loss.item<double>();
+    if (distill && local_replayed > 0) {
+      torch::Tensor teacher_logp;
+      {
+        torch::NoGradGuard no_grad;
+        teacher_->eval();
+        teacher_logp = torch::log_softmax(teacher_->forward(inputs.slice(0, 0, local_replayed)), -1);
+      }
+      torch::Tensor student_logp = torch::log_softmax(logits.slice(0, 0, local_replayed), -1);
+      // KL(p_t ‖ p_s) summed over this rank's replayed tokens, divided by the global count of them.
+      torch::Tensor kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum() / static_cast<double>(replayed * T);
+      kl_part = kl.item<double>();
+      loss = loss + config_.distill_weight() * kl;
+    }
+    loss.backward();
+  }
+  std::vector<torch::Tensor> params;
+  for (const AdamW::Param& p : optimizer_.parameters()) params.push_back(p.tensor);
+  if (Status st = SumGradients(*collective_, params); !st.ok()) return st;
+  std::vector<torch::Tensor> parts{torch::tensor({ce_part, kl_part}, torch::kDouble)};
+  if (Status st = collective_->AllReduceSum(parts, "summing the loss"); !st.ok()) return st;
+  out->loss = parts[0][0].item<double>();
+  out->distill = distill ? parts[0][1].item<double>() : 0;
+  out->grad_norm = optimizer_.ClipGradNorm(config_.grad_clip() > 0 ? config_.grad_clip() : INFINITY);
+  out->lr = LearningRate(step_);
+  optimizer_.Step(out->lr);
+  ++step_;
+  return Status::OK();
 }
 
 }  // namespace peerd

@@ -13,6 +13,7 @@
 
 #include "proto/config.pb.h"
 #include "core/adamw.h"
+#include "core/collective.h"
 #include "core/model.h"
 #include "core/status.h"
 
@@ -42,6 +43,15 @@ class Trainer {
   // with a teacher and train.distill_weight > 0, their loss adds distill_weight · KL(teacher ‖
   // model) of the next-byte distributions (the continual-learning recipe: replay + distillation).
   StepStats Step(const torch::Tensor& tokens, int64_t replayed = 0);
+  // The same step, data parallel when a collective of several ranks is set: every rank is given
+  // the whole global batch, trains its contiguous share of the rows (rank r of W: rows
+  // [rB/W, (r+1)B/W)), with each loss term divided by the global batch's token count so that the
+  // gradients summed over ranks (core/gradient_sync.h) are the whole batch's. Clipping and the
+  // update then run on identical gradients, so every rank applies the same update that one process
+  // would. Stats are the global batch's. An IOError when a rank is lost mid-step (nothing updated).
+  Status Step(const torch::Tensor& tokens, int64_t replayed, StepStats* stats);
+  // Makes Step data parallel over `collective` (nullptr: one process). Not owned.
+  void set_collective(Collective* collective) { collective_ = collective; }
 
   // The model as it was before the current domain (CopyForTeacher), or nullptr for none.
   void SetTeacher(TransformerLM teacher) { teacher_ = std::move(teacher); }
@@ -67,10 +77,13 @@ class Trainer {
   TransformerLM& model() { return model_; }
 
  private:
+  Status StepShare(const torch::Tensor& tokens, int64_t replayed, StepStats* stats);
+
   TransformerLM model_;
   TransformerLM teacher_{nullptr};
   TrainConfig config_;
   AdamW optimizer_;
+  Collective* collective_ = nullptr;
   int64_t step_ = 0;
 };
 

@@ -7,6 +7,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ pkg-config
   libtorch-dev libopenblas0-pthread   # without OpenBLAS, LibTorch uses the reference BLAS (~20x slower)
+  libgloo-dev                         # headers of c10d's Gloo process group: multi-rank training
   librocksdb-dev
   libboost-dev libboost-system-dev    # Asio, Beast
   libprotobuf-dev protobuf-compiler

@@ -4,6 +4,11 @@
 //
 //   peerd [--data-dir ./peerd-data] [--config FILE] [--data-listen 127.0.0.1:7070]
 //         [--admin-listen 127.0.0.1:7071] [--log-level info] ...
+//   peerd --world-size W --rank R --rendezvous HOST:PORT ...   (multi-rank: DESIGN.md §6)
+//
+// With several ranks, rank 0 is the whole service above and trains its share of every batch;
+// ranks 1..W-1 hold no data directory or ports: they take the model from rank 0 and train their
+// share (service/rank_worker.h). A lost rank ends every rank with exit status 3.
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
@@ -11,10 +16,12 @@
 
 #include <filesystem>
 
+#include "core/collective.h"
 #include "core/config.h"
 #include "core/runtime.h"
 #include "service/admin_server.h"
 #include "service/data_server.h"
+#include "service/rank_worker.h"
 #include "service/spool.h"
 #include "service/token.h"
 #include "service/training_loop.h"
@@ -22,6 +29,8 @@
 using namespace peerd;
 
 namespace {
+
+constexpr int kExitRankLost = 3;
 
 bool IsLoopback(const std::string& listen) {
   return listen.rfind("127.", 0) == 0 || listen.rfind("localhost:", 0) == 0 || listen.rfind("[::1]", 0) == 0;
@@ -40,6 +49,9 @@ int main(int argc, char** argv) {
   uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8;
   uint32_t idle_timeout_s = 300, max_data_connections = 256;
   bool allow_remote = false;
+  CollectiveOptions ranks;
+  std::string rendezvous = "127.0.0.1:29500";
+  uint32_t collective_timeout_s = 120;
   app.add_option("--data-dir", data_dir, "where the store, spool, checkpoints and tokens live")->capture_default_str();
   app.add_option("--config", config_path, "JSON configuration (proto/config.proto); omitted fields: embedded defaults");
   app.add_option("--data-listen", data_listen, "data port (peer-ingest)")->capture_default_str();
@@ -57,6 +69,11 @@ int main(int argc, char** argv) {
   app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")->capture_default_str();
   app.add_option("--task-root", task_roots, "directories POST /v1/tasks may read files from (default: the working directory)");
   app.add_option("--threads", threads, "LibTorch threads (overrides train.threads; 0 = all cores)");
+  app.add_option("--world-size", ranks.world_size, "ranks training together (multi-rank: one peerd per rank)")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--rank", ranks.rank, "this peerd's rank: 0 owns the data, the ports and the store")->capture_default_str();
+  app.add_option("--rendezvous", rendezvous, "HOST:PORT where rank 0 serves the c10d rendezvous store")->capture_default_str();
+  app.add_option("--collective-timeout-seconds", collective_timeout_s,
+                 "a rank silent this long counts as lost (also bounds an evaluation on rank 0)")->check(CLI::Range(1u, 86400u))->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %l %v");
@@ -74,6 +91,42 @@ int main(int argc, char** argv) {
       spdlog::warn("listening on {}, reachable from other machines: keep the tokens secret", listen);
     }
   if (residency != "resident" && residency != "cached") return fail("--residency", Status::InvalidArgument("must be resident or cached"));
+  if (Status st = ParseRendezvous(rendezvous, &ranks); !st.ok()) return fail("--rendezvous", st);
+  ranks.timeout = std::chrono::seconds(collective_timeout_s);
+  if (ranks.world_size > 1) {
+    if (ranks.rank < 0 || ranks.rank >= ranks.world_size)
+      return fail("--rank", Status::InvalidArgument("must be in [0, " + std::to_string(ranks.world_size) + ")"));
+    if (!IsLoopback(ranks.host + ":")) {
+      if (!allow_remote) {
+        spdlog::error("refusing rendezvous on {}: multi-rank peerd stays on loopback unless --allow-remote is given", rendezvous);
+        return 2;
+      }
+      spdlog::warn("rendezvous on {}: the ranks' traffic (model state, gradients) is neither authenticated nor encrypted", rendezvous);
+    }
+    if (residency != "resident")
+      return fail("--residency", Status::InvalidArgument("several ranks need frozen rows in memory (--residency resident)"));
+  }
+  // Ranks other than 0: no data directory, no ports — rank 0's model, then its commands.
+  if (ranks.world_size > 1 && ranks.rank > 0) {
+    const int used = SetComputeThreads(threads);
+    spdlog::info("rank {} of {}: joining at {} ({} threads)", ranks.rank, ranks.world_size, rendezvous, used);
+    std::unique_ptr<Collective> collective;
+    if (Status st = Collective::Connect(ranks, &collective); !st.ok()) return fail("joining the job", st);
+    std::unique_ptr<RankWorker> worker;
+    if (Status st = RankWorker::Join(collective.get(), &worker); !st.ok()) {
+      spdlog::error("rank {}: taking rank 0's model: {}", ranks.rank, st.ToString());
+      return kExitRankLost;
+    }
+    spdlog::info("rank {} of {}: joined at step {}; training rank 0's batches", ranks.rank, ranks.world_size, worker->step());
+    std::fflush(stdout);
+    if (Status st = worker->Run(); !st.ok()) {
+      spdlog::error("rank {}: training stopped: {}. Restart every rank to resume from rank 0's last checkpoint",
+                    ranks.rank, st.ToString());
+      return kExitRankLost;
+    }
+    spdlog::info("rank {}: rank 0 stopped at step {}; bye", ranks.rank, worker->step());
+    return 0;
+  }
   if (freeze_dtype != "bf16" && freeze_dtype != "fp32") return fail("--freeze-dtype", Status::InvalidArgument("must be bf16 or fp32"));
 
   LoopOptions lo;
@@ -102,8 +155,18 @@ int main(int argc, char** argv) {
   if (Status st = LoadOrCreateToken(data_dir + "/data.token", &data_token); !st.ok()) return fail("data token", st);
   std::unique_ptr<Spool> spool;
   if (Status st = Spool::Open(db, &spool); !st.ok()) return fail("spool", st);
+  std::unique_ptr<Collective> collective;
+  if (ranks.world_size > 1) {
+    spdlog::info("rank 0 of {}: waiting for the other ranks at {} (up to {} s)", ranks.world_size, rendezvous, collective_timeout_s);
+    if (Status st = Collective::Connect(ranks, &collective); !st.ok()) return fail("starting the job", st);
+    lo.ranks = collective.get();
+  }
   std::unique_ptr<TrainingLoop> loop;
-  if (Status st = TrainingLoop::Open(lo, db, spool.get(), &loop); !st.ok()) return fail("restoring the model", st);
+  if (Status st = TrainingLoop::Open(lo, db, spool.get(), &loop); !st.ok()) {
+    if (!collective) return fail("restoring the model", st);
+    fail("restoring the model and sending it to the other ranks", st);
+    return kExitRankLost;
+  }
   KeepFreedMemory();  // the model is built; from here on every step re-uses the last step's memory
   StatusReply s0 = loop->Snapshot();
   spdlog::info("data dir {}: step {}, {} spooled documents ({} bytes, {} untrained), {} segments; {} parameters, {} active per token; {} threads; BLAS {}",
@@ -132,6 +195,14 @@ int main(int argc, char** argv) {
 
   int sig = 0;
   sigwait(&signals, &sig);
+  if (const std::string lost = loop->lost_rank(); !lost.empty()) {
+    spdlog::error("a rank was lost: stopping the admin API and the data port; no checkpoint (the last one, step {}, is where the job resumes)",
+                  loop->Snapshot().last_checkpoint_step());
+    admin->Stop();
+    data->Stop();
+    (void)loop->Stop(/*checkpoint=*/false);
+    return kExitRankLost;
+  }
   spdlog::info("{}: stopping — admin API, data port, then a last checkpoint", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   admin->Stop();
   data->Stop();

@@ -1,5 +1,6 @@
 #include "service/training_loop.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -9,7 +10,9 @@
 
 #include "core/config.h"
 #include "core/evaluator.h"
+#include "core/rank_sync.h"
 #include "service/admin_requests.h"
+#include "service/rank_commands.h"
 
 #include <spdlog/spdlog.h>
 
@@ -76,9 +79,68 @@ Status TrainingLoop::Restore() {
   if (grown && trainer_->config().distill_weight() > 0) trainer_->SetTeacher(CopyForTeacher(model_));
   spool_->SetConsumed(cursor.index, cursor.consumed_bytes);
   batches_ = std::make_unique<BatchSource>(spool_, cursor, c.train().seed() + trainer_->step());
+  if (multi_rank()) {
+    // The other ranks build the configured model, then take this restored one whole.
+    Config shared = options_.config;
+    if (Status st = CheckDataParallel(shared); !st.ok()) return st;
+    trainer_->set_collective(options_.ranks);
+    if (Status st = ShareConfig(*options_.ranks, &shared); !st.ok()) return st;
+    if (Status st = SyncFromRankZero(*options_.ranks, *trainer_); !st.ok()) return st;
+    snapshot_.set_world_size(static_cast<uint32_t>(options_.ranks->world_size()));
+    if (Status st = CompareRanks(); !st.ok()) return st;
+    if (!snapshot_.ranks_agree()) return Status::Corruption("the ranks disagree right after taking rank 0's model");
+  }
   segments_snapshot_ = SegmentsNow();
   snapshot_.set_step(trainer_->step());
   return Status::OK();
+}
+
+Status TrainingLoop::TellRanks(RankCommand command) {
+  if (!multi_rank()) return Status::OK();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!lost_rank_.empty()) return Status::IOError(lost_rank_);
+  }
+  last_command_ = Clock::now();
+  return ShareCommand(*options_.ranks, &command);
+}
+
+Status TrainingLoop::CompareRanks() {
+  if (!multi_rank()) return Status::OK();
+  RankCommand digest;
+  digest.set_kind(RankCommand::DIGEST);
+  if (Status st = TellRanks(digest); !st.ok()) return st;
+  std::vector<RankInfo> ranks;
+  if (Status st = GatherDigests(*options_.ranks, *trainer_, &ranks); !st.ok()) return st;
+  bool agree = true;
+  for (const RankInfo& r : ranks) agree &= r.model_digest() == ranks[0].model_digest() && r.step() == ranks[0].step();
+  if (!agree) {
+    std::string list;
+    for (const RankInfo& r : ranks) list += fmt::format(" rank {}: step {} digest {:016x};", r.rank(), r.step(), r.model_digest());
+    spdlog::error("the ranks' models differ:{} (a bug: please report it with this line)", list);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  snapshot_.clear_ranks();
+  for (const RankInfo& r : ranks) *snapshot_.add_ranks() = r;
+  snapshot_.set_ranks_agree(agree);
+  return Status::OK();
+}
+
+void TrainingLoop::LoseRanks(const Status& why) {
+  spdlog::error("training stopped: {}. Nothing acked is lost: restart every rank (same --world-size and "
+                "--rendezvous) to resume from the checkpoint at step {}", why.ToString(), last_checkpoint_step_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lost_rank_ = why.ToString();
+    stopping_ = true;  // admin operations are refused from now on
+    snapshot_.set_state("stopped: a rank was lost");
+  }
+  kill(getpid(), SIGTERM);  // peerd's main thread shuts the ports and exits without a checkpoint
+}
+
+std::string TrainingLoop::lost_rank() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return lost_rank_;
 }
 
 TrainingLoop::~TrainingLoop() { Stop(false); }
@@ -103,6 +165,9 @@ Status TrainingLoop::Stop(bool checkpoint) {
     std::lock_guard<std::mutex> lock(mu_);
     running_ = false;
     stopping_ = false;
+    // After a lost rank the last batch taken may not have been trained: a checkpoint now would
+    // skip it. The last checkpoint stays the one to resume from.
+    if (!lost_rank_.empty()) return Status::FailedPrecondition("a rank was lost: " + lost_rank_);
   }
   return checkpoint ? CheckpointNow() : Status::OK();
 }
@@ -149,7 +214,23 @@ void TrainingLoop::Run() {
       paused = paused_;
     }
     for (auto& op : ops) op();  // even when stopping: their callers are waiting for an answer
-    if (stop) break;
+    if (!lost_rank().empty()) break;
+    if (stop) {
+      RankCommand bye;
+      bye.set_kind(RankCommand::STOP);
+      if (Status st = TellRanks(bye); !st.ok()) spdlog::warn("telling the other ranks to stop: {}", st.ToString());
+      break;
+    }
+    // While nothing is trained, a heartbeat a second: the other ranks wait for rank 0's next
+    // command with a timeout, and a lost rank is noticed while idle too.
+    if (multi_rank() && Clock::now() - last_command_ > std::chrono::seconds(1)) {
+      RankCommand idle;
+      idle.set_kind(RankCommand::IDLE);
+      if (Status st = TellRanks(idle); !st.ok()) {
+        LoseRanks(st);
+        break;
+      }
+    }
     if (paused) {
       std::unique_lock<std::mutex> lock(mu_);
       snapshot_.set_state("paused");
@@ -175,7 +256,23 @@ void TrainingLoop::Run() {
       continue;
     }
     last_data = Clock::now();
-    StepStats s = trainer_->Step(batch, replayed);
+    StepStats s;
+    if (multi_rank()) {
+      RankCommand step;
+      step.set_kind(RankCommand::STEP);
+      step.set_batch_rows(static_cast<uint32_t>(batch.size(0)));
+      step.set_seq_len(static_cast<uint32_t>(batch.size(1) - 1));
+      step.set_replayed(static_cast<uint32_t>(replayed));
+      Status shared = TellRanks(step);
+      if (shared.ok()) shared = ShareBatch(*options_.ranks, step, &batch);
+      if (shared.ok()) shared = trainer_->Step(batch, replayed, &s);
+      if (!shared.ok()) {
+        LoseRanks(shared);
+        break;
+      }
+    } else {
+      s = trainer_->Step(batch, replayed);
+    }
     const int64_t tokens = batch.size(0) * T;
     tokens_trained_ += tokens;
     window_loss += s.loss;
@@ -187,6 +284,7 @@ void TrainingLoop::Run() {
       std::lock_guard<std::mutex> lock(mu_);
       snapshot_.set_state("training");
       snapshot_.set_step(trainer_->step());
+      if (multi_rank()) snapshot_.set_collective_seconds_per_step(options_.ranks->seconds_in_collectives() / std::max<int64_t>(1, trainer_->step()));
       snapshot_.set_tokens_trained(tokens_trained_);
       if (window_steps >= 10 || secs > 5) {
         snapshot_.set_recent_loss(window_loss / window_steps);
@@ -208,11 +306,24 @@ void TrainingLoop::Run() {
       else if (!checkpoint_ok) spdlog::info("checkpoint at step {} written again after failures", trainer_->step());
       else spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
       checkpoint_ok = c.ok();
-      std::lock_guard<std::mutex> lock(mu_);
-      checkpoint_error_ = c.ok() ? "" : c.ToString();
-      last_checkpoint = Clock::now();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        checkpoint_error_ = c.ok() ? "" : c.ToString();
+        last_checkpoint = Clock::now();
+      }
+      if (Status st = CompareRanks(); !st.ok()) {
+        LoseRanks(st);
+        break;
+      }
     }
   }
+  // Operations queued while the loop was ending (a rank lost) still get their answer.
+  std::deque<std::function<void()>> rest;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    rest.swap(queue_);
+  }
+  for (auto& op : rest) op();
 }
 
 Status TrainingLoop::CheckpointNow() {
@@ -234,7 +345,14 @@ Status TrainingLoop::CheckpointNow() {
 }
 
 Status TrainingLoop::Checkpoint() {
-  return RunOnTrainer([this] { return CheckpointNow(); });
+  return RunOnTrainer([this]() -> Status {
+    if (Status st = CheckpointNow(); !st.ok()) return st;
+    if (Status st = CompareRanks(); !st.ok()) {
+      LoseRanks(st);
+      return st;
+    }
+    return Status::OK();
+  });
 }
 
 Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<uint32_t> n_keys, std::vector<uint32_t>* ids) {
@@ -251,11 +369,26 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
     // distillation on replayed rows holds the model to from here on.
     TransformerLM teacher = trainer_->config().distill_weight() > 0 ? CopyForTeacher(model_) : TransformerLM(nullptr);
     ids->clear();
+    RankCommand add;
+    add.set_kind(RankCommand::ADD_SEGMENTS);
     for (size_t l = 0; l < layers.size(); ++l) {
       if (layer && l != *layer) continue;
       int64_t id = 0;
       if (Status st = trainer_->AddSegment(l, keys, &id); !st.ok()) return st;
       ids->push_back(static_cast<uint32_t>(id));
+      PoolSegment* s = add.add_added();
+      s->set_layer(static_cast<uint32_t>(l));
+      s->set_id(static_cast<uint32_t>(id));
+      s->set_n_keys(keys);
+    }
+    if (multi_rank()) {
+      Status told = TellRanks(add);
+      if (told.ok()) told = ShareAddedSegments(*options_.ranks, *trainer_, add);
+      if (told.ok()) told = CompareRanks();
+      if (!told.ok()) {
+        LoseRanks(told);
+        return told;
+      }
     }
     if (!teacher.is_empty()) trainer_->SetTeacher(teacher);
     std::lock_guard<std::mutex> lock(mu_);
@@ -276,11 +409,25 @@ Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, s
         if (seg->id() != id) continue;
         known = true;
         if (seg->frozen()) continue;
-        Status st = trainer_->FreezeSegment(
-            l, id, pool_->Freezing(dtype.value_or(options_.freeze_dtype), trainer_->step(), tokens_trained_));
+        const RowDtype rows = dtype.value_or(options_.freeze_dtype);
+        Status st = trainer_->FreezeSegment(l, id, pool_->Freezing(rows, trainer_->step(), tokens_trained_));
         if (!st.ok()) return st;
         frozen_layers->push_back(static_cast<uint32_t>(l));
+        // Frozen here and in the store first: the other ranks follow only a freeze that happened.
+        RankCommand freeze;
+        freeze.set_kind(RankCommand::FREEZE);
+        freeze.set_layer(static_cast<uint32_t>(l));
+        freeze.set_id(id);
+        freeze.set_bf16(rows == ROW_DTYPE_BF16);
+        if (Status told = TellRanks(freeze); !told.ok()) {
+          LoseRanks(told);
+          return told;
+        }
       }
+    }
+    if (Status st = CompareRanks(); !st.ok()) {
+      LoseRanks(st);
+      return st;
     }
     if (!known) return Status::NotFound("no segment " + std::to_string(id) + (layer ? " in layer " + std::to_string(*layer) : ""));
     if (frozen_layers->empty()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
@@ -357,6 +504,15 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
     if (policy.has_freeze_dtype() && policy.freeze_dtype() != "bf16" && policy.freeze_dtype() != "fp32")
       return Status::InvalidArgument("freezeDtype must be \"bf16\" or \"fp32\", got \"" + policy.freeze_dtype() + "\"");
     trainer_->SetConfig(c.train());
+    RankCommand set;
+    set.set_kind(RankCommand::SET_TRAIN_CONFIG);
+    *set.mutable_train() = c.train();
+    Status told = TellRanks(set);
+    if (told.ok()) told = CompareRanks();
+    if (!told.ok()) {
+      LoseRanks(told);
+      return told;
+    }
     if (policy.has_freeze_dtype()) options_.freeze_dtype = policy.freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
     return Status::OK();
   });

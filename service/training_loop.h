@@ -5,6 +5,12 @@
 // queued to it and run between steps, so the model has one owner and needs no locks. Status reads
 // a snapshot under a mutex. Open() restores: frozen segments from the expert store, the rest from
 // the last checkpoint.
+//
+// With several ranks (LoopOptions::ranks, DESIGN.md §6) this is rank 0: it syncs the others to its
+// restored model, announces every step and every change to the pool or the policy to them
+// (service/rank_commands.h) and compares the ranks' model digests after each checkpoint and each
+// change. A lost rank stops training for good (lost_rank() says why): the caller exits without a
+// checkpoint, and restarting every rank resumes from the last one.
 #pragma once
 
 #include <torch/torch.h>
@@ -23,6 +29,8 @@
 #include "core/trainer.h"
 #include "proto/admin.pb.h"
 #include "service/batch_source.h"
+#include "core/collective.h"
+#include "proto/ranks.pb.h"
 #include "service/checkpoint.h"
 #include "service/expert_pool_store.h"
 #include "service/spool.h"
@@ -37,6 +45,7 @@ struct LoopOptions {
   double partial_batch_after_seconds = 2;  // train a smaller batch when no more data comes
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
+  Collective* ranks = nullptr;  // the other ranks of a multi-rank job (not owned); null: one process
 };
 
 class TrainingLoop {
@@ -63,6 +72,8 @@ class TrainingLoop {
   TaskStore& tasks() { return tasks_; }
   // Prometheus text for the training side.
   std::string Metrics();
+  // Why training stopped after losing a rank ("" while the ranks are all there).
+  std::string lost_rank();
 
  private:
   TrainingLoop(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool);
@@ -71,6 +82,12 @@ class TrainingLoop {
   Status RunOnTrainer(const std::function<Status()>& op);
   Status CheckpointNow();
   SegmentsReply SegmentsNow();  // trainer thread only
+  // Multi-rank, trainer thread only (no-ops for one process): announce a command to the other
+  // ranks; compare the ranks' digests into the snapshot; give up after a lost rank.
+  Status TellRanks(RankCommand command);
+  Status CompareRanks();
+  void LoseRanks(const Status& why);
+  bool multi_rank() const { return options_.ranks && options_.ranks->world_size() > 1; }
 
   LoopOptions options_;
   std::shared_ptr<StoreDb> db_;
@@ -92,6 +109,8 @@ class TrainingLoop {
   SegmentsReply segments_snapshot_;
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;
   std::string checkpoint_error_;  // guarded by mu_
+  std::string lost_rank_;         // guarded by mu_
+  std::chrono::steady_clock::time_point last_command_{};
   // Expert usage over the last evaluation, by (layer, segment id): share used, KL from uniform.
   std::map<std::pair<uint32_t, uint32_t>, std::pair<double, double>> usage_;
 };
