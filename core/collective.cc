@@ -25,9 +25,10 @@ std::string What(const std::exception& e) {
   return e.what();
 }
 
-// Gloo copies neither bf16 nor bool: they travel as their raw bytes (int16, uint8 views).
+// Gloo (as LibTorch 1.13 builds it) copies neither bf16 nor bool, nor int16: they travel as their
+// raw bytes through views of a type it does copy (fp16, uint8). A broadcast never does arithmetic.
 torch::Tensor Wire(const torch::Tensor& t) {
-  if (t.scalar_type() == torch::kBFloat16) return t.view(torch::kShort);
+  if (t.scalar_type() == torch::kBFloat16) return t.view(torch::kHalf);
   if (t.scalar_type() == torch::kBool) return t.view(torch::kByte);
   return t;
 }

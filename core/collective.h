@@ -42,7 +42,7 @@ class Collective {
   int world_size() const { return options_.world_size; }
 
   // Every rank's tensors take rank 0's values, in place (same shapes and dtypes on every rank;
-  // bf16 travels as its raw 16-bit patterns, which Gloo cannot reduce but can copy).
+  // bf16 and bool travel as their raw bytes).
   Status Broadcast(std::vector<torch::Tensor>& tensors, const char* what);
   // Every rank's *bytes becomes rank 0's.
   Status BroadcastBytes(std::string* bytes, const char* what);

@@ -1,7 +1,9 @@
 // Multi-rank training (DESIGN.md §6, issue 8), through the real programs: peer-train processes
 // joined by c10d on loopback train the same model as one process given the same global batches;
-// a rank that dies stops the others with a clear error. No LibTorch here: the ranks' parameters
-// are compared from the files `peer-train --dump-params` writes.
+// a rank that dies stops the others with a clear error; a multi-rank peerd keeps every rank's pool
+// identical through admin add and freeze, and resumes from its checkpoint after losing a rank. No
+// LibTorch here: the ranks' parameters are compared from the files `peer-train --dump-params`
+// writes, peerd's ranks through the digests /v1/status reports.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -25,13 +27,17 @@ using namespace std::chrono_literals;
 using peerd::testing::FreeLoopbackPort;
 using peerd::testing::Slurp;
 
-// A peer-train process, its output in `log`.
+using peerd::testing::json;
+using peerd::testing::PeerdProcess;
+using peerd::testing::U;
+
+// A peer-train (or, given `binary`, another program's) process, its output appended to `log`.
 class Rank {
  public:
-  Rank(const std::string& args, const std::string& log) : log_(log) {
+  Rank(const std::string& args, const std::string& log, const std::string& binary = PEER_TRAIN_BIN) : log_(log) {
     pid_ = fork();
     if (pid_ == 0) {
-      const std::string cmd = "exec " + std::string(PEER_TRAIN_BIN) + " " + args + " > " + log + " 2>&1";
+      const std::string cmd = "exec " + binary + " " + args + " >> " + log + " 2>&1";
       execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
       _exit(127);
     }
@@ -224,6 +230,116 @@ TEST_F(Distributed, ARankThatNeverJoinsIsReportedNotWaitedForForever) {
              dir_ + "/alone.log");
   EXPECT_EQ(alone.Wait(60s), 1) << alone.log();
   EXPECT_NE(alone.log().find("could not join the job"), std::string::npos) << alone.log();
+}
+
+// Two peerd ranks on loopback: rank 0 (PeerdProcess: data, ports, store) and rank 1 (a worker).
+class DistributedPeerd : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/peerd_ranks_" + std::to_string(getpid());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    std::ofstream(dir_ + "/config.json") << peerd::testing::kTinyConfigJson;
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(160'000, '\0');
+    kjv.read(text.data(), text.size());
+    text.resize(text.rfind("\n\n") + 2);  // whole chapters
+    const size_t half = text.rfind("\n\n", text.size() / 2) + 2;
+    std::ofstream(dir_ + "/kjv1.txt") << text.substr(0, half);
+    std::ofstream(dir_ + "/kjv2.txt") << text.substr(half);
+    rendezvous_ = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
+  }
+  std::string RankFlags(int rank) const {
+    return "--world-size 2 --rank " + std::to_string(rank) + " --rendezvous " + rendezvous_ +
+           " --threads 1 --collective-timeout-seconds 20";
+  }
+  // Starts rank 1, then rank 0 (which returns once both joined and its ports are open).
+  void StartRanks(PeerdProcess& rank0) {
+    worker_ = std::make_unique<Rank>(RankFlags(1), dir_ + "/rank1.log", PEERD_BIN);
+    ASSERT_NO_FATAL_FAILURE(rank0.Start(RankFlags(0) + " --checkpoint-every-steps 15"));
+  }
+  static bool Agree(const json& s) {
+    if (s.value("worldSize", 0) != 2 || !s.value("ranksAgree", false) || s["ranks"].size() != 2) return false;
+    return s["ranks"][0]["modelDigest"] == s["ranks"][1]["modelDigest"] && U(s["ranks"][0], "step") == U(s["ranks"][1], "step");
+  }
+  std::string dir_, rendezvous_;
+  std::unique_ptr<Rank> worker_;
+};
+
+TEST_F(DistributedPeerd, AdminAddAndFreezeDuringARunLeaveEveryRanksPoolIdentical) {
+  PeerdProcess rank0(dir_);
+  ASSERT_NO_FATAL_FAILURE(StartRanks(rank0));
+  json s = rank0.CtlJson("status");
+  EXPECT_TRUE(Agree(s)) << "right after joining: " << s.dump();
+  ASSERT_EQ(rank0.Ingest("kjv", dir_ + "/kjv1.txt").code, 0);
+  rank0.WaitFor([](const json& st) { return U(st, "step") >= 20; });
+  // Freeze and add while batches keep coming: each change is compared across the ranks.
+  ASSERT_EQ(rank0.Ctl("segments freeze 0").code, 0);
+  s = rank0.CtlJson("status");
+  EXPECT_TRUE(Agree(s)) << "after the freeze: " << s.dump();
+  ASSERT_EQ(rank0.Ctl("segments add").code, 0);
+  s = rank0.CtlJson("status");
+  EXPECT_TRUE(Agree(s)) << "after the add: " << s.dump();
+  ASSERT_EQ(rank0.Ctl("policy set replayRatio=0.5 lr=0.001").code, 0);
+  s = rank0.CtlJson("status");
+  EXPECT_TRUE(Agree(s)) << "after the policy change: " << s.dump();
+  ASSERT_EQ(rank0.Ingest("kjv", dir_ + "/kjv2.txt").code, 0);
+  // Trained up to a tail shorter than one sequence (context 32 + 1), which waits for more text.
+  s = rank0.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 33 && U(st, "step") >= 60; });
+  ASSERT_EQ(rank0.Ctl("checkpoint").code, 0);
+  s = rank0.CtlJson("status");
+  EXPECT_TRUE(Agree(s)) << "after training on with the new segment: " << s.dump();
+  EXPECT_EQ(U(s["ranks"][0], "step"), U(s, "step"));
+  EXPECT_GT(s.value("collectiveSecondsPerStep", 0.0), 0);
+  // rank 0 stopping stops rank 1 cleanly.
+  EXPECT_EQ(rank0.Kill(SIGTERM), 0);
+  EXPECT_EQ(worker_->Wait(30s), 0) << worker_->log();
+  EXPECT_NE(worker_->log().find("froze layer 0 segment 0"), std::string::npos) << worker_->log();
+  EXPECT_NE(worker_->log().find("rank 0 stopped"), std::string::npos) << worker_->log();
+}
+
+TEST_F(DistributedPeerd, ALostRankStopsTrainingAndARestartResumesFromTheCheckpoint) {
+  PeerdProcess rank0(dir_);
+  ASSERT_NO_FATAL_FAILURE(StartRanks(rank0));
+  ASSERT_EQ(rank0.Ingest("kjv", dir_ + "/kjv1.txt").code, 0);
+  rank0.WaitFor([](const json& st) { return U(st, "step") >= 20; });
+  ASSERT_EQ(rank0.Ctl("segments freeze 0").code, 0);
+  ASSERT_EQ(rank0.Ctl("segments add").code, 0);
+  json s = rank0.WaitFor([](const json& st) { return U(st, "lastCheckpointStep") >= 30; });
+  std::string checksum;
+  for (const auto& seg : s["segments"])
+    if (seg.value("id", -1) == 0) checksum = seg.value("checksum", "");
+  ASSERT_FALSE(checksum.empty()) << s.dump();
+  // Rank 1 dies: rank 0 says why and exits with status 3, without a checkpoint.
+  worker_->Kill();
+  const auto killed = std::chrono::steady_clock::now();
+  EXPECT_EQ(rank0.WaitExit(60s), 3);
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, 30s);
+  const std::string log = Slurp(dir_ + "/peerd.log");
+  EXPECT_NE(log.find("training stopped: "), std::string::npos) << log;
+  EXPECT_NE(log.find("restart every rank"), std::string::npos) << log;
+  const std::regex checkpoint("checkpoint at step ([0-9]+)");
+  uint64_t last_checkpoint = 0;
+  for (auto it = std::sregex_iterator(log.begin(), log.end(), checkpoint); it != std::sregex_iterator(); ++it)
+    last_checkpoint = std::stoull((*it)[1]);
+  ASSERT_GE(last_checkpoint, 30u) << log;
+
+  // Both ranks again: the job resumes from that checkpoint, with the frozen segment as it was.
+  ASSERT_NO_FATAL_FAILURE(StartRanks(rank0));
+  s = rank0.CtlJson("status");
+  EXPECT_GE(U(s, "step"), last_checkpoint);
+  EXPECT_TRUE(Agree(s)) << s.dump();
+  EXPECT_EQ(U(s["ranks"][1], "step"), last_checkpoint) << "rank 1 joins at rank 0's restored step";
+  for (const auto& seg : s["segments"])
+    if (seg.value("id", -1) == 0) EXPECT_EQ(seg.value("checksum", ""), checksum) << s.dump();
+  // Everything acked gets trained, the rest of the first slice and all of the second.
+  ASSERT_EQ(rank0.Ingest("kjv", dir_ + "/kjv2.txt").code, 0);
+  // (up to a tail shorter than one sequence, context 32 + 1, which waits for more text).
+  s = rank0.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 33; });
+  EXPECT_LT(U(s, "spoolBacklogBytes"), 33u);
+  EXPECT_EQ(rank0.Kill(SIGTERM), 0);
+  EXPECT_EQ(worker_->Wait(30s), 0) << worker_->log();
 }
 
 }  // namespace

@@ -137,6 +137,19 @@ class PeerdProcess {
     pid_ = -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
+  // Waits up to `limit` for peerd to exit by itself: its exit code, or -1 (still running, or killed
+  // by a signal).
+  int WaitExit(std::chrono::seconds limit) {
+    for (auto end = std::chrono::steady_clock::now() + limit; pid_ > 0 && std::chrono::steady_clock::now() < end;
+         std::this_thread::sleep_for(50ms)) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      }
+    }
+    return -1;
+  }
   bool running() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
 
