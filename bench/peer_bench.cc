@@ -4,12 +4,14 @@
 //   peer-bench store [--help]     expert store: freeze, cold open, cached reads, memory per expert
 //   peer-bench ingest [--help]    data port throughput; training inside the service vs bare
 //   peer-bench forgetting [--help]  five continual-learning policies on a sequence of domains
+//   peer-bench scaling [--help]   data-parallel tokens/s with 1, 2, 4 ranks (peer-train processes)
 #include <cstdio>
 #include <cstring>
 
 #include "bench/forgetting_bench.h"
 #include "bench/ingest_bench.h"
 #include "bench/layer_bench.h"
+#include "bench/scaling_bench.h"
 #include "bench/store_bench.h"
 #include "core/runtime.h"
 
@@ -19,14 +21,17 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "ingest") == 0) return peerd::bench::IngestBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "forgetting") == 0) return peerd::bench::ForgettingBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "store") == 0) return peerd::bench::StoreBench(argc - 1, argv + 1);
+  if (argc >= 2 && std::strcmp(argv[1], "scaling") == 0) return peerd::bench::ScalingBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "layer-run") == 0) return peerd::bench::LayerRun(argc - 1, argv + 1);
   std::fprintf(stderr,
-               "usage: peer-bench layer|store|ingest|forgetting [--help]\n"
+               "usage: peer-bench layer|store|ingest|forgetting|scaling [--help]\n"
                "  layer   PEER layer forward+backward tokens/s and peak memory, side by side with a\n"
                "          dense FFN of equal active parameters and ../shared/bench/peer_ref.py\n"
                "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n"
                "  ingest  data port MB/s acked (1 and 8 clients); service training vs bare trainer\n"
                "  forgetting  dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe on a sequence of\n"
-               "          text domains: matrix, forgetting, BWT, ACC, plasticity side by side\n");
+               "          text domains: matrix, forgetting, BWT, ACC, plasticity side by side\n"
+               "  scaling data-parallel training: tokens/s and collective time per step for 1, 2, 4 ranks\n"
+               "          of one thread each, beside one process with as many threads\n");
   return 2;
 }

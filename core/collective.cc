@@ -111,6 +111,7 @@ Status Collective::Broadcast(std::vector<torch::Tensor>& tensors, const char* wh
     // Gloo broadcasts one tensor list per call; contiguous views of the caller's storage.
     for (auto& t : tensors) {
       TORCH_CHECK(t.is_contiguous(), "broadcast of a non-contiguous tensor");
+      if (rank() == 0) bytes_ += t.nbytes();
       std::vector<torch::Tensor> one{Wire(t)};
       group_->pg->broadcast(one)->wait();
     }
@@ -131,6 +132,7 @@ Status Collective::AllReduceSum(std::vector<torch::Tensor>& tensors, const char*
   if (world_size() == 1 || tensors.empty()) return Status::OK();
   return Run(what, [&] {
     for (auto& t : tensors) {
+      bytes_ += t.nbytes();
       std::vector<torch::Tensor> one{t};
       group_->pg->allreduce(one)->wait();
     }
@@ -143,6 +145,7 @@ Status Collective::AllReduceSparse(torch::Tensor* t, const char* what) {
     return Status::OK();
   }
   return Run(what, [&] {
+    bytes_ += t->_indices().nbytes() + t->_values().nbytes();
     std::vector<torch::Tensor> one{*t};
     auto work = group_->pg->allreduce(one);
     work->wait();

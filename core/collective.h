@@ -56,6 +56,9 @@ class Collective {
 
   // Seconds this process has spent inside collectives (waiting for the others included).
   double seconds_in_collectives() const { return seconds_; }
+  // Bytes this process has put into collectives (its own payload: what a ring all-reduce sends
+  // about twice of, and what every other rank receives of a sparse all-reduce or a broadcast).
+  uint64_t bytes_in_collectives() const { return bytes_; }
 
  private:
   struct Group;
@@ -66,6 +69,7 @@ class Collective {
   CollectiveOptions options_;
   std::unique_ptr<Group> group_;
   double seconds_ = 0;
+  uint64_t bytes_ = 0;
 };
 
 }  // namespace peerd

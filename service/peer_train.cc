@@ -126,6 +126,9 @@ int main(int argc, char** argv) {
   const int64_t tokens_per_step = int64_t{tc.batch_size()} * config.model().context();
   auto window_start = std::chrono::steady_clock::now();
   double window_loss = 0, window_collective = collective->seconds_in_collectives();
+  double train_seconds = 0;  // in Trainer::Step only: what peer-bench scaling compares
+  const double collective_at_start = window_collective;
+  const uint64_t collective_bytes_at_start = collective->bytes_in_collectives();
   int window_steps = 0;
   for (int64_t step = 1; step <= tc.steps(); ++step) {
     if (grow_at > 0 && step == grow_at + 1) {
@@ -148,7 +151,10 @@ int main(int argc, char** argv) {
       }
     }
     StepStats s;
-    if (Status st = trainer.Step(batcher.Next(tc.batch_size()), 0, &s); !st.ok()) return Fail(st);
+    const torch::Tensor batch = batcher.Next(tc.batch_size());
+    const auto step_start = std::chrono::steady_clock::now();
+    if (Status st = trainer.Step(batch, 0, &s); !st.ok()) return Fail(st);
+    train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     window_loss += s.loss;
     ++window_steps;
     if (step % tc.log_every() == 0 || step == tc.steps()) {
@@ -173,6 +179,10 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
 
+  std::printf("peer-train: trained %u steps in %.3f s: %.0f tokens/s; collectives %.3f ms/step, %.1f KB/step sent by rank 0\n",
+              tc.steps(), train_seconds, tokens_per_step * tc.steps() / train_seconds,
+              1000 * (collective->seconds_in_collectives() - collective_at_start) / tc.steps(),
+              (collective->bytes_in_collectives() - collective_bytes_at_start) / 1024.0 / tc.steps());
   if (!dump_params.empty())
     if (Status st = DumpParameters(model, dump_params); !st.ok()) return Fail(st);
   if (root)

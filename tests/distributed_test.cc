@@ -120,6 +120,44 @@ std::vector<std::string> StepLines(const std::string& log) {
   return out;
 }
 
+// The model W ranks trained (`ranks`, rank 0's dump) against one process's (`single`): to 1e-5
+// relative over all parameters. Single tensors may differ more: summing the batch in W parts
+// rounds otherwise, and Adam turns a gradient that is pure rounding noise (the attention key bias,
+// which softmax ignores) into full-size steps — so a tensor is held to 1e-3, which still catches
+// one that is not summed over the ranks or not sent at all. True if the frozen segment 0 was compared.
+bool ExpectSameModel(const std::map<std::string, Tensor>& single, const std::map<std::string, Tensor>& ranks, int world) {
+  double diff_all = 0, norm_all = 0, worst = 0;
+  std::string worst_name;
+  bool saw_frozen = false;
+  for (const auto& [tname, t] : single) {
+    if (!ranks.count(tname)) {
+      ADD_FAILURE() << tname << " missing";
+      continue;
+    }
+    const Tensor& d = ranks.at(tname);
+    if (d.values.size() != t.values.size()) {
+      ADD_FAILURE() << tname << " has another size";
+      continue;
+    }
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < t.values.size(); ++i) {
+      diff += (d.values[i] - t.values[i]) * (d.values[i] - t.values[i]);
+      norm += t.values[i] * t.values[i];
+    }
+    diff_all += diff;
+    norm_all += norm;
+    const double rel = norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+    if (rel > worst) worst = rel, worst_name = tname;
+    EXPECT_LE(rel, 1e-3) << world << " ranks vs one process: " << tname;
+    saw_frozen |= tname.find("segment0.down") != std::string::npos;
+  }
+  const double rel_all = std::sqrt(diff_all / norm_all);
+  std::printf("%d ranks vs one process: relative difference %.2e over all parameters, worst tensor %s %.2e\n", world,
+              rel_all, worst_name.c_str(), worst);
+  EXPECT_LE(rel_all, 1e-5) << world << " ranks";
+  return saw_frozen;
+}
+
 class Distributed : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -134,12 +172,13 @@ class Distributed : public ::testing::Test {
   }
   // Starts `world` ranks training `steps` steps (segments frozen and fresh ones added at step
   // `grow_at`), each dumping its parameters to dir/NAME-rRANK.params.
-  std::vector<std::unique_ptr<Rank>> Launch(int world, const std::string& name, int steps = 20, int grow_at = 10) {
+  std::vector<std::unique_ptr<Rank>> Launch(int world, const std::string& name, int steps = 20, int grow_at = 10,
+                                            const std::string& config = "config.json") {
     const uint16_t port = FreeLoopbackPort();
     std::vector<std::unique_ptr<Rank>> ranks;
     for (int r = 0; r < world; ++r)
       ranks.push_back(std::make_unique<Rank>(
-          "--config " + dir_ + "/config.json --corpus " + std::string(PEERD_CORPUS_DIR) + "/kjv --threads 1 --steps " +
+          "--config " + dir_ + "/" + config + " --corpus " + std::string(PEERD_CORPUS_DIR) + "/kjv --threads 1 --steps " +
               std::to_string(steps) + " --grow-at " + std::to_string(grow_at) + " --world-size " +
               std::to_string(world) + " --rank " + std::to_string(r) + " --rendezvous 127.0.0.1:" +
               std::to_string(port) + " --collective-timeout-seconds 20 --dump-params " + Params(name, r),
@@ -176,38 +215,27 @@ TEST_F(Distributed, TwoAndFourRanksTrainTheSameModelAsOneProcess) {
       ASSERT_EQ(other.size(), root.size());
       for (const auto& [tname, t] : root) EXPECT_EQ(other.at(tname).bytes, t.bytes) << world << " ranks, rank " << r << ": " << tname;
     }
-    // And the model one process trains on the same global batches: to 1e-5 relative over all
-    // parameters. Single tensors may differ more: summing the batch in W parts rounds otherwise,
-    // and Adam turns a gradient that is pure rounding noise (the attention key bias, which softmax
-    // ignores) into full-size steps — so a tensor is held to 1e-3, which still catches one that
-    // is not summed over the ranks or not sent at all.
-    double diff_all = 0, norm_all = 0, worst = 0;
-    std::string worst_name;
-    for (const auto& [tname, t] : single) {
-      ASSERT_TRUE(root.count(tname)) << tname;
-      const Tensor& d = root.at(tname);
-      ASSERT_EQ(d.values.size(), t.values.size()) << tname;
-      double diff = 0, norm = 0;
-      for (size_t i = 0; i < t.values.size(); ++i) {
-        diff += (d.values[i] - t.values[i]) * (d.values[i] - t.values[i]);
-        norm += t.values[i] * t.values[i];
-      }
-      diff_all += diff;
-      norm_all += norm;
-      const double rel = norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
-      if (rel > worst) worst = rel, worst_name = tname;
-      EXPECT_LE(rel, 1e-3) << world << " ranks vs one process: " << tname;
-      saw_frozen |= tname.find("segment0.down") != std::string::npos;
-    }
-    const double rel_all = std::sqrt(diff_all / norm_all);
-    std::printf("%d ranks vs one process after 20 steps: relative difference %.2e over all parameters, worst tensor %s %.2e\n",
-                world, rel_all, worst_name.c_str(), worst);
-    EXPECT_LE(rel_all, 1e-5) << world << " ranks";
-    // The same loss and gradient norm at every logged step: the loss and the gradients are the
-    // global batch's, not a rank's share (Adam alone would hide a gradient off by a factor W).
+    saw_frozen |= ExpectSameModel(single, root, world);
     EXPECT_EQ(StepLines(ranks[0]->log()), StepLines(one_log)) << world << " ranks";
   }
   EXPECT_TRUE(saw_frozen) << "the segment frozen at step 10 should be among the compared tensors";
+}
+
+// A batch of one row over two ranks: rank 0's share is empty. It still takes part in every
+// all-reduce (with zero gradients), and the model is the one process's.
+TEST_F(Distributed, ARankWithAnEmptyShareOfTheBatchStillTakesPart) {
+  std::ofstream(dir_ + "/one_row.json")
+      << R"({"model": {"dModel": 64, "context": 64, "peer": {"nKeys": 16}},
+            "train": {"batchSize": 1, "warmupSteps": 5, "evalBytes": 2048, "evalEvery": 0, "logEvery": 5}})";
+  auto one = Launch(1, "b1w1", 12, 6, "one_row.json");
+  ASSERT_EQ(one[0]->Wait(), 0) << one[0]->log();
+  auto two = Launch(2, "b1w2", 12, 6, "one_row.json");
+  for (int r = 0; r < 2; ++r) ASSERT_EQ(two[r]->Wait(), 0) << "rank " << r << ": " << two[r]->log();
+  const auto single = ReadDump(Params("b1w1", 0)), root = ReadDump(Params("b1w2", 0)), other = ReadDump(Params("b1w2", 1));
+  ASSERT_EQ(root.size(), single.size());
+  for (const auto& [tname, t] : root) EXPECT_EQ(other.at(tname).bytes, t.bytes) << tname;
+  ExpectSameModel(single, root, 2);
+  EXPECT_EQ(StepLines(two[0]->log()), StepLines(one[0]->log()));
 }
 
 TEST_F(Distributed, ARankThatDiesStopsTheOthersWithAClearError) {
