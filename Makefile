@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench bench-forgetting clean
+.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling clean
 
 all: build
 
@@ -37,6 +37,10 @@ bench: build
 bench-forgetting: build
 	@bash scripts/corpora.sh all
 	@./$(BUILD)/peer-bench forgetting
+
+# Data-parallel training: 1, 2, 4 ranks of one thread beside one process (bench/SCALING.md; ~4 minutes).
+bench-scaling: build corpora
+	@./$(BUILD)/peer-bench scaling
 
 clean:
 	rm -rf $(BUILD)

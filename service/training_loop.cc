@@ -622,6 +622,12 @@ std::string TrainingLoop::Metrics() {
   m << "# TYPE peerd_segment_usage gauge\n";
   for (const auto& seg : s.segments())
     m << "peerd_segment_usage{layer=\"" << seg.layer() << "\",segment=\"" << seg.id() << "\"} " << seg.usage() << "\n";
+  if (s.world_size() > 1) {
+    m << "# TYPE peerd_world_size gauge\npeerd_world_size " << s.world_size() << "\n";
+    m << "# TYPE peerd_ranks_agree gauge\npeerd_ranks_agree " << (s.ranks_agree() ? 1 : 0) << "\n";
+    m << "# TYPE peerd_collective_seconds_per_step gauge\npeerd_collective_seconds_per_step "
+      << s.collective_seconds_per_step() << "\n";
+  }
   RowCache::Stats c = pool_->cache_stats();
   const double lookups = double(c.hits + c.misses);
   m << "# TYPE peerd_cache_hit_ratio gauge\npeerd_cache_hit_ratio " << (lookups > 0 ? c.hits / lookups : 0) << "\n";

@@ -312,7 +312,9 @@ TEST_F(DistributedPeerd, AdminAddAndFreezeDuringARunLeaveEveryRanksPoolIdentical
   ASSERT_EQ(rank0.Ctl("policy set replayRatio=0.5 lr=0.001").code, 0);
   s = rank0.CtlJson("status");
   EXPECT_TRUE(Agree(s)) << "after the policy change: " << s.dump();
-  ASSERT_EQ(rank0.Ingest("kjv", dir_ + "/kjv2.txt").code, 0);
+  // A second task: batches now replay the first (shared across the ranks like fresh rows) and
+  // distil replayed rows towards the teacher taken at the add.
+  ASSERT_EQ(rank0.Ingest("kjv-b", dir_ + "/kjv2.txt").code, 0);
   // Trained up to a tail shorter than one sequence (context 32 + 1), which waits for more text.
   s = rank0.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 33 && U(st, "step") >= 60; });
   ASSERT_EQ(rank0.Ctl("checkpoint").code, 0);
