@@ -93,9 +93,9 @@ int main(int argc, char** argv) {
   if (residency != "resident" && residency != "cached") return fail("--residency", Status::InvalidArgument("must be resident or cached"));
   if (Status st = ParseRendezvous(rendezvous, &ranks); !st.ok()) return fail("--rendezvous", st);
   ranks.timeout = std::chrono::seconds(collective_timeout_s);
+  if (ranks.rank < 0 || ranks.rank >= ranks.world_size)
+    return fail("--rank", Status::InvalidArgument("must be in [0, --world-size) = [0, " + std::to_string(ranks.world_size) + ")"));
   if (ranks.world_size > 1) {
-    if (ranks.rank < 0 || ranks.rank >= ranks.world_size)
-      return fail("--rank", Status::InvalidArgument("must be in [0, " + std::to_string(ranks.world_size) + ")"));
     if (!IsLoopback(ranks.host + ":")) {
       if (!allow_remote) {
         spdlog::error("refusing rendezvous on {}: multi-rank peerd stays on loopback unless --allow-remote is given", rendezvous);

@@ -48,18 +48,8 @@ class Rank {
       waitpid(pid_, nullptr, 0);
     }
   }
-  // The exit code, or -1 after `limit` (the process is then killed) or a signal.
-  int Wait(std::chrono::seconds limit = 300s) {
-    for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;
-         std::this_thread::sleep_for(50ms)) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-    }
-    return -1;
-  }
+  // The exit code, or -1 after `limit` (the process is then killed by the destructor) or a signal.
+  int Wait(std::chrono::seconds limit = 300s) { return peerd::testing::WaitForExit(&pid_, limit); }
   void Kill() {
     kill(pid_, SIGKILL);
     waitpid(pid_, nullptr, 0);

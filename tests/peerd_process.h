@@ -85,6 +85,20 @@ inline uint64_t U(const json& j, const char* key) {
   return j[key].is_string() ? std::stoull(j[key].get<std::string>()) : j[key].get<uint64_t>();
 }
 
+// Waits up to `limit` for child *pid to exit: its exit code (then *pid = -1), or -1 (still running,
+// or killed by a signal).
+inline int WaitForExit(pid_t* pid, std::chrono::seconds limit) {
+  for (auto end = std::chrono::steady_clock::now() + limit; *pid > 0 && std::chrono::steady_clock::now() < end;
+       std::this_thread::sleep_for(50ms)) {
+    int status = 0;
+    if (waitpid(*pid, &status, WNOHANG) == *pid) {
+      *pid = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    }
+  }
+  return -1;
+}
+
 class PeerdProcess {
  public:
   // `dir` holds config.json; peerd keeps its data in dir/data and logs to dir/peerd.log. Ports 0
@@ -139,17 +153,7 @@ class PeerdProcess {
   }
   // Waits up to `limit` for peerd to exit by itself: its exit code, or -1 (still running, or killed
   // by a signal).
-  int WaitExit(std::chrono::seconds limit) {
-    for (auto end = std::chrono::steady_clock::now() + limit; pid_ > 0 && std::chrono::steady_clock::now() < end;
-         std::this_thread::sleep_for(50ms)) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-    }
-    return -1;
-  }
+  int WaitExit(std::chrono::seconds limit) { return WaitForExit(&pid_, limit); }
   bool running() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
 
