@@ -77,6 +77,13 @@ TEST(Load, SixtyClientsBesideNonReadersAndIdlersAreServedInBoundedMemory) {
   // stays bounded, whatever is offered.
   std::vector<std::thread> non_readers;
   std::atomic<uint64_t> offered{0};
+  struct JoinAll {  // also when an assertion below returns early (a joinable thread would abort)
+    std::vector<std::thread>& threads;
+    ~JoinAll() {
+      for (auto& t : threads)
+        if (t.joinable()) t.join();
+    }
+  } join_non_readers{non_readers};
   for (int r = 0; r < 2; ++r)
     non_readers.emplace_back([&, r] {
       auto s = connect();
