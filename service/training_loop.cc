@@ -263,6 +263,7 @@ void TrainingLoop::Run() {
       step.set_batch_rows(static_cast<uint32_t>(batch.size(0)));
       step.set_seq_len(static_cast<uint32_t>(batch.size(1) - 1));
       step.set_replayed(static_cast<uint32_t>(replayed));
+      const double in_collectives = options_.ranks->seconds_in_collectives();
       Status shared = TellRanks(step);
       if (shared.ok()) shared = ShareBatch(*options_.ranks, step, &batch);
       if (shared.ok()) shared = trainer_->Step(batch, replayed, &s);
@@ -270,6 +271,8 @@ void TrainingLoop::Run() {
         LoseRanks(shared);
         break;
       }
+      step_collective_seconds_ += options_.ranks->seconds_in_collectives() - in_collectives;
+      ++multi_rank_steps_;
     } else {
       s = trainer_->Step(batch, replayed);
     }
@@ -284,7 +287,7 @@ void TrainingLoop::Run() {
       std::lock_guard<std::mutex> lock(mu_);
       snapshot_.set_state("training");
       snapshot_.set_step(trainer_->step());
-      if (multi_rank()) snapshot_.set_collective_seconds_per_step(options_.ranks->seconds_in_collectives() / std::max<int64_t>(1, trainer_->step()));
+      if (multi_rank()) snapshot_.set_collective_seconds_per_step(step_collective_seconds_ / multi_rank_steps_);
       snapshot_.set_tokens_trained(tokens_trained_);
       if (window_steps >= 10 || secs > 5) {
         snapshot_.set_recent_loss(window_loss / window_steps);

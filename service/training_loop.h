@@ -111,6 +111,9 @@ class TrainingLoop {
   std::string checkpoint_error_;  // guarded by mu_
   std::string lost_rank_;         // guarded by mu_
   std::chrono::steady_clock::time_point last_command_{};
+  // Time in the collectives of training steps (command, batch, gradients, loss) since start.
+  double step_collective_seconds_ = 0;
+  int64_t multi_rank_steps_ = 0;
   // Expert usage over the last evaluation, by (layer, segment id): share used, KL from uniform.
   std::map<std::pair<uint32_t, uint32_t>, std::pair<double, double>> usage_;
 };
