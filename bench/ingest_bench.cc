@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "bench/json_lines.h"
+#include "bench/misbehaving_clients.h"
 #include "core/config.h"
 #include "core/runtime.h"
 #include "core/text_batcher.h"
@@ -50,7 +51,7 @@ struct Served {
   std::unique_ptr<DataServer> server;
 };
 
-Status Serve(const std::string& dir, Served* s) {
+Status Serve(const std::string& dir, Served* s, uint32_t idle_timeout_ms = DataServerOptions{}.idle_timeout_ms) {
   fs::remove_all(dir);
   if (Status st = StoreDb::Open(dir, {}, &s->db); !st.ok()) return st;
   if (Status st = Spool::Open(s->db, &s->spool); !st.ok()) return st;
@@ -58,6 +59,7 @@ Status Serve(const std::string& dir, Served* s) {
   o.listen = "127.0.0.1:0";
   o.token = "bench";
   o.backlog_limit_bytes = uint64_t{1} << 40;  // measure the port, not the backpressure
+  o.idle_timeout_ms = idle_timeout_ms;
   return DataServer::Start(s->spool.get(), o, &s->server);
 }
 
@@ -121,7 +123,57 @@ int IngestBench(int argc, char** argv) {
                        {"documents_per_commit", double(ss.documents) / std::max<uint64_t>(1, ss.commits)}});
   }
 
-  // 2. Training tokens/s: the bare trainer on a text vs the service's loop on the same text while
+  // 2. The same 8 clients alone, then beside misbehaving ones (bench/misbehaving_clients.h), in
+  //    interleaved repetitions on fresh stores: what misbehaving clients cost the well-behaved.
+  {
+    std::vector<std::string> files;
+    for (int c = 0; c < 8; ++c) files.push_back(dir + "/corpus" + std::to_string(c) + ".txt");  // from 1.
+    MisbehavingCounts rude;
+    std::vector<double> alone, beside;
+    uint64_t rude_connections = 0, rude_bytes = 0, timeouts = 0, errors = 0;
+    for (int rep = 0; rep < reps; ++rep)
+      for (bool with_rude : {false, true}) {
+        Served s;
+        // A 2 s idle timeout, so that the silent clients are closed during the run, as a deployment
+        // with a short timeout would.
+        if (Status st = Serve(dir + "/db-rude" + std::to_string(rep) + (with_rude ? "b" : "a"), &s, 2000); !st.ok()) return Fail(st);
+        std::unique_ptr<MisbehavingClients> clients;
+        if (with_rude) {
+          clients = std::make_unique<MisbehavingClients>(s.server->port(), "bench", rude);
+          std::this_thread::sleep_for(std::chrono::milliseconds(300));  // connected and misbehaving first
+        }
+        double secs = 0;
+        if (Status st = IngestFiles(s.server->port(), files, &secs); !st.ok()) return Fail(st);
+        // Throughput of the well-behaved alone: their documents are the corpus files' bytes.
+        uint64_t bytes = 0;
+        for (const auto& f : files) bytes += fs::file_size(f);
+        (with_rude ? beside : alone).push_back(bytes / 1e6 / secs);
+        if (clients) {
+          clients->Stop();
+          rude_connections += clients->connections();
+          rude_bytes += clients->bytes_sent();
+          DataServerStats ds = s.server->stats();
+          timeouts += ds.timeouts;
+          errors += ds.errors;
+        }
+      }
+    std::sort(alone.begin(), alone.end());
+    std::sort(beside.begin(), beside.end());
+    const double a = alone[reps / 2], b = beside[reps / 2];
+    figures.push_back({{"figure", "ingest_mb_per_s_8_clients_alone"}, {"value", a}, {"unit", "MB/s"}, {"runs", alone}});
+    figures.push_back({{"figure", "ingest_mb_per_s_8_clients_beside_misbehaving"}, {"value", b}, {"unit", "MB/s"},
+                       {"runs", beside},
+                       {"misbehaving", {{"silent", rude.silent}, {"half_frame", rude.half_frame},
+                                        {"non_reader", rude.non_reader}, {"garbage_loops", rude.garbage},
+                                        {"cut_mid_frame_loops", rude.cut_mid_frame},
+                                        {"connections_per_run", rude_connections / reps},
+                                        {"bytes_sent_per_run", rude_bytes / reps},
+                                        {"closed_by_timeout_per_run", timeouts / reps},
+                                        {"errors_per_run", errors / reps}}}});
+    figures.push_back({{"figure", "ingest_throughput_kept_beside_misbehaving"}, {"value", b / a}, {"unit", "ratio"}});
+  }
+
+  // 3. Training tokens/s: the bare trainer on a text vs the service's loop on the same text while
   //    a client keeps streaming more.
   SetComputeThreads(0);
   Config c = DefaultConfig();
@@ -182,6 +234,13 @@ int IngestBench(int argc, char** argv) {
   std::printf("%-48s %14s  %s\n", "figure", "value", "unit / detail");
   for (const auto& f : figures) {
     std::string detail = f["unit"].get<std::string>();
+    if (f.contains("misbehaving")) {
+      const auto& m = f["misbehaving"];
+      detail += ", beside " + std::to_string(m["silent"].get<int>() + m["half_frame"].get<int>()) + " silent + " +
+                std::to_string(m["non_reader"].get<int>()) + " non-readers + " +
+                std::to_string(m["garbage_loops"].get<int>() + m["cut_mid_frame_loops"].get<int>()) +
+                " reconnect loops (" + std::to_string(m["connections_per_run"].get<uint64_t>()) + " connections a run)";
+    }
     if (f.contains("clients")) detail += ", " + std::to_string(f["clients"].get<int>()) + " client(s), " +
                                          std::to_string(f["documents_per_commit"].get<double>()).substr(0, 5) + " docs per fsync";
     std::printf("%-48s %14.3f  %s\n", f["figure"].get<std::string>().c_str(), f["value"].get<double>(), detail.c_str());

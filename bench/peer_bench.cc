@@ -2,7 +2,8 @@
 // object per line. Performance figures come from here, never from timed tests.
 //   peer-bench layer [--help]     PEER layer forward+backward vs dense FFN vs peer_ref.py
 //   peer-bench store [--help]     expert store: freeze, cold open, cached reads, memory per expert
-//   peer-bench ingest [--help]    data port throughput; training inside the service vs bare
+//   peer-bench ingest [--help]    data port throughput, also beside misbehaving clients; training
+//                                 inside the service vs bare
 //   peer-bench forgetting [--help]  five continual-learning policies on a sequence of domains
 //   peer-bench scaling [--help]   data-parallel tokens/s with 1, 2, 4 ranks (peer-train processes)
 #include <cstdio>
@@ -28,7 +29,8 @@ int main(int argc, char** argv) {
                "  layer   PEER layer forward+backward tokens/s and peak memory, side by side with a\n"
                "          dense FFN of equal active parameters and ../shared/bench/peer_ref.py\n"
                "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n"
-               "  ingest  data port MB/s acked (1 and 8 clients); service training vs bare trainer\n"
+               "  ingest  data port MB/s acked (1 and 8 clients; 8 beside misbehaving ones); service\n"
+               "          training vs bare trainer\n"
                "  forgetting  dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe on a sequence of\n"
                "          text domains: matrix, forgetting, BWT, ACC, plasticity side by side\n"
                "  scaling data-parallel training: tokens/s and collective time per step for 1, 2, 4 ranks\n"

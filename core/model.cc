@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unordered_set>
 
 #include "core/config.h"
 #include "core/tokenizer.h"
@@ -86,6 +87,19 @@ std::vector<PeerLayer> TransformerLMImpl::PeerLayers() const {
   for (const auto& b : blocks)
     if (b->peer) layers.push_back(b->peer);
   return layers;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> TransformerLMImpl::NamedTrainingState() const {
+  std::unordered_set<const void*> frozen;
+  for (const auto& layer : PeerLayers())
+    for (const auto& seg : layer->segments())
+      if (seg->frozen())
+        for (const auto& p : seg->parameters()) frozen.insert(p.unsafeGetTensorImpl());
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : named_parameters())
+    if (!frozen.count(item.value().unsafeGetTensorImpl())) out.emplace_back("param/" + item.key(), item.value());
+  for (const auto& item : named_buffers()) out.emplace_back("buffer/" + item.key(), item.value());
+  return out;
 }
 
 std::vector<ParamInfo> TransformerLMImpl::ClassifiedParameters() const {

@@ -72,6 +72,10 @@ class TransformerLMImpl : public torch::nn::Module {
   // Every parameter of a training (non-frozen) part with its kind; frozen segments never appear.
   std::vector<ParamInfo> ClassifiedParameters() const;
   std::vector<PeerLayer> PeerLayers() const;
+  // The model's whole training state by name, in the model's own order: "param/<name>" for every
+  // parameter outside frozen segments and "buffer/<name>" for every buffer. What a checkpoint
+  // holds and what a rank takes from rank 0 besides frozen rows; frozen segments live in the store.
+  std::vector<std::pair<std::string, torch::Tensor>> NamedTrainingState() const;
 
   int64_t TotalParameters() const;
   // Parameters that act on one token: everything but the expert tables, plus h·k experts per PEER

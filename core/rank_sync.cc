@@ -8,29 +8,6 @@
 
 namespace peerd {
 
-namespace {
-
-bool IsFrozenSegmentTensor(TransformerLM& model, const torch::Tensor& t) {
-  for (const auto& layer : model->PeerLayers())
-    for (const auto& seg : layer->segments())
-      if (seg->frozen())
-        for (const auto& p : seg->parameters())
-          if (p.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return true;
-  return false;
-}
-
-// The tensors a rank takes from rank 0 besides frozen rows: parameters outside frozen segments and
-// every buffer, by name, in the model's own order (the same on every rank once the pools agree).
-std::vector<std::pair<std::string, torch::Tensor>> SyncedTensors(TransformerLM& model) {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (const auto& item : model->named_parameters())
-    if (!IsFrozenSegmentTensor(model, item.value())) out.emplace_back("param/" + item.key(), item.value());
-  for (const auto& item : model->named_buffers()) out.emplace_back("buffer/" + item.key(), item.value());
-  return out;
-}
-
-}  // namespace
-
 Status CheckDataParallel(const Config& config) {
   if (config.model().ffn() == FFN_KIND_PEER && config.model().peer().query_norm() == QUERY_NORM_BATCH)
     return Status::InvalidArgument(
@@ -116,7 +93,7 @@ Status SyncFromRankZero(Collective& collective, Trainer& trainer) {
   }
 
   // 4. Every trainable parameter and buffer, checked by name.
-  auto tensors = SyncedTensors(model);
+  auto tensors = model->NamedTrainingState();
   std::string names;
   for (const auto& [name, t] : tensors) names += name + "\n";
   std::string root_names = names;

@@ -13,24 +13,6 @@ namespace {
 const char kMetaKey[] = "meta";
 const char kTensorsKey[] = "tensors";
 
-// Every tensor a checkpoint holds, by name: parameters and buffers of the model that are not part
-// of a frozen segment.
-std::vector<std::pair<std::string, torch::Tensor>> CheckpointTensors(TransformerLM& model) {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  std::vector<const void*> frozen;
-  for (const auto& layer : model->PeerLayers())
-    for (const auto& seg : layer->segments())
-      if (seg->frozen())
-        for (const auto& p : seg->parameters()) frozen.push_back(p.unsafeGetTensorImpl());
-  auto is_frozen = [&](const torch::Tensor& t) {
-    return std::find(frozen.begin(), frozen.end(), t.unsafeGetTensorImpl()) != frozen.end();
-  };
-  for (const auto& item : model->named_parameters())
-    if (!is_frozen(item.value())) out.emplace_back("param/" + item.key(), item.value());
-  for (const auto& item : model->named_buffers()) out.emplace_back("buffer/" + item.key(), item.value());
-  return out;
-}
-
 }  // namespace
 
 Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
@@ -50,7 +32,7 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
                        std::chrono::system_clock::now().time_since_epoch()).count());
 
   torch::serialize::OutputArchive archive;
-  for (const auto& [name, tensor] : CheckpointTensors(model)) {
+  for (const auto& [name, tensor] : model->NamedTrainingState()) {
     archive.write(name, tensor.detach());
     AdamW::State s = trainer.optimizer().StateOf(tensor);
     if (s.m.defined()) {
@@ -98,7 +80,7 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
   try {
     archive.load_from(in);
     torch::NoGradGuard no_grad;
-    for (const auto& [name, tensor] : CheckpointTensors(model)) {
+    for (const auto& [name, tensor] : model->NamedTrainingState()) {
       torch::Tensor saved;
       if (!archive.try_read(name, saved))
         return Status::Corruption("the checkpoint has no tensor '" + name + "' (written by another configuration?)");

@@ -2,7 +2,10 @@
 // small tmpfs. When the spool cannot write, peerd stops acknowledging (clients are told
 // UNAVAILABLE and resend), says why on /v1/status and in its log, and acknowledges again by itself
 // once space returns; nothing acknowledged before is lost and the store opens whole. A read-only
-// data directory is refused at start. Needs root (mount); skipped, saying so, without it.
+// data directory is refused at start; one that turns read-only while peerd runs (an ext4 image
+// the kernel remounts read-only on an error, as on a failing disk) stops the acks the same way, and
+// after a repair and a restart everything acknowledged and frozen is there. Needs root (mount,
+// loop devices); skipped, saying so, without it.
 #include <gtest/gtest.h>
 #include <sys/mount.h>
 
@@ -14,6 +17,7 @@
 
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
+#include "experts_store/expert_store.h"
 #include "experts_store/store_db.h"
 #include "service/spool.h"
 #include "tests/peerd_process.h"
@@ -158,5 +162,131 @@ TEST(DiskFull, PeerdRefusesToStartOnAReadOnlyDataDirectoryAndSaysSo) {
   EXPECT_NE(r.out.find(data.path), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("Read-only file system"), std::string::npos) << r.out;
 }
+
+// An ext4 image on a loop device mounted with errors=remount-ro at `path`. MakeReadOnly() has the
+// kernel record an error (/sys/fs/ext4/<dev>/trigger_fs_error), which turns the filesystem
+// read-only under every open file: what a failing disk does, and what a remount cannot do while
+// RocksDB holds files open for writing. Repair() is the operator's part: unmount, e2fsck, mount.
+struct LoopExt4 {
+  std::string image, path, device, why_not;
+  bool mounted = false;
+  LoopExt4(std::string img, std::string p) : image(std::move(img)), path(std::move(p)) {
+    fs::create_directories(path);
+    testing::ShellResult r = testing::Sh("truncate -s 96M " + image + " && mkfs.ext4 -q -F " + image + " && mount -o loop,errors=remount-ro " + image + " " + path);
+    if (r.code != 0) {
+      why_not = r.out;
+      return;
+    }
+    mounted = true;
+    device = fs::path(testing::Sh("findmnt -n -o SOURCE " + path).out).filename().string();
+    while (!device.empty() && std::isspace(static_cast<unsigned char>(device.back()))) device.pop_back();
+    fs::remove_all(path + "/lost+found");
+  }
+  ~LoopExt4() {
+    if (mounted) testing::Sh("umount " + path);
+    fs::remove(image);
+  }
+  bool MakeReadOnly() const {
+    std::ofstream("/sys/fs/ext4/" + device + "/trigger_fs_error") << "peerd read-only test\n";
+    for (int i = 0; i < 50; ++i, std::this_thread::sleep_for(100ms))
+      if (testing::Sh("findmnt -n -o OPTIONS " + path).out.find("ro") == 0 ||
+          testing::Sh("touch " + path + "/probe").code != 0)
+        return true;
+    return false;
+  }
+  testing::ShellResult Repair() const {
+    return testing::Sh("umount " + path + " && (e2fsck -fy " + image + " >/dev/null; [ $? -le 1 ]) && mount -o loop,errors=remount-ro " +
+                       image + " " + path);
+  }
+};
+
+TEST(DiskFull, DataDirectoryTurningReadOnlyStopsAcksAndLosesNothing) {
+  const std::string dir = ::testing::TempDir() + "/peerd_erofs_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  if (geteuid() != 0) GTEST_SKIP() << "mounting an ext4 image on a loop device needs root";
+  LoopExt4 data(dir + "/data.img", dir + "/data");
+  if (!data.mounted) GTEST_SKIP() << "no ext4 loop mount here: " << data.why_not;
+  std::ofstream(dir + "/config.json") << testing::kTinyConfigJson;
+  PeerdProcess peerd(dir);
+  const std::string flags = "--checkpoint-every-steps 4 --checkpoint-every-seconds 1 --threads 1";
+  ASSERT_NO_FATAL_FAILURE(peerd.Start(flags));
+  const std::string token = testing::Slurp(data.path + "/data.token").substr(0, 64);
+
+  // Before: documents acknowledged, a segment frozen, a checkpoint written.
+  std::vector<std::string> acked;
+  for (int i = 0; i < 5; ++i) {
+    const std::string id = "before-" + std::to_string(i);
+    ServerFrame f = SendOne(peerd.data_port(), token, id);
+    ASSERT_TRUE(f.has_ack()) << f.DebugString();
+    acked.push_back(id);
+  }
+  ASSERT_EQ(peerd.Ctl("segments add").code, 0);
+  testing::ShellResult frozen = peerd.Ctl("segments freeze 0");
+  ASSERT_EQ(frozen.code, 0) << frozen.out;
+  json before = peerd.WaitFor([](const json& s) { return testing::U(s, "lastCheckpointStep") > 0; });
+
+  // The filesystem turns read-only under peerd.
+  ASSERT_TRUE(data.MakeReadOnly()) << "the kernel did not make " << data.path << " read-only";
+  ServerFrame refused;
+  for (int i = 0; i < 20 && !refused.has_error(); ++i) {
+    const std::string id = "read-only-" + std::to_string(i);
+    refused = SendOne(peerd.data_port(), token, id);
+    if (refused.has_ack()) acked.push_back(id);  // not expected: a write after the error fails
+  }
+  ASSERT_TRUE(refused.has_error()) << "documents still acknowledged on a read-only filesystem";
+  EXPECT_EQ(refused.error().code(), ErrorReply::UNAVAILABLE);
+  EXPECT_NE(refused.error().message().find("Read-only file system"), std::string::npos) << refused.error().message();
+  json status = peerd.CtlJson("status");
+  EXPECT_NE(status.value("ingestError", "").find("Read-only file system"), std::string::npos) << status.dump();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_NE(testing::Slurp(dir + "/peerd.log").find("ingest stopped: documents are not being acknowledged"),
+            std::string::npos);
+  // A freeze is refused too, with the reason, rather than acknowledged and lost; the segment
+  // stays a training one.
+  testing::ShellResult freeze = peerd.Ctl("segments freeze 1");
+  EXPECT_NE(freeze.code, 0) << freeze.out;
+  EXPECT_NE(freeze.out.find("Read-only file system"), std::string::npos) << freeze.out;
+  status = peerd.CtlJson("status");
+  for (const json& seg : status["segments"])
+    if (seg["id"] == 1) EXPECT_EQ(seg["state"], "training");
+
+  // The operator stops peerd (it cannot write its last checkpoint, and says so), repairs the
+  // filesystem and starts peerd again: every acknowledged document and frozen segment is there.
+  const int code = peerd.Kill(SIGTERM);
+  const std::string log = testing::Slurp(dir + "/peerd.log");
+  EXPECT_NE(code, 0) << "peerd exited 0 without its final checkpoint: " << log;
+  testing::ShellResult repaired = data.Repair();
+  ASSERT_EQ(repaired.code, 0) << repaired.out;
+  {
+    std::shared_ptr<StoreDb> db;
+    Status st = StoreDb::Open(data.path, {}, &db);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    ExpertStore store(db);
+    std::vector<SegmentManifest> manifests;
+    ASSERT_TRUE(store.Manifests(&manifests).ok());
+    int frozen_segments = 0;
+    for (const SegmentManifest& m : manifests)
+      if (m.state() == SEGMENT_STATE_FROZEN) {
+        ++frozen_segments;
+        Status v = store.VerifySegment(m);
+        EXPECT_TRUE(v.ok()) << v.ToString();
+      }
+    EXPECT_EQ(frozen_segments, 1);
+    std::unique_ptr<Spool> spool;
+    ASSERT_TRUE(Spool::Open(db, &spool).ok());
+    std::vector<SpoolEntry> stored;
+    ASSERT_TRUE(spool->Read(1, 1000, &stored).ok());
+    std::vector<std::string> ids;
+    for (const SpoolEntry& e : stored) ids.push_back(e.id);
+    EXPECT_EQ(ids, acked);
+  }
+  ASSERT_NO_FATAL_FAILURE(peerd.Start(flags));
+  json after = peerd.CtlJson("status");
+  EXPECT_GE(testing::U(after, "step"), testing::U(before, "lastCheckpointStep"));
+  ServerFrame again = SendOne(peerd.data_port(), token, "after-repair");
+  EXPECT_TRUE(again.has_ack()) << again.DebugString();
+}
+
 }  // namespace
 }  // namespace peerd
