@@ -38,15 +38,15 @@ if ! cmake --build "$build" -j "${FUZZ_JOBS:-2}" --target "${build_targets[@]}" 
   exit 1
 fi
 
-failed=0
-for t in "${targets[@]}"; do
+# Each target runs in its own process, all at once (libFuzzer uses one core each): 60 s for both.
+run_target() {
+  local t=$1 work before after execs log rc=0 result
   work=$(mktemp -d "${TMPDIR:-/tmp}/peerd-fuzz-$t.XXXXXX")
   mkdir -p "$work/corpus" "$build/artifacts/$t"
   seeds="$root/tests/fuzz/corpus/$t"
   [ -d "$seeds" ] && cp -r "$seeds/." "$work/corpus/"
   before=$(find "$work/corpus" -type f | wc -l)
   log="$build/$t.log"
-  rc=0
   # New units go to the copy (the first corpus directory); the repository's seeds are untouched.
   "$build/${t}_fuzz" -max_total_time="$seconds" -rss_limit_mb="$rss_mb" -timeout=10 -print_final_stats=1 \
       -artifact_prefix="$build/artifacts/$t/" "$work/corpus" >"$log" 2>&1 || rc=$?
@@ -56,11 +56,22 @@ for t in "${targets[@]}"; do
     result=ok
   else
     result="FAILED (exit $rc; log $log; input in $build/artifacts/$t/)"
-    failed=1
-    grep -aE "ERROR|runtime error|admin_requests_fuzz:|==[0-9]+==|SUMMARY" "$log" | head -n 20 >&2 || tail -n 30 "$log" >&2
+    grep -aE "ERROR|runtime error|_fuzz:|==[0-9]+==|SUMMARY" "$log" | head -n 20 >&2 || tail -n 30 "$log" >&2
   fi
   printf 'fuzz %-16s %5ss %12s executions %6s new corpus units  %s\n' "$t" "$seconds" "${execs:-?}" \
-      "$((after - before))" "$result"
+      "$((after - before))" "$result" >"$build/$t.result"
   rm -rf "$work"
+  [ "$rc" -eq 0 ]
+}
+
+pids=()
+for t in "${targets[@]}"; do
+  run_target "$t" &
+  pids+=($!)
+done
+failed=0
+for i in "${!targets[@]}"; do
+  wait "${pids[$i]}" || failed=1
+  cat "$build/${targets[$i]}.result"
 done
 exit "$failed"

@@ -142,7 +142,10 @@ Status Spool::Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplica
   wb.Put(cf, kCounterKey, counters);
   Status written = db_->SyncedWrite(&wb, "the spool");  // acknowledged means on disk
   if (!written.ok()) {
-    Status error = Status::IOError(written.message() + ": documents are not acknowledged");
+    // A full disk clears by itself; a filesystem the kernel turned read-only needs an operator.
+    const bool read_only = written.message().find("Read-only file system") != std::string::npos;
+    Status error = Status::IOError(written.message() + ": documents are not acknowledged" +
+                                   (read_only ? " until the data directory is repaired and peerd restarted" : ""));
     std::lock_guard<std::mutex> lock(mu_);
     write_error_ = error.message();
     return error;

@@ -236,7 +236,10 @@ TEST(DiskFull, DataDirectoryTurningReadOnlyStopsAcksAndLosesNothing) {
   }
   ASSERT_TRUE(refused.has_error()) << "documents still acknowledged on a read-only filesystem";
   EXPECT_EQ(refused.error().code(), ErrorReply::UNAVAILABLE);
-  EXPECT_NE(refused.error().message().find("Read-only file system"), std::string::npos) << refused.error().message();
+  EXPECT_NE(refused.error().message().find("Read-only file system: documents are not acknowledged until the data "
+                                           "directory is repaired and peerd restarted"),
+            std::string::npos)
+      << refused.error().message();
   json status = peerd.CtlJson("status");
   EXPECT_NE(status.value("ingestError", "").find("Read-only file system"), std::string::npos) << status.dump();
   std::this_thread::sleep_for(300ms);
