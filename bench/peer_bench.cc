@@ -17,7 +17,7 @@
 #include "core/runtime.h"
 
 int main(int argc, char** argv) {
-  peerd::UsePassiveOpenMp(argv);
+  peerd::UseTunedRuntimeEnvironment(argv);
   if (argc >= 2 && std::strcmp(argv[1], "layer") == 0) return peerd::bench::LayerBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "ingest") == 0) return peerd::bench::IngestBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "forgetting") == 0) return peerd::bench::ForgettingBench(argc - 1, argv + 1);

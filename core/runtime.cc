@@ -6,17 +6,26 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include <fstream>
 #include <thread>
 
 namespace peerd {
 
-void UsePassiveOpenMp(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY")) return;  // the user chose
-  setenv("OMP_WAIT_POLICY", "passive", 1);
-  execv("/proc/self/exe", argv);
-  // exec failed (no /proc?): go on as we are, only slower
+void UseTunedRuntimeEnvironment(char** argv) {
+  bool changed = false;
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    changed = true;
+  }
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (!tunables || !std::strstr(tunables, "glibc.malloc.hugetlb")) {
+    const std::string more = "glibc.malloc.hugetlb=1";
+    setenv("GLIBC_TUNABLES", tunables && *tunables ? (std::string(tunables) + ":" + more).c_str() : more.c_str(), 1);
+    changed = true;
+  }
+  if (changed) execv("/proc/self/exe", argv);
 }
 
 void KeepFreedMemory() {

@@ -58,7 +58,7 @@ Status DumpParameters(TransformerLM& model, const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  peerd::UsePassiveOpenMp(argv);
+  peerd::UseTunedRuntimeEnvironment(argv);
   CLI::App app{"peer-train: train the PEER byte-level LM on a corpus, report held-out bits/byte"};
   std::string config_path, corpus = "data/corpora/kjv";
   uint32_t steps = 0, threads = 0;

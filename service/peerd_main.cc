@@ -39,7 +39,7 @@ bool IsLoopback(const std::string& listen) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  peerd::UsePassiveOpenMp(argv);
+  peerd::UseTunedRuntimeEnvironment(argv);
   CLI::App app{"peerd: continual training of a PEER language model on streamed text"};
   std::string data_dir = "peerd-data", config_path, data_listen = "127.0.0.1:7070", admin_listen = "127.0.0.1:7071";
   std::string log_level = "info", residency = "resident", freeze_dtype = "bf16";

@@ -159,7 +159,13 @@ TEST(Load, SixtyClientsBesideNonReadersAndIdlersAreServedInBoundedMemory) {
   // Memory: what peerd holds for ingest is bounded by the backlog (1 MB), the in-flight limit and
   // one frame per connection, not by what is offered (300 MB). The rest of the growth is
   // training's working set and RocksDB's memtable (up to its 64 MB write buffer).
+#if defined(__SANITIZE_ADDRESS__)
+  // Under AddressSanitizer (scripts/sanitize.sh) freed memory waits in ASan's quarantine (256 MB)
+  // and every allocation has shadow bytes: RSS says nothing about peerd's own bound there.
+  std::cout << "load: RSS bound not checked under AddressSanitizer\n";
+#else
   EXPECT_LT(hwm - rss_start, 128.0) << "peak RSS grew from " << rss_start << " MB to " << hwm << " MB";
+#endif
   std::cout << "load: " << kClients << " clients + 2 non-readers (" << offered / 1e6 << " MB written before TCP pushed back) + 2 idle; " << total_bytes / 1e6 << " MB acked in "
             << seconds << " s (" << total_bytes / 1e6 / seconds << " MB/s, backlog bound 1 MB); peerd RSS "
             << rss_start << " MB at start, peak " << hwm << " MB (sampled max " << rss_peak_seen << " MB)\n";
