@@ -179,7 +179,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Retrieval,
                                            RetrievalShape{2, 33, 8, 4, {8}, {true}},
                                            RetrievalShape{4, 70, 16, 8, {12, 9, 16}, {false, false, true}},
                                            RetrievalShape{3, 50, 32, 16, {40, 16}, {false, true}},
-                                           RetrievalShape{2, 129, 6, 3, {5, 5}, {false, false}}));
+                                           RetrievalShape{2, 129, 6, 3, {5, 5}, {false, false}},
+                                           // More tokens than the scores' row block (256), not a multiple
+                                           RetrievalShape{2, 600, 8, 4, {24, 10}, {true, false}}));
 
 // The whole layer: the same pool (a bf16-frozen, an fp32-frozen and a training segment) computed
 // with each implementation gives the same output and the same gradients.
