@@ -1,6 +1,12 @@
-// CPU implementation of kernels/expert_mixture.h. Forward and the gradients of x and w are
-// parallel over tokens; table gradients are parallel over the distinct retrieved rows, each row
-// summing its (token, slot) contributions in ascending order — deterministic for any thread count.
+// CPU implementation of kernels/expert_mixture.h, row-major: the (token, slot) pairs are grouped
+// by the expert row they retrieved (a counting sort per segment), and the loops walk the distinct
+// rows in ascending order, each row read once for all the tokens that chose it. A token-major walk
+// read a random row per pair: at 1M experts hardly any row is retrieved twice in a step, and each
+// read was a cache and TLB miss; in row order the reads go forward through the table, which the
+// hardware prefetches. Tokens' x and y (M × D, a few MB) are what is now read at random, and they
+// stay in cache. Rows are split into one chunk per thread with as many pairs each; a chunk adds
+// into its own y (or gx) buffer, summed in chunk order afterwards; within a row, pairs go in
+// ascending (m, j) order — deterministic for a fixed thread count.
 #include "kernels/expert_mixture.h"
 
 #include <ATen/Parallel.h>
@@ -65,77 +71,6 @@ struct Problem {
   std::vector<Rows> down, up;
 };
 
-// The rows are random, in DRAM once a pool outgrows the caches: while one expert computes, the
-// loops ask for the rows of the expert kPrefetchAhead slots later (1 and 3 measured the same at 1M
-// experts: the hardware keeps few misses in flight per core either way).
-constexpr int64_t kPrefetchAhead = 1;
-inline void PrefetchExpert(const Problem& p, int64_t mj) {
-  PrefetchRow(p.down[p.segment[mj]], p.index[mj], p.D);
-  PrefetchRow(p.up[p.segment[mj]], p.index[mj], p.D);
-}
-
-// y[m] = Σ_j w·GELU(u·x)·v for tokens [begin, end); keeps a = u·x for backward.
-PEERD_MULTIVERSION
-void ForwardTokens(const Problem& p, int64_t begin, int64_t end, float* y, float* a) {
-  const int64_t D = p.D, J = p.J;
-  const int64_t last = end * J;
-  for (int64_t mj = begin * J; mj < begin * J + kPrefetchAhead && mj < last; ++mj) PrefetchExpert(p, mj);
-  for (int64_t m = begin; m < end; ++m) {
-    const float* xm = p.x + m * D;
-    for (int64_t j = 0; j < J; ++j) {
-      const int64_t mj = m * J + j, s = p.segment[mj], e = p.index[mj];
-      if (mj + kPrefetchAhead < last) PrefetchExpert(p, mj + kPrefetchAhead);
-      const float pre = DotRow(p.down[s], e, xm, D);
-      a[mj] = pre;
-      AxpyRow(p.w[mj] * Gelu(pre), p.up[s], e, y + m * D, D);
-    }
-  }
-}
-
-// Per token: gw = GELU(a)·(gy·v), c = w·GELU(a), ga = w·(gy·v)·GELU'(a), gx = Σ_j ga·u.
-PEERD_MULTIVERSION
-void BackwardTokens(const Problem& p, int64_t begin, int64_t end, const float* a, const float* gy, float* gx,
-                    float* gw, float* ga, float* c) {
-  const int64_t D = p.D, J = p.J;
-  const int64_t last = end * J;
-  for (int64_t mj = begin * J; mj < begin * J + kPrefetchAhead && mj < last; ++mj) PrefetchExpert(p, mj);
-  for (int64_t m = begin; m < end; ++m) {
-    for (int64_t j = 0; j < J; ++j) {
-      const int64_t mj = m * J + j, s = p.segment[mj], e = p.index[mj];
-      if (mj + kPrefetchAhead < last) PrefetchExpert(p, mj + kPrefetchAhead);
-      const float sv = DotRow(p.up[s], e, gy + m * D, D);
-      const float g = Gelu(a[mj]);
-      gw[mj] = g * sv;
-      c[mj] = p.w[mj] * g;
-      ga[mj] = p.w[mj] * sv * GeluGrad(a[mj]);
-      AxpyRow(ga[mj], p.down[s], e, gx + m * D, D);
-    }
-  }
-}
-
-// Row r of the compacted gradient: gd[r] = Σ ga·x[m], gu[r] = Σ c·gy[m] over the row's hits
-// hits[start[r] .. start[r+1]) (at least one), in ascending (m, j) order. gd and gu need not be
-// zeroed: the first hit writes.
-PEERD_MULTIVERSION
-void RowGradients(const Problem& p, const int64_t* hits, const int64_t* start, int64_t begin, int64_t end,
-                  const float* ga, const float* c, const float* gy, float* gd, float* gu) {
-  const int64_t D = p.D, J = p.J;
-  for (int64_t r = begin; r < end; ++r) {
-    float *gdr = gd + r * D, *gur = gu + r * D;
-    const int64_t first = hits[start[r]], m0 = first / J;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      gdr[d] = ga[first] * p.x[m0 * D + d];
-      gur[d] = c[first] * gy[m0 * D + d];
-    }
-    for (int64_t h = start[r] + 1; h < start[r + 1]; ++h) {
-      const int64_t mj = hits[h], m = mj / J;
-      Axpy(ga[mj], p.x + m * D, gdr, D);
-      Axpy(c[mj], gy + m * D, gur, D);
-    }
-  }
-}
-
 // A training table's row gradients are needed every step and are large (at 1M experts ~40% of
 // the table: 400 MB at D = 256). Allocating them afresh each step costs the kernel's page faults
 // and zeroing — measured at ~30% of a step. So each table keeps its last buffer and gets it back
@@ -176,27 +111,141 @@ RowGradientBuffers& GradientBuffers() {
   return *buffers;
 }
 
-// The (m, j) slots that retrieved rows of segment `s`, grouped by row (a counting sort: O(N + M·J),
-// stable, so each row's slots stay in ascending order). rows: the distinct rows, ascending.
-void GroupByRow(const Problem& p, int64_t s, int64_t n_rows, std::vector<int64_t>* rows,
-                std::vector<int64_t>* start, std::vector<int64_t>* hits) {
-  const int64_t MJ = p.M * p.J;
-  std::vector<int64_t> count(n_rows + 1, 0);
-  for (int64_t mj = 0; mj < MJ; ++mj)
-    if (p.segment[mj] == s) ++count[p.index[mj] + 1];
-  rows->clear();
-  start->clear();
-  for (int64_t e = 0; e < n_rows; ++e) {
-    if (count[e + 1] > 0) {
-      rows->push_back(e);
-      start->push_back(count[e]);
+
+// The (m, j) pairs grouped by (segment, row): groups in segment then row order, each naming its
+// pairs hits[begin, end) in ascending (m, j) order.
+struct RowGroups {
+  struct Group {
+    int64_t segment, row, begin, end;
+  };
+  std::vector<Group> groups;
+  std::vector<int64_t> hits;
+  std::vector<int64_t> first_group;  // per segment, its first group (size S + 1)
+};
+
+// A counting sort per segment: O(N_s + M·J) each, stable.
+RowGroups GroupByRow(const Problem& p, const std::vector<int64_t>& n_rows) {
+  const int64_t MJ = p.M * p.J, S = static_cast<int64_t>(n_rows.size());
+  RowGroups g;
+  g.hits.resize(MJ);
+  int64_t placed = 0;
+  std::vector<int64_t> next;
+  for (int64_t s = 0; s < S; ++s) {
+    g.first_group.push_back(static_cast<int64_t>(g.groups.size()));
+    next.assign(n_rows[s] + 1, 0);
+    for (int64_t mj = 0; mj < MJ; ++mj)
+      if (p.segment[mj] == s) ++next[p.index[mj] + 1];
+    for (int64_t e = 0; e < n_rows[s]; ++e) {
+      if (next[e + 1] > 0) g.groups.push_back({s, e, placed + next[e], placed + next[e] + next[e + 1]});
+      next[e + 1] += next[e];  // next[e] becomes the first pair of row e
     }
-    count[e + 1] += count[e];  // count[e] becomes the first slot of row e
+    const int64_t in_segment = next[n_rows[s]];
+    for (int64_t mj = 0; mj < MJ; ++mj)
+      if (p.segment[mj] == s) g.hits[placed + next[p.index[mj]]++] = mj;
+    placed += in_segment;
   }
-  start->push_back(count[n_rows]);
-  hits->resize(count[n_rows]);
-  for (int64_t mj = 0; mj < MJ; ++mj)
-    if (p.segment[mj] == s) (*hits)[count[p.index[mj]]++] = mj;
+  g.first_group.push_back(static_cast<int64_t>(g.groups.size()));
+  return g;
+}
+
+// Splits the groups into `chunks` runs of about equal numbers of pairs: chunk c is groups
+// [bounds[c], bounds[c + 1]).
+std::vector<int64_t> ChunkBounds(const RowGroups& g, int64_t chunks) {
+  std::vector<int64_t> bounds = {0};
+  const int64_t pairs = static_cast<int64_t>(g.hits.size()), G = static_cast<int64_t>(g.groups.size());
+  int64_t q = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = pairs * c / chunks;
+    while (q < G && g.groups[q].begin < target) ++q;
+    bounds.push_back(q);
+  }
+  bounds.push_back(G);
+  return bounds;
+}
+
+// The next group's rows are asked for while this one computes (they are usually a little further
+// on in the table, but not next to it).
+inline void PrefetchGroup(const Problem& p, const RowGroups& g, int64_t q, int64_t end) {
+  if (q >= end) return;
+  const RowGroups::Group& n = g.groups[q];
+  PrefetchRow(p.down[n.segment], n.row, p.D);
+  PrefetchRow(p.up[n.segment], n.row, p.D);
+}
+
+// For groups [begin, end): a[mj] = u·x[m], y[m] += w·GELU(a)·v. y is this chunk's own.
+PEERD_MULTIVERSION
+void ForwardRows(const Problem& p, const RowGroups& g, int64_t begin, int64_t end, float* y, float* a) {
+  const int64_t D = p.D, J = p.J;
+  for (int64_t q = begin; q < end; ++q) {
+    PrefetchGroup(p, g, q + 1, end);
+    const RowGroups::Group& grp = g.groups[q];
+    const Rows &down = p.down[grp.segment], &up = p.up[grp.segment];
+    for (int64_t h = grp.begin; h < grp.end; ++h) {
+      const int64_t mj = g.hits[h], m = mj / J;
+      const float pre = DotRow(down, grp.row, p.x + m * D, D);
+      a[mj] = pre;
+      AxpyRow(p.w[mj] * Gelu(pre), up, grp.row, y + m * D, D);
+    }
+  }
+}
+
+// Where a training segment's compacted row gradients go (null for frozen segments): row r of the
+// segment's groups is gd[r], gu[r].
+struct RowGradientsOut {
+  std::vector<float*> gd, gu;
+};
+
+// For groups [begin, end), per pair: sv = v·gy[m], gw = GELU(a)·sv, ga = w·sv·GELU'(a),
+// gx[m] += ga·u (gx is this chunk's own); for a training row also gd = Σ ga·x[m] and
+// gu = Σ w·GELU(a)·gy[m] over its pairs, the first pair writing (the buffers are not zeroed).
+PEERD_MULTIVERSION
+void BackwardRows(const Problem& p, const RowGroups& g, int64_t begin, int64_t end, const float* a,
+                  const float* gy, const RowGradientsOut& out, float* gx, float* gw) {
+  const int64_t D = p.D, J = p.J;
+  for (int64_t q = begin; q < end; ++q) {
+    PrefetchGroup(p, g, q + 1, end);
+    const RowGroups::Group& grp = g.groups[q];
+    const Rows &down = p.down[grp.segment], &up = p.up[grp.segment];
+    const int64_t r = q - g.first_group[grp.segment];
+    float* gdr = out.gd[grp.segment] ? out.gd[grp.segment] + r * D : nullptr;
+    float* gur = out.gu[grp.segment] ? out.gu[grp.segment] + r * D : nullptr;
+    for (int64_t h = grp.begin; h < grp.end; ++h) {
+      const int64_t mj = g.hits[h], m = mj / J;
+      const float* gym = gy + m * D;
+      const float sv = DotRow(up, grp.row, gym, D);
+      const float act = Gelu(a[mj]);
+      gw[mj] = act * sv;
+      const float ga = p.w[mj] * sv * GeluGrad(a[mj]), c = p.w[mj] * act;
+      AxpyRow(ga, down, grp.row, gx + m * D, D);
+      if (!gdr) continue;
+      const float* xm = p.x + m * D;
+      if (h == grp.begin) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          gdr[d] = ga * xm[d];
+          gur[d] = c * gym[d];
+        }
+      } else {
+        Axpy(ga, xm, gdr, D);
+        Axpy(c, gym, gur, D);
+      }
+    }
+  }
+}
+
+// Runs `body(chunk, group_begin, group_end, buffer)` for one chunk of rows per thread, each with
+// its own zeroed [M, D] buffer, and returns the buffers' sum in chunk order.
+template <typename Body>
+torch::Tensor OverRowChunks(const RowGroups& g, int64_t M, int64_t D, const Body& body) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(g.groups.size())));
+  const std::vector<int64_t> bounds = ChunkBounds(g, chunks);
+  torch::Tensor parts = torch::zeros({chunks, M, D});
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) body(bounds[c], bounds[c + 1], parts[c].data_ptr<float>());
+  });
+  torch::Tensor sum = parts[0];
+  for (int64_t c = 1; c < chunks; ++c) sum = sum + parts[c];
+  return sum.contiguous();
 }
 
 Problem Describe(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
@@ -210,6 +259,12 @@ Problem Describe(const torch::Tensor& x, const torch::Tensor& w, const torch::Te
   return p;
 }
 
+std::vector<int64_t> RowCounts(const std::vector<torch::Tensor>& tables) {
+  std::vector<int64_t> n;
+  for (size_t t = 0; t < tables.size(); t += 2) n.push_back(tables[t].size(0));
+  return n;
+}
+
 class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunction> {
  public:
   // tables: down0, up0, down1, up1, ...
@@ -217,10 +272,10 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
                                const torch::Tensor& segment, const torch::Tensor& index, torch::TensorList tables) {
     std::vector<torch::Tensor> kept(tables.begin(), tables.end());
     const Problem p = Describe(x, w, segment, index, kept);
-    torch::Tensor y = torch::zeros({p.M, p.D});
+    const RowGroups g = GroupByRow(p, RowCounts(kept));
     torch::Tensor a = torch::empty({p.M, p.J});
-    at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
-      ForwardTokens(p, begin, end, y.data_ptr<float>(), a.data_ptr<float>());
+    torch::Tensor y = OverRowChunks(g, p.M, p.D, [&](int64_t begin, int64_t end, float* y_part) {
+      ForwardRows(p, g, begin, end, y_part, a.data_ptr<float>());
     });
     ctx->save_for_backward({x, w, segment, index, a});
     ctx->saved_data["table_list"] = c10::List<torch::Tensor>(kept);
@@ -235,39 +290,47 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
     for (size_t t = 0; t < table_list.size(); ++t) tables.push_back(table_list.get(t));
     const torch::Tensor gy = grad_outputs[0].contiguous();
     const Problem p = Describe(x, w, segment, index, tables);
-    torch::Tensor gx = torch::zeros({p.M, p.D}), gw = torch::empty({p.M, p.J});
-    torch::Tensor ga = torch::empty({p.M, p.J}), c = torch::empty({p.M, p.J});  // dL/da and w·GELU(a)
-    at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
-      BackwardTokens(p, begin, end, a.data_ptr<float>(), gy.data_ptr<float>(), gx.data_ptr<float>(),
-                     gw.data_ptr<float>(), ga.data_ptr<float>(), c.data_ptr<float>());
+    // Grouping again costs O(N + M·J) per segment, little beside the row passes, and keeps the
+    // forward's memory free of it between the passes.
+    const RowGroups g = GroupByRow(p, RowCounts(tables));
+    const int64_t S = static_cast<int64_t>(tables.size() / 2);
+
+    // Training segments' compacted row gradients: one row per group of the segment.
+    RowGradientsOut out{std::vector<float*>(S, nullptr), std::vector<float*>(S, nullptr)};
+    std::vector<torch::Tensor> gd(S), gu(S);
+    for (int64_t s = 0; s < S; ++s) {
+      if (!ctx->needs_input_grad(4 + 2 * s) && !ctx->needs_input_grad(5 + 2 * s)) continue;
+      const int64_t R = g.first_group[s + 1] - g.first_group[s];
+      gd[s] = GradientBuffers().Take(tables[2 * s], R, p.D);
+      gu[s] = GradientBuffers().Take(tables[2 * s + 1], R, p.D);
+      out.gd[s] = gd[s].data_ptr<float>();
+      out.gu[s] = gu[s].data_ptr<float>();
+    }
+    torch::Tensor gw = torch::empty({p.M, p.J});
+    torch::Tensor gx = OverRowChunks(g, p.M, p.D, [&](int64_t begin, int64_t end, float* gx_part) {
+      BackwardRows(p, g, begin, end, a.data_ptr<float>(), gy.data_ptr<float>(), out, gx_part, gw.data_ptr<float>());
     });
 
     variable_list grads = {gx, gw, torch::Tensor(), torch::Tensor()};
-    std::vector<int64_t> rows, start, hits;
-    for (size_t s = 0; s < tables.size() / 2; ++s) {
-      const torch::Tensor &down = tables[2 * s], &up = tables[2 * s + 1];
-      if (!ctx->needs_input_grad(4 + 2 * s) && !ctx->needs_input_grad(5 + 2 * s)) {
+    for (int64_t s = 0; s < S; ++s) {
+      if (!gd[s].defined()) {
         grads.push_back(torch::Tensor());
         grads.push_back(torch::Tensor());
         continue;
       }
-      const int64_t N = down.size(0);
-      GroupByRow(p, static_cast<int64_t>(s), N, &rows, &start, &hits);
-      const int64_t R = static_cast<int64_t>(rows.size());
-      torch::Tensor gd = GradientBuffers().Take(down, R, p.D), gu = GradientBuffers().Take(up, R, p.D);
-      at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
-        RowGradients(p, hits.data(), start.data(), begin, end, ga.data_ptr<float>(), c.data_ptr<float>(),
-                     gy.data_ptr<float>(), gd.data_ptr<float>(), gu.data_ptr<float>());
-      });
+      const torch::Tensor &down = tables[2 * s], &up = tables[2 * s + 1];
+      const int64_t R = g.first_group[s + 1] - g.first_group[s], N = down.size(0);
       // Sparse COO [N, D]: one entry per distinct row, indices ascending — coalesced by construction.
       // Each gradient gets its own indices: autograd stores a sparse gradient without copying it
       // only when nothing else holds its indices and values.
       auto sparse = [&](const torch::Tensor& values, const torch::Tensor& like) {
-        torch::Tensor ids = torch::from_blob(rows.data(), {1, R}, torch::kLong).clone();
+        torch::Tensor ids = torch::empty({1, R}, torch::kLong);
+        int64_t* ip = ids.data_ptr<int64_t>();
+        for (int64_t r = 0; r < R; ++r) ip[r] = g.groups[g.first_group[s] + r].row;
         return at::_sparse_coo_tensor_unsafe(ids, values.to(like.scalar_type()), {N, p.D})._coalesced_(true);
       };
-      grads.push_back(sparse(gd, down));
-      grads.push_back(sparse(gu, up));
+      grads.push_back(sparse(gd[s], down));
+      grads.push_back(sparse(gu[s], up));
     }
     return grads;
   }
