@@ -3,15 +3,15 @@
 # UndefinedBehaviorSanitizer (g++, into build-asan/; LibTorch itself is not instrumented) and runs
 # the fault suite and the admin catalogue against the sanitized peerd. A sanitizer report in any
 # peerd log fails the run. Not part of `make test` (the build alone takes ~15 minutes on 2 cores).
-#   usage: scripts/sanitize.sh [GTEST_FILTER]   (default: every fault test but Load.*, reduced counts)
-#   env:   ASAN_BUILD (build-asan), PEERD_FAULT_CYCLES (3)
-# Load.* is left out by default: its ingest is paced by training (--backlog-mb 1), and an ASan
-# peerd trains ~5x slower (6.6k tokens/s measured), so its clients overrun the test's 300 s limit.
+#   usage: scripts/sanitize.sh [GTEST_FILTER]   (default: every fault test, reduced counts)
+#   env:   ASAN_BUILD (build-asan), PEERD_FAULT_CYCLES (3), PEERD_FAULT_LOAD_KB (10)
+# The load test takes ~3 minutes here: its ingest is paced by training (--backlog-mb 1), and an
+# ASan peerd trains ~5x slower; its RSS bound is not checked under ASan (quarantine, shadow).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${ASAN_BUILD:-$root/build-asan}
-filter=${1:-*-Load.*}
+filter=${1:-*}
 flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 
 if [ ! -f "$build/build.ninja" ]; then
