@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <unordered_map>
@@ -233,11 +234,12 @@ void BackwardRows(const Problem& p, const RowGroups& g, int64_t begin, int64_t e
   }
 }
 
-// Runs `body(chunk, group_begin, group_end, buffer)` for one chunk of rows per thread, each with
+// Runs `body(group_begin, group_end, buffer)` for one chunk of groups per thread, each chunk with
 // its own zeroed [M, D] buffer, and returns the buffers' sum in chunk order.
 template <typename Body>
 torch::Tensor OverRowChunks(const RowGroups& g, int64_t M, int64_t D, const Body& body) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(g.groups.size())));
+  const int64_t groups = static_cast<int64_t>(g.groups.size());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
   const std::vector<int64_t> bounds = ChunkBounds(g, chunks);
   torch::Tensor parts = torch::zeros({chunks, M, D});
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
