@@ -117,6 +117,8 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
+      // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
+      at::NoGradGuard no_grad;
       TopKScratch scratch;
       torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
       for (int64_t task = begin; task < end; ++task) {
