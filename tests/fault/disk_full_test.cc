@@ -55,6 +55,15 @@ ServerFrame SendOne(const std::string& port, const std::string& token, const std
   }
 }
 
+// The ids the spool holds, in order, read with the spool's own code.
+void SpooledIds(const std::shared_ptr<StoreDb>& db, std::vector<std::string>* ids) {
+  std::unique_ptr<Spool> spool;
+  ASSERT_TRUE(Spool::Open(db, &spool).ok());
+  std::vector<SpoolEntry> stored;
+  ASSERT_TRUE(spool->Read(1, 1000, &stored).ok());
+  for (const SpoolEntry& e : stored) ids->push_back(e.id);
+}
+
 // Fills the filesystem at `dir` until it is full.
 void Fill(const std::string& dir) {
   std::ofstream ballast(dir + "/ballast", std::ios::binary);
@@ -133,12 +142,8 @@ TEST(DiskFull, PeerdStopsAckingSaysWhyAndResumesWhenSpaceReturns) {
   std::shared_ptr<StoreDb> db;
   Status st = StoreDb::Open(data.path, {}, &db);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  std::unique_ptr<Spool> spool;
-  ASSERT_TRUE(Spool::Open(db, &spool).ok());
-  std::vector<SpoolEntry> stored;
-  ASSERT_TRUE(spool->Read(1, 1000, &stored).ok());
   std::vector<std::string> ids;
-  for (const SpoolEntry& e : stored) ids.push_back(e.id);
+  ASSERT_NO_FATAL_FAILURE(SpooledIds(db, &ids));
   EXPECT_EQ(ids, acked);
 }
 
@@ -276,12 +281,8 @@ TEST(DiskFull, DataDirectoryTurningReadOnlyStopsAcksAndLosesNothing) {
         EXPECT_TRUE(v.ok()) << v.ToString();
       }
     EXPECT_EQ(frozen_segments, 1);
-    std::unique_ptr<Spool> spool;
-    ASSERT_TRUE(Spool::Open(db, &spool).ok());
-    std::vector<SpoolEntry> stored;
-    ASSERT_TRUE(spool->Read(1, 1000, &stored).ok());
     std::vector<std::string> ids;
-    for (const SpoolEntry& e : stored) ids.push_back(e.id);
+    ASSERT_NO_FATAL_FAILURE(SpooledIds(db, &ids));
     EXPECT_EQ(ids, acked);
   }
   ASSERT_NO_FATAL_FAILURE(peerd.Start(flags));
