@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -12,6 +14,7 @@
 
 #include "core/adamw.h"
 #include "core/peer_layer.h"
+#include "kernels/cpu/blas_threads.h"
 #include "kernels/expert_mixture.h"
 #include "kernels/product_key_retrieval.h"
 #include "tests/test_util.h"
@@ -331,6 +334,29 @@ TEST(AdamWRows, ClipGradNormScalesSparseAndDenseGradientsTogether) {
                                  table.grad()._values().square().sum().item<double>());
   EXPECT_NEAR(after, 1.0, 1e-5);
   EXPECT_NEAR(opt.ClipGradNorm(INFINITY), after, 1e-6) << "infinity only measures";
+}
+
+// The retrieval's GEMMs run inside parallel tasks with one BLAS thread each; scopes nest (and may
+// overlap on several threads), and the last to leave puts back the count the first one found.
+TEST(SingleThreadedBlas, NestedScopesUseOneThreadAndRestoreTheCountTheyFound) {
+  using Set = void (*)(int);
+  using Get = int (*)();
+  auto set = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  auto get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  if (!set || !get) GTEST_SKIP() << "libblas.so.3 is not OpenBLAS here: there are no BLAS threads to set";
+  const int before = get();
+  set(2);
+  {
+    kernels::cpu::SingleThreadedBlas outer;
+    EXPECT_EQ(get(), 1);
+    {
+      kernels::cpu::SingleThreadedBlas inner;
+      EXPECT_EQ(get(), 1);
+    }
+    EXPECT_EQ(get(), 1) << "the inner scope must not restore while the outer one is alive";
+  }
+  EXPECT_EQ(get(), 2);
+  set(before);
 }
 
 }  // namespace

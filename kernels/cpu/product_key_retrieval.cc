@@ -14,6 +14,7 @@
 #include <functional>
 #include <limits>
 
+#include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/rows.h"
 #ifdef PEERD_WITH_CUDA_KERNELS
 #include "kernels/cuda/kernels_cuda.h"
@@ -112,10 +113,10 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     float* sp = scores.data_ptr<float>();
     int64_t *gp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
     // One task per (segment, head, half): its GEMM and the top-k of each row, while the scores
-    // are warm in cache. The tasks spread over OpenMP's threads; OpenBLAS also has every thread
-    // under OMP_WAIT_POLICY=passive (core/runtime.cc), so a GEMM inside a task may share the cores
-    // with its neighbour's (one BLAS thread per task is yet to be measured against this).
+    // are warm in cache. The tasks spread over OpenMP's threads, and each GEMM gets one BLAS
+    // thread: the tasks already fill the cores (kernels/cpu/blas_threads.h).
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
+    const cpu::SingleThreadedBlas one_blas_thread_per_task;
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.

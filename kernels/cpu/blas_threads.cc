@@ -1,0 +1,46 @@
+// Implementation of kernels/cpu/blas_threads.h.
+#include "kernels/cpu/blas_threads.h"
+
+#include <dlfcn.h>
+
+#include <mutex>
+
+namespace peerd::kernels::cpu {
+namespace {
+
+// Looked up at run time: the symbols exist only when libblas.so.3 is OpenBLAS.
+struct OpenBlas {
+  using Set = void (*)(int);
+  using Get = int (*)();
+  Set set = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  Get get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  bool present() const { return set && get; }
+};
+
+const OpenBlas& Blas() {
+  static const OpenBlas blas;
+  return blas;
+}
+
+std::mutex scope_mu;
+int scopes = 0;     // SingleThreadedBlas objects alive
+int previous = 0;   // the thread count the first of them found
+
+}  // namespace
+
+SingleThreadedBlas::SingleThreadedBlas() {
+  if (!Blas().present()) return;
+  std::lock_guard<std::mutex> lock(scope_mu);
+  if (scopes++ == 0) {
+    previous = Blas().get();
+    if (previous != 1) Blas().set(1);
+  }
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+  if (!Blas().present()) return;
+  std::lock_guard<std::mutex> lock(scope_mu);
+  if (--scopes == 0 && previous != 1) Blas().set(previous);
+}
+
+}  // namespace peerd::kernels::cpu
