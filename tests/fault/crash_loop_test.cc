@@ -25,6 +25,7 @@
 #include "ingest/document_source.h"
 #include "proto/admin.pb.h"
 #include "service/spool.h"
+#include "tests/fault/frozen_segments.h"
 #include "tests/peerd_process.h"
 
 namespace peerd {
@@ -52,14 +53,7 @@ void ReadDisk(const std::string& data_dir, DiskState* out) {
   Status st = StoreDb::Open(data_dir, {}, &db);
   ASSERT_TRUE(st.ok()) << "the store does not open after kill -9: " << st.ToString();
   ExpertStore store(db);
-  std::vector<SegmentManifest> manifests;
-  ASSERT_TRUE(store.Manifests(&manifests).ok());
-  for (const SegmentManifest& m : manifests) {
-    if (m.state() != SEGMENT_STATE_FROZEN) continue;
-    Status v = store.VerifySegment(m);
-    ASSERT_TRUE(v.ok()) << v.ToString();
-    out->frozen[m.segment()] = m.checksum();
-  }
+  ASSERT_NO_FATAL_FAILURE(testing::VerifyFrozenSegments(store, &out->frozen));
   // The trainer's record: the checkpoint's meta (service/checkpoint.cc keeps it under "meta").
   std::string meta;
   rocksdb::Status s = db->db()->Get(rocksdb::ReadOptions(), db->family(Family::kCheckpoints), "meta", &meta);

@@ -20,6 +20,7 @@
 #include "experts_store/expert_store.h"
 #include "experts_store/store_db.h"
 #include "service/spool.h"
+#include "tests/fault/frozen_segments.h"
 #include "tests/peerd_process.h"
 
 namespace peerd {
@@ -256,8 +257,11 @@ TEST(DiskFull, DataDirectoryTurningReadOnlyStopsAcksAndLosesNothing) {
   EXPECT_NE(freeze.code, 0) << freeze.out;
   EXPECT_NE(freeze.out.find("Read-only file system"), std::string::npos) << freeze.out;
   status = peerd.CtlJson("status");
-  for (const json& seg : status["segments"])
-    if (seg["id"] == 1) EXPECT_EQ(seg["state"], "training");
+  for (const json& seg : status["segments"]) {
+    if (seg["id"] == 1) {
+      EXPECT_EQ(seg["state"], "training");
+    }
+  }
 
   // The operator stops peerd (it cannot write its last checkpoint, and says so), repairs the
   // filesystem and starts peerd again: every acknowledged document and frozen segment is there.
@@ -271,16 +275,9 @@ TEST(DiskFull, DataDirectoryTurningReadOnlyStopsAcksAndLosesNothing) {
     Status st = StoreDb::Open(data.path, {}, &db);
     ASSERT_TRUE(st.ok()) << st.ToString();
     ExpertStore store(db);
-    std::vector<SegmentManifest> manifests;
-    ASSERT_TRUE(store.Manifests(&manifests).ok());
-    int frozen_segments = 0;
-    for (const SegmentManifest& m : manifests)
-      if (m.state() == SEGMENT_STATE_FROZEN) {
-        ++frozen_segments;
-        Status v = store.VerifySegment(m);
-        EXPECT_TRUE(v.ok()) << v.ToString();
-      }
-    EXPECT_EQ(frozen_segments, 1);
+    std::map<uint32_t, uint64_t> frozen;
+    ASSERT_NO_FATAL_FAILURE(testing::VerifyFrozenSegments(store, &frozen));
+    EXPECT_EQ(frozen.size(), 1u);
     std::vector<std::string> ids;
     ASSERT_NO_FATAL_FAILURE(SpooledIds(db, &ids));
     EXPECT_EQ(ids, acked);
