@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <set>
 
@@ -185,6 +186,34 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Retrieval,
                                            RetrievalShape{2, 129, 6, 3, {5, 5}, {false, false}},
                                            // More tokens than the scores' row block (256), not a multiple
                                            RetrievalShape{2, 600, 8, 4, {24, 10}, {true, false}}));
+
+// Scores that tie (sub-keys repeated: every row of scores holds three distinct values, so the
+// top-k's candidates far outnumber k) and rows with fewer than k numbers (NaN queries) take the
+// top-k's general path: the values must still be the brute-force k best, each (i, j) named once
+// (a NaN query's experts are only required to exist).
+TEST(Retrieval, TiedAndNaNScoresStillGiveTheKBestDistinctExperts) {
+  const int64_t h = 2, M = 40, dk = 8, n = 256, k = 16;
+  torch::manual_seed(7);
+  torch::Tensor distinct = torch::randn({h, 2, 3, dk / 2});
+  torch::Tensor keys = distinct.index_select(2, torch::arange(n) % 3).contiguous();  // [h, 2, n, dk/2]
+  torch::Tensor q = torch::randn({h, M, dk});
+  q[0][5].fill_(std::numeric_limits<float>::quiet_NaN());  // one token of head 0: no numbers at all
+  kernels::RetrievedExperts r = kernels::ProductKeyRetrieval(q, {keys}, k);
+
+  torch::Tensor s1 = torch::bmm(q.narrow(2, 0, dk / 2), keys.select(1, 0).transpose(1, 2));
+  torch::Tensor s2 = torch::bmm(q.narrow(2, dk / 2, dk / 2), keys.select(1, 1).transpose(1, 2));
+  torch::Tensor all = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2);  // [h, M, n²]
+  torch::Tensor best = std::get<0>(all.nan_to_num(-1e30).topk(k, -1)).transpose(0, 1);  // [M, h, k]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t hh = 0; hh < h; ++hh) {
+      std::set<int64_t> seen;
+      for (int64_t j = 0; j < k; ++j) seen.insert(r.index[m][hh][j].item<int64_t>());
+      EXPECT_TRUE(*seen.begin() >= 0 && *seen.rbegin() < n * n) << "token " << m << " head " << hh;
+      if (m == 5 && hh == 0) continue;  // NaN scores: which experts come back is not defined
+      EXPECT_EQ(static_cast<int64_t>(seen.size()), k) << "token " << m << " head " << hh << " repeats an expert";
+      EXPECT_TRUE(torch::allclose(r.scores[m][hh], best[m][hh], 1e-4, 1e-4)) << "token " << m << " head " << hh;
+    }
+}
 
 // The whole layer: the same pool (a bf16-frozen, an fp32-frozen and a training segment) computed
 // with each implementation gives the same output and the same gradients.
