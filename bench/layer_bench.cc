@@ -15,6 +15,7 @@
 #include <map>
 #include <regex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench/json_lines.h"
@@ -22,6 +23,7 @@
 #include "core/model.h"
 #include "core/peer_layer.h"
 #include "core/runtime.h"
+#include "kernels/cpu/blas_threads.h"
 
 namespace peerd::bench {
 
@@ -66,8 +68,10 @@ Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem
 }
 
 // Measured once per run: streaming copy bandwidth (bytes read + written per second) over 512 MB,
-// and the GEMM rate at the retrieval's shape ([M, dk/2] x [dk/2, 1024], one task per thread,
-// as the kernel runs them).
+// with ATen's parallel copy, and the GEMM rate at the retrieval's shape ([M, dk/2] x [dk/2, 1024])
+// run as the kernel runs them: GEMMs side by side, one per thread, each on one BLAS thread
+// (kernels/cpu/blas_threads.h). std::thread, not at::parallel_for: this file is not built with
+// OpenMP, and ATen's parallel_for runs serially in a translation unit without it.
 struct MachineRates {
   double bandwidth = 0, gemm = 0;
 };
@@ -87,11 +91,16 @@ MachineRates MeasureRates(const Shape& s) {
   const int64_t half = s.dim / 2, tasks = 2 * s.threads;
   torch::Tensor a = torch::randn({s.tokens, half}), b = torch::randn({half, 1024});
   secs.clear();
+  const kernels::cpu::SingleThreadedBlas one_blas_thread_each;
   for (int i = 0; i < 5; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) at::mm(a, b);
-    });
+    std::vector<std::thread> threads;
+    for (uint32_t th = 0; th < s.threads; ++th)
+      threads.emplace_back([&, th] {
+        torch::Tensor out = torch::empty({s.tokens, 1024});
+        for (int64_t t = th; t < tasks; t += s.threads) at::mm_out(out, a, b);
+      });
+    for (std::thread& t : threads) t.join();
     secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   r.gemm = 2.0 * s.tokens * half * 1024 * tasks / median(secs);
