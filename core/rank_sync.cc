@@ -3,6 +3,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <unordered_set>
 
 #include "proto/ranks.pb.h"
 
@@ -141,13 +142,22 @@ Status SyncSegmentFromRankZero(Collective& collective, const ExpertSegmentImpl& 
 uint64_t ModelDigest(TransformerLM& model) {
   XXH3_state_t* h = XXH3_createState();
   XXH3_64bits_reset(h);
+  // A frozen segment enters by the checksum its rank took of its bytes when it froze them, not by
+  // its rows: they cannot change after that, and hashing them again cost every comparison ~2 GB
+  // read per 1M-expert segment. Its tensors are skipped below.
+  std::unordered_set<const c10::TensorImpl*> frozen_tensors;
   auto layers = model->PeerLayers();
   for (size_t l = 0; l < layers.size(); ++l)
     for (const auto& seg : layers[l]->segments()) {
-      const int64_t shape[4] = {static_cast<int64_t>(l), seg->id(), seg->n_keys(), seg->frozen()};
+      const int64_t shape[5] = {static_cast<int64_t>(l), seg->id(), seg->n_keys(), seg->frozen(),
+                                static_cast<int64_t>(seg->frozen_checksum())};
       XXH3_64bits_update(h, shape, sizeof shape);
+      if (!seg->frozen()) continue;
+      for (const torch::Tensor& t : {seg->sub_keys, seg->down, seg->up})
+        if (t.defined()) frozen_tensors.insert(t.unsafeGetTensorImpl());
     }
   auto add = [&](const torch::Tensor& t) {
+    if (frozen_tensors.count(t.unsafeGetTensorImpl())) return;
     torch::Tensor c = t.detach().contiguous();
     XXH3_64bits_update(h, c.data_ptr(), c.numel() * c.element_size());
   };

@@ -32,8 +32,9 @@ Status SyncFromRankZero(Collective& collective, Trainer& trainer);
 // A segment added on every rank takes rank 0's initial values (each rank drew its own).
 Status SyncSegmentFromRankZero(Collective& collective, const ExpertSegmentImpl& segment);
 
-// xxHash3 over the pool's shape (layer, segment id, size, frozen) and the bytes of every
-// parameter and buffer, frozen rows included: equal on ranks that hold the same model.
+// xxHash3 over the pool's shape (layer, segment id, size, frozen, frozen checksum) and the bytes
+// of every parameter and buffer except frozen segments' (their checksum, taken of those bytes at
+// the freeze, stands for them): equal on ranks that hold the same model.
 uint64_t ModelDigest(TransformerLM& model);
 
 }  // namespace peerd

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "core/model.h"
+#include "core/rank_sync.h"
 #include "core/trainer.h"
 #include "tests/test_util.h"
 
@@ -64,6 +65,42 @@ TEST(Freeze, ChecksumSeesASingleFlippedBit) {
   EXPECT_NE(seg->Checksum(), seg->frozen_checksum());
   bits[17] ^= 1u;
   EXPECT_EQ(seg->Checksum(), seg->frozen_checksum());
+}
+
+// Ranks compare ModelDigest: it must see every training weight, and a frozen segment through the
+// checksum taken of its bytes when it froze (its rows are not hashed again at each comparison).
+TEST(Freeze, ModelDigestSeesTrainingWeightsAndEachFrozenSegmentsChecksum) {
+  auto build = [](bool perturb_before_freeze) {
+    torch::manual_seed(5);
+    TransformerLM model(testing::TinyModel().model());
+    if (perturb_before_freeze) {
+      torch::NoGradGuard no_grad;
+      model->PeerLayers()[0]->segments()[0]->down[3].add_(1.0);
+    }
+    return model;
+  };
+  TransformerLM a = build(false), b = build(false), c = build(true);
+  EXPECT_EQ(ModelDigest(a), ModelDigest(b));
+  const uint64_t training = ModelDigest(a);
+  ASSERT_TRUE(a->PeerLayers()[0]->FreezeSegment(0).ok());
+  ASSERT_TRUE(b->PeerLayers()[0]->FreezeSegment(0).ok());
+  ASSERT_TRUE(c->PeerLayers()[0]->FreezeSegment(0).ok());
+  EXPECT_NE(ModelDigest(a), training) << "freezing must show";
+  EXPECT_EQ(ModelDigest(a), ModelDigest(b));
+  EXPECT_NE(ModelDigest(a), ModelDigest(c)) << "segments frozen with different rows have different checksums";
+
+  // A training weight (not in the frozen segment) moves: the digest moves with it.
+  torch::Tensor w;
+  for (const auto& p : b->named_parameters())
+    if (p.value().requires_grad()) {
+      w = p.value();
+      break;
+    }
+  ASSERT_TRUE(w.defined());
+  torch::NoGradGuard no_grad;
+  w.view(-1)[0].add_(1e-3);
+  EXPECT_NE(ModelDigest(a), ModelDigest(b));
+  w.view(-1)[0].sub_(1e-3);
 }
 
 TEST(Freeze, UnknownOrAlreadyFrozenSegmentIsAnError) {
