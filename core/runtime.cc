@@ -1,6 +1,5 @@
 #include "core/runtime.h"
 
-#include <dlfcn.h>
 #include <malloc.h>
 #include <strings.h>
 #include <unistd.h>
@@ -10,6 +9,8 @@
 
 #include <fstream>
 #include <thread>
+
+#include "kernels/cpu/blas_threads.h"
 
 namespace peerd {
 
@@ -41,12 +42,10 @@ int SetComputeThreads(uint32_t threads) {
   // training step runs at half speed). So one BLAS thread per caller — unless OMP_WAIT_POLICY is
   // passive (idle OpenMP threads sleep; read by libgomp at load, so only the environment can set
   // it): then BLAS gets every thread (measured: the 1M-expert layer step 1.2-1.4x faster).
-  // Looked up at run time: the symbol exists only when libblas.so.3 is OpenBLAS.
+  // (The retrieval lowers it to one inside its own parallel GEMM tasks: kernels/cpu/blas_threads.h.)
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   const bool passive = wait && strcasecmp(wait, "passive") == 0;
-  using SetBlasThreads = void (*)(int);
-  if (auto set = reinterpret_cast<SetBlasThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
-    set(passive ? static_cast<int>(threads) : 1);
+  kernels::cpu::SetBlasThreads(passive ? static_cast<int>(threads) : 1);
   return at::get_num_threads();
 }
 

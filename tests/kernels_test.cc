@@ -5,8 +5,6 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <dlfcn.h>
-
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -366,26 +364,27 @@ TEST(AdamWRows, ClipGradNormScalesSparseAndDenseGradientsTogether) {
 }
 
 // The retrieval's GEMMs run inside parallel tasks with one BLAS thread each; scopes nest (and may
-// overlap on several threads), and the last to leave puts back the count the first one found.
-TEST(SingleThreadedBlas, NestedScopesUseOneThreadAndRestoreTheCountTheyFound) {
-  using Set = void (*)(int);
-  using Get = int (*)();
-  auto set = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-  auto get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-  if (!set || !get) GTEST_SKIP() << "libblas.so.3 is not OpenBLAS here: there are no BLAS threads to set";
-  const int before = get();
-  set(2);
+// overlap on several threads), and the last to leave puts back the count the first one found —
+// or one set meanwhile.
+TEST(SingleThreadedBlas, NestedScopesUseOneThreadAndRestoreTheCountTheyFoundOrWereGiven) {
+  using kernels::cpu::BlasThreads;
+  using kernels::cpu::SetBlasThreads;
+  if (BlasThreads() == 0) GTEST_SKIP() << "libblas.so.3 is not OpenBLAS here: there are no BLAS threads to set";
+  const int before = BlasThreads();
+  SetBlasThreads(2);
   {
     kernels::cpu::SingleThreadedBlas outer;
-    EXPECT_EQ(get(), 1);
+    EXPECT_EQ(BlasThreads(), 1);
     {
       kernels::cpu::SingleThreadedBlas inner;
-      EXPECT_EQ(get(), 1);
+      EXPECT_EQ(BlasThreads(), 1);
     }
-    EXPECT_EQ(get(), 1) << "the inner scope must not restore while the outer one is alive";
+    EXPECT_EQ(BlasThreads(), 1) << "the inner scope must not restore while the outer one is alive";
+    SetBlasThreads(3);  // as SetComputeThreads would, meanwhile
+    EXPECT_EQ(BlasThreads(), 1) << "a count set inside a scope waits for the scope to end";
   }
-  EXPECT_EQ(get(), 2);
-  set(before);
+  EXPECT_EQ(BlasThreads(), 3);
+  SetBlasThreads(before);
 }
 
 }  // namespace

@@ -12,6 +12,12 @@
 
 namespace peerd::kernels::cpu {
 
+// OpenBLAS's thread count (process-wide). Setting it while a SingleThreadedBlas scope is alive
+// takes effect when the last scope ends. Without OpenBLAS: SetBlasThreads does nothing and
+// BlasThreads returns 0.
+void SetBlasThreads(int threads);
+int BlasThreads();
+
 class SingleThreadedBlas {
  public:
   SingleThreadedBlas();
