@@ -319,6 +319,7 @@ int LayerBench(int argc, char** argv) {
     }
     r["measured_bandwidth_gbs"] = rates.bandwidth / 1e9;
     r["measured_gemm_gflops"] = rates.gemm / 1e9;
+    r["blas_kernels"] = kernels::cpu::BlasCoreName();
   }
   WriteJsonLines(json_out, rows);
   if (as_json) {
@@ -332,6 +333,7 @@ int LayerBench(int argc, char** argv) {
   std::printf("measured: copy bandwidth %.1f GB/s, GEMM %.1f GFLOP/s (retrieval shape); floor = GEMM FLOPs / "
               "GEMM rate + expert-row bytes / bandwidth\n",
               rates.bandwidth / 1e9, rates.gemm / 1e9);
+  std::printf("BLAS: %s\n", BlasInfo().c_str());
   std::printf("%-12s %-9s %9s %10s %10s %10s %9s %9s %9s %7s %7s\n", "impl", "pool", "experts", "params MB",
               "tokens/s", "peak RSS", "RSS/param", "vs ref", "vs py", "floor%", "mem%");
   auto fmt = [](const json& r, const char* key, const char* f, double scale = 1) {

@@ -61,7 +61,7 @@ std::string BlasInfo() {
     auto at = line.find('/');
     if (at == std::string::npos) continue;
     std::string path = line.substr(at);
-    if (path.find("openblas") != std::string::npos) return path;
+    if (path.find("openblas") != std::string::npos) return path + " (" + kernels::cpu::BlasCoreName() + " kernels)";
     if (path.find("libblas") != std::string::npos) found = path;
   }
   return found.empty() ? "no BLAS library mapped" : found + " (not OpenBLAS: expect ~20x slower matrix products)";

@@ -29,7 +29,8 @@ int SetComputeThreads(uint32_t threads);
 void KeepFreedMemory();
 // Seeds LibTorch's global generator (parameter initialisation).
 void SeedCompute(uint64_t seed);
-// "OpenBLAS" or what the build reports otherwise: printed at start so a slow BLAS is visible.
+// The BLAS library this process mapped (with OpenBLAS's kernel set: OPENBLAS_CORETYPE may force
+// slower ones), or what it got instead: printed at start so a slow BLAS is visible.
 std::string BlasInfo();
 
 }  // namespace peerd

@@ -12,8 +12,10 @@ namespace {
 struct OpenBlas {
   using Set = void (*)(int);
   using Get = int (*)();
+  using Name = char* (*)();
   Set set = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
   Get get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  Name corename = reinterpret_cast<Name>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
   bool present() const { return set && get; }
 };
 
@@ -36,6 +38,8 @@ void SetBlasThreads(int threads) {
 }
 
 int BlasThreads() { return Blas().present() ? Blas().get() : 0; }
+
+std::string BlasCoreName() { return Blas().corename ? Blas().corename() : ""; }
 
 SingleThreadedBlas::SingleThreadedBlas() {
   if (!Blas().present()) return;

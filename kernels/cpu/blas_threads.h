@@ -10,6 +10,8 @@
 // (the reference BLAS is single-threaded anyway) this does nothing.
 #pragma once
 
+#include <string>
+
 namespace peerd::kernels::cpu {
 
 // OpenBLAS's thread count (process-wide). Setting it while a SingleThreadedBlas scope is alive
@@ -17,6 +19,8 @@ namespace peerd::kernels::cpu {
 // BlasThreads returns 0.
 void SetBlasThreads(int threads);
 int BlasThreads();
+// The kernel set OpenBLAS chose for this CPU ("Haswell", "SkylakeX", ...); empty without OpenBLAS.
+std::string BlasCoreName();
 
 class SingleThreadedBlas {
  public:
