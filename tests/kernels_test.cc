@@ -14,6 +14,7 @@
 #include "core/adamw.h"
 #include "core/peer_layer.h"
 #include "kernels/cpu/blas_threads.h"
+#include "kernels/cpu/subkey_scores.h"
 #include "kernels/expert_mixture.h"
 #include "kernels/product_key_retrieval.h"
 #include "tests/test_util.h"
@@ -385,6 +386,42 @@ TEST(SingleThreadedBlas, NestedScopesUseOneThreadAndRestoreTheCountTheyFoundOrWe
   }
   EXPECT_EQ(BlasThreads(), 3);
   SetBlasThreads(before);
+}
+
+// The retrieval's AVX-512 score kernel against double-precision dot products: row counts around
+// its 8-row tile, key counts around its 32-key panel, a strided query (the retrieval passes one
+// half of each query row), and every score written — nothing past the n columns of a row.
+TEST(SubKeyScores, EqualDotProductsForEveryTileAndPanelRemainder) {
+  if (!kernels::cpu::PackedSubKeys::Available()) GTEST_SKIP() << "no AVX-512 here: the retrieval uses BLAS";
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  for (const int64_t dh : {1, 3, 64, 128}) {
+    for (const int64_t n : {1, 5, 31, 32, 33, 100}) {
+      for (const int64_t rows : {1, 7, 8, 13, 64}) {
+        const int64_t stride = 2 * dh + 1;
+        std::vector<float> q(rows * stride), keys(n * dh);
+        for (float& v : q) v = normal(rng);
+        for (float& v : keys) v = normal(rng);
+        const float canary = 12345.f;
+        std::vector<float> scores(rows * n + 1, canary);
+        kernels::cpu::PackedSubKeys packed;
+        packed.Pack(keys.data(), n, dh);
+        packed.Score(q.data() + dh, stride, rows, scores.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < n; ++j) {
+            double exact = 0, scale = 0;
+            for (int64_t d = 0; d < dh; ++d) {
+              exact += double(q[r * stride + dh + d]) * keys[j * dh + d];
+              scale += std::abs(double(q[r * stride + dh + d]) * keys[j * dh + d]);
+            }
+            ASSERT_NEAR(scores[r * n + j], exact, 1e-6 * scale + 1e-6)
+                << "dh " << dh << " n " << n << " rows " << rows << " at [" << r << ", " << j << "]";
+          }
+        }
+        ASSERT_EQ(scores[rows * n], canary) << "wrote past the last score: dh " << dh << " n " << n << " rows " << rows;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // CPU implementation of kernels/product_key_retrieval.h.
 //
-// Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (BLAS, in
-// blocks of rows that stay in cache), each row's top-k is kept, and a second parallel pass
+// Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (our AVX-512
+// kernel, kernels/cpu/subkey_scores.h, or BLAS without it; in blocks of rows that stay in cache), each row's top-k is kept, and a second parallel pass
 // merges the k×k sums of every segment into the head's k best — pruned, since both halves'
 // lists are sorted. Backward touches
 // only the 2·k sub-keys each token's head selected.
@@ -16,6 +16,7 @@
 
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/rows.h"
+#include "kernels/cpu/subkey_scores.h"
 #ifdef PEERD_WITH_CUDA_KERNELS
 #include "kernels/cuda/kernels_cuda.h"
 #endif
@@ -168,23 +169,28 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     // thread: the tasks already fill the cores (kernels/cpu/blas_threads.h).
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
     const cpu::SingleThreadedBlas one_blas_thread_per_task;
+    const bool avx512 = cpu::PackedSubKeys::Available() && query.stride(2) == 1;
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
       at::NoGradGuard no_grad;
       TopKScratch scratch;
+      cpu::PackedSubKeys packed;
       torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / (2 * h), hh = (task / 2) % h, part = task % 2;
         SegmentTopK& top = tops[s * h + hh];
         top.val[part] = torch::empty({M, k});
         top.ids[part] = torch::empty({M, k}, torch::kLong);
-        const torch::Tensor q = query[hh].narrow(1, part * half, half), keys_t = keys[s][hh][part].t();
+        const torch::Tensor q = query[hh].narrow(1, part * half, half), keys_part = keys[s][hh][part].contiguous();
+        if (avx512) packed.Pack(keys_part.data_ptr<float>(), top.n, half);
         if (!scores_block.defined() || scores_block.size(1) != top.n) scores_block = torch::empty({kRowBlock, top.n});
         for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
           const int64_t rows = std::min(kRowBlock, M - m0);
           torch::Tensor block = scores_block.narrow(0, 0, rows);
-          at::mm_out(block, q.narrow(0, m0, rows), keys_t);  // [rows, dk/2] x [dk/2, n] -> [rows, n]
+          // [rows, dk/2] x [dk/2, n] -> [rows, n]
+          if (avx512) packed.Score(q.data_ptr<float>() + m0 * q.stride(0), q.stride(0), rows, block.data_ptr<float>());
+          else at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
           TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
                    top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
         }
