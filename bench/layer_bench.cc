@@ -24,6 +24,7 @@
 #include "core/peer_layer.h"
 #include "core/runtime.h"
 #include "kernels/cpu/blas_threads.h"
+#include "kernels/cpu/subkey_scores.h"
 
 namespace peerd::bench {
 
@@ -53,15 +54,15 @@ void AddShapeFlags(CLI::App& app, Shape& s) {
 // again in backward; a training pool also writes the gradient of each distinct retrieved row).
 // The mixture's own arithmetic (4·D FLOPs per retrieval and pass) hides under its memory traffic.
 struct Floor {
-  double gemm_flops = 0, row_bytes = 0;
+  double qnet_flops = 0, score_flops = 0, row_bytes = 0;
 };
 
 Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem_bytes) {
   const double M = s.tokens, J = s.heads * s.topk, D = s.dim, dk = s.dim, h = s.heads;
   const double n = std::sqrt(static_cast<double>(experts)), N = experts;
   Floor f;
-  f.gemm_flops = 3 * 2 * M * D * h * dk  // W_q: forward, and the gradients of x and of W_q
-                 + 2 * M * h * n * dk;   // both halves' sub-key scores, every head
+  f.qnet_flops = 3 * 2 * M * D * h * dk;  // W_q: forward, and the gradients of x and of W_q
+  f.score_flops = 2 * M * h * n * dk;      // both halves' sub-key scores, every head
   f.row_bytes = 2 * M * J * 2 * D * row_elem_bytes;
   if (training) f.row_bytes += N * (1 - std::exp(-M * J / N)) * 2 * D * 4;  // expected distinct rows
   return f;
@@ -70,10 +71,13 @@ Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem
 // Measured once per run: streaming copy bandwidth (bytes read + written per second) over 512 MB,
 // with ATen's parallel copy, and the GEMM rate at the retrieval's shape ([M, dk/2] x [dk/2, 1024])
 // run as the kernel runs them: GEMMs side by side, one per thread, each on one BLAS thread
-// (kernels/cpu/blas_threads.h). std::thread, not at::parallel_for: this file is not built with
-// OpenMP, and ATen's parallel_for runs serially in a translation unit without it.
+// (kernels/cpu/blas_threads.h); and where the CPU has AVX-512, the rate of the retrieval's own
+// score kernel at that shape (kernels/cpu/subkey_scores.h), the rate its sub-key scores run at.
+// std::thread, not at::parallel_for: this file is not built with OpenMP, and ATen's parallel_for
+// runs serially in a translation unit without it.
 struct MachineRates {
   double bandwidth = 0, gemm = 0;
+  double scores = 0;  // the sub-key score kernel (kernels/cpu/subkey_scores.h) where it runs, else BLAS's rate
 };
 
 MachineRates MeasureRates(const Shape& s) {
@@ -104,6 +108,28 @@ MachineRates MeasureRates(const Shape& s) {
     secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   r.gemm = 2.0 * s.tokens * half * 1024 * tasks / median(secs);
+  r.scores = r.gemm;
+  if (!kernels::cpu::PackedSubKeys::Available()) return r;
+  constexpr int64_t kRowBlock = 256;  // query rows a score block holds, as in the retrieval
+  secs.clear();
+  const torch::Tensor keys = b.t().contiguous();  // [1024, dk/2], as the retrieval holds them
+  for (int i = 0; i < 5; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> threads;
+    for (uint32_t th = 0; th < s.threads; ++th)
+      threads.emplace_back([&, th] {
+        std::vector<float> out(kRowBlock * 1024);
+        kernels::cpu::PackedSubKeys packed;
+        for (int64_t t = th; t < tasks; t += s.threads) {
+          packed.Pack(keys.data_ptr<float>(), 1024, half);
+          for (int64_t m0 = 0; m0 < s.tokens; m0 += kRowBlock)
+            packed.Score(a.data_ptr<float>() + m0 * half, half, std::min(kRowBlock, s.tokens - m0), out.data());
+        }
+      });
+    for (std::thread& t : threads) t.join();
+    secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  r.scores = 2.0 * s.tokens * half * 1024 * tasks / median(secs);
   return r;
 }
 
@@ -255,7 +281,8 @@ int LayerRun(int argc, char** argv) {
               {"rss_before_step_mb", rss_before_mb}, {"step_s", median}};
   if (experts > 0) {
     const Floor f = CountFloor(s, experts, s.pool == "training", s.pool == "frozen-bf16" ? 2 : 4);
-    row["gemm_flops"] = f.gemm_flops;
+    row["qnet_flops"] = f.qnet_flops;
+    row["score_flops"] = f.score_flops;
     row["row_bytes"] = f.row_bytes;
   }
   std::printf("%s\n", row.dump().c_str());
@@ -310,15 +337,17 @@ int LayerBench(int argc, char** argv) {
       r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
     if (const json* ref = find("peerd", n, r.value("pool", "")); ref && r["impl"] == "fused")
       r["ratio_vs_reference"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
-    if (r.contains("gemm_flops")) {
-      const double floor_s = r["gemm_flops"].get<double>() / rates.gemm + r["row_bytes"].get<double>() / rates.bandwidth;
+    if (r.contains("qnet_flops")) {
+      const double gemm_s = r["qnet_flops"].get<double>() / rates.gemm + r["score_flops"].get<double>() / rates.scores;
+      const double floor_s = gemm_s + r["row_bytes"].get<double>() / rates.bandwidth;
       r["floor_s"] = floor_s;
       r["floor_fraction"] = floor_s / r["step_s"].get<double>();
       r["memory_fraction"] = r["row_bytes"].get<double>() / rates.bandwidth / r["step_s"].get<double>();
-      r["gemm_fraction"] = r["gemm_flops"].get<double>() / rates.gemm / r["step_s"].get<double>();
+      r["gemm_fraction"] = gemm_s / r["step_s"].get<double>();
     }
     r["measured_bandwidth_gbs"] = rates.bandwidth / 1e9;
     r["measured_gemm_gflops"] = rates.gemm / 1e9;
+    r["measured_score_gflops"] = rates.scores / 1e9;
     r["blas_kernels"] = kernels::cpu::BlasCoreName();
   }
   WriteJsonLines(json_out, rows);
@@ -330,9 +359,10 @@ int LayerBench(int argc, char** argv) {
               "median of %lld steps (peer_ref.py: mean)\n",
               (long long)s.dim, (long long)s.heads, (long long)s.topk, (long long)s.tokens, s.threads,
               (long long)s.iters);
-  std::printf("measured: copy bandwidth %.1f GB/s, GEMM %.1f GFLOP/s (retrieval shape); floor = GEMM FLOPs / "
-              "GEMM rate + expert-row bytes / bandwidth\n",
-              rates.bandwidth / 1e9, rates.gemm / 1e9);
+  std::printf("measured: copy bandwidth %.1f GB/s, GEMM %.1f GFLOP/s (BLAS, retrieval shape), sub-key scores "
+              "%.1f GFLOP/s; floor = W_q FLOPs / GEMM rate + score FLOPs / score rate + expert-row bytes / "
+              "bandwidth\n",
+              rates.bandwidth / 1e9, rates.gemm / 1e9, rates.scores / 1e9);
   std::printf("BLAS: %s\n", BlasInfo().c_str());
   std::printf("%-12s %-9s %9s %10s %10s %10s %9s %9s %9s %7s %7s\n", "impl", "pool", "experts", "params MB",
               "tokens/s", "peak RSS", "RSS/param", "vs ref", "vs py", "floor%", "mem%");
