@@ -183,7 +183,8 @@ std::pair<torch::Tensor, torch::Tensor> PeerLayerImpl::Gather(const Retrieval& r
 
 bool PeerLayerImpl::UsesFusedKernel(const torch::Tensor& x) const {
   // Unset means the default: fused. The reference runs only when asked for, or where no kernel is built.
-  return config_.impl() != PEER_IMPL_REFERENCE && kernels::FusedKernelsSupport(x);
+  return config_.impl() != PEER_IMPL_REFERENCE &&
+         kernels::FusedKernelsSupport(x, d_model_, config_.topk(), config_.heads() * config_.topk());
 }
 
 torch::Tensor PeerLayerImpl::MixFused(const torch::Tensor& x, const torch::Tensor& w, const Retrieval& r) const {

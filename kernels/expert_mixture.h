@@ -24,9 +24,12 @@ struct ExpertTable {
   torch::Tensor down, up;
 };
 
-// Whether this build has the fused kernels for tensors like `x`: fp32 on the CPU, or on a CUDA
-// device when built with kernels/cuda (PEERD_WITH_CUDA_KERNELS).
-bool FusedKernelsSupport(const torch::Tensor& x);
+// Whether this build has the fused kernels for a layer of model width D, top-k k and J = h·k
+// retrieved experts a token, with tensors like `x`: fp32 on the CPU (any sizes), or fp32 on a CUDA
+// device when built with kernels/cuda (PEERD_WITH_CUDA_KERNELS) and the sizes are within that
+// build's limits (kernels/cuda/kernels_cuda.h, Fits). Otherwise the layer runs the reference
+// composition, rather than failing in the kernel.
+bool FusedKernelsSupport(const torch::Tensor& x, int64_t D, int64_t k, int64_t J);
 
 // x [M, D] fp32, w [M, J] fp32, segment and index [M, J] int64 (segment: position in `tables`).
 // Returns y [M, D] fp32.

@@ -21,6 +21,7 @@
 #   BENCH=0       skip the layer benchmark (building peer-bench takes a minute or two more)
 #   BENCH_ARGS    arguments to `peer-bench layer`     (default: three implementations, one size)
 #   TORCH_CMAKE, TORCH_LIB   LibTorch's CMake prefix and library folder (default: python3's torch)
+#   ALLOW_CUDA_MISMATCH=1    build even when PyTorch's CUDA major version is not nvcc's
 #   OUT           when set (the device tool sets it), the full logs are written there
 # Each step prints a line starting with "gpu-build:"; the script stops at the first that fails.
 set -euo pipefail
@@ -78,6 +79,20 @@ say "torch $(python3 -c 'import torch; print(torch.__version__, torch.version.cu
   "nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), cmake $(cmake --version | head -1 | cut -d' ' -f3)," \
   "$(c++ --version | head -1)"
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } || true
+# Two checks that would otherwise surface as pages of link errors or a second CUDA runtime:
+# - wheels before PyTorch 2.7 use the old std::string ABI, and every Debian library peerd links
+#   (protobuf, gtest, RocksDB, spdlog) the new one;
+# - kernels/cuda links the shared CUDA runtime of nvcc's toolkit, which must be the one LibTorch's
+#   CUDA build loads (the same major version).
+abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))' 2>/dev/null || echo 1)
+[ "$abi" = 1 ] || die "this PyTorch uses the pre-C++11 string ABI (_GLIBCXX_USE_CXX11_ABI=0), which Debian's" \
+  "libraries cannot link with: use a PyTorch >= 2.7 wheel, or point TORCH_CMAKE/TORCH_LIB at a cxx11-ABI LibTorch"
+torch_cuda=$(python3 -c 'import torch; print((torch.version.cuda or "").split(".")[0])' 2>/dev/null || true)
+nvcc_cuda=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+if [ -n "$torch_cuda" ] && [ "$torch_cuda" != "$nvcc_cuda" ] && [ "${ALLOW_CUDA_MISMATCH:-0}" != 1 ]; then
+  die "PyTorch was built with CUDA $torch_cuda but nvcc is CUDA $nvcc_cuda: two CUDA runtimes in one process." \
+    "Put a CUDA $torch_cuda nvcc first in PATH, or set ALLOW_CUDA_MISMATCH=1 to try anyway"
+fi
 
 # --- the libraries: unpacked into $PREFIX, made relocatable --------------------------------------
 mkdir -p "$PREFIX" "$LOGS"

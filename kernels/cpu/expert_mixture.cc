@@ -350,10 +350,12 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
 
 }  // namespace
 
-bool FusedKernelsSupport(const torch::Tensor& x) {
+bool FusedKernelsSupport(const torch::Tensor& x, int64_t D, int64_t k, int64_t J) {
   if (x.scalar_type() != torch::kFloat) return false;
 #ifdef PEERD_WITH_CUDA_KERNELS
-  if (x.is_cuda()) return true;
+  if (x.is_cuda()) return cuda::Fits(D, k, J);
+#else
+  (void)D, (void)k, (void)J;
 #endif
   return x.device().is_cpu();
 }

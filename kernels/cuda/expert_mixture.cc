@@ -99,15 +99,21 @@ class MixtureFunction : public torch::autograd::Function<MixtureFunction> {
                                   gd.data_ptr<float>(), gu.data_ptr<float>()),
                   "ExpertMixture row gradients");
       // Sparse COO [N, D]: one entry per distinct row, indices ascending — coalesced by construction.
+      // Each gradient gets its own indices: autograd keeps a sparse gradient without copying it only
+      // when nothing else holds its indices and values (as the CPU kernel does).
       const torch::Tensor ids = g.rows.view({1, R});
       grads.push_back(at::_sparse_coo_tensor_unsafe(ids, gd.to(down.scalar_type()), {N, D})._coalesced_(true));
-      grads.push_back(at::_sparse_coo_tensor_unsafe(ids, gu.to(up.scalar_type()), {N, D})._coalesced_(true));
+      grads.push_back(at::_sparse_coo_tensor_unsafe(ids.clone(), gu.to(up.scalar_type()), {N, D})._coalesced_(true));
     }
     return grads;
   }
 };
 
 }  // namespace
+
+bool Fits(int64_t D, int64_t k, int64_t J) {
+  return k >= 1 && k <= kMaxTopK && MixtureSharedBytes(D, J) <= 48 * 1024;
+}
 
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables) {

@@ -21,6 +21,11 @@
 
 namespace peerd::kernels::cuda {
 
+// Whether a layer of model width D, top-k k and J = h·k experts a token is within these kernels'
+// limits: k ≤ 32 (the retrieval's per-lane lists) and 4·D + 16·J bytes of shared memory ≤ 48 KiB.
+// (Sub-keys per half ≤ 65536 is a limit of the configuration already.)
+bool Fits(int64_t D, int64_t k, int64_t J);
+
 // kernels/expert_mixture.h. Tables (fp32 or bf16) are read in place; D and J are bounded by the
 // 48 KiB of shared memory a token's block uses (4·D + 16·J bytes: D ≤ 10240 with J = 512).
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,

@@ -18,7 +18,8 @@ constexpr int kMaxTopK = 32;
 // ---- product-key retrieval (kernels/cuda/retrieval.cu) ----------------------------------------
 
 // scores [rows, n] → the k best of each row, descending: val [rows, k], idx [rows, k] (column in
-// the row). Equal scores: the lower column first. Requires 1 ≤ k ≤ kMaxTopK and k ≤ n.
+// the row). Equal scores: the lower column first; NaN counts as −inf (as the CPU's fallback for
+// rows with fewer than k numbers). Requires 1 ≤ k ≤ kMaxTopK and k ≤ n.
 const char* RowTopK(const float* scores, int64_t rows, int64_t n, int k, float* val, int32_t* idx);
 
 // One segment's sub-keys as the retrieval kernels read them.
@@ -31,7 +32,9 @@ struct SegmentKeys {
 // [S, h, 2, M, k] are each segment's per-half top-k (RowTopK over its [h, 2, M, n] scores);
 // n_keys [S] (device) the segments' n. Expert (i, j) of segment s scores
 // half_val[s, ., 0, m, a] + half_val[s, ., 1, m, b]. Writes scores [M, h, k] descending, and the
-// winner's segment [M, h, k] and index i·n + j [M, h, k]. Equal scores: lower (segment, index) first.
+// winner's segment [M, h, k] and index i·n + j [M, h, k]. As the CPU's merge: equal sums keep the
+// order (segment, first half's rank, second half's rank); sums that are −inf or NaN never enter,
+// and slots left empty read (−inf, segment 0, index 0).
 const char* MergeCandidates(const float* half_val, const int32_t* half_idx, const int64_t* n_keys, int S, int h,
                             int64_t M, int k, float* scores, int64_t* segment, int64_t* index);
 

@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 
-// The key of an empty slot: after every real key (sub-key columns, or segment << 32 | index).
+// The key of an empty slot: after every real key (sub-key columns, or segment << 10 | a << 5 | b).
 template <typename Key>
 __device__ __forceinline__ Key EmptyKey();
 template <>
@@ -114,12 +114,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   LaneList<KP, int32_t> list;
   list.Clear();
   const float* s = scores + row * n;
-  for (int64_t i = lane; i < n; i += kWarp) list.Offer(s[i], static_cast<int32_t>(i));
+  for (int64_t i = lane; i < n; i += kWarp) {
+    const float v = s[i];
+    list.Offer(v == v ? v : -INFINITY, static_cast<int32_t>(i));  // NaN as −inf, as the CPU's fallback
+  }
   WarpTopK(list, k, lane, [&](int r, float v, int32_t key) {
     val[row * k + r] = v;
     idx[row * k + r] = key == EmptyKey<int32_t>() ? 0 : key;  // only with NaN scores: a valid row
   });
 }
+
+static_assert(kMaxTopK <= 32, "MergeKernel keeps a candidate's two ranks in 5 bits each");
 
 // One warp per (token m, head hh); output row m·h + hh of [M, h, k]. Candidate (a, b) of a
 // segment — the a-th best first-half sub-key with the b-th best second-half one — is beaten by the
@@ -144,15 +149,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
     const int64_t first = (((static_cast<int64_t>(s) * h + hh) * 2 + 0) * M + m) * k;   // [s, hh, 0, m, :]
     const int64_t second = (((static_cast<int64_t>(s) * h + hh) * 2 + 1) * M + m) * k;  // [s, hh, 1, m, :]
     const float v = half_val[first + a] + half_val[second + b];
-    const uint64_t e = static_cast<uint64_t>(half_idx[first + a]) * static_cast<uint64_t>(n_keys[s]) +
-                       static_cast<uint64_t>(half_idx[second + b]);  // < n² ≤ 2^32
-    list.Offer(v, (static_cast<uint64_t>(s) << 32) | e);
+    if (!(v > -INFINITY)) continue;  // as the CPU: −inf and NaN sums never enter
+    // The key is (s, a, b), not the expert: on equal sums the CPU keeps the candidate it offered
+    // first — segment, then first-half rank, then second-half rank — and the (a+1)(b+1) ≤ k
+    // pruning above is exact under this order (every candidate it skips has ≥ k ahead of it).
+    list.Offer(v, (static_cast<uint64_t>(s) << 10) | (static_cast<uint64_t>(a) << 5) | static_cast<uint64_t>(b));
   }
   WarpTopK(list, k, lane, [&](int r, float v, uint64_t key) {
-    const bool empty = key == EmptyKey<uint64_t>();
+    int64_t s = 0, e = 0;  // an empty slot: (−inf, segment 0, index 0), as the CPU writes it
+    if (key != EmptyKey<uint64_t>()) {
+      s = static_cast<int64_t>(key >> 10);
+      const int a = static_cast<int>((key >> 5) & 31), b = static_cast<int>(key & 31);
+      const int64_t first = (((s * h + hh) * 2 + 0) * M + m) * k, second = (((s * h + hh) * 2 + 1) * M + m) * k;
+      e = static_cast<int64_t>(half_idx[first + a]) * n_keys[s] + half_idx[second + b];
+    }
     scores[row * k + r] = v;
-    segment[row * k + r] = empty ? 0 : static_cast<int64_t>(key >> 32);
-    index[row * k + r] = empty ? 0 : static_cast<int64_t>(key & 0xffffffffu);
+    segment[row * k + r] = s;
+    index[row * k + r] = e;
   });
 }
 
