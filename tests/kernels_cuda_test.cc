@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -251,6 +252,26 @@ INSTANTIATE_TEST_SUITE_P(
                       RetrievalShape{2, 64, 32, 16, {64, 32, 16}, {false, false, true}},
                       RetrievalShape{8, 200, 16, 16, {128, 64}, {false, true}},
                       RetrievalShape{3, 40, 64, 32, {64, 32}, {true, true}}));  // k = 32: the widest lists
+
+// Exact ties everywhere (entries in {-1, 0, 1}: every score and sum is exact in fp32) and one
+// NaN query row: the CPU's tie order — the lower column within a half's top-k; segment, then
+// first-half rank, then second-half rank in the merge — and its NaN rules (a NaN sum never
+// enters; an empty slot reads −inf, segment 0, index 0) must come out of the GPU as well.
+TEST(KernelsCudaRetrievalTies, TiesAndANaNQuerySelectWhatTheCpuKernelSelects) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const RetrievalShape sh{2, 24, 8, 8, {16, 16}, {true, false}};
+  RetrievalInputs in;
+  in.query = torch::randint(-1, 2, {sh.h, sh.M, sh.dk}).to(torch::kFloat);
+  for (int64_t n : sh.n) in.keys.push_back(torch::randint(-1, 2, {sh.h, 2, n, sh.dk / 2}).to(torch::kFloat));
+  in.query[1][5].fill_(std::numeric_limits<float>::quiet_NaN());
+  const torch::Tensor g = torch::randn({sh.M, sh.h, sh.k});
+  const RetrievalRun cpu = RunRetrieval(sh, in, g, false), gpu = RunRetrieval(sh, in, g, true);
+  EXPECT_TRUE(torch::equal(gpu.out.segment.cpu(), cpu.out.segment)) << "segments differ";
+  EXPECT_TRUE(torch::equal(gpu.out.index.cpu(), cpu.out.index)) << "indices differ";
+  EXPECT_TRUE(torch::equal(gpu.out.scores.detach().cpu(), cpu.out.scores.detach())) << "scores differ";
+}
 
 class CudaRetrievalGaussian : public ::testing::TestWithParam<RetrievalShape> {};
 
