@@ -13,12 +13,14 @@ ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, int64_t n_keys, int64_t d_model
   // Scales keep every score O(1) at initialisation: a normalised query half has unit-variance
   // entries, so sub-keys of std 1/sqrt(dk/2) give unit-variance half scores; u·x for x of
   // unit-variance entries has unit variance with std(u) = 1/sqrt(D); v starts small so a new
-  // segment barely moves the output until it has learnt something.
+  // segment barely moves the output until it has learnt something. Scaled in place: a 1M-expert
+  // table is 1 GB, and `randn(...) * c` held two of them at once — the peak of a process that
+  // builds a segment (peer-bench layer measured it as the layer's peak RSS).
   sub_keys = register_parameter(
-      "sub_keys", torch::randn({heads, 2, n_keys, half}) / std::sqrt(static_cast<double>(half)));
-  down = register_parameter("down", torch::randn({n_keys * n_keys, d_model}) /
-                                        std::sqrt(static_cast<double>(d_model)));
-  up = register_parameter("up", torch::randn({n_keys * n_keys, d_model}) * 0.02);
+      "sub_keys", torch::randn({heads, 2, n_keys, half}).div_(std::sqrt(static_cast<double>(half))));
+  down = register_parameter("down",
+                            torch::randn({n_keys * n_keys, d_model}).div_(std::sqrt(static_cast<double>(d_model))));
+  up = register_parameter("up", torch::randn({n_keys * n_keys, d_model}).mul_(0.02));
 }
 
 ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, torch::Tensor keys, torch::Tensor down_rows, torch::Tensor up_rows)
