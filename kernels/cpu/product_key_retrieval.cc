@@ -169,7 +169,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     // thread: the tasks already fill the cores (kernels/cpu/blas_threads.h).
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
     const cpu::SingleThreadedBlas one_blas_thread_per_task;
-    const bool avx512 = cpu::PackedSubKeys::Available() && query.stride(2) == 1;
+    const bool avx512 = cpu::PackedSubKeys::Available();  // query rows are unit-stride (the public function sees to it)
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
@@ -245,6 +245,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     torch::Tensor gs = grad_outputs[0].defined() ? grad_outputs[0].contiguous() : torch::zeros({M, h, k});
     const float* g = gs.data_ptr<float>();
     const float* q = query.data_ptr<float>();
+    const int64_t q_head = query.stride(0), q_token = query.stride(1);  // query may be [M, h, dk] seen as [h, M, dk]
     const int64_t *gp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
     std::vector<const float*> kp(S);
     std::vector<int64_t> n(S);
@@ -257,12 +258,16 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
 
     variable_list grads(2 + S);  // query, k, then each segment's sub-keys
     if (ctx->needs_input_grad(0)) {
-      torch::Tensor gq = torch::zeros({h, M, dk});
+      // In the query's own layout (zeros_like keeps a transpose's strides): autograd then passes
+      // it back through the layer's transpose and view without a copy.
+      torch::Tensor gq = torch::zeros_like(query);
       float* gqp = gq.data_ptr<float>();
+      const int64_t g_head = gq.stride(0), g_token = gq.stride(1);
+      const bool token_major = g_token > g_head;  // the layer's [M, h, dk]: write it in that order
       at::parallel_for(0, h * M, 64, [&](int64_t begin, int64_t end) {
         for (int64_t u = begin; u < end; ++u) {
-          const int64_t hh = u / M, m = u % M;
-          float* out = gqp + (hh * M + m) * dk;
+          const int64_t hh = token_major ? u % h : u / M, m = token_major ? u / h : u % M;
+          float* out = gqp + hh * g_head + m * g_token;
           for (int64_t j = 0; j < k; ++j) {
             const int64_t o = (m * h + hh) * k + j, s = gp[o], e = ip[o];
             cpu::Axpy(g[o], kp[s] + key(s, hh, 0, e / n[s]), out, half);
@@ -283,7 +288,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
             for (int64_t j = 0; j < k; ++j) {
               const int64_t o = (m * h + hh) * k + j;
               if (gp[o] != s) continue;
-              const float* qm = q + (hh * M + m) * dk;
+              const float* qm = q + hh * q_head + m * q_token;
               cpu::Axpy(g[o], qm, gkp + key(s, hh, 0, ip[o] / n[s]), half);
               cpu::Axpy(g[o], qm + half, gkp + key(s, hh, 1, ip[o] % n[s]), half);
             }
@@ -313,7 +318,10 @@ RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vect
               query.device());
   std::vector<torch::Tensor> keys;
   for (const torch::Tensor& t : sub_keys) keys.push_back(t.contiguous());
-  variable_list out = RetrievalFunction::apply(query.contiguous(), k, torch::TensorList(keys));
+  // The layer's query is [M, h, dk] seen as [h, M, dk] (a transpose): taken as it is, with no
+  // 32 MB copy a step (M = 4,096, h·dk = 2,048), as long as each row of dk is contiguous.
+  variable_list out =
+      RetrievalFunction::apply(query.stride(2) == 1 ? query : query.contiguous(), k, torch::TensorList(keys));
   return {out[0], out[1], out[2]};
 }
 
