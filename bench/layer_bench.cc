@@ -82,54 +82,51 @@ struct MachineRates {
 
 MachineRates MeasureRates(const Shape& s) {
   SetComputeThreads(s.threads);
-  auto median = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+  // Median seconds of five runs of `run`; and of five runs of `task(thread)` on each of s.threads
+  // std::threads side by side.
+  auto median_of_5 = [](const std::function<void()>& run) {
+    std::vector<double> secs;
+    for (int i = 0; i < 5; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      run();
+      secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(secs.begin(), secs.end());
+    return secs[2];
+  };
+  auto side_by_side = [&](const std::function<void(uint32_t)>& task) {
+    return median_of_5([&] {
+      std::vector<std::thread> threads;
+      for (uint32_t th = 0; th < s.threads; ++th) threads.emplace_back(task, th);
+      for (std::thread& t : threads) t.join();
+    });
+  };
   MachineRates r;
   torch::Tensor src = torch::rand({128 << 20}), dst = torch::empty_like(src);
-  std::vector<double> secs;
-  for (int i = 0; i < 5; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    dst.copy_(src);
-    secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  r.bandwidth = 2.0 * src.numel() * 4 / median(secs);
+  r.bandwidth = 2.0 * src.numel() * 4 / median_of_5([&] { dst.copy_(src); });
   const int64_t half = s.dim / 2, tasks = 2 * s.threads;
+  const double flops = 2.0 * s.tokens * half * 1024 * tasks;
   torch::Tensor a = torch::randn({s.tokens, half}), b = torch::randn({half, 1024});
-  secs.clear();
-  const kernels::cpu::SingleThreadedBlas one_blas_thread_each;
-  for (int i = 0; i < 5; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    std::vector<std::thread> threads;
-    for (uint32_t th = 0; th < s.threads; ++th)
-      threads.emplace_back([&, th] {
-        torch::Tensor out = torch::empty({s.tokens, 1024});
-        for (int64_t t = th; t < tasks; t += s.threads) at::mm_out(out, a, b);
-      });
-    for (std::thread& t : threads) t.join();
-    secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  {
+    const kernels::cpu::SingleThreadedBlas one_blas_thread_each;
+    r.gemm = flops / side_by_side([&](uint32_t th) {
+      torch::Tensor out = torch::empty({s.tokens, 1024});
+      for (int64_t t = th; t < tasks; t += s.threads) at::mm_out(out, a, b);
+    });
   }
-  r.gemm = 2.0 * s.tokens * half * 1024 * tasks / median(secs);
   r.scores = r.gemm;
   if (!kernels::cpu::PackedSubKeys::Available()) return r;
   constexpr int64_t kRowBlock = 256;  // query rows a score block holds, as in the retrieval
-  secs.clear();
   const torch::Tensor keys = b.t().contiguous();  // [1024, dk/2], as the retrieval holds them
-  for (int i = 0; i < 5; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    std::vector<std::thread> threads;
-    for (uint32_t th = 0; th < s.threads; ++th)
-      threads.emplace_back([&, th] {
-        std::vector<float> out(kRowBlock * 1024);
-        kernels::cpu::PackedSubKeys packed;
-        for (int64_t t = th; t < tasks; t += s.threads) {
-          packed.Pack(keys.data_ptr<float>(), 1024, half);
-          for (int64_t m0 = 0; m0 < s.tokens; m0 += kRowBlock)
-            packed.Score(a.data_ptr<float>() + m0 * half, half, std::min(kRowBlock, s.tokens - m0), out.data());
-        }
-      });
-    for (std::thread& t : threads) t.join();
-    secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  r.scores = 2.0 * s.tokens * half * 1024 * tasks / median(secs);
+  r.scores = flops / side_by_side([&](uint32_t th) {
+    std::vector<float> out(kRowBlock * 1024);
+    kernels::cpu::PackedSubKeys packed;
+    for (int64_t t = th; t < tasks; t += s.threads) {
+      packed.Pack(keys.data_ptr<float>(), 1024, half);
+      for (int64_t m0 = 0; m0 < s.tokens; m0 += kRowBlock)
+        packed.Score(a.data_ptr<float>() + m0 * half, half, std::min(kRowBlock, s.tokens - m0), out.data());
+    }
+  });
   return r;
 }
 

@@ -1,10 +1,10 @@
 // CPU implementation of kernels/product_key_retrieval.h.
 //
-// Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (our AVX-512
-// kernel, kernels/cpu/subkey_scores.h, or BLAS without it; in blocks of rows that stay in cache), each row's top-k is kept, and a second parallel pass
-// merges the k×k sums of every segment into the head's k best — pruned, since both halves'
-// lists are sorted. Backward touches
-// only the 2·k sub-keys each token's head selected.
+// Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (the AVX-512
+// kernel of kernels/cpu/subkey_scores.h, or BLAS on CPUs without AVX-512; in blocks of rows that
+// stay in cache), each row's top-k is kept, and a second parallel pass merges the k×k sums of
+// every segment into the head's k best — pruned, since both halves' lists are sorted. Backward
+// touches only the 2·k sub-keys each token's head selected.
 #include "kernels/product_key_retrieval.h"
 
 #include <ATen/Parallel.h>
@@ -169,7 +169,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     // thread: the tasks already fill the cores (kernels/cpu/blas_threads.h).
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
     const cpu::SingleThreadedBlas one_blas_thread_per_task;
-    const bool avx512 = cpu::PackedSubKeys::Available();  // query rows are unit-stride (the public function sees to it)
+    const bool avx512 = cpu::PackedSubKeys::Available();  // query rows are unit-stride: see ProductKeyRetrieval
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
