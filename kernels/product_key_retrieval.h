@@ -6,8 +6,7 @@
 // followed by a top-k over the union (core/peer_layer.cc, the reference), without the [h, M, k²]
 // candidate tensors or autograd's dense [h, M, n] score gradients. Backward sends each selected
 // score's gradient to the query halves and to exactly the two sub-keys that made it, accumulated
-// in a fixed order (deterministic for a fixed thread count; the CUDA kernels add the sub-keys'
-// share with atomics, so their last bits may vary: kernels/cuda/kernels_cuda.h).
+// in a fixed order (deterministic for a fixed thread count, and on CUDA).
 #pragma once
 
 #include <torch/torch.h>

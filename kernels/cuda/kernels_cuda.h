@@ -6,9 +6,8 @@
 //
 // Every tensor of a call must be on one CUDA device. The kernels run on that device's default
 // stream, and refuse to run when LibTorch's current stream is another one. Differences from the
-// CPU kernels, all within float rounding: sums run in another order (fixed, so the mixture and
-// its gradients are the same bits on every run), and the retrieval's sub-key gradients are
-// accumulated with atomics (their last bits may change from run to run).
+// CPU kernels, all within float rounding: some sums run in another order (fixed, so every output
+// and gradient is the same bits on every run).
 #pragma once
 
 #include <torch/torch.h>

@@ -43,11 +43,13 @@ const char* MergeCandidates(const float* half_val, const int32_t* half_idx, cons
 const char* RetrievalQueryGrad(const float* grad_scores, const int64_t* segment, const int64_t* index,
                                const SegmentKeys* segments, int h, int64_t M, int k, int dk, float* grad_query);
 
-// grad_keys [h, 2, n, dk/2] (zeroed by the caller) of segment s: each selected score of that
-// segment adds g · q1 to sub-key K1[i] and g · q2 to K2[j]. Float atomics: the sum's rounding
-// depends on the order blocks run, so it may differ between runs in its last bits.
-const char* RetrievalKeyGrad(const float* grad_scores, const int64_t* segment, const int64_t* index,
-                             const float* query, int64_t s, int64_t n, int h, int64_t M, int k, int dk,
+// grad_keys [h, 2, n, dk/2] (zeroed by the caller) of one segment, from its selected scores'
+// contributions grouped by the sub-key they reach: ordered [·] holds slot·2 + part (slot o =
+// (m·h + hh)·k + r of g [M, h, k]; part 0 adds g·q1 to K1[i], part 1 g·q2 to K2[j]), run r is
+// ordered[ends[r-1] .. ends[r]) (ends[-1] = 0) and goes to sub-key runs[r] = (hh·2 + part)·n + row.
+// Each run is summed in its order and written once: deterministic. query [h, M, dk] contiguous.
+const char* RetrievalKeyGrad(const float* grad_scores, const float* query, const int64_t* ordered,
+                             const int64_t* runs, const int64_t* ends, int64_t U, int h, int64_t M, int k, int dk,
                              float* grad_keys);
 
 // ---- expert mixture (kernels/cuda/expert_mixture.cu) -------------------------------------------

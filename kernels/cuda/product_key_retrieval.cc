@@ -75,11 +75,26 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       // needs_input_grad counts tensor inputs only (query, then the sub-keys); the returned
       // list counts every argument (query, k, then the sub-keys).
       if (!ctx->needs_input_grad(1 + s)) continue;
+      // Deterministic: each selected score's two contributions, grouped by the sub-key they reach
+      // (a stable sort keeps the slots ascending within a group), then one warp sums each group
+      // in that order — the CPU kernel's order too.
       torch::Tensor gk = torch::zeros_like(keys[s]);
-      CheckLaunch(RetrievalKeyGrad(g.data_ptr<float>(), segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
-                                   query.data_ptr<float>(), s, keys[s].size(2), static_cast<int>(h), M,
-                                   static_cast<int>(k), static_cast<int>(dk), gk.data_ptr<float>()),
-                  "ProductKeyRetrieval sub-key gradient");
+      const int64_t n = keys[s].size(2);
+      const torch::Tensor slots = (segment.flatten() == s).nonzero().flatten();  // [P] ascending
+      if (slots.numel() > 0) {
+        const torch::Tensor e = index.flatten().index_select(0, slots);
+        const torch::Tensor hh = slots.div(k, "floor").remainder(h);
+        const torch::Tensor targets = torch::cat({hh * 2 * n + e.div(n, "floor"), (hh * 2 + 1) * n + e.remainder(n)});
+        const torch::Tensor contributions = torch::cat({slots * 2, slots * 2 + 1});
+        const auto [sorted, order] = torch::sort(targets, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        const auto [runs, inverse, counts] = torch::unique_consecutive(sorted, false, true);
+        const torch::Tensor ends = counts.cumsum(0), ordered = contributions.index_select(0, order);
+        CheckLaunch(RetrievalKeyGrad(g.data_ptr<float>(), query.data_ptr<float>(), ordered.data_ptr<int64_t>(),
+                                     runs.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), runs.numel(),
+                                     static_cast<int>(h), M, static_cast<int>(k), static_cast<int>(dk),
+                                     gk.data_ptr<float>()),
+                    "ProductKeyRetrieval sub-key gradient");
+      }
       grads[2 + s] = gk;
     }
     return grads;

@@ -192,24 +192,28 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   }
 }
 
-// One warp per selected score o = (m·h + hh)·k + r; only those of segment s act.
+// One warp per run r of contributions to one sub-key (runs[r] = (hh·2 + part)·n + row), each
+// contribution slot·2 + part; the run's sum in its order (slots ascending), written once: no
+// atomics, so the same bits on every run.
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
-    KeyGradKernel(const float* __restrict__ g, const int64_t* __restrict__ segment, const int64_t* __restrict__ index,
-                  const float* __restrict__ query, int64_t s, int64_t n, int h, int64_t M, int k, int dk,
-                  float* __restrict__ grad_keys) {
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (o >= M * h * k || segment[o] != s) return;
+    KeyGradKernel(const float* __restrict__ g, const float* __restrict__ query, const int64_t* __restrict__ ordered,
+                  const int64_t* __restrict__ runs, const int64_t* __restrict__ ends, int64_t U, int h, int64_t M,
+                  int k, int dk, float* __restrict__ grad_keys) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (r >= U) return;
   const int lane = threadIdx.x % kWarp;
-  const int64_t m = o / (static_cast<int64_t>(h) * k), hh = (o / k) % h;
   const int half = dk / 2;
-  const float go = g[o];
-  const int64_t i = index[o] / n, j = index[o] % n;
-  const float* q = query + (hh * M + m) * dk;
-  float* k1 = grad_keys + ((hh * 2 + 0) * n + i) * half;
-  float* k2 = grad_keys + ((hh * 2 + 1) * n + j) * half;
+  const int64_t begin = r == 0 ? 0 : ends[r - 1], end = ends[r];
+  float* out = grad_keys + runs[r] * half;
   for (int d = lane; d < half; d += kWarp) {
-    atomicAdd(k1 + d, go * q[d]);
-    atomicAdd(k2 + d, go * q[half + d]);
+    float acc = 0;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = ordered[t], o = c >> 1;
+      const int part = static_cast<int>(c & 1);
+      const int64_t m = o / (static_cast<int64_t>(h) * k), hh = (o / k) % h;
+      acc += g[o] * query[(hh * M + m) * dk + part * half + d];
+    }
+    out[d] = acc;
   }
 }
 
@@ -253,12 +257,12 @@ const char* RetrievalQueryGrad(const float* grad_scores, const int64_t* segment,
   return LaunchStatus();
 }
 
-const char* RetrievalKeyGrad(const float* grad_scores, const int64_t* segment, const int64_t* index,
-                             const float* query, int64_t s, int64_t n, int h, int64_t M, int k, int dk,
+const char* RetrievalKeyGrad(const float* grad_scores, const float* query, const int64_t* ordered,
+                             const int64_t* runs, const int64_t* ends, int64_t U, int h, int64_t M, int k, int dk,
                              float* grad_keys) {
-  if (M * h * k == 0) return nullptr;
-  KeyGradKernel<<<Blocks(M * h * k, kWarpsPerBlock), kWarpsPerBlock * kWarp>>>(grad_scores, segment, index, query, s,
-                                                                                n, h, M, k, dk, grad_keys);
+  if (U == 0) return nullptr;
+  KeyGradKernel<<<Blocks(U, kWarpsPerBlock), kWarpsPerBlock * kWarp>>>(grad_scores, query, ordered, runs, ends, U, h,
+                                                                        M, k, dk, grad_keys);
   return LaunchStatus();
 }
 
