@@ -13,6 +13,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <optional>
 
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/rows.h"
@@ -165,11 +166,12 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     float* sp = scores.data_ptr<float>();
     int64_t *gp = segment.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
     // One task per (segment, head, half): its GEMM and the top-k of each row, while the scores
-    // are warm in cache. The tasks spread over OpenMP's threads, and each GEMM gets one BLAS
-    // thread: the tasks already fill the cores (kernels/cpu/blas_threads.h).
+    // are warm in cache. The tasks spread over OpenMP's threads. Where BLAS runs the GEMMs (no
+    // AVX-512), each gets one BLAS thread: the tasks already fill the cores (blas_threads.h).
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
-    const cpu::SingleThreadedBlas one_blas_thread_per_task;
     const bool avx512 = cpu::PackedSubKeys::Available();  // query rows are unit-stride: see ProductKeyRetrieval
+    std::optional<cpu::SingleThreadedBlas> one_blas_thread_per_task;
+    if (!avx512) one_blas_thread_per_task.emplace();
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
