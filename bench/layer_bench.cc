@@ -24,7 +24,7 @@
 #include "core/peer_layer.h"
 #include "core/runtime.h"
 #include "kernels/cpu/blas_threads.h"
-#include "kernels/cpu/subkey_scores.h"
+#include "kernels/cpu/packed_gemm.h"
 
 namespace peerd::bench {
 
@@ -72,12 +72,13 @@ Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem
 // with ATen's parallel copy, and the GEMM rate at the retrieval's shape ([M, dk/2] x [dk/2, 1024])
 // run as the kernel runs them: GEMMs side by side, one per thread, each on one BLAS thread
 // (kernels/cpu/blas_threads.h); and where the CPU has AVX-512, the rate of the retrieval's own
-// score kernel at that shape (kernels/cpu/subkey_scores.h), the rate its sub-key scores run at.
+// GEMM kernel at that shape (kernels/cpu/packed_gemm.h), the rate the fused layer's GEMMs (sub-key
+// scores and query projection) run at.
 // std::thread, not at::parallel_for: this file is not built with OpenMP, and ATen's parallel_for
 // runs serially in a translation unit without it.
 struct MachineRates {
   double bandwidth = 0, gemm = 0;
-  double scores = 0;  // the sub-key score kernel (kernels/cpu/subkey_scores.h) where it runs, else BLAS's rate
+  double packed = 0;  // the AVX-512 GEMM (kernels/cpu/packed_gemm.h) where it runs, else BLAS's rate
 };
 
 MachineRates MeasureRates(const Shape& s) {
@@ -114,17 +115,17 @@ MachineRates MeasureRates(const Shape& s) {
       for (int64_t t = th; t < tasks; t += s.threads) at::mm_out(out, a, b);
     });
   }
-  r.scores = r.gemm;
-  if (!kernels::cpu::PackedSubKeys::Available()) return r;
+  r.packed = r.gemm;
+  if (!kernels::cpu::PackedMatrix::Available()) return r;
   constexpr int64_t kRowBlock = 256;  // query rows a score block holds, as in the retrieval
   const torch::Tensor keys = b.t().contiguous();  // [1024, dk/2], as the retrieval holds them
-  r.scores = flops / side_by_side([&](uint32_t th) {
+  r.packed = flops / side_by_side([&](uint32_t th) {
     std::vector<float> out(kRowBlock * 1024);
-    kernels::cpu::PackedSubKeys packed;
+    kernels::cpu::PackedMatrix packed;
     for (int64_t t = th; t < tasks; t += s.threads) {
-      packed.Pack(keys.data_ptr<float>(), 1024, half);
+      packed.Pack(keys.data_ptr<float>(), half, 1024, 1, half);
       for (int64_t m0 = 0; m0 < s.tokens; m0 += kRowBlock)
-        packed.Score(a.data_ptr<float>() + m0 * half, half, std::min(kRowBlock, s.tokens - m0), out.data());
+        packed.Multiply(a.data_ptr<float>() + m0 * half, half, 1, std::min(kRowBlock, s.tokens - m0), out.data(), 1024);
     }
   });
   return r;
@@ -335,7 +336,7 @@ int LayerBench(int argc, char** argv) {
     if (const json* ref = find("peerd", n, r.value("pool", "")); ref && r["impl"] == "fused")
       r["ratio_vs_reference"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
     if (r.contains("qnet_flops")) {
-      const double gemm_s = r["qnet_flops"].get<double>() / rates.gemm + r["score_flops"].get<double>() / rates.scores;
+      const double gemm_s = (r["qnet_flops"].get<double>() + r["score_flops"].get<double>()) / rates.packed;
       const double floor_s = gemm_s + r["row_bytes"].get<double>() / rates.bandwidth;
       r["floor_s"] = floor_s;
       r["floor_fraction"] = floor_s / r["step_s"].get<double>();
@@ -344,7 +345,7 @@ int LayerBench(int argc, char** argv) {
     }
     r["measured_bandwidth_gbs"] = rates.bandwidth / 1e9;
     r["measured_gemm_gflops"] = rates.gemm / 1e9;
-    r["measured_score_gflops"] = rates.scores / 1e9;
+    r["measured_packed_gemm_gflops"] = rates.packed / 1e9;
     r["blas_kernels"] = kernels::cpu::BlasCoreName();
   }
   WriteJsonLines(json_out, rows);
@@ -356,10 +357,10 @@ int LayerBench(int argc, char** argv) {
               "median of %lld steps (peer_ref.py: mean)\n",
               (long long)s.dim, (long long)s.heads, (long long)s.topk, (long long)s.tokens, s.threads,
               (long long)s.iters);
-  std::printf("measured: copy bandwidth %.1f GB/s, GEMM %.1f GFLOP/s (BLAS, retrieval shape), sub-key scores "
-              "%.1f GFLOP/s; floor = W_q FLOPs / GEMM rate + score FLOPs / score rate + expert-row bytes / "
-              "bandwidth\n",
-              rates.bandwidth / 1e9, rates.gemm / 1e9, rates.scores / 1e9);
+  std::printf("measured: copy bandwidth %.1f GB/s, GEMM at the retrieval's shape %.1f GFLOP/s (BLAS), %.1f "
+              "GFLOP/s (the fused layer's GEMM kernel); floor = (W_q + sub-key score FLOPs) / the faster GEMM "
+              "rate + expert-row bytes / bandwidth\n",
+              rates.bandwidth / 1e9, rates.gemm / 1e9, rates.packed / 1e9);
   std::printf("BLAS: %s\n", BlasInfo().c_str());
   std::printf("%-12s %-9s %9s %10s %10s %10s %9s %9s %9s %7s %7s\n", "impl", "pool", "experts", "params MB",
               "tokens/s", "peak RSS", "RSS/param", "vs ref", "vs py", "floor%", "mem%");

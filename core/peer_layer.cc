@@ -4,6 +4,7 @@
 #include <string>
 
 #include "kernels/expert_mixture.h"
+#include "kernels/linear.h"
 #include "kernels/product_key_retrieval.h"
 
 namespace peerd {
@@ -92,7 +93,8 @@ int64_t PeerLayerImpl::num_experts() const {
 
 torch::Tensor PeerLayerImpl::Query(const torch::Tensor& x) {
   const int64_t h = config_.heads(), dk = config_.query_dim();
-  torch::Tensor q = query_proj(x);  // [M, h·dk]
+  // [M, h·dk]; with the fused kernels on the CPU's own GEMM kernel (kernels/linear.h), the same map.
+  torch::Tensor q = UsesFusedKernel(x) ? kernels::Linear(x, query_proj->weight) : query_proj(x);
   switch (config_.query_norm()) {
     case QUERY_NORM_BATCH:
       // Frozen statistics normalise with the running estimates, as at evaluation.

@@ -14,8 +14,9 @@
 #include "core/adamw.h"
 #include "core/peer_layer.h"
 #include "kernels/cpu/blas_threads.h"
-#include "kernels/cpu/subkey_scores.h"
+#include "kernels/cpu/packed_gemm.h"
 #include "kernels/expert_mixture.h"
+#include "kernels/linear.h"
 #include "kernels/product_key_retrieval.h"
 #include "tests/test_util.h"
 
@@ -388,39 +389,73 @@ TEST(SingleThreadedBlas, NestedScopesUseOneThreadAndRestoreTheCountTheyFoundOrWe
   SetBlasThreads(before);
 }
 
-// The retrieval's AVX-512 score kernel against double-precision dot products: row counts around
-// its 8-row tile, key counts around its 32-key panel, a strided query (the retrieval passes one
-// half of each query row), and every score written — nothing past the n columns of a row.
-TEST(SubKeyScores, EqualDotProductsForEveryTileAndPanelRemainder) {
-  if (!kernels::cpu::PackedSubKeys::Available()) GTEST_SKIP() << "no AVX-512 here: the retrieval uses BLAS";
+// The AVX-512 GEMM against double-precision sums: row counts around its 8-row tile and 128-row
+// block, column counts around its 32-column panel, depths around its 256-deep pass, A in place
+// with strided rows and as a strided transpose, B packed from either layout, C overwritten and
+// accumulated into — and nothing written past each row's N columns.
+TEST(PackedGemm, EqualsExactSumsForEveryLayoutAndBlockRemainder) {
+  if (!kernels::cpu::PackedMatrix::Available()) GTEST_SKIP() << "no AVX-512 here: callers use BLAS";
   std::mt19937 rng(std::random_device{}());
   std::normal_distribution<float> normal;
-  for (const int64_t dh : {1, 3, 64, 128}) {
-    for (const int64_t n : {1, 5, 31, 32, 33, 100}) {
-      for (const int64_t rows : {1, 7, 8, 13, 64}) {
-        const int64_t stride = 2 * dh + 1;
-        std::vector<float> q(rows * stride), keys(n * dh);
-        for (float& v : q) v = normal(rng);
-        for (float& v : keys) v = normal(rng);
-        const float canary = 12345.f;
-        std::vector<float> scores(rows * n + 1, canary);
-        kernels::cpu::PackedSubKeys packed;
-        packed.Pack(keys.data(), n, dh);
-        packed.Score(q.data() + dh, stride, rows, scores.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t j = 0; j < n; ++j) {
-            double exact = 0, scale = 0;
-            for (int64_t d = 0; d < dh; ++d) {
-              exact += double(q[r * stride + dh + d]) * keys[j * dh + d];
-              scale += std::abs(double(q[r * stride + dh + d]) * keys[j * dh + d]);
+  const float canary = 12345.f;
+  for (const int64_t K : {1, 3, 128, 257, 600}) {
+    for (const int64_t N : {1, 5, 31, 33, 100}) {
+      for (const int64_t M : {1, 7, 8, 13, 130}) {
+        for (const bool a_transposed : {false, true}) {
+          for (const bool b_transposed : {false, true}) {
+            for (const bool accumulate : {false, true}) {
+              // A [M, K] inside a wider buffer (a gap of 3 per row or column); B [K, N] either
+              // row-major or as a row-major [N, K] seen transposed; C rows 2 wider than N.
+              const int64_t a_rs = a_transposed ? 1 : K + 3, a_cs = a_transposed ? M + 3 : 1;
+              const int64_t b_ks = b_transposed ? 1 : N, b_ns = b_transposed ? K : 1, ldc = N + 2;
+              std::vector<float> a(a_transposed ? K * (M + 3) : M * (K + 3)), b(K * N), c(M * ldc);
+              for (float& v : a) v = normal(rng);
+              for (float& v : b) v = normal(rng);
+              for (float& v : c) v = normal(rng);
+              const std::vector<float> c0 = c;
+              for (int64_t m = 0; m < M; ++m) c[m * ldc + N] = c[m * ldc + N + 1] = canary;
+              kernels::cpu::PackedMatrix packed;
+              packed.Pack(b.data(), K, N, b_ks, b_ns);
+              packed.Multiply(a.data(), a_rs, a_cs, M, c.data(), ldc, accumulate);
+              for (int64_t m = 0; m < M; ++m) {
+                for (int64_t n = 0; n < N; ++n) {
+                  double exact = accumulate ? c0[m * ldc + n] : 0, scale = std::abs(exact);
+                  for (int64_t k = 0; k < K; ++k) {
+                    const double term = double(a[m * a_rs + k * a_cs]) * b[k * b_ks + n * b_ns];
+                    exact += term;
+                    scale += std::abs(term);
+                  }
+                  ASSERT_NEAR(c[m * ldc + n], exact, 1e-6 * scale + 1e-6)
+                      << "K " << K << " N " << N << " M " << M << " A transposed " << a_transposed << " B transposed "
+                      << b_transposed << " accumulate " << accumulate << " at [" << m << ", " << n << "]";
+                }
+                ASSERT_EQ(c[m * ldc + N], canary) << "wrote past row " << m << "'s N columns";
+                ASSERT_EQ(c[m * ldc + N + 1], canary) << "wrote past row " << m << "'s N columns";
+              }
             }
-            ASSERT_NEAR(scores[r * n + j], exact, 1e-6 * scale + 1e-6)
-                << "dh " << dh << " n " << n << " rows " << rows << " at [" << r << ", " << j << "]";
           }
         }
-        ASSERT_EQ(scores[rows * n], canary) << "wrote past the last score: dh " << dh << " n " << n << " rows " << rows;
       }
     }
+  }
+}
+
+// The query projection's kernel against ATen's linear: output and both gradients, with a batch
+// dimension, shapes off every block size, and x as a non-contiguous view.
+TEST(Linear, SameOutputAndGradientsAsATenLinear) {
+  for (const auto& [rows, D, F] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {37, 50, 70}, {300, 260, 33}}) {
+    torch::Tensor x0 = torch::randn({2, D, rows}).transpose(1, 2);  // [2, rows, D], not contiguous
+    torch::Tensor w0 = torch::randn({F, D}), gy = torch::randn({2, rows, F});
+    torch::Tensor x1 = x0.detach().clone().requires_grad_(true), w1 = w0.clone().requires_grad_(true);
+    torch::Tensor x2 = x0.detach().clone().requires_grad_(true), w2 = w0.clone().requires_grad_(true);
+    torch::Tensor y1 = kernels::Linear(x1, w1), y2 = at::linear(x2, w2);
+    ASSERT_EQ(y1.sizes(), y2.sizes());
+    (y1 * gy).sum().backward();
+    (y2 * gy).sum().backward();
+    const std::string shape = "rows " + std::to_string(rows) + " D " + std::to_string(D) + " F " + std::to_string(F);
+    EXPECT_TRUE(torch::allclose(y1, y2, 1e-4, 1e-4)) << shape << ": output";
+    EXPECT_TRUE(torch::allclose(x1.grad(), x2.grad(), 1e-4, 1e-4)) << shape << ": gradient of x";
+    EXPECT_TRUE(torch::allclose(w1.grad(), w2.grad(), 1e-4, 1e-4)) << shape << ": gradient of the weight";
   }
 }
 

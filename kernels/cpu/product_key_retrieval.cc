@@ -1,7 +1,7 @@
 // CPU implementation of kernels/product_key_retrieval.h.
 //
 // Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (the AVX-512
-// kernel of kernels/cpu/subkey_scores.h, or BLAS on CPUs without AVX-512; in blocks of rows that
+// kernel of kernels/cpu/packed_gemm.h, or BLAS on CPUs without AVX-512; in blocks of rows that
 // stay in cache), each row's top-k is kept, and a second parallel pass merges the k×k sums of
 // every segment into the head's k best — pruned, since both halves' lists are sorted. Backward
 // touches only the 2·k sub-keys each token's head selected.
@@ -17,7 +17,7 @@
 
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/rows.h"
-#include "kernels/cpu/subkey_scores.h"
+#include "kernels/cpu/packed_gemm.h"
 #ifdef PEERD_WITH_CUDA_KERNELS
 #include "kernels/cuda/kernels_cuda.h"
 #endif
@@ -169,7 +169,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     // are warm in cache. The tasks spread over OpenMP's threads. Where BLAS runs the GEMMs (no
     // AVX-512), each gets one BLAS thread: the tasks already fill the cores (blas_threads.h).
     std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
-    const bool avx512 = cpu::PackedSubKeys::Available();  // query rows are unit-stride: see ProductKeyRetrieval
+    const bool avx512 = cpu::PackedMatrix::Available();  // query rows are unit-stride: see ProductKeyRetrieval
     std::optional<cpu::SingleThreadedBlas> one_blas_thread_per_task;
     if (!avx512) one_blas_thread_per_task.emplace();
     for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
@@ -177,7 +177,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
       at::NoGradGuard no_grad;
       TopKScratch scratch;
-      cpu::PackedSubKeys packed;
+      cpu::PackedMatrix packed;  // the keys as B [dk/2, n]
       torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / (2 * h), hh = (task / 2) % h, part = task % 2;
@@ -185,13 +185,13 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
         top.val[part] = torch::empty({M, k});
         top.ids[part] = torch::empty({M, k}, torch::kLong);
         const torch::Tensor q = query[hh].narrow(1, part * half, half), keys_part = keys[s][hh][part].contiguous();
-        if (avx512) packed.Pack(keys_part.data_ptr<float>(), top.n, half);
+        if (avx512) packed.Pack(keys_part.data_ptr<float>(), half, top.n, 1, half);
         if (!scores_block.defined() || scores_block.size(1) != top.n) scores_block = torch::empty({kRowBlock, top.n});
         for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
           const int64_t rows = std::min(kRowBlock, M - m0);
           torch::Tensor block = scores_block.narrow(0, 0, rows);
           // [rows, dk/2] x [dk/2, n] -> [rows, n]
-          if (avx512) packed.Score(q.data_ptr<float>() + m0 * q.stride(0), q.stride(0), rows, block.data_ptr<float>());
+          if (avx512) packed.Multiply(q.data_ptr<float>() + m0 * q.stride(0), q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
           else at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
           TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
                    top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
