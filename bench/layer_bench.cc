@@ -200,6 +200,32 @@ json RunPeerRef(const std::string& script, int64_t experts, const Shape& s) {
           {"param_mb", params * 4 / 1e6}, {"pool", "training"}};
 }
 
+// The lines under the table: each target, the figure, its spread over rounds, met or not.
+void PrintTargets(const json& t) {
+  if (!t.contains("experts")) return;
+  std::printf("\nissue 6 targets (%s, %lld experts; median of %d rounds [lowest, highest]):\n",
+              t["targets"].get<std::string>().c_str(), (long long)t["experts"].get<int64_t>(), t["rounds"].get<int>());
+  auto line = [](const char* what, const json& v) {
+    const bool at_least = v.contains("target_at_least");
+    const double m = v["median"].get<double>(), target = v[at_least ? "target_at_least" : "target_at_most"].get<double>();
+    std::printf("  %-46s %5.2fx [%.2fx, %.2fx]  target %s %.1fx: %s\n", what, m, v["min"].get<double>(),
+                v["max"].get<double>(), at_least ? ">=" : "<=", target,
+                (at_least ? m >= target : m <= target) ? "met" : "NOT met");
+  };
+  if (t.contains("ratio_vs_reference")) line("tokens/s, fused / reference", t["ratio_vs_reference"]);
+  if (t.contains("time_per_token_ratio")) {
+    const std::string what = "time per token, vs " + std::to_string(t["time_per_token_ratio"]["vs_experts"].get<int64_t>()) +
+                             " experts";
+    line(what.c_str(), t["time_per_token_ratio"]);
+  }
+  if (t.contains("peak_rss_per_param")) {
+    const double v = t["peak_rss_per_param"]["value"].get<double>();
+    const double target = t["peak_rss_per_param"]["target_at_most"].get<double>();
+    std::printf("  %-46s %5.2fx %17s target <= %.1fx: %s\n", "peak RSS / parameter bytes (largest round)", v, "",
+                target, v <= target ? "met" : "NOT met");
+  }
+}
+
 }  // namespace
 
 int LayerRun(int argc, char** argv) {
@@ -297,44 +323,120 @@ int LayerBench(int argc, char** argv) {
   std::vector<std::string> pools = {"training", "frozen"};
   std::string ref_script = "../shared/bench/peer_ref.py";
   bool as_json = false;
+  int rounds = 3;
   std::string json_out = "bench-out/layer.json";
   AddShapeFlags(app, s);
   app.add_option("--experts", experts, "pool sizes (squares), comma-separated")->delimiter(',')->capture_default_str();
   app.add_option("--impl", impls, "peerd (reference), fused, dense-ffn, peer_ref.py (comma-separated)")->delimiter(',')->capture_default_str();
   app.add_option("--pools", pools, "training, frozen, frozen-bf16 (comma-separated; peer_ref.py trains)")->delimiter(',')->capture_default_str();
   app.add_option("--ref-script", ref_script, "path to peer_ref.py")->capture_default_str();
+  app.add_option("--rounds", rounds, "runs of every configuration, one round after another; a figure is the median of "
+                 "its rounds, a ratio the median of its per-round ratios")->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object per configuration instead of the table");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
+  if (rounds < 1) {
+    std::fprintf(stderr, "--rounds must be at least 1, got %d\n", rounds);
+    return 2;
+  }
   const MachineRates rates = MeasureRates(s);
-  std::vector<json> rows;
+  // Every configuration once per round, the rounds one after another: on a noisy machine a ratio
+  // of two runs next to each other in time means more than one of runs minutes apart, so each
+  // ratio below is the median of its per-round ratios, and each rate the median of its rounds.
+  struct Config {
+    std::string impl;
+    int64_t experts;
+    std::string pool;
+  };
+  std::vector<Config> configs;
   auto wants = [&](const std::string& i) { return std::find(impls.begin(), impls.end(), i) != impls.end(); };
-  if (wants("dense-ffn")) rows.push_back(RunChild("dense-ffn", 0, s));
+  if (wants("dense-ffn")) configs.push_back({"dense-ffn", 0, "training"});
   for (int64_t n : experts) {
     for (const std::string& pool : pools) {
-      Shape ps = s;
-      ps.pool = pool;
-      if (wants("peerd")) rows.push_back(RunChild("peerd", n, ps));
-      if (wants("fused")) rows.push_back(RunChild("fused", n, ps));
+      if (wants("peerd")) configs.push_back({"peerd", n, pool});
+      if (wants("fused")) configs.push_back({"fused", n, pool});
     }
-    if (wants("peer_ref.py")) rows.push_back(RunPeerRef(ref_script, n, s));
+    if (wants("peer_ref.py")) configs.push_back({"peer_ref.py", n, "training"});
   }
+  std::vector<std::vector<json>> runs(configs.size());  // [config][round]
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t c = 0; c < configs.size(); ++c) {
+      const Config& cf = configs[c];
+      Shape ps = s;
+      ps.pool = cf.pool;
+      json r = cf.impl == "peer_ref.py" ? RunPeerRef(ref_script, cf.experts, s) : RunChild(cf.impl, cf.experts, ps);
+      const std::string result = r.contains("tokens_per_s")
+                                     ? std::to_string(std::lround(r["tokens_per_s"].get<double>())) + " tokens/s"
+                                     : r.value("error", std::string("failed"));
+      std::fprintf(stderr, "round %d/%d: %s %s %lld experts: %s\n", round + 1, rounds, cf.impl.c_str(),
+                   cf.pool.c_str(), (long long)cf.experts, result.c_str());
+      runs[c].push_back(std::move(r));
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+  };
+  // A configuration's row: its first round's fields, tokens/s the median round's, peak RSS the
+  // largest; a configuration that failed in any round shows that round's error.
+  std::vector<json> rows;
+  for (size_t c = 0; c < configs.size(); ++c) {
+    std::vector<double> tps;
+    double peak = 0;
+    const json* failed = nullptr;
+    for (const json& r : runs[c]) {
+      if (!r.contains("tokens_per_s")) {
+        failed = &r;
+        continue;
+      }
+      tps.push_back(r["tokens_per_s"].get<double>());
+      peak = std::max(peak, r["peak_rss_mb"].get<double>());
+    }
+    if (failed) {
+      rows.push_back(*failed);
+      continue;
+    }
+    json row = runs[c][0];
+    row["tokens_per_s"] = median(tps);
+    row["tokens_per_s_rounds"] = tps;
+    row["peak_rss_mb"] = peak;
+    row["step_s"] = s.tokens / median(tps);
+    row["rounds"] = rounds;
+    rows.push_back(std::move(row));
+  }
+  // Config a's tokens/s over config b's, round by round, as {median, min, max}; empty when either
+  // is missing or failed.
+  auto index_of = [&](const std::string& impl, int64_t n, const std::string& pool) -> int {
+    for (size_t c = 0; c < configs.size(); ++c)
+      if (configs[c].impl == impl && configs[c].experts == n && configs[c].pool == pool) return static_cast<int>(c);
+    return -1;
+  };
+  auto round_ratios = [&](int a, int b) -> std::vector<double> {
+    if (a < 0 || b < 0 || rows[a].contains("error") || rows[b].contains("error")) return {};
+    std::vector<double> v;
+    for (int r = 0; r < rounds; ++r)
+      v.push_back(runs[a][r]["tokens_per_s"].get<double>() / runs[b][r]["tokens_per_s"].get<double>());
+    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+    return {median(v), *lo, *hi};
+  };
 
   // Ratios against peer_ref.py (same size) and against the reference composition (same size and pool);
   // the floor's time at the measured rates, and the fraction of it a step achieves.
-  auto find = [&](const std::string& impl, int64_t n, const std::string& pool) -> const json* {
-    for (const json& r : rows)
-      if (r["impl"] == impl && r["experts"] == n && r.value("pool", "") == pool && r.contains("tokens_per_s")) return &r;
-    return nullptr;
-  };
-  for (json& r : rows) {
+  for (size_t c = 0; c < rows.size(); ++c) {
+    json& r = rows[c];
     if (!r.contains("tokens_per_s")) continue;
-    const int64_t n = r["experts"];
-    if (const json* ref = find("peer_ref.py", n, "training"); ref && r["impl"] != "peer_ref.py")
-      r["ratio_vs_peer_ref"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
-    if (const json* ref = find("peerd", n, r.value("pool", "")); ref && r["impl"] == "fused")
-      r["ratio_vs_reference"] = r["tokens_per_s"].get<double>() / (*ref)["tokens_per_s"].get<double>();
+    const int64_t n = configs[c].experts;
+    if (configs[c].impl != "peer_ref.py")
+      if (auto v = round_ratios(c, index_of("peer_ref.py", n, "training")); !v.empty()) {
+        r["ratio_vs_peer_ref"] = v[0];
+        r["ratio_vs_peer_ref_range"] = {v[1], v[2]};
+      }
+    if (configs[c].impl == "fused")
+      if (auto v = round_ratios(c, index_of("peerd", n, configs[c].pool)); !v.empty()) {
+        r["ratio_vs_reference"] = v[0];
+        r["ratio_vs_reference_range"] = {v[1], v[2]};
+      }
     if (r.contains("qnet_flops")) {
       const double gemm_s = (r["qnet_flops"].get<double>() + r["score_flops"].get<double>()) / rates.packed;
       const double floor_s = gemm_s + r["row_bytes"].get<double>() / rates.bandwidth;
@@ -348,15 +450,36 @@ int LayerBench(int argc, char** argv) {
     r["measured_packed_gemm_gflops"] = rates.packed / 1e9;
     r["blas_kernels"] = kernels::cpu::BlasCoreName();
   }
+  // issue 6's targets for the fused layer on a training pool, at the largest pool size (and the
+  // smallest, for the scaling): a last JSON line, and a few lines under the table.
+  json targets = {{"targets", "fused, training pool"}, {"rounds", rounds}};
+  if (!experts.empty()) {
+    const auto [small, large] = std::minmax_element(experts.begin(), experts.end());
+    const int fused_large = index_of("fused", *large, "training"), fused_small = index_of("fused", *small, "training");
+    targets["experts"] = *large;
+    if (auto v = round_ratios(fused_large, index_of("peerd", *large, "training")); !v.empty())
+      targets["ratio_vs_reference"] = {{"median", v[0]}, {"min", v[1]}, {"max", v[2]}, {"target_at_least", 5.0}};
+    if (*small != *large)
+      if (auto v = round_ratios(fused_small, fused_large); !v.empty())  // = time per token, large ÷ small
+        targets["time_per_token_ratio"] = {{"vs_experts", *small}, {"median", v[0]}, {"min", v[1]}, {"max", v[2]},
+                                           {"target_at_most", 1.5}};
+    if (fused_large >= 0 && !rows[fused_large].contains("error"))
+      targets["peak_rss_per_param"] = {
+          {"value", rows[fused_large]["peak_rss_mb"].get<double>() / rows[fused_large]["param_mb"].get<double>()},
+          {"target_at_most", 1.5}};
+  }
+  rows.push_back(targets);
   WriteJsonLines(json_out, rows);
+  rows.pop_back();
   if (as_json) {
     PrintJsonLines(rows);
     return 0;
   }
   std::printf("PEER layer forward+backward: D=%lld h=%lld k=%lld, %lld tokens/step, %u threads, "
-              "median of %lld steps (peer_ref.py: mean)\n",
+              "median of %lld steps (peer_ref.py: mean); %d rounds: tokens/s the median round, a ratio the median "
+              "of its per-round ratios, peak RSS the largest\n",
               (long long)s.dim, (long long)s.heads, (long long)s.topk, (long long)s.tokens, s.threads,
-              (long long)s.iters);
+              (long long)s.iters, rounds);
   std::printf("measured: copy bandwidth %.1f GB/s, GEMM at the retrieval's shape %.1f GFLOP/s (BLAS), %.1f "
               "GFLOP/s (the fused layer's GEMM kernel); floor = (W_q + sub-key score FLOPs) / the faster GEMM "
               "rate + expert-row bytes / bandwidth\n",
@@ -383,6 +506,7 @@ int LayerBench(int argc, char** argv) {
                 fmt(r, "ratio_vs_reference", "%.2fx").c_str(), fmt(r, "ratio_vs_peer_ref", "%.2fx").c_str(),
                 fmt(r, "floor_fraction", "%.0f%%", 100).c_str(), fmt(r, "memory_fraction", "%.0f%%", 100).c_str());
   }
+  PrintTargets(targets);
   return 0;
 }
 
