@@ -144,6 +144,44 @@ void TopKRows(const float* scores, int64_t n, int64_t k, int64_t begin, int64_t 
   }
 }
 
+// Backward, the query's gradient for units [begin, end) of (head, token) — head-major, or
+// token-major when `token_major` — each the sum of its k selected sub-key pairs scaled by their
+// score gradients g [M, h, k]; segment s's sub-keys are keys[s], [h, 2, n[s], dk/2].
+// Multiversioned, as every loop of this file that does arithmetic: compiled for the baseline CPU
+// alone, each 128-float axpy ran as 32 SSE multiplies and adds (measured: 10% of a 1M-expert
+// step's CPU time).
+PEERD_MULTIVERSION void QueryGradients(int64_t begin, int64_t end, bool token_major, int64_t h, int64_t M,
+                                       int64_t k, int64_t half, const float* g, const int64_t* segment,
+                                       const int64_t* index, const std::vector<const float*>& keys,
+                                       const std::vector<int64_t>& n, float* gq, int64_t g_head, int64_t g_token) {
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t hh = token_major ? u % h : u / M, m = token_major ? u / h : u % M;
+    float* out = gq + hh * g_head + m * g_token;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t o = (m * h + hh) * k + j, s = segment[o], e = index[o];
+      cpu::Axpy(g[o], keys[s] + ((hh * 2 + 0) * n[s] + e / n[s]) * half, out, half);
+      cpu::Axpy(g[o], keys[s] + ((hh * 2 + 1) * n[s] + e % n[s]) * half, out + half, half);
+    }
+  }
+}
+
+// Backward, segment s's sub-key gradients gk [h, 2, n, dk/2] for heads [begin, end): every token's
+// selected pair adds its query halves, scaled, in ascending (token, slot) order — deterministic.
+PEERD_MULTIVERSION void SubKeyGradients(int64_t begin, int64_t end, int64_t s, int64_t M, int64_t h, int64_t k,
+                                        int64_t n, int64_t half, const float* g, const int64_t* segment,
+                                        const int64_t* index, const float* q, int64_t q_head, int64_t q_token,
+                                        float* gk) {
+  for (int64_t hh = begin; hh < end; ++hh)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t o = (m * h + hh) * k + j;
+        if (segment[o] != s) continue;
+        const float* qm = q + hh * q_head + m * q_token;
+        cpu::Axpy(g[o], qm, gk + ((hh * 2 + 0) * n + index[o] / n) * half, half);
+        cpu::Axpy(g[o], qm + half, gk + ((hh * 2 + 1) * n + index[o] % n) * half, half);
+      }
+}
+
 // Rows of scores computed at a time: 256 × n fp32 is 1 MB at n = 1,024 (1M experts), which stays
 // in a core's L2 between the GEMM that writes it and the top-k that reads it, and one such block
 // per task is all the memory scores take ([M, n] whole is 16 MB at M = 4,096, per task in flight).
@@ -255,8 +293,6 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       kp[s] = keys[s].data_ptr<float>();
       n[s] = keys[s].size(2);
     }
-    // Sub-key (s, head, part, row) as a pointer into [h, 2, n, dk/2].
-    auto key = [&](int64_t s, int64_t hh, int64_t part, int64_t row) { return ((hh * 2 + part) * n[s] + row) * half; };
 
     variable_list grads(2 + S);  // query, k, then each segment's sub-keys
     if (ctx->needs_input_grad(0)) {
@@ -267,15 +303,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       const int64_t g_head = gq.stride(0), g_token = gq.stride(1);
       const bool token_major = g_token > g_head;  // the layer's [M, h, dk]: write it in that order
       at::parallel_for(0, h * M, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t u = begin; u < end; ++u) {
-          const int64_t hh = token_major ? u % h : u / M, m = token_major ? u / h : u % M;
-          float* out = gqp + hh * g_head + m * g_token;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t o = (m * h + hh) * k + j, s = gp[o], e = ip[o];
-            cpu::Axpy(g[o], kp[s] + key(s, hh, 0, e / n[s]), out, half);
-            cpu::Axpy(g[o], kp[s] + key(s, hh, 1, e % n[s]), out + half, half);
-          }
-        }
+        QueryGradients(begin, end, token_major, h, M, k, half, g, gp, ip, kp, n, gqp, g_head, g_token);
       });
       grads[0] = gq;
     }
@@ -283,17 +311,8 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       if (!ctx->needs_input_grad(1 + s)) continue;  // counts tensor inputs only: query, then the keys
       torch::Tensor gk = torch::zeros_like(keys[s]);
       float* gkp = gk.data_ptr<float>();
-      // One head per task; within it tokens and slots in ascending order: deterministic.
-      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t hh = begin; hh < end; ++hh)
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < k; ++j) {
-              const int64_t o = (m * h + hh) * k + j;
-              if (gp[o] != s) continue;
-              const float* qm = q + hh * q_head + m * q_token;
-              cpu::Axpy(g[o], qm, gkp + key(s, hh, 0, ip[o] / n[s]), half);
-              cpu::Axpy(g[o], qm + half, gkp + key(s, hh, 1, ip[o] % n[s]), half);
-            }
+      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {  // one head per task
+        SubKeyGradients(begin, end, s, M, h, k, n[s], half, g, gp, ip, q, q_head, q_token, gkp);
       });
       grads[2 + s] = gk;
     }
