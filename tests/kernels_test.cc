@@ -15,6 +15,7 @@
 #include "core/peer_layer.h"
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/packed_gemm.h"
+#include "kernels/cpu/row_topk.h"
 #include "kernels/expert_mixture.h"
 #include "kernels/linear.h"
 #include "kernels/product_key_retrieval.h"
@@ -387,6 +388,52 @@ TEST(SingleThreadedBlas, NestedScopesUseOneThreadAndRestoreTheCountTheyFoundOrWe
   }
   EXPECT_EQ(BlasThreads(), 3);
   SetBlasThreads(before);
+}
+
+// The retrieval's top-k against a sort, on rows of fresh random scores: widths around the
+// AVX-512 path's 16 lanes, k up to 16 (that path) and past it (the general one), rows drawn from a
+// handful of values (ties: more candidates than the fast path takes), rows with +inf, and rows
+// with NaN, some with fewer than k numbers.
+TEST(TopKRows, SameAsASortForRandomTiedInfiniteAndNaNRows) {
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  kernels::cpu::TopKScratch scratch;
+  for (const int64_t n : {1, 5, 16, 17, 40, 256, 1000}) {
+    for (const int64_t k : {1, 3, 16, 20}) {
+      if (k > n) continue;
+      const int64_t rows = 24;
+      std::vector<float> scores(rows * n);
+      for (int64_t m = 0; m < rows; ++m) {
+        for (int64_t i = 0; i < n; ++i) {
+          float& v = scores[m * n + i];
+          v = normal(rng);
+          if (m % 4 == 1) v = std::round(v * 2) / 2;  // ties
+          if (m % 4 == 2 && i % 7 == 3) v = inf;
+          if (m % 4 == 3 && (m % 8 == 3 ? i % 2 == 0 : i >= 2)) v = nan;  // half NaN, or all but two
+        }
+      }
+      std::vector<float> val(rows * k);
+      std::vector<int64_t> ids(rows * k);
+      kernels::cpu::TopKRows(scores.data(), n, k, 0, rows, val.data(), ids.data(), scratch);
+      for (int64_t m = 0; m < rows; ++m) {
+        // Numbers best first, ties to the lower index; then NaN places as -inf, lower index first.
+        std::vector<std::pair<float, int64_t>> order;
+        for (int64_t i = 0; i < n; ++i) order.emplace_back(scores[m * n + i], i);
+        std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+          if (std::isnan(a.first) || std::isnan(b.first)) return !std::isnan(a.first) && std::isnan(b.first);
+          return a.first > b.first;
+        });
+        for (int64_t j = 0; j < k; ++j) {
+          const bool number = !std::isnan(order[j].first);
+          const std::string where = "n " + std::to_string(n) + " k " + std::to_string(k) + " row " +
+                                    std::to_string(m) + " place " + std::to_string(j);
+          ASSERT_EQ(val[m * k + j], number ? order[j].first : -inf) << where;
+          if (number) ASSERT_EQ(ids[m * k + j], order[j].second) << where;
+        }
+      }
+    }
+  }
 }
 
 // The AVX-512 GEMM against double-precision sums: row counts around its 8-row tile and 128-row

@@ -2,7 +2,7 @@
 //
 // Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (the AVX-512
 // kernel of kernels/cpu/packed_gemm.h, or BLAS on CPUs without AVX-512; in blocks of rows that
-// stay in cache), each row's top-k is kept, and a second parallel pass merges the k×k sums of
+// stay in cache), each row's top-k is kept (kernels/cpu/row_topk.h), and a second parallel pass merges the k×k sums of
 // every segment into the head's k best — pruned, since both halves' lists are sorted. Backward
 // touches only the 2·k sub-keys each token's head selected.
 #include "kernels/product_key_retrieval.h"
@@ -18,6 +18,7 @@
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/rows.h"
 #include "kernels/cpu/packed_gemm.h"
+#include "kernels/cpu/row_topk.h"
 #ifdef PEERD_WITH_CUDA_KERNELS
 #include "kernels/cuda/kernels_cuda.h"
 #endif
@@ -39,109 +40,6 @@ inline void Offer(float v, int64_t id, float* best, int64_t* ids, int64_t k) {
   }
   best[at] = v;
   ids[at] = id;
-}
-
-// Scratch for TopKRows, one per task.
-struct TopKScratch {
-  std::vector<float> maxima, group_maxima, contenders, values;
-  std::vector<int64_t> ids;
-  std::vector<std::pair<float, int64_t>> sorted;
-};
-
-// For rows [begin, end) of scores [M, n]: the k largest of each row, descending (ties: lower
-// index first), into val/ids [M, k]. The cost is per row more than per element (65,536 rows a
-// step at n = 256 or 1,024), so what matters is few branches a row:
-//  1. The row is dealt into B = min(n, 4k) interleaved blocks (element i to block i mod B); their
-//     maxima are vertical, vectorised maxima over the row read once.
-//  2. t = the k-th largest block maximum, a lower bound of the row's k-th largest (k distinct
-//     elements are ≥ t). Found by selecting among the maxima that reach t0, the smallest of k
-//     group maxima (group g: blocks g, g + k, …) — itself a lower bound, and cheap: about half
-//     the maxima reach it, so the selection sorts ~2k floats, not 4k.
-//  3. Only blocks whose maximum reaches t are read again (usually k of them, a quarter of the
-//     row); the elements ≥ t (usually ~k) are the candidates, appended without a branch.
-//  4. Each candidate's place is the number of candidates that beat it — a vectorised count, no
-//     sort. Rows with many ties (more than 4k candidates) or NaN (fewer than k numbers) take a
-//     plain partial sort instead.
-// NaN never enters a maximum (`v > m` is false for it) and is never a candidate unless a row has
-// fewer than k numbers. Measured in isolation (AMD EPYC, 2026-12-01): 500 ns a row at n = 256
-// and 780 at n = 1,024, against 1,200 and 1,730 for the nth_element-and-sort version it replaced.
-PEERD_MULTIVERSION
-void TopKRows(const float* scores, int64_t n, int64_t k, int64_t begin, int64_t end, float* val, int64_t* ids,
-              TopKScratch& scratch) {
-  constexpr float kLowest = -std::numeric_limits<float>::infinity();
-  const int64_t B = std::min(n, 4 * k);
-  scratch.maxima.resize(B);
-  scratch.group_maxima.resize(k);
-  scratch.contenders.resize(B);
-  scratch.values.resize(n + 1);  // the branchless append writes one past the last candidate
-  scratch.ids.resize(n + 1);
-  float *mx = scratch.maxima.data(), *gmx = scratch.group_maxima.data(), *top = scratch.contenders.data();
-  float* cv = scratch.values.data();
-  int64_t* ci = scratch.ids.data();
-  for (int64_t m = begin; m < end; ++m) {
-    const float* row = scores + m * n;
-    // 1. Block maxima.
-    std::fill(mx, mx + B, kLowest);
-    for (int64_t c = 0; c < n; c += B) {
-      const float* part = row + c;
-      const int64_t width = std::min(B, n - c);
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) mx[j] = part[j] > mx[j] ? part[j] : mx[j];
-    }
-    // 2. t0 from k group maxima, then t among the maxima that reach t0 (at least k do).
-    std::fill(gmx, gmx + k, kLowest);
-    for (int64_t j0 = 0; j0 < B; j0 += k) {
-      const int64_t width = std::min(k, B - j0);
-#pragma omp simd
-      for (int64_t g = 0; g < width; ++g) gmx[g] = mx[j0 + g] > gmx[g] ? mx[j0 + g] : gmx[g];
-    }
-    float t0 = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : t0)
-    for (int64_t g = 0; g < k; ++g) t0 = std::min(t0, gmx[g]);
-    int64_t Q = 0;
-    for (int64_t j = 0; j < B; ++j) {
-      top[Q] = mx[j];
-      Q += mx[j] >= t0;
-    }
-    std::nth_element(top, top + (k - 1), top + Q, std::greater<float>());
-    const float t = top[k - 1];
-    // 3. Candidates: the elements ≥ t of the blocks that reach t.
-    int64_t C = 0;
-    for (int64_t j = 0; j < B; ++j) {
-      if (!(mx[j] >= t)) continue;
-      for (int64_t i = j; i < n; i += B) {
-        cv[C] = row[i];
-        ci[C] = i;
-        C += row[i] >= t;
-      }
-    }
-    if (C < k || C > 4 * k) {
-      auto& sorted = scratch.sorted;
-      sorted.clear();
-      for (int64_t i = 0; i < n; ++i)
-        if (C < k || row[i] >= t) sorted.emplace_back(std::isnan(row[i]) ? kLowest : row[i], i);
-      std::partial_sort(sorted.begin(), sorted.begin() + k, sorted.end(), [](const auto& a, const auto& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      });
-      for (int64_t j = 0; j < k; ++j) {
-        val[m * k + j] = sorted[j].first;
-        ids[m * k + j] = sorted[j].second;
-      }
-      continue;
-    }
-    // 4. Each candidate's place: how many candidates beat it (larger, or equal with a lower index).
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = cv[c];
-      const int64_t id = ci[c];
-      int32_t place = 0;
-#pragma omp simd reduction(+ : place)
-      for (int64_t o = 0; o < C; ++o) place += (cv[o] > v || (cv[o] == v && ci[o] < id)) ? 1 : 0;
-      if (place < k) {
-        val[m * k + place] = v;
-        ids[m * k + place] = id;
-      }
-    }
-  }
 }
 
 // Backward, the query's gradient for units [begin, end) of (head, token) — head-major, or
@@ -214,7 +112,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
       at::NoGradGuard no_grad;
-      TopKScratch scratch;
+      cpu::TopKScratch scratch;
       cpu::PackedMatrix packed;  // the keys as B [dk/2, n]
       torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
       for (int64_t task = begin; task < end; ++task) {
@@ -231,7 +129,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
           // [rows, dk/2] x [dk/2, n] -> [rows, n]
           if (avx512) packed.Multiply(q.data_ptr<float>() + m0 * q.stride(0), q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
           else at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
-          TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
+          cpu::TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
                    top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
         }
       }
