@@ -207,15 +207,16 @@ void PrintTargets(const json& t) {
               t["targets"].get<std::string>().c_str(), (long long)t["experts"].get<int64_t>(), t["rounds"].get<int>());
   auto line = [](const char* what, const json& v) {
     const bool at_least = v.contains("target_at_least");
-    const double m = v["median"].get<double>(), target = v[at_least ? "target_at_least" : "target_at_most"].get<double>();
+    const double m = v["median"].get<double>();
+    const double target = v[at_least ? "target_at_least" : "target_at_most"].get<double>();
     std::printf("  %-46s %5.2fx [%.2fx, %.2fx]  target %s %.1fx: %s\n", what, m, v["min"].get<double>(),
                 v["max"].get<double>(), at_least ? ">=" : "<=", target,
                 (at_least ? m >= target : m <= target) ? "met" : "NOT met");
   };
   if (t.contains("ratio_vs_reference")) line("tokens/s, fused / reference", t["ratio_vs_reference"]);
   if (t.contains("time_per_token_ratio")) {
-    const std::string what = "time per token, vs " + std::to_string(t["time_per_token_ratio"]["vs_experts"].get<int64_t>()) +
-                             " experts";
+    const int64_t small = t["time_per_token_ratio"]["vs_experts"].get<int64_t>();
+    const std::string what = "time per token, vs " + std::to_string(small) + " experts";
     line(what.c_str(), t["time_per_token_ratio"]);
   }
   if (t.contains("peak_rss_per_param")) {

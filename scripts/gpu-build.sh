@@ -147,7 +147,7 @@ say "tests exit $tests ($(elapsed))"
 [ "${BENCH:-1}" = 1 ] || { say "done ($(elapsed)); tests exit $tests"; exit "$tests"; }
 build peer-bench
 if [ -z "${BENCH_ARGS:-}" ]; then
-  BENCH_ARGS="--impl peerd,fused,dense-ffn --experts 65536 --tokens 4096 --threads $JOBS"
+  BENCH_ARGS="--impl peerd,fused,dense-ffn --experts 65536 --tokens 4096 --threads $JOBS --rounds 1"
   # Once the bench can place the layer on the GPU, measure it there.
   "$BUILD/peer-bench" layer --help 2>&1 | grep -q -- --device && BENCH_ARGS="$BENCH_ARGS --device cuda"
 fi

@@ -143,7 +143,8 @@ RowGroups GroupByRow(const Problem& p, const std::vector<int64_t>& n_rows) {
   }
   // As few passes as digits of at most 16 bits allow (their counters, 512 KB, stay in L2): one up
   // to 65,536 rows, two (of 10 bits each) at 1M.
-  const int bits = std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(first_row[S] - 1))));
+  const uint64_t largest = static_cast<uint64_t>(std::max<int64_t>(first_row[S] - 1, 0));
+  const int bits = std::max(1, static_cast<int>(std::bit_width(largest)));
   const int passes = (bits + 15) / 16, digit = (bits + passes - 1) / passes;
   const uint32_t mask = (1u << digit) - 1;
   std::vector<int64_t> start(mask + 1);

@@ -2,9 +2,9 @@
 //
 // Forward, per head: one GEMM per segment and half gives the [M, n] sub-key scores (the AVX-512
 // kernel of kernels/cpu/packed_gemm.h, or BLAS on CPUs without AVX-512; in blocks of rows that
-// stay in cache), each row's top-k is kept (kernels/cpu/row_topk.h), and a second parallel pass merges the k×k sums of
-// every segment into the head's k best — pruned, since both halves' lists are sorted. Backward
-// touches only the 2·k sub-keys each token's head selected.
+// stay in cache), each row's top-k is kept (kernels/cpu/row_topk.h), and a second parallel pass
+// merges the k×k sums of every segment into the head's k best — pruned, since both halves' lists
+// are sorted. Backward touches only the 2·k sub-keys each token's head selected.
 #include "kernels/product_key_retrieval.h"
 
 #include <ATen/Parallel.h>
@@ -127,7 +127,8 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
           const int64_t rows = std::min(kRowBlock, M - m0);
           torch::Tensor block = scores_block.narrow(0, 0, rows);
           // [rows, dk/2] x [dk/2, n] -> [rows, n]
-          if (avx512) packed.Multiply(q.data_ptr<float>() + m0 * q.stride(0), q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
+          const float* q_rows = q.data_ptr<float>() + m0 * q.stride(0);
+          if (avx512) packed.Multiply(q_rows, q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
           else at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
           cpu::TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
                    top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);

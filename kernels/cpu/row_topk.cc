@@ -151,9 +151,9 @@ __attribute__((target("avx512f,popcnt"))) bool TopKRowAvx512(const float* row, i
   int64_t C = 0;
   __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i sixteen = _mm512_set1_epi32(16);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = i < full ? __mmask16(0xFFFF) : tail;
-    const __m512 v = _mm512_maskz_loadu_ps(in, row + i);
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const __mmask16 in = i0 < full ? __mmask16(0xFFFF) : tail;
+    const __m512 v = _mm512_maskz_loadu_ps(in, row + i0);
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, v, t, _CMP_GE_OQ);
     _mm512_storeu_ps(cv + C, _mm512_maskz_compress_ps(keep, v));
     _mm512_storeu_si512(ci + C, _mm512_maskz_compress_epi32(keep, index));
