@@ -50,9 +50,12 @@ void AddShapeFlags(CLI::App& app, Shape& s) {
 }
 
 // What a step must do at least, for the floor: GEMM FLOPs (query network forward and backward,
-// sub-key scores) and bytes of expert rows (each retrieval reads its two rows in forward and
-// again in backward; a training pool also writes the gradient of each distinct retrieved row).
-// The mixture's own arithmetic (4·D FLOPs per retrieval and pass) hides under its memory traffic.
+// sub-key scores) and bytes of expert rows. Rows grouped by expert are read once per pass however
+// many tokens chose them, so the bytes are those of the distinct rows a step retrieves (expected
+// under uniform retrieval: N·(1 − e^(−M·J/N))): both tables read in forward and again in backward,
+// and on a training pool both gradient rows written. At 65k experts that is every row; at 1M
+// about 40% of them, each chosen by ~1.3 tokens. The mixture's own arithmetic (4·D FLOPs per
+// retrieval and pass) and the tokens' rows (a few MB, in cache) are left out.
 struct Floor {
   double qnet_flops = 0, score_flops = 0, row_bytes = 0;
 };
@@ -60,11 +63,12 @@ struct Floor {
 Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem_bytes) {
   const double M = s.tokens, J = s.heads * s.topk, D = s.dim, dk = s.dim, h = s.heads;
   const double n = std::sqrt(static_cast<double>(experts)), N = experts;
+  const double distinct = N * (1 - std::exp(-M * J / N));
   Floor f;
   f.qnet_flops = 3 * 2 * M * D * h * dk;  // W_q: forward, and the gradients of x and of W_q
   f.score_flops = 2 * M * h * n * dk;      // both halves' sub-key scores, every head
-  f.row_bytes = 2 * M * J * 2 * D * row_elem_bytes;
-  if (training) f.row_bytes += N * (1 - std::exp(-M * J / N)) * 2 * D * 4;  // expected distinct rows
+  f.row_bytes = 2 * distinct * 2 * D * row_elem_bytes;
+  if (training) f.row_bytes += distinct * 2 * D * 4;
   return f;
 }
 
@@ -218,6 +222,10 @@ void PrintTargets(const json& t) {
     const int64_t small = t["time_per_token_ratio"]["vs_experts"].get<int64_t>();
     const std::string what = "time per token, vs " + std::to_string(small) + " experts";
     line(what.c_str(), t["time_per_token_ratio"]);
+    if (t["time_per_token_ratio"].contains("floor")) {
+      const std::string bound = "  at best here (small step + floor's growth)";
+      std::printf("  %-46s %5.2fx\n", bound.c_str(), t["time_per_token_ratio"]["floor"].get<double>());
+    }
   }
   if (t.contains("peak_rss_per_param")) {
     const double v = t["peak_rss_per_param"]["value"].get<double>();
@@ -461,9 +469,18 @@ int LayerBench(int argc, char** argv) {
     if (auto v = round_ratios(fused_large, index_of("peerd", *large, "training")); !v.empty())
       targets["ratio_vs_reference"] = {{"median", v[0]}, {"min", v[1]}, {"max", v[2]}, {"target_at_least", 5.0}};
     if (*small != *large)
-      if (auto v = round_ratios(fused_small, fused_large); !v.empty())  // = time per token, large ÷ small
-        targets["time_per_token_ratio"] = {{"vs_experts", *small}, {"median", v[0]}, {"min", v[1]}, {"max", v[2]},
-                                           {"target_at_most", 1.5}};
+      if (auto v = round_ratios(fused_small, fused_large); !v.empty()) {  // = time per token, large ÷ small
+        json& t = targets["time_per_token_ratio"];
+        t = {{"vs_experts", *small}, {"median", v[0]}, {"min", v[1]}, {"max", v[2]}, {"target_at_most", 1.5}};
+        // The best this design could do on this machine: the small pool's measured step plus only
+        // the work the floor adds at the large one (score FLOPs, distinct rows), at the measured
+        // rates. A ratio above it is the implementation's; a target below it is the machine's.
+        const json &a = rows[fused_small], &b = rows[fused_large];
+        if (a.contains("floor_s") && b.contains("floor_s")) {
+          const double small_step = a["step_s"].get<double>();
+          t["floor"] = (small_step + b["floor_s"].get<double>() - a["floor_s"].get<double>()) / small_step;
+        }
+      }
     if (fused_large >= 0 && !rows[fused_large].contains("error"))
       targets["peak_rss_per_param"] = {
           {"value", rows[fused_large]["peak_rss_mb"].get<double>() / rows[fused_large]["param_mb"].get<double>()},
