@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <bit>
 #include <memory>
-#include <cmath>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -33,12 +32,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using cpu::Axpy;
 using cpu::Dot;
-
-constexpr float kInvSqrt2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-
-inline float Gelu(float a) { return 0.5f * a * (1.0f + std::erf(a * kInvSqrt2)); }
-inline float GeluGrad(float a) { return 0.5f * (1.0f + std::erf(a * kInvSqrt2)) + a * kInvSqrt2Pi * std::exp(-0.5f * a * a); }
 
 // One table's rows, typed: exactly one pointer is set.
 struct Rows {
@@ -309,17 +302,27 @@ void BackwardDown(const Problem& p, const RowGroups& g, int64_t begin, int64_t e
   }
 }
 
-// Runs `body(group_begin, group_end, buffer)` for one chunk of groups per thread, each chunk with
-// its own zeroed [M, D] buffer, and returns the buffers' sum in chunk order.
+// Runs `body(group_begin, group_end)` for one chunk of groups per thread (ChunkBounds): the same
+// chunks on every call with the same grouping and thread count.
+template <typename Body>
+int64_t ForEachRowChunk(const RowGroups& g, const Body& body) {
+  const int64_t groups = static_cast<int64_t>(g.groups.size());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
+  const std::vector<int64_t> bounds = ChunkBounds(g, chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) body(bounds[c], bounds[c + 1], c);
+  });
+  return chunks;
+}
+
+// As ForEachRowChunk, each chunk with its own zeroed [M, D] buffer: `body(group_begin, group_end,
+// buffer)`. Returns the buffers' sum in chunk order.
 template <typename Body>
 torch::Tensor OverRowChunks(const RowGroups& g, int64_t M, int64_t D, const Body& body) {
   const int64_t groups = static_cast<int64_t>(g.groups.size());
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
-  const std::vector<int64_t> bounds = ChunkBounds(g, chunks);
   torch::Tensor parts = torch::zeros({chunks, M, D});
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) body(bounds[c], bounds[c + 1], parts[c].data_ptr<float>());
-  });
+  ForEachRowChunk(g, [&](int64_t begin, int64_t end, int64_t c) { body(begin, end, parts[c].data_ptr<float>()); });
   torch::Tensor sum = parts[0];
   for (int64_t c = 1; c < chunks; ++c) sum = sum + parts[c];
   return sum.contiguous();
@@ -352,14 +355,16 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
     auto grouped = c10::make_intrusive<SavedRowGroups>();
     grouped->groups = GroupByRow(p, RowCounts(kept));
     const RowGroups& g = grouped->groups;
-    // a: the pre-activations in hit order (kept for backward); c = w·GELU(a), in hit order.
+    // a: the pre-activations in hit order (kept for backward). GELU runs over all of them at once,
+    // by ATen's vectorised kernel (the reference layer's own); c = w·GELU(a) then takes its place.
     torch::Tensor a = torch::empty({p.M * p.J});
-    const auto c = std::make_unique_for_overwrite<float[]>(p.M * p.J);
     float* ap = a.data_ptr<float>();
+    ForEachRowChunk(g, [&](int64_t begin, int64_t end, int64_t) { ForwardDown(p, g, begin, end, ap); });
+    torch::Tensor c = torch::gelu(a);
+    float* cp = c.data_ptr<float>();
     torch::Tensor y = OverRowChunks(g, p.M, p.D, [&](int64_t begin, int64_t end, float* y_part) {
-      ForwardDown(p, g, begin, end, ap);
-      for (int64_t h = HitsBegin(g, begin, end); h < HitsEnd(g, begin, end); ++h) c[h] = p.w[g.hits[h]] * Gelu(ap[h]);
-      ForwardUp(p, g, begin, end, c.get(), y_part);
+      for (int64_t h = HitsBegin(g, begin, end); h < HitsEnd(g, begin, end); ++h) cp[h] *= p.w[g.hits[h]];
+      ForwardUp(p, g, begin, end, cp, y_part);
     });
     ctx->save_for_backward({x, w, segment, index, a});
     ctx->saved_data["table_list"] = c10::List<torch::Tensor>(kept);
@@ -393,20 +398,22 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
       out.gu[s] = gu[s].data_ptr<float>();
     }
     torch::Tensor gw = torch::empty({p.M, p.J});
+    // Per pair, in hit order: GELU(a) and GELU'(a) (ATen's vectorised kernels, as in forward); w and
+    // c = w·GELU(a) gathered per chunk; GELU'(a) becomes ∂a in the first pass.
+    const torch::Tensor act = torch::gelu(a);
+    torch::Tensor ga = at::gelu_backward(torch::ones_like(a), a);
     const int64_t MJ = p.M * p.J;
-    const auto c = std::make_unique_for_overwrite<float[]>(MJ), act = std::make_unique_for_overwrite<float[]>(MJ),
-               wh = std::make_unique_for_overwrite<float[]>(MJ), ga = std::make_unique_for_overwrite<float[]>(MJ);
-    const float* ap = a.data_ptr<float>();
+    const auto c = std::make_unique_for_overwrite<float[]>(MJ), wh = std::make_unique_for_overwrite<float[]>(MJ);
+    const float* actp = act.data_ptr<float>();
+    float* gap = ga.data_ptr<float>();
     torch::Tensor gx = OverRowChunks(g, p.M, p.D, [&](int64_t begin, int64_t end, float* gx_part) {
       for (int64_t h = HitsBegin(g, begin, end); h < HitsEnd(g, begin, end); ++h) {
         wh[h] = p.w[g.hits[h]];
-        act[h] = Gelu(ap[h]);
-        c[h] = wh[h] * act[h];
-        ga[h] = GeluGrad(ap[h]);
+        c[h] = wh[h] * actp[h];
       }
-      BackwardUp(p, g, begin, end, gy.data_ptr<float>(), out, PairValues{c.get(), act.get(), wh.get(), ga.get()},
+      BackwardUp(p, g, begin, end, gy.data_ptr<float>(), out, PairValues{c.get(), actp, wh.get(), gap},
                  gw.data_ptr<float>());
-      BackwardDown(p, g, begin, end, ga.get(), out, gx_part);
+      BackwardDown(p, g, begin, end, gap, out, gx_part);
     });
 
     variable_list grads = {gx, gw, torch::Tensor(), torch::Tensor()};
