@@ -207,9 +207,10 @@ inline void PrefetchGroup(const std::vector<Rows>& table, const RowGroups& g, in
 }
 
 // Each pass below walks one table, and what it needs per pair (weights, activations) is laid out
-// in hit order h beforehand, so that it is read in sequence. One pass over both tables that read
-// w[m, j] and a[m, j] per pair, at random, measured ~1.7× slower in backward: those loads (from
-// L3) and GELU's erf sat on each pair's chain of dependent work, ahead of the row products.
+// in hit order h beforehand, so that it is read in sequence. One pass over both tables, reading
+// w[m, j] and a[m, j] per pair at random and computing GELU's erf per pair, made the whole step
+// 1.1–1.4× slower at 65k experts (about the same at 1M, where the rows' memory traffic dominates):
+// those loads from L3 and the erf sat on each pair's chain of dependent work.
 
 // The pairs of groups [begin, end) are hits[HitsBegin, HitsEnd).
 inline int64_t HitsBegin(const RowGroups& g, int64_t begin, int64_t end) {
@@ -260,10 +261,10 @@ inline void RowGradient(const RowGroups::Group& grp, const int64_t* hits, int64_
 
 // The backward's per-pair values, in hit order.
 struct PairValues {
-  const float* c;  // w·GELU(a)
+  const float* c;    // w·GELU(a)
   const float* act;  // GELU(a)
-  const float* w;
-  float* ga;  // GELU'(a) in; ∂a = w·sv·GELU'(a) out of the first pass
+  const float* w;    // w[m, j]
+  float* ga;         // GELU'(a) in; ∂a = w·sv·GELU'(a) out of the first pass
 };
 
 // Backward, first pass, over the up table, per pair: sv = v·gy[m], ∂w = GELU(a)·sv and
@@ -302,25 +303,27 @@ void BackwardDown(const Problem& p, const RowGroups& g, int64_t begin, int64_t e
   }
 }
 
-// Runs `body(group_begin, group_end)` for one chunk of groups per thread (ChunkBounds): the same
-// chunks on every call with the same grouping and thread count.
+// How many chunks of groups the passes split into: one per thread, at most one per group.
+int64_t RowChunkCount(const RowGroups& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(g.groups.size())));
+}
+
+// Runs `body(group_begin, group_end, chunk)` for each chunk of groups (ChunkBounds), the chunks
+// spread over the threads: the same chunks on every call with the same grouping and thread count.
 template <typename Body>
-int64_t ForEachRowChunk(const RowGroups& g, const Body& body) {
-  const int64_t groups = static_cast<int64_t>(g.groups.size());
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
+void ForEachRowChunk(const RowGroups& g, const Body& body) {
+  const int64_t chunks = RowChunkCount(g);
   const std::vector<int64_t> bounds = ChunkBounds(g, chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) body(bounds[c], bounds[c + 1], c);
   });
-  return chunks;
 }
 
 // As ForEachRowChunk, each chunk with its own zeroed [M, D] buffer: `body(group_begin, group_end,
 // buffer)`. Returns the buffers' sum in chunk order.
 template <typename Body>
 torch::Tensor OverRowChunks(const RowGroups& g, int64_t M, int64_t D, const Body& body) {
-  const int64_t groups = static_cast<int64_t>(g.groups.size());
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
+  const int64_t chunks = RowChunkCount(g);
   torch::Tensor parts = torch::zeros({chunks, M, D});
   ForEachRowChunk(g, [&](int64_t begin, int64_t end, int64_t c) { body(begin, end, parts[c].data_ptr<float>()); });
   torch::Tensor sum = parts[0];
