@@ -474,7 +474,8 @@ int LayerBench(int argc, char** argv) {
         t = {{"vs_experts", *small}, {"median", v[0]}, {"min", v[1]}, {"max", v[2]}, {"target_at_most", 1.5}};
         // The best this design could do on this machine: the small pool's measured step plus only
         // the work the floor adds at the large one (score FLOPs, distinct rows), at the measured
-        // rates. A ratio above it is the implementation's; a target below it is the machine's.
+        // rates. A ratio above it is this implementation's to close; a target below it needs a
+        // design that moves fewer bytes or does fewer FLOPs.
         const json &a = rows[fused_small], &b = rows[fused_large];
         if (a.contains("floor_s") && b.contains("floor_s")) {
           const double small_step = a["step_s"].get<double>();
