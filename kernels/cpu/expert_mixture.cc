@@ -230,18 +230,6 @@ void ForwardDown(const Problem& p, const RowGroups& g, int64_t begin, int64_t en
   }
 }
 
-// Forward, second pass, over the up table: y[m] += c[h]·v with c = w·GELU(a) (y is this chunk's own).
-PEERD_MULTIVERSION
-void ForwardUp(const Problem& p, const RowGroups& g, int64_t begin, int64_t end, const float* c, float* y) {
-  const int64_t D = p.D, J = p.J;
-  for (int64_t q = begin; q < end; ++q) {
-    PrefetchGroup(p.up, g, q + 1, end, D);
-    const RowGroups::Group& grp = g.groups[q];
-    for (int64_t h = grp.begin; h < grp.end; ++h)
-      AxpyRow(c[h], p.up[grp.segment], grp.row, y + (g.hits[h] / J) * D, D);
-  }
-}
-
 // Where a training segment's compacted row gradients go (null for frozen segments): row r of the
 // segment's groups is gd[r], gu[r].
 struct RowGradientsOut {
@@ -287,19 +275,22 @@ void BackwardUp(const Problem& p, const RowGroups& g, int64_t begin, int64_t end
   }
 }
 
-// Backward, second pass, over the down table: gx[m] += ∂a·u (gx is this chunk's own); for a
-// training row also gd = Σ ∂a·x[m].
+// A pass that adds table rows into tokens: out[m] += c[h]·row for every pair of groups
+// [begin, end) (out is this chunk's own). Where `row_grads` has a buffer for a row's segment, that
+// row's gradient Σ c[h]·src[m] goes there too. Forward's second pass (up table into y, c = w·GELU(a),
+// no gradients) and backward's second (down table into ∂x, c = ∂a, gd = Σ ∂a·x[m]).
 PEERD_MULTIVERSION
-void BackwardDown(const Problem& p, const RowGroups& g, int64_t begin, int64_t end, const float* ga,
-                  const RowGradientsOut& out, float* gx) {
+void AddRowsToTokens(const Problem& p, const std::vector<Rows>& table, const RowGroups& g, int64_t begin,
+                     int64_t end, const float* c, float* out, const std::vector<float*>* row_grads = nullptr,
+                     const float* src = nullptr) {
   const int64_t D = p.D, J = p.J;
   for (int64_t q = begin; q < end; ++q) {
-    PrefetchGroup(p.down, g, q + 1, end, D);
+    PrefetchGroup(table, g, q + 1, end, D);
     const RowGroups::Group& grp = g.groups[q];
     for (int64_t h = grp.begin; h < grp.end; ++h)
-      AxpyRow(ga[h], p.down[grp.segment], grp.row, gx + (g.hits[h] / J) * D, D);
-    if (float* gd = out.gd[grp.segment])
-      RowGradient(grp, g.hits.data(), J, D, ga, p.x, gd + (q - g.first_group[grp.segment]) * D);
+      AxpyRow(c[h], table[grp.segment], grp.row, out + (g.hits[h] / J) * D, D);
+    if (float* rg = row_grads ? (*row_grads)[grp.segment] : nullptr)
+      RowGradient(grp, g.hits.data(), J, D, c, src, rg + (q - g.first_group[grp.segment]) * D);
   }
 }
 
@@ -367,7 +358,7 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
     float* cp = c.data_ptr<float>();
     torch::Tensor y = OverRowChunks(g, p.M, p.D, [&](int64_t begin, int64_t end, float* y_part) {
       for (int64_t h = HitsBegin(g, begin, end); h < HitsEnd(g, begin, end); ++h) cp[h] *= p.w[g.hits[h]];
-      ForwardUp(p, g, begin, end, cp, y_part);
+      AddRowsToTokens(p, p.up, g, begin, end, cp, y_part);
     });
     ctx->save_for_backward({x, w, segment, index, a});
     ctx->saved_data["table_list"] = c10::List<torch::Tensor>(kept);
@@ -416,7 +407,7 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
       }
       BackwardUp(p, g, begin, end, gy.data_ptr<float>(), out, PairValues{c.get(), actp, wh.get(), gap},
                  gw.data_ptr<float>());
-      BackwardDown(p, g, begin, end, gap, out, gx_part);
+      AddRowsToTokens(p, p.down, g, begin, end, gap, gx_part, &out.gd, p.x);
     });
 
     variable_list grads = {gx, gw, torch::Tensor(), torch::Tensor()};
