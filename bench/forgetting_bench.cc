@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -19,6 +20,7 @@
 #include "core/runtime.h"
 #include "core/text_batcher.h"
 #include "core/text_file.h"
+#include "core/text_router.h"
 #include "core/trainer.h"
 
 namespace peerd::bench {
@@ -35,20 +37,33 @@ struct Policy {
   std::string name;
   bool peer = false;    // PEER model (else the dense-FFN baseline)
   bool grow = false;    // a new segment per domain, the previous one frozen
-  bool recipe = false;  // replay of earlier domains + distillation towards the previous model
+  bool recipe = false;  // replay of earlier text + distillation towards the previous model
+  bool routed = false;  // routing isolation: after the base phase only the new segment and its
+                        // adapter train; a text runs the base or one domain's segment and adapter,
+                        // chosen by the bigram router (core/text_router.h)
 };
 
-const Policy kPolicies[] = {{"dense", false, false, false},
-                            {"dense+recipe", false, false, true},
-                            {"peer-all", true, false, false},
-                            {"freeze-grow", true, true, false},
-                            {"freeze-grow+recipe", true, true, true}};
+const Policy kPolicies[] = {{"dense", false, false, false, false},
+                            {"dense+recipe", false, false, true, false},
+                            {"peer-all", true, false, false, false},
+                            {"freeze-grow", true, true, false, false},
+                            {"freeze-grow+recipe", true, true, true, false},
+                            {"routed", true, true, false, true}};
+
+// One phase of the stream: a domain (an index into the tasks) trained for `steps` steps.
+struct Phase {
+  int task = 0;
+  uint32_t steps = 0;
+  bool pretrain = false;  // the broad base phase before the stream
+};
 
 struct Knobs {
   Config base;                 // the PEER model and training (per domain: train.steps steps;
                                // the recipe's replay share and distillation weight)
   uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
   TrainConfig later;           // freeze-grow's training policy from the second domain on
+  uint32_t adapter_rank = 32;  // routed: rank of each segment's adapter
+  float adapter_lr_scale = 1;  // routed: learning-rate multiplier of the new segment's adapter
   int64_t eval_bytes = 0;
   bool verbose = true;
 };
@@ -79,12 +94,16 @@ Status LoadDomain(const std::string& spec, const std::string& corpus_dir, size_t
 }
 
 // The dense FFN width that gives the dense model the PEER model's active parameters per token with
-// `segments` segments per PEER layer. Every segment's sub-keys are scored for every token, so
-// they count as active; matching the final, grown pool is the comparison least kind to PEER.
-uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments) {
+// `segments` segments per PEER layer (and, with adapter_rank > 0, one segment's adapter, which is
+// what a routed token runs). Every segment's sub-keys count as active, as if all were scored for
+// every token (a routed token scores two segments' only): matching the final, grown pool this
+// way is the comparison least kind to PEER.
+uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, uint32_t adapter_rank) {
   ModelConfig grown = peer_model;
   grown.mutable_peer()->set_initial_segments(static_cast<uint32_t>(segments));
-  const int64_t target = TransformerLM(grown)->ActiveParameters();
+  TransformerLM grown_model(grown);
+  if (adapter_rank > 0) TORCH_CHECK(grown_model->AddAdapter(0, adapter_rank).ok());
+  const int64_t target = grown_model->ActiveParameters();
   ModelConfig m = peer_model;
   m.set_ffn(FFN_KIND_DENSE);
   auto active = [&](uint32_t h) {
@@ -95,28 +114,79 @@ uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments) {
   return static_cast<uint32_t>(std::max<int64_t>(1, std::llround(static_cast<double>(target - a1) / slope) + 1));
 }
 
-std::vector<double> EvaluateAll(TransformerLM& model, const std::vector<Domain>& domains, int64_t eval_bytes) {
-  EvalOptions o;
-  o.max_bytes = eval_bytes;
+std::vector<double> EvaluateAll(TransformerLM& model, const std::vector<Domain>& domains, const EvalOptions& o) {
   std::vector<double> row;
   for (const Domain& d : domains) row.push_back(BitsPerByte(model, d.heldout, o));
   return row;
 }
 
-Status GrowAll(Trainer& trainer, uint32_t n_keys) {
+// The routed policy's router and the route of each of its branches: branch `base` (the segments of
+// the base phase, no adapter) or a domain's segment with its adapter.
+struct Routing {
+  BigramRouter router;
+  int64_t base = 0;  // the base phase's segment id
+
+  Route RouteOf(int64_t branch) const {
+    if (branch < 0 || branch == base) return {-1, {base}};
+    return {branch, {base, branch}};
+  }
+  // What the evaluator asks: the route for the text before a window (core/evaluator.h).
+  EvalOptions Options(EvalOptions o, int64_t context) const {
+    o.route = [this](std::string_view text) { return RouteOf(router.Choose(text)); };
+    o.route_context = context;
+    return o;
+  }
+};
+
+// The bytes of a batch of windows [B, T+1], as text for the router's counts.
+std::string BatchBytes(const torch::Tensor& tokens) {
+  torch::Tensor t = tokens.to(torch::kUInt8).contiguous();
+  std::string out(t.numel(), '\0');
+  std::memcpy(out.data(), t.data_ptr(), out.size());
+  return out;
+}
+
+// Per task: the share of its held-out windows the router sends to `expected[task]`'s branch.
+std::vector<double> RoutingAccuracy(const Routing& r, const std::vector<Domain>& tasks,
+                                    const std::vector<int64_t>& expected, const EvalOptions& o) {
+  std::vector<double> out;
+  for (size_t j = 0; j < tasks.size(); ++j) {
+    const std::string& text = tasks[j].heldout;
+    const int64_t n = o.max_bytes > 0 ? std::min<int64_t>(o.max_bytes, text.size()) : text.size();
+    int64_t right = 0, windows = 0;
+    for (int64_t start = 0; start + 1 < n; start += o.route_context, ++windows) {
+      const int64_t from = std::max<int64_t>(0, start - o.route_context);
+      int64_t b = r.router.Choose(std::string_view(text).substr(from, start + 1 - from));
+      if (b < 0) b = r.base;
+      right += b == expected[j];
+    }
+    out.push_back(windows ? static_cast<double>(right) / windows : 0.0);
+  }
+  return out;
+}
+
+// Freezes every training segment and adapter and adds a fresh segment to every PEER layer;
+// *id is the new segments' id (the same in every layer: they grow in step).
+Status GrowAll(Trainer& trainer, uint32_t n_keys, int64_t* id) {
   auto layers = trainer.model()->PeerLayers();
   for (size_t l = 0; l < layers.size(); ++l) {
     std::vector<int64_t> training;
     for (const auto& s : layers[l]->segments())
       if (!s->frozen()) training.push_back(s->id());
-    for (int64_t id : training)
-      if (Status st = trainer.FreezeSegment(l, id); !st.ok()) return st;
-    if (Status st = trainer.AddSegment(l, n_keys); !st.ok()) return st;
+    for (int64_t s : training)
+      if (Status st = trainer.FreezeSegment(l, s); !st.ok()) return st;
+    int64_t added = -1;
+    if (Status st = trainer.AddSegment(l, n_keys, &added); !st.ok()) return st;
+    if (l > 0 && added != *id) return Status::FailedPrecondition("PEER layers grew out of step");
+    *id = added;
   }
+  for (const auto& [a, adapter] : trainer.model()->adapters())
+    if (!adapter->frozen())
+      if (Status st = trainer.model()->FreezeAdapter(a); !st.ok()) return st;
   return Status::OK();
 }
 
-json RunPolicy(const Policy& p, const std::vector<Domain>& domains, const std::vector<int>& sequence, const Knobs& k) {
+json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vector<Phase>& phases, const Knobs& k) {
   const auto start = Clock::now();
   Config c = k.base;
   if (!p.peer) {
@@ -130,42 +200,64 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& domains, const std::v
   Trainer trainer(model, tc);
   const int64_t batch = tc.batch_size(), context = c.model().context();
   std::vector<TextBatcher> fresh, replay;
-  for (size_t i = 0; i < domains.size(); ++i) {
-    fresh.emplace_back(domains[i].train, context, tc.seed() + i);
-    if (p.recipe) replay.emplace_back(domains[i].train, context, tc.seed() + 1000 + i);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    fresh.emplace_back(tasks[i].train, context, tc.seed() + i);
+    if (p.recipe) replay.emplace_back(tasks[i].train, context, tc.seed() + 1000 + i);
   }
   std::mt19937_64 rng(tc.seed());
+  auto error = [&](const Status& st) { return json{{"policy", p.name}, {"error", st.ToString()}}; };
 
+  EvalOptions eval;
+  eval.max_bytes = k.eval_bytes;
+  Routing routing;
+  std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
+  auto evaluate = [&] {
+    return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, context) : eval);
+  };
   ForgettingInput in;
-  in.trained_at.assign(domains.size(), -1);
+  in.trained_at.assign(tasks.size(), -1);
   in.init = 0;
-  in.rows.push_back(EvaluateAll(model, domains, k.eval_bytes));
+  in.rows.push_back(evaluate());
   std::vector<std::string> labels = {"init"};
   double train_seconds = 0, plasticity = 0, distill_sum = 0;
-  int64_t distill_n = 0;
-  for (size_t phase = 0; phase < sequence.size(); ++phase) {
-    const int d = sequence[phase];
-    std::vector<int> earlier;  // domains trained before this phase, other than this one
+  int64_t distill_n = 0, streamed = 0, stream_steps = 0;
+  for (size_t phase = 0; phase < phases.size(); ++phase) {
+    const int d = phases[phase].task;
+    std::vector<int> earlier;  // tasks trained before this phase, other than this one
     for (size_t q = 0; q < phase; ++q)
-      if (sequence[q] != d && std::find(earlier.begin(), earlier.end(), sequence[q]) == earlier.end())
-        earlier.push_back(sequence[q]);
+      if (phases[q].task != d && std::find(earlier.begin(), earlier.end(), phases[q].task) == earlier.end())
+        earlier.push_back(phases[q].task);
+    int64_t branch = routing.base;
     if (phase > 0) {
       if (p.recipe) trainer.SetTeacher(CopyForTeacher(model));  // before the pool grows
       if (p.grow) {
-        if (Status st = GrowAll(trainer, c.model().peer().n_keys()); !st.ok())
-          return {{"policy", p.name}, {"error", st.ToString()}};
-        if (phase == 1) trainer.SetConfig(k.later);
+        if (Status st = GrowAll(trainer, c.model().peer().n_keys(), &branch); !st.ok()) return error(st);
+        if (p.routed) {
+          // What adapts to this domain is owned by its segment: its experts and its adapter.
+          if (Status st = model->AddAdapter(branch, k.adapter_rank); !st.ok()) return error(st);
+          if (Status st = model->SetRoute(routing.RouteOf(branch)); !st.ok()) return error(st);
+          TrainConfig owned = tc;
+          owned.clear_train_groups();
+          owned.add_train_groups("new-segment");
+          owned.set_backbone_lr_scale(k.adapter_lr_scale);
+          trainer.SetConfig(owned);
+        } else if (phase == 1) {
+          trainer.SetConfig(k.later);
+        }
       }
     }
+    branch_of[d] = branch;
     trainer.set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
     const int64_t replayed =
         p.recipe && !earlier.empty() ? std::llround(static_cast<double>(batch) * tc.replay_ratio()) : 0;
     const auto t0 = Clock::now();
     double loss = 0;
-    for (uint32_t s = 0; s < tc.steps(); ++s) {
+    for (uint32_t s = 0; s < phases[phase].steps; ++s) {
       std::vector<torch::Tensor> rows;
       for (int64_t r = 0; r < replayed; ++r) rows.push_back(replay[earlier[rng() % earlier.size()]].Next(1));
-      rows.push_back(fresh[d].Next(batch - replayed));
+      torch::Tensor new_rows = fresh[d].Next(batch - replayed);
+      if (p.routed) routing.router.Observe(branch, BatchBytes(new_rows));  // statistics, not text
+      rows.push_back(new_rows);
       StepStats st = trainer.Step(torch::cat(rows, 0), replayed);
       loss += st.loss;
       distill_sum += st.distill;
@@ -173,39 +265,62 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& domains, const std::v
     }
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     train_seconds += secs;
-    in.rows.push_back(EvaluateAll(model, domains, k.eval_bytes));
+    in.rows.push_back(evaluate());
     in.trained_at[d] = static_cast<int>(in.rows.size() - 1);
-    labels.push_back("after " + domains[d].name);
-    plasticity += in.rows.back()[d];
+    labels.push_back((phases[phase].pretrain ? "base " : "after ") + tasks[d].name);
+    if (!phases[phase].pretrain) {
+      plasticity += in.rows.back()[d];
+      ++streamed;
+      stream_steps += phases[phase].steps;
+    }
     if (k.verbose) {
       std::fprintf(stderr, "  %-19s %2zu/%zu %-12s train loss %.3f bits/byte, held-out %.3f, %.0f tokens/s\n",
-                   p.name.c_str(), phase + 1, sequence.size(), domains[d].name.c_str(),
-                   loss / tc.steps() / std::log(2.0), in.rows.back()[d], tc.steps() * batch * context / secs);
+                   p.name.c_str(), phase + 1, phases.size(), tasks[d].name.c_str(),
+                   loss / phases[phase].steps / std::log(2.0), in.rows.back()[d],
+                   phases[phase].steps * batch * context / secs);
     }
   }
   const ForgettingMetrics m = ComputeForgettingMetrics(in);
   json forgetting = json::object();
-  for (size_t j = 0; j < domains.size(); ++j)
-    if (!std::isnan(m.forgetting[j])) forgetting[domains[j].name] = m.forgetting[j];
-  json tasks = json::array();
-  for (const Domain& d : domains) tasks.push_back(d.name);
-  return {{"policy", p.name},
-          {"tasks", tasks},
-          {"labels", labels},
-          {"matrix", in.rows},
-          {"mean_forgetting", m.mean_forgetting},
-          {"forgetting", forgetting},
-          {"bwt", m.bwt},
-          {"fwt", m.fwt},
-          {"acc", m.acc},
-          {"plasticity_bpb", plasticity / sequence.size()},  // mean of R[phase][domain just trained]
-          {"last_domain_bpb", in.rows.back()[sequence.back()]},
-          {"mean_distill_kl", distill_n ? distill_sum / distill_n : 0.0},
-          {"total_params", model->TotalParameters()},
-          {"active_params", model->ActiveParameters()},
-          {"train_tokens", static_cast<int64_t>(sequence.size()) * tc.steps() * batch * context},
-          {"train_seconds", train_seconds},
-          {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()}};
+  for (size_t j = 0; j < tasks.size(); ++j)
+    if (!std::isnan(m.forgetting[j])) forgetting[tasks[j].name] = m.forgetting[j];
+  json names = json::array();
+  for (const Domain& d : tasks) names.push_back(d.name);
+  // Old text a policy must keep to go on: a replaying policy draws from every earlier task's
+  // training text for as long as it trains.
+  uint64_t kept_old_text = 0;
+  if (p.recipe)
+    for (size_t q = 0; q + 1 < phases.size(); ++q)
+      if (phases[q].task != phases.back().task) kept_old_text += tasks[phases[q].task].train.size();
+  json row = {{"policy", p.name},
+              {"peer", p.peer},
+              {"replay_ratio", p.recipe ? tc.replay_ratio() : 0.0},
+              {"kept_old_text_bytes", kept_old_text},
+              {"tasks", names},
+              {"labels", labels},
+              {"matrix", in.rows},
+              {"mean_forgetting", m.mean_forgetting},
+              {"forgetting", forgetting},
+              {"bwt", m.bwt},
+              {"fwt", m.fwt},
+              {"acc", m.acc},
+              {"plasticity_bpb", streamed ? plasticity / streamed : NAN},  // mean R[phase][domain just trained]
+              {"last_domain_bpb", in.rows.back()[phases.back().task]},
+              {"mean_distill_kl", distill_n ? distill_sum / distill_n : 0.0},
+              {"total_params", model->TotalParameters()},
+              {"active_params", model->ActiveParameters()},
+              {"train_tokens", stream_steps * batch * context},
+              {"train_seconds", train_seconds},
+              {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()}};
+  if (p.routed) {
+    row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
+    row["adapter_rank"] = k.adapter_rank;
+    json accuracy = json::object();
+    const std::vector<double> acc = RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, context));
+    for (size_t j = 0; j < tasks.size(); ++j) accuracy[tasks[j].name] = acc[j];
+    row["routing_accuracy"] = accuracy;
+  }
+  return row;
 }
 
 void PrintPolicy(const json& r) {
@@ -259,9 +374,12 @@ std::vector<std::string> Split(const std::string& s) {
 }  // namespace
 
 int ForgettingBench(int argc, char** argv) {
-  CLI::App app{"peer-bench forgetting: five continual-learning policies on one sequence of text domains"};
+  CLI::App app{"peer-bench forgetting: continual-learning policies on one sequence of text domains"};
   std::string domains_arg = "kjv,c-code,fortunes-de,man-pages,sparv,python", corpus_dir = "data/corpora";
   std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all", json_out = "bench-out/forgetting.json";
+  std::string pretrain_arg = "broad:600";
+  uint32_t adapter_rank = 32;
+  double adapter_lr_scale = 1;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
   size_t train_kb = 2048, heldout_kb = 24;
   double replay = -1, distill = -1, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
@@ -272,7 +390,12 @@ int ForgettingBench(int argc, char** argv) {
                  "with train.txt and heldout.txt, or NAME=TRAIN_FILE:HELDOUT_FILE")->capture_default_str();
   app.add_option("--corpus-dir", corpus_dir, "where NAME domains live (scripts/corpora.sh writes them)")->capture_default_str();
   app.add_option("--repeat", repeat, "train the sequence this many times (a longer stream)")->capture_default_str();
-  app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe (default all)");
+  app.add_option("--pretrain", pretrain_arg,
+                 "DOMAIN[:STEPS]: a broad base phase before the stream, on text that is none of the streamed "
+                 "domains, scored as a task like the others ('' = none; DOMAIN as in --domains)")->capture_default_str();
+  app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed (default all)");
+  app.add_option("--adapter-rank", adapter_rank, "routed: rank of each segment's low-rank deltas")->capture_default_str();
+  app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
   app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
   app.add_option("--steps", steps, "training steps per domain")->capture_default_str();
   app.add_option("--batch", batch, "sequences per step (default: the config's)");
@@ -334,36 +457,64 @@ int ForgettingBench(int argc, char** argv) {
   if (steps == 0 || repeat == 0) return fail(Status::InvalidArgument("--steps and --repeat must be at least 1"));
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.verbose = !quiet;
+  k.adapter_rank = adapter_rank;
+  k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
+  if (adapter_rank == 0) return fail(Status::InvalidArgument("--adapter-rank must be at least 1"));
 
   std::vector<Policy> policies;
   if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
   for (const std::string& name : Split(policies_arg)) {
     auto it = std::find_if(std::begin(kPolicies), std::end(kPolicies), [&](const Policy& p) { return p.name == name; });
     if (it == std::end(kPolicies))
-      return fail(Status::InvalidArgument("unknown policy '" + name + "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe)"));
+      return fail(Status::InvalidArgument("unknown policy '" + name + "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed)"));
     policies.push_back(*it);
   }
-  std::vector<Domain> domains;
-  for (const std::string& spec : Split(domains_arg)) {
+  // The tasks: the base phase's text first (when there is one), then the streamed domains.
+  std::vector<Domain> tasks;
+  std::vector<Phase> phases;
+  auto load = [&](const std::string& spec) -> Status {
     Domain d;
-    if (Status st = LoadDomain(spec, corpus_dir, train_kb * 1000, &d); !st.ok()) return fail(st);
+    if (Status st = LoadDomain(spec, corpus_dir, train_kb * 1000, &d); !st.ok()) return st;
     if (d.train.size() <= static_cast<size_t>(m->context()) + 1 || d.heldout.size() < 2)
-      return fail(Status::InvalidArgument("domain '" + d.name + "' has too little text for context " +
-                                          std::to_string(m->context())));
-    domains.push_back(std::move(d));
+      return Status::InvalidArgument("domain '" + d.name + "' has too little text for context " +
+                                     std::to_string(m->context()));
+    tasks.push_back(std::move(d));
+    return Status::OK();
+  };
+  if (!pretrain_arg.empty()) {
+    std::string spec = pretrain_arg;
+    uint32_t pretrain_steps = 600;
+    if (auto colon = spec.rfind(':'); colon != std::string::npos && colon + 1 < spec.size() &&
+                                      spec.find_first_not_of("0123456789", colon + 1) == std::string::npos) {
+      pretrain_steps = static_cast<uint32_t>(std::stoul(spec.substr(colon + 1)));
+      spec.resize(colon);
+    }
+    if (pretrain_steps == 0) return fail(Status::InvalidArgument("--pretrain needs at least 1 step"));
+    if (Status st = load(spec); !st.ok())
+      return fail(Status::InvalidArgument("--pretrain " + pretrain_arg + ": " + st.message()));
+    phases.push_back({0, pretrain_steps, true});
   }
-  std::vector<int> sequence;
+  const int first_domain = static_cast<int>(tasks.size());
+  for (const std::string& spec : Split(domains_arg))
+    if (Status st = load(spec); !st.ok()) return fail(st);
   for (uint32_t r = 0; r < repeat; ++r)
-    for (size_t i = 0; i < domains.size(); ++i) sequence.push_back(static_cast<int>(i));
+    for (size_t i = first_domain; i < tasks.size(); ++i) phases.push_back({static_cast<int>(i), steps, false});
+  for (size_t i = 0; i < tasks.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (tasks[i].name == tasks[j].name) return fail(Status::InvalidArgument("task '" + tasks[i].name + "' is given twice"));
 
+  const bool any_routed = std::any_of(policies.begin(), policies.end(), [](const Policy& p) { return p.routed; });
   const int used_threads = SetComputeThreads(t->threads());
-  k.dense_hidden = MatchingDenseHidden(*m, sequence.size());
-  std::fprintf(stderr, "peer-bench forgetting: %zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
-               domains.size(), repeat, steps, t->batch_size(), m->context(), used_threads, BlasInfo().c_str());
-  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model)\n", k.dense_hidden);
+  k.dense_hidden = MatchingDenseHidden(*m, phases.size(), any_routed ? adapter_rank : 0);
+  std::fprintf(stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
+               pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(),
+               tasks.size() - first_domain, repeat, steps, t->batch_size(), m->context(), used_threads,
+               BlasInfo().c_str());
+  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
+               k.dense_hidden, any_routed ? " with one adapter" : "");
 
   std::vector<json> rows;
-  for (const Policy& p : policies) rows.push_back(RunPolicy(p, domains, sequence, k));
+  for (const Policy& p : policies) rows.push_back(RunPolicy(p, tasks, phases, k));
   auto find = [&](const char* name) -> const json* {
     for (const json& r : rows)
       if (r["policy"] == name && !r.contains("error")) return &r;
@@ -377,8 +528,8 @@ int ForgettingBench(int argc, char** argv) {
     if (dense) r["plasticity_ratio_vs_dense"] = r["plasticity_bpb"].get<double>() / (*dense)["plasticity_bpb"].get<double>();
     if (dense_recipe) r["acc_ratio_vs_dense_recipe"] = r["acc"].get<double>() / (*dense_recipe)["acc"].get<double>();
     r["config"] = json::parse(ConfigToJson(k.base));
-    r["replay"] = t->replay_ratio();
     r["later_groups"] = later_groups_arg;
+    r["pretrain"] = pretrain_arg;
   }
   WriteJsonLines(json_out, rows);
   if (as_json) {

@@ -13,7 +13,7 @@ namespace {
 
 // Parameter groups a TrainConfig may name (DESIGN.md §1, "Training policy groups").
 const char* const kTrainGroups[] = {"all",   "non-expert",  "expert",    "attention",
-                                    "dense-ffn", "new-segment", "query", "norm-stats"};
+                                    "dense-ffn", "new-segment", "query", "norm-stats", "adapter"};
 
 Status Invalid(const std::string& field, const std::string& what) {
   return Status::InvalidArgument("config field '" + field + "' " + what);

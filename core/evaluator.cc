@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 namespace peerd {
 
@@ -18,27 +19,48 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
   torch::NoGradGuard no_grad;
   double nats = 0;
   int64_t predicted = 0;
-  // Windows overlap by one byte: the last byte of one is the first input of the next.
-  std::vector<torch::Tensor> batch;
-  auto flush = [&] {
-    if (batch.empty()) return;
-    torch::Tensor tokens = torch::stack(batch);  // [b, L+1]
-    torch::Tensor loss = model->Loss(tokens);    // mean over b·L predictions
-    const int64_t count = tokens.size(0) * (tokens.size(1) - 1);
-    nats += loss.item<double>() * count;
-    predicted += count;
-    batch.clear();
-  };
+  // Windows overlap by one byte: the last byte of one is the first input of the next. With a
+  // router, windows are grouped by route and each group runs under its own.
+  std::vector<std::pair<int64_t, int64_t>> windows;  // [start, end] byte ranges, end inclusive
   int64_t start = 0;
-  for (; start + context + 1 <= n; start += context) {
-    batch.push_back(bytes.slice(0, start, start + context + 1));
-    if (static_cast<int64_t>(batch.size()) == options.batch) flush();
+  for (; start + context + 1 <= n; start += context) windows.push_back({start, start + context});
+  if (n - start >= 2) windows.push_back({start, n - 1});  // the shorter tail window
+  std::map<std::pair<int64_t, std::vector<int64_t>>, std::vector<size_t>> groups;  // route -> windows
+  for (size_t w = 0; w < windows.size(); ++w) {
+    Route r = model->route();
+    if (options.route) {
+      const int64_t from = std::max<int64_t>(0, windows[w].first - options.route_context);
+      r = options.route(std::string_view(text).substr(from, windows[w].first + 1 - from));
+    }
+    groups[{r.adapter, r.segments}].push_back(w);
   }
-  flush();
-  if (n - start >= 2) {  // the shorter tail window, alone
-    batch.push_back(bytes.slice(0, start, n));
+  const Route model_route = model->route();
+  for (const auto& [key, members] : groups) {
+    TORCH_CHECK(model->SetRoute({key.first, key.second}).ok(), "evaluation routed to a part the model lacks");
+    std::vector<torch::Tensor> batch;
+    auto flush = [&] {
+      if (batch.empty()) return;
+      torch::Tensor tokens = torch::stack(batch);  // [b, L+1]
+      torch::Tensor loss = model->Loss(tokens);    // mean over b·L predictions
+      const int64_t count = tokens.size(0) * (tokens.size(1) - 1);
+      nats += loss.item<double>() * count;
+      predicted += count;
+      batch.clear();
+    };
+    for (size_t w : members) {
+      const auto [first, last] = windows[w];
+      if (last - first != context) {  // the tail window is shorter: alone
+        flush();
+        batch.push_back(bytes.slice(0, first, last + 1));
+        flush();
+        continue;
+      }
+      batch.push_back(bytes.slice(0, first, last + 1));
+      if (static_cast<int64_t>(batch.size()) == options.batch) flush();
+    }
     flush();
   }
+  TORCH_CHECK(model->SetRoute(model_route).ok());
   model->train(was_training);
   return nats / predicted / std::log(2.0);
 }

@@ -2,7 +2,9 @@
 // text it never trained on. 8 is what a model that knows nothing (uniform over bytes) scores.
 #pragma once
 
+#include <functional>
 #include <string>
+#include <string_view>
 
 #include "core/model.h"
 
@@ -11,10 +13,16 @@ namespace peerd {
 struct EvalOptions {
   int64_t max_bytes = 0;  // score at most this many bytes from the start of the text (0 = all)
   int64_t batch = 16;     // windows per forward pass
+  // Routing isolation (docs/DESIGN.md): when set, each window runs under route(context), where
+  // context is the `route_context` bytes of text before the window plus the window's first byte —
+  // bytes that are inputs, never predicted, in that window, so a route never sees a byte it is
+  // scored on. Unset: the model's own route for every window.
+  std::function<Route(std::string_view context)> route;
+  int64_t route_context = 0;
 };
 
 // The text is cut into consecutive windows of the model's context; every byte after a window's
-// first is predicted once. The model is put in eval mode and restored after.
+// first is predicted once. The model is put in eval mode and restored after (its route too).
 double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOptions& options = {});
 
 }  // namespace peerd

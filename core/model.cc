@@ -16,15 +16,24 @@ CausalSelfAttentionImpl::CausalSelfAttentionImpl(int64_t d_model, int64_t n_head
   mask_ = register_buffer("mask", torch::ones({context, context}, torch::kBool).triu(1));
 }
 
-torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x) {
+torch::Tensor Adapted(torch::nn::Linear& linear, const torch::Tensor& x, const SegmentAdapterImpl* adapter,
+                      const std::string& name) {
+  torch::Tensor y = linear(x);
+  if (!adapter) return y;
+  torch::Tensor delta = adapter->Delta(name, x);
+  return delta.defined() ? y + delta : y;
+}
+
+torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
+                                               const std::string& prefix) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), hd = D / n_heads_;
-  auto parts = qkv(x).chunk(3, -1);  // 3 × [B, T, D]
+  auto parts = Adapted(qkv, x, adapter, prefix + ".qkv").chunk(3, -1);  // 3 × [B, T, D]
   auto heads = [&](const torch::Tensor& t) { return t.view({B, T, n_heads_, hd}).transpose(1, 2); };
   torch::Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);  // [B, nh, T, hd]
   torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
   att = att.masked_fill(mask_.slice(0, 0, T).slice(1, 0, T), -INFINITY).softmax(-1);  // [B, nh, T, T]
   torch::Tensor y = torch::matmul(att, v).transpose(1, 2).reshape({B, T, D});
-  return proj(y);
+  return Adapted(proj, y, adapter, prefix + ".proj");
 }
 
 DenseFfnImpl::DenseFfnImpl(int64_t d_model, int64_t hidden) {
@@ -32,9 +41,12 @@ DenseFfnImpl::DenseFfnImpl(int64_t d_model, int64_t hidden) {
   proj = register_module("proj", torch::nn::Linear(hidden, d_model));
 }
 
-torch::Tensor DenseFfnImpl::forward(const torch::Tensor& x) { return proj(torch::gelu(fc(x))); }
+torch::Tensor DenseFfnImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
+                                    const std::string& prefix) {
+  return Adapted(proj, torch::gelu(Adapted(fc, x, adapter, prefix + ".fc")), adapter, prefix + ".fc_proj");
+}
 
-BlockImpl::BlockImpl(const ModelConfig& c, bool use_peer) {
+BlockImpl::BlockImpl(const ModelConfig& c, bool use_peer, std::string name) : name_(std::move(name)) {
   const int64_t D = c.d_model();
   ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
   attn = register_module("attn", CausalSelfAttention(D, c.n_heads(), c.context()));
@@ -43,10 +55,15 @@ BlockImpl::BlockImpl(const ModelConfig& c, bool use_peer) {
   else dense = register_module("dense", DenseFfn(D, c.dense_hidden()));
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
-  torch::Tensor h = x + attn(ln1(x));
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
+                                 const std::vector<bool>* active) {
+  torch::Tensor h = x + attn->forward(ln1(x), adapter, name_);
   torch::Tensor n = ln2(h);
-  return h + (peer ? peer(n) : dense(n));
+  if (!peer) return h + dense->forward(n, adapter, name_);
+  // The adapter's query delta enters through the layer's own query network: W_q x + ΔW_q x.
+  return h + peer->forward(n, active, adapter ? [adapter, name = name_ + ".query"](const torch::Tensor& x) {
+    return adapter->Delta(name, x);
+  } : std::function<torch::Tensor(const torch::Tensor&)>());
 }
 
 TransformerLMImpl::TransformerLMImpl(const ModelConfig& config) : config_(config) {
@@ -61,7 +78,8 @@ TransformerLMImpl::TransformerLMImpl(const ModelConfig& config) : config_(config
   std::vector<int> peer_blocks = PeerBlocks(config);
   for (uint32_t i = 0; i < config.n_layers(); ++i) {
     bool use_peer = std::find(peer_blocks.begin(), peer_blocks.end(), static_cast<int>(i)) != peer_blocks.end();
-    blocks.push_back(register_module("block" + std::to_string(i), Block(config, use_peer)));
+    const std::string name = "block" + std::to_string(i);
+    blocks.push_back(register_module(name, Block(config, use_peer, name)));
   }
   ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
 }
@@ -70,9 +88,49 @@ torch::Tensor TransformerLMImpl::forward(const torch::Tensor& tokens) {
   const int64_t T = tokens.size(1);
   TORCH_CHECK(T <= static_cast<int64_t>(config_.context()), "sequence of ", T,
               " tokens is longer than the model's context of ", config_.context());
+  const SegmentAdapterImpl* adapter = route_.adapter >= 0 ? adapters_.at(route_.adapter).get() : nullptr;
   torch::Tensor x = tok_emb(tokens) + pos_emb(torch::arange(T, tokens.options()));  // [B, T, D]
-  for (auto& b : blocks) x = b(x);
-  return torch::matmul(ln_f(x), tok_emb->weight.t());  // [B, T, vocab], head tied to tok_emb
+  std::vector<bool> active;
+  for (auto& b : blocks) {
+    if (b->peer && !route_.segments.empty()) {
+      active.clear();
+      for (const auto& s : b->peer->segments())
+        active.push_back(std::find(route_.segments.begin(), route_.segments.end(), s->id()) != route_.segments.end());
+    }
+    x = b->forward(x, adapter, b->peer && !route_.segments.empty() ? &active : nullptr);
+  }
+  torch::Tensor h = ln_f(x);
+  torch::Tensor logits = torch::matmul(h, tok_emb->weight.t());  // [B, T, vocab], head tied to tok_emb
+  if (adapter) logits = logits + adapter->Delta("head", h);
+  return logits;
+}
+
+Status TransformerLMImpl::SetRoute(const Route& route) {
+  if (route.adapter >= 0 && !adapters_.count(route.adapter))
+    return Status::InvalidArgument("route names adapter " + std::to_string(route.adapter) + ", which the model lacks");
+  for (int64_t id : route.segments) {
+    bool found = false;
+    for (const auto& layer : PeerLayers())
+      for (const auto& s : layer->segments()) found = found || s->id() == id;
+    if (!found) return Status::InvalidArgument("route names segment " + std::to_string(id) + ", which the model lacks");
+  }
+  route_ = route;
+  return Status::OK();
+}
+
+Status TransformerLMImpl::AddAdapter(int64_t id, int64_t rank) {
+  if (adapters_.count(id)) return Status::FailedPrecondition("the model already has adapter " + std::to_string(id));
+  if (rank <= 0) return Status::InvalidArgument("an adapter's rank must be at least 1, got " + std::to_string(rank));
+  adapters_.emplace(id, register_module("adapter" + std::to_string(id), SegmentAdapter(config_, rank)));
+  newest_adapter_ = std::max(newest_adapter_, id);
+  return Status::OK();
+}
+
+Status TransformerLMImpl::FreezeAdapter(int64_t id) {
+  auto it = adapters_.find(id);
+  if (it == adapters_.end()) return Status::NotFound("no adapter " + std::to_string(id));
+  it->second->Freeze();
+  return Status::OK();
 }
 
 torch::Tensor TransformerLMImpl::Loss(const torch::Tensor& tokens) {
@@ -135,6 +193,12 @@ std::vector<ParamInfo> TransformerLMImpl::ClassifiedParameters() const {
     }
   }
   add("ln_f", *ln_f, ParamKind::kNorm);
+  for (const auto& [id, adapter] : adapters_) {
+    if (adapter->frozen()) continue;
+    for (const auto& item : adapter->named_parameters())
+      out.push_back({"adapter" + std::to_string(id) + "." + item.key(), item.value(), ParamKind::kAdapter, nullptr,
+                     id == newest_adapter_, true});
+  }
   return out;
 }
 
@@ -155,13 +219,22 @@ int64_t TransformerLMImpl::ActiveParameters() const {
     for (const auto& s : layer->segments()) n -= 2 * s->num_experts() * s->d_model();
     n += int64_t{c.heads()} * c.topk() * 2 * config_.d_model();
   }
-  return n;
+  // One adapter runs per token (the route's): all but the largest are inactive.
+  int64_t largest = 0;
+  for (const auto& [id, adapter] : adapters_) {
+    int64_t size = 0;
+    for (const auto& p : adapter->parameters()) size += p.numel();
+    n -= size;
+    largest = std::max(largest, size);
+  }
+  return n + largest;
 }
 
 TransformerLM CopyForTeacher(const TransformerLM& model) {
   ModelConfig config = model->config();
   config.mutable_peer()->set_initial_segments(0);  // the segments follow the model's
   TransformerLM copy(config);
+  for (const auto& [id, adapter] : model->adapters()) TORCH_CHECK(copy->AddAdapter(id, adapter->rank()).ok());
   auto from = model->PeerLayers(), to = copy->PeerLayers();
   for (size_t l = 0; l < from.size(); ++l) {
     for (const auto& s : from[l]->segments()) {
@@ -178,6 +251,9 @@ TransformerLM CopyForTeacher(const TransformerLM& model) {
   }
   for (auto& b : copy->named_buffers())
     if (!b.value().is_same(src_buffers[b.key()])) b.value().copy_(src_buffers[b.key()]);
+  for (const auto& [id, adapter] : model->adapters())
+    if (adapter->frozen()) TORCH_CHECK(copy->FreezeAdapter(id).ok());
+  TORCH_CHECK(copy->SetRoute(model->route()).ok());
   copy->eval();
   return copy;
 }

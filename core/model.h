@@ -6,19 +6,35 @@
 
 #include <torch/torch.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
 #include "proto/config.pb.h"
 #include "core/peer_layer.h"
+#include "core/segment_adapter.h"
 
 namespace peerd {
 
 // Causal multi-head self-attention, written out (no scaled_dot_product_attention: LibTorch 1.13).
+// What a forward pass runs besides the shared trunk (routing isolation, docs/DESIGN.md): one
+// segment's adapter and the segments PEER retrieval may choose from. The default runs every
+// segment and no adapter (the global top-k of DESIGN.md §1).
+struct Route {
+  int64_t adapter = -1;           // id of a SegmentAdapter of the model, or -1 for none
+  std::vector<int64_t> segments;  // ids of the segments retrieval may use in every PEER layer; empty: all
+};
+
+// The linear map `linear` of x, plus the adapter's delta of the map named `name` when there is one.
+torch::Tensor Adapted(torch::nn::Linear& linear, const torch::Tensor& x, const SegmentAdapterImpl* adapter,
+                      const std::string& name);
+
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
   CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads, int64_t context);
-  torch::Tensor forward(const torch::Tensor& x);  // [B, T, D] -> [B, T, D]
+  // [B, T, D] -> [B, T, D]; `adapter` (may be null) adds its deltas of `prefix`.qkv and .proj.
+  torch::Tensor forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter = nullptr,
+                        const std::string& prefix = "");
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
 
  private:
@@ -31,32 +47,39 @@ TORCH_MODULE(CausalSelfAttention);
 class DenseFfnImpl : public torch::nn::Module {
  public:
   DenseFfnImpl(int64_t d_model, int64_t hidden);
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter = nullptr,
+                        const std::string& prefix = "");
   torch::nn::Linear fc{nullptr}, proj{nullptr};
 };
 TORCH_MODULE(DenseFfn);
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const ModelConfig& config, bool peer);
-  torch::Tensor forward(const torch::Tensor& x);  // x + attn(ln1 x), then + ffn(ln2 x)
+  BlockImpl(const ModelConfig& config, bool peer, std::string name);
+  // x + attn(ln1 x), then + ffn(ln2 x); `adapter` may be null, `active` as PeerLayer's.
+  torch::Tensor forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter = nullptr,
+                        const std::vector<bool>* active = nullptr);
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
   CausalSelfAttention attn{nullptr};
   DenseFfn dense{nullptr};  // exactly one of dense / peer is set
   PeerLayer peer{nullptr};
+
+ private:
+  std::string name_;  // "block<i>": the prefix of this block's maps in an adapter
 };
 TORCH_MODULE(Block);
 
 // Which part of the model a parameter belongs to; training policies select by these
 // (DESIGN.md §1, "Training policy groups").
-enum class ParamKind { kEmbedding, kNorm, kAttention, kDenseFfn, kQuery, kExpert };
+enum class ParamKind { kEmbedding, kNorm, kAttention, kDenseFfn, kQuery, kExpert, kAdapter };
 
 struct ParamInfo {
   std::string name;
   torch::Tensor tensor;
   ParamKind kind;
   const ExpertSegmentImpl* segment = nullptr;  // set for kExpert
-  bool newest_segment = false;                 // kExpert in its layer's last-added segment
+  bool newest_segment = false;                 // kExpert in its layer's last-added segment, or
+                                               // kAdapter of the last-added adapter
   bool decay = false;                          // AdamW weight decay applies (matrices, not norms/keys)
 };
 
@@ -64,7 +87,7 @@ class TransformerLMImpl : public torch::nn::Module {
  public:
   explicit TransformerLMImpl(const ModelConfig& config);
 
-  // tokens [B, T] int64 -> logits [B, T, vocab].
+  // tokens [B, T] int64 -> logits [B, T, vocab], under the model's route.
   torch::Tensor forward(const torch::Tensor& tokens);
   // Mean next-token cross-entropy in nats of tokens [B, T+1] (inputs [:, :-1], targets [:, 1:]).
   torch::Tensor Loss(const torch::Tensor& tokens);
@@ -82,6 +105,17 @@ class TransformerLMImpl : public torch::nn::Module {
   // layer (DESIGN.md: cost follows the active count, as for Mixtral's 12.9B of 46.7B).
   int64_t ActiveParameters() const;
 
+  // Routing isolation (docs/DESIGN.md): which adapter and segments every later forward pass runs.
+  // InvalidArgument when the route names an adapter or a segment the model does not have.
+  Status SetRoute(const Route& route);
+  const Route& route() const { return route_; }
+  // Appends a training adapter of `rank` under `id` (the id of the segments it goes with);
+  // FailedPrecondition if one has that id.
+  Status AddAdapter(int64_t id, int64_t rank);
+  // Freezes adapter `id` for ever; NotFound if there is none.
+  Status FreezeAdapter(int64_t id);
+  const std::map<int64_t, SegmentAdapter>& adapters() const { return adapters_; }
+
   const ModelConfig& config() const { return config_; }
   torch::nn::Embedding tok_emb{nullptr}, pos_emb{nullptr};
   std::vector<Block> blocks;
@@ -89,6 +123,9 @@ class TransformerLMImpl : public torch::nn::Module {
 
  private:
   ModelConfig config_;
+  std::map<int64_t, SegmentAdapter> adapters_;  // by id
+  int64_t newest_adapter_ = -1;
+  Route route_;
 };
 TORCH_MODULE(TransformerLM);
 

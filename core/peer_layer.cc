@@ -91,10 +91,11 @@ int64_t PeerLayerImpl::num_experts() const {
   return n;
 }
 
-torch::Tensor PeerLayerImpl::Query(const torch::Tensor& x) {
+torch::Tensor PeerLayerImpl::Query(const torch::Tensor& x, const torch::Tensor& delta) {
   const int64_t h = config_.heads(), dk = config_.query_dim();
   // [M, h·dk]; with the fused kernels on the CPU's own GEMM kernel (kernels/linear.h), the same map.
   torch::Tensor q = UsesFusedKernel(x) ? kernels::Linear(x, query_proj->weight) : query_proj(x);
+  if (delta.defined()) q = q + delta;
   switch (config_.query_norm()) {
     case QUERY_NORM_BATCH:
       // Frozen statistics normalise with the running estimates, as at evaluation.
@@ -213,11 +214,12 @@ torch::Tensor PeerLayerImpl::MixFused(const torch::Tensor& x, const torch::Tenso
   return kernels::ExpertMixture(x, w, segment, index, tables);
 }
 
-torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active) {
+torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active,
+                                     const std::function<torch::Tensor(const torch::Tensor&)>& query_delta) {
   const int64_t D = d_model_, hk = config_.heads() * config_.topk();
   torch::Tensor xs = x.reshape({-1, D});                        // [M, D]
   const int64_t M = xs.size(0);
-  Retrieval r = Retrieve(Query(xs), active);                    // [M, h, k]
+  Retrieval r = Retrieve(Query(xs, query_delta ? query_delta(xs) : torch::Tensor()), active);  // [M, h, k]
   torch::Tensor w = torch::softmax(r.scores, -1).reshape({M, 1, hk});  // router weights per head
   if (UsesFusedKernel(xs)) return MixFused(xs, w.view({M, hk}), r).view(x.sizes());
   auto [down, up] = Gather(r, xs.scalar_type());

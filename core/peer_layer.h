@@ -18,6 +18,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <vector>
 
 #include "proto/config.pb.h"
@@ -39,11 +40,14 @@ class PeerLayerImpl : public torch::nn::Module {
   PeerLayerImpl(int64_t d_model, const PeerConfig& config);
 
   // x: [..., D] -> [..., D]. `active`, when given, has one flag per segment; retrieval ignores
-  // segments whose flag is false (to see what the other segments contribute, e.g. in tests).
-  torch::Tensor forward(const torch::Tensor& x, const std::vector<bool>* active = nullptr);
+  // segments whose flag is false (routing isolation, or to see what the other segments
+  // contribute in tests). `query_delta`, when set, maps x [M, D] to a change of W_q x [M, h·dk]
+  // (a segment adapter's, core/segment_adapter.h).
+  torch::Tensor forward(const torch::Tensor& x, const std::vector<bool>* active = nullptr,
+                        const std::function<torch::Tensor(const torch::Tensor&)>& query_delta = {});
 
-  // The query network: x [M, D] -> [h, M, dk].
-  torch::Tensor Query(const torch::Tensor& x);
+  // The query network: x [M, D] -> [h, M, dk]; `delta` [M, h·dk] is added to W_q x before the norm.
+  torch::Tensor Query(const torch::Tensor& x, const torch::Tensor& delta = {});
   // Retrieval over the active segments for queries [h, M, dk].
   Retrieval Retrieve(const torch::Tensor& query, const std::vector<bool>* active = nullptr) const;
 

@@ -21,7 +21,10 @@ bool Selected(const TrainConfig& c, const ParamInfo& p) {
   if (Lists(c, "expert") && p.kind == ParamKind::kExpert) return true;
   if (Lists(c, "attention") && p.kind == ParamKind::kAttention) return true;
   if (Lists(c, "dense-ffn") && p.kind == ParamKind::kDenseFfn) return true;
-  if (Lists(c, "new-segment") && p.kind == ParamKind::kExpert && p.newest_segment) return true;
+  // A segment's adapter is part of what it owns: it trains and freezes with the segment.
+  if (Lists(c, "new-segment") && (p.kind == ParamKind::kExpert || p.kind == ParamKind::kAdapter) && p.newest_segment)
+    return true;
+  if (Lists(c, "adapter") && p.kind == ParamKind::kAdapter) return true;
   if (Lists(c, "query") && p.kind == ParamKind::kQuery) return true;
   return false;
 }

@@ -114,7 +114,36 @@ def python_code():
             yield rel, text
 
 
-DOMAINS = {"kjv": kjv, "sparv": sparv, "fortunes-de": fortunes_de, "c-code": c_code,
+def broad():
+    # The base model's pretraining text, none of the streamed domains: Perl's documentation (POD
+    # source: technical English with code) and the Debian Reference (plain text), in sections of
+    # ~4 KB, ordered by a hash of their key so that any prefix of train.txt mixes both sources.
+    docs = []
+    listed = subprocess.run(["dpkg", "-L", "perl-doc"], capture_output=True, text=True).stdout
+    for path in sorted(p for p in set(listed.split()) if p.endswith(".pod") and os.path.isfile(p)):
+        text = open(path, encoding="utf-8", errors="replace").read()
+        docs += sections("perl:" + os.path.basename(path), text)
+    with gzip.open("/usr/share/debian-reference/debian-reference.en.txt.gz", "rt", encoding="utf-8",
+                   errors="replace") as f:
+        docs += sections("debref", f.read())
+    for key, text in sorted(docs, key=lambda d: (zlib.crc32(d[0].encode()), d[0])):
+        yield key, text
+
+
+def sections(name, text, size=4000):
+    """Cuts text at blank lines into pieces of about `size` characters, keyed name:index."""
+    out, piece = [], []
+    for para in re.split(r"\n\s*\n", text):
+        piece.append(para.rstrip())
+        if sum(len(p) for p in piece) >= size:
+            out.append("\n".join(piece).strip("\n"))
+            piece = []
+    if piece:
+        out.append("\n".join(piece).strip("\n"))
+    return [(f"{name}:{i}", t) for i, t in enumerate(out) if t]
+
+
+DOMAINS = {"broad": broad, "kjv": kjv, "sparv": sparv, "fortunes-de": fortunes_de, "c-code": c_code,
            "man-pages": man_pages, "python": python_code}
 
 

@@ -3,7 +3,8 @@
 # data/corpora/<domain>/train.txt and heldout.txt with a deterministic held-out split (~5% of
 # documents, by a hash of each document's key). Idempotent: a domain already extracted is skipped.
 #   usage: scripts/corpora.sh [DOMAIN... | all]   (default: kjv)
-#   domains: kjv sparv fortunes-de c-code man-pages python
+#   domains: kjv sparv fortunes-de c-code man-pages python (the stream, `all`)
+#            broad (the base model's pretraining text for `peer-bench forgetting --pretrain`)
 #   env:     PEER_DATA (default: <repo>/data)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,7 +12,7 @@ out_root="${PEER_DATA:-$root/data}/corpora"
 all=(kjv sparv fortunes-de c-code man-pages python)
 domains=("$@")
 [ ${#domains[@]} -eq 0 ] && domains=(kjv)
-[ "${domains[0]}" = all ] && domains=("${all[@]}")
+[ "${domains[0]}" = all ] && domains=("${all[@]}" broad)
 
 packages_of() {
   case "$1" in
@@ -21,7 +22,8 @@ packages_of() {
     c-code) echo uclibc-source ;;
     man-pages) echo manpages manpages-dev groff-base ;;
     python) echo libpython3.11-stdlib ;;
-    *) echo "corpora.sh: unknown domain '$1' (known: ${all[*]})" >&2; exit 2 ;;
+    broad) echo perl-doc debian-reference-en ;;
+    *) echo "corpora.sh: unknown domain '$1' (known: ${all[*]} broad)" >&2; exit 2 ;;
   esac
 }
 

@@ -24,7 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using peerd::testing::FreeLoopbackPort;
+using peerd::testing::RendezvousPort;
 using peerd::testing::Slurp;
 
 using peerd::testing::json;
@@ -164,7 +164,7 @@ class Distributed : public ::testing::Test {
   // `grow_at`), each dumping its parameters to dir/NAME-rRANK.params.
   std::vector<std::unique_ptr<Rank>> Launch(int world, const std::string& name, int steps = 20, int grow_at = 10,
                                             const std::string& config = "config.json") {
-    const uint16_t port = FreeLoopbackPort();
+    const uint16_t port = RendezvousPort();
     std::vector<std::unique_ptr<Rank>> ranks;
     for (int r = 0; r < world; ++r)
       ranks.push_back(std::make_unique<Rank>(
@@ -241,7 +241,7 @@ TEST_F(Distributed, ARankThatDiesStopsTheOthersWithAClearError) {
 }
 
 TEST_F(Distributed, ARankThatNeverJoinsIsReportedNotWaitedForForever) {
-  const uint16_t port = FreeLoopbackPort();
+  const uint16_t port = RendezvousPort();
   Rank alone("--config " + dir_ + "/config.json --corpus " + std::string(PEERD_CORPUS_DIR) +
                  "/kjv --threads 1 --steps 5 --world-size 2 --rank 0 --rendezvous 127.0.0.1:" + std::to_string(port) +
                  " --collective-timeout-seconds 3",
@@ -266,7 +266,7 @@ class DistributedPeerd : public ::testing::Test {
     const size_t half = text.rfind("\n\n", text.size() / 2) + 2;
     std::ofstream(dir_ + "/kjv1.txt") << text.substr(0, half);
     std::ofstream(dir_ + "/kjv2.txt") << text.substr(half);
-    rendezvous_ = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
+    rendezvous_ = "127.0.0.1:" + std::to_string(RendezvousPort());
   }
   std::string RankFlags(int rank) const {
     return "--world-size 2 --rank " + std::to_string(rank) + " --rendezvous " + rendezvous_ +

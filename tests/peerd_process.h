@@ -53,17 +53,28 @@ inline std::string Slurp(const std::string& path) {
   return ss.str();
 }
 
-// A port free now on 127.0.0.1 (for a server that must come back on the same port after a kill).
-inline uint16_t FreeLoopbackPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
+// A port for a server whose address every party must know before it binds (a rendezvous). Taken
+// below the kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, from which bind(0)
+// and connect() draw), so no other test's server or client can be handed it between this probe and
+// the bind; probed free on 127.0.0.1, starting at a place that differs per process.
+inline uint16_t RendezvousPort() {
+  unsigned low = 32768, high = 60999;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low >> high;
+  const unsigned first = 10000, count = low > first + 1000 ? low - first : 1000;
+  static unsigned next = static_cast<unsigned>(getpid()) * 7919u;
+  for (unsigned tries = 0; tries < count; ++tries) {
+    const uint16_t port = static_cast<uint16_t>(first + next++ % count);
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    const bool free = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    close(fd);
+    if (free) return port;
+  }
+  ADD_FAILURE() << "no free port in [" << first << ", " << first + count << ") on 127.0.0.1";
+  return 0;
 }
 
 // A model small enough that peerd starts in about a second and steps fast on one thread.
@@ -101,11 +112,11 @@ inline int WaitForExit(pid_t* pid, std::chrono::seconds limit) {
 
 class PeerdProcess {
  public:
-  // `dir` holds config.json; peerd keeps its data in dir/data and logs to dir/peerd.log. Ports 0
-  // pick free ones at each start; fixed ports let clients reconnect across restarts.
-  explicit PeerdProcess(std::string dir, uint16_t data_port = 0, uint16_t admin_port = 0)
-      : dir_(std::move(dir)), data_port_(std::to_string(data_port)), admin_port_(std::to_string(admin_port)),
-        fixed_ports_(data_port != 0) {}
+  // `dir` holds config.json; peerd keeps its data in dir/data and logs to dir/peerd.log. The first
+  // start lets peerd bind free ports itself (port 0, so no other process can take them between a
+  // probe and the bind); with `keep_ports`, every later start binds the ports the first one got,
+  // so that clients reconnect across restarts.
+  explicit PeerdProcess(std::string dir, bool keep_ports = false) : dir_(std::move(dir)), keep_ports_(keep_ports) {}
   ~PeerdProcess() { Kill(SIGKILL); }
 
   // Starts peerd (extra flags appended) and waits until it logs its ports. Files may be read from
@@ -113,7 +124,8 @@ class PeerdProcess {
   void Start(const std::string& extra_flags = "--checkpoint-every-steps 15") {
     const std::string log = dir_ + "/peerd.log";
     const size_t log_start = std::filesystem::exists(log) ? std::filesystem::file_size(log) : 0;
-    const std::string data = fixed_ports_ ? data_port_ : "0", admin = fixed_ports_ ? admin_port_ : "0";
+    const bool reuse = keep_ports_ && !data_port_.empty();
+    const std::string data = reuse ? data_port_ : "0", admin = reuse ? admin_port_ : "0";
     pid_ = fork();
     if (pid_ == 0) {
       const std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data --config " + dir_ +
@@ -192,8 +204,8 @@ class PeerdProcess {
 
  private:
   std::string dir_;
-  std::string data_port_, admin_port_;
-  bool fixed_ports_;
+  std::string data_port_, admin_port_;  // empty until the first start
+  bool keep_ports_;
   pid_t pid_ = -1;
 };
 

@@ -95,7 +95,9 @@ TEST(Evaluator, PredictsEveryByteAfterTheFirstExactlyOnce) {
   }
   EXPECT_NEAR(BitsPerByte(model, text), nats / 39 / std::log(2.0), 1e-5);
   // max_bytes scores a prefix: the same as scoring the prefix itself.
-  EXPECT_NEAR(BitsPerByte(model, text, {.max_bytes = 20}), BitsPerByte(model, text.substr(0, 20)), 1e-9);
+  EvalOptions first20;
+  first20.max_bytes = 20;
+  EXPECT_NEAR(BitsPerByte(model, text, first20), BitsPerByte(model, text.substr(0, 20)), 1e-9);
 }
 
 TEST(Trainer, LearningRateWarmsUpLinearlyThenFollowsTheSchedule) {

@@ -154,8 +154,7 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
     }
   } stop_clients{&clients};
 
-  const uint16_t data_port = testing::FreeLoopbackPort(), admin_port = testing::FreeLoopbackPort();
-  PeerdProcess peerd(dir, data_port, admin_port);
+  PeerdProcess peerd(dir, /*keep_ports=*/true);
   const std::string flags = "--checkpoint-every-steps 20 --checkpoint-every-seconds 1 --threads 1";
 
   DiskState last;                                 // as read after the previous kill

@@ -1,0 +1,159 @@
+// Routing isolation (docs/DESIGN.md): a segment owns its experts and its adapter, a route runs
+// one of them, and what a frozen route computes never changes while later ones train; the
+// bigram router picks a route from the text alone; the evaluator never shows a route a byte it
+// scores.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "core/evaluator.h"
+#include "core/model.h"
+#include "core/text_router.h"
+#include "core/trainer.h"
+#include "tests/test_util.h"
+
+namespace peerd {
+namespace {
+
+// Two blocks: a dense FFN in block 0, PEER in block 1, so an adapter has every kind of map.
+Config TwoBlockModel() {
+  Config c = testing::TinyModel();
+  c.mutable_model()->set_n_layers(2);
+  c.mutable_model()->clear_peer_blocks();
+  c.mutable_model()->add_peer_blocks(1);
+  c.mutable_model()->set_dense_hidden(48);
+  return c;
+}
+
+torch::Tensor RandomTokens(int64_t batch, int64_t len) { return torch::randint(256, {batch, len + 1}); }
+
+// Adds a segment and its adapter under the same id, frozen old ones, and routes training there.
+int64_t GrowRouted(Trainer& trainer, int64_t base, int64_t rank) {
+  TransformerLM& model = trainer.model();
+  for (const auto& s : model->PeerLayers()[0]->segments()) {
+    if (!s->frozen()) EXPECT_TRUE(trainer.FreezeSegment(0, s->id()).ok());
+  }
+  for (const auto& [id, adapter] : model->adapters()) {
+    if (!adapter->frozen()) EXPECT_TRUE(model->FreezeAdapter(id).ok());
+  }
+  int64_t id = -1;
+  EXPECT_TRUE(trainer.AddSegment(0, 8, &id).ok());
+  EXPECT_TRUE(model->AddAdapter(id, rank).ok());
+  EXPECT_TRUE(model->SetRoute({id, {base, id}}).ok());
+  TrainConfig owned = trainer.config();
+  owned.clear_train_groups();
+  owned.add_train_groups("new-segment");
+  trainer.SetConfig(owned);
+  return id;
+}
+
+TEST(Routing, ANewAdapterChangesNothingUntilItTrains) {
+  torch::manual_seed(3);
+  TransformerLM model(TwoBlockModel().model());
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor tokens = RandomTokens(2, 16).slice(1, 0, 16);
+  const torch::Tensor before = model->forward(tokens);
+  ASSERT_TRUE(model->AddAdapter(7, 4).ok());
+  ASSERT_TRUE(model->SetRoute({7, {}}).ok());
+  EXPECT_TRUE(torch::equal(model->forward(tokens), before));  // B = 0: the identity change
+  // Once its deltas are non-zero, the route changes the output.
+  for (auto& p : model->adapters().at(7)->parameters()) p.fill_(0.05);
+  EXPECT_FALSE(torch::allclose(model->forward(tokens), before));
+}
+
+TEST(Routing, AFrozenRouteComputesBitIdenticallyWhileALaterRouteTrains) {
+  torch::manual_seed(4);
+  Config c = TwoBlockModel();
+  TransformerLM model(c.model());
+  Trainer trainer(model, c.train());
+  for (int i = 0; i < 5; ++i) trainer.Step(RandomTokens(4, 16));  // the base phase: everything trains
+  const int64_t base = model->PeerLayers()[0]->segments()[0]->id();
+  const int64_t first = GrowRouted(trainer, base, 4);
+  for (int i = 0; i < 10; ++i) trainer.Step(RandomTokens(4, 16));
+
+  model->eval();
+  const torch::Tensor probe = RandomTokens(3, 16).slice(1, 0, 16);
+  auto output_of = [&](const Route& r) {
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(model->SetRoute(r).ok());
+    return model->forward(probe).clone();
+  };
+  const Route base_route{-1, {base}}, first_route{first, {base, first}};
+  const torch::Tensor base_out = output_of(base_route), first_out = output_of(first_route);
+  EXPECT_FALSE(torch::equal(base_out, first_out)) << "the first route trained, so it must differ from the base";
+
+  model->train();
+  const int64_t second = GrowRouted(trainer, base, 4);
+  for (int i = 0; i < 20; ++i) trainer.Step(RandomTokens(4, 16));
+  model->eval();
+  EXPECT_TRUE(torch::equal(output_of(base_route), base_out)) << "the base moved while a later route trained";
+  EXPECT_TRUE(torch::equal(output_of(first_route), first_out)) << "a frozen route moved while a later one trained";
+  EXPECT_FALSE(torch::equal(output_of({second, {base, second}}), first_out));
+  // The global route (every segment, no adapter) is what routing isolates from: the new segment
+  // reaches it.
+  EXPECT_FALSE(torch::equal(output_of({}), base_out));
+}
+
+TEST(Routing, SetRouteRefusesPartsTheModelLacks) {
+  TransformerLM model(TwoBlockModel().model());
+  Status st = model->SetRoute({3, {}});
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(st.message().find("adapter 3"), std::string::npos) << st.message();
+  st = model->SetRoute({-1, {42}});
+  EXPECT_NE(st.message().find("segment 42"), std::string::npos) << st.message();
+  EXPECT_EQ(model->AddAdapter(1, 0).code(), Status::Code::kInvalidArgument);
+  ASSERT_TRUE(model->AddAdapter(1, 2).ok());
+  EXPECT_EQ(model->AddAdapter(1, 2).code(), Status::Code::kFailedPrecondition);
+}
+
+TEST(Routing, OnlyTheNewestAdapterTrainsUnderTheNewSegmentGroup) {
+  Config c = TwoBlockModel();
+  TransformerLM model(c.model());
+  ASSERT_TRUE(model->AddAdapter(1, 2).ok());
+  ASSERT_TRUE(model->AddAdapter(2, 2).ok());
+  TrainConfig t = c.train();
+  t.clear_train_groups();
+  t.add_train_groups("new-segment");
+  Trainer trainer(model, t);
+  for (const auto& p : model->adapters().at(1)->parameters()) EXPECT_FALSE(p.requires_grad());
+  for (const auto& p : model->adapters().at(2)->parameters()) EXPECT_TRUE(p.requires_grad());
+  EXPECT_FALSE(model->tok_emb->weight.requires_grad());
+}
+
+TEST(BigramRouter, SendsATextToTheRouteWhoseTrainingTextItResembles) {
+  BigramRouter router;
+  EXPECT_EQ(router.Choose("anything"), -1) << "no route has counts yet";
+  router.Observe(0, "the quick brown fox jumps over the lazy dog and then the dog sleeps in the sun");
+  router.Observe(5, "int main(void) { for (int i = 0; i < n; ++i) { x[i] = y[i] * 2; } return 0; }");
+  EXPECT_EQ(router.Choose("the fox and the dog"), 0);
+  EXPECT_EQ(router.Choose("for (i = 0; i < 3; ++i) { y[i] = 0; }"), 5);
+  EXPECT_EQ(router.routes(), (std::vector<int64_t>{0, 5}));
+  EXPECT_EQ(router.LogLikelihoods("ab").size(), 2u);
+  EXPECT_GT(router.StatisticsBytes(), 2u * 256 * 256);
+}
+
+TEST(Evaluator, ARouteSeesOnlyTheBytesBeforeEachWindowAndItsFirstInput) {
+  Config c = TwoBlockModel();  // context 16
+  TransformerLM model(c.model());
+  std::string text;
+  for (int i = 0; i < 100; ++i) text.push_back(static_cast<char>('a' + i % 26));
+  EvalOptions o;
+  o.route_context = 16;
+  std::vector<std::string> seen;
+  o.route = [&](std::string_view context) {
+    seen.emplace_back(context);
+    return Route{};
+  };
+  const double routed = BitsPerByte(model, text, o);
+  // Windows start at 0, 16, 32, 48, 64, 80 (the last one shorter): each route call sees the 16
+  // bytes before its window and the window's first byte, never a byte the window predicts.
+  ASSERT_EQ(seen.size(), 7u);
+  EXPECT_EQ(seen[0], text.substr(0, 1));
+  EXPECT_EQ(seen[1], text.substr(0, 17));
+  EXPECT_EQ(seen[3], text.substr(32, 17));
+  EXPECT_EQ(seen[6], text.substr(80, 17));
+  EXPECT_DOUBLE_EQ(routed, BitsPerByte(model, text)) << "the default route is the model's own";
+}
+
+}  // namespace
+}  // namespace peerd
