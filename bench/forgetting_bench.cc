@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -64,6 +65,7 @@ struct Knobs {
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   uint32_t adapter_rank = 32;  // routed: rank of each segment's adapter
   float adapter_lr_scale = 1;  // routed: learning-rate multiplier of the new segment's adapter
+  bool seed_nearest = true;    // routed: a new branch starts as a copy of the one its first text routes to
   int64_t eval_bytes = 0;
   bool verbose = true;
 };
@@ -211,6 +213,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   eval.max_bytes = k.eval_bytes;
   Routing routing;
   std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
+  std::map<int64_t, int> task_of_branch;              // and the task each branch was trained on
+  json seeded_from = json::array();                   // per streamed phase: the task its branch copied
   auto evaluate = [&] {
     return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, context) : eval);
   };
@@ -235,6 +239,12 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
         if (p.routed) {
           // What adapts to this domain is owned by its segment: its experts and its adapter.
           if (Status st = model->AddAdapter(branch, k.adapter_rank); !st.ok()) return error(st);
+          // The branch the domain's first 4 KB route to seeds the new one (the base: nothing to copy).
+          const int64_t nearest = routing.router.Choose(std::string_view(tasks[d].train).substr(0, 4096));
+          if (k.seed_nearest && nearest >= 0 && nearest != routing.base) {
+            if (Status st = model->CopyBranch(nearest, branch); !st.ok()) return error(st);
+          }
+          seeded_from.push_back(k.seed_nearest && nearest >= 0 ? tasks[task_of_branch.at(nearest)].name : "base");
           if (Status st = model->SetRoute(routing.RouteOf(branch)); !st.ok()) return error(st);
           TrainConfig owned = tc;
           owned.clear_train_groups();
@@ -247,6 +257,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
       }
     }
     branch_of[d] = branch;
+    task_of_branch[branch] = d;
     trainer.set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
     const int64_t replayed =
         p.recipe && !earlier.empty() ? std::llround(static_cast<double>(batch) * tc.replay_ratio()) : 0;
@@ -315,6 +326,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   if (p.routed) {
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
     row["adapter_rank"] = k.adapter_rank;
+    row["adapter_lr_scale"] = k.adapter_lr_scale;
+    row["seeded_from"] = seeded_from;
     json accuracy = json::object();
     const std::vector<double> acc = RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, context));
     for (size_t j = 0; j < tasks.size(); ++j) accuracy[tasks[j].name] = acc[j];
@@ -396,6 +409,9 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed (default all)");
   app.add_option("--adapter-rank", adapter_rank, "routed: rank of each segment's low-rank deltas")->capture_default_str();
   app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
+  std::string seed_arg = "nearest";
+  app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the branch its first text "
+                 "routes to (nearest) or at the base (base)")->check(CLI::IsMember({"nearest", "base"}))->capture_default_str();
   app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
   app.add_option("--steps", steps, "training steps per domain")->capture_default_str();
   app.add_option("--batch", batch, "sequences per step (default: the config's)");
@@ -459,6 +475,7 @@ int ForgettingBench(int argc, char** argv) {
   k.verbose = !quiet;
   k.adapter_rank = adapter_rank;
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
+  k.seed_nearest = seed_arg == "nearest";
   if (adapter_rank == 0) return fail(Status::InvalidArgument("--adapter-rank must be at least 1"));
 
   std::vector<Policy> policies;

@@ -140,6 +140,41 @@ torch::Tensor TransformerLMImpl::Loss(const torch::Tensor& tokens) {
                                               tokens.slice(1, 1, T + 1).reshape(-1));
 }
 
+Status TransformerLMImpl::CopyBranch(int64_t from, int64_t to) {
+  auto src = adapters_.find(from), dst = adapters_.find(to);
+  if (src == adapters_.end() || dst == adapters_.end())
+    return Status::NotFound("no adapter " + std::to_string(src == adapters_.end() ? from : to));
+  if (dst->second->frozen()) return Status::FailedPrecondition("adapter " + std::to_string(to) + " is frozen");
+  if (src->second->rank() != dst->second->rank())
+    return Status::InvalidArgument("adapters " + std::to_string(from) + " and " + std::to_string(to) +
+                                   " have different ranks");
+  // Check every layer before changing anything.
+  std::vector<std::pair<const ExpertSegmentImpl*, ExpertSegmentImpl*>> pairs;
+  for (const auto& layer : PeerLayers()) {
+    const ExpertSegmentImpl* a = nullptr;
+    ExpertSegmentImpl* b = nullptr;
+    for (const auto& s : layer->segments()) {
+      if (s->id() == from) a = s.get();
+      if (s->id() == to) b = s.ptr().get();
+    }
+    if (!a || !b) return Status::NotFound("no segment " + std::to_string(!a ? from : to) + " in a PEER layer");
+    if (b->frozen()) return Status::FailedPrecondition("segment " + std::to_string(to) + " is frozen");
+    if (a->n_keys() != b->n_keys() || !a->resident())
+      return Status::InvalidArgument("segment " + std::to_string(from) + " cannot seed segment " + std::to_string(to) +
+                                     " (other size, or rows not in memory)");
+    pairs.push_back({a, b});
+  }
+  torch::NoGradGuard no_grad;
+  auto from_params = src->second->named_parameters(), to_params = dst->second->named_parameters();
+  for (auto& p : to_params) p.value().copy_(from_params[p.key()]);
+  for (auto& [a, b] : pairs) {
+    b->sub_keys.copy_(a->sub_keys);
+    b->down.copy_(a->down);
+    b->up.copy_(a->up);
+  }
+  return Status::OK();
+}
+
 std::vector<PeerLayer> TransformerLMImpl::PeerLayers() const {
   std::vector<PeerLayer> layers;
   for (const auto& b : blocks)

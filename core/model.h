@@ -114,6 +114,12 @@ class TransformerLMImpl : public torch::nn::Module {
   Status AddAdapter(int64_t id, int64_t rank);
   // Freezes adapter `id` for ever; NotFound if there is none.
   Status FreezeAdapter(int64_t id);
+  // Starts training branch `to` (its adapter and, in every PEER layer, its segment) as a copy of
+  // branch `from` — a new domain begins where the most similar old one ended (Branch-Train-Merge's
+  // initialisation) instead of at the base. `from` is only read. NotFound for a missing adapter
+  // or segment, FailedPrecondition if `to` is frozen, InvalidArgument if their shapes differ or
+  // `from`'s rows are not in memory.
+  Status CopyBranch(int64_t from, int64_t to);
   const std::map<int64_t, SegmentAdapter>& adapters() const { return adapters_; }
 
   const ModelConfig& config() const { return config_; }

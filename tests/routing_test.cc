@@ -30,10 +30,14 @@ torch::Tensor RandomTokens(int64_t batch, int64_t len) { return torch::randint(2
 int64_t GrowRouted(Trainer& trainer, int64_t base, int64_t rank) {
   TransformerLM& model = trainer.model();
   for (const auto& s : model->PeerLayers()[0]->segments()) {
-    if (!s->frozen()) EXPECT_TRUE(trainer.FreezeSegment(0, s->id()).ok());
+    if (!s->frozen()) {
+      EXPECT_TRUE(trainer.FreezeSegment(0, s->id()).ok());
+    }
   }
   for (const auto& [id, adapter] : model->adapters()) {
-    if (!adapter->frozen()) EXPECT_TRUE(model->FreezeAdapter(id).ok());
+    if (!adapter->frozen()) {
+      EXPECT_TRUE(model->FreezeAdapter(id).ok());
+    }
   }
   int64_t id = -1;
   EXPECT_TRUE(trainer.AddSegment(0, 8, &id).ok());
@@ -118,6 +122,35 @@ TEST(Routing, OnlyTheNewestAdapterTrainsUnderTheNewSegmentGroup) {
   for (const auto& p : model->adapters().at(1)->parameters()) EXPECT_FALSE(p.requires_grad());
   for (const auto& p : model->adapters().at(2)->parameters()) EXPECT_TRUE(p.requires_grad());
   EXPECT_FALSE(model->tok_emb->weight.requires_grad());
+}
+
+TEST(Routing, ABranchSeededFromAnotherStartsWithItsFunctionAndLeavesItUntouched) {
+  torch::manual_seed(5);
+  Config c = TwoBlockModel();
+  TransformerLM model(c.model());
+  Trainer trainer(model, c.train());
+  const int64_t base = model->PeerLayers()[0]->segments()[0]->id();
+  const int64_t first = GrowRouted(trainer, base, 4);
+  for (int i = 0; i < 10; ++i) trainer.Step(RandomTokens(4, 16));
+  const int64_t second = GrowRouted(trainer, base, 4);
+  model->eval();
+  const torch::Tensor probe = RandomTokens(2, 16).slice(1, 0, 16);
+  auto output_of = [&](const Route& r) {
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(model->SetRoute(r).ok());
+    return model->forward(probe).clone();
+  };
+  const torch::Tensor first_out = output_of({first, {base, first}});
+  ASSERT_TRUE(model->CopyBranch(first, second).ok());
+  EXPECT_TRUE(torch::equal(output_of({second, {base, second}}), first_out));
+  model->train();
+  ASSERT_TRUE(model->SetRoute({second, {base, second}}).ok());
+  for (int i = 0; i < 10; ++i) trainer.Step(RandomTokens(4, 16));
+  model->eval();
+  EXPECT_TRUE(torch::equal(output_of({first, {base, first}}), first_out)) << "the seed moved";
+  EXPECT_FALSE(torch::equal(output_of({second, {base, second}}), first_out));
+  EXPECT_EQ(model->CopyBranch(second, first).code(), Status::Code::kFailedPrecondition) << "a frozen branch is seeded";
+  EXPECT_EQ(model->CopyBranch(9, second).code(), Status::Code::kNotFound);
 }
 
 TEST(BigramRouter, SendsATextToTheRouteWhoseTrainingTextItResembles) {
