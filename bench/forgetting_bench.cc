@@ -42,6 +42,7 @@ struct Policy {
   bool routed = false;  // routing isolation: after the base phase only the new segment and its
                         // adapter train; a text runs the base or one domain's segment and adapter,
                         // chosen by the bigram router (core/text_router.h)
+  double replay = -1;   // recipe: this share of each batch replayed instead of the config's
 };
 
 const Policy kPolicies[] = {{"dense", false, false, false, false},
@@ -64,8 +65,9 @@ struct Knobs {
   uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   uint32_t adapter_rank = 32;  // routed: rank of each segment's adapter
-  float adapter_lr_scale = 1;  // routed: learning-rate multiplier of the new segment's adapter
+  float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
   bool seed_nearest = true;    // routed: a new branch starts as a copy of the one its first text routes to
+  int64_t route_context = 0;   // routed: bytes before a window its route is chosen from (0: twice the context)
   int64_t eval_bytes = 0;
   bool verbose = true;
 };
@@ -148,15 +150,16 @@ std::string BatchBytes(const torch::Tensor& tokens) {
   return out;
 }
 
-// Per task: the share of its held-out windows the router sends to `expected[task]`'s branch.
+// Per task: the share of its held-out windows (of `context` bytes, routed as `o` says) that the
+// router sends to `expected[task]`'s branch.
 std::vector<double> RoutingAccuracy(const Routing& r, const std::vector<Domain>& tasks,
-                                    const std::vector<int64_t>& expected, const EvalOptions& o) {
+                                    const std::vector<int64_t>& expected, const EvalOptions& o, int64_t context) {
   std::vector<double> out;
   for (size_t j = 0; j < tasks.size(); ++j) {
     const std::string& text = tasks[j].heldout;
     const int64_t n = o.max_bytes > 0 ? std::min<int64_t>(o.max_bytes, text.size()) : text.size();
     int64_t right = 0, windows = 0;
-    for (int64_t start = 0; start + 1 < n; start += o.route_context, ++windows) {
+    for (int64_t start = 0; start + 1 < n; start += context, ++windows) {
       const int64_t from = std::max<int64_t>(0, start - o.route_context);
       int64_t b = r.router.Choose(std::string_view(text).substr(from, start + 1 - from));
       if (b < 0) b = r.base;
@@ -196,6 +199,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     c.mutable_model()->set_dense_hidden(k.dense_hidden);
   }
   if (!p.recipe) c.mutable_train()->set_distill_weight(0);
+  if (p.replay >= 0) c.mutable_train()->set_replay_ratio(static_cast<float>(p.replay));
   const TrainConfig& tc = c.train();
   SeedCompute(tc.seed());
   TransformerLM model(c.model());
@@ -212,11 +216,12 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   EvalOptions eval;
   eval.max_bytes = k.eval_bytes;
   Routing routing;
+  const int64_t route_context = k.route_context > 0 ? k.route_context : 2 * context;
   std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
   std::map<int64_t, int> task_of_branch;              // and the task each branch was trained on
   json seeded_from = json::array();                   // per streamed phase: the task its branch copied
   auto evaluate = [&] {
-    return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, context) : eval);
+    return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, route_context) : eval);
   };
   ForgettingInput in;
   in.trained_at.assign(tasks.size(), -1);
@@ -259,11 +264,15 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     branch_of[d] = branch;
     task_of_branch[branch] = d;
     trainer.set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
-    const int64_t replayed =
-        p.recipe && !earlier.empty() ? std::llround(static_cast<double>(batch) * tc.replay_ratio()) : 0;
+    // Replayed rows per step: batch · ratio on average, rounded at random per step, so that a
+    // budget under one row a batch (1 % of 16) still replays its share.
+    const double replay_rows = p.recipe && !earlier.empty() ? static_cast<double>(batch) * tc.replay_ratio() : 0;
+    std::uniform_real_distribution<double> unit(0, 1);
     const auto t0 = Clock::now();
     double loss = 0;
     for (uint32_t s = 0; s < phases[phase].steps; ++s) {
+      const int64_t replayed = std::min<int64_t>(
+          batch - 1, static_cast<int64_t>(replay_rows) + (unit(rng) < replay_rows - std::floor(replay_rows)));
       std::vector<torch::Tensor> rows;
       for (int64_t r = 0; r < replayed; ++r) rows.push_back(replay[earlier[rng() % earlier.size()]].Next(1));
       torch::Tensor new_rows = fresh[d].Next(batch - replayed);
@@ -322,14 +331,15 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
               {"active_params", model->ActiveParameters()},
               {"train_tokens", stream_steps * batch * context},
               {"train_seconds", train_seconds},
-              {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()}};
+              {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()},
+              {"config_seed", tc.seed()}};
   if (p.routed) {
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
     row["adapter_rank"] = k.adapter_rank;
     row["adapter_lr_scale"] = k.adapter_lr_scale;
     row["seeded_from"] = seeded_from;
     json accuracy = json::object();
-    const std::vector<double> acc = RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, context));
+    const std::vector<double> acc = RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, route_context), context);
     for (size_t j = 0; j < tasks.size(); ++j) accuracy[tasks[j].name] = acc[j];
     row["routing_accuracy"] = accuracy;
   }
@@ -349,11 +359,11 @@ void PrintPolicy(const json& r) {
 }
 
 void PrintSummary(const std::vector<json>& rows) {
-  std::printf("\n%-19s %9s %8s %9s %7s %7s %7s %7s %8s %8s %8s %7s\n", "policy", "params", "active", "forgetting",
-              "BWT", "FWT", "ACC", "plast.", "F/dense", "ACC/d+r", "P/dense", "wall s");
+  std::printf("\n%-24s %9s %8s %8s %9s %7s %7s %7s %7s %8s %8s %8s %7s\n", "policy", "params", "active", "old KB",
+              "forgetting", "BWT", "FWT", "ACC", "plast.", "F/dense", "ACC/d+r", "P/dense", "wall s");
   for (const json& r : rows) {
     if (r.contains("error")) {
-      std::printf("%-19s error: %s\n", r["policy"].get<std::string>().c_str(), r["error"].get<std::string>().c_str());
+      std::printf("%-24s error: %s\n", r["policy"].get<std::string>().c_str(), r["error"].get<std::string>().c_str());
       continue;
     }
     auto ratio = [&](const char* key) {
@@ -362,9 +372,10 @@ void PrintSummary(const std::vector<json>& rows) {
       std::snprintf(buf, sizeof buf, "%.3f", r[key].get<double>());
       return std::string(buf);
     };
-    std::printf("%-19s %9lld %8lld %10.3f %+7.3f %+7.3f %7.3f %7.3f %8s %8s %8s %7.0f\n",
+    std::printf("%-24s %9lld %8lld %8.0f %10.3f %+7.3f %+7.3f %7.3f %7.3f %8s %8s %8s %7.0f\n",
                 r["policy"].get<std::string>().c_str(), static_cast<long long>(r["total_params"].get<int64_t>()),
-                static_cast<long long>(r["active_params"].get<int64_t>()), r["mean_forgetting"].get<double>(),
+                static_cast<long long>(r["active_params"].get<int64_t>()),
+                r["kept_old_text_bytes"].get<double>() / 1000, r["mean_forgetting"].get<double>(),
                 r["bwt"].get<double>(), r["fwt"].get<double>(), r["acc"].get<double>(),
                 r["plasticity_bpb"].get<double>(), ratio("forgetting_ratio_vs_dense").c_str(),
                 ratio("acc_ratio_vs_dense_recipe").c_str(), ratio("plasticity_ratio_vs_dense").c_str(),
@@ -372,8 +383,38 @@ void PrintSummary(const std::vector<json>& rows) {
   }
   std::printf("\nforgetting: mean over tasks of final − best earlier bits/byte (Chaudhry); BWT < 0 is forgetting;\n"
               "ACC: mean final held-out bits/byte (lower is better); plast.: mean bits/byte on the domain just\n"
-              "trained; ratios: F/dense = forgetting ÷ dense's, ACC/d+r = ACC ÷ dense+recipe's, P/dense =\n"
-              "plasticity ÷ dense's.\n");
+              "trained; old KB: old text the policy keeps to go on; ratios: F/dense = forgetting ÷ dense's,\n"
+              "ACC/d+r = ACC ÷ dense+recipe's, P/dense = plasticity ÷ dense's.\n");
+  if (rows.empty() || !rows.front().contains("acc_per_seed")) return;
+  std::printf("\nmedians over seeds %s; per seed (ACC | forgetting | plasticity):\n", rows.front()["seeds"].dump().c_str());
+  for (const json& r : rows) {
+    if (r.contains("error")) continue;
+    std::printf("%-24s", r["policy"].get<std::string>().c_str());
+    for (const char* key : {"acc_per_seed", "mean_forgetting_per_seed", "plasticity_bpb_per_seed"}) {
+      for (const auto& v : r[key]) std::printf(" %.3f", v.get<double>());
+      std::printf(" |");
+    }
+    std::printf("\n");
+  }
+}
+
+// One row for several seeds of a policy: each figure the median over seeds, with its values per
+// seed beside it ("acc_per_seed"); the matrix is the first seed's.
+json MedianOverSeeds(const std::vector<json>& runs) {
+  json out = runs.front();
+  json seeds = json::array();
+  for (const json& r : runs) seeds.push_back(r["config_seed"]);
+  out["seeds"] = seeds;
+  for (const char* key : {"mean_forgetting", "bwt", "fwt", "acc", "plasticity_bpb", "last_domain_bpb",
+                          "mean_distill_kl", "train_seconds", "wall_seconds"}) {
+    std::vector<double> v;
+    for (const json& r : runs) v.push_back(r[key].get<double>());
+    out[std::string(key) + "_per_seed"] = v;
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    out[key] = n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+  }
+  return out;
 }
 
 std::vector<std::string> Split(const std::string& s) {
@@ -390,9 +431,10 @@ int ForgettingBench(int argc, char** argv) {
   CLI::App app{"peer-bench forgetting: continual-learning policies on one sequence of text domains"};
   std::string domains_arg = "kjv,c-code,fortunes-de,man-pages,sparv,python", corpus_dir = "data/corpora";
   std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all", json_out = "bench-out/forgetting.json";
-  std::string pretrain_arg = "broad:600";
+  std::string pretrain_arg = "broad:600", replay_sweep_arg;
+  uint32_t seeds = 1;
   uint32_t adapter_rank = 32;
-  double adapter_lr_scale = 1;
+  double adapter_lr_scale = 10;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
   size_t train_kb = 2048, heldout_kb = 24;
   double replay = -1, distill = -1, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
@@ -410,6 +452,9 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--adapter-rank", adapter_rank, "routed: rank of each segment's low-rank deltas")->capture_default_str();
   app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
   std::string seed_arg = "nearest";
+  int64_t route_context = 0;
+  app.add_option("--route-context", route_context, "routed: bytes of text before a window that choose its route "
+                 "(0: twice the model's context)")->capture_default_str();
   app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the branch its first text "
                  "routes to (nearest) or at the base (base)")->check(CLI::IsMember({"nearest", "base"}))->capture_default_str();
   app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
@@ -430,6 +475,10 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--later-backbone-lr-scale", later_backbone_lr_scale, "freeze-grow: backbone learning-rate multiplier from the second domain on");
   app.add_option("--threads", threads, "LibTorch threads (0 = all cores)")->capture_default_str();
   app.add_option("--seed", seed, "initialisation and batch order (default: the config's)");
+  app.add_option("--seeds", seeds, "run every policy with this many seeds (--seed, +1, …): figures are medians, "
+                 "each with its values per seed")->capture_default_str();
+  app.add_option("--replay-sweep", replay_sweep_arg, "comma-separated replay shares (e.g. 0.01,0.05): each recipe policy "
+                 "again per share, as POLICY@SHARE");
   app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
   app.add_flag("--quiet", quiet, "no per-domain progress on stderr");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
@@ -470,12 +519,20 @@ int ForgettingBench(int argc, char** argv) {
   if (later_backbone_lr_scale >= 0) k.later.set_backbone_lr_scale(static_cast<float>(later_backbone_lr_scale));
   for (const Config& check : {k.base, [&] { Config c = k.base; *c.mutable_train() = k.later; return c; }()})
     if (Status st = ValidateConfig(check); !st.ok()) return fail(st);
-  if (steps == 0 || repeat == 0) return fail(Status::InvalidArgument("--steps and --repeat must be at least 1"));
+  if (steps == 0 || repeat == 0 || seeds == 0)
+    return fail(Status::InvalidArgument("--steps, --repeat and --seeds must be at least 1"));
+  for (const std::string& r : Split(replay_sweep_arg)) {
+    char* end = nullptr;
+    const double v = std::strtod(r.c_str(), &end);
+    if (*end != '\0' || !(v >= 0 && v < 1))
+      return fail(Status::InvalidArgument("--replay-sweep takes shares in [0, 1), got '" + r + "'"));
+  }
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.verbose = !quiet;
   k.adapter_rank = adapter_rank;
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
   k.seed_nearest = seed_arg == "nearest";
+  k.route_context = route_context;
   if (adapter_rank == 0) return fail(Status::InvalidArgument("--adapter-rank must be at least 1"));
 
   std::vector<Policy> policies;
@@ -530,8 +587,28 @@ int ForgettingBench(int argc, char** argv) {
   std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
                k.dense_hidden, any_routed ? " with one adapter" : "");
 
+  // The replay-budget sweep: each recipe policy once more per budget, as POLICY@RATIO.
+  for (const Policy& p : std::vector<Policy>(policies)) {
+    if (!p.recipe) continue;
+    for (const std::string& r : Split(replay_sweep_arg)) {
+      Policy swept = p;
+      swept.replay = std::stod(r);
+      swept.name = p.name + "@" + r;
+      policies.push_back(swept);
+    }
+  }
   std::vector<json> rows;
-  for (const Policy& p : policies) rows.push_back(RunPolicy(p, tasks, phases, k));
+  for (const Policy& p : policies) {
+    std::vector<json> runs;
+    for (uint32_t i = 0; i < seeds; ++i) {
+      Knobs ks = k;
+      ks.base.mutable_train()->set_seed(k.base.train().seed() + i);
+      ks.later.set_seed(k.base.train().seed() + i);
+      runs.push_back(RunPolicy(p, tasks, phases, ks));
+      if (runs.back().contains("error")) break;
+    }
+    rows.push_back(runs.size() == 1 || runs.back().contains("error") ? runs.back() : MedianOverSeeds(runs));
+  }
   auto find = [&](const char* name) -> const json* {
     for (const json& r : rows)
       if (r["policy"] == name && !r.contains("error")) return &r;
