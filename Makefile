@@ -33,7 +33,8 @@ bench: build
 	@./$(BUILD)/peer-bench store
 	@./$(BUILD)/peer-bench ingest
 
-# The five continual-learning policies on the six domains (bench/FORGETTING.md; about 10 minutes).
+# The six continual-learning policies on the six domains after a broad base phase
+# (bench/FORGETTING.md; about 10 minutes).
 bench-forgetting: build
 	@bash scripts/corpora.sh all
 	@./$(BUILD)/peer-bench forgetting

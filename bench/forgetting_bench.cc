@@ -43,6 +43,11 @@ struct Policy {
                         // adapter train; a text runs the base or one domain's segment and adapter,
                         // chosen by the bigram router (core/text_router.h)
   double replay = -1;   // recipe: this share of each batch replayed instead of the config's
+  // Reference rows (--reference), dense, after the same base phase: `joint` trains on all streamed
+  // domains at once (every row of a batch from a random domain, the stream's steps in all: the
+  // upper bound of sharing); `oracle` fine-tunes one copy of the base per domain and scores each
+  // task with its own model (the upper bound of isolation).
+  bool joint = false, oracle = false;
 };
 
 const Policy kPolicies[] = {{"dense", false, false, false, false},
@@ -51,6 +56,8 @@ const Policy kPolicies[] = {{"dense", false, false, false, false},
                             {"freeze-grow", true, true, false, false},
                             {"freeze-grow+recipe", true, true, true, false},
                             {"routed", true, true, false, true}};
+const Policy kReferences[] = {{"joint", false, false, false, false, -1, true, false},
+                              {"oracle", false, false, false, false, -1, false, true}};
 
 // One phase of the stream: a domain (an index into the tasks) trained for `steps` steps.
 struct Phase {
@@ -66,7 +73,7 @@ struct Knobs {
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   uint32_t adapter_rank = 32;  // routed: rank of each segment's adapter
   float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
-  bool seed_nearest = true;    // routed: a new branch starts as a copy of the one its first text routes to
+  bool seed_nearest = true;    // routed: a new branch starts as a copy of the old one that predicts its first text best
   int64_t route_context = 0;   // routed: bytes before a window its route is chosen from (0: twice the context)
   int64_t eval_bytes = 0;
   bool verbose = true;
@@ -142,6 +149,20 @@ struct Routing {
   }
 };
 
+// The branch (of those the router knows) under which the model predicts `text` best; -1 if none.
+int64_t BestBranchFor(TransformerLM& model, const Routing& routing, const std::string& text) {
+  const Route was = model->route();
+  int64_t best = -1;
+  double best_bpb = INFINITY;
+  for (int64_t b : routing.router.routes()) {
+    TORCH_CHECK(model->SetRoute(routing.RouteOf(b)).ok());
+    const double bpb = BitsPerByte(model, text);
+    if (bpb < best_bpb) best = b, best_bpb = bpb;
+  }
+  TORCH_CHECK(model->SetRoute(was).ok());
+  return best;
+}
+
 // The bytes of a batch of windows [B, T+1], as text for the router's counts.
 std::string BatchBytes(const torch::Tensor& tokens) {
   torch::Tensor t = tokens.to(torch::kUInt8).contiguous();
@@ -191,8 +212,19 @@ Status GrowAll(Trainer& trainer, uint32_t n_keys, int64_t* id) {
   return Status::OK();
 }
 
-json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vector<Phase>& phases, const Knobs& k) {
+json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vector<Phase>& stream, const Knobs& k) {
   const auto start = Clock::now();
+  std::vector<int> streamed_tasks;  // the tasks the stream trains (not the base phase's)
+  for (const Phase& ph : stream)
+    if (!ph.pretrain && std::find(streamed_tasks.begin(), streamed_tasks.end(), ph.task) == streamed_tasks.end())
+      streamed_tasks.push_back(ph.task);
+  std::vector<Phase> phases = stream;
+  if (p.joint) {  // the base phase, then one phase of the stream's steps over all its domains
+    uint32_t total = 0;
+    phases.clear();
+    for (const Phase& ph : stream) (ph.pretrain ? phases.push_back(ph) : void(total += ph.steps));
+    phases.push_back({-1, total, false});
+  }
   Config c = k.base;
   if (!p.peer) {
     c.mutable_model()->set_ffn(FFN_KIND_DENSE);
@@ -230,8 +262,21 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   std::vector<std::string> labels = {"init"};
   double train_seconds = 0, plasticity = 0, distill_sum = 0;
   int64_t distill_n = 0, streamed = 0, stream_steps = 0;
+  std::vector<torch::Tensor> base_state;  // oracle: the parameters after the base phase
+  std::unique_ptr<Trainer> own;            // oracle: the trainer of the current domain's copy
+  Trainer* active = &trainer;
   for (size_t phase = 0; phase < phases.size(); ++phase) {
-    const int d = phases[phase].task;
+    const bool mixed = phases[phase].task < 0;  // joint: every streamed domain at once
+    const int d = mixed ? streamed_tasks.front() : phases[phase].task;
+    if (p.oracle && !phases[phase].pretrain) {  // a fresh copy of the base for this domain
+      torch::NoGradGuard no_grad;
+      auto params = model->parameters();
+      if (base_state.empty())
+        for (const auto& t : params) base_state.push_back(t.detach().clone());
+      for (size_t i = 0; i < params.size(); ++i) params[i].copy_(base_state[i]);
+      own = std::make_unique<Trainer>(model, tc);
+      active = own.get();
+    }
     std::vector<int> earlier;  // tasks trained before this phase, other than this one
     for (size_t q = 0; q < phase; ++q)
       if (phases[q].task != d && std::find(earlier.begin(), earlier.end(), phases[q].task) == earlier.end())
@@ -244,12 +289,13 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
         if (p.routed) {
           // What adapts to this domain is owned by its segment: its experts and its adapter.
           if (Status st = model->AddAdapter(branch, k.adapter_rank); !st.ok()) return error(st);
-          // The branch the domain's first 4 KB route to seeds the new one (the base: nothing to copy).
-          const int64_t nearest = routing.router.Choose(std::string_view(tasks[d].train).substr(0, 4096));
-          if (k.seed_nearest && nearest >= 0 && nearest != routing.base) {
+          // The old branch that predicts the domain's first 4 KB best seeds the new one (the base:
+          // nothing to copy); the new domain's text is what training sees anyway.
+          const int64_t nearest = k.seed_nearest ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096)) : -1;
+          if (nearest >= 0 && nearest != routing.base) {
             if (Status st = model->CopyBranch(nearest, branch); !st.ok()) return error(st);
           }
-          seeded_from.push_back(k.seed_nearest && nearest >= 0 ? tasks[task_of_branch.at(nearest)].name : "base");
+          seeded_from.push_back(nearest >= 0 ? tasks[task_of_branch.at(nearest)].name : "base");
           if (Status st = model->SetRoute(routing.RouteOf(branch)); !st.ok()) return error(st);
           TrainConfig owned = tc;
           owned.clear_train_groups();
@@ -263,7 +309,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     }
     branch_of[d] = branch;
     task_of_branch[branch] = d;
-    trainer.set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
+    active->set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
     // Replayed rows per step: batch · ratio on average, rounded at random per step, so that a
     // budget under one row a batch (1 % of 16) still replays its share.
     const double replay_rows = p.recipe && !earlier.empty() ? static_cast<double>(batch) * tc.replay_ratio() : 0;
@@ -275,10 +321,17 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
           batch - 1, static_cast<int64_t>(replay_rows) + (unit(rng) < replay_rows - std::floor(replay_rows)));
       std::vector<torch::Tensor> rows;
       for (int64_t r = 0; r < replayed; ++r) rows.push_back(replay[earlier[rng() % earlier.size()]].Next(1));
-      torch::Tensor new_rows = fresh[d].Next(batch - replayed);
+      torch::Tensor new_rows;
+      if (mixed) {
+        std::vector<torch::Tensor> picks;
+        for (int64_t r = replayed; r < batch; ++r) picks.push_back(fresh[streamed_tasks[rng() % streamed_tasks.size()]].Next(1));
+        new_rows = torch::cat(picks, 0);
+      } else {
+        new_rows = fresh[d].Next(batch - replayed);
+      }
       if (p.routed) routing.router.Observe(branch, BatchBytes(new_rows));  // statistics, not text
       rows.push_back(new_rows);
-      StepStats st = trainer.Step(torch::cat(rows, 0), replayed);
+      StepStats st = active->Step(torch::cat(rows, 0), replayed);
       loss += st.loss;
       distill_sum += st.distill;
       distill_n += replayed > 0;
@@ -286,13 +339,15 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     train_seconds += secs;
     in.rows.push_back(evaluate());
-    in.trained_at[d] = static_cast<int>(in.rows.size() - 1);
-    labels.push_back((phases[phase].pretrain ? "base " : "after ") + tasks[d].name);
-    if (!phases[phase].pretrain) {
-      plasticity += in.rows.back()[d];
+    const int row = static_cast<int>(in.rows.size() - 1);
+    labels.push_back(mixed ? "after all (joint)" : (phases[phase].pretrain ? "base " : "after ") + tasks[d].name);
+    for (int j : mixed ? streamed_tasks : std::vector<int>{d}) {
+      in.trained_at[j] = row;
+      if (phases[phase].pretrain) continue;
+      plasticity += in.rows.back()[j];
       ++streamed;
-      stream_steps += phases[phase].steps;
     }
+    if (!phases[phase].pretrain) stream_steps += phases[phase].steps;
     if (k.verbose) {
       std::fprintf(stderr, "  %-19s %2zu/%zu %-12s train loss %.3f bits/byte, held-out %.3f, %.0f tokens/s\n",
                    p.name.c_str(), phase + 1, phases.size(), tasks[d].name.c_str(),
@@ -300,18 +355,28 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
                    phases[phase].steps * batch * context / secs);
     }
   }
+  if (p.oracle) {  // the final row: each task scored by its own model (the base's for the base text)
+    std::vector<double> own_row(tasks.size(), NAN);
+    for (size_t j = 0; j < tasks.size(); ++j)
+      if (in.trained_at[j] >= 0) own_row[j] = in.rows[in.trained_at[j]][j];
+    in.rows.push_back(own_row);
+    labels.push_back("each by its own model");
+  }
   const ForgettingMetrics m = ComputeForgettingMetrics(in);
   json forgetting = json::object();
   for (size_t j = 0; j < tasks.size(); ++j)
     if (!std::isnan(m.forgetting[j])) forgetting[tasks[j].name] = m.forgetting[j];
   json names = json::array();
   for (const Domain& d : tasks) names.push_back(d.name);
+  const bool mixed_last = phases.back().task < 0;
   // Old text a policy must keep to go on: a replaying policy draws from every earlier task's
-  // training text for as long as it trains.
+  // training text for as long as it trains; joint training needs all of it at once.
   uint64_t kept_old_text = 0;
   if (p.recipe)
     for (size_t q = 0; q + 1 < phases.size(); ++q)
       if (phases[q].task != phases.back().task) kept_old_text += tasks[phases[q].task].train.size();
+  if (p.joint)
+    for (int j : streamed_tasks) kept_old_text += tasks[j].train.size();
   json row = {{"policy", p.name},
               {"peer", p.peer},
               {"replay_ratio", p.recipe ? tc.replay_ratio() : 0.0},
@@ -325,7 +390,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
               {"fwt", m.fwt},
               {"acc", m.acc},
               {"plasticity_bpb", streamed ? plasticity / streamed : NAN},  // mean R[phase][domain just trained]
-              {"last_domain_bpb", in.rows.back()[phases.back().task]},
+              {"last_domain_bpb", in.rows.back()[mixed_last ? streamed_tasks.back() : phases.back().task]},
               {"mean_distill_kl", distill_n ? distill_sum / distill_n : 0.0},
               {"total_params", model->TotalParameters()},
               {"active_params", model->ActiveParameters()},
@@ -433,6 +498,7 @@ int ForgettingBench(int argc, char** argv) {
   std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all", json_out = "bench-out/forgetting.json";
   std::string pretrain_arg = "broad:600", replay_sweep_arg;
   uint32_t seeds = 1;
+  bool reference = false;
   uint32_t adapter_rank = 32;
   double adapter_lr_scale = 10;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
@@ -455,8 +521,8 @@ int ForgettingBench(int argc, char** argv) {
   int64_t route_context = 0;
   app.add_option("--route-context", route_context, "routed: bytes of text before a window that choose its route "
                  "(0: twice the model's context)")->capture_default_str();
-  app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the branch its first text "
-                 "routes to (nearest) or at the base (base)")->check(CLI::IsMember({"nearest", "base"}))->capture_default_str();
+  app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the old branch that "
+                 "predicts its first 4 KB best (nearest) or at the base (base)")->check(CLI::IsMember({"nearest", "base"}))->capture_default_str();
   app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
   app.add_option("--steps", steps, "training steps per domain")->capture_default_str();
   app.add_option("--batch", batch, "sequences per step (default: the config's)");
@@ -477,6 +543,8 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--seed", seed, "initialisation and batch order (default: the config's)");
   app.add_option("--seeds", seeds, "run every policy with this many seeds (--seed, +1, …): figures are medians, "
                  "each with its values per seed")->capture_default_str();
+  app.add_flag("--reference", reference, "also the reference rows: joint (all streamed domains at once) and oracle "
+               "(one copy of the base per domain), dense, after the same base phase");
   app.add_option("--replay-sweep", replay_sweep_arg, "comma-separated replay shares (e.g. 0.01,0.05): each recipe policy "
                  "again per share, as POLICY@SHARE");
   app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
@@ -537,6 +605,7 @@ int ForgettingBench(int argc, char** argv) {
 
   std::vector<Policy> policies;
   if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
+  if (reference) policies.insert(policies.end(), std::begin(kReferences), std::end(kReferences));
   for (const std::string& name : Split(policies_arg)) {
     auto it = std::find_if(std::begin(kPolicies), std::end(kPolicies), [&](const Policy& p) { return p.name == name; });
     if (it == std::end(kPolicies))

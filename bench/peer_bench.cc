@@ -4,7 +4,7 @@
 //   peer-bench store [--help]     expert store: freeze, cold open, cached reads, memory per expert
 //   peer-bench ingest [--help]    data port throughput, also beside misbehaving clients; training
 //                                 inside the service vs bare
-//   peer-bench forgetting [--help]  five continual-learning policies on a sequence of domains
+//   peer-bench forgetting [--help]  six continual-learning policies on a sequence of domains
 //   peer-bench scaling [--help]   data-parallel tokens/s with 1, 2, 4 ranks (peer-train processes)
 #include <cstdio>
 #include <cstring>
@@ -31,8 +31,8 @@ int main(int argc, char** argv) {
                "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n"
                "  ingest  data port MB/s acked (1 and 8 clients; 8 beside misbehaving ones); service\n"
                "          training vs bare trainer\n"
-               "  forgetting  dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe on a sequence of\n"
-               "          text domains: matrix, forgetting, BWT, ACC, plasticity side by side\n"
+               "  forgetting  dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed on a base\n"
+               "          phase and a sequence of text domains: matrix, forgetting, BWT, ACC, plasticity\n"
                "  scaling data-parallel training: tokens/s and collective time per step for 1, 2, 4 ranks\n"
                "          of one thread each, beside one process with as many threads\n");
   return 2;

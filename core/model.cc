@@ -16,6 +16,9 @@ CausalSelfAttentionImpl::CausalSelfAttentionImpl(int64_t d_model, int64_t n_head
   mask_ = register_buffer("mask", torch::ones({context, context}, torch::kBool).triu(1));
 }
 
+namespace {
+
+// The linear map `linear` of x, plus the adapter's delta of the map named `name` when there is one.
 torch::Tensor Adapted(torch::nn::Linear& linear, const torch::Tensor& x, const SegmentAdapterImpl* adapter,
                       const std::string& name) {
   torch::Tensor y = linear(x);
@@ -23,6 +26,8 @@ torch::Tensor Adapted(torch::nn::Linear& linear, const torch::Tensor& x, const S
   torch::Tensor delta = adapter->Delta(name, x);
   return delta.defined() ? y + delta : y;
 }
+
+}  // namespace
 
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
                                                const std::string& prefix) {

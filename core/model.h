@@ -25,10 +25,6 @@ struct Route {
   std::vector<int64_t> segments;  // ids of the segments retrieval may use in every PEER layer; empty: all
 };
 
-// The linear map `linear` of x, plus the adapter's delta of the map named `name` when there is one.
-torch::Tensor Adapted(torch::nn::Linear& linear, const torch::Tensor& x, const SegmentAdapterImpl* adapter,
-                      const std::string& name);
-
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
   CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads, int64_t context);

@@ -1,5 +1,6 @@
 #include "core/segment_adapter.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/config.h"

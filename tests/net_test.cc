@@ -9,6 +9,7 @@
 
 #include <boost/asio.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -110,14 +111,28 @@ TEST(DocumentSource, FollowYieldsAppendedDocumentsOnceComplete) {
   std::atomic<bool> stop{false};
   src->Follow(&stop);
   std::vector<IngestDocument> docs;
+  std::atomic<size_t> count{0};
   std::thread reader([&] {
-    for (IngestDocument d; src->Next(&d);) docs.push_back(d);
+    for (IngestDocument d; src->Next(&d);) {
+      docs.push_back(d);
+      count = docs.size();
+    }
   });
-  std::this_thread::sleep_for(500ms);
+  // Polled under deadlines: the first document read (so the reader sits at the half-written one),
+  // then, after the append, the second.
+  auto wait_for_count = [&](size_t n) {
+    for (auto end = std::chrono::steady_clock::now() + 10s; count < n && std::chrono::steady_clock::now() < end;)
+      std::this_thread::sleep_for(10ms);
+    return count >= n;
+  };
+  const bool first_read = wait_for_count(1);
   { std::ofstream(path, std::ios::app) << "ing written\n\nthird\n"; }
-  std::this_thread::sleep_for(700ms);
+  const bool second_read = wait_for_count(2);
+  std::this_thread::sleep_for(300ms);  // time for a wrong third document (no separator yet) to show
   stop = true;
   reader.join();
+  ASSERT_TRUE(first_read) << "the follower did not read the first document within 10 s";
+  ASSERT_TRUE(second_read) << "the follower did not finish the appended document within 10 s";
   ASSERT_EQ(docs.size(), 2u) << "the third document has no separator yet";
   EXPECT_EQ(docs[0].text, "first\n");
   EXPECT_EQ(docs[1].text, "second, still being written\n");
@@ -236,8 +251,11 @@ TEST(DataPort, StopsReadingWhileTheBacklogIsFullAndResumesWhenItDrains) {
   IngestOptions client = s.Client("kjv");
   client.window_bytes = 1 << 20;
   auto run = std::async(std::launch::async, [&] { return Ingest(client, corpus, &p); });
-  // Nothing consumes: the spool fills to about the limit and stops there.
-  std::this_thread::sleep_for(1500ms);
+  // Nothing consumes: the spool fills to about the limit (polled, 30 s at most) and stops there.
+  for (auto end = std::chrono::steady_clock::now() + 30s;
+       s.spool->stats().bytes < o.backlog_limit_bytes && std::chrono::steady_clock::now() < end;)
+    std::this_thread::sleep_for(20ms);
+  std::this_thread::sleep_for(500ms);  // time for a server that ignores the limit to read past it
   const uint64_t stored = s.spool->stats().bytes;
   EXPECT_GE(stored, o.backlog_limit_bytes);
   EXPECT_LT(stored, o.backlog_limit_bytes + o.inflight_limit_bytes + 4096) << "server kept reading past the backlog limit";
@@ -478,8 +496,11 @@ TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {
   client.max_reconnects = 50;
   IngestProgress p;
   auto run = std::async(std::launch::async, [&] { return Ingest(client, corpus, &p); });
-  std::this_thread::sleep_for(500ms);
+  for (auto end = std::chrono::steady_clock::now() + 30s;
+       s.spool->stats().documents == 0 && std::chrono::steady_clock::now() < end;)
+    std::this_thread::sleep_for(20ms);
   const uint64_t stored_before = s.spool->stats().documents;
+  ASSERT_GT(stored_before, 0u) << "the first server stored nothing within 30 s";
   ASSERT_LT(stored_before, 300u) << "the first server should still be mid-stream";
   s.server.reset();  // the data port goes away mid-stream
   s.spool.reset();

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <random>
+
 #include "core/evaluator.h"
 #include "core/model.h"
 #include "core/text_router.h"
@@ -151,6 +153,49 @@ TEST(Routing, ABranchSeededFromAnotherStartsWithItsFunctionAndLeavesItUntouched)
   EXPECT_FALSE(torch::equal(output_of({second, {base, second}}), first_out));
   EXPECT_EQ(model->CopyBranch(second, first).code(), Status::Code::kFailedPrecondition) << "a frozen branch is seeded";
   EXPECT_EQ(model->CopyBranch(9, second).code(), Status::Code::kNotFound);
+}
+
+// A text of `n` bytes drawn from `alphabet`, reproducibly.
+std::string TextOf(const std::string& alphabet, size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::string out;
+  for (size_t i = 0; i < n; ++i) out.push_back(alphabet[rng() % alphabet.size()]);
+  return out;
+}
+
+TEST(Routing, ARoutedStreamScoresAnOldDomainExactlyAsBeforeAfterANewOneTrains) {
+  torch::manual_seed(6);
+  Config c = TwoBlockModel();
+  TransformerLM model(c.model());
+  Trainer trainer(model, c.train());
+  const std::string letters = TextOf("abcdefgh ", 4000, 1), digits = TextOf("0123456789,", 4000, 2);
+  const int64_t base = model->PeerLayers()[0]->segments()[0]->id();
+  BigramRouter router;
+  router.Observe(base, TextOf("abcdefgh0123456789 ,", 2000, 3));  // the base phase's text
+  EvalOptions eval;
+  eval.route_context = 32;
+  eval.route = [&](std::string_view text) {
+    const int64_t r = router.Choose(text);
+    return r < 0 || r == base ? Route{-1, {base}} : Route{r, {base, r}};
+  };
+  auto train_on = [&](const std::string& text, int64_t branch) {
+    for (int i = 0; i < 30; ++i) {
+      const int64_t at = (i * 97) % static_cast<int64_t>(text.size() - 17);
+      std::string window = text.substr(at, 17);
+      router.Observe(branch, window);
+      trainer.Step(torch::from_blob(window.data(), {1, 17}, torch::kUInt8).to(torch::kInt64).repeat({4, 1}));
+    }
+  };
+  const int64_t first = GrowRouted(trainer, base, 4);
+  train_on(letters, first);
+  const double letters_after_first = BitsPerByte(model, letters, eval);
+  const double digits_before = BitsPerByte(model, digits, eval);
+  const int64_t second = GrowRouted(trainer, base, 4);
+  train_on(digits, second);
+  EXPECT_EQ(BitsPerByte(model, letters, eval), letters_after_first) << "the old domain's score moved";
+  EXPECT_LT(BitsPerByte(model, digits, eval), digits_before) << "the new domain was not learnt";
+  EXPECT_EQ(router.Choose(digits.substr(0, 64)), second);
+  EXPECT_EQ(router.Choose(letters.substr(0, 64)), first);
 }
 
 TEST(BigramRouter, SendsATextToTheRouteWhoseTrainingTextItResembles) {
