@@ -75,6 +75,7 @@ struct Knobs {
   float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
   bool seed_nearest = true;    // routed: a new branch starts as a copy of the old one that predicts its first text best
   int64_t route_context = 0;   // routed: bytes before a window its route is chosen from (0: twice the context)
+  uint32_t routed_n_keys = 0;  // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
   bool verbose = true;
 };
@@ -226,6 +227,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     phases.push_back({-1, total, false});
   }
   Config c = k.base;
+  if (p.routed && k.routed_n_keys > 0) c.mutable_model()->mutable_peer()->set_n_keys(k.routed_n_keys);
   if (!p.peer) {
     c.mutable_model()->set_ffn(FFN_KIND_DENSE);
     c.mutable_model()->set_dense_hidden(k.dense_hidden);
@@ -519,6 +521,9 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
   std::string seed_arg = "nearest";
   int64_t route_context = 0;
+  uint32_t routed_n_keys = 0;
+  app.add_option("--routed-n-keys", routed_n_keys, "routed: sub-keys per half of its segments, n² experts each "
+                 "(0: --n-keys / the config's)")->capture_default_str();
   app.add_option("--route-context", route_context, "routed: bytes of text before a window that choose its route "
                  "(0: twice the model's context)")->capture_default_str();
   app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the old branch that "
@@ -601,11 +606,13 @@ int ForgettingBench(int argc, char** argv) {
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
   k.seed_nearest = seed_arg == "nearest";
   k.route_context = route_context;
+  k.routed_n_keys = routed_n_keys;
+  if (routed_n_keys > 0 && (routed_n_keys < m->peer().topk() || routed_n_keys > 65536))
+    return fail(Status::InvalidArgument("--routed-n-keys must be 0 or in [top-k, 65536], got " + std::to_string(routed_n_keys)));
   if (adapter_rank == 0) return fail(Status::InvalidArgument("--adapter-rank must be at least 1"));
 
   std::vector<Policy> policies;
   if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
-  if (reference) policies.insert(policies.end(), std::begin(kReferences), std::end(kReferences));
   for (const std::string& name : Split(policies_arg)) {
     auto it = std::find_if(std::begin(kPolicies), std::end(kPolicies), [&](const Policy& p) { return p.name == name; });
     if (it == std::end(kPolicies))
@@ -648,7 +655,9 @@ int ForgettingBench(int argc, char** argv) {
 
   const bool any_routed = std::any_of(policies.begin(), policies.end(), [](const Policy& p) { return p.routed; });
   const int used_threads = SetComputeThreads(t->threads());
-  k.dense_hidden = MatchingDenseHidden(*m, phases.size(), any_routed ? adapter_rank : 0);
+  ModelConfig widest = *m;  // the PEER model with the most active parameters: routed's, when it runs
+  if (any_routed && routed_n_keys > 0) widest.mutable_peer()->set_n_keys(routed_n_keys);
+  k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? adapter_rank : 0);
   std::fprintf(stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
                pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(),
                tasks.size() - first_domain, repeat, steps, t->batch_size(), m->context(), used_threads,
@@ -656,6 +665,7 @@ int ForgettingBench(int argc, char** argv) {
   std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
                k.dense_hidden, any_routed ? " with one adapter" : "");
 
+  if (reference) policies.insert(policies.end(), std::begin(kReferences), std::end(kReferences));
   // The replay-budget sweep: each recipe policy once more per budget, as POLICY@RATIO.
   for (const Policy& p : std::vector<Policy>(policies)) {
     if (!p.recipe) continue;
