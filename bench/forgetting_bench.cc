@@ -192,7 +192,7 @@ std::vector<double> RoutingAccuracy(const Routing& r, const std::vector<Domain>&
   return out;
 }
 
-// Freezes every training segment and adapter and adds a fresh segment to every PEER layer;
+// Freezes every training segment (and so its adapter) and adds a fresh segment to every PEER layer;
 // *id is the new segments' id (the same in every layer: they grow in step).
 Status GrowAll(Trainer& trainer, uint32_t n_keys, int64_t* id) {
   auto layers = trainer.model()->PeerLayers();
@@ -207,9 +207,6 @@ Status GrowAll(Trainer& trainer, uint32_t n_keys, int64_t* id) {
     if (l > 0 && added != *id) return Status::FailedPrecondition("PEER layers grew out of step");
     *id = added;
   }
-  for (const auto& [a, adapter] : trainer.model()->adapters())
-    if (!adapter->frozen())
-      if (Status st = trainer.model()->FreezeAdapter(a); !st.ok()) return st;
   return Status::OK();
 }
 

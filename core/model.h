@@ -16,7 +16,6 @@
 
 namespace peerd {
 
-// Causal multi-head self-attention, written out (no scaled_dot_product_attention: LibTorch 1.13).
 // What a forward pass runs besides the shared trunk (routing isolation, docs/DESIGN.md): one
 // segment's adapter and the segments PEER retrieval may choose from. The default runs every
 // segment and no adapter (the global top-k of DESIGN.md §1).
@@ -25,6 +24,7 @@ struct Route {
   std::vector<int64_t> segments;  // ids of the segments retrieval may use in every PEER layer; empty: all
 };
 
+// Causal multi-head self-attention, written out (no scaled_dot_product_attention: LibTorch 1.13).
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
   CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads, int64_t context);

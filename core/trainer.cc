@@ -88,7 +88,10 @@ Status Trainer::FreezeSegment(size_t layer, int64_t id, const FreezeOptions& opt
     if (Status st = options.persist(layer, *segment); !st.ok()) return st;
   }
   Status st = layers[layer]->FreezeSegment(id, options.hold_rows_as);
-  if (st.ok()) RefreshParameters();
+  if (!st.ok()) return st;
+  if (auto a = model_->adapters().find(id); a != model_->adapters().end() && !a->second->frozen())
+    st = model_->FreezeAdapter(id);
+  RefreshParameters();
   return st;
 }
 

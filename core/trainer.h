@@ -60,7 +60,8 @@ class Trainer {
   // Adds a training segment to PEER layer `layer` (position among the model's PEER layers).
   Status AddSegment(size_t layer, int64_t n_keys, int64_t* id = nullptr);
   // Freezes segment `id` of PEER layer `layer` (persisting it first when options say how) and
-  // removes it from the optimizer.
+  // removes it from the optimizer, with the model's adapter of the same id if it has one (a
+  // segment's adapter is part of what the segment owns).
   Status FreezeSegment(size_t layer, int64_t id, const FreezeOptions& options = {});
   // Re-points the optimizer at the parameters the policy trains now.
   void RefreshParameters();

@@ -28,17 +28,13 @@ Config TwoBlockModel() {
 
 torch::Tensor RandomTokens(int64_t batch, int64_t len) { return torch::randint(256, {batch, len + 1}); }
 
-// Adds a segment and its adapter under the same id, frozen old ones, and routes training there.
+// Freezes the training segments (their adapters with them), adds a segment and its adapter under
+// one id, and routes training there.
 int64_t GrowRouted(Trainer& trainer, int64_t base, int64_t rank) {
   TransformerLM& model = trainer.model();
   for (const auto& s : model->PeerLayers()[0]->segments()) {
     if (!s->frozen()) {
       EXPECT_TRUE(trainer.FreezeSegment(0, s->id()).ok());
-    }
-  }
-  for (const auto& [id, adapter] : model->adapters()) {
-    if (!adapter->frozen()) {
-      EXPECT_TRUE(model->FreezeAdapter(id).ok());
     }
   }
   int64_t id = -1;
@@ -50,6 +46,13 @@ int64_t GrowRouted(Trainer& trainer, int64_t base, int64_t rank) {
   owned.add_train_groups("new-segment");
   trainer.SetConfig(owned);
   return id;
+}
+
+// The model's logits for `probe` under `route` (the model left on that route).
+torch::Tensor OutputUnder(TransformerLM& model, const Route& route, const torch::Tensor& probe) {
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(model->SetRoute(route).ok());
+  return model->forward(probe).clone();
 }
 
 TEST(Routing, ANewAdapterChangesNothingUntilItTrains) {
@@ -79,17 +82,14 @@ TEST(Routing, AFrozenRouteComputesBitIdenticallyWhileALaterRouteTrains) {
 
   model->eval();
   const torch::Tensor probe = RandomTokens(3, 16).slice(1, 0, 16);
-  auto output_of = [&](const Route& r) {
-    torch::NoGradGuard no_grad;
-    EXPECT_TRUE(model->SetRoute(r).ok());
-    return model->forward(probe).clone();
-  };
+  auto output_of = [&](const Route& r) { return OutputUnder(model, r, probe); };
   const Route base_route{-1, {base}}, first_route{first, {base, first}};
   const torch::Tensor base_out = output_of(base_route), first_out = output_of(first_route);
   EXPECT_FALSE(torch::equal(base_out, first_out)) << "the first route trained, so it must differ from the base";
 
   model->train();
   const int64_t second = GrowRouted(trainer, base, 4);
+  EXPECT_TRUE(model->adapters().at(first)->frozen()) << "freezing a segment must freeze its adapter";
   for (int i = 0; i < 20; ++i) trainer.Step(RandomTokens(4, 16));
   model->eval();
   EXPECT_TRUE(torch::equal(output_of(base_route), base_out)) << "the base moved while a later route trained";
@@ -137,11 +137,7 @@ TEST(Routing, ABranchSeededFromAnotherStartsWithItsFunctionAndLeavesItUntouched)
   const int64_t second = GrowRouted(trainer, base, 4);
   model->eval();
   const torch::Tensor probe = RandomTokens(2, 16).slice(1, 0, 16);
-  auto output_of = [&](const Route& r) {
-    torch::NoGradGuard no_grad;
-    EXPECT_TRUE(model->SetRoute(r).ok());
-    return model->forward(probe).clone();
-  };
+  auto output_of = [&](const Route& r) { return OutputUnder(model, r, probe); };
   const torch::Tensor first_out = output_of({first, {base, first}});
   ASSERT_TRUE(model->CopyBranch(first, second).ok());
   EXPECT_TRUE(torch::equal(output_of({second, {base, second}}), first_out));
