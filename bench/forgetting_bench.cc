@@ -21,7 +21,7 @@
 #include "core/runtime.h"
 #include "core/text_batcher.h"
 #include "core/text_file.h"
-#include "core/text_router.h"
+#include "core/routed_branches.h"
 #include "core/trainer.h"
 
 namespace peerd::bench {
@@ -71,7 +71,7 @@ struct Knobs {
                                // the recipe's replay share and distillation weight)
   uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
   TrainConfig later;           // freeze-grow's training policy from the second domain on
-  uint32_t adapter_rank = 32;  // routed: rank of each segment's adapter
+  int64_t adapter_rank = 32;   // routed: rank of each segment's adapter (SegmentAdapterImpl::kFullRank: full)
   float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
   bool seed_nearest = true;    // routed: a new branch starts as a copy of the old one that predicts its first text best
   int64_t route_context = 0;   // routed: bytes before a window its route is chosen from (0: twice the context)
@@ -106,15 +106,15 @@ Status LoadDomain(const std::string& spec, const std::string& corpus_dir, size_t
 }
 
 // The dense FFN width that gives the dense model the PEER model's active parameters per token with
-// `segments` segments per PEER layer (and, with adapter_rank > 0, one segment's adapter, which is
+// `segments` segments per PEER layer (and, with adapter_rank >= 0, one segment's adapter, which is
 // what a routed token runs). Every segment's sub-keys count as active, as if all were scored for
 // every token (a routed token scores two segments' only): matching the final, grown pool this
 // way is the comparison least kind to PEER.
-uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, uint32_t adapter_rank) {
+uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, int64_t adapter_rank) {
   ModelConfig grown = peer_model;
   grown.mutable_peer()->set_initial_segments(static_cast<uint32_t>(segments));
   TransformerLM grown_model(grown);
-  if (adapter_rank > 0) TORCH_CHECK(grown_model->AddAdapter(0, adapter_rank).ok());
+  if (adapter_rank >= 0) TORCH_CHECK(grown_model->AddAdapter(0, adapter_rank).ok());
   const int64_t target = grown_model->ActiveParameters();
   ModelConfig m = peer_model;
   m.set_ffn(FFN_KIND_DENSE);
@@ -132,49 +132,9 @@ std::vector<double> EvaluateAll(TransformerLM& model, const std::vector<Domain>&
   return row;
 }
 
-// The routed policy's router and the route of each of its branches: branch `base` (the segments of
-// the base phase, no adapter) or a domain's segment with its adapter.
-struct Routing {
-  BigramRouter router;
-  int64_t base = 0;  // the base phase's segment id
-
-  Route RouteOf(int64_t branch) const {
-    if (branch < 0 || branch == base) return {-1, {base}};
-    return {branch, {base, branch}};
-  }
-  // What the evaluator asks: the route for the text before a window (core/evaluator.h).
-  EvalOptions Options(EvalOptions o, int64_t context) const {
-    o.route = [this](std::string_view text) { return RouteOf(router.Choose(text)); };
-    o.route_context = context;
-    return o;
-  }
-};
-
-// The branch (of those the router knows) under which the model predicts `text` best; -1 if none.
-int64_t BestBranchFor(TransformerLM& model, const Routing& routing, const std::string& text) {
-  const Route was = model->route();
-  int64_t best = -1;
-  double best_bpb = INFINITY;
-  for (int64_t b : routing.router.routes()) {
-    TORCH_CHECK(model->SetRoute(routing.RouteOf(b)).ok());
-    const double bpb = BitsPerByte(model, text);
-    if (bpb < best_bpb) best = b, best_bpb = bpb;
-  }
-  TORCH_CHECK(model->SetRoute(was).ok());
-  return best;
-}
-
-// The bytes of a batch of windows [B, T+1], as text for the router's counts.
-std::string BatchBytes(const torch::Tensor& tokens) {
-  torch::Tensor t = tokens.to(torch::kUInt8).contiguous();
-  std::string out(t.numel(), '\0');
-  std::memcpy(out.data(), t.data_ptr(), out.size());
-  return out;
-}
-
 // Per task: the share of its held-out windows (of `context` bytes, routed as `o` says) that the
 // router sends to `expected[task]`'s branch.
-std::vector<double> RoutingAccuracy(const Routing& r, const std::vector<Domain>& tasks,
+std::vector<double> RoutingAccuracy(const RoutedBranches& r, const std::vector<Domain>& tasks,
                                     const std::vector<int64_t>& expected, const EvalOptions& o, int64_t context) {
   std::vector<double> out;
   for (size_t j = 0; j < tasks.size(); ++j) {
@@ -183,9 +143,7 @@ std::vector<double> RoutingAccuracy(const Routing& r, const std::vector<Domain>&
     int64_t right = 0, windows = 0;
     for (int64_t start = 0; start + 1 < n; start += context, ++windows) {
       const int64_t from = std::max<int64_t>(0, start - o.route_context);
-      int64_t b = r.router.Choose(std::string_view(text).substr(from, start + 1 - from));
-      if (b < 0) b = r.base;
-      right += b == expected[j];
+      right += r.Choose(std::string_view(text).substr(from, start + 1 - from)) == expected[j];
     }
     out.push_back(windows ? static_cast<double>(right) / windows : 0.0);
   }
@@ -246,7 +204,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
 
   EvalOptions eval;
   eval.max_bytes = k.eval_bytes;
-  Routing routing;
+  RoutedBranches routing;
   const int64_t route_context = k.route_context > 0 ? k.route_context : 2 * context;
   std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
   std::map<int64_t, int> task_of_branch;              // and the task each branch was trained on
@@ -399,7 +357,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
               {"config_seed", tc.seed()}};
   if (p.routed) {
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
-    row["adapter_rank"] = k.adapter_rank;
+    row["adapter_rank"] = k.adapter_rank == SegmentAdapterImpl::kFullRank ? json("full") : json(k.adapter_rank);
     row["adapter_lr_scale"] = k.adapter_lr_scale;
     row["seeded_from"] = seeded_from;
     json accuracy = json::object();
@@ -498,7 +456,7 @@ int ForgettingBench(int argc, char** argv) {
   std::string pretrain_arg = "broad:600", replay_sweep_arg;
   uint32_t seeds = 1;
   bool reference = false;
-  uint32_t adapter_rank = 32;
+  std::string adapter_rank_arg = "32";
   double adapter_lr_scale = 10;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
   size_t train_kb = 2048, heldout_kb = 24;
@@ -514,7 +472,7 @@ int ForgettingBench(int argc, char** argv) {
                  "DOMAIN[:STEPS]: a broad base phase before the stream, on text that is none of the streamed "
                  "domains, scored as a task like the others ('' = none; DOMAIN as in --domains)")->capture_default_str();
   app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed (default all)");
-  app.add_option("--adapter-rank", adapter_rank, "routed: rank of each segment's low-rank deltas")->capture_default_str();
+  app.add_option("--adapter-rank", adapter_rank_arg, "routed: rank of each segment's deltas, or 'full' (full-rank deltas)")->capture_default_str();
   app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
   std::string seed_arg = "nearest";
   int64_t route_context = 0;
@@ -599,14 +557,21 @@ int ForgettingBench(int argc, char** argv) {
   }
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.verbose = !quiet;
-  k.adapter_rank = adapter_rank;
+  if (adapter_rank_arg == "full") {
+    k.adapter_rank = SegmentAdapterImpl::kFullRank;
+  } else {
+    char* end = nullptr;
+    const long r = std::strtol(adapter_rank_arg.c_str(), &end, 10);
+    if (*end != '\0' || r < 1 || r > 4096)
+      return fail(Status::InvalidArgument("--adapter-rank takes a rank in [1, 4096] or 'full', got '" + adapter_rank_arg + "'"));
+    k.adapter_rank = r;
+  }
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
   k.seed_nearest = seed_arg == "nearest";
   k.route_context = route_context;
   k.routed_n_keys = routed_n_keys;
   if (routed_n_keys > 0 && (routed_n_keys < m->peer().topk() || routed_n_keys > 65536))
     return fail(Status::InvalidArgument("--routed-n-keys must be 0 or in [top-k, 65536], got " + std::to_string(routed_n_keys)));
-  if (adapter_rank == 0) return fail(Status::InvalidArgument("--adapter-rank must be at least 1"));
 
   std::vector<Policy> policies;
   if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
@@ -654,7 +619,7 @@ int ForgettingBench(int argc, char** argv) {
   const int used_threads = SetComputeThreads(t->threads());
   ModelConfig widest = *m;  // the PEER model with the most active parameters: routed's, when it runs
   if (any_routed && routed_n_keys > 0) widest.mutable_peer()->set_n_keys(routed_n_keys);
-  k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? adapter_rank : 0);
+  k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? k.adapter_rank : -1);
   std::fprintf(stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
                pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(),
                tasks.size() - first_domain, repeat, steps, t->batch_size(), m->context(), used_threads,

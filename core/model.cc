@@ -125,7 +125,9 @@ Status TransformerLMImpl::SetRoute(const Route& route) {
 
 Status TransformerLMImpl::AddAdapter(int64_t id, int64_t rank) {
   if (adapters_.count(id)) return Status::FailedPrecondition("the model already has adapter " + std::to_string(id));
-  if (rank <= 0) return Status::InvalidArgument("an adapter's rank must be at least 1, got " + std::to_string(rank));
+  if (rank < 0)
+    return Status::InvalidArgument("an adapter's rank must be at least 1 (or 0 for full deltas), got " +
+                                   std::to_string(rank));
   adapters_.emplace(id, register_module("adapter" + std::to_string(id), SegmentAdapter(config_, rank)));
   newest_adapter_ = std::max(newest_adapter_, id);
   return Status::OK();

@@ -9,8 +9,8 @@
 namespace peerd {
 
 SegmentAdapterImpl::SegmentAdapterImpl(const ModelConfig& c, int64_t rank)
-    : rank_(rank), scale_(1.0 / std::sqrt(static_cast<double>(rank))) {
-  TORCH_CHECK(rank > 0, "an adapter needs a rank of at least 1, got ", rank);
+    : rank_(rank), scale_(rank == kFullRank ? 1.0 : 1.0 / std::sqrt(static_cast<double>(rank))) {
+  TORCH_CHECK(rank >= 0, "an adapter needs a rank of at least 1 (or kFullRank), got ", rank);
   const int64_t D = c.d_model();
   const std::vector<int> peer_blocks = PeerBlocks(c);
   for (uint32_t i = 0; i < c.n_layers(); ++i) {
@@ -30,6 +30,10 @@ SegmentAdapterImpl::SegmentAdapterImpl(const ModelConfig& c, int64_t rank)
 void SegmentAdapterImpl::AddMap(const std::string& name, int64_t in, int64_t out) {
   std::string key = name;
   std::replace(key.begin(), key.end(), '.', '_');  // parameter names may not hold '.'
+  if (rank_ == kFullRank) {
+    maps_[name] = {register_parameter(key + "_w", torch::zeros({out, in})), torch::Tensor()};
+    return;
+  }
   // A ~ N(0, 1/in) keeps A x at unit scale; B = 0 makes a new adapter the identity change.
   torch::Tensor a = register_parameter(key + "_a", torch::randn({rank_, in}) / std::sqrt(static_cast<double>(in)));
   torch::Tensor b = register_parameter(key + "_b", torch::zeros({out, rank_}));
@@ -40,6 +44,7 @@ torch::Tensor SegmentAdapterImpl::Delta(const std::string& name, const torch::Te
   auto it = maps_.find(name);
   if (it == maps_.end()) return {};
   const auto& [a, b] = it->second;
+  if (!b.defined()) return torch::matmul(x, a.t());  // full: ΔW x
   return torch::matmul(torch::matmul(x, a.t()), b.t()) * scale_;  // [..., in] -> [..., r] -> [..., out]
 }
 

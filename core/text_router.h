@@ -13,8 +13,11 @@
 
 #include <cstdint>
 #include <map>
+#include <string>
 #include <string_view>
 #include <vector>
+
+#include "core/status.h"
 
 namespace peerd {
 
@@ -32,6 +35,11 @@ class BigramRouter {
   std::vector<int64_t> routes() const;
   // Bytes the statistics take in memory (what routing keeps instead of text).
   uint64_t StatisticsBytes() const;
+
+  // The counts as bytes (only the non-zero bigrams: a few KB a route, not the 256 KB in memory)
+  // and back. Parse replaces *this; Corruption when `bytes` is not what Serialize wrote.
+  std::string Serialize() const;
+  Status Parse(std::string_view bytes);
 
  private:
   struct Counts {

@@ -62,12 +62,15 @@ TEST(Routing, ANewAdapterChangesNothingUntilItTrains) {
   torch::NoGradGuard no_grad;
   const torch::Tensor tokens = RandomTokens(2, 16).slice(1, 0, 16);
   const torch::Tensor before = model->forward(tokens);
-  ASSERT_TRUE(model->AddAdapter(7, 4).ok());
-  ASSERT_TRUE(model->SetRoute({7, {}}).ok());
-  EXPECT_TRUE(torch::equal(model->forward(tokens), before));  // B = 0: the identity change
-  // Once its deltas are non-zero, the route changes the output.
-  for (auto& p : model->adapters().at(7)->parameters()) p.fill_(0.05);
-  EXPECT_FALSE(torch::allclose(model->forward(tokens), before));
+  for (const int64_t rank : {int64_t{4}, SegmentAdapterImpl::kFullRank}) {
+    const int64_t id = 7 + rank;
+    ASSERT_TRUE(model->AddAdapter(id, rank).ok());
+    ASSERT_TRUE(model->SetRoute({id, {}}).ok());
+    EXPECT_TRUE(torch::equal(model->forward(tokens), before)) << "rank " << rank;  // a zero delta
+    // Once its deltas are non-zero, the route changes the output.
+    for (auto& p : model->adapters().at(id)->parameters()) p.fill_(0.05);
+    EXPECT_FALSE(torch::allclose(model->forward(tokens), before)) << "rank " << rank;
+  }
 }
 
 TEST(Routing, AFrozenRouteComputesBitIdenticallyWhileALaterRouteTrains) {
@@ -107,7 +110,7 @@ TEST(Routing, SetRouteRefusesPartsTheModelLacks) {
   EXPECT_NE(st.message().find("adapter 3"), std::string::npos) << st.message();
   st = model->SetRoute({-1, {42}});
   EXPECT_NE(st.message().find("segment 42"), std::string::npos) << st.message();
-  EXPECT_EQ(model->AddAdapter(1, 0).code(), Status::Code::kInvalidArgument);
+  EXPECT_EQ(model->AddAdapter(1, -1).code(), Status::Code::kInvalidArgument);
   ASSERT_TRUE(model->AddAdapter(1, 2).ok());
   EXPECT_EQ(model->AddAdapter(1, 2).code(), Status::Code::kFailedPrecondition);
 }
@@ -204,6 +207,32 @@ TEST(BigramRouter, SendsATextToTheRouteWhoseTrainingTextItResembles) {
   EXPECT_EQ(router.routes(), (std::vector<int64_t>{0, 5}));
   EXPECT_EQ(router.LogLikelihoods("ab").size(), 2u);
   EXPECT_GT(router.StatisticsBytes(), 2u * 256 * 256);
+}
+
+TEST(BigramRouter, RoundTripsThroughItsBytesAndRefusesDamagedOnes) {
+  BigramRouter router(8);
+  router.Observe(0, "the quick brown fox jumps over the lazy dog");
+  router.Observe(9, "int main(void) { return x[i] * 2; }");
+  const std::string bytes = router.Serialize();
+  EXPECT_LT(bytes.size(), 16u * 1024) << "only the non-zero bigrams are written";
+  BigramRouter copy;
+  ASSERT_TRUE(copy.Parse(bytes).ok());
+  EXPECT_EQ(copy.routes(), router.routes());
+  for (const char* text : {"the dog", "x[i] = 2;", "zzz"}) {
+    EXPECT_EQ(copy.LogLikelihoods(text), router.LogLikelihoods(text)) << text;
+  }
+  EXPECT_EQ(copy.Serialize(), bytes);
+  // Every truncation, and a flipped magic, is refused with a reason, and leaves nothing half-read.
+  for (size_t n : {size_t{0}, size_t{3}, bytes.size() / 2, bytes.size() - 1}) {
+    BigramRouter damaged;
+    const Status st = damaged.Parse(std::string_view(bytes).substr(0, n));
+    EXPECT_EQ(st.code(), Status::Code::kCorruption) << n << ": " << st.ToString();
+    EXPECT_TRUE(damaged.routes().empty()) << n;
+  }
+  std::string flipped = bytes;
+  flipped[0] ^= 1;
+  EXPECT_EQ(BigramRouter().Parse(flipped).code(), Status::Code::kCorruption);
+  EXPECT_EQ(BigramRouter().Parse(bytes + "x").code(), Status::Code::kCorruption) << "trailing bytes";
 }
 
 TEST(Evaluator, ARouteSeesOnlyTheBytesBeforeEachWindowAndItsFirstInput) {

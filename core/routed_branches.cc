@@ -1,0 +1,48 @@
+#include "core/routed_branches.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace peerd {
+
+Route RoutedBranches::RouteOf(int64_t branch) const {
+  Route r;
+  r.segments = base_segments.empty() ? std::vector<int64_t>{base} : base_segments;
+  if (branch < 0 || branch == base) return r;
+  r.adapter = branch;
+  r.segments.push_back(branch);
+  return r;
+}
+
+int64_t RoutedBranches::Choose(std::string_view text) const {
+  const int64_t b = router.Choose(text);
+  return b < 0 ? base : b;
+}
+
+EvalOptions RoutedBranches::Options(EvalOptions o, int64_t context) const {
+  o.route = [this](std::string_view text) { return RouteOf(Choose(text)); };
+  o.route_context = context;
+  return o;
+}
+
+int64_t BestBranchFor(TransformerLM& model, const RoutedBranches& branches, const std::string& text) {
+  const Route was = model->route();
+  int64_t best = -1;
+  double best_bpb = INFINITY;
+  for (int64_t b : branches.router.routes()) {
+    TORCH_CHECK(model->SetRoute(branches.RouteOf(b)).ok());
+    const double bpb = BitsPerByte(model, text);
+    if (bpb < best_bpb) best = b, best_bpb = bpb;
+  }
+  TORCH_CHECK(model->SetRoute(was).ok());
+  return best;
+}
+
+std::string BatchBytes(const torch::Tensor& tokens) {
+  torch::Tensor t = tokens.to(torch::kUInt8).contiguous();
+  std::string out(t.numel(), '\0');
+  std::memcpy(out.data(), t.data_ptr(), out.size());
+  return out;
+}
+
+}  // namespace peerd

@@ -1,0 +1,42 @@
+// RoutedBranches: the bookkeeping of routing isolation (docs/DESIGN.md §4b), shared by peerd's
+// training loop and the forgetting benchmark. After the base phase nothing shared trains again;
+// each domain is a *branch* — one new segment per PEER layer and a SegmentAdapter, all under one
+// id — and a text runs exactly one branch, chosen from the text itself by a BigramRouter:
+//
+//   base route:        no adapter, the base segments (those that existed when routing began)
+//   route of branch b: adapter b,  the base segments and segment b
+//
+// The router keeps byte-bigram counts of what was trained under each branch (the base counts as
+// the branch `base`, the id of its first segment); statistics, never text.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/evaluator.h"
+#include "core/text_router.h"
+
+namespace peerd {
+
+struct RoutedBranches {
+  int64_t base = 0;                    // the base's branch id in the router
+  std::vector<int64_t> base_segments;  // what the base route runs ({base} when empty)
+  BigramRouter router;
+
+  // The route of branch `branch` (-1 or `base`: the base route).
+  Route RouteOf(int64_t branch) const;
+  // The branch the router picks for `text`; the base when it knows nothing better.
+  int64_t Choose(std::string_view text) const;
+  // `o` with each window routed by the `context` bytes before it (core/evaluator.h).
+  EvalOptions Options(EvalOptions o, int64_t context) const;
+};
+
+// The branch (of those the router knows) under which the model predicts `text` best; -1 if the
+// router knows none. The model's route is restored after.
+int64_t BestBranchFor(TransformerLM& model, const RoutedBranches& branches, const std::string& text);
+
+// The bytes of a batch of windows [B, T+1] of byte tokens, as text for the router's counts.
+std::string BatchBytes(const torch::Tensor& tokens);
+
+}  // namespace peerd
