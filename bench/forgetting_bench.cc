@@ -257,7 +257,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
           TrainConfig owned = tc;
           owned.clear_train_groups();
           owned.add_train_groups("new-segment");
-          owned.set_backbone_lr_scale(k.adapter_lr_scale);
+          owned.set_adapter_lr_scale(k.adapter_lr_scale);
           trainer.SetConfig(owned);
         } else if (phase == 1) {
           trainer.SetConfig(k.later);

@@ -63,6 +63,13 @@ Config DefaultConfig() {
   // forgetting to ~5% of plain sequential training on the six domains.
   t->set_replay_ratio(0.25f);
   t->set_distill_weight(1.0f);
+  // Routing isolation is off by default (it needs a base phase first); when on, these are the
+  // settings bench/FORGETTING.md measured best.
+  t->set_routed(false);
+  t->set_adapter_rank(32);
+  t->set_adapter_lr_scale(10.0f);
+  t->set_route_context(128);
+  t->set_keep_trained_text(true);
   return c;
 }
 
@@ -132,6 +139,17 @@ Status ValidateConfig(const Config& c) {
   if (!std::isfinite(t.distill_weight()) || t.distill_weight() < 0 || t.distill_weight() > 1000)
     return Invalid("train.distillWeight", "must be in [0, 1000] (0 = no distillation), got " +
                                               std::to_string(t.distill_weight()));
+  if (t.adapter_rank() < 0) return Invalid("train.adapterRank", "must be 0 (full-rank deltas) or positive, got " + std::to_string(t.adapter_rank()));
+  if (!std::isfinite(t.adapter_lr_scale()) || t.adapter_lr_scale() < 0 || t.adapter_lr_scale() > 1000)
+    return Invalid("train.adapterLrScale", "must be in [0, 1000], got " + std::to_string(t.adapter_lr_scale()));
+  if (t.routed() && m.ffn() != FFN_KIND_PEER)
+    return Invalid("train.routed", "needs a PEER model (model.ffn FFN_KIND_PEER): a routed branch is a segment of experts and its adapter");
+  if (t.routed() && t.replay_ratio() > 0)
+    return Invalid("train.routed", "trains each branch on its own domain's text only (old text would teach it other domains): "
+                                   "set train.replayRatio to 0 (got " + std::to_string(t.replay_ratio()) + ")");
+  if (!t.keep_trained_text() && t.replay_ratio() > 0)
+    return Invalid("train.keepTrainedText", "is false, so no trained text is kept to replay: set train.replayRatio to 0 (got " +
+                                                std::to_string(t.replay_ratio()) + ")");
   if (t.train_groups_size() == 0) return Invalid("train.trainGroups", "must name at least one group");
   for (const std::string& g : t.train_groups()) {
     if (std::find(std::begin(kTrainGroups), std::end(kTrainGroups), g) == std::end(kTrainGroups)) {

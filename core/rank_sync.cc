@@ -14,6 +14,9 @@ Status CheckDataParallel(const Config& config) {
     return Status::InvalidArgument(
         "model.peer.queryNorm QUERY_NORM_BATCH cannot train on several ranks: each rank's batch-norm "
         "statistics would come from its share of the batch only; use QUERY_NORM_LAYER (the default)");
+  if (config.train().routed())
+    return Status::InvalidArgument("train.routed runs in one process: the ranks do not share adapters, routes and the "
+                                   "router yet; use --world-size 1");
   return Status::OK();
 }
 

@@ -56,7 +56,9 @@ void Trainer::RefreshParameters() {
   for (const ParamInfo& p : model_->ClassifiedParameters()) {
     const bool on = Selected(config_, p);
     p.tensor.set_requires_grad(on);  // parts that do not train need no gradient at all
-    const double scale = p.kind == ParamKind::kExpert ? config_.expert_lr_scale() : config_.backbone_lr_scale();
+    const double scale = p.kind == ParamKind::kExpert    ? config_.expert_lr_scale()
+                         : p.kind == ParamKind::kAdapter ? config_.adapter_lr_scale()
+                                                         : config_.backbone_lr_scale();
     if (on) params.push_back({p.tensor, p.decay, scale});
   }
   optimizer_.SetParameters(std::move(params));
@@ -144,7 +146,7 @@ Status Trainer::Step(const torch::Tensor& tokens, int64_t replayed, StepStats* o
   loss.backward();
   // Our own clipping: LibTorch's clip_grad_norm_ does not scale sparse gradients (expert tables).
   stats.grad_norm = optimizer_.ClipGradNorm(config_.grad_clip() > 0 ? config_.grad_clip() : INFINITY);
-  stats.lr = LearningRate(step_);
+  stats.lr = LearningRate(step_ - schedule_start_);
   optimizer_.Step(stats.lr);
   ++step_;
   return Status::OK();
@@ -191,7 +193,7 @@ Status Trainer::StepShare(const torch::Tensor& tokens, int64_t replayed, StepSta
   out->loss = parts[0][0].item<double>();
   out->distill = distill ? parts[0][1].item<double>() : 0;
   out->grad_norm = optimizer_.ClipGradNorm(config_.grad_clip() > 0 ? config_.grad_clip() : INFINITY);
-  out->lr = LearningRate(step_);
+  out->lr = LearningRate(step_ - schedule_start_);
   optimizer_.Step(out->lr);
   ++step_;
   return Status::OK();

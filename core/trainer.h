@@ -66,10 +66,14 @@ class Trainer {
   // Re-points the optimizer at the parameters the policy trains now.
   void RefreshParameters();
 
-  // The learning rate at step `step` under the configured schedule.
+  // The learning rate at step `step` of the configured schedule (warmup, then decay).
   double LearningRate(int64_t step) const;
   int64_t step() const { return step_; }
   void set_step(int64_t step) { step_ = step; }  // restoring a checkpoint
+  // The schedule runs from this step on: a routed branch starts its own warmup and decay, as a
+  // new domain trained alone would.
+  int64_t schedule_start() const { return schedule_start_; }
+  void set_schedule_start(int64_t step) { schedule_start_ = step; }
   const AdamW& optimizer() const { return optimizer_; }
   AdamW& mutable_optimizer() { return optimizer_; }
   const TrainConfig& config() const { return config_; }
@@ -86,6 +90,7 @@ class Trainer {
   AdamW optimizer_;
   Collective* collective_ = nullptr;
   int64_t step_ = 0;
+  int64_t schedule_start_ = 0;
 };
 
 }  // namespace peerd

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # The main job, end to end through the public interface only (peerd, peer-ingest, peerctl):
-# start peerd on embedded defaults, register the six held-out tasks, then for each domain in turn
+# start peerd on embedded defaults, register the held-out tasks, then for each domain in turn
 # add a fresh expert segment, stream the domain in, wait until it is trained, freeze the segment
 # and evaluate every task. Prints the bits-per-byte matrix and the forgetting metrics, and writes
 # demo-out/report.md, report.json and forgetting.svg.
+#
+# The policy (DEMO_POLICY) is `routed` by default: routing isolation with no trained text kept
+# (docs/DESIGN.md §4b). The first domain, `broad` (documentation that none of the others is), is
+# the base phase that trains the whole model; each later domain is a branch of its own — a segment
+# and its adapter — and the spool forgets each document once it is trained and checkpointed.
+# DEMO_POLICY=recipe runs peerd's default instead: 25 % replay of old text + distillation.
 #   usage: scripts/demo.sh [--quick]
-# env: BUILD=build, DEMO_OUT=demo-out; for other corpora and models (the end-to-end test uses
-# these): DEMO_DOMAINS="a b" (folders of DEMO_CORPUS with train.txt and heldout.txt; setting
-# DEMO_CORPUS skips scripts/corpora.sh), DEMO_CONFIG=peerd's --config file, DEMO_PORT=7170 (data;
-# admin is the next port), DEMO_SLICE_KB, DEMO_HELDOUT_KB, DEMO_EVAL_EVERY (seconds).
+# env: BUILD=build, DEMO_OUT=demo-out, DEMO_POLICY=routed|recipe; for other corpora and models
+# (the end-to-end test uses these): DEMO_DOMAINS="a b" (folders of DEMO_CORPUS with train.txt and
+# heldout.txt; setting DEMO_CORPUS skips scripts/corpora.sh), DEMO_CONFIG=peerd's --config file,
+# DEMO_PORT=7170 (data; admin is the next port), DEMO_SLICE_KB, DEMO_HELDOUT_KB, DEMO_EVAL_EVERY
+# (seconds).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 build="${BUILD:-build}"
 out="${DEMO_OUT:-demo-out}"
-read -r -a domains <<< "${DEMO_DOMAINS:-kjv c-code fortunes-de man-pages sparv python}"
+read -r -a domains <<< "${DEMO_DOMAINS:-broad kjv c-code fortunes-de man-pages sparv python}"
+policy=${DEMO_POLICY:-routed}
+case "$policy" in routed|recipe) ;; *) echo "demo: DEMO_POLICY must be routed or recipe, got '$policy'" >&2; exit 2 ;; esac
 slice_kb=600       # training text per domain (1 MB per domain took 17 minutes in all on 2 cores)
 heldout_kb=40      # held-out text per task (every evaluation scores all six)
 eval_every=60      # seconds between evaluations while a domain trains (the plot's points)
@@ -39,6 +48,10 @@ trap 'kill $peerd_pid 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s "$data/admin.token" ] && ctl status >/dev/null 2>&1 && break; sleep 0.2; done
 ctl status >/dev/null || { echo "demo: peerd did not start:"; cat "$out/peerd.log"; exit 1; }
 
+if [ "$policy" = routed ]; then
+  ctl policy set routed=true replayRatio=0 distillWeight=0 keepTrainedText=false >/dev/null
+fi
+echo "demo: policy $policy ($(ctl --json policy get | python3 -c 'import json,sys; p=json.load(sys.stdin); print("routed" if p["routed"] else "shared", "training,", "replay", p["replayRatio"], "- trained text", "kept" if p["keepTrainedText"] else "not kept")'))"
 for d in "${domains[@]}"; do
   head -c $((heldout_kb * 1000)) "$corpus/$d/heldout.txt" > "$out/heldout-$d.txt"
   ctl tasks add "$d" "$out/heldout-$d.txt" >/dev/null
@@ -69,6 +82,8 @@ for i in "${!domains[@]}"; do
   echo "demo: $d trained in $(( $(date +%s) - t0 )) s, segment $id frozen; $(ctl status | head -1)"
 done
 echo "demo: all domains in $(( $(date +%s) - start )) s"
+ctl checkpoint >/dev/null
+ctl --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); print("demo: the spool received %s text bytes and keeps %s of them" % (s["spoolBytes"], s["spoolKeptBytes"]))'
 ctl --json eval report > "$out/report.json"
 ctl --json segments > "$out/segments.json"
 ctl segments

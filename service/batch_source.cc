@@ -1,5 +1,7 @@
 #include "service/batch_source.h"
 
+#include <algorithm>
+
 #include "core/tokenizer.h"
 
 namespace peerd {
@@ -71,26 +73,51 @@ Status BatchSource::Replay(int64_t count, int64_t n, const std::string& current,
     if (Status st = spool_->TaskIndex(cursor_.index, &trained_); !st.ok()) return st;
     trained_indexed_ = true;
   }
-  std::vector<const std::vector<uint64_t>*> tasks;
-  for (const auto& [task, indices] : trained_)
-    if (task != current && !indices.empty()) tasks.push_back(&indices);
-  if (tasks.empty()) return Status::OK();
-  for (int64_t r = 0; r < count; ++r) {
+  for (int64_t r = 0; r < count;) {
+    // Listed for each row: ForgetPruned below shortens the lists, and may drop a task altogether.
+    std::vector<const std::vector<uint64_t>*> tasks;
+    for (const auto& [task, indices] : trained_)
+      if (task != current && !indices.empty()) tasks.push_back(&indices);
+    if (tasks.empty()) return Status::OK();  // nothing (left) to replay: fresh rows take the place
     const std::vector<uint64_t>& docs = *tasks[std::uniform_int_distribution<size_t>(0, tasks.size() - 1)(rng_)];
     std::vector<int64_t> tokens;
+    uint64_t pruned = 0;
     for (size_t at = std::uniform_int_distribution<size_t>(0, docs.size() - 1)(rng_);
          static_cast<int64_t>(tokens.size()) < n && at < docs.size(); ++at) {
       SpoolEntry doc;
-      if (Status st = spool_->Get(docs[at], &doc); !st.ok()) return st;
+      Status st = spool_->Get(docs[at], &doc);
+      if (st.code() == Status::Code::kNotFound) {
+        pruned = docs[at];
+        break;
+      }
+      if (!st.ok()) return st;
       std::vector<int64_t> t = Tokens(doc.text, 0);
       tokens.insert(tokens.end(), t.begin(), t.end());
     }
+    if (pruned) {  // its text was pruned after this index was made: forget it, draw this row again
+      ForgetPruned(pruned);
+      continue;
+    }
+    ++r;
     if (static_cast<int64_t>(tokens.size()) < n) continue;  // too little old text there yet
     std::uniform_int_distribution<size_t> start(0, tokens.size() - n);
     const size_t s = start(rng_);
     rows->push_back(torch::tensor(std::vector<int64_t>(tokens.begin() + s, tokens.begin() + s + n)));
   }
   return Status::OK();
+}
+
+void BatchSource::ForgetPruned(uint64_t missing) {
+  const uint64_t first_kept = spool_->pruned_before();
+  for (auto it = trained_.begin(); it != trained_.end();) {
+    std::vector<uint64_t>& indices = it->second;  // ascending
+    indices.erase(indices.begin(), std::lower_bound(indices.begin(), indices.end(), first_kept));
+    // `missing` too, whatever pruned_before says (a prune still in progress): so each call
+    // shrinks the lists, and Replay's retries end.
+    if (auto at = std::lower_bound(indices.begin(), indices.end(), missing); at != indices.end() && *at == missing)
+      indices.erase(at);
+    it = indices.empty() ? trained_.erase(it) : std::next(it);
+  }
 }
 
 torch::Tensor BatchSource::Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status,

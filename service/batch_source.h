@@ -29,8 +29,9 @@ class BatchSource {
   // Up to `batch` sequences of seq_len + 1 tokens ([b, seq_len + 1] int64), of which a share
   // `replay_ratio` is drawn from documents before the cursor of other tasks than the next fresh
   // document's: those come first, and *replayed says how many there are (fresh rows take the
-  // place of replayed ones while no other task has been trained). Fewer than `batch` only when
-  // `allow_partial`; an undefined tensor when there is not enough new data.
+  // place of replayed ones while no other task has been trained, or none of its text is kept).
+  // Fewer than `batch` only when `allow_partial`; an undefined tensor when there is not enough
+  // new data.
   torch::Tensor Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status,
                      int64_t* replayed = nullptr);
   const SpoolCursor& cursor() const { return cursor_; }
@@ -47,14 +48,17 @@ class BatchSource {
   torch::Tensor Take(int64_t n);  // n fresh tokens
   // Up to `count` windows of n tokens from documents before the cursor: a task other than
   // `current` at random, then a random document of it (and the task's next ones, for length).
+  // Documents whose text the spool pruned are skipped, never an error: with none left, no rows.
   Status Replay(int64_t count, int64_t n, const std::string& current, std::vector<torch::Tensor>* rows);
+  // Drops from trained_ the documents the spool pruned, `missing` among them, and tasks left empty.
+  void ForgetPruned(uint64_t missing);
 
   Spool* spool_;
   SpoolCursor cursor_;
   std::deque<Piece> buffer_;
   uint64_t next_read_ = 0;  // next spool index to read into the buffer (0: from the cursor)
-  // Documents wholly trained, by task (read from the spool's id index on the first replay, then
-  // kept up as documents are trained).
+  // Documents wholly trained and not pruned, by task (read from the spool's id index on the first
+  // replay, then kept up as documents are trained; pruned ones dropped when a replay meets one).
   std::map<std::string, std::vector<uint64_t>> trained_;
   bool trained_indexed_ = false;
   std::mt19937_64 rng_;

@@ -27,7 +27,15 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
         t->set_id(static_cast<uint32_t>(seg->id()));
         t->set_n_keys(static_cast<uint32_t>(seg->n_keys()));
       }
+  meta.clear_adapters();
+  for (const auto& [id, adapter] : model->adapters()) {
+    auto* a = meta.add_adapters();
+    a->set_id(static_cast<uint32_t>(id));
+    a->set_rank(static_cast<int32_t>(adapter->rank()));
+    a->set_frozen(adapter->frozen());
+  }
   meta.set_step(trainer.step());
+  meta.set_schedule_start_step(static_cast<uint64_t>(trainer.schedule_start()));
   meta.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
                        std::chrono::system_clock::now().time_since_epoch()).count());
 
@@ -73,6 +81,10 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
     if (!present)
       if (Status st = layers[t.layer()]->AddSegmentWithId(t.id(), t.n_keys()); !st.ok()) return st;
   }
+  // Adapters: their tensors are all in the archive, frozen ones too (frozen below, once loaded).
+  for (const auto& a : meta->adapters())
+    if (!model->adapters().count(a.id()))
+      if (Status st = model->AddAdapter(a.id(), a.rank()); !st.ok()) return st;
   trainer.RefreshParameters();
 
   std::istringstream in(tensor_bytes);
@@ -95,7 +107,12 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
   } catch (const c10::Error& e) {
     return Status::Corruption("the checkpoint in '" + db_->dir() + "' cannot be read: " + e.what_without_backtrace());
   }
+  for (const auto& a : meta->adapters())
+    if (a.frozen())
+      if (Status st = model->FreezeAdapter(a.id()); !st.ok()) return st;
+  trainer.RefreshParameters();
   trainer.set_step(static_cast<int64_t>(meta->step()));
+  trainer.set_schedule_start(static_cast<int64_t>(meta->schedule_start_step()));
   *found = true;
   return Status::OK();
 }

@@ -4,7 +4,7 @@
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
 //     tasks [list | add NAME FILE] | eval [run [--label L] | report] | checkpoint | pause | resume
 //     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
-//                                          freezeDtype=bf16)
+//                                          freezeDtype=bf16  routed=true  keepTrainedText=false)
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -74,9 +74,15 @@ void PrintHuman(const std::string& command, const json& j) {
     std::printf("state %s, step %s, %s tokens trained, loss %s (%s bits/byte), %s tokens/s\n", Str(j, "state").c_str(),
                 Str(j, "step").c_str(), Str(j, "tokensTrained").c_str(), Fixed(j.value("recentLoss", 0.0)).c_str(),
                 Fixed(j.value("recentBitsPerByte", 0.0)).c_str(), Fixed(j.value("tokensPerSecond", 0.0), 0).c_str());
-    std::printf("spool: %s documents, %s bytes, %s bytes not yet trained; last checkpoint at step %s\n",
-                Str(j, "spoolDocuments").c_str(), Str(j, "spoolBytes").c_str(), Str(j, "spoolBacklogBytes").c_str(),
-                Str(j, "lastCheckpointStep").c_str());
+    std::printf("spool: %s documents, %s bytes received, %s bytes kept, %s bytes not yet trained; last checkpoint at step %s\n",
+                Str(j, "spoolDocuments").c_str(), Str(j, "spoolBytes").c_str(), Str(j, "spoolKeptBytes").c_str(),
+                Str(j, "spoolBacklogBytes").c_str(), Str(j, "lastCheckpointStep").c_str());
+    if (j.contains("routing")) {
+      const json& r = j["routing"];
+      std::printf("routing: base segments %s, branches %s, training branch %s, router statistics %s bytes\n",
+                  r.value("baseSegments", json::array()).dump().c_str(), r.value("branches", json::array()).dump().c_str(),
+                  Str(r, "trainingBranch").c_str(), Str(r, "routerStatisticsBytes").c_str());
+    }
     std::printf("parameters: %s total, %s active per token\n", Str(j, "totalParameters").c_str(),
                 Str(j, "activeParameters").c_str());
     if (j.contains("segments")) PrintSegments(j["segments"]);
@@ -236,6 +242,12 @@ int main(int argc, char** argv) {
           b[k] = groups;
         } else if (k == "freezeDtype") {
           b[k] = v;
+        } else if (k == "routed" || k == "keepTrainedText") {
+          if (v != "true" && v != "false") {
+            std::fprintf(stderr, "peerctl: %s takes true or false, got '%s'\n", k.c_str(), v.c_str());
+            return 2;
+          }
+          b[k] = v == "true";
         } else {
           try {
             b[k] = std::stod(v);

@@ -6,12 +6,18 @@
 //   'd' be64(index)          -> SpooledDocument   arrival order, indices from 1, never reused
 //   'i' task '\0' id         -> be64(index)       a (task, id) is stored once, however often sent
 //   'n'                      -> be64(last index) be64(total text bytes)
+//   'p'                      -> be64(pruned before) be64(pruned text bytes)
+//                               written by Prune; absent until the first prune (nothing pruned)
 // Appends are group-committed: Append() queues a request; one writer thread commits everything
 // waiting in one WriteBatch with a synced WAL, then runs each request's callback — so a callback
 // with OK means the documents are on disk, and many clients share one fsync.
 // A failed commit (disk full) acknowledges nothing and is remembered in stats().write_error; the
 // next commits try again (StoreDb::SyncedWrite resumes the database first), so once space is back
 // writes and acks go on by themselves.
+//
+// Prune() forgets the text of documents already trained (peerd with keep_trained_text off keeps
+// no old document): their 'd' records go, their 'i' records stay — ids, not text — so a resent
+// (task, id) is still a duplicate and is not trained twice.
 //
 // Thread-safe.
 #pragma once
@@ -44,6 +50,8 @@ struct SpoolStats {
   uint64_t duplicates = 0;  // appends of a (task, id) already stored (since open)
   uint64_t commits = 0;     // WriteBatches synced (since open)
   uint64_t backlog_bytes = 0;  // text bytes after the consumer's cursor
+  uint64_t kept_bytes = 0;     // text bytes still stored: `bytes` less what Prune removed
+  uint64_t pruned_before = 1;  // first index not pruned: documents before it have no text (1: none pruned)
   std::string write_error;     // why the last commit failed (disk full, read-only); "" once one succeeds
 };
 
@@ -63,14 +71,25 @@ class Spool {
   // Append and wait.
   Status AppendAndWait(const std::string& task, std::vector<NewDocument> docs, uint64_t* duplicates = nullptr);
 
-  // Up to `max` documents with index >= from, in order.
+  // Up to `max` documents with index >= from, in order. NotFound when `from` is below
+  // pruned_before(): that text is gone, and a reader starting there (a cursor behind the prune)
+  // would otherwise silently skip documents it never trained.
   Status Read(uint64_t from, size_t max, std::vector<SpoolEntry>* out) const;
-  // One document by index.
+  // One document by index. NotFound when it was pruned (the message says so).
   Status Get(uint64_t index, SpoolEntry* out) const;
-  // The indices of the documents before `before`, by task, each list ascending (from the id
-  // index, without reading any text).
+  // The indices of the documents in [pruned_before(), before), by task, each list ascending (from
+  // the id index, without reading any text).
   Status TaskIndex(uint64_t before, std::map<std::string, std::vector<uint64_t>>* out) const;
   uint64_t last_index() const;
+
+  // Removes the text of every document with index < `before` (clamped to last_index() + 1), in
+  // one synced WriteBatch with the new 'p' record, then compacts that key range so the text leaves
+  // the files too. The caller guarantees those documents are wholly trained and covered by a
+  // durable checkpoint. `before` <= pruned_before(): nothing to do (OK). Prunes are serialized;
+  // appends and reads go on meanwhile.
+  Status Prune(uint64_t before);
+  // First index whose text is kept (1: nothing pruned).
+  uint64_t pruned_before() const;
 
   // The consumer (trainer) reports how far it has read: documents before `next_index` and their
   // `consumed_bytes` of text. Backlog = stored bytes − consumed bytes.
@@ -86,6 +105,10 @@ class Spool {
     Done done;
   };
   Status Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplicates);
+  // Text bytes of the documents in [from, before).
+  Status TextBytes(uint64_t from, uint64_t before, uint64_t* bytes) const;
+  Status CompactPruned(uint64_t from, uint64_t before);
+  uint64_t prune_horizon() const;  // pruning_before_
 
   std::shared_ptr<StoreDb> db_;
   mutable std::mutex mu_;
@@ -95,7 +118,15 @@ class Spool {
   uint64_t last_index_ = 0, total_bytes_ = 0;  // guarded by mu_; durable values
   uint64_t consumed_index_ = 1, consumed_bytes_ = 0;
   uint64_t duplicates_ = 0, commits_ = 0;
+  // Guarded by mu_. pruned_*: durable ('p'). pruning_before_: what a Prune in progress deletes
+  // (>= pruned_before_), so that a Get racing it still says "pruned", not just "not found".
+  uint64_t pruned_before_ = 1, pruned_bytes_ = 0, pruning_before_ = 1;
   std::string write_error_;
+  // Held for a whole Prune: two at once would count the same documents' bytes twice.
+  std::mutex prune_mu_;
+  // Guarded by prune_mu_: first pruned index whose compaction failed (0: none), retried by the
+  // next Prune.
+  uint64_t uncompacted_from_ = 0;
   std::thread writer_;
 };
 

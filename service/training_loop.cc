@@ -24,6 +24,12 @@ namespace {
 
 const char* DtypeName(RowDtype d) { return d == ROW_DTYPE_FP32 ? "fp32" : "bf16"; }
 
+// The first segment of the first PEER layer: the base's branch id in the router (0 for a dense model).
+int64_t FirstSegment(const TransformerLM& model) {
+  auto layers = model->PeerLayers();
+  return layers.empty() || layers[0]->segments().empty() ? 0 : layers[0]->segments()[0]->id();
+}
+
 // The physical memory of this machine: what a new segment is sized against.
 uint64_t PhysicalMemoryBytes() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -61,22 +67,32 @@ Status TrainingLoop::Restore() {
     tokens_trained_ = meta.tokens_trained();
     last_checkpoint_step_ = meta.step();
     if (meta.has_policy()) {
-      TrainConfig tc = trainer_->config();
-      if (meta.policy().has_replay_ratio()) tc.set_replay_ratio(static_cast<float>(meta.policy().replay_ratio()));
-      if (meta.policy().train_groups_size()) {
-        tc.clear_train_groups();
-        for (const auto& g : meta.policy().train_groups()) tc.add_train_groups(g);
-      }
-      if (meta.policy().has_lr()) tc.set_lr(static_cast<float>(meta.policy().lr()));
-      if (meta.policy().has_distill_weight()) tc.set_distill_weight(static_cast<float>(meta.policy().distill_weight()));
-      trainer_->SetConfig(tc);
+      if (meta.policy().has_freeze_dtype())
+        options_.freeze_dtype = meta.policy().freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
+      trainer_->SetConfig(WithPolicy(trainer_->config(), meta.policy()));
     }
   }
+  routing_ = RoutedTraining(FirstSegment(model_));
+  if (found && meta.has_routing())
+    if (Status st = routing_.FromProto(meta.routing(), model_); !st.ok()) return st;
+  // A segment frozen after the checkpoint (the store is the truth) takes its adapter with it.
+  for (const auto& [id, adapter] : model_->adapters()) {
+    bool frozen = !adapter->frozen() && !model_->PeerLayers().empty();
+    for (const auto& layer : model_->PeerLayers())
+      for (const auto& seg : layer->segments())
+        if (seg->id() == id) frozen &= seg->frozen();
+    if (frozen) {
+      spdlog::warn("segment {} was frozen after the last checkpoint: its adapter is frozen as that checkpoint had it", id);
+      if (Status st = model_->FreezeAdapter(id); !st.ok()) return st;
+    }
+  }
+  trainer_->SetConfig(routing_.Effective(trainer_->config()));
   // The teacher is not checkpointed: after a restart past the first domain (a segment was added)
   // it is the model as restored, which drifted at most one checkpoint interval from the teacher.
   bool grown = false;
   for (const auto& layer : model_->PeerLayers()) grown |= layer->segments().size() > 1;
-  if (grown && trainer_->config().distill_weight() > 0) trainer_->SetTeacher(CopyForTeacher(model_));
+  if (grown && trainer_->config().distill_weight() > 0 && !routing_.started())
+    trainer_->SetTeacher(CopyForTeacher(model_));
   spool_->SetConsumed(cursor.index, cursor.consumed_bytes);
   batches_ = std::make_unique<BatchSource>(spool_, cursor, c.train().seed() + trainer_->step());
   if (multi_rank()) {
@@ -93,6 +109,35 @@ Status TrainingLoop::Restore() {
   segments_snapshot_ = SegmentsNow();
   snapshot_.set_step(trainer_->step());
   return Status::OK();
+}
+
+TrainConfig TrainingLoop::WithPolicy(TrainConfig c, const Policy& policy) const {
+  if (policy.train_groups_size()) {
+    c.clear_train_groups();
+    for (const auto& g : policy.train_groups()) c.add_train_groups(g);
+  }
+  if (policy.has_replay_ratio()) c.set_replay_ratio(static_cast<float>(policy.replay_ratio()));
+  if (policy.has_distill_weight()) c.set_distill_weight(static_cast<float>(policy.distill_weight()));
+  if (policy.has_lr()) {
+    c.set_lr(static_cast<float>(policy.lr()));
+    c.set_min_lr(std::min(c.min_lr(), c.lr()));  // the schedule decays towards min_lr <= lr
+  }
+  if (policy.has_routed()) c.set_routed(policy.routed());
+  if (policy.has_keep_trained_text()) c.set_keep_trained_text(policy.keep_trained_text());
+  return c;
+}
+
+Policy TrainingLoop::PolicyNow() const {
+  const TrainConfig& c = trainer_->config();
+  Policy p;
+  for (const auto& g : c.train_groups()) p.add_train_groups(g);
+  p.set_replay_ratio(c.replay_ratio());
+  p.set_lr(c.lr());
+  p.set_distill_weight(c.distill_weight());
+  p.set_freeze_dtype(DtypeName(options_.freeze_dtype));
+  p.set_routed(c.routed());
+  p.set_keep_trained_text(c.keep_trained_text());
+  return p;
 }
 
 Status TrainingLoop::TellRanks(RankCommand command) {
@@ -244,6 +289,12 @@ void TrainingLoop::Run() {
       else spdlog::info("ingest resumed: the spool writes again");
       ingest_error = e;
     }
+    if (!routing_.CanTrain(model_)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      snapshot_.set_state("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
+      wake_.wait_for(lock, std::chrono::milliseconds(100));
+      continue;
+    }
     Status st;
     const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
     int64_t replayed = 0;
@@ -256,6 +307,7 @@ void TrainingLoop::Run() {
       continue;
     }
     last_data = Clock::now();
+    routing_.BeforeStep(model_, batch);
     StepStats s;
     if (multi_rank()) {
       RankCommand step;
@@ -276,6 +328,7 @@ void TrainingLoop::Run() {
     } else {
       s = trainer_->Step(batch, replayed);
     }
+    routing_.AfterStep(batch.slice(0, replayed));
     const int64_t tokens = batch.size(0) * T;
     tokens_trained_ += tokens;
     window_loss += s.loss;
@@ -335,16 +388,29 @@ Status TrainingLoop::CheckpointNow() {
   meta.set_spool_next_index(batches_->cursor().index);
   meta.set_spool_offset(batches_->cursor().offset);
   meta.set_consumed_bytes(batches_->cursor().consumed_bytes);
-  Policy* p = meta.mutable_policy();
-  for (const auto& g : trainer_->config().train_groups()) p->add_train_groups(g);
-  p->set_replay_ratio(trainer_->config().replay_ratio());
-  p->set_lr(trainer_->config().lr());
-  p->set_distill_weight(trainer_->config().distill_weight());
+  *meta.mutable_policy() = PolicyNow();
+  *meta.mutable_routing() = routing_.ToProto();
   if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
-  std::lock_guard<std::mutex> lock(mu_);
-  last_checkpoint_step_ = trainer_->step();
-  snapshot_.set_last_checkpoint_step(last_checkpoint_step_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    last_checkpoint_step_ = trainer_->step();
+    snapshot_.set_last_checkpoint_step(last_checkpoint_step_);
+    if (routing_.started()) *snapshot_.mutable_routing() = routing_.Info(model_);
+  }
+  // Documents before the checkpoint's cursor are trained, and a restart resumes after them: their
+  // text is no longer needed unless the policy replays it.
+  if (!trainer_->config().keep_trained_text())
+    if (Status st = spool_->Prune(meta.spool_next_index()); !st.ok())
+      spdlog::error("pruning trained text from the spool failed (it is kept, and pruned at a later checkpoint): {}",
+                    st.ToString());
   return Status::OK();
+}
+
+void TrainingLoop::CheckpointAfterChange(const std::string& what) {
+  Status c = CheckpointNow();
+  if (!c.ok()) spdlog::error("the checkpoint after {} failed (the periodic checkpoints retry): {}", what, c.ToString());
+  std::lock_guard<std::mutex> lock(mu_);
+  checkpoint_error_ = c.ok() ? "" : c.ToString();
 }
 
 Status TrainingLoop::Checkpoint() {
@@ -365,12 +431,18 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
     if (layer && *layer >= layers.size())
       return Status::NotFound("PEER layer " + std::to_string(*layer) + " does not exist; the model has " +
                               std::to_string(layers.size()) + " (0-based)");
+    const bool routed = trainer_->config().routed();
+    if (routed && layer)
+      return Status::InvalidArgument("with train.routed a segment is a branch in every PEER layer: omit the layer");
+    if (routed && routing_.started() && routing_.CanTrain(model_))
+      return Status::FailedPrecondition("a routed branch is still training: freeze it first (peerctl segments freeze ID), "
+                                        "then add the next one");
     const uint32_t keys = n_keys.value_or(options_.config.model().peer().n_keys());
     if (Status st = CheckNewSegmentSize(keys, options_.config.model().d_model(), PhysicalMemoryBytes()); !st.ok())
       return st;
     // A new segment starts a new domain: the model as it is now (before the segment) is what
     // distillation on replayed rows holds the model to from here on.
-    TransformerLM teacher = trainer_->config().distill_weight() > 0 ? CopyForTeacher(model_) : TransformerLM(nullptr);
+    TransformerLM teacher = trainer_->config().distill_weight() > 0 && !routed ? CopyForTeacher(model_) : TransformerLM(nullptr);
     ids->clear();
     RankCommand add;
     add.set_kind(RankCommand::ADD_SEGMENTS);
@@ -384,6 +456,14 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       s->set_id(static_cast<uint32_t>(id));
       s->set_n_keys(keys);
     }
+    if (routed) {
+      for (uint32_t id : *ids)
+        if (id != ids->front())
+          return Status::Corruption("the PEER layers gave the new segment different ids (" + std::to_string(ids->front()) +
+                                  ", " + std::to_string(id) + "): a routed branch needs one id");
+      if (Status st = routing_.Open(*trainer_, ids->front(), trainer_->config().adapter_rank(), trainer_->config()); !st.ok())
+        return st;
+    }
     if (multi_rank()) {
       Status told = TellRanks(add);
       if (told.ok()) told = ShareAddedSegments(*options_.ranks, *trainer_, add);
@@ -394,8 +474,11 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       }
     }
     if (!teacher.is_empty()) trainer_->SetTeacher(teacher);
-    std::lock_guard<std::mutex> lock(mu_);
-    segments_snapshot_ = SegmentsNow();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      segments_snapshot_ = SegmentsNow();
+    }
+    CheckpointAfterChange("adding segment " + std::to_string(ids->front()));
     return Status::OK();
   });
 }
@@ -434,8 +517,11 @@ Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, s
     }
     if (!known) return Status::NotFound("no segment " + std::to_string(id) + (layer ? " in layer " + std::to_string(*layer) : ""));
     if (frozen_layers->empty()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
-    std::lock_guard<std::mutex> lock(mu_);
-    segments_snapshot_ = SegmentsNow();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      segments_snapshot_ = SegmentsNow();
+    }
+    CheckpointAfterChange("freezing segment " + std::to_string(id));
     return Status::OK();
   });
 }
@@ -452,6 +538,7 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
                       std::chrono::system_clock::now().time_since_epoch()).count());
     EvalOptions eo;
     eo.max_bytes = options_.config.train().eval_bytes();
+    eo = routing_.Options(eo, trainer_->config().route_context());
     auto layers = model_->PeerLayers();
     for (auto& layer : layers) layer->StartUsageRecording();
     for (const auto& [name, text] : tasks) {
@@ -492,20 +579,20 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
   if (Status st = CheckPolicyNumbers(policy); !st.ok()) return st;
   return RunOnTrainer([&]() -> Status {
     Config c = options_.config;
-    *c.mutable_train() = trainer_->config();
-    if (policy.train_groups_size()) {
-      c.mutable_train()->clear_train_groups();
-      for (const auto& g : policy.train_groups()) c.mutable_train()->add_train_groups(g);
-    }
-    if (policy.has_replay_ratio()) c.mutable_train()->set_replay_ratio(static_cast<float>(policy.replay_ratio()));
-    if (policy.has_distill_weight()) c.mutable_train()->set_distill_weight(static_cast<float>(policy.distill_weight()));
-    if (policy.has_lr()) {
-      c.mutable_train()->set_lr(static_cast<float>(policy.lr()));
-      c.mutable_train()->set_min_lr(std::min(c.train().min_lr(), c.train().lr()));
-    }
+    *c.mutable_train() = WithPolicy(trainer_->config(), policy);
     if (Status st = ValidateConfig(c); !st.ok()) return st;
     if (policy.has_freeze_dtype() && policy.freeze_dtype() != "bf16" && policy.freeze_dtype() != "fp32")
       return Status::InvalidArgument("freezeDtype must be \"bf16\" or \"fp32\", got \"" + policy.freeze_dtype() + "\"");
+    if (routing_.started() && !c.train().routed())
+      return Status::FailedPrecondition(
+          "routing started at an earlier segment: the old branches were trained against the frozen trunk, so shared "
+          "weights cannot train again; routed stays on (start a new data directory for another policy)");
+    if (routing_.started() && policy.train_groups_size())
+      return Status::FailedPrecondition("with routing started only the open branch trains (group new-segment): "
+                                        "trainGroups cannot change");
+    if (c.train().routed() && multi_rank())
+      return Status::InvalidArgument("train.routed runs in one process: restart peerd with --world-size 1");
+    *c.mutable_train() = routing_.Effective(c.train());
     trainer_->SetConfig(c.train());
     RankCommand set;
     set.set_kind(RankCommand::SET_TRAIN_CONFIG);
@@ -524,11 +611,7 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
 Policy TrainingLoop::GetPolicy() {
   Policy p;
   (void)RunOnTrainer([&]() -> Status {
-    for (const auto& g : trainer_->config().train_groups()) p.add_train_groups(g);
-    p.set_replay_ratio(trainer_->config().replay_ratio());
-    p.set_lr(trainer_->config().lr());
-    p.set_distill_weight(trainer_->config().distill_weight());
-    p.set_freeze_dtype(DtypeName(options_.freeze_dtype));
+    p = PolicyNow();
     return Status::OK();
   });
   return p;
@@ -546,6 +629,7 @@ SegmentsReply TrainingLoop::SegmentsNow() {
   // Parameter counts change only with the pool; taken here, on the thread that owns the model.
   snapshot_.set_total_parameters(model_->TotalParameters());
   snapshot_.set_active_parameters(model_->ActiveParameters());
+  if (routing_.started()) *snapshot_.mutable_routing() = routing_.Info(model_);
   SegmentsReply reply;
   auto layers = model_->PeerLayers();
   std::vector<SegmentManifest> manifests;
@@ -600,6 +684,7 @@ StatusReply TrainingLoop::Snapshot() {
   r.set_spool_documents(s.documents);
   r.set_spool_bytes(s.bytes);
   r.set_spool_backlog_bytes(s.backlog_bytes);
+  r.set_spool_kept_bytes(s.kept_bytes);
   r.set_ingest_error(s.write_error);
   r.set_data_dir(db_->dir());
   return r;

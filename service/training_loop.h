@@ -33,6 +33,7 @@
 #include "proto/ranks.pb.h"
 #include "service/checkpoint.h"
 #include "service/expert_pool_store.h"
+#include "service/routed_training.h"
 #include "service/spool.h"
 #include "service/task_store.h"
 
@@ -80,7 +81,15 @@ class TrainingLoop {
   Status Restore();
   void Run();
   Status RunOnTrainer(const std::function<Status()>& op);
+  // Writes a checkpoint; when the policy keeps no trained text, then prunes the spool up to it.
   Status CheckpointNow();
+  // A checkpoint right after an acknowledged change to the pool, so that a restart finds the model
+  // state that goes with it (a frozen branch's adapter, an added segment's id); a failure is logged
+  // and shown as checkpoint_error, and the periodic checkpoints retry.
+  void CheckpointAfterChange(const std::string& what);
+  // The policy as the admin API shows it, and a train config with a policy's changes applied.
+  Policy PolicyNow() const;
+  TrainConfig WithPolicy(TrainConfig c, const Policy& policy) const;
   SegmentsReply SegmentsNow();  // trainer thread only
   // Multi-rank, trainer thread only (no-ops for one process): announce a command to the other
   // ranks; compare the ranks' digests into the snapshot; give up after a lost rank.
@@ -99,6 +108,7 @@ class TrainingLoop {
   TransformerLM model_{nullptr};
   std::unique_ptr<Trainer> trainer_;
   std::unique_ptr<BatchSource> batches_;
+  RoutedTraining routing_;
 
   std::mutex mu_;  // guards the queue, flags and the snapshot below
   std::condition_variable wake_;

@@ -1,14 +1,56 @@
 // BatchSource's replay: balanced over earlier tasks however their documents are sized, never the
-// task training now, and replayed rows first.
+// task training now, and replayed rows first. The spool's pruning of trained text, and replay
+// after it.
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
+#include <rocksdb/metadata.h>
 #include <torch/torch.h>
 
 #include <filesystem>
 
+#include "core/tokenizer.h"
 #include "service/batch_source.h"
 
 namespace peerd {
 namespace {
+
+// A Spool over a real StoreDb in a fresh temporary directory, removed at the end.
+class SpoolDir {
+ public:
+  explicit SpoolDir(const std::string& name)
+      : dir_(::testing::TempDir() + "/peerd_" + name + "_" + std::to_string(getpid())) {
+    std::filesystem::remove_all(dir_);
+  }
+  ~SpoolDir() {
+    Close();
+    std::filesystem::remove_all(dir_);
+  }
+  Status Open() {
+    if (Status st = StoreDb::Open(dir_, {}, &db); !st.ok()) return st;
+    return Spool::Open(db, &spool);
+  }
+  void Close() {
+    spool.reset();
+    db.reset();
+  }
+  // `docs` documents "<task><i>" of `task`, document i's text from text(i).
+  Status Add(const std::string& task, int docs, const std::function<std::string(int)>& text,
+             uint64_t* duplicates = nullptr) {
+    std::vector<Spool::NewDocument> d;
+    for (int i = 0; i < docs; ++i) d.push_back({task + std::to_string(i), text(i)});
+    return spool->AppendAndWait(task, std::move(d), duplicates);
+  }
+
+  std::shared_ptr<StoreDb> db;
+  std::unique_ptr<Spool> spool;
+
+ private:
+  std::string dir_;
+};
+
+bool IsPrunedNotFound(const Status& st) {
+  return st.code() == Status::Code::kNotFound && st.message().find("pruned") != std::string::npos;
+}
 
 TEST(BatchSource, ReplayIsBalancedOverEarlierTasksAndSkipsTheCurrentOne) {
   const std::string dir = ::testing::TempDir() + "/peerd_batch_source_" + std::to_string(getpid());
@@ -64,6 +106,174 @@ TEST(BatchSource, ReplayIsBalancedOverEarlierTasksAndSkipsTheCurrentOne) {
   spool.reset();
   db.reset();
   std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace peerd
+
+namespace peerd {
+namespace {
+
+TEST(Spool, PruneRemovesTrainedTextKeepsDedupAndSurvivesReopen) {
+  SpoolDir d("spool_prune");
+  ASSERT_TRUE(d.Open().ok());
+  // Documents 1..6 of 10, 20, ..., 60 bytes.
+  ASSERT_TRUE(d.Add("a", 6, [](int i) { return std::string(10 * (i + 1), static_cast<char>('a' + i)); }).ok());
+  ASSERT_TRUE(d.spool->Prune(4).ok());
+  auto expect_pruned_before_4 = [&](const char* when) {
+    SCOPED_TRACE(when);
+    SpoolEntry e;
+    for (uint64_t i = 1; i < 4; ++i) {
+      Status st = d.spool->Get(i, &e);
+      EXPECT_TRUE(IsPrunedNotFound(st)) << i << ": " << st.ToString();
+    }
+    ASSERT_TRUE(d.spool->Get(4, &e).ok());
+    EXPECT_EQ(e.text, std::string(40, 'd'));
+    std::vector<SpoolEntry> docs;
+    EXPECT_TRUE(IsPrunedNotFound(d.spool->Read(1, 10, &docs))) << "a read from before the prune skips nothing silently";
+    ASSERT_TRUE(d.spool->Read(4, 10, &docs).ok());
+    ASSERT_EQ(docs.size(), 3u);
+    EXPECT_EQ(docs[0].index, 4u);
+    const SpoolStats s = d.spool->stats();
+    EXPECT_EQ(s.pruned_before, 4u);
+    EXPECT_EQ(s.bytes, 210u) << "all time";
+    EXPECT_EQ(s.kept_bytes, 40u + 50u + 60u);
+    EXPECT_EQ(s.documents, 6u);
+    std::map<std::string, std::vector<uint64_t>> by_task;
+    ASSERT_TRUE(d.spool->TaskIndex(7, &by_task).ok());
+    EXPECT_EQ(by_task["a"], (std::vector<uint64_t>{4, 5, 6})) << "replay must not be offered pruned documents";
+    // The ids outlive the text: a resent document is still a duplicate, not trained again.
+    uint64_t dups = 0;
+    ASSERT_TRUE(d.Add("a", 2, [](int) { return std::string("resent"); }, &dups).ok());
+    EXPECT_EQ(dups, 2u);
+    EXPECT_EQ(d.spool->last_index(), 6u);
+  };
+  expect_pruned_before_4("after the prune");
+  ASSERT_TRUE(d.spool->Prune(2).ok()) << "before an earlier prune: nothing to do";
+  EXPECT_EQ(d.spool->stats().pruned_before, 4u);
+  d.Close();
+  ASSERT_TRUE(d.Open().ok());
+  expect_pruned_before_4("after reopening");
+}
+
+TEST(Spool, PruneClampsToTheLastDocumentAndCountsEveryPrunedByte) {
+  SpoolDir d("spool_prune_clamp");
+  ASSERT_TRUE(d.Open().ok());
+  ASSERT_TRUE(d.Add("a", 3, [](int i) { return std::string(100 + i, 'x'); }).ok());
+  ASSERT_TRUE(d.spool->Prune(2).ok());
+  ASSERT_TRUE(d.spool->Prune(1000).ok());
+  SpoolStats s = d.spool->stats();
+  EXPECT_EQ(s.pruned_before, 4u) << "last index + 1";
+  EXPECT_EQ(s.kept_bytes, 0u) << "bytes of both prunes";
+  // New documents after the clamp are kept and read.
+  ASSERT_TRUE(d.Add("b", 1, [](int) { return std::string("kept"); }).ok());
+  SpoolEntry e;
+  ASSERT_TRUE(d.spool->Get(4, &e).ok());
+  EXPECT_EQ(e.text, "kept");
+  EXPECT_EQ(d.spool->stats().kept_bytes, 4u);
+  d.Close();
+  ASSERT_TRUE(d.Open().ok());
+  s = d.spool->stats();
+  EXPECT_EQ(s.pruned_before, 4u);
+  EXPECT_EQ(s.kept_bytes, 4u);
+}
+
+TEST(Spool, OpenRejectsAMalformedOrImpossiblePruneRecord) {
+  SpoolDir d("spool_prune_corrupt");
+  ASSERT_TRUE(d.Open().ok());
+  ASSERT_TRUE(d.Add("a", 2, [](int) { return std::string("text"); }).ok());
+  rocksdb::ColumnFamilyHandle* cf = d.db->family(Family::kSpool);
+  d.spool.reset();
+  auto be64 = [](uint64_t v) {
+    std::string s;
+    for (int i = 7; i >= 0; --i) s.push_back(static_cast<char>(v >> (8 * i)));
+    return s;
+  };
+  for (const std::string& record : {std::string("short"), be64(9) + be64(0), be64(2) + be64(1000)}) {
+    ASSERT_TRUE(d.db->db()->Put(rocksdb::WriteOptions(), cf, "p", record).ok());
+    std::unique_ptr<Spool> spool;
+    Status st = Spool::Open(d.db, &spool);
+    EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
+    EXPECT_NE(st.message().find("prune record"), std::string::npos) << st.message();
+  }
+}
+
+TEST(Spool, PruneCompactsTheTextOutOfTheSpoolFiles) {
+  SpoolDir d("spool_prune_compact");
+  ASSERT_TRUE(d.Open().ok());
+  ASSERT_TRUE(d.Add("a", 50, [](int i) { return "secret " + std::to_string(i) + std::string(200, 's'); }).ok());
+  rocksdb::ColumnFamilyHandle* cf = d.db->family(Family::kSpool);
+  // In an SST file, as trained text usually is by the time it is pruned.
+  ASSERT_TRUE(d.db->db()->Flush(rocksdb::FlushOptions(), cf).ok());
+  ASSERT_TRUE(d.spool->Prune(41).ok());
+  // A tombstone alone would leave documents 1..40 in the file flushed above: every file of the
+  // family must now begin at document 41 or later.
+  std::string first_kept = "d";
+  for (int i = 7; i >= 0; --i) first_kept.push_back(static_cast<char>(41ull >> (8 * i)));
+  rocksdb::ColumnFamilyMetaData meta;
+  d.db->db()->GetColumnFamilyMetaData(cf, &meta);
+  size_t files = 0;
+  for (const rocksdb::LevelMetaData& level : meta.levels)
+    for (const rocksdb::SstFileMetaData& f : level.files) {
+      ++files;
+      EXPECT_GE(f.smallestkey, first_kept) << f.name << " at level " << level.level;
+    }
+  EXPECT_GT(files, 0u);
+  SpoolEntry e;
+  EXPECT_TRUE(d.spool->Get(41, &e).ok());
+}
+
+TEST(BatchSource, ReplayAfterPruneDrawsOnlyKeptDocuments) {
+  SpoolDir d("batch_source_prune");
+  ASSERT_TRUE(d.Open().ok());
+  // Task "old": documents 1..20, document i all of byte 'A' + i - 1; task "new": what trains next.
+  ASSERT_TRUE(d.Add("old", 20, [](int i) { return std::string(100, static_cast<char>('A' + i)); }).ok());
+  ASSERT_TRUE(d.Add("new", 50, [](int) { return std::string(2000, 'n'); }).ok());
+  const int64_t T = 16;
+  // Restarted from a checkpoint after "old": its documents are trained, the cursor on "new".
+  BatchSource source(d.spool.get(), {21, 0, 20 * 100}, 7);
+  Status st;
+  int64_t replayed = -1;
+  torch::Tensor b = source.Next(8, T, 0.5, false, &st, &replayed);
+  ASSERT_TRUE(st.ok() && b.defined()) << st.ToString();
+  ASSERT_EQ(replayed, 4) << "old's documents indexed for replay";
+
+  // Prune half of "old" after the replay indexed it: its other half still replays.
+  ASSERT_TRUE(d.spool->Prune(11).ok());
+  for (int step = 0; step < 20; ++step) {
+    b = source.Next(8, T, 0.5, false, &st, &replayed);
+    ASSERT_TRUE(st.ok() && b.defined()) << st.ToString();
+    ASSERT_EQ(replayed, 4);
+    for (int64_t r = 0; r < replayed; ++r)
+      for (int64_t t = 0; t <= T; ++t) {
+        const int64_t token = b[r][t].item<int64_t>();
+        if (token != ByteTokenizer::kEndOfDocument) {
+          EXPECT_GE(token, 'A' + 10) << "replayed a pruned document";
+        }
+      }
+  }
+
+  // All of "old" pruned: nothing left to replay, so a full batch of fresh rows.
+  ASSERT_TRUE(d.spool->Prune(21).ok());
+  for (int step = 0; step < 5; ++step) {
+    b = source.Next(8, T, 0.5, false, &st, &replayed);
+    ASSERT_TRUE(st.ok() && b.defined()) << st.ToString();
+    EXPECT_EQ(replayed, 0);
+    ASSERT_EQ(b.size(0), 8);
+    for (int64_t r = 0; r < 8; ++r)
+      for (int64_t t = 0; t <= T; ++t) {
+        const int64_t token = b[r][t].item<int64_t>();
+        if (token != ByteTokenizer::kEndOfDocument) {
+          EXPECT_EQ(token, 'n') << "row " << r;
+        }
+      }
+  }
+  // A source that indexes only now (a restart) is offered none of them either.
+  BatchSource restarted(d.spool.get(), source.cursor(), 7);
+  b = restarted.Next(8, T, 0.5, false, &st, &replayed);
+  ASSERT_TRUE(st.ok() && b.defined()) << st.ToString();
+  EXPECT_EQ(replayed, 0);
+  EXPECT_EQ(b.size(0), 8);
 }
 
 }  // namespace

@@ -55,7 +55,11 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfig{R"({"model": {"nLayers": 0}})", "model.nLayers"},
         BadConfig{R"({"model": {"dModle": 64}})", "dModle"},       // misspelt: unknown field
         BadConfig{R"({"model": {"dModel": "big"}})", "model.d_model"},  // wrong type
-        BadConfig{R"({"model": {"dModel": 64)", "not valid JSON"}  // unreadable JSON
+        BadConfig{R"({"model": {"dModel": 64)", "not valid JSON"},  // unreadable JSON
+        BadConfig{R"({"train": {"adapterRank": -1}})", "train.adapterRank"},
+        BadConfig{R"({"train": {"routed": true, "replayRatio": 0.25}})", "train.routed"},
+        BadConfig{R"({"model": {"ffn": "FFN_KIND_DENSE"}, "train": {"routed": true, "replayRatio": 0}})", "train.routed"},
+        BadConfig{R"({"train": {"keepTrainedText": false, "replayRatio": 0.25}})", "train.keepTrainedText"}
         ),
     [](const ::testing::TestParamInfo<BadConfig>& info) {
       std::string name = std::to_string(info.index) + "_";

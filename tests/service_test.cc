@@ -130,6 +130,105 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   EXPECT_NE(Slurp(dir + "/peerd.log").find("checkpoint written at step"), std::string::npos);
 }
 
+// Routing isolation as peerd runs it (train.routed, docs/DESIGN.md §4b) with no trained text kept:
+// a base domain, then a branch for a second domain. The base's held-out score survives the second
+// domain, the spool holds (almost) no trained text while still recognising resent documents, and
+// after kill -9 the restored adapters and router give bit-identical scores.
+TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
+  const std::string dir = ::testing::TempDir() + "/peerd_routed_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8,
+      "routed": true, "replayRatio": 0, "distillWeight": 0, "keepTrainedText": false}})";
+  {
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(60'000, '\0');
+    kjv.read(text.data(), text.size());
+    text.resize(text.rfind("\n\n") + 2);
+    std::ofstream(dir + "/verse.txt") << text.substr(0, text.size() - 6'000);
+    std::ofstream(dir + "/verse-heldout.txt") << text.substr(text.size() - 6'000);
+    std::string code;
+    for (const char* f : {"core/model.cc", "core/peer_layer.cc", "core/trainer.cc", "service/spool.cc",
+                          "service/training_loop.cc", "service/admin_server.cc", "service/checkpoint.cc"})
+      code += Slurp(std::string(PEERD_SOURCE_DIR) + "/" + f) + "\n\n";
+    ASSERT_GT(code.size(), 50'000u);
+    std::ofstream(dir + "/code.txt") << code.substr(0, code.size() - 6'000);
+    std::ofstream(dir + "/code-heldout.txt") << code.substr(code.size() - 6'000);
+  }
+  PeerdProcess peerd(dir);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  json policy = peerd.CtlJson("policy get");
+  EXPECT_EQ(policy.value("routed", false), true) << policy.dump();
+  EXPECT_EQ(policy.value("keepTrainedText", true), false) << policy.dump();
+  ShellResult replay = peerd.Ctl("policy set replayRatio=0.25");
+  EXPECT_NE(replay.code, 0) << "keeping no text, there is nothing to replay";
+  EXPECT_NE(replay.out.find("replayRatio to 0"), std::string::npos) << replay.out;
+  ASSERT_EQ(peerd.Ctl("tasks add verse " + dir + "/verse-heldout.txt").code, 0);
+  ASSERT_EQ(peerd.Ctl("tasks add code " + dir + "/code-heldout.txt").code, 0);
+  auto trained = [](const json& st) { return U(st, "spoolBytes") > 0 && U(st, "spoolBacklogBytes") < 65; };
+
+  // The base phase: everything trains on the first domain; no branch yet.
+  ShellResult verse = peerd.Ingest("verse", dir + "/verse.txt");
+  ASSERT_EQ(verse.code, 0) << verse.out;
+  peerd.WaitFor(trained);
+  ASSERT_EQ(peerd.Ctl("segments freeze 0").code, 0);
+  json base = peerd.CtlJson("eval run --label 'after verse'");
+  EXPECT_FALSE(peerd.CtlJson("status").contains("routing")) << "routing starts with the first added segment";
+
+  // A branch for the second domain: only it trains; the policy cannot go back to shared training.
+  json added = peerd.CtlJson("segments add");
+  ASSERT_EQ(added["ids"].size(), 1u);
+  const int branch = added["ids"][0];
+  json routing = peerd.CtlJson("status")["routing"];
+  EXPECT_EQ(routing["baseSegments"], json::array({0})) << routing.dump();
+  EXPECT_EQ(routing.value("trainingBranch", json()).dump(), "\"" + std::to_string(branch) + "\"") << routing.dump();
+  EXPECT_EQ(peerd.CtlJson("policy get")["trainGroups"], json::array({"new-segment"}));
+  ShellResult off = peerd.Ctl("policy set routed=false");
+  EXPECT_NE(off.code, 0);
+  EXPECT_NE(off.out.find("routed stays on"), std::string::npos) << off.out;
+  ShellResult second = peerd.Ctl("segments add");
+  EXPECT_NE(second.code, 0) << "a branch is open";
+  EXPECT_NE(second.out.find("freeze it first"), std::string::npos) << second.out;
+  ShellResult code = peerd.Ingest("code", dir + "/code.txt");
+  ASSERT_EQ(code.code, 0) << code.out;
+  peerd.WaitFor(trained);
+  ASSERT_EQ(peerd.Ctl("segments freeze " + std::to_string(branch)).code, 0);
+  json after = peerd.CtlJson("eval run --label 'after code'");
+  auto score = [](const json& row, const std::string& task) {
+    for (size_t i = 0; i < row["tasks"].size(); ++i)
+      if (row["tasks"][i] == task) return row["bitsPerByte"][i].get<double>();
+    ADD_FAILURE() << "no task " << task << " in " << row.dump();
+    return 0.0;
+  };
+  const double verse_before = score(base, "verse"), verse_after = score(after, "verse");
+  const double code_before = score(base, "code"), code_after = score(after, "code");
+  EXPECT_LT(std::abs(verse_after - verse_before), 0.02) << "the base domain drifted: " << verse_before << " -> " << verse_after;
+  EXPECT_LT(code_after, code_before - 0.3) << "the branch did not learn its domain";
+
+  // No trained text is kept: what the checkpoint covers is pruned, ids stay for deduplication.
+  json st = peerd.WaitFor([](const json& s) { return U(s, "spoolKeptBytes") * 20 < U(s, "spoolBytes"); }, 30s);
+  EXPECT_GT(U(st, "spoolBytes"), 90'000u);
+  ShellResult resent = Sh(peerd.IngestCommand("verse", dir + "/verse.txt", "--no-resume"));
+  ASSERT_EQ(resent.code, 0) << resent.out;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(verse.out, m, std::regex("([0-9]+) documents")));
+  EXPECT_NE(resent.out.find(std::string(m[1]) + " already on the server"), std::string::npos) << resent.out;
+
+  // kill -9: adapters, routes and the router come back as they were.
+  peerd.Kill(SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  json again = peerd.CtlJson("eval run --label 'after restart'");
+  EXPECT_EQ(score(again, "verse"), verse_after);
+  EXPECT_EQ(score(again, "code"), code_after);
+  json restored = peerd.CtlJson("status");
+  EXPECT_EQ(restored["routing"]["baseSegments"], json::array({0})) << restored.dump();
+  EXPECT_EQ(restored["routing"].value("trainingBranch", json()).dump(), "\"-1\"") << "the branch was frozen";
+  EXPECT_NE(restored.value("state", "").find("waiting for a segment"), std::string::npos) << restored.dump();
+  EXPECT_EQ(peerd.Kill(SIGTERM), 0);
+  fs::remove_all(dir);
+}
+
 // The main job (scripts/demo.sh, what `make demo` runs) on two tiny domains and a tiny model:
 // real peerd, peer-ingest and peerctl; the report files must be complete and parse.
 TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatParse) {
@@ -161,6 +260,11 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
   ShellResult demo = Sh(env + " bash " + std::string(PEERD_SOURCE_DIR) + "/scripts/demo.sh");
   ASSERT_EQ(demo.code, 0) << demo.out;
   EXPECT_NE(demo.out.find("ACC"), std::string::npos) << demo.out;
+  // The demo's policy is routed with no trained text kept: the spool ends holding (almost) none.
+  std::smatch kept;
+  ASSERT_TRUE(std::regex_search(demo.out, kept, std::regex("received ([0-9]+) text bytes and keeps ([0-9]+)"))) << demo.out;
+  EXPECT_GT(std::stoull(kept[1]), 50'000u);
+  EXPECT_LT(std::stoull(kept[2]) * 20, std::stoull(kept[1])) << demo.out;
 
   json report = json::parse(Slurp(dir + "/out/report.json"));
   std::vector<std::string> phases;
