@@ -135,8 +135,7 @@ int main(int argc, char** argv) {
   app.add_subcommand("status", "step, loss, tokens/s, spool, segments");
   auto* segments = app.add_subcommand("segments", "list, add or freeze expert segments");
   std::string seg_action = "list", dtype;
-  uint32_t seg_id = 0;
-  std::optional<uint32_t> layer, n_keys;
+  std::optional<uint32_t> seg_id, layer, n_keys;
   segments->add_option("action", seg_action, "list | add | freeze");
   segments->add_option("id", seg_id, "segment id (freeze)");
   segments->add_option("--layer", layer, "one PEER layer (default: all)");
@@ -191,7 +190,12 @@ int main(int argc, char** argv) {
       if (n_keys) b["nKeys"] = *n_keys;
       body = b.dump();
     } else if (seg_action == "freeze") {
-      verb = http::verb::post, target = "/v1/segments/" + std::to_string(seg_id) + "/freeze";
+      // No default id: freezing is for ever, and segment 0 may be one that never trained.
+      if (!seg_id) {
+        std::fprintf(stderr, "peerctl: segments freeze needs the segment's id (peerctl segments lists them)\n");
+        return 2;
+      }
+      verb = http::verb::post, target = "/v1/segments/" + std::to_string(*seg_id) + "/freeze";
       if (!dtype.empty()) b["dtype"] = dtype;
       body = b.dump();
     } else {

@@ -88,6 +88,10 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   json added = peerd.CtlJson("segments add");
   ASSERT_EQ(added["ids"].size(), 1u);
   EXPECT_EQ(added["ids"][0], 1);
+  ShellResult no_id = peerd.Ctl("segments freeze");
+  EXPECT_EQ(no_id.code, 2) << "freezing is for ever: no default id";
+  EXPECT_NE(no_id.out.find("needs the segment's id"), std::string::npos) << no_id.out;
+  EXPECT_EQ(Segment(peerd.CtlJson("status"), 0).value("state", ""), "training");
   ASSERT_EQ(peerd.Ctl("segments freeze 0").code, 0);
   ShellResult twice = peerd.Ctl("segments freeze 0");
   EXPECT_NE(twice.code, 0);
