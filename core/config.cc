@@ -142,6 +142,11 @@ Status ValidateConfig(const Config& c) {
   if (t.adapter_rank() < 0) return Invalid("train.adapterRank", "must be 0 (full-rank deltas) or positive, got " + std::to_string(t.adapter_rank()));
   if (!std::isfinite(t.adapter_lr_scale()) || t.adapter_lr_scale() < 0 || t.adapter_lr_scale() > 1000)
     return Invalid("train.adapterLrScale", "must be in [0, 1000], got " + std::to_string(t.adapter_lr_scale()));
+  if (t.route_context() == 0 || t.route_context() > (1u << 20))
+    return Invalid("train.routeContext", "must be in [1, 1048576] bytes, got " + std::to_string(t.route_context()));
+  if (t.adapter_rank() > static_cast<int32_t>(m.d_model()))
+    return Invalid("train.adapterRank", "must be at most model.dModel (" + std::to_string(m.d_model()) +
+                                            "; 0 gives full-rank deltas), got " + std::to_string(t.adapter_rank()));
   if (t.routed() && m.ffn() != FFN_KIND_PEER)
     return Invalid("train.routed", "needs a PEER model (model.ffn FFN_KIND_PEER): a routed branch is a segment of experts and its adapter");
   if (t.routed() && t.replay_ratio() > 0)

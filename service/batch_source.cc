@@ -86,7 +86,7 @@ Status BatchSource::Replay(int64_t count, int64_t n, const std::string& current,
          static_cast<int64_t>(tokens.size()) < n && at < docs.size(); ++at) {
       SpoolEntry doc;
       Status st = spool_->Get(docs[at], &doc);
-      if (st.code() == Status::Code::kNotFound) {
+      if (st.code() == Status::Code::kNotFound && docs[at] < spool_->pruned_before()) {
         pruned = docs[at];
         break;
       }

@@ -22,7 +22,8 @@ class Checkpointer {
   Status Save(Trainer& trainer, CheckpointMeta meta);
   // Loads the latest checkpoint into a trainer whose model already holds the store's frozen
   // segments: re-creates the checkpoint's training segments and adapters, copies every tensor by
-  // name, freezes the adapters that were frozen, restores the optimizer, the step and the schedule. *found = false (and nothing changes) when there is none.
+  // name, freezes the adapters that were frozen, restores the optimizer, the step and the schedule.
+  // *found = false (and nothing changes) when there is none.
   Status Load(Trainer& trainer, CheckpointMeta* meta, bool* found);
 
  private:

@@ -81,7 +81,8 @@ void PrintHuman(const std::string& command, const json& j) {
       const json& r = j["routing"];
       std::printf("routing: base segments %s, branches %s, training branch %s, router statistics %s bytes\n",
                   r.value("baseSegments", json::array()).dump().c_str(), r.value("branches", json::array()).dump().c_str(),
-                  Str(r, "trainingBranch").c_str(), Str(r, "routerStatisticsBytes").c_str());
+                  Str(r, "trainingBranch") == "-1" ? "none" : Str(r, "trainingBranch").c_str(),
+                  Str(r, "routerStatisticsBytes").c_str());
     }
     std::printf("parameters: %s total, %s active per token\n", Str(j, "totalParameters").c_str(),
                 Str(j, "activeParameters").c_str());

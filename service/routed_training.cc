@@ -17,14 +17,14 @@ TrainConfig RoutedTraining::Effective(TrainConfig c) const {
   return c;
 }
 
-Status RoutedTraining::Open(Trainer& trainer, int64_t id, int64_t rank, const TrainConfig& config) {
+Status RoutedTraining::Open(Trainer& trainer, int64_t id) {
   TransformerLM& model = trainer.model();
   auto layers = model->PeerLayers();
   if (layers.empty()) return Status::FailedPrecondition("routed training needs PEER layers");
   std::vector<int64_t> base;
   for (const auto& s : layers[0]->segments())
     if (s->id() != id) base.push_back(s->id());
-  if (Status st = model->AddAdapter(id, rank); !st.ok()) return st;
+  if (Status st = model->AddAdapter(id, trainer.config().adapter_rank()); !st.ok()) return st;
   if (!started()) {
     branches_.base_segments = base;
     spdlog::info("routing starts: the base is segment(s) {}; from now on only a new segment and its adapter train",
@@ -34,7 +34,7 @@ Status RoutedTraining::Open(Trainer& trainer, int64_t id, int64_t rank, const Tr
   seed_pending_ = true;
   if (Status st = model->SetRoute(branches_.RouteOf(id)); !st.ok()) return st;
   trainer.set_schedule_start(trainer.step());
-  trainer.SetConfig(Effective(config));
+  trainer.SetConfig(Effective(trainer.config()));
   return Status::OK();
 }
 
@@ -49,7 +49,6 @@ void RoutedTraining::BeforeStep(TransformerLM& model, const torch::Tensor& batch
     else
       spdlog::info("branch {} starts as a copy of branch {}, which predicts its first batch best", branch_, nearest);
   }
-  TORCH_CHECK(model->SetRoute(branches_.RouteOf(branch_)).ok());
 }
 
 void RoutedTraining::AfterStep(const torch::Tensor& fresh_rows) {

@@ -33,10 +33,11 @@ class RoutedTraining {
   // segment and its adapter.
   TrainConfig Effective(TrainConfig c) const;
 
-  // Opens branch `id`, whose segment was just added to every PEER layer: an adapter of `rank`
-  // under the same id, the branch's route, its own schedule from now, and (the first time) routing
-  // starts with every other segment as the base. The trainer's config becomes Effective(config).
-  Status Open(Trainer& trainer, int64_t id, int64_t rank, const TrainConfig& config);
+  // Opens branch `id`, whose segment was just added to every PEER layer: an adapter of the
+  // configured rank under the same id, the branch's route, its own schedule from now, and (the
+  // first time) routing starts with every other segment as the base. The trainer's config becomes
+  // Effective of itself.
+  Status Open(Trainer& trainer, int64_t id);
 
   // Before a step on `batch` [B, T+1]: a newly opened branch is first seeded from the old branch
   // that predicts the batch best (the base: nothing to copy). Rows not in memory: not seeded.

@@ -75,6 +75,9 @@ Status Spool::Open(std::shared_ptr<StoreDb> db, std::unique_ptr<Spool>* out) {
                               std::to_string(sp.last_index_) + " documents, " + std::to_string(sp.total_bytes_) +
                               " bytes)");
   sp.pruning_before_ = sp.pruned_before_;
+  // Whether the last run compacted what it pruned is not recorded (it may have died in between):
+  // the next Prune compacts the whole pruned range once more.
+  if (sp.pruned_before_ > 1) sp.uncompacted_from_ = 1;
   spool->writer_ = std::thread([p = spool.get()] { p->WriterLoop(); });
   *out = std::move(spool);
   return Status::OK();

@@ -30,6 +30,23 @@ int64_t FirstSegment(const TransformerLM& model) {
   return layers.empty() || layers[0]->segments().empty() ? 0 : layers[0]->segments()[0]->id();
 }
 
+// `c` with the changes `policy` names (the admin API's PUT, or a checkpoint's record).
+TrainConfig WithPolicy(TrainConfig c, const Policy& policy) {
+  if (policy.train_groups_size()) {
+    c.clear_train_groups();
+    for (const auto& g : policy.train_groups()) c.add_train_groups(g);
+  }
+  if (policy.has_replay_ratio()) c.set_replay_ratio(static_cast<float>(policy.replay_ratio()));
+  if (policy.has_distill_weight()) c.set_distill_weight(static_cast<float>(policy.distill_weight()));
+  if (policy.has_lr()) {
+    c.set_lr(static_cast<float>(policy.lr()));
+    c.set_min_lr(std::min(c.min_lr(), c.lr()));  // the schedule decays towards min_lr <= lr
+  }
+  if (policy.has_routed()) c.set_routed(policy.routed());
+  if (policy.has_keep_trained_text()) c.set_keep_trained_text(policy.keep_trained_text());
+  return c;
+}
+
 // The physical memory of this machine: what a new segment is sized against.
 uint64_t PhysicalMemoryBytes() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -77,11 +94,11 @@ Status TrainingLoop::Restore() {
     if (Status st = routing_.FromProto(meta.routing(), model_); !st.ok()) return st;
   // A segment frozen after the checkpoint (the store is the truth) takes its adapter with it.
   for (const auto& [id, adapter] : model_->adapters()) {
-    bool frozen = !adapter->frozen() && !model_->PeerLayers().empty();
+    bool has_segment = false, all_frozen = true;
     for (const auto& layer : model_->PeerLayers())
       for (const auto& seg : layer->segments())
-        if (seg->id() == id) frozen &= seg->frozen();
-    if (frozen) {
+        if (seg->id() == id) has_segment = true, all_frozen &= seg->frozen();
+    if (!adapter->frozen() && has_segment && all_frozen) {
       spdlog::warn("segment {} was frozen after the last checkpoint: its adapter is frozen as that checkpoint had it", id);
       if (Status st = model_->FreezeAdapter(id); !st.ok()) return st;
     }
@@ -98,6 +115,7 @@ Status TrainingLoop::Restore() {
   if (multi_rank()) {
     // The other ranks build the configured model, then take this restored one whole.
     Config shared = options_.config;
+    *shared.mutable_train() = trainer_->config();  // the policy as restored, not as the file had it
     if (Status st = CheckDataParallel(shared); !st.ok()) return st;
     trainer_->set_collective(options_.ranks);
     if (Status st = ShareConfig(*options_.ranks, &shared); !st.ok()) return st;
@@ -109,22 +127,6 @@ Status TrainingLoop::Restore() {
   segments_snapshot_ = SegmentsNow();
   snapshot_.set_step(trainer_->step());
   return Status::OK();
-}
-
-TrainConfig TrainingLoop::WithPolicy(TrainConfig c, const Policy& policy) const {
-  if (policy.train_groups_size()) {
-    c.clear_train_groups();
-    for (const auto& g : policy.train_groups()) c.add_train_groups(g);
-  }
-  if (policy.has_replay_ratio()) c.set_replay_ratio(static_cast<float>(policy.replay_ratio()));
-  if (policy.has_distill_weight()) c.set_distill_weight(static_cast<float>(policy.distill_weight()));
-  if (policy.has_lr()) {
-    c.set_lr(static_cast<float>(policy.lr()));
-    c.set_min_lr(std::min(c.min_lr(), c.lr()));  // the schedule decays towards min_lr <= lr
-  }
-  if (policy.has_routed()) c.set_routed(policy.routed());
-  if (policy.has_keep_trained_text()) c.set_keep_trained_text(policy.keep_trained_text());
-  return c;
 }
 
 Policy TrainingLoop::PolicyNow() const {
@@ -290,6 +292,9 @@ void TrainingLoop::Run() {
       ingest_error = e;
     }
     if (!routing_.CanTrain(model_)) {
+      // Waiting here is not a lack of data: once a branch opens, give its text the usual time to
+      // make a full batch (its first batch also picks the branch it is seeded from).
+      last_data = Clock::now();
       std::unique_lock<std::mutex> lock(mu_);
       snapshot_.set_state("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
       wake_.wait_for(lock, std::chrono::milliseconds(100));
@@ -401,16 +406,20 @@ Status TrainingLoop::CheckpointNow() {
   // text is no longer needed unless the policy replays it.
   if (!trainer_->config().keep_trained_text())
     if (Status st = spool_->Prune(meta.spool_next_index()); !st.ok())
-      spdlog::error("pruning trained text from the spool failed (it is kept, and pruned at a later checkpoint): {}",
-                    st.ToString());
+      spdlog::error("pruning trained text from the spool (the next checkpoint tries again): {}", st.ToString());
   return Status::OK();
 }
 
-void TrainingLoop::CheckpointAfterChange(const std::string& what) {
+Status TrainingLoop::CheckpointAfterChange(const std::string& what) {
   Status c = CheckpointNow();
-  if (!c.ok()) spdlog::error("the checkpoint after {} failed (the periodic checkpoints retry): {}", what, c.ToString());
-  std::lock_guard<std::mutex> lock(mu_);
-  checkpoint_error_ = c.ok() ? "" : c.ToString();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    checkpoint_error_ = c.ok() ? "" : c.ToString();
+  }
+  if (c.ok()) return c;
+  spdlog::error("the checkpoint after {} failed (the periodic checkpoints retry): {}", what, c.ToString());
+  return Status::IOError(what + " is done in memory, but the checkpoint that makes it survive a crash failed (" +
+                         c.message() + "): free the disk, then run peerctl checkpoint");
 }
 
 Status TrainingLoop::Checkpoint() {
@@ -461,8 +470,7 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
         if (id != ids->front())
           return Status::Corruption("the PEER layers gave the new segment different ids (" + std::to_string(ids->front()) +
                                   ", " + std::to_string(id) + "): a routed branch needs one id");
-      if (Status st = routing_.Open(*trainer_, ids->front(), trainer_->config().adapter_rank(), trainer_->config()); !st.ok())
-        return st;
+      if (Status st = routing_.Open(*trainer_, ids->front()); !st.ok()) return st;
     }
     if (multi_rank()) {
       Status told = TellRanks(add);
@@ -478,14 +486,15 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
       std::lock_guard<std::mutex> lock(mu_);
       segments_snapshot_ = SegmentsNow();
     }
-    CheckpointAfterChange("adding segment " + std::to_string(ids->front()));
-    return Status::OK();
+    return CheckpointAfterChange("adding segment " + std::to_string(ids->front()));
   });
 }
 
 Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, std::optional<RowDtype> dtype,
                                    std::vector<uint32_t>* frozen_layers) {
   return RunOnTrainer([&]() -> Status {
+    if (trainer_->config().routed() && layer)
+      return Status::InvalidArgument("with train.routed a segment is a branch in every PEER layer and freezes whole: omit the layer");
     auto layers = model_->PeerLayers();
     frozen_layers->clear();
     bool known = false;
@@ -521,8 +530,7 @@ Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, s
       std::lock_guard<std::mutex> lock(mu_);
       segments_snapshot_ = SegmentsNow();
     }
-    CheckpointAfterChange("freezing segment " + std::to_string(id));
-    return Status::OK();
+    return CheckpointAfterChange("freezing segment " + std::to_string(id));
   });
 }
 
@@ -587,7 +595,8 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
       return Status::FailedPrecondition(
           "routing started at an earlier segment: the old branches were trained against the frozen trunk, so shared "
           "weights cannot train again; routed stays on (start a new data directory for another policy)");
-    if (routing_.started() && policy.train_groups_size())
+    const bool only_new_segment = policy.train_groups_size() == 1 && policy.train_groups(0) == "new-segment";
+    if (routing_.started() && policy.train_groups_size() && !only_new_segment)
       return Status::FailedPrecondition("with routing started only the open branch trains (group new-segment): "
                                         "trainGroups cannot change");
     if (c.train().routed() && multi_rank())
@@ -604,7 +613,7 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
       return told;
     }
     if (policy.has_freeze_dtype()) options_.freeze_dtype = policy.freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
-    return Status::OK();
+    return CheckpointAfterChange("the policy change");
   });
 }
 

@@ -85,11 +85,11 @@ class TrainingLoop {
   Status CheckpointNow();
   // A checkpoint right after an acknowledged change to the pool, so that a restart finds the model
   // state that goes with it (a frozen branch's adapter, an added segment's id); a failure is logged
-  // and shown as checkpoint_error, and the periodic checkpoints retry.
-  void CheckpointAfterChange(const std::string& what);
-  // The policy as the admin API shows it, and a train config with a policy's changes applied.
+  // and shown as checkpoint_error, the periodic checkpoints retry, and the caller is told (the
+  // change itself stays made).
+  Status CheckpointAfterChange(const std::string& what);
+  // The policy as the admin API shows it.
   Policy PolicyNow() const;
-  TrainConfig WithPolicy(TrainConfig c, const Policy& policy) const;
   SegmentsReply SegmentsNow();  // trainer thread only
   // Multi-rank, trainer thread only (no-ops for one process): announce a command to the other
   // ranks; compare the ranks' digests into the snapshot; give up after a lost rank.

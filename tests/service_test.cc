@@ -72,6 +72,10 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   json recipe = peerd.CtlJson("policy set replayRatio=0.25 distillWeight=2");
   EXPECT_EQ(recipe.value("distillWeight", 0.0), 2.0) << recipe.dump();
   EXPECT_EQ(recipe.value("replayRatio", 0.0), 0.25) << recipe.dump();
+  // An acknowledged policy change survives kill -9 even before anything trains.
+  peerd.Kill(SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  EXPECT_EQ(peerd.CtlJson("policy get").value("distillWeight", 0.0), 2.0) << "the policy change was lost";
 
   ShellResult ingest = peerd.Ingest("kjv", dir + "/kjv.txt");
   ASSERT_EQ(ingest.code, 0) << ingest.out;
@@ -194,9 +198,13 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   ShellResult second = peerd.Ctl("segments add");
   EXPECT_NE(second.code, 0) << "a branch is open";
   EXPECT_NE(second.out.find("freeze it first"), std::string::npos) << second.out;
+  EXPECT_EQ(peerd.Ctl("policy set trainGroups=new-segment").code, 0) << "what GET shows may be PUT back";
   ShellResult code = peerd.Ingest("code", dir + "/code.txt");
   ASSERT_EQ(code.code, 0) << code.out;
   peerd.WaitFor(trained);
+  ShellResult one_layer = peerd.Ctl("segments freeze " + std::to_string(branch) + " --layer 0");
+  EXPECT_NE(one_layer.code, 0) << "a branch freezes whole";
+  EXPECT_NE(one_layer.out.find("omit the layer"), std::string::npos) << one_layer.out;
   ASSERT_EQ(peerd.Ctl("segments freeze " + std::to_string(branch)).code, 0);
   json after = peerd.CtlJson("eval run --label 'after code'");
   auto score = [](const json& row, const std::string& task) {
