@@ -124,8 +124,8 @@ class Spool {
   std::string write_error_;
   // Held for a whole Prune: two at once would count the same documents' bytes twice.
   std::mutex prune_mu_;
-  // Guarded by prune_mu_: first pruned index whose compaction failed (0: none), retried by the
-  // next Prune.
+  // Guarded by prune_mu_: first pruned index not known to be compacted (a compaction failed, or
+  // the spool was reopened; 0: none), compacted again by the next Prune.
   uint64_t uncompacted_from_ = 0;
   std::thread writer_;
 };
