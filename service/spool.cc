@@ -343,7 +343,6 @@ SpoolStats Spool::stats() const {
   s.commits = commits_;
   s.backlog_bytes = total_bytes_ > consumed_bytes_ ? total_bytes_ - consumed_bytes_ : 0;
   s.kept_bytes = total_bytes_ - pruned_bytes_;
-  s.pruned_before = pruned_before_;
   s.write_error = write_error_;
   return s;
 }

@@ -51,7 +51,6 @@ struct SpoolStats {
   uint64_t commits = 0;     // WriteBatches synced (since open)
   uint64_t backlog_bytes = 0;  // text bytes after the consumer's cursor
   uint64_t kept_bytes = 0;     // text bytes still stored: `bytes` less what Prune removed
-  uint64_t pruned_before = 1;  // first index not pruned: documents before it have no text (1: none pruned)
   std::string write_error;     // why the last commit failed (disk full, read-only); "" once one succeeds
 };
 

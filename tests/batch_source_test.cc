@@ -135,7 +135,7 @@ TEST(Spool, PruneRemovesTrainedTextKeepsDedupAndSurvivesReopen) {
     ASSERT_EQ(docs.size(), 3u);
     EXPECT_EQ(docs[0].index, 4u);
     const SpoolStats s = d.spool->stats();
-    EXPECT_EQ(s.pruned_before, 4u);
+    EXPECT_EQ(d.spool->pruned_before(), 4u);
     EXPECT_EQ(s.bytes, 210u) << "all time";
     EXPECT_EQ(s.kept_bytes, 40u + 50u + 60u);
     EXPECT_EQ(s.documents, 6u);
@@ -150,7 +150,7 @@ TEST(Spool, PruneRemovesTrainedTextKeepsDedupAndSurvivesReopen) {
   };
   expect_pruned_before_4("after the prune");
   ASSERT_TRUE(d.spool->Prune(2).ok()) << "before an earlier prune: nothing to do";
-  EXPECT_EQ(d.spool->stats().pruned_before, 4u);
+  EXPECT_EQ(d.spool->pruned_before(), 4u);
   d.Close();
   ASSERT_TRUE(d.Open().ok());
   expect_pruned_before_4("after reopening");
@@ -163,7 +163,7 @@ TEST(Spool, PruneClampsToTheLastDocumentAndCountsEveryPrunedByte) {
   ASSERT_TRUE(d.spool->Prune(2).ok());
   ASSERT_TRUE(d.spool->Prune(1000).ok());
   SpoolStats s = d.spool->stats();
-  EXPECT_EQ(s.pruned_before, 4u) << "last index + 1";
+  EXPECT_EQ(d.spool->pruned_before(), 4u) << "last index + 1";
   EXPECT_EQ(s.kept_bytes, 0u) << "bytes of both prunes";
   // New documents after the clamp are kept and read.
   ASSERT_TRUE(d.Add("b", 1, [](int) { return std::string("kept"); }).ok());
@@ -174,7 +174,7 @@ TEST(Spool, PruneClampsToTheLastDocumentAndCountsEveryPrunedByte) {
   d.Close();
   ASSERT_TRUE(d.Open().ok());
   s = d.spool->stats();
-  EXPECT_EQ(s.pruned_before, 4u);
+  EXPECT_EQ(d.spool->pruned_before(), 4u);
   EXPECT_EQ(s.kept_bytes, 4u);
 }
 
