@@ -69,12 +69,14 @@ Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view
   SegmentManifest m = given;
   m.set_state(SEGMENT_STATE_FROZEN);
   const size_t row_bytes = RowBytes(m.dtype(), m.d_model());
-  const uint32_t experts = m.n_keys() * m.n_keys();
+  // n_keys² in 64 bits: 65,536² would wrap to 0 in 32. An expert's index (< n_keys²) fits 32.
+  const uint64_t experts = uint64_t{m.n_keys()} * m.n_keys();
   SegmentHasher hash;
   hash.Add(sub_keys);
   rocksdb::WriteBatch batch;
   std::string bytes;
-  for (uint32_t e = 0; e < experts; ++e) {
+  for (uint64_t i = 0; i < experts; ++i) {
+    const auto e = static_cast<uint32_t>(i);
     bytes.clear();
     row(e, &bytes);
     if (bytes.size() != row_bytes)
@@ -151,8 +153,8 @@ Status ExpertStore::ScanSegment(const SegmentManifest& m,
   ro.verify_checksums = true;
   ro.readahead_size = size_t{8} << 20;  // a segment is one contiguous range: read it in big strides
   const size_t row_bytes = RowBytes(m.dtype(), m.d_model());
-  const uint32_t experts = m.n_keys() * m.n_keys();
-  uint32_t next = 0;
+  const uint64_t experts = uint64_t{m.n_keys()} * m.n_keys();
+  uint64_t next = 0;
   std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(ro, experts_));
   for (it->Seek(begin); it->Valid(); it->Next()) {
     const uint32_t e = GetBigEndian32(it->key().data() + 8);

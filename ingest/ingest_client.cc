@@ -10,6 +10,7 @@
 #include <thread>
 #include <unordered_set>
 
+#include "core/host_port.h"
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
 
@@ -99,16 +100,8 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
   const auto start = Clock::now();
   std::string host;
   uint16_t port = 0;
-  {
-    auto colon = options_.server.rfind(':');
-    if (colon == std::string::npos) return Status::InvalidArgument("--server must be HOST:PORT, got '" + options_.server + "'");
-    host = options_.server.substr(0, colon);
-    try {
-      port = static_cast<uint16_t>(std::stoul(options_.server.substr(colon + 1)));
-    } catch (const std::exception&) {
-      return Status::InvalidArgument("--server must be HOST:PORT, got '" + options_.server + "'");
-    }
-  }
+  if (Status st = ParseHostPort(options_.server, &host, &port); !st.ok())
+    return Status::InvalidArgument("--server: " + st.message());
 
   // Acked ids of earlier runs, and the file that records this run's.
   std::unordered_set<std::string> acked_before;

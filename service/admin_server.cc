@@ -98,6 +98,7 @@ struct AdminServer::Impl {
   std::set<int> open_sockets;
   std::atomic<int> active{0};  // connection threads running (detached; Stop waits for zero)
   uint16_t port = 0;
+  std::string address;  // as bound: "127.0.0.1:7070", "[::1]:7070"
   std::atomic<uint64_t> requests{0}, request_errors{0};
   std::atomic<bool> stopping{false};
 
@@ -292,7 +293,7 @@ Status AdminServer::Start(TrainingLoop* loop, const DataServer* data, const Admi
   impl->loop = loop;
   impl->data = data;
   impl->options = options;
-  if (Status st = Listen(impl->acceptor, options.listen, "the admin API", &impl->port); !st.ok()) return st;
+  if (Status st = Listen(impl->acceptor, options.listen, "the admin API", &impl->port, &impl->address); !st.ok()) return st;
   impl->accept_thread = std::thread([p = impl.get()] {
     for (;;) {
       tcp::socket socket(p->io);
@@ -335,5 +336,6 @@ void AdminServer::Stop() {
 }
 
 uint16_t AdminServer::port() const { return impl_->port; }
+const std::string& AdminServer::address() const { return impl_->address; }
 
 }  // namespace peerd

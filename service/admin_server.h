@@ -34,6 +34,7 @@ class AdminServer {
   ~AdminServer();
   void Stop();
   uint16_t port() const;
+  const std::string& address() const;  // the address and port really bound, e.g. "[::1]:7070"
 
   struct Impl;
 

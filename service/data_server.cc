@@ -15,22 +15,6 @@ namespace peerd {
 namespace asio = boost::asio;
 using asio::ip::tcp;
 
-Status ParseHostPort(const std::string& text, std::string* host, uint16_t* port) {
-  auto colon = text.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size())
-    return Status::InvalidArgument("'" + text + "' is not HOST:PORT (e.g. 127.0.0.1:7070)");
-  try {
-    size_t used = 0;
-    unsigned long p = std::stoul(text.substr(colon + 1), &used);
-    if (used != text.size() - colon - 1 || p > 65535) throw std::out_of_range("port");
-    *host = text.substr(0, colon);
-    *port = static_cast<uint16_t>(p);
-  } catch (const std::exception&) {
-    return Status::InvalidArgument("'" + text + "' has no valid port (0-65535)");
-  }
-  return Status::OK();
-}
-
 // The spool's writer thread hands results back to the I/O thread through this; once the server
 // stops, nothing more is posted (the io_context may be gone by the time a late result arrives).
 struct Mailbox {
@@ -42,6 +26,7 @@ struct DataServer::Impl {
   asio::io_context io;
   std::shared_ptr<Mailbox> mailbox = std::make_shared<Mailbox>();
   uint16_t port = 0;
+  std::string address;  // as bound: "127.0.0.1:7070", "[::1]:7070"
   tcp::acceptor acceptor{io};
   Spool* spool = nullptr;
   DataServerOptions options;
@@ -255,7 +240,7 @@ Status DataServer::Start(Spool* spool, const DataServerOptions& options, std::un
   auto impl = std::make_unique<Impl>();
   impl->spool = spool;
   impl->options = options;
-  if (Status st = Listen(impl->acceptor, options.listen, "the data port", &impl->port); !st.ok()) return st;
+  if (Status st = Listen(impl->acceptor, options.listen, "the data port", &impl->port, &impl->address); !st.ok()) return st;
   impl->Accept();
   impl->thread = std::thread([p = impl.get()] { p->io.run(); });
   out->reset(new DataServer(std::move(impl)));
@@ -277,6 +262,7 @@ void DataServer::Stop() {
 }
 
 uint16_t DataServer::port() const { return impl_->port; }
+const std::string& DataServer::address() const { return impl_->address; }
 
 DataServerStats DataServer::stats() const {
   DataServerStats s;

@@ -47,6 +47,7 @@ class DataServer {
   ~DataServer();  // Stop()
   void Stop();
   uint16_t port() const;
+  const std::string& address() const;  // the address and port really bound, e.g. "[::1]:7070"
   DataServerStats stats() const;
 
   struct Impl;
@@ -55,8 +56,5 @@ class DataServer {
   explicit DataServer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
-
-// Splits "host:port"; InvalidArgument naming the text when it is not one.
-Status ParseHostPort(const std::string& text, std::string* host, uint16_t* port);
 
 }  // namespace peerd

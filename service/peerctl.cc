@@ -16,6 +16,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/host_port.h"
+
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
@@ -162,13 +164,12 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   Client client;
-  auto colon = admin.rfind(':');
-  if (colon == std::string::npos) {
-    std::fprintf(stderr, "peerctl: --admin must be HOST:PORT, got '%s'\n", admin.c_str());
+  uint16_t admin_port = 0;
+  if (peerd::Status st = peerd::ParseHostPort(admin, &client.host, &admin_port); !st.ok()) {
+    std::fprintf(stderr, "peerctl: --admin: %s\n", st.message().c_str());
     return 2;
   }
-  client.host = admin.substr(0, colon);
-  client.port = admin.substr(colon + 1);
+  client.port = std::to_string(admin_port);
   {
     std::ifstream in(token_file);
     if (!in || !std::getline(in, client.token)) {

@@ -57,16 +57,22 @@ int main(int argc, char** argv) {
   app.add_option("--data-listen", data_listen, "data port (peer-ingest)")->capture_default_str();
   app.add_option("--admin-listen", admin_listen, "admin API (peerctl, HTTP)")->capture_default_str();
   app.add_flag("--allow-remote", allow_remote, "allow listening on addresses other than loopback");
-  app.add_option("--log-level", log_level, "trace | debug | info | warn | error")->capture_default_str();
+  app.add_option("--log-level", log_level, "trace | debug | info | warn | error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
   app.add_option("--checkpoint-every-steps", checkpoint_steps, "checkpoint after this many steps")->capture_default_str();
   app.add_option("--checkpoint-every-seconds", checkpoint_seconds, "…or this many seconds")->capture_default_str();
   app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")->capture_default_str();
   app.add_option("--max-document-mb", max_doc_mb, "largest document accepted")->capture_default_str();
   app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")->check(CLI::Range(1u, 86400u))->capture_default_str();
   app.add_option("--max-data-connections", max_data_connections, "refuse data connections beyond this many")->check(CLI::Range(1u, 65536u))->capture_default_str();
-  app.add_option("--residency", residency, "frozen rows: resident | cached")->capture_default_str();
+  app.add_option("--residency", residency, "frozen rows: resident | cached")
+      ->check(CLI::IsMember({"resident", "cached"}))
+      ->capture_default_str();
   app.add_option("--cache-mb", cache_mb, "row cache for --residency cached")->capture_default_str();
-  app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")->capture_default_str();
+  app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")
+      ->check(CLI::IsMember({"bf16", "fp32"}))
+      ->capture_default_str();
   app.add_option("--task-root", task_roots, "directories POST /v1/tasks may read files from (default: the working directory)");
   app.add_option("--threads", threads, "LibTorch threads (overrides train.threads; 0 = all cores)");
   app.add_option("--world-size", ranks.world_size, "ranks training together (multi-rank: one peerd per rank)")->check(CLI::Range(1, 1024))->capture_default_str();
@@ -90,7 +96,6 @@ int main(int argc, char** argv) {
       }
       spdlog::warn("listening on {}, reachable from other machines: keep the tokens secret", listen);
     }
-  if (residency != "resident" && residency != "cached") return fail("--residency", Status::InvalidArgument("must be resident or cached"));
   if (Status st = ParseRendezvous(rendezvous, &ranks); !st.ok()) return fail("--rendezvous", st);
   ranks.timeout = std::chrono::seconds(collective_timeout_s);
   if (ranks.rank < 0 || ranks.rank >= ranks.world_size)
@@ -127,7 +132,6 @@ int main(int argc, char** argv) {
     spdlog::info("rank {}: rank 0 stopped at step {}; bye", ranks.rank, worker->step());
     return 0;
   }
-  if (freeze_dtype != "bf16" && freeze_dtype != "fp32") return fail("--freeze-dtype", Status::InvalidArgument("must be bf16 or fp32"));
 
   LoopOptions lo;
   lo.config = DefaultConfig();
@@ -189,8 +193,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<AdminServer> admin;
   if (Status st = AdminServer::Start(loop.get(), data.get(), aopt, &admin); !st.ok()) return fail("admin API", st);
   loop->Start();
-  spdlog::info("data port 127.0.0.1:{} (token {}/data.token), admin API 127.0.0.1:{} (token {}/admin.token)",
-               data->port(), data_dir, admin->port(), data_dir, data_dir);
+  spdlog::info("data port {} (token {}/data.token), admin API {} (token {}/admin.token)", data->address(), data_dir,
+               admin->address(), data_dir);
   std::fflush(stdout);
 
   int sig = 0;

@@ -151,6 +151,28 @@ TEST(ExpertStore, RowsOfTheWrongSizeAreRefusedAndNothingIsWritten) {
   EXPECT_EQ(store->FreezeSegment(m, "short", Rows(m)).code(), Status::Code::kInvalidArgument);
 }
 
+// 65,536 sub-keys per half is the largest segment a configuration may ask for: 2^32 experts, a
+// count that wraps to 0 in 32 bits (a freeze would then store no rows at all and succeed).
+TEST(ExpertStore, TheLargestSegmentCountsAllItsRowsWithoutWrapping) {
+  const std::string dir = FreshDir("largest");
+  std::unique_ptr<ExpertStore> store;
+  ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok());
+  SegmentManifest m = Manifest(0, 0, 65536, 8, ROW_DTYPE_FP32);
+  const size_t row_bytes = ExpertStore::RowBytes(m.dtype(), m.d_model());
+  uint64_t asked = 0;
+  // The writer gives a short 3rd row, so the freeze stops there, refused.
+  Status st = store->FreezeSegment(m, SubKeys(m, 1), [&](uint32_t e, std::string* r) {
+    ++asked;
+    r->assign(e == 2 ? 3 : row_bytes, 'x');
+  });
+  EXPECT_EQ(asked, 3u);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("row 2"), std::string::npos) << st.message();
+  std::vector<SegmentManifest> ms;
+  ASSERT_TRUE(store->Manifests(&ms).ok());
+  EXPECT_TRUE(ms.empty());
+}
+
 TEST(ExpertStore, AFlippedByteInAFrozenRowIsCorruptionNamingTheSegment) {
   const std::string dir = FreshDir("flip");
   SegmentManifest m = Manifest(2, 5, 4, 8, ROW_DTYPE_BF16);

@@ -16,6 +16,7 @@
 #include <future>
 #include <thread>
 
+#include "core/host_port.h"
 #include "ingest/document_source.h"
 #include "ingest/ingest_client.h"
 #include "proto/frame.h"
@@ -52,16 +53,16 @@ struct Service {
   std::shared_ptr<StoreDb> db;
   std::unique_ptr<Spool> spool;
   std::unique_ptr<DataServer> server;
-  Status Start(const std::string& dir, DataServerOptions o = {}) {
+  Status Start(const std::string& dir, DataServerOptions o = {}, const std::string& listen = "127.0.0.1:0") {
     if (Status st = StoreDb::Open(dir + "/db", {}, &db); !st.ok()) return st;
     if (Status st = Spool::Open(db, &spool); !st.ok()) return st;
-    o.listen = "127.0.0.1:0";
+    o.listen = listen;
     o.token = "secret";
     return DataServer::Start(spool.get(), o, &server);
   }
   IngestOptions Client(const std::string& task) const {
     IngestOptions o;
-    o.server = "127.0.0.1:" + std::to_string(server->port());
+    o.server = server->address();
     o.token = "secret";
     o.task = task;
     o.max_reconnects = 3;
@@ -482,6 +483,49 @@ TEST(DataPort, DisconnectMidFrameStoresNothingAndTheNextClientIsServed) {
   SpoolEntry stored;
   ASSERT_TRUE(s.spool->Get(1, &stored).ok());
   EXPECT_EQ(stored.id, "whole");
+}
+
+TEST(HostPort, TakesIpv4LocalhostAndBracketedIpv6AndRefusesTheRestSayingWhy) {
+  std::string host;
+  uint16_t port = 0;
+  ASSERT_TRUE(ParseHostPort("127.0.0.1:7070", &host, &port).ok());
+  EXPECT_EQ(host, "127.0.0.1");
+  EXPECT_EQ(port, 7070);
+  ASSERT_TRUE(ParseHostPort("localhost:0", &host, &port).ok());
+  EXPECT_EQ(host, "localhost");
+  EXPECT_EQ(port, 0);
+  ASSERT_TRUE(ParseHostPort("[::1]:65535", &host, &port).ok());
+  EXPECT_EQ(host, "::1");
+  EXPECT_EQ(port, 65535);
+  const std::pair<const char*, const char*> bad[] = {
+      {"7070", "is not HOST:PORT"},      {":7070", "is not HOST:PORT"},       {"localhost:", "is not HOST:PORT"},
+      {"::1:7070x", "no valid port"},    {"[::1]", "is not [IPV6]:PORT"},     {"[::1:7070", "is not [IPV6]:PORT"},
+      {"127.0.0.1:65536", "no valid port"}, {"127.0.0.1:-1", "no valid port"},
+  };
+  for (const auto& [text, why] : bad) {
+    Status st = ParseHostPort(text, &host, &port);
+    EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << text;
+    EXPECT_NE(st.message().find(why), std::string::npos) << text << ": " << st.message();
+  }
+}
+
+// "[::1]:0" and "localhost:0" bind loopback (localhost as 127.0.0.1) and report the address really
+// bound, which a client can connect to as it is.
+TEST(DataPort, ListensOnIpv6LoopbackAndLocalhostAndReportsTheAddressBound) {
+  for (const auto& [listen, prefix] : {std::pair{"[::1]:0", "[::1]:"}, std::pair{"localhost:0", "127.0.0.1:"}}) {
+    const std::string dir = FreshDir(std::string("listen_") + (listen[0] == '[' ? "v6" : "localhost"));
+    Service s;
+    ASSERT_TRUE(s.Start(dir, {}, listen).ok()) << listen;
+    EXPECT_EQ(s.server->address(), prefix + std::to_string(s.server->port()));
+    IngestProgress p;
+    Status st = Ingest(s.Client("t"), WriteCorpus(dir, 5), &p);
+    ASSERT_TRUE(st.ok()) << listen << ": " << st.ToString();
+    EXPECT_EQ(p.acked_documents, 5u) << listen;
+  }
+  Service bad;
+  Status st = bad.Start(FreshDir("listen_bad"), {}, "example.org:0");
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(st.message().find("'example.org' is not an IP address"), std::string::npos) << st.message();
 }
 
 TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {

@@ -243,6 +243,50 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
 
 // The main job (scripts/demo.sh, what `make demo` runs) on two tiny domains and a tiny model:
 // real peerd, peer-ingest and peerctl; the report files must be complete and parse.
+// Operator mistakes on the command line are refused before anything is created, and the startup
+// log names the addresses peerd really bound: "[::1]" and "localhost" listen on loopback, and
+// peerctl reaches the admin API at the address the log gives.
+TEST(Peerd, RefusesUnknownFlagValuesAndLogsTheAddressesReallyBound) {
+  const std::string dir = ::testing::TempDir() + "/peerd_flags_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const auto& [flag, value] : {std::pair{"--log-level", "verbose"}, std::pair{"--residency", "disk"},
+                                    std::pair{"--freeze-dtype", "fp16"}}) {
+    ShellResult r = Sh("timeout 60 " + std::string(PEERD_BIN) + " --data-dir " + dir + "/data " + flag + " " + value);
+    EXPECT_NE(r.code, 0) << flag << " " << value << ": " << r.out;
+    EXPECT_NE(r.out.find(flag), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(value), std::string::npos) << r.out;
+    EXPECT_FALSE(fs::exists(dir + "/data")) << flag << " " << value << " created the data directory";
+  }
+
+  const std::string log = dir + "/peerd.log";
+  pid_t pid = fork();
+  if (pid == 0) {
+    const std::string cmd = "exec " + std::string(PEERD_BIN) + " --data-dir " + dir +
+                            "/data --data-listen '[::1]:0' --admin-listen localhost:0 > " + log + " 2>&1";
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
+    _exit(127);
+  }
+  const std::regex bound(R"(data port \[::1\]:([0-9]+) .*admin API 127\.0\.0\.1:([0-9]+))");
+  std::smatch m;
+  std::string text;
+  for (auto deadline = std::chrono::steady_clock::now() + 60s;
+       std::chrono::steady_clock::now() < deadline && !std::regex_search(text, m, bound);) {
+    std::this_thread::sleep_for(100ms);
+    text = Slurp(log);
+  }
+  const bool started = std::regex_search(text, m, bound);
+  if (started) {
+    EXPECT_NE(m[1], "0");
+    ShellResult status = Sh(std::string(PEERCTL_BIN) + " --admin localhost:" + std::string(m[2]) + " --token-file " +
+                            dir + "/data/admin.token status");
+    EXPECT_EQ(status.code, 0) << status.out;
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  ASSERT_TRUE(started) << "peerd did not log the addresses it bound within 60 s: " << text;
+}
+
 TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatParse) {
   const std::string dir = ::testing::TempDir() + "/peerd_demo_" + std::to_string(getpid());
   fs::remove_all(dir);
