@@ -73,7 +73,10 @@ struct Knobs {
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   int64_t adapter_rank = 32;   // routed: rank of each segment's adapter (SegmentAdapterImpl::kFullRank: full)
   float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
-  bool seed_nearest = true;    // routed: a new branch starts as a copy of the old one that predicts its first text best
+  std::string seed_branch = "latest";  // routed: what a new branch starts as a copy of: the branch
+                                      // trained last ("latest"), the old one that predicts its
+                                      // first 4 KB best ("nearest"), or the base ("base")
+  bool trunk_deltas = true;    // routed: adapters own deltas of the embeddings, norms and biases
   int64_t route_context = 0;   // routed: bytes before a window its route is chosen from (0: twice the context)
   uint32_t routed_n_keys = 0;  // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
@@ -110,11 +113,12 @@ Status LoadDomain(const std::string& spec, const std::string& corpus_dir, size_t
 // what a routed token runs). Every segment's sub-keys count as active, as if all were scored for
 // every token (a routed token scores two segments' only): matching the final, grown pool this
 // way is the comparison least kind to PEER.
-uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, int64_t adapter_rank) {
+uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, int64_t adapter_rank,
+                             bool trunk_deltas) {
   ModelConfig grown = peer_model;
   grown.mutable_peer()->set_initial_segments(static_cast<uint32_t>(segments));
   TransformerLM grown_model(grown);
-  if (adapter_rank >= 0) TORCH_CHECK(grown_model->AddAdapter(0, adapter_rank).ok());
+  if (adapter_rank >= 0) TORCH_CHECK(grown_model->AddAdapter(0, adapter_rank, trunk_deltas).ok());
   const int64_t target = grown_model->ActiveParameters();
   ModelConfig m = peer_model;
   m.set_ffn(FFN_KIND_DENSE);
@@ -209,6 +213,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
   std::map<int64_t, int> task_of_branch;              // and the task each branch was trained on
   json seeded_from = json::array();                   // per streamed phase: the task its branch copied
+  int64_t latest_branch = -1;
   auto evaluate = [&] {
     return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, route_context) : eval);
   };
@@ -245,14 +250,16 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
         if (Status st = GrowAll(trainer, c.model().peer().n_keys(), &branch); !st.ok()) return error(st);
         if (p.routed) {
           // What adapts to this domain is owned by its segment: its experts and its adapter.
-          if (Status st = model->AddAdapter(branch, k.adapter_rank); !st.ok()) return error(st);
-          // The old branch that predicts the domain's first 4 KB best seeds the new one (the base:
-          // nothing to copy); the new domain's text is what training sees anyway.
-          const int64_t nearest = k.seed_nearest ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096)) : -1;
-          if (nearest >= 0 && nearest != routing.base) {
-            if (Status st = model->CopyBranch(nearest, branch); !st.ok()) return error(st);
+          if (Status st = model->AddAdapter(branch, k.adapter_rank, k.trunk_deltas); !st.ok()) return error(st);
+          // The new branch starts as a copy of an old one (the base: nothing to copy).
+          const int64_t seed = k.seed_branch == "latest"    ? latest_branch
+                               : k.seed_branch == "nearest" ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096))
+                                                            : -1;
+          latest_branch = branch;
+          if (seed >= 0 && seed != routing.base) {
+            if (Status st = model->CopyBranch(seed, branch); !st.ok()) return error(st);
           }
-          seeded_from.push_back(nearest >= 0 ? tasks[task_of_branch.at(nearest)].name : "base");
+          seeded_from.push_back(seed >= 0 && seed != routing.base ? tasks[task_of_branch.at(seed)].name : "base");
           if (Status st = model->SetRoute(routing.RouteOf(branch)); !st.ok()) return error(st);
           TrainConfig owned = tc;
           owned.clear_train_groups();
@@ -359,6 +366,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
     row["adapter_rank"] = k.adapter_rank == SegmentAdapterImpl::kFullRank ? json("full") : json(k.adapter_rank);
     row["adapter_lr_scale"] = k.adapter_lr_scale;
+    row["trunk_deltas"] = k.trunk_deltas;
+    row["seed_branch"] = k.seed_branch;
     row["seeded_from"] = seeded_from;
     json accuracy = json::object();
     const std::vector<double> acc = RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, route_context), context);
@@ -474,15 +483,19 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed (default all)");
   app.add_option("--adapter-rank", adapter_rank_arg, "routed: rank of each segment's deltas, or 'full' (full-rank deltas)")->capture_default_str();
   app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
-  std::string seed_arg = "nearest";
+  std::string seed_arg = "latest";
+  bool no_trunk_deltas = false;
   int64_t route_context = 0;
   uint32_t routed_n_keys = 0;
   app.add_option("--routed-n-keys", routed_n_keys, "routed: sub-keys per half of its segments, n² experts each "
                  "(0: --n-keys / the config's)")->capture_default_str();
   app.add_option("--route-context", route_context, "routed: bytes of text before a window that choose its route "
                  "(0: twice the model's context)")->capture_default_str();
-  app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the old branch that "
-                 "predicts its first 4 KB best (nearest) or at the base (base)")->check(CLI::IsMember({"nearest", "base"}))->capture_default_str();
+  app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the branch trained "
+                 "last (latest), of the old branch that predicts its first 4 KB best (nearest), or at the base (base)")
+      ->check(CLI::IsMember({"latest", "nearest", "base"}))->capture_default_str();
+  app.add_flag("--no-trunk-deltas", no_trunk_deltas, "routed: adapters without deltas of the embeddings, norms and biases "
+               "(low-rank map deltas only)");
   app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
   app.add_option("--steps", steps, "training steps per domain")->capture_default_str();
   app.add_option("--batch", batch, "sequences per step (default: the config's)");
@@ -567,7 +580,8 @@ int ForgettingBench(int argc, char** argv) {
     k.adapter_rank = r;
   }
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
-  k.seed_nearest = seed_arg == "nearest";
+  k.seed_branch = seed_arg;
+  k.trunk_deltas = !no_trunk_deltas;
   k.route_context = route_context;
   k.routed_n_keys = routed_n_keys;
   if (routed_n_keys > 0 && (routed_n_keys < m->peer().topk() || routed_n_keys > 65536))
@@ -619,7 +633,7 @@ int ForgettingBench(int argc, char** argv) {
   const int used_threads = SetComputeThreads(t->threads());
   ModelConfig widest = *m;  // the PEER model with the most active parameters: routed's, when it runs
   if (any_routed && routed_n_keys > 0) widest.mutable_peer()->set_n_keys(routed_n_keys);
-  k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? k.adapter_rank : -1);
+  k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? k.adapter_rank : -1, k.trunk_deltas);
   std::fprintf(stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
                pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(),
                tasks.size() - first_domain, repeat, steps, t->batch_size(), m->context(), used_threads,

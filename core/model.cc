@@ -27,6 +27,15 @@ torch::Tensor Adapted(torch::nn::Linear& linear, const torch::Tensor& x, const S
   return delta.defined() ? y + delta : y;
 }
 
+// Layer norm `ln` of x, with the adapter's deltas of its weight and bias (`name`.weight, .bias).
+torch::Tensor Normed(torch::nn::LayerNorm& ln, const torch::Tensor& x, const SegmentAdapterImpl* adapter,
+                     const std::string& name) {
+  torch::Tensor dw = adapter ? adapter->TrunkDelta(name + ".weight") : torch::Tensor();
+  if (!dw.defined()) return ln(x);
+  return torch::layer_norm(x, ln->options.normalized_shape(), ln->weight + dw,
+                           ln->bias + adapter->TrunkDelta(name + ".bias"), ln->options.eps());
+}
+
 }  // namespace
 
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
@@ -62,8 +71,8 @@ BlockImpl::BlockImpl(const ModelConfig& c, bool use_peer, std::string name) : na
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
                                  const std::vector<bool>* active) {
-  torch::Tensor h = x + attn->forward(ln1(x), adapter, name_);
-  torch::Tensor n = ln2(h);
+  torch::Tensor h = x + attn->forward(Normed(ln1, x, adapter, name_ + ".ln1"), adapter, name_);
+  torch::Tensor n = Normed(ln2, h, adapter, name_ + ".ln2");
   if (!peer) return h + dense->forward(n, adapter, name_);
   // The adapter's query delta enters through the layer's own query network: W_q x + ΔW_q x.
   return h + peer->forward(n, active, adapter ? [adapter, name = name_ + ".query"](const torch::Tensor& x) {
@@ -94,7 +103,12 @@ torch::Tensor TransformerLMImpl::forward(const torch::Tensor& tokens) {
   TORCH_CHECK(T <= static_cast<int64_t>(config_.context()), "sequence of ", T,
               " tokens is longer than the model's context of ", config_.context());
   const SegmentAdapterImpl* adapter = route_.adapter >= 0 ? adapters_.at(route_.adapter).get() : nullptr;
-  torch::Tensor x = tok_emb(tokens) + pos_emb(torch::arange(T, tokens.options()));  // [B, T, D]
+  torch::Tensor positions = torch::arange(T, tokens.options());
+  torch::Tensor x = tok_emb(tokens) + pos_emb(positions);  // [B, T, D]
+  torch::Tensor d_tok = adapter ? adapter->TrunkDelta("tok_emb") : torch::Tensor();
+  torch::Tensor d_pos = adapter ? adapter->TrunkDelta("pos_emb") : torch::Tensor();
+  if (d_tok.defined()) x = x + torch::embedding(d_tok, tokens);
+  if (d_pos.defined()) x = x + torch::embedding(d_pos, positions);
   std::vector<bool> active;
   for (auto& b : blocks) {
     if (b->peer && !route_.segments.empty()) {
@@ -104,8 +118,9 @@ torch::Tensor TransformerLMImpl::forward(const torch::Tensor& tokens) {
     }
     x = b->forward(x, adapter, b->peer && !route_.segments.empty() ? &active : nullptr);
   }
-  torch::Tensor h = ln_f(x);
-  torch::Tensor logits = torch::matmul(h, tok_emb->weight.t());  // [B, T, vocab], head tied to tok_emb
+  torch::Tensor h = Normed(ln_f, x, adapter, "ln_f");
+  // [B, T, vocab], head tied to tok_emb (and to the adapter's delta of it)
+  torch::Tensor logits = torch::matmul(h, (d_tok.defined() ? tok_emb->weight + d_tok : tok_emb->weight).t());
   if (adapter) logits = logits + adapter->Delta("head", h);
   return logits;
 }
@@ -123,12 +138,12 @@ Status TransformerLMImpl::SetRoute(const Route& route) {
   return Status::OK();
 }
 
-Status TransformerLMImpl::AddAdapter(int64_t id, int64_t rank) {
+Status TransformerLMImpl::AddAdapter(int64_t id, int64_t rank, bool trunk_deltas) {
   if (adapters_.count(id)) return Status::FailedPrecondition("the model already has adapter " + std::to_string(id));
   if (rank < 0)
     return Status::InvalidArgument("an adapter's rank must be at least 1 (or 0 for full deltas), got " +
                                    std::to_string(rank));
-  adapters_.emplace(id, register_module("adapter" + std::to_string(id), SegmentAdapter(config_, rank)));
+  adapters_.emplace(id, register_module("adapter" + std::to_string(id), SegmentAdapter(config_, rank, trunk_deltas)));
   newest_adapter_ = std::max(newest_adapter_, id);
   return Status::OK();
 }
@@ -152,9 +167,9 @@ Status TransformerLMImpl::CopyBranch(int64_t from, int64_t to) {
   if (src == adapters_.end() || dst == adapters_.end())
     return Status::NotFound("no adapter " + std::to_string(src == adapters_.end() ? from : to));
   if (dst->second->frozen()) return Status::FailedPrecondition("adapter " + std::to_string(to) + " is frozen");
-  if (src->second->rank() != dst->second->rank())
+  if (src->second->rank() != dst->second->rank() || src->second->trunk_deltas() != dst->second->trunk_deltas())
     return Status::InvalidArgument("adapters " + std::to_string(from) + " and " + std::to_string(to) +
-                                   " have different ranks");
+                                   " have different shapes (rank, or trunk deltas)");
   // Check every layer before changing anything.
   std::vector<std::pair<const ExpertSegmentImpl*, ExpertSegmentImpl*>> pairs;
   for (const auto& layer : PeerLayers()) {
@@ -239,7 +254,7 @@ std::vector<ParamInfo> TransformerLMImpl::ClassifiedParameters() const {
     if (adapter->frozen()) continue;
     for (const auto& item : adapter->named_parameters())
       out.push_back({"adapter" + std::to_string(id) + "." + item.key(), item.value(), ParamKind::kAdapter, nullptr,
-                     id == newest_adapter_, true});
+                     id == newest_adapter_, item.value().dim() >= 2});
   }
   return out;
 }
@@ -276,7 +291,7 @@ TransformerLM CopyForTeacher(const TransformerLM& model) {
   ModelConfig config = model->config();
   config.mutable_peer()->set_initial_segments(0);  // the segments follow the model's
   TransformerLM copy(config);
-  for (const auto& [id, adapter] : model->adapters()) TORCH_CHECK(copy->AddAdapter(id, adapter->rank()).ok());
+  for (const auto& [id, adapter] : model->adapters()) TORCH_CHECK(copy->AddAdapter(id, adapter->rank(), adapter->trunk_deltas()).ok());
   auto from = model->PeerLayers(), to = copy->PeerLayers();
   for (size_t l = 0; l < from.size(); ++l) {
     for (const auto& s : from[l]->segments()) {

@@ -105,9 +105,10 @@ class TransformerLMImpl : public torch::nn::Module {
   // InvalidArgument when the route names an adapter or a segment the model does not have.
   Status SetRoute(const Route& route);
   const Route& route() const { return route_; }
-  // Appends a training adapter of `rank` (SegmentAdapterImpl::kFullRank for full deltas) under
-  // `id` (the id of the segments it goes with); FailedPrecondition if one has that id.
-  Status AddAdapter(int64_t id, int64_t rank);
+  // Appends a training adapter of `rank` (SegmentAdapterImpl::kFullRank for full deltas), with or
+  // without `trunk_deltas`, under `id` (the id of the segments it goes with); FailedPrecondition
+  // if one has that id.
+  Status AddAdapter(int64_t id, int64_t rank, bool trunk_deltas = true);
   // Freezes adapter `id` for ever; NotFound if there is none.
   Status FreezeAdapter(int64_t id);
   // Starts training branch `to` (its adapter and, in every PEER layer, its segment) as a copy of

@@ -12,6 +12,12 @@
 // Rank kFullRank gives each map a full delta instead, W x -> (W + ΔW) x with ΔW [out, in] starting
 // at zero: training it is fine-tuning that map while the base weights stay exactly as they were.
 // It costs as many parameters as the maps themselves; a low rank costs r · (in + out) a map.
+//
+// With `trunk_deltas`, the adapter also owns a full delta, starting at zero, of each trunk parameter
+// that costs little per token: the token and position embeddings (the head is tied to the token
+// embedding, so the token delta moves the head too), the blocks' and the final layer norm's gains and biases, and every
+// linear map's bias — 45 K parameters at the defaults, which a dense model fine-tunes freely and
+// a low-rank delta cannot express (bench/FORGETTING.md: what each ingredient bought).
 #pragma once
 
 #include <torch/torch.h>
@@ -27,26 +33,34 @@ class SegmentAdapterImpl : public torch::nn::Module {
  public:
   static constexpr int64_t kFullRank = 0;
 
-  // One delta per adapted map of a model of `config`: of rank r = `rank`, or full (kFullRank).
-  SegmentAdapterImpl(const ModelConfig& config, int64_t rank);
+  // One delta per adapted map of a model of `config`: of rank r = `rank`, or full (kFullRank);
+  // with `trunk_deltas`, the full deltas of embeddings, norms and biases besides.
+  SegmentAdapterImpl(const ModelConfig& config, int64_t rank, bool trunk_deltas);
 
-  // The delta of map `name` ("block0.qkv", "head", …) for inputs x [..., in] -> [..., out];
-  // an undefined tensor when this adapter has no such map.
+  // The delta of map `name` ("block0.qkv", "head", …) for inputs x [..., in] -> [..., out],
+  // its bias delta included; an undefined tensor when this adapter has no such map.
   torch::Tensor Delta(const std::string& name, const torch::Tensor& x) const;
+  // The full delta of the trunk's parameter `name` ("tok_emb", "pos_emb", "block0.ln1.weight", …),
+  // the same shape as it; an undefined tensor when this adapter owns none.
+  torch::Tensor TrunkDelta(const std::string& name) const;
 
   int64_t rank() const { return rank_; }  // kFullRank for full deltas
+  bool trunk_deltas() const { return owns_trunk_deltas_; }
   bool frozen() const { return frozen_; }
   // Freezing is for ever: the deltas stop requiring gradients and leave the optimizer.
   void Freeze();
 
  private:
-  void AddMap(const std::string& name, int64_t in, int64_t out);
+  void AddMap(const std::string& name, int64_t in, int64_t out, bool with_bias);
+  void AddTrunkDelta(const std::string& name, std::vector<int64_t> shape);
 
   int64_t rank_;
+  bool owns_trunk_deltas_;
   double scale_;
   bool frozen_ = false;
   // name -> {A, B}, or {ΔW, undefined} for a full delta
   std::map<std::string, std::pair<torch::Tensor, torch::Tensor>> maps_;
+  std::map<std::string, torch::Tensor> trunk_;  // trunk parameter name -> full delta
 };
 TORCH_MODULE(SegmentAdapter);
 

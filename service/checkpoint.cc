@@ -33,6 +33,7 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
     a->set_id(static_cast<uint32_t>(id));
     a->set_rank(static_cast<int32_t>(adapter->rank()));
     a->set_frozen(adapter->frozen());
+    a->set_trunk_deltas(adapter->trunk_deltas());
   }
   meta.set_step(trainer.step());
   meta.set_schedule_start_step(static_cast<uint64_t>(trainer.schedule_start()));
@@ -84,7 +85,7 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
   // Adapters: their tensors are all in the archive, frozen ones too (frozen below, once loaded).
   for (const auto& a : meta->adapters())
     if (!model->adapters().count(a.id()))
-      if (Status st = model->AddAdapter(a.id(), a.rank()); !st.ok()) return st;
+      if (Status st = model->AddAdapter(a.id(), a.rank(), a.trunk_deltas()); !st.ok()) return st;
   trainer.RefreshParameters();
 
   std::istringstream in(tensor_bytes);

@@ -30,25 +30,17 @@ Status RoutedTraining::Open(Trainer& trainer, int64_t id) {
     spdlog::info("routing starts: the base is segment(s) {}; from now on only a new segment and its adapter train",
                  fmt::join(base, ", "));
   }
+  if (branch_ >= 0) {
+    if (Status st = model->CopyBranch(branch_, id); !st.ok())
+      spdlog::warn("branch {} starts from the base, not as a copy of branch {}: {}", id, branch_, st.ToString());
+    else
+      spdlog::info("branch {} starts as a copy of branch {}", id, branch_);
+  }
   branch_ = id;
-  seed_pending_ = true;
   if (Status st = model->SetRoute(branches_.RouteOf(id)); !st.ok()) return st;
   trainer.set_schedule_start(trainer.step());
   trainer.SetConfig(Effective(trainer.config()));
   return Status::OK();
-}
-
-void RoutedTraining::BeforeStep(TransformerLM& model, const torch::Tensor& batch) {
-  if (!seed_pending_) return;
-  seed_pending_ = false;
-  // The new branch has no counts yet, so it is not among the candidates.
-  const int64_t nearest = BestBranchFor(model, branches_, BatchBytes(batch));
-  if (nearest >= 0 && nearest != branches_.base) {
-    if (Status st = model->CopyBranch(nearest, branch_); !st.ok())
-      spdlog::warn("branch {} starts from the base, not from its nearest branch {}: {}", branch_, nearest, st.ToString());
-    else
-      spdlog::info("branch {} starts as a copy of branch {}, which predicts its first batch best", branch_, nearest);
-  }
 }
 
 void RoutedTraining::AfterStep(const torch::Tensor& fresh_rows) {
@@ -76,7 +68,6 @@ CheckpointMeta::Routing RoutedTraining::ToProto() const {
   p.set_base(static_cast<uint32_t>(branches_.base));
   for (int64_t s : branches_.base_segments) p.add_base_segments(static_cast<uint32_t>(s));
   p.set_branch(branch_);
-  p.set_seed_pending(seed_pending_);
   p.set_router(branches_.router.Serialize());
   return p;
 }
@@ -89,7 +80,6 @@ Status RoutedTraining::FromProto(const CheckpointMeta::Routing& p, TransformerLM
     if (Status st = b.router.Parse(p.router()); !st.ok()) return st;
   branches_ = std::move(b);
   branch_ = p.branch();
-  seed_pending_ = p.seed_pending();
   if (started()) return model->SetRoute(branches_.RouteOf(branch_));
   return Status::OK();
 }

@@ -4,8 +4,9 @@
 // the policy: the base is everything trained jointly so far. With train.routed on, the first
 // segment added starts routing and opens a *branch*: that segment in every PEER layer plus an
 // adapter of the same id, trained alone (policy group `new-segment`) under the route {adapter,
-// base segments + branch}, on its own learning-rate schedule, after being seeded from the old
-// branch that predicts its first batch best. Freezing the segment freezes the adapter and closes
+// base segments + branch}, on its own learning-rate schedule, starting as a copy of the branch
+// trained before it (as a dense model starts a new domain where the last one left it, while the
+// old branch stays frozen). Freezing the segment freezes the adapter and closes
 // the branch; until the next one is added nothing may train (new text waits in the spool).
 // Evaluation routes each window by the bytes before it.
 //
@@ -34,14 +35,11 @@ class RoutedTraining {
   TrainConfig Effective(TrainConfig c) const;
 
   // Opens branch `id`, whose segment was just added to every PEER layer: an adapter of the
-  // configured rank under the same id, the branch's route, its own schedule from now, and (the
-  // first time) routing starts with every other segment as the base. The trainer's config becomes
-  // Effective of itself.
+  // configured rank under the same id, seeded from the branch before it (the first branch starts
+  // at the base; rows not in memory: not seeded, said in the log), the branch's route, its own
+  // schedule from now, and (the first time) routing starts with every other segment as the base.
+  // The trainer's config becomes Effective of itself.
   Status Open(Trainer& trainer, int64_t id);
-
-  // Before a step on `batch` [B, T+1]: a newly opened branch is first seeded from the old branch
-  // that predicts the batch best (the base: nothing to copy). Rows not in memory: not seeded.
-  void BeforeStep(TransformerLM& model, const torch::Tensor& batch);
   // After a step: counts the fresh rows [b, T+1] under the branch that trained them.
   void AfterStep(const torch::Tensor& fresh_rows);
 
@@ -55,7 +53,6 @@ class RoutedTraining {
 
  private:
   int64_t branch_ = -1;  // the open (or last opened) branch; -1 before routing
-  bool seed_pending_ = false;
   RoutedBranches branches_;
 };
 

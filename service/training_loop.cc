@@ -312,7 +312,6 @@ void TrainingLoop::Run() {
       continue;
     }
     last_data = Clock::now();
-    routing_.BeforeStep(model_, batch);
     StepStats s;
     if (multi_rank()) {
       RankCommand step;

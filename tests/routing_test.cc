@@ -5,12 +5,17 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <random>
 
 #include "core/evaluator.h"
 #include "core/model.h"
 #include "core/text_router.h"
 #include "core/trainer.h"
+#include "experts_store/store_db.h"
+#include "service/checkpoint.h"
 #include "tests/test_util.h"
 
 namespace peerd {
@@ -62,15 +67,51 @@ TEST(Routing, ANewAdapterChangesNothingUntilItTrains) {
   torch::NoGradGuard no_grad;
   const torch::Tensor tokens = RandomTokens(2, 16).slice(1, 0, 16);
   const torch::Tensor before = model->forward(tokens);
-  for (const int64_t rank : {int64_t{4}, SegmentAdapterImpl::kFullRank}) {
-    const int64_t id = 7 + rank;
-    ASSERT_TRUE(model->AddAdapter(id, rank).ok());
-    ASSERT_TRUE(model->SetRoute({id, {}}).ok());
-    EXPECT_TRUE(torch::equal(model->forward(tokens), before)) << "rank " << rank;  // a zero delta
-    // Once its deltas are non-zero, the route changes the output.
-    for (auto& p : model->adapters().at(id)->parameters()) p.fill_(0.05);
-    EXPECT_FALSE(torch::allclose(model->forward(tokens), before)) << "rank " << rank;
+  int64_t id = 7;
+  for (const int64_t rank : {int64_t{4}, SegmentAdapterImpl::kFullRank})
+    for (const bool trunk_deltas : {true, false}) {
+      ASSERT_TRUE(model->AddAdapter(++id, rank, trunk_deltas).ok());
+      ASSERT_TRUE(model->SetRoute({id, {}}).ok());
+      EXPECT_TRUE(torch::equal(model->forward(tokens), before)) << "rank " << rank;  // a zero delta
+      // Once its deltas are non-zero, the route changes the output.
+      for (auto& p : model->adapters().at(id)->parameters()) p.fill_(0.05);
+      EXPECT_FALSE(torch::allclose(model->forward(tokens), before)) << "rank " << rank;
+    }
+}
+
+// Every trunk delta an adapter owns enters the forward pass: made non-zero alone, each one changes
+// the output (the token embedding's through the input and the tied head, a layer norm's through
+// its gain or bias, a map's bias through the map).
+TEST(Routing, EachTrunkDeltaOfAnAdapterMovesTheOutputOnItsOwn) {
+  torch::manual_seed(6);
+  TransformerLM model(TwoBlockModel().model());
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor tokens = RandomTokens(2, 16).slice(1, 0, 16);
+  const torch::Tensor before = model->forward(tokens);
+  ASSERT_TRUE(model->AddAdapter(1, 4, /*trunk_deltas=*/true).ok());
+  ASSERT_TRUE(model->SetRoute({1, {}}).ok());
+  const SegmentAdapter& adapter = model->adapters().at(1);
+  const std::vector<std::string> names = {"tok_emb",        "pos_emb",         "block0.ln1.weight", "block0.ln2.bias",
+                                          "block1.ln1.bias", "ln_f.weight",     "ln_f.bias",         "block0.qkv.bias",
+                                          "block0.proj.bias", "block0.fc.bias", "block0.fc_proj.bias", "block1.qkv.bias"};
+  int64_t owned = 0;
+  for (const auto& p : adapter->named_parameters())
+    owned += p.key().size() > 2 && p.key().compare(p.key().size() - 2, 2, "_d") == 0;
+  EXPECT_EQ(owned, 18) << "tok, pos, 5 norms × 2, 4 dense-block biases, 2 PEER-block biases";
+  for (const std::string& name : names) {
+    torch::Tensor delta = adapter->TrunkDelta(name);
+    ASSERT_TRUE(delta.defined()) << name;
+    delta.fill_(0.1);
+    EXPECT_FALSE(torch::allclose(model->forward(tokens), before)) << name << " does not reach the output";
+    delta.zero_();
+    EXPECT_TRUE(torch::equal(model->forward(tokens), before)) << name;
   }
+  ASSERT_TRUE(model->AddAdapter(2, 4, /*trunk_deltas=*/false).ok());
+  EXPECT_FALSE(model->adapters().at(2)->TrunkDelta("tok_emb").defined());
+  Status st = model->CopyBranch(1, 2);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(st.message().find("trunk deltas"), std::string::npos) << st.message();
 }
 
 TEST(Routing, AFrozenRouteComputesBitIdenticallyWhileALaterRouteTrains) {
@@ -152,6 +193,49 @@ TEST(Routing, ABranchSeededFromAnotherStartsWithItsFunctionAndLeavesItUntouched)
   EXPECT_FALSE(torch::equal(output_of({second, {base, second}}), first_out));
   EXPECT_EQ(model->CopyBranch(second, first).code(), Status::Code::kFailedPrecondition) << "a frozen branch is seeded";
   EXPECT_EQ(model->CopyBranch(9, second).code(), Status::Code::kNotFound);
+}
+
+// A checkpoint restores each adapter with the parts it was written with: one with trunk deltas,
+// and one without (as every adapter was before they existed), both computing what they computed.
+TEST(Routing, ACheckpointRestoresAdaptersWithAndWithoutTrunkDeltas) {
+  const std::string dir = ::testing::TempDir() + "/peerd_routing_checkpoint_" + std::to_string(getpid());
+  std::filesystem::remove_all(dir);
+  std::shared_ptr<StoreDb> db;
+  ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+  Checkpointer checkpointer(db);
+  torch::manual_seed(8);
+  Config c = TwoBlockModel();
+  const torch::Tensor probe = RandomTokens(2, 16).slice(1, 0, 16);
+  std::map<int64_t, torch::Tensor> outputs;
+  {
+    TransformerLM model(c.model());
+    Trainer trainer(model, c.train());
+    ASSERT_TRUE(model->AddAdapter(1, 4, /*trunk_deltas=*/false).ok());
+    ASSERT_TRUE(model->AddAdapter(2, 4, /*trunk_deltas=*/true).ok());
+    trainer.RefreshParameters();
+    for (const int64_t id : {1, 2}) {
+      ASSERT_TRUE(model->SetRoute({id, {}}).ok());
+      for (int i = 0; i < 3; ++i) trainer.Step(RandomTokens(4, 16));
+    }
+    ASSERT_TRUE(model->FreezeAdapter(1).ok());
+    model->eval();
+    for (const int64_t id : {1, 2}) outputs[id] = OutputUnder(model, {id, {}}, probe);
+    ASSERT_TRUE(checkpointer.Save(trainer, CheckpointMeta()).ok());
+  }
+  TransformerLM model(c.model());
+  Trainer trainer(model, c.train());
+  CheckpointMeta meta;
+  bool found = false;
+  Status st = checkpointer.Load(trainer, &meta, &found);
+  ASSERT_TRUE(st.ok() && found) << st.ToString();
+  ASSERT_EQ(model->adapters().size(), 2u);
+  EXPECT_FALSE(model->adapters().at(1)->trunk_deltas());
+  EXPECT_TRUE(model->adapters().at(1)->frozen());
+  EXPECT_TRUE(model->adapters().at(2)->trunk_deltas());
+  model->eval();
+  for (const int64_t id : {1, 2}) EXPECT_TRUE(torch::equal(OutputUnder(model, {id, {}}, probe), outputs[id])) << id;
+  db.reset();
+  std::filesystem::remove_all(dir);
 }
 
 // A text of `n` bytes drawn from `alphabet`, reproducibly.
