@@ -251,130 +251,151 @@ void TrainingLoop::Run() {
   bool checkpoint_ok = true;
   std::string ingest_error;
   for (;;) {
-    std::deque<std::function<void()>> ops;
-    bool paused;
-    bool stop;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      stop = stopping_;
-      ops.swap(queue_);
-      paused = paused_;
-    }
-    for (auto& op : ops) op();  // even when stopping: their callers are waiting for an answer
-    if (!lost_rank().empty()) break;
-    if (stop) {
-      RankCommand bye;
-      bye.set_kind(RankCommand::STOP);
-      if (Status st = TellRanks(bye); !st.ok()) spdlog::warn("telling the other ranks to stop: {}", st.ToString());
-      break;
-    }
-    // While nothing is trained, a heartbeat a second: the other ranks wait for rank 0's next
-    // command with a timeout, and a lost rank is noticed while idle too.
-    if (multi_rank() && Clock::now() - last_command_ > std::chrono::seconds(1)) {
-      RankCommand idle;
-      idle.set_kind(RankCommand::IDLE);
-      if (Status st = TellRanks(idle); !st.ok()) {
-        LoseRanks(st);
+    // An exception from here on (LibTorch throws on a failed allocation; a store read can fail in
+    // cached residency) must not end this thread, and with it peerd: it stops training instead.
+    SpoolCursor before = batches_->cursor();  // where the batch about to be taken starts
+    bool stepped = false;                      // the batch taken was trained
+    try {
+      std::deque<std::function<void()>> ops;
+      bool paused;
+      bool stop;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        stop = stopping_;
+        ops.swap(queue_);
+        paused = paused_;
+      }
+      for (auto& op : ops) op();  // even when stopping: their callers are waiting for an answer
+      if (!lost_rank().empty()) break;
+      if (stop) {
+        RankCommand bye;
+        bye.set_kind(RankCommand::STOP);
+        if (Status st = TellRanks(bye); !st.ok()) spdlog::warn("telling the other ranks to stop: {}", st.ToString());
         break;
       }
-    }
-    if (paused) {
-      std::unique_lock<std::mutex> lock(mu_);
-      snapshot_.set_state("paused");
-      wake_.wait_for(lock, std::chrono::milliseconds(100));
-      continue;
-    }
-    // The spool's write errors are not the trainer's, but it is the one thread that is always
-    // looking: say so in the log once when acks stop and once when they resume.
-    if (std::string e = spool_->stats().write_error; e != ingest_error) {
-      if (!e.empty()) spdlog::error("ingest stopped: documents are not being acknowledged: {}", e);
-      else spdlog::info("ingest resumed: the spool writes again");
-      ingest_error = e;
-    }
-    if (!routing_.CanTrain(model_)) {
-      // Waiting here is not a lack of data: once a branch opens, give its text the usual time to
-      // make a full batch (its first batch also picks the branch it is seeded from).
+      // While nothing is trained, a heartbeat a second: the other ranks wait for rank 0's next
+      // command with a timeout, and a lost rank is noticed while idle too.
+      if (multi_rank() && Clock::now() - last_command_ > std::chrono::seconds(1)) {
+        RankCommand idle;
+        idle.set_kind(RankCommand::IDLE);
+        if (Status st = TellRanks(idle); !st.ok()) {
+          LoseRanks(st);
+          break;
+        }
+      }
+      if (paused) {
+        std::unique_lock<std::mutex> lock(mu_);
+        snapshot_.set_state("paused");
+        wake_.wait_for(lock, std::chrono::milliseconds(100));
+        continue;
+      }
+      // The spool's write errors are not the trainer's, but it is the one thread that is always
+      // looking: say so in the log once when acks stop and once when they resume.
+      if (std::string e = spool_->stats().write_error; e != ingest_error) {
+        if (!e.empty()) spdlog::error("ingest stopped: documents are not being acknowledged: {}", e);
+        else spdlog::info("ingest resumed: the spool writes again");
+        ingest_error = e;
+      }
+      if (!routing_.CanTrain(model_)) {
+        // Waiting here is not a lack of data: once a branch opens, give its text the usual time to
+        // make a full batch (its first batch also picks the branch it is seeded from).
+        last_data = Clock::now();
+        std::unique_lock<std::mutex> lock(mu_);
+        snapshot_.set_state("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
+        wake_.wait_for(lock, std::chrono::milliseconds(100));
+        continue;
+      }
+      Status st;
+      const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
+      int64_t replayed = 0;
+      before = batches_->cursor();
+      torch::Tensor batch = batches_->Next(tc.batch_size(), T, trainer_->config().replay_ratio(), idle, &st, &replayed);
+      if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
+      if (!batch.defined()) {
+        std::unique_lock<std::mutex> lock(mu_);
+        snapshot_.set_state("waiting for data");
+        wake_.wait_for(lock, std::chrono::milliseconds(100));
+        continue;
+      }
       last_data = Clock::now();
-      std::unique_lock<std::mutex> lock(mu_);
-      snapshot_.set_state("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
-      wake_.wait_for(lock, std::chrono::milliseconds(100));
-      continue;
-    }
-    Status st;
-    const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
-    int64_t replayed = 0;
-    torch::Tensor batch = batches_->Next(tc.batch_size(), T, trainer_->config().replay_ratio(), idle, &st, &replayed);
-    if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
-    if (!batch.defined()) {
-      std::unique_lock<std::mutex> lock(mu_);
-      snapshot_.set_state("waiting for data");
-      wake_.wait_for(lock, std::chrono::milliseconds(100));
-      continue;
-    }
-    last_data = Clock::now();
-    StepStats s;
-    if (multi_rank()) {
-      RankCommand step;
-      step.set_kind(RankCommand::STEP);
-      step.set_batch_rows(static_cast<uint32_t>(batch.size(0)));
-      step.set_seq_len(static_cast<uint32_t>(batch.size(1) - 1));
-      step.set_replayed(static_cast<uint32_t>(replayed));
-      const double in_collectives = options_.ranks->seconds_in_collectives();
-      Status shared = TellRanks(step);
-      if (shared.ok()) shared = ShareBatch(*options_.ranks, step, &batch);
-      if (shared.ok()) shared = trainer_->Step(batch, replayed, &s);
-      if (!shared.ok()) {
-        LoseRanks(shared);
-        break;
+      if (options_.before_step) options_.before_step(trainer_->step());
+      StepStats s;
+      if (multi_rank()) {
+        RankCommand step;
+        step.set_kind(RankCommand::STEP);
+        step.set_batch_rows(static_cast<uint32_t>(batch.size(0)));
+        step.set_seq_len(static_cast<uint32_t>(batch.size(1) - 1));
+        step.set_replayed(static_cast<uint32_t>(replayed));
+        const double in_collectives = options_.ranks->seconds_in_collectives();
+        Status shared = TellRanks(step);
+        if (shared.ok()) shared = ShareBatch(*options_.ranks, step, &batch);
+        if (shared.ok()) shared = trainer_->Step(batch, replayed, &s);
+        if (!shared.ok()) {
+          LoseRanks(shared);
+          break;
+        }
+        step_collective_seconds_ += options_.ranks->seconds_in_collectives() - in_collectives;
+        ++multi_rank_steps_;
+      } else {
+        s = trainer_->Step(batch, replayed);
       }
-      step_collective_seconds_ += options_.ranks->seconds_in_collectives() - in_collectives;
-      ++multi_rank_steps_;
-    } else {
-      s = trainer_->Step(batch, replayed);
-    }
-    routing_.AfterStep(batch.slice(0, replayed));
-    const int64_t tokens = batch.size(0) * T;
-    tokens_trained_ += tokens;
-    window_loss += s.loss;
-    ++window_steps;
-    window_tokens += tokens;
-    spool_->SetConsumed(batches_->cursor().index, batches_->cursor().consumed_bytes);
-    const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      snapshot_.set_state("training");
-      snapshot_.set_step(trainer_->step());
-      if (multi_rank()) snapshot_.set_collective_seconds_per_step(step_collective_seconds_ / multi_rank_steps_);
-      snapshot_.set_tokens_trained(tokens_trained_);
-      if (window_steps >= 10 || secs > 5) {
-        snapshot_.set_recent_loss(window_loss / window_steps);
-        snapshot_.set_recent_bits_per_byte(window_loss / window_steps / std::log(2.0));
-        snapshot_.set_tokens_per_second(window_tokens / secs);
-        window_loss = 0;
-        window_steps = window_tokens = 0;
-        window_start = Clock::now();
-      }
-    }
-    // After a failed checkpoint (disk full) the next try waits the full interval, not one step.
-    const bool due_by_time = Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds);
-    const bool due_by_steps = options_.checkpoint_every_steps &&
-                              trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps;
-    if (due_by_time || (due_by_steps && checkpoint_ok)) {
-      Status c = CheckpointNow();
-      if (!c.ok()) spdlog::error("checkpoint failed, training goes on from memory and retries in {} s: {}",
-                                 options_.checkpoint_every_seconds, c.ToString());
-      else if (!checkpoint_ok) spdlog::info("checkpoint at step {} written again after failures", trainer_->step());
-      else spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
-      checkpoint_ok = c.ok();
+      stepped = true;
+      routing_.AfterStep(batch.slice(0, replayed));
+      const int64_t tokens = batch.size(0) * T;
+      tokens_trained_ += tokens;
+      window_loss += s.loss;
+      ++window_steps;
+      window_tokens += tokens;
+      spool_->SetConsumed(batches_->cursor().index, batches_->cursor().consumed_bytes);
+      const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
       {
         std::lock_guard<std::mutex> lock(mu_);
-        checkpoint_error_ = c.ok() ? "" : c.ToString();
-        last_checkpoint = Clock::now();
+        snapshot_.set_state("training");
+        snapshot_.set_step(trainer_->step());
+        if (multi_rank()) snapshot_.set_collective_seconds_per_step(step_collective_seconds_ / multi_rank_steps_);
+        snapshot_.set_tokens_trained(tokens_trained_);
+        if (window_steps >= 10 || secs > 5) {
+          snapshot_.set_recent_loss(window_loss / window_steps);
+          snapshot_.set_recent_bits_per_byte(window_loss / window_steps / std::log(2.0));
+          snapshot_.set_tokens_per_second(window_tokens / secs);
+          window_loss = 0;
+          window_steps = window_tokens = 0;
+          window_start = Clock::now();
+        }
       }
-      if (Status st = CompareRanks(); !st.ok()) {
-        LoseRanks(st);
+      // After a failed checkpoint (disk full) the next try waits the full interval, not one step.
+      const bool due_by_time = Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds);
+      const bool due_by_steps = options_.checkpoint_every_steps &&
+                                trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps;
+      if (due_by_time || (due_by_steps && checkpoint_ok)) {
+        Status c = CheckpointNow();
+        if (!c.ok()) spdlog::error("checkpoint failed, training goes on from memory and retries in {} s: {}",
+                                   options_.checkpoint_every_seconds, c.ToString());
+        else if (!checkpoint_ok) spdlog::info("checkpoint at step {} written again after failures", trainer_->step());
+        else spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
+        checkpoint_ok = c.ok();
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          checkpoint_error_ = c.ok() ? "" : c.ToString();
+          last_checkpoint = Clock::now();
+        }
+        if (Status st = CompareRanks(); !st.ok()) {
+          LoseRanks(st);
+          break;
+        }
+      }
+    } catch (const std::exception& e) {
+      if (multi_rank()) {  // the ranks cannot agree on what was trained: they stop together
+        LoseRanks(Status::FailedPrecondition(std::string("a training step failed: ") + e.what()));
         break;
       }
+      StopTrainingAfter(e.what(), stepped ? nullptr : &before);
+    } catch (...) {
+      if (multi_rank()) {
+        LoseRanks(Status::FailedPrecondition("a training step failed: an unknown exception"));
+        break;
+      }
+      StopTrainingAfter("an unknown exception", stepped ? nullptr : &before);
     }
   }
   // Operations queued while the loop was ending (a rank lost) still get their answer.
@@ -629,8 +650,22 @@ void TrainingLoop::SetPaused(bool paused) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     paused_ = paused;
+    if (!paused) training_error_.clear();
   }
   wake_.notify_all();
+}
+
+void TrainingLoop::StopTrainingAfter(const std::string& what, const SpoolCursor* untrained_from) {
+  spdlog::error("training stopped at step {}: {}. peerd keeps serving; fix the cause, then resume "
+                "(peerctl resume, POST /v1/train/resume){}",
+                trainer_->step(), what, untrained_from ? ": the batch that failed is trained then" : "");
+  // The failed batch's documents were taken from the spool but not trained: start again before them.
+  if (untrained_from)
+    batches_ = std::make_unique<BatchSource>(spool_, *untrained_from,
+                                             options_.config.train().seed() + static_cast<uint64_t>(trainer_->step()));
+  std::lock_guard<std::mutex> lock(mu_);
+  paused_ = true;
+  training_error_ = "step " + std::to_string(trainer_->step()) + ": " + what;
 }
 
 SegmentsReply TrainingLoop::SegmentsNow() {
@@ -681,7 +716,9 @@ StatusReply TrainingLoop::Snapshot() {
     std::lock_guard<std::mutex> lock(mu_);
     r = snapshot_;
     r.set_paused(paused_);
-    if (paused_) r.set_state("paused");
+    if (paused_) r.set_state(training_error_.empty() ? "paused" : "stopped by an error: " + training_error_ +
+                                                                      " (POST /v1/train/resume retries)");
+    r.set_training_error(training_error_);
     if (r.state().empty()) r.set_state(running_ ? "starting" : "stopped");
     r.set_tokens_trained(tokens_trained_);
     r.set_last_checkpoint_step(last_checkpoint_step_);

@@ -47,6 +47,9 @@ struct LoopOptions {
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
   Collective* ranks = nullptr;  // the other ranks of a multi-rank job (not owned); null: one process
+  // Fault injection for tests: called on the trainer thread before each training step with the
+  // step about to run; whatever it throws is handled as a failed step.
+  std::function<void(int64_t step)> before_step;
 };
 
 class TrainingLoop {
@@ -66,6 +69,8 @@ class TrainingLoop {
   Status Checkpoint();
   Status SetPolicy(const Policy& policy);
   Policy GetPolicy();
+  // Pauses or resumes training; resuming after a training error (Snapshot's training_error)
+  // clears it and retries.
   void SetPaused(bool paused);
 
   StatusReply Snapshot();
@@ -80,6 +85,10 @@ class TrainingLoop {
   TrainingLoop(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool);
   Status Restore();
   void Run();
+  // An exception escaped a training step or what goes with it (trainer thread): log it, pause
+  // training with it as the training error, and when the batch was not trained (`untrained_from`
+  // set), take the next batch from there again so that no document is skipped.
+  void StopTrainingAfter(const std::string& what, const SpoolCursor* untrained_from);
   Status RunOnTrainer(const std::function<Status()>& op);
   // Writes a checkpoint; when the policy keeps no trained text, then prunes the spool up to it.
   Status CheckpointNow();
@@ -120,6 +129,7 @@ class TrainingLoop {
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;
   std::string checkpoint_error_;  // guarded by mu_
   std::string lost_rank_;         // guarded by mu_
+  std::string training_error_;    // guarded by mu_
   std::chrono::steady_clock::time_point last_command_{};
   // Time in the collectives of training steps (command, batch, gradients, loss) since start.
   double step_collective_seconds_ = 0;
