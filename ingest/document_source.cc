@@ -97,6 +97,7 @@ bool DocumentSource::WaitForMore() {
       return true;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    if (while_waiting_ && !while_waiting_()) return false;
   }
   return false;
 }

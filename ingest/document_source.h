@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +36,9 @@ class DocumentSource {
   // Like `tail -f`: after the end of the last input (a regular file), keep watching it and yield
   // each document appended to it once it is complete (its separator written), until *stop.
   void Follow(const std::atomic<bool>* stop) { follow_stop_ = stop; }
+  // While following, `hook` runs about every 200 ms when the file has nothing new (the sender
+  // looks after its connection meanwhile); returning false ends the source.
+  void WhileWaiting(std::function<bool()> hook) { while_waiting_ = std::move(hook); }
   // The next non-empty document; false at the end. A read error ends the source with status().
   bool Next(IngestDocument* doc);
   const Status& status() const { return status_; }
@@ -50,6 +54,7 @@ class DocumentSource {
   size_t pos_ = 0;
   uint64_t base_ = 0;        // file offset of data_[0]
   const std::atomic<bool>* follow_stop_ = nullptr;
+  std::function<bool()> while_waiting_;
   Status status_;
 };
 

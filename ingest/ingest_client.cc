@@ -1,5 +1,7 @@
 #include "ingest/ingest_client.h"
 
+#include <poll.h>
+
 #include <boost/asio.hpp>
 
 #include <chrono>
@@ -24,6 +26,10 @@ namespace {
 
 // Errors a client cannot cure by reconnecting (all but a busy or timed-out server).
 bool FatalCode(ErrorReply::Code c) { return c != ErrorReply::UNAVAILABLE && c != ErrorReply::TIMEOUT; }
+
+// peerd's replies (hello, acks, errors with clipped messages) are small: a longer length is not a
+// peerd frame, and is refused before anything is allocated for it.
+constexpr uint32_t kMaxServerFrameBytes = 1 << 20;
 
 struct Pending {
   uint64_t seq;
@@ -50,8 +56,22 @@ class Stream {
     hello.mutable_hello()->set_task(o.task);
     hello.mutable_hello()->set_client(o.client_name);
     if (Status st = Write(wire::EncodeFrame(hello)); !st.ok()) return st;
+    // Whatever answers must answer the hello soon: a silent peer (another service's port, the
+    // admin API waiting for the rest of an HTTP request) would otherwise hold us here for ever.
+    const std::string where = host + ":" + std::to_string(port);
+    pollfd readable{socket_.native_handle(), POLLIN, 0};
+    if (::poll(&readable, 1, o.hello_timeout_ms) == 0) {
+      *fatal = true;
+      return Status::IOError("no answer to the hello from " + where + " within " +
+                             std::to_string(o.hello_timeout_ms) + " ms: is it peerd's data port (--data-listen; the admin API is another port)?");
+    }
     ServerFrame reply;
-    if (Status st = Read(&reply); !st.ok()) return st;
+    if (Status st = Read(&reply); !st.ok()) {
+      *fatal = not_peerd_;
+      return not_peerd_ ? Status::InvalidArgument(st.message() + " from " + where +
+                                                  ": is it peerd's data port (--data-listen; the admin API is another port)?")
+                        : st;
+    }
     if (reply.has_error()) {
       *fatal = FatalCode(reply.error().code());
       return Status::InvalidArgument("server refused the stream: " + reply.error().message());
@@ -72,10 +92,20 @@ class Stream {
     boost::system::error_code ec;
     asio::read(socket_, asio::buffer(header), ec);
     if (ec) return Status::IOError("connection lost: " + ec.message());
-    std::string body(wire::DecodeLength(header), '\0');
+    const uint32_t length = wire::DecodeLength(header);
+    if (length > kMaxServerFrameBytes) {
+      not_peerd_ = true;
+      const bool http = std::string(reinterpret_cast<const char*>(header), sizeof header) == "HTTP";
+      return Status::IOError(http ? "an HTTP answer, not a peerd frame"
+                                  : "a frame of " + std::to_string(length) + " bytes announced, more than peerd sends");
+    }
+    std::string body(length, '\0');
     asio::read(socket_, asio::buffer(body), ec);
     if (ec) return Status::IOError("connection lost: " + ec.message());
-    if (!frame->ParseFromString(body)) return Status::IOError("unreadable frame from the server");
+    if (!frame->ParseFromString(body)) {
+      not_peerd_ = true;
+      return Status::IOError("an unreadable frame");
+    }
     return Status::OK();
   }
 
@@ -90,6 +120,7 @@ class Stream {
  private:
   tcp::socket socket_;
   uint64_t max_document_bytes_ = 0;
+  bool not_peerd_ = false;  // what came back cannot be peerd's
 };
 
 }  // namespace
@@ -212,6 +243,14 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
 
   Status st = connect();
   if (!st.ok()) return st;
+  // A followed file may stay quiet for hours: a stream lost meanwhile (peerd restarted) is
+  // re-opened, and its unacked documents resent, without waiting for the next document.
+  Status waiting_error;
+  source.WhileWaiting([&] {
+    std::unique_lock<std::mutex> lock(mu);
+    waiting_error = wait_until([] { return true; }, lock);
+    return waiting_error.ok();
+  });
   IngestDocument doc;
   auto last_report = Clock::now();
   while (source.Next(&doc)) {
@@ -244,9 +283,10 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
       last_report = Clock::now();
     }
   }
-  if (!source.status().ok()) {
+  source.WhileWaiting({});
+  if (!waiting_error.ok() || !source.status().ok()) {
     stop_stream();
-    return source.status();
+    return !waiting_error.ok() ? waiting_error : source.status();
   }
   // Wait for the last acks, reconnecting as needed.
   std::unique_lock<std::mutex> lock(mu);

@@ -21,6 +21,7 @@ struct IngestOptions {
   std::string client_name = "peer-ingest";
   uint64_t window_bytes = 32 << 20;  // unacknowledged bytes in flight
   int max_reconnects = 20;           // in a row without progress, then give up
+  int hello_timeout_ms = 10000;      // no answer to the hello this long: not a peerd data port
   std::string resume_path;           // "" = no resume file
 };
 

@@ -485,6 +485,61 @@ TEST(DataPort, DisconnectMidFrameStoresNothingAndTheNextClientIsServed) {
   EXPECT_EQ(stored.id, "whole");
 }
 
+// A port that is not peerd's data port — silent, or answering HTTP like the admin API — ends the
+// run within seconds with a message that says so, and nothing is retried.
+TEST(Ingest, APortThatIsNotADataPortFailsWithinSecondsSayingSo) {
+  const std::string dir = FreshDir("not_peerd");
+  const std::string corpus = WriteCorpus(dir, 3);
+  for (const std::string answer : {std::string(), std::string("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"),
+                                   std::string("\xff\xff\xff\xff", 4)}) {
+    boost::asio::io_context io;
+    boost::asio::ip::tcp::acceptor acceptor(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+    std::atomic<int> accepted{0};
+    std::atomic<bool> stop{false};
+    std::thread server([&] {
+      // Accepts every connection, answers `answer` (or nothing) and keeps it open, until stopped.
+      std::vector<std::unique_ptr<boost::asio::ip::tcp::socket>> open;
+      acceptor.non_blocking(true);
+      for (auto until = std::chrono::steady_clock::now() + 20s; !stop && std::chrono::steady_clock::now() < until;) {
+        auto socket = std::make_unique<boost::asio::ip::tcp::socket>(io);
+        boost::system::error_code ec;
+        acceptor.accept(*socket, ec);
+        if (ec) {
+          std::this_thread::sleep_for(10ms);
+          continue;
+        }
+        ++accepted;
+        socket->non_blocking(false);
+        if (!answer.empty()) boost::asio::write(*socket, boost::asio::buffer(answer), ec);
+        open.push_back(std::move(socket));
+      }
+    });
+    IngestOptions o;
+    o.server = "127.0.0.1:" + std::to_string(acceptor.local_endpoint().port());
+    o.token = "secret";
+    o.task = "t";
+    o.hello_timeout_ms = 1000;
+    o.max_reconnects = 1;  // once the fake server stops, a client still waiting gives up, not hangs
+    IngestProgress p;
+    const auto start = std::chrono::steady_clock::now();
+    auto run = std::async(std::launch::async, [&] { return Ingest(o, corpus, &p); });
+    run.wait_for(8s);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    stop = true;
+    server.join();
+    boost::system::error_code ignored;
+    acceptor.close(ignored);
+    Status st = run.get();
+    EXPECT_FALSE(st.ok());
+    EXPECT_LT(seconds, 5.0) << st.ToString();
+    EXPECT_EQ(accepted.load(), 1) << "retried a peer that is not peerd: " << st.ToString();
+    EXPECT_NE(st.message().find("is it peerd's data port"), std::string::npos) << st.message();
+    if (answer.empty()) EXPECT_NE(st.message().find("no answer to the hello"), std::string::npos) << st.message();
+    if (answer.rfind("HTTP", 0) == 0) EXPECT_NE(st.message().find("an HTTP answer"), std::string::npos) << st.message();
+    if (answer.size() == 4) EXPECT_NE(st.message().find("4294967295 bytes announced"), std::string::npos) << st.message();
+  }
+}
+
 TEST(HostPort, TakesIpv4LocalhostAndBracketedIpv6AndRefusesTheRestSayingWhy) {
   std::string host;
   uint16_t port = 0;
@@ -561,6 +616,52 @@ TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   EXPECT_GE(p.reconnects, 1u);
   EXPECT_EQ(s.spool->stats().documents, 300u);  // every document once, whatever was resent
+}
+
+// Following a file that stays quiet, the client notices that peerd restarted and resends what was
+// not acknowledged without waiting for a new line.
+TEST(DataPort, AFollowingClientResendsAfterARestartWhileNoNewLineArrives) {
+  const std::string dir = FreshDir("follow_restart");
+  const std::string corpus = WriteCorpus(dir, 300, 40);
+  Service s;
+  DataServerOptions o;
+  o.backlog_limit_bytes = 8 << 10;  // the first server stalls early, with documents in flight
+  ASSERT_TRUE(s.Start(dir, o).ok());
+  const uint16_t port = s.server->port();
+  IngestOptions client = s.Client("kjv");
+  client.max_reconnects = 50;
+  std::unique_ptr<DocumentSource> source;
+  ASSERT_TRUE(DocumentSource::Open({corpus}, {}, &source).ok());
+  std::atomic<bool> stop{false};
+  source->Follow(&stop);
+  IngestProgress p;
+  auto run = std::async(std::launch::async, [&] { return IngestClient(client).Run(*source, &p); });
+  for (auto end = std::chrono::steady_clock::now() + 30s;
+       s.spool->stats().documents == 0 && std::chrono::steady_clock::now() < end;)
+    std::this_thread::sleep_for(20ms);
+  ASSERT_GT(s.spool->stats().documents, 0u) << "the first server stored nothing within 30 s";
+  ASSERT_LT(s.spool->stats().documents, 300u) << "the first server should still be mid-stream";
+  s.server.reset();
+  s.spool.reset();
+  s.db.reset();
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(StoreDb::Open(dir + "/db", {}, &s.db).ok());
+  ASSERT_TRUE(Spool::Open(s.db, &s.spool).ok());
+  DataServerOptions again;
+  again.listen = "127.0.0.1:" + std::to_string(port);
+  again.token = "secret";
+  ASSERT_TRUE(DataServer::Start(s.spool.get(), again, &s.server).ok());
+  // No line is appended to the file from here on.
+  for (auto end = std::chrono::steady_clock::now() + 30s;
+       s.spool->stats().documents < 300 && std::chrono::steady_clock::now() < end;)
+    std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(s.spool->stats().documents, 300u) << "the follower did not resend within 30 s of the restart";
+  stop = true;
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  Status st = run.get();
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_GE(p.reconnects, 1u);
+  EXPECT_EQ(p.acked_documents, 300u);
 }
 
 }  // namespace

@@ -245,7 +245,8 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
 // real peerd, peer-ingest and peerctl; the report files must be complete and parse.
 // Operator mistakes on the command line are refused before anything is created, and the startup
 // log names the addresses peerd really bound: "[::1]" and "localhost" listen on loopback, and
-// peerctl reaches the admin API at the address the log gives.
+// peerctl reaches the admin API at the address the log gives. peer-ingest sent to the admin API
+// instead of the data port fails within seconds, saying so.
 TEST(Peerd, RefusesUnknownFlagValuesAndLogsTheAddressesReallyBound) {
   const std::string dir = ::testing::TempDir() + "/peerd_flags_" + std::to_string(getpid());
   fs::remove_all(dir);
@@ -281,6 +282,14 @@ TEST(Peerd, RefusesUnknownFlagValuesAndLogsTheAddressesReallyBound) {
     ShellResult status = Sh(std::string(PEERCTL_BIN) + " --admin localhost:" + std::string(m[2]) + " --token-file " +
                             dir + "/data/admin.token status");
     EXPECT_EQ(status.code, 0) << status.out;
+    // peer-ingest pointed at the admin API by mistake says so instead of hanging.
+    { std::ofstream(dir + "/doc.txt") << "one document\n"; }
+    const auto start = std::chrono::steady_clock::now();
+    ShellResult wrong = Sh("timeout 60 " + std::string(PEER_INGEST_BIN) + " --no-resume --server localhost:" +
+                           std::string(m[2]) + " --token-file " + dir + "/data/data.token --task t " + dir + "/doc.txt");
+    EXPECT_NE(wrong.code, 0) << wrong.out;
+    EXPECT_NE(wrong.out.find("is it peerd's data port"), std::string::npos) << wrong.out;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 15s) << wrong.out;
   }
   kill(pid, SIGKILL);
   waitpid(pid, nullptr, 0);
