@@ -7,8 +7,11 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <chrono>
+#include <condition_variable>
+#include <limits>
+#include <map>
 #include <mutex>
-#include <set>
 #include <thread>
 #include <variant>
 
@@ -87,15 +90,20 @@ Overloaded(F...) -> Overloaded<F...>;
 
 }  // namespace
 
+using Clock = std::chrono::steady_clock;
+
 struct AdminServer::Impl {
   asio::io_context io;
   tcp::acceptor acceptor{io};
   TrainingLoop* loop = nullptr;
   const DataServer* data = nullptr;
   AdminServerOptions options;
-  std::thread accept_thread;
+  std::thread accept_thread, watchdog_thread;
   std::mutex mu;
-  std::set<int> open_sockets;
+  std::condition_variable watchdog_wake;
+  // Every open connection's socket and the deadline of what it is doing now (max(): none, while
+  // a request is being handled); the watchdog shuts down a socket past its deadline.
+  std::map<int, Clock::time_point> deadlines;
   std::atomic<int> active{0};  // connection threads running (detached; Stop waits for zero)
   uint16_t port = 0;
   std::string address;  // as bound: "127.0.0.1:7070", "[::1]:7070"
@@ -104,9 +112,31 @@ struct AdminServer::Impl {
 
   Reply Route(const http::request<http::string_body>& req);
   Reply Dispatch(const AdminRequest& request);
+  bool Authorized(const http::request_parser<http::string_body>::value_type& req) const;
   Reply Handle(const http::request<http::string_body>& req);
   void Serve(tcp::socket socket);
+  void SetDeadline(int fd, Clock::duration within);
+  void Watchdog();
 };
+
+void AdminServer::Impl::SetDeadline(int fd, Clock::duration within) {
+  std::lock_guard<std::mutex> lock(mu);
+  deadlines[fd] = within == Clock::duration::max() ? Clock::time_point::max() : Clock::now() + within;
+}
+
+void AdminServer::Impl::Watchdog() {
+  std::unique_lock<std::mutex> lock(mu);
+  while (!stopping) {
+    watchdog_wake.wait_for(lock, std::chrono::milliseconds(100));
+    const auto now = Clock::now();
+    for (auto& [fd, deadline] : deadlines)
+      if (now > deadline) {
+        spdlog::debug("admin connection closed: it ran past its deadline (idle, slow, or not reading its answer)");
+        ::shutdown(fd, SHUT_RDWR);  // its thread's blocked read or write fails now
+        deadline = Clock::time_point::max();
+      }
+  }
+}
 
 Reply AdminServer::Impl::Route(const http::request<http::string_body>& req) {
   AdminRequest request;
@@ -196,15 +226,14 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
       request);
 }
 
-Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
-  requests++;
+bool AdminServer::Impl::Authorized(const http::request_parser<http::string_body>::value_type& req) const {
   const std::string auth(req[http::field::authorization]);
   const std::string prefix = "Bearer ";
-  if (auth.rfind(prefix, 0) != 0 || !ConstantTimeEquals(auth.substr(prefix.size()), options.token)) {
-    request_errors++;
-    return Error(http::status::unauthorized,
-                 "missing or wrong token: send 'Authorization: Bearer <token>' with the token in DATA_DIR/admin.token");
-  }
+  return auth.rfind(prefix, 0) == 0 && ConstantTimeEquals(auth.substr(prefix.size()), options.token);
+}
+
+Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
+  requests++;
   Reply r;
   try {
     r = Route(req);
@@ -217,11 +246,10 @@ Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
 
 void AdminServer::Impl::Serve(tcp::socket socket) {
   const int fd = socket.native_handle();
-  timeval timeout{30, 0};  // an idle keep-alive connection is closed after 30 s
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(options.timeout_seconds));
   beast::flat_buffer buffer;
-  // Answers a request that could not be read whole, then the connection closes: the stream is
-  // out of step after it.
+  // Answers a request that is refused before it was read whole, then the connection closes: the
+  // stream is out of step after it.
   auto refuse = [&](http::status status, const std::string& message) {
     request_errors++;
     spdlog::warn("admin request refused -> {}: {}", static_cast<int>(status), message);
@@ -231,31 +259,64 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
     res.keep_alive(false);
     res.body() = r.body;
     res.prepare_payload();
+    SetDeadline(fd, timeout);
     beast::error_code wec;
     http::write(socket, res, wec);
   };
+  // Bytes that are not HTTP/1.1 get a 400; a closed or timed-out connection gets nothing.
+  auto malformed = [](const beast::error_code& ec) {
+    return ec.category() == http::make_error_code(http::error::bad_target).category() &&
+           ec != http::error::end_of_stream && ec != http::error::partial_message;
+  };
   for (;;) {
     http::request_parser<http::string_body> parser;
-    parser.body_limit(options.max_body_bytes);
+    parser.body_limit(std::numeric_limits<std::uint64_t>::max());  // checked below, once authenticated
     parser.header_limit(kMaxHeaderBytes);
     beast::error_code ec;
-    http::read(socket, buffer, parser, ec);
-    if (ec == http::error::body_limit) {
-      refuse(http::status::payload_too_large, "request body over " + std::to_string(options.max_body_bytes) + " bytes");
-      break;
-    }
+    SetDeadline(fd, timeout);  // idle, then the request line and headers
+    http::read_header(socket, buffer, parser, ec);
     if (ec == http::error::header_limit) {
       refuse(http::status::request_header_fields_too_large,
              "request line and headers over " + std::to_string(kMaxHeaderBytes) + " bytes");
       break;
     }
-    // Bytes that are not HTTP/1.1 get a 400; a closed or timed-out connection gets nothing.
-    if (ec && ec.category() == http::make_error_code(http::error::bad_target).category() &&
-        ec != http::error::end_of_stream && ec != http::error::partial_message) {
+    if (ec && malformed(ec)) {
       refuse(http::status::bad_request, "malformed HTTP request: " + ec.message());
       break;
     }
     if (ec) break;
+    // The token before the body: an unauthenticated client never makes peerd read (or hold) one.
+    if (!Authorized(parser.get())) {
+      requests++;
+      refuse(http::status::unauthorized,
+             "missing or wrong token: send 'Authorization: Bearer <token>' with the token in DATA_DIR/admin.token");
+      break;
+    }
+    parser.body_limit(options.max_body_bytes);  // a chunked body is held to it as it comes
+    const auto length = parser.content_length();
+    if (length && *length > options.max_body_bytes) {
+      refuse(http::status::payload_too_large, "request body over " + std::to_string(options.max_body_bytes) + " bytes");
+      break;
+    }
+    if (parser.get()[http::field::expect] == "100-continue") {  // curl waits a second for this
+      http::response<http::empty_body> go_on{http::status::continue_, 11};
+      SetDeadline(fd, timeout);
+      http::write(socket, go_on, ec);
+      if (ec) break;
+    }
+    // The body at a mebibyte a second at least, after the usual grace.
+    SetDeadline(fd, timeout + std::chrono::seconds(length.value_or(0) >> 20));
+    http::read(socket, buffer, parser, ec);
+    if (ec == http::error::body_limit) {
+      refuse(http::status::payload_too_large, "request body over " + std::to_string(options.max_body_bytes) + " bytes");
+      break;
+    }
+    if (ec && malformed(ec)) {
+      refuse(http::status::bad_request, "malformed HTTP request: " + ec.message());
+      break;
+    }
+    if (ec) break;
+    SetDeadline(fd, Clock::duration::max());  // handling may wait for the trainer (an evaluation)
     const auto& req = parser.get();
     Reply r = Handle(req);
     // One line per request that changes something or fails; reads stay quiet below debug. Bodies
@@ -272,12 +333,13 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
     res.keep_alive(req.keep_alive());
     res.body() = std::move(r.body);
     res.prepare_payload();
+    SetDeadline(fd, timeout);  // a client that does not take its answer is closed
     http::write(socket, res, ec);
     if (ec || !req.keep_alive() || stopping) break;
   }
   {
     std::lock_guard<std::mutex> lock(mu);
-    open_sockets.erase(fd);
+    deadlines.erase(fd);
   }
   beast::error_code ignored;
   socket.shutdown(tcp::socket::shutdown_both, ignored);
@@ -311,11 +373,11 @@ Status AdminServer::Start(TrainingLoop* loop, const DataServer* data, const Admi
         continue;
       }
       p->active++;
-      std::lock_guard<std::mutex> lock(p->mu);
-      p->open_sockets.insert(socket.native_handle());
+      p->SetDeadline(socket.native_handle(), Clock::duration::max());
       std::thread([p, s = std::move(socket)]() mutable { p->Serve(std::move(s)); }).detach();
     }
   });
+  impl->watchdog_thread = std::thread([p = impl.get()] { p->Watchdog(); });
   out->reset(new AdminServer(std::move(impl)));
   return Status::OK();
 }
@@ -327,9 +389,11 @@ void AdminServer::Stop() {
   ::shutdown(impl_->acceptor.native_handle(), SHUT_RDWR);
   impl_->acceptor.close(ec);
   impl_->accept_thread.join();
+  impl_->watchdog_wake.notify_all();
+  impl_->watchdog_thread.join();
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
-    for (int fd : impl_->open_sockets) ::shutdown(fd, SHUT_RDWR);
+    for (const auto& [fd, deadline] : impl_->deadlines) ::shutdown(fd, SHUT_RDWR);
   }
   // Connection threads end once their socket is shut down (a request in progress finishes first).
   while (impl_->active > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));

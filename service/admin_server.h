@@ -6,6 +6,11 @@
 // HTTP within its limits and dispatches.
 //
 // One thread accepts; each connection is served on its own thread (at most `max_connections`).
+// Every phase of a connection has a deadline, kept by one watchdog thread that shuts down a socket
+// whose phase ran over (a blocking read or write then fails at once): a request's line and headers
+// must arrive within `timeout_seconds` of the connection going idle, its body within that plus a
+// second per MiB, and the answer must be taken within `timeout_seconds`. The token is checked on
+// the headers, before any body is read: an unauthenticated upload costs nothing but its headers.
 #pragma once
 
 #include <atomic>
@@ -24,7 +29,8 @@ struct AdminServerOptions {
   std::string token;
   std::vector<std::string> task_roots;  // POST /v1/tasks {"path"} must lie under one of these
   size_t max_body_bytes = 64 << 20;
-  int max_connections = 32;
+  int max_connections = 256;
+  double timeout_seconds = 30;  // idle or slow request headers, an answer not read
 };
 
 class AdminServer {

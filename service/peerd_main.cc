@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
   uint32_t checkpoint_steps = 200, threads = 0;
   double checkpoint_seconds = 60;
   uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8;
-  uint32_t idle_timeout_s = 300, max_data_connections = 256;
+  uint32_t idle_timeout_s = 300, max_data_connections = 256, admin_timeout_s = 30;
   bool allow_remote = false;
   CollectiveOptions ranks;
   std::string rendezvous = "127.0.0.1:29500";
@@ -65,6 +65,10 @@ int main(int argc, char** argv) {
   app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")->capture_default_str();
   app.add_option("--max-document-mb", max_doc_mb, "largest document accepted")->capture_default_str();
   app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")->check(CLI::Range(1u, 86400u))->capture_default_str();
+  app.add_option("--admin-timeout-seconds", admin_timeout_s,
+                 "close an admin connection idle this long, or slower than this to send its headers or to take its answer")
+      ->check(CLI::Range(1u, 3600u))
+      ->capture_default_str();
   app.add_option("--max-data-connections", max_data_connections, "refuse data connections beyond this many")->check(CLI::Range(1u, 65536u))->capture_default_str();
   app.add_option("--residency", residency, "frozen rows: resident | cached")
       ->check(CLI::IsMember({"resident", "cached"}))
@@ -189,6 +193,7 @@ int main(int argc, char** argv) {
   AdminServerOptions aopt;
   aopt.listen = admin_listen;
   aopt.token = admin_token;
+  aopt.timeout_seconds = admin_timeout_s;
   aopt.task_roots = task_roots.empty() ? std::vector<std::string>{std::filesystem::current_path().string()} : task_roots;
   std::unique_ptr<AdminServer> admin;
   if (Status st = AdminServer::Start(loop.get(), data.get(), aopt, &admin); !st.ok()) return fail("admin API", st);
