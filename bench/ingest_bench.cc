@@ -19,8 +19,8 @@
 #include "core/trainer.h"
 #include "ingest/document_source.h"
 #include "ingest/ingest_client.h"
-#include "service/data_server.h"
-#include "service/spool.h"
+#include "service/net/data_server.h"
+#include "service/net/spool.h"
 #include "service/training_loop.h"
 
 namespace peerd::bench {

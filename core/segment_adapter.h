@@ -15,9 +15,10 @@
 //
 // With `trunk_deltas`, the adapter also owns a full delta, starting at zero, of each trunk parameter
 // that costs little per token: the token and position embeddings (the head is tied to the token
-// embedding, so the token delta moves the head too), the blocks' and the final layer norm's gains and biases, and every
-// linear map's bias — 45 K parameters at the defaults, which a dense model fine-tunes freely and
-// a low-rank delta cannot express (bench/FORGETTING.md: what each ingredient bought).
+// embedding, so the token delta moves the head too), the blocks' and the final layer norms' gains
+// and biases, and every linear map's bias — 52 K parameters at the embedded defaults (44 K at the
+// benchmark's context of 64), which a dense model fine-tunes freely and a low-rank delta cannot
+// express (bench/FORGETTING.md, "What each ingredient of routed bought").
 #pragma once
 
 #include <torch/torch.h>

@@ -15,9 +15,9 @@
 #include <thread>
 #include <variant>
 
-#include "service/admin_requests.h"
-#include "service/listen.h"
-#include "service/token.h"
+#include "service/net/admin_requests.h"
+#include "service/net/listen.h"
+#include "service/net/token.h"
 
 #include <spdlog/spdlog.h>
 

@@ -2,7 +2,7 @@
 // the messages in proto/admin.proto, so the binary and the JSON API cannot drift. Every request
 // needs `Authorization: Bearer <token>`; a missing or wrong one is 401 and changes nothing. Errors
 // are {"error": {"code": HTTP status, "message": "..."}}. What each route accepts is parsed and
-// checked by service/admin_requests.h (torch-free, fuzzed); this file only authenticates, reads
+// checked by service/net/admin_requests.h (torch-free, fuzzed); this file only authenticates, reads
 // HTTP within its limits and dispatches.
 //
 // One thread accepts; each connection is served on its own thread (at most `max_connections`).
@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "core/status.h"
-#include "service/data_server.h"
+#include "service/net/data_server.h"
 #include "service/training_loop.h"
 
 namespace peerd {

@@ -12,7 +12,7 @@
 #include <string>
 #include <random>
 
-#include "service/spool.h"
+#include "service/net/spool.h"
 
 namespace peerd {
 

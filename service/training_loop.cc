@@ -11,7 +11,7 @@
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/rank_sync.h"
-#include "service/admin_requests.h"
+#include "service/net/admin_requests.h"
 #include "service/rank_commands.h"
 
 #include <spdlog/spdlog.h>

@@ -34,7 +34,7 @@
 #include "service/checkpoint.h"
 #include "service/expert_pool_store.h"
 #include "service/routed_training.h"
-#include "service/spool.h"
+#include "service/net/spool.h"
 #include "service/task_store.h"
 
 namespace peerd {

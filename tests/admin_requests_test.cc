@@ -1,4 +1,4 @@
-// The admin API's bad-input catalogue (service/admin_requests.h, README "Admin API: bad input"):
+// The admin API's bad-input catalogue (service/net/admin_requests.h, README "Admin API: bad input"):
 // every refused request with the exact HTTP status and message the client gets, the requests that
 // must still be accepted, and task-path confinement against "..", symlinks and look-alike roots on
 // a real directory tree. No server, no LibTorch.
@@ -9,7 +9,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "service/admin_requests.h"
+#include "service/net/admin_requests.h"
 
 namespace peerd {
 namespace {

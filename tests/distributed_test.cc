@@ -68,7 +68,7 @@ struct Tensor {
   std::vector<double> values;  // as doubles (bf16 widened)
 };
 
-// Reads a --dump-params file (format in service/peer_train.cc).
+// Reads a --dump-params file (format in programs/peer_train.cc).
 std::map<std::string, Tensor> ReadDump(const std::string& path) {
   std::map<std::string, Tensor> out;
   std::ifstream in(path, std::ios::binary);
@@ -352,7 +352,9 @@ TEST_F(DistributedPeerd, ALostRankStopsTrainingAndARestartResumesFromTheCheckpoi
   EXPECT_TRUE(Agree(s)) << s.dump();
   EXPECT_EQ(U(s["ranks"][1], "step"), last_checkpoint) << "rank 1 joins at rank 0's restored step";
   for (const auto& seg : s["segments"])
-    if (seg.value("id", -1) == 0) EXPECT_EQ(seg.value("checksum", ""), checksum) << s.dump();
+    if (seg.value("id", -1) == 0) {
+      EXPECT_EQ(seg.value("checksum", ""), checksum) << s.dump();
+    }
   // Everything acked gets trained, the rest of the first slice and all of the second.
   ASSERT_EQ(rank0.Ingest("kjv", dir_ + "/kjv2.txt").code, 0);
   // (up to a tail shorter than one sequence, context 32 + 1, which waits for more text).

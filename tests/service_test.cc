@@ -157,7 +157,7 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
     std::ofstream(dir + "/verse.txt") << text.substr(0, text.size() - 6'000);
     std::ofstream(dir + "/verse-heldout.txt") << text.substr(text.size() - 6'000);
     std::string code;
-    for (const char* f : {"core/model.cc", "core/peer_layer.cc", "core/trainer.cc", "service/spool.cc",
+    for (const char* f : {"core/model.cc", "core/peer_layer.cc", "core/trainer.cc", "service/net/spool.cc",
                           "service/training_loop.cc", "service/admin_server.cc", "service/checkpoint.cc"})
       code += Slurp(std::string(PEERD_SOURCE_DIR) + "/" + f) + "\n\n";
     ASSERT_GT(code.size(), 50'000u);
@@ -309,7 +309,7 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
     std::ofstream(dir + "/corpus/verse/train.txt") << text.substr(0, 36'000);
     std::ofstream(dir + "/corpus/verse/heldout.txt") << text.substr(36'000);
     std::string code;
-    for (const char* f : {"core/model.cc", "core/peer_layer.cc", "core/trainer.cc", "service/spool.cc",
+    for (const char* f : {"core/model.cc", "core/peer_layer.cc", "core/trainer.cc", "service/net/spool.cc",
                           "service/training_loop.cc", "service/admin_server.cc"})
       code += Slurp(std::string(PEERD_SOURCE_DIR) + "/" + f) + "\n\n";
     ASSERT_GT(code.size(), 30'000u);

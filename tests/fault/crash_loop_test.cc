@@ -24,7 +24,7 @@
 #include "experts_store/store_db.h"
 #include "ingest/document_source.h"
 #include "proto/admin.pb.h"
-#include "service/spool.h"
+#include "service/net/spool.h"
 #include "tests/fault/frozen_segments.h"
 #include "tests/peerd_process.h"
 

@@ -19,7 +19,7 @@
 #include "proto/wire.pb.h"
 #include "experts_store/expert_store.h"
 #include "experts_store/store_db.h"
-#include "service/spool.h"
+#include "service/net/spool.h"
 #include "tests/fault/frozen_segments.h"
 #include "tests/peerd_process.h"
 

@@ -1,4 +1,4 @@
-// libFuzzer target for the admin API's request parser (service/admin_requests.h): any method,
+// libFuzzer target for the admin API's request parser (service/net/admin_requests.h): any method,
 // target and body must give either a request whose values passed every check or an AdminError
 // with a 4xx status and a short, printable, valid UTF-8 message — never a crash, a leak or
 // undefined behaviour (built with -fsanitize=fuzzer,address,undefined; tests/fuzz/CMakeLists.txt).
@@ -15,7 +15,7 @@
 #include <string>
 #include <string_view>
 
-#include "service/admin_requests.h"
+#include "service/net/admin_requests.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-// libFuzzer target for the data port's decoder (service/data_protocol.h): any byte stream, cut
+// libFuzzer target for the data port's decoder (service/net/data_protocol.h): any byte stream, cut
 // into frames by its length prefixes as peerd's connection does, must give accepted frames that
 // obey the stream's rules or an ErrorReply that ends the stream — never a crash, a leak or
 // undefined behaviour (built with -fsanitize=fuzzer,address,undefined; tests/fuzz/CMakeLists.txt).
@@ -8,7 +8,7 @@
 #include <string>
 
 #include "proto/frame.h"
-#include "service/data_protocol.h"
+#include "service/net/data_protocol.h"
 
 namespace {
 

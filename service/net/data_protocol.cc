@@ -1,7 +1,7 @@
-#include "service/data_protocol.h"
+#include "service/net/data_protocol.h"
 
 #include "proto/frame.h"
-#include "service/token.h"
+#include "service/net/token.h"
 
 namespace peerd {
 

@@ -20,10 +20,10 @@
 #include "core/config.h"
 #include "core/runtime.h"
 #include "service/admin_server.h"
-#include "service/data_server.h"
+#include "service/net/data_server.h"
 #include "service/rank_worker.h"
-#include "service/spool.h"
-#include "service/token.h"
+#include "service/net/spool.h"
+#include "service/net/token.h"
 #include "service/training_loop.h"
 
 using namespace peerd;

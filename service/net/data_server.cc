@@ -1,4 +1,4 @@
-#include "service/data_server.h"
+#include "service/net/data_server.h"
 
 #include <boost/asio.hpp>
 
@@ -7,8 +7,8 @@
 
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
-#include "service/data_protocol.h"
-#include "service/listen.h"
+#include "service/net/data_protocol.h"
+#include "service/net/listen.h"
 
 namespace peerd {
 

@@ -1,4 +1,4 @@
-#include "service/token.h"
+#include "service/net/token.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

@@ -1,4 +1,4 @@
-#include "service/admin_requests.h"
+#include "service/net/admin_requests.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

@@ -9,7 +9,7 @@
 // refused with UNAVAILABLE), a hello within `hello_timeout_ms`, then a frame at least every
 // `idle_timeout_ms` (time paused by flow control does not count), and a client that does not read
 // its acks is closed after `idle_timeout_ms` of a blocked write; its acks coalesce meanwhile.
-// The rules of the stream itself live in DataStream (service/data_protocol.h).
+// The rules of the stream itself live in DataStream (service/net/data_protocol.h).
 // One I/O thread serves every connection. Start/Stop are not thread-safe; stats() is.
 #pragma once
 
@@ -20,7 +20,7 @@
 #include <thread>
 
 #include "core/status.h"
-#include "service/spool.h"
+#include "service/net/spool.h"
 
 namespace peerd {
 

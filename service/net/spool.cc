@@ -1,4 +1,4 @@
-#include "service/spool.h"
+#include "service/net/spool.h"
 
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
