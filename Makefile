@@ -34,10 +34,23 @@ bench: build
 	@./$(BUILD)/peer-bench ingest
 
 # The six continual-learning policies on the six domains after a broad base phase
-# (bench/FORGETTING.md; about 10 minutes).
+# (bench/FORGETTING.md; about 10 minutes). PICTURE=1 also sweeps the streamed domains' learning
+# rate × steps for dense, dense+recipe and routed and draws forgetting against plasticity in
+# bench-out/learning-forgetting.svg (about 30 minutes more).
+SWEEP_LR ?= 0.001 0.002 0.004
+SWEEP_STEPS ?= 75 300
 bench-forgetting: build
 	@bash scripts/corpora.sh all
 	@./$(BUILD)/peer-bench forgetting
+ifeq ($(PICTURE),1)
+	@mkdir -p bench-out/sweep
+	@for lr in $(SWEEP_LR); do for steps in $(SWEEP_STEPS); do \
+	  echo "sweep: lr $$lr, $$steps steps per domain"; \
+	  ./$(BUILD)/peer-bench forgetting --policies dense,dense+recipe,routed --stream-lr $$lr --steps $$steps \
+	    --quiet --json-out bench-out/sweep/lr$${lr}_steps$${steps}.jsonl > /dev/null || exit 1; \
+	done; done
+	@python3 scripts/forgetting_picture.py bench-out/learning-forgetting.svg bench-out/forgetting.json bench-out/sweep/*.jsonl
+endif
 
 # Data-parallel training: 1, 2, 4 ranks of one thread beside one process (bench/SCALING.md; ~4 minutes).
 bench-scaling: build corpora

@@ -66,10 +66,15 @@ struct Phase {
   bool pretrain = false;  // the broad base phase before the stream
 };
 
+// Steps per streamed domain unless --steps says otherwise; the base phase's schedule always spans this.
+constexpr uint32_t kDefaultPhaseSteps = 150;
+
 struct Knobs {
   Config base;                 // the PEER model and training (per domain: train.steps steps;
                                // the recipe's replay share and distillation weight)
   uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
+  float stream_lr = 0;         // peak learning rate of the streamed phases (0: the config's)
+  uint32_t config_warmup_steps = 0;  // the configuration's warmup, before a phase's length caps it
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   int64_t adapter_rank = 32;   // routed: rank of each segment's adapter (SegmentAdapterImpl::kFullRank: full)
   float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
@@ -273,6 +278,23 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     }
     branch_of[d] = branch;
     task_of_branch[branch] = d;
+    // The schedule: the base phase's warmup and cosine are always those of a default-length phase,
+    // so that runs with other --steps (the learning–forgetting sweep) start from the same base; a
+    // streamed phase's span its own steps, at --stream-lr when given.
+    {
+      TrainConfig t = active->config();
+      const uint32_t span = phases[phase].pretrain ? kDefaultPhaseSteps : phases[phase].steps;
+      const bool relr = !phases[phase].pretrain && k.stream_lr > 0 && t.lr() != k.stream_lr;
+      if (t.steps() != span || relr) {
+        t.set_steps(span);
+        t.set_warmup_steps(std::min<uint32_t>(k.config_warmup_steps, span / 10));
+        if (relr) {
+          t.set_lr(k.stream_lr);
+          t.set_min_lr(k.stream_lr / 10);
+        }
+        active->SetConfig(t);
+      }
+    }
     active->set_step(0);  // each domain gets the schedule (warmup, cosine) afresh
     // Replayed rows per step: batch · ratio on average, rounded at random per step, so that a
     // budget under one row a batch (1 % of 16) still replays its share.
@@ -361,7 +383,9 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
               {"train_tokens", stream_steps * batch * context},
               {"train_seconds", train_seconds},
               {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()},
-              {"config_seed", tc.seed()}};
+              {"config_seed", tc.seed()},
+              {"steps_per_domain", tc.steps()},
+              {"stream_lr", k.stream_lr > 0 ? k.stream_lr : tc.lr()}};
   if (p.routed) {
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
     row["adapter_rank"] = k.adapter_rank == SegmentAdapterImpl::kFullRank ? json("full") : json(k.adapter_rank);
@@ -505,6 +529,9 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--peer-blocks", peer_blocks_arg, "comma-separated blocks that carry PEER (default: the config's)");
   app.add_option("--n-keys", n_keys, "sub-keys per half of a segment: n_keys² experts per segment (default: the config's)");
   app.add_option("--lr", lr, "peak learning rate (default: the config's)");
+  double stream_lr = 0;
+  app.add_option("--stream-lr", stream_lr, "peak learning rate of the streamed domains only, the base phase "
+                 "keeping the config's (the learning–forgetting sweep)");
   app.add_option("--train-kb", train_kb, "training text per domain, KB (its first bytes)")->capture_default_str();
   app.add_option("--heldout-kb", heldout_kb, "held-out text scored per task and evaluation, KB")->capture_default_str();
   app.add_option("--replay", replay, "recipe: share of each batch replayed from earlier domains (default: the config's, 0.25)");
@@ -547,6 +574,7 @@ int ForgettingBench(int argc, char** argv) {
   if (batch) t->set_batch_size(batch);
   if (lr > 0) t->set_lr(static_cast<float>(lr));
   if (lr > 0 && t->min_lr() > t->lr()) t->set_min_lr(t->lr() / 10);
+  k.config_warmup_steps = t->warmup_steps();
   t->set_steps(steps);
   t->set_warmup_steps(std::min<uint32_t>(t->warmup_steps(), steps / 10));
   if (threads) t->set_threads(threads);
@@ -580,6 +608,7 @@ int ForgettingBench(int argc, char** argv) {
     k.adapter_rank = r;
   }
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
+  k.stream_lr = static_cast<float>(stream_lr);
   k.seed_branch = seed_arg;
   k.trunk_deltas = !no_trunk_deltas;
   k.route_context = route_context;
