@@ -342,14 +342,14 @@ void TrainingLoop::Run() {
       stepped = true;
       routing_.AfterStep(batch.slice(0, replayed));
       const int64_t tokens = batch.size(0) * T;
-      tokens_trained_ += tokens;
       window_loss += s.loss;
       ++window_steps;
       window_tokens += tokens;
       spool_->SetConsumed(batches_->cursor().index, batches_->cursor().consumed_bytes);
       const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        std::lock_guard<std::mutex> lock(mu_);  // Snapshot() reads tokens_trained_ under it
+        tokens_trained_ += tokens;
         snapshot_.set_state("training");
         snapshot_.set_step(trainer_->step());
         if (multi_rank()) snapshot_.set_collective_seconds_per_step(step_collective_seconds_ / multi_rank_steps_);

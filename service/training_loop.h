@@ -126,7 +126,7 @@ class TrainingLoop {
   std::thread thread_;
   StatusReply snapshot_;
   SegmentsReply segments_snapshot_;
-  uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;
+  uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;  // written on the trainer thread under mu_
   std::string checkpoint_error_;  // guarded by mu_
   std::string lost_rank_;         // guarded by mu_
   std::string training_error_;    // guarded by mu_
