@@ -19,6 +19,7 @@
 #include "core/collective.h"
 #include "core/config.h"
 #include "core/runtime.h"
+#include "experts_store/row_dtype.h"
 #include "service/admin_server.h"
 #include "service/net/data_server.h"
 #include "service/rank_worker.h"
@@ -144,7 +145,7 @@ int main(int argc, char** argv) {
   if (threads) lo.config.mutable_train()->set_threads(threads);
   lo.checkpoint_every_steps = checkpoint_steps;
   lo.checkpoint_every_seconds = checkpoint_seconds;
-  lo.freeze_dtype = freeze_dtype == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
+  lo.freeze_dtype = *ParseRowDtype(freeze_dtype);  // CLI11 checked the name
   lo.pool.residency = residency == "cached" ? Residency::kCached : Residency::kResident;
   lo.pool.cache_bytes = cache_mb << 20;
   const int used_threads = SetComputeThreads(lo.config.train().threads());

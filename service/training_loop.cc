@@ -11,6 +11,7 @@
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/rank_sync.h"
+#include "experts_store/row_dtype.h"
 #include "service/net/admin_requests.h"
 #include "service/rank_commands.h"
 
@@ -22,7 +23,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-const char* DtypeName(RowDtype d) { return d == ROW_DTYPE_FP32 ? "fp32" : "bf16"; }
 
 // The first segment of the first PEER layer: the base's branch id in the router (0 for a dense model).
 int64_t FirstSegment(const TransformerLM& model) {
@@ -85,7 +85,7 @@ Status TrainingLoop::Restore() {
     last_checkpoint_step_ = meta.step();
     if (meta.has_policy()) {
       if (meta.policy().has_freeze_dtype())
-        options_.freeze_dtype = meta.policy().freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
+        options_.freeze_dtype = ParseRowDtype(meta.policy().freeze_dtype()).value_or(ROW_DTYPE_BF16);
       trainer_->SetConfig(WithPolicy(trainer_->config(), meta.policy()));
     }
   }
@@ -136,7 +136,7 @@ Policy TrainingLoop::PolicyNow() const {
   p.set_replay_ratio(c.replay_ratio());
   p.set_lr(c.lr());
   p.set_distill_weight(c.distill_weight());
-  p.set_freeze_dtype(DtypeName(options_.freeze_dtype));
+  p.set_freeze_dtype(RowDtypeName(options_.freeze_dtype));
   p.set_routed(c.routed());
   p.set_keep_trained_text(c.keep_trained_text());
   return p;
@@ -609,8 +609,6 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
     Config c = options_.config;
     *c.mutable_train() = WithPolicy(trainer_->config(), policy);
     if (Status st = ValidateConfig(c); !st.ok()) return st;
-    if (policy.has_freeze_dtype() && policy.freeze_dtype() != "bf16" && policy.freeze_dtype() != "fp32")
-      return Status::InvalidArgument("freezeDtype must be \"bf16\" or \"fp32\", got \"" + policy.freeze_dtype() + "\"");
     if (routing_.started() && !c.train().routed())
       return Status::FailedPrecondition(
           "routing started at an earlier segment: the old branches were trained against the frozen trunk, so shared "
@@ -632,7 +630,7 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
       LoseRanks(told);
       return told;
     }
-    if (policy.has_freeze_dtype()) options_.freeze_dtype = policy.freeze_dtype() == "fp32" ? ROW_DTYPE_FP32 : ROW_DTYPE_BF16;
+    if (policy.has_freeze_dtype()) options_.freeze_dtype = *ParseRowDtype(policy.freeze_dtype());  // checked above
     return CheckpointAfterChange("the policy change");
   });
 }
@@ -686,15 +684,15 @@ SegmentsReply TrainingLoop::SegmentsNow() {
       s->set_n_keys(static_cast<uint32_t>(seg->n_keys()));
       s->set_experts(seg->num_experts());
       s->set_resident(seg->resident());
-      const bool bf16 = seg->resident() && seg->down.scalar_type() == torch::kBFloat16;
-      s->set_dtype(bf16 ? "bf16" : "fp32");
+      RowDtype dtype = seg->resident() && seg->down.scalar_type() == torch::kBFloat16 ? ROW_DTYPE_BF16 : ROW_DTYPE_FP32;
       for (const auto& m : manifests)
         if (m.layer() == l && m.segment() == seg->id()) {
-          s->set_dtype(DtypeName(m.dtype()));
+          dtype = m.dtype();
           s->set_checksum(m.checksum());
           s->set_frozen_at_step(m.frozen_at_step());
         }
-      s->set_bytes(uint64_t(seg->num_experts()) * seg->d_model() * 2 * (s->dtype() == "bf16" ? 2 : 4));
+      s->set_dtype(RowDtypeName(dtype));
+      s->set_bytes(uint64_t(seg->num_experts()) * ExpertStore::RowBytes(dtype, static_cast<uint32_t>(seg->d_model())));
       auto u = usage_.find({static_cast<uint32_t>(l), static_cast<uint32_t>(seg->id())});
       if (u != usage_.end()) {
         s->set_usage(u->second.first);

@@ -1,5 +1,7 @@
 #include "service/net/admin_requests.h"
 
+#include "experts_store/row_dtype.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -85,9 +87,9 @@ bool ParseBody(std::string_view body, google::protobuf::Message* m, AdminError* 
 
 bool ParseDtype(const std::string& s, std::optional<RowDtype>* dtype, AdminError* error) {
   if (s.empty()) return true;
-  if (s == "bf16") *dtype = ROW_DTYPE_BF16;
-  else if (s == "fp32") *dtype = ROW_DTYPE_FP32;
-  else return Fail(error, kBadRequest, "dtype must be \"bf16\" or \"fp32\", got \"" + ClipForMessage(s) + "\"");
+  *dtype = ParseRowDtype(s);
+  if (!*dtype)
+    return Fail(error, kBadRequest, std::string("dtype must be ") + kRowDtypeChoices + ", got \"" + ClipForMessage(s) + "\"");
   return true;
 }
 
@@ -318,9 +320,9 @@ Status CheckPolicyNumbers(const Policy& p) {
     return Status::InvalidArgument(
         "config field 'train.lr' must be a positive number (a float: at most 3.4e38, not rounding to 0), got " +
         Number(p.lr()));
-  if (p.has_freeze_dtype() && p.freeze_dtype() != "bf16" && p.freeze_dtype() != "fp32")
-    return Status::InvalidArgument("freezeDtype must be \"bf16\" or \"fp32\", got \"" + ClipForMessage(p.freeze_dtype()) +
-                                   "\"");
+  if (p.has_freeze_dtype() && !ParseRowDtype(p.freeze_dtype()))
+    return Status::InvalidArgument(std::string("freezeDtype must be ") + kRowDtypeChoices + ", got \"" +
+                                   ClipForMessage(p.freeze_dtype()) + "\"");
   return Status::OK();
 }
 
