@@ -78,6 +78,7 @@ struct Knobs {
   TrainConfig later;           // freeze-grow's training policy from the second domain on
   int64_t adapter_rank = 32;   // routed: rank of each segment's adapter (SegmentAdapterImpl::kFullRank: full)
   float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
+  float trunk_delta_lr_scale = 3;  // routed: … of its deltas of embeddings, norms and biases
   std::string seed_branch = "latest";  // routed: what a new branch starts as a copy of: the branch
                                       // trained last ("latest"), the old one that predicts its
                                       // first 4 KB best ("nearest"), or the base ("base")
@@ -270,6 +271,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
           owned.clear_train_groups();
           owned.add_train_groups("new-segment");
           owned.set_adapter_lr_scale(k.adapter_lr_scale);
+          owned.set_trunk_delta_lr_scale(k.trunk_delta_lr_scale);
           trainer.SetConfig(owned);
         } else if (phase == 1) {
           trainer.SetConfig(k.later);
@@ -390,6 +392,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
     row["adapter_rank"] = k.adapter_rank == SegmentAdapterImpl::kFullRank ? json("full") : json(k.adapter_rank);
     row["adapter_lr_scale"] = k.adapter_lr_scale;
+    row["trunk_delta_lr_scale"] = k.trunk_delta_lr_scale;
     row["trunk_deltas"] = k.trunk_deltas;
     row["seed_branch"] = k.seed_branch;
     row["seeded_from"] = seeded_from;
@@ -490,7 +493,7 @@ int ForgettingBench(int argc, char** argv) {
   uint32_t seeds = 1;
   bool reference = false;
   std::string adapter_rank_arg = "32";
-  double adapter_lr_scale = 10;
+  double adapter_lr_scale = 10, trunk_delta_lr_scale = 3;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
   size_t train_kb = 2048, heldout_kb = 24;
   double replay = -1, distill = -1, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
@@ -506,7 +509,10 @@ int ForgettingBench(int argc, char** argv) {
                  "domains, scored as a task like the others ('' = none; DOMAIN as in --domains)")->capture_default_str();
   app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed (default all)");
   app.add_option("--adapter-rank", adapter_rank_arg, "routed: rank of each segment's deltas, or 'full' (full-rank deltas)")->capture_default_str();
-  app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's adapter")->capture_default_str();
+  app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's "
+                 "adapter (its low-rank factors)")->capture_default_str();
+  app.add_option("--trunk-delta-lr-scale", trunk_delta_lr_scale, "routed: learning-rate multiplier of the adapter's "
+                 "deltas of the embeddings, norms and biases")->capture_default_str();
   std::string seed_arg = "latest";
   bool no_trunk_deltas = false;
   int64_t route_context = 0;
@@ -608,6 +614,7 @@ int ForgettingBench(int argc, char** argv) {
     k.adapter_rank = r;
   }
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
+  k.trunk_delta_lr_scale = static_cast<float>(trunk_delta_lr_scale);
   k.stream_lr = static_cast<float>(stream_lr);
   k.seed_branch = seed_arg;
   k.trunk_deltas = !no_trunk_deltas;

@@ -70,6 +70,7 @@ Config DefaultConfig() {
   t->set_adapter_lr_scale(10.0f);
   t->set_route_context(128);
   t->set_keep_trained_text(true);
+  t->set_trunk_delta_lr_scale(3.0f);
   return c;
 }
 
@@ -142,6 +143,8 @@ Status ValidateConfig(const Config& c) {
   if (t.adapter_rank() < 0) return Invalid("train.adapterRank", "must be 0 (full-rank deltas) or positive, got " + std::to_string(t.adapter_rank()));
   if (!std::isfinite(t.adapter_lr_scale()) || t.adapter_lr_scale() < 0 || t.adapter_lr_scale() > 1000)
     return Invalid("train.adapterLrScale", "must be in [0, 1000], got " + std::to_string(t.adapter_lr_scale()));
+  if (!std::isfinite(t.trunk_delta_lr_scale()) || t.trunk_delta_lr_scale() < 0 || t.trunk_delta_lr_scale() > 1000)
+    return Invalid("train.trunkDeltaLrScale", "must be in [0, 1000], got " + std::to_string(t.trunk_delta_lr_scale()));
   if (t.route_context() == 0 || t.route_context() > (1u << 20))
     return Invalid("train.routeContext", "must be in [1, 1048576] bytes, got " + std::to_string(t.route_context()));
   if (t.adapter_rank() > static_cast<int32_t>(m.d_model()))

@@ -254,7 +254,7 @@ std::vector<ParamInfo> TransformerLMImpl::ClassifiedParameters() const {
     if (adapter->frozen()) continue;
     for (const auto& item : adapter->named_parameters())
       out.push_back({"adapter" + std::to_string(id) + "." + item.key(), item.value(), ParamKind::kAdapter, nullptr,
-                     id == newest_adapter_, item.value().dim() >= 2});
+                     id == newest_adapter_, item.value().dim() >= 2, adapter->IsTrunkDelta(item.value())});
   }
   return out;
 }

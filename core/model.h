@@ -77,6 +77,8 @@ struct ParamInfo {
   bool newest_segment = false;                 // kExpert in its layer's last-added segment, or
                                                // kAdapter of the last-added adapter
   bool decay = false;                          // AdamW weight decay applies (matrices, not norms/keys)
+  bool trunk_delta = false;                    // kAdapter: a full delta of a trunk parameter (an
+                                               // embedding, norm or bias), not a map's delta
 };
 
 class TransformerLMImpl : public torch::nn::Module {

@@ -51,6 +51,12 @@ torch::Tensor SegmentAdapterImpl::TrunkDelta(const std::string& name) const {
   return it == trunk_.end() ? torch::Tensor() : it->second;
 }
 
+bool SegmentAdapterImpl::IsTrunkDelta(const torch::Tensor& parameter) const {
+  for (const auto& [name, delta] : trunk_)
+    if (delta.is_same(parameter)) return true;
+  return false;
+}
+
 void SegmentAdapterImpl::AddMap(const std::string& name, int64_t in, int64_t out, bool with_bias) {
   if (with_bias) AddTrunkDelta(name + ".bias", {out});  // the map's bias delta
   std::string key = name;

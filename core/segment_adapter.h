@@ -44,6 +44,8 @@ class SegmentAdapterImpl : public torch::nn::Module {
   // The full delta of the trunk's parameter `name` ("tok_emb", "pos_emb", "block0.ln1.weight", …),
   // the same shape as it; an undefined tensor when this adapter owns none.
   torch::Tensor TrunkDelta(const std::string& name) const;
+  // Whether `parameter` (one of this adapter's) is a trunk delta rather than a map's delta.
+  bool IsTrunkDelta(const torch::Tensor& parameter) const;
 
   int64_t rank() const { return rank_; }  // kFullRank for full deltas
   bool trunk_deltas() const { return owns_trunk_deltas_; }

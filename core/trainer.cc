@@ -56,9 +56,10 @@ void Trainer::RefreshParameters() {
   for (const ParamInfo& p : model_->ClassifiedParameters()) {
     const bool on = Selected(config_, p);
     p.tensor.set_requires_grad(on);  // parts that do not train need no gradient at all
-    const double scale = p.kind == ParamKind::kExpert    ? config_.expert_lr_scale()
-                         : p.kind == ParamKind::kAdapter ? config_.adapter_lr_scale()
-                                                         : config_.backbone_lr_scale();
+    const double scale = p.kind == ParamKind::kExpert ? config_.expert_lr_scale()
+                         : p.kind == ParamKind::kAdapter
+                             ? (p.trunk_delta ? config_.trunk_delta_lr_scale() : config_.adapter_lr_scale())
+                             : config_.backbone_lr_scale();
     if (on) params.push_back({p.tensor, p.decay, scale});
   }
   optimizer_.SetParameters(std::move(params));

@@ -57,6 +57,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfig{R"({"model": {"dModel": "big"}})", "model.d_model"},  // wrong type
         BadConfig{R"({"model": {"dModel": 64)", "not valid JSON"},  // unreadable JSON
         BadConfig{R"({"train": {"adapterRank": -1}})", "train.adapterRank"},
+        BadConfig{R"({"train": {"trunkDeltaLrScale": -1}})", "train.trunkDeltaLrScale"},
         BadConfig{R"({"train": {"routed": true, "replayRatio": 0.25}})", "train.routed"},
         BadConfig{R"({"model": {"ffn": "FFN_KIND_DENSE"}, "train": {"routed": true, "replayRatio": 0}})", "train.routed"},
         BadConfig{R"({"train": {"keepTrainedText": false, "replayRatio": 0.25}})", "train.keepTrainedText"}

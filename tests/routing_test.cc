@@ -195,6 +195,35 @@ TEST(Routing, ABranchSeededFromAnotherStartsWithItsFunctionAndLeavesItUntouched)
   EXPECT_EQ(model->CopyBranch(9, second).code(), Status::Code::kNotFound);
 }
 
+// An adapter's trunk deltas train at train.trunkDeltaLrScale × the learning rate, its low-rank
+// factors at train.adapterLrScale ×: at a trunk scale of 0 the trunk deltas stay zero while the
+// factors move; at 3 both move.
+TEST(Routing, TrunkDeltasTrainAtTheirOwnLearningRateScale) {
+  for (const float trunk_scale : {0.0f, 3.0f}) {
+    torch::manual_seed(9);
+    Config c = TwoBlockModel();
+    c.mutable_train()->set_trunk_delta_lr_scale(trunk_scale);
+    TransformerLM model(c.model());
+    Trainer trainer(model, c.train());
+    const int64_t base = model->PeerLayers()[0]->segments()[0]->id();
+    const int64_t id = GrowRouted(trainer, base, 4);
+    for (int i = 0; i < 3; ++i) trainer.Step(RandomTokens(4, 16));
+    const SegmentAdapter& adapter = model->adapters().at(id);
+    double trunk = 0, factors = 0;  // both start at zero (B of B·A, and the trunk deltas)
+    for (const auto& p : adapter->named_parameters()) {
+      const bool b_factor = p.key().size() > 2 && p.key().compare(p.key().size() - 2, 2, "_b") == 0;
+      if (adapter->IsTrunkDelta(p.value())) trunk += p.value().abs().sum().item<double>();
+      else if (b_factor) factors += p.value().abs().sum().item<double>();
+    }
+    EXPECT_GT(factors, 0.0) << "scale " << trunk_scale;
+    if (trunk_scale == 0) {
+      EXPECT_EQ(trunk, 0.0);
+    } else {
+      EXPECT_GT(trunk, 0.0);
+    }
+  }
+}
+
 // A checkpoint restores each adapter with the parts it was written with: one with trunk deltas,
 // and one without (as every adapter was before they existed), both computing what they computed.
 TEST(Routing, ACheckpointRestoresAdaptersWithAndWithoutTrunkDeltas) {
