@@ -262,6 +262,13 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
     SetDeadline(fd, timeout);
     beast::error_code wec;
     http::write(socket, res, wec);
+    // Closing with unread bytes (the body of a refused upload) would reset the connection, and a
+    // reset can discard the answer before the client reads it: stop sending, then read and drop
+    // what still comes, for a second or a mebibyte at most.
+    socket.shutdown(tcp::socket::shutdown_send, wec);
+    SetDeadline(fd, std::chrono::seconds(1));
+    char sink[16 << 10];
+    for (size_t dropped = 0; !wec && dropped < (1u << 20);) dropped += socket.read_some(asio::buffer(sink), wec);
   };
   // Bytes that are not HTTP/1.1 get a 400; a closed or timed-out connection gets nothing.
   auto malformed = [](const beast::error_code& ec) {
