@@ -1,10 +1,12 @@
-// The crash loop (issue 7): the real peerd, under ingest from several peer-ingest clients and
-// training, with segments added and frozen through the admin API, is killed with SIGKILL at
-// random moments and restarted, again and again. After every kill the store must open, every
-// frozen segment's checksum must hold and never change, every freeze that was acknowledged must
-// still be there, and the checkpoint (step, spool cursor) must never go back. At the end every
-// document is acknowledged, stored once, and trained once: the checkpoint's cursor and byte count
-// agree with the spool.
+// The crash loop: the real peerd, under ingest from several peer-ingest clients and training, with
+// segments added and frozen and the policy changed through the admin API on a thread of their
+// own, is killed with SIGKILL at random moments — often with an admin request in flight — and
+// restarted, again and again. After every kill the store must open, every frozen segment's
+// checksum must hold and never change, every acknowledged add and freeze must still be there, the
+// policy must be the last acknowledged one or the one in flight at the kill, and the checkpoint
+// (step, spool cursor) must never go back. At the end every document is acknowledged — the
+// followers resend by themselves — stored once, and trained once: the checkpoint's cursor and
+// byte count agree with the spool.
 //
 // PEERD_FAULT_CYCLES sets the number of kills (CI: 3; the full run: 50, see bench/RELIABILITY.md);
 // PEERD_FAULT_SEED replays a run (the seed is printed).
@@ -16,6 +18,8 @@
 #include <fstream>
 #include <atomic>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -159,40 +163,90 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
 
   DiskState last;                                 // as read after the previous kill
   std::map<uint32_t, uint64_t> frozen_first;       // checksum of each segment when first seen frozen
-  std::set<uint32_t> freezes_acked;
+  std::mutex admin_mu;                             // guards the admin thread's records below
+  std::set<uint32_t> freezes_acked, adds_acked;
+  double policy_acked = 0.25;                      // replayRatio as last acknowledged (the default)
+  std::optional<double> policy_in_flight;          // a change sent and not yet answered
+  std::set<double> policy_allowed = {0.25};        // what replayRatio may read after a restart
+  int policies_acked = 0, kills_with_policy_in_flight = 0;
   uint64_t checkpoint_seen = 0, documents_acked_before = 0;
-  std::uniform_int_distribution<int> kill_after_ms(300, 2500), coin(0, 3);
+  std::uniform_int_distribution<int> kill_after_ms(300, 2500);
 
   for (uint64_t cycle = 0; cycle < cycles; ++cycle) {
     ASSERT_NO_FATAL_FAILURE(peerd.Start(flags)) << "cycle " << cycle;
     json s = peerd.CtlJson("status");
     EXPECT_GE(U(s, "step"), last.checkpoint.step()) << "cycle " << cycle << ": the step went back past the checkpoint";
     EXPECT_GE(U(s, "spoolDocuments"), documents_acked_before) << "acknowledged documents were lost";
+    {
+      std::set<uint32_t> present;
+      for (const auto& seg : s["segments"]) present.insert(seg.value("id", 0u));
+      for (uint32_t id : adds_acked) EXPECT_TRUE(present.count(id)) << "acknowledged add of segment " << id << " lost";
+      const double ratio = peerd.CtlJson("policy").value("replayRatio", -1.0);
+      bool allowed = false;
+      for (double r : policy_allowed) allowed |= std::abs(ratio - r) < 1e-6;
+      EXPECT_TRUE(allowed) << "cycle " << cycle << ": replayRatio " << ratio
+                           << " is neither the last acknowledged change nor the one in flight at the kill";
+      policy_acked = ratio;  // what it is now, acknowledged or not, is where the next cycle starts
+    }
 
     for (Client& c : clients) Tend(peerd, &c);
 
-    // Admin work at random points of the cycle: add a segment, freeze the oldest training one.
+    // Admin work on its own thread, so that the kill can land while an add, a freeze or a policy
+    // change is in flight: what was acknowledged must survive it, and what was not is all or
+    // nothing (checked after the next start). The main thread only watches and kills.
+    std::atomic<bool> admin_stop{false};
+    std::thread admin([&, arng = std::mt19937_64(rng())]() mutable {
+      std::uniform_int_distribution<int> what(0, 2), ratio(1, 3);
+      while (!admin_stop) {
+        const int op = what(arng);
+        if (op == 2) {
+          const double r = 0.1 * ratio(arng);
+          {
+            std::lock_guard<std::mutex> lock(admin_mu);
+            policy_in_flight = r;
+          }
+          const bool ok = peerd.Ctl("policy set replayRatio=" + std::to_string(r)).code == 0;
+          std::lock_guard<std::mutex> lock(admin_mu);
+          if (ok) {
+            policy_acked = r;
+            policy_in_flight.reset();
+            ++policies_acked;
+          }  // else: killed (or refused) with the change in flight — it may or may not have applied
+        } else {
+          json st = json::parse(peerd.Ctl("--json status").out, nullptr, false);
+          if (st.is_discarded()) break;  // killed
+          int training = -1, count = 0;
+          for (const auto& seg : st["segments"])
+            if (seg.value("state", "") == "training") {
+              ++count;
+              if (training < 0) training = seg.value("id", -1);
+            }
+          if (count < 2) {
+            json added = json::parse(peerd.Ctl("--json segments add").out, nullptr, false);
+            std::lock_guard<std::mutex> lock(admin_mu);
+            if (!added.is_discarded() && added.contains("ids"))
+              for (const auto& id : added["ids"]) adds_acked.insert(id.get<uint32_t>());
+          } else if (training >= 0 && peerd.Ctl("segments freeze " + std::to_string(training)).code == 0) {
+            std::lock_guard<std::mutex> lock(admin_mu);
+            freezes_acked.insert(static_cast<uint32_t>(training));
+          }
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50 + arng() % 250));
+      }
+    });
     const auto kill_at = std::chrono::steady_clock::now() + std::chrono::milliseconds(kill_after_ms(rng));
     while (std::chrono::steady_clock::now() < kill_at) {
-      if (coin(rng) == 0) {
-        json st = peerd.CtlJson("status");
-        int training = -1, count = 0;
-        for (const auto& seg : st["segments"])
-          if (seg.value("state", "") == "training") {
-            ++count;
-            if (training < 0) training = seg.value("id", -1);
-          }
-        if (count < 2) {
-          peerd.Ctl("segments add");
-        } else if (training >= 0 && peerd.Ctl("segments freeze " + std::to_string(training)).code == 0) {
-          freezes_acked.insert(static_cast<uint32_t>(training));
-        }
-        checkpoint_seen = std::max(checkpoint_seen, U(st, "lastCheckpointStep"));
-        documents_acked_before = std::max(documents_acked_before, U(st, "spoolDocuments"));
-      }
+      json st = peerd.CtlJson("status");
+      checkpoint_seen = std::max(checkpoint_seen, U(st, "lastCheckpointStep"));
+      documents_acked_before = std::max(documents_acked_before, U(st, "spoolDocuments"));
       std::this_thread::sleep_for(100ms);
     }
     peerd.Kill(SIGKILL);
+    admin_stop = true;
+    admin.join();
+    policy_allowed = {policy_acked};
+    if (policy_in_flight) policy_allowed.insert(*policy_in_flight), ++kills_with_policy_in_flight;
+    policy_in_flight.reset();
 
     DiskState now;
     ASSERT_NO_FATAL_FAILURE(ReadDisk(peerd.data_dir(), &now)) << "cycle " << cycle;
@@ -218,21 +272,11 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   const auto deadline = std::chrono::steady_clock::now() + 180s;
   for (Client& c : clients) {
     const std::set<std::string> lines = Ids(c.file);
+    // No more text comes: each follower, idle on its file, resends by itself whatever the last
+    // kill left unacknowledged.
     while (Acked(dir + "/" + c.task + ".acked") != lines && std::chrono::steady_clock::now() < deadline) {
       Tend(peerd, &c);
       std::this_thread::sleep_for(100ms);
-      // peer-ingest --follow does not reconnect while it waits for new lines (a known defect: a
-      // stream lost then keeps its unacked documents until more text arrives). No more text comes
-      // now, so after 20 s the follower is replaced by a one-shot run, which resends what is unacked.
-      if (std::chrono::steady_clock::now() > deadline - 160s && c.pid > 0) {
-        kill(c.pid, SIGKILL);
-        waitpid(c.pid, nullptr, 0);
-        c.pid = -1;
-        testing::ShellResult r = testing::Sh(peerd.IngestCommand(c.task, c.file, "--split line"));
-        EXPECT_EQ(r.code, 0) << r.out;
-        std::cout << "crash loop: " << c.task << " finished by a one-shot peer-ingest after its follower stalled\n";
-        break;
-      }
     }
     ASSERT_EQ(Acked(dir + "/" + c.task + ".acked"), lines)
         << c.task << ": not every line was acknowledged: " << testing::Slurp(dir + "/" + c.task + ".log");
@@ -280,6 +324,9 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   std::cout << "crash loop: " << cycles << " kills survived; " << stored.size() << " documents acked, 0 lost, "
             << stored.size() - unique.size() << " duplicated; " << frozen_first.size() << " frozen segments intact; "
             << runs << " client runs; " << fed << " lines fed; last checkpoint step " << m.step() << "\n";
+  std::cout << "crash loop: admin acknowledged " << adds_acked.size() << " adds, " << freezes_acked.size()
+            << " freezes, " << policies_acked << " policy changes; " << kills_with_policy_in_flight
+            << " kills with a policy change in flight\n";
 }
 
 }  // namespace
