@@ -23,7 +23,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-
 // The first segment of the first PEER layer: the base's branch id in the router (0 for a dense model).
 int64_t FirstSegment(const TransformerLM& model) {
   auto layers = model->PeerLayers();
@@ -298,7 +297,7 @@ void TrainingLoop::Run() {
       }
       if (!routing_.CanTrain(model_)) {
         // Waiting here is not a lack of data: once a branch opens, give its text the usual time to
-        // make a full batch (its first batch also picks the branch it is seeded from).
+        // make a full batch.
         last_data = Clock::now();
         std::unique_lock<std::mutex> lock(mu_);
         snapshot_.set_state("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
