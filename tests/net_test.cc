@@ -60,6 +60,15 @@ struct Service {
     o.token = "secret";
     return DataServer::Start(spool.get(), o, &server);
   }
+  // The data port goes away (server, spool and store closed) and comes back on the same port,
+  // with default options.
+  Status Restart(const std::string& dir, uint16_t port) {
+    server.reset();
+    spool.reset();
+    db.reset();
+    std::this_thread::sleep_for(300ms);
+    return Start(dir, {}, "127.0.0.1:" + std::to_string(port));
+  }
   IngestOptions Client(const std::string& task) const {
     IngestOptions o;
     o.server = server->address();
@@ -602,16 +611,7 @@ TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {
   const uint64_t stored_before = s.spool->stats().documents;
   ASSERT_GT(stored_before, 0u) << "the first server stored nothing within 30 s";
   ASSERT_LT(stored_before, 300u) << "the first server should still be mid-stream";
-  s.server.reset();  // the data port goes away mid-stream
-  s.spool.reset();
-  s.db.reset();
-  std::this_thread::sleep_for(300ms);
-  ASSERT_TRUE(StoreDb::Open(dir + "/db", {}, &s.db).ok());
-  ASSERT_TRUE(Spool::Open(s.db, &s.spool).ok());
-  DataServerOptions again;
-  again.listen = "127.0.0.1:" + std::to_string(port);
-  again.token = "secret";
-  ASSERT_TRUE(DataServer::Start(s.spool.get(), again, &s.server).ok());
+  ASSERT_TRUE(s.Restart(dir, port).ok());  // the data port goes away mid-stream and comes back
   ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
   Status st = run.get();
   ASSERT_TRUE(st.ok()) << st.ToString();
@@ -642,16 +642,7 @@ TEST(DataPort, AFollowingClientResendsAfterARestartWhileNoNewLineArrives) {
     std::this_thread::sleep_for(20ms);
   ASSERT_GT(s.spool->stats().documents, 0u) << "the first server stored nothing within 30 s";
   ASSERT_LT(s.spool->stats().documents, 300u) << "the first server should still be mid-stream";
-  s.server.reset();
-  s.spool.reset();
-  s.db.reset();
-  std::this_thread::sleep_for(300ms);
-  ASSERT_TRUE(StoreDb::Open(dir + "/db", {}, &s.db).ok());
-  ASSERT_TRUE(Spool::Open(s.db, &s.spool).ok());
-  DataServerOptions again;
-  again.listen = "127.0.0.1:" + std::to_string(port);
-  again.token = "secret";
-  ASSERT_TRUE(DataServer::Start(s.spool.get(), again, &s.server).ok());
+  ASSERT_TRUE(s.Restart(dir, port).ok());
   // No line is appended to the file from here on.
   for (auto end = std::chrono::steady_clock::now() + 30s;
        s.spool->stats().documents < 300 && std::chrono::steady_clock::now() < end;)
