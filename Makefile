@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling clean
+.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling format clean
 
 all: build
 
@@ -22,9 +22,14 @@ build: setup $(BUILD)/build.ninja
 test: build corpora
 	@cd $(BUILD) && ctest --output-on-failure -j 1
 
-# The main job: peerd learns six text domains one after another, an expert segment per domain,
-# each frozen when its domain is trained; prints the forgetting matrix and metrics and writes
-# demo-out/. QUICK=1: small slices (about 3 minutes).
+# Formats every C, C++ and CUDA source in place with .clang-format (Debian's clang-format).
+format:
+	@command -v clang-format >/dev/null || { echo "make format needs clang-format: apt-get install clang-format"; exit 1; }
+	@git ls-files '*.cc' '*.h' '*.cu' '*.cuh' | xargs clang-format -i
+
+# The main job: peerd learns a broad base, then six text domains one after another, an expert
+# segment per domain, each frozen when its domain is trained; prints the forgetting matrix and
+# metrics and writes demo-out/. QUICK=1: small slices (about 3 minutes).
 demo: build
 	@BUILD=$(BUILD) bash scripts/demo.sh $(if $(QUICK),--quick,)
 

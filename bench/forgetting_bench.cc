@@ -14,14 +14,15 @@
 #include <sstream>
 
 #include "bench/json_lines.h"
+#include "core/check_ok.h"
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/forgetting.h"
 #include "core/model.h"
+#include "core/routed_branches.h"
 #include "core/runtime.h"
 #include "core/text_batcher.h"
 #include "core/text_file.h"
-#include "core/routed_branches.h"
 #include "core/trainer.h"
 
 namespace peerd::bench {
@@ -50,12 +51,10 @@ struct Policy {
   bool joint = false, oracle = false;
 };
 
-const Policy kPolicies[] = {{"dense", false, false, false, false},
-                            {"dense+recipe", false, false, true, false},
-                            {"peer-all", true, false, false, false},
-                            {"freeze-grow", true, true, false, false},
-                            {"freeze-grow+recipe", true, true, true, false},
-                            {"routed", true, true, false, true}};
+const Policy kPolicies[] = {
+    {"dense", false, false, false, false},           {"dense+recipe", false, false, true, false},
+    {"peer-all", true, false, false, false},         {"freeze-grow", true, true, false, false},
+    {"freeze-grow+recipe", true, true, true, false}, {"routed", true, true, false, true}};
 const Policy kReferences[] = {{"joint", false, false, false, false, -1, true, false},
                               {"oracle", false, false, false, false, -1, false, true}};
 
@@ -70,21 +69,21 @@ struct Phase {
 constexpr uint32_t kDefaultPhaseSteps = 150;
 
 struct Knobs {
-  Config base;                 // the PEER model and training (per domain: train.steps steps;
-                               // the recipe's replay share and distillation weight)
-  uint32_t dense_hidden = 0;   // the dense baseline's FFN width (equal active parameters)
-  float stream_lr = 0;         // peak learning rate of the streamed phases (0: the config's)
-  uint32_t config_warmup_steps = 0;  // the configuration's warmup, before a phase's length caps it
-  TrainConfig later;           // freeze-grow's training policy from the second domain on
-  int64_t adapter_rank = 32;   // routed: rank of each segment's adapter (SegmentAdapterImpl::kFullRank: full)
-  float adapter_lr_scale = 10; // routed: learning-rate multiplier of the new segment's adapter
-  float trunk_delta_lr_scale = 3;  // routed: … of its deltas of embeddings, norms and biases
+  Config base;                         // the PEER model and training (per domain: train.steps steps;
+                                       // the recipe's replay share and distillation weight)
+  uint32_t dense_hidden = 0;           // the dense baseline's FFN width (equal active parameters)
+  float stream_lr = 0;                 // peak learning rate of the streamed phases (0: the config's)
+  uint32_t config_warmup_steps = 0;    // the configuration's warmup, before a phase's length caps it
+  TrainConfig later;                   // freeze-grow's training policy from the second domain on
+  int64_t adapter_rank = 32;           // routed: rank of each segment's adapter (SegmentAdapterImpl::kFullRank: full)
+  float adapter_lr_scale = 10;         // routed: learning-rate multiplier of the new segment's adapter
+  float trunk_delta_lr_scale = 3;      // routed: … of its deltas of embeddings, norms and biases
   std::string seed_branch = "latest";  // routed: what a new branch starts as a copy of: the branch
-                                      // trained last ("latest"), the old one that predicts its
-                                      // first 4 KB best ("nearest"), or the base ("base")
-  bool trunk_deltas = true;    // routed: adapters own deltas of the embeddings, norms and biases
-  int64_t route_context = 0;   // routed: bytes before a window its route is chosen from (0: twice the context)
-  uint32_t routed_n_keys = 0;  // routed: sub-keys per half of its segments (0: the config's)
+                                       // trained last ("latest"), the old one that predicts its
+                                       // first 4 KB best ("nearest"), or the base ("base")
+  bool trunk_deltas = true;            // routed: adapters own deltas of the embeddings, norms and biases
+  int64_t route_context = 0;           // routed: bytes before a window its route is chosen from (0: twice the context)
+  uint32_t routed_n_keys = 0;          // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
   bool verbose = true;
 };
@@ -119,12 +118,11 @@ Status LoadDomain(const std::string& spec, const std::string& corpus_dir, size_t
 // what a routed token runs). Every segment's sub-keys count as active, as if all were scored for
 // every token (a routed token scores two segments' only): matching the final, grown pool this
 // way is the comparison least kind to PEER.
-uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, int64_t adapter_rank,
-                             bool trunk_deltas) {
+uint32_t MatchingDenseHidden(const ModelConfig& peer_model, size_t segments, int64_t adapter_rank, bool trunk_deltas) {
   ModelConfig grown = peer_model;
   grown.mutable_peer()->set_initial_segments(static_cast<uint32_t>(segments));
   TransformerLM grown_model(grown);
-  if (adapter_rank >= 0) TORCH_CHECK(grown_model->AddAdapter(0, adapter_rank, trunk_deltas).ok());
+  if (adapter_rank >= 0) CheckOk(grown_model->AddAdapter(0, adapter_rank, trunk_deltas));
   const int64_t target = grown_model->ActiveParameters();
   ModelConfig m = peer_model;
   m.set_ffn(FFN_KIND_DENSE);
@@ -217,12 +215,10 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   RoutedBranches routing;
   const int64_t route_context = k.route_context > 0 ? k.route_context : 2 * context;
   std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
-  std::map<int64_t, int> task_of_branch;              // and the task each branch was trained on
-  json seeded_from = json::array();                   // per streamed phase: the task its branch copied
+  std::map<int64_t, int> task_of_branch;             // and the task each branch was trained on
+  json seeded_from = json::array();                  // per streamed phase: the task its branch copied
   int64_t latest_branch = -1;
-  auto evaluate = [&] {
-    return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, route_context) : eval);
-  };
+  auto evaluate = [&] { return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, route_context) : eval); };
   ForgettingInput in;
   in.trained_at.assign(tasks.size(), -1);
   in.init = 0;
@@ -231,7 +227,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   double train_seconds = 0, plasticity = 0, distill_sum = 0;
   int64_t distill_n = 0, streamed = 0, stream_steps = 0;
   std::vector<torch::Tensor> base_state;  // oracle: the parameters after the base phase
-  std::unique_ptr<Trainer> own;            // oracle: the trainer of the current domain's copy
+  std::unique_ptr<Trainer> own;           // oracle: the trainer of the current domain's copy
   Trainer* active = &trainer;
   for (size_t phase = 0; phase < phases.size(); ++phase) {
     const bool mixed = phases[phase].task < 0;  // joint: every streamed domain at once
@@ -258,9 +254,10 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
           // What adapts to this domain is owned by its segment: its experts and its adapter.
           if (Status st = model->AddAdapter(branch, k.adapter_rank, k.trunk_deltas); !st.ok()) return error(st);
           // The new branch starts as a copy of an old one (the base: nothing to copy).
-          const int64_t seed = k.seed_branch == "latest"    ? latest_branch
-                               : k.seed_branch == "nearest" ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096))
-                                                            : -1;
+          const int64_t seed = k.seed_branch == "latest" ? latest_branch
+                               : k.seed_branch == "nearest"
+                                   ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096))
+                                   : -1;
           latest_branch = branch;
           if (seed >= 0 && seed != routing.base) {
             if (Status st = model->CopyBranch(seed, branch); !st.ok()) return error(st);
@@ -312,7 +309,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
       torch::Tensor new_rows;
       if (mixed) {
         std::vector<torch::Tensor> picks;
-        for (int64_t r = replayed; r < batch; ++r) picks.push_back(fresh[streamed_tasks[rng() % streamed_tasks.size()]].Next(1));
+        for (int64_t r = replayed; r < batch; ++r)
+          picks.push_back(fresh[streamed_tasks[rng() % streamed_tasks.size()]].Next(1));
         new_rows = torch::cat(picks, 0);
       } else {
         new_rows = fresh[d].Next(batch - replayed);
@@ -397,7 +395,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     row["seed_branch"] = k.seed_branch;
     row["seeded_from"] = seeded_from;
     json accuracy = json::object();
-    const std::vector<double> acc = RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, route_context), context);
+    const std::vector<double> acc =
+        RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, route_context), context);
     for (size_t j = 0; j < tasks.size(); ++j) accuracy[tasks[j].name] = acc[j];
     row["routing_accuracy"] = accuracy;
   }
@@ -405,7 +404,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
 }
 
 void PrintPolicy(const json& r) {
-  std::printf("\n%s — held-out bits/byte (rows: after each phase; columns: tasks)\n", r["policy"].get<std::string>().c_str());
+  std::printf("\n%s — held-out bits/byte (rows: after each phase; columns: tasks)\n",
+              r["policy"].get<std::string>().c_str());
   std::printf("%-22s", "");
   for (const auto& t : r["tasks"]) std::printf(" %11.11s", t.get<std::string>().c_str());
   std::printf("\n");
@@ -439,12 +439,14 @@ void PrintSummary(const std::vector<json>& rows) {
                 ratio("acc_ratio_vs_dense_recipe").c_str(), ratio("plasticity_ratio_vs_dense").c_str(),
                 r["wall_seconds"].get<double>());
   }
-  std::printf("\nforgetting: mean over tasks of final − best earlier bits/byte (Chaudhry); BWT < 0 is forgetting;\n"
-              "ACC: mean final held-out bits/byte (lower is better); plast.: mean bits/byte on the domain just\n"
-              "trained; old KB: old text the policy keeps to go on; ratios: F/dense = forgetting ÷ dense's,\n"
-              "ACC/d+r = ACC ÷ dense+recipe's, P/dense = plasticity ÷ dense's.\n");
+  std::printf(
+      "\nforgetting: mean over tasks of final − best earlier bits/byte (Chaudhry); BWT < 0 is forgetting;\n"
+      "ACC: mean final held-out bits/byte (lower is better); plast.: mean bits/byte on the domain just\n"
+      "trained; old KB: old text the policy keeps to go on; ratios: F/dense = forgetting ÷ dense's,\n"
+      "ACC/d+r = ACC ÷ dense+recipe's, P/dense = plasticity ÷ dense's.\n");
   if (rows.empty() || !rows.front().contains("acc_per_seed")) return;
-  std::printf("\nmedians over seeds %s; per seed (ACC | forgetting | plasticity):\n", rows.front()["seeds"].dump().c_str());
+  std::printf("\nmedians over seeds %s; per seed (ACC | forgetting | plasticity):\n",
+              rows.front()["seeds"].dump().c_str());
   for (const json& r : rows) {
     if (r.contains("error")) continue;
     std::printf("%-24s", r["policy"].get<std::string>().c_str());
@@ -488,7 +490,8 @@ std::vector<std::string> Split(const std::string& s) {
 int ForgettingBench(int argc, char** argv) {
   CLI::App app{"peer-bench forgetting: continual-learning policies on one sequence of text domains"};
   std::string domains_arg = "kjv,c-code,fortunes-de,man-pages,sparv,python", corpus_dir = "data/corpora";
-  std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all", json_out = "bench-out/forgetting.json";
+  std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all",
+                                                          json_out = "bench-out/forgetting.json";
   std::string pretrain_arg = "broad:600", replay_sweep_arg;
   uint32_t seeds = 1;
   bool reference = false;
@@ -501,57 +504,88 @@ int ForgettingBench(int argc, char** argv) {
   bool as_json = false, quiet = false;
   app.add_option("--domains", domains_arg,
                  "comma-separated domains in training order: NAME (a folder of --corpus-dir), a folder path "
-                 "with train.txt and heldout.txt, or NAME=TRAIN_FILE:HELDOUT_FILE")->capture_default_str();
-  app.add_option("--corpus-dir", corpus_dir, "where NAME domains live (scripts/corpora.sh writes them)")->capture_default_str();
+                 "with train.txt and heldout.txt, or NAME=TRAIN_FILE:HELDOUT_FILE")
+      ->capture_default_str();
+  app.add_option("--corpus-dir", corpus_dir, "where NAME domains live (scripts/corpora.sh writes them)")
+      ->capture_default_str();
   app.add_option("--repeat", repeat, "train the sequence this many times (a longer stream)")->capture_default_str();
   app.add_option("--pretrain", pretrain_arg,
                  "DOMAIN[:STEPS]: a broad base phase before the stream, on text that is none of the streamed "
-                 "domains, scored as a task like the others ('' = none; DOMAIN as in --domains)")->capture_default_str();
-  app.add_option("--policies", policies_arg, "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed (default all)");
-  app.add_option("--adapter-rank", adapter_rank_arg, "routed: rank of each segment's deltas, or 'full' (full-rank deltas)")->capture_default_str();
-  app.add_option("--adapter-lr-scale", adapter_lr_scale, "routed: learning-rate multiplier of the new segment's "
-                 "adapter (its low-rank factors)")->capture_default_str();
-  app.add_option("--trunk-delta-lr-scale", trunk_delta_lr_scale, "routed: learning-rate multiplier of the adapter's "
-                 "deltas of the embeddings, norms and biases")->capture_default_str();
+                 "domains, scored as a task like the others ('' = none; DOMAIN as in --domains)")
+      ->capture_default_str();
+  app.add_option("--policies", policies_arg,
+                 "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed "
+                 "(default all)");
+  app.add_option("--adapter-rank", adapter_rank_arg,
+                 "routed: rank of each segment's deltas, or 'full' (full-rank deltas)")
+      ->capture_default_str();
+  app.add_option("--adapter-lr-scale", adapter_lr_scale,
+                 "routed: learning-rate multiplier of the new segment's "
+                 "adapter (its low-rank factors)")
+      ->capture_default_str();
+  app.add_option("--trunk-delta-lr-scale", trunk_delta_lr_scale,
+                 "routed: learning-rate multiplier of the adapter's "
+                 "deltas of the embeddings, norms and biases")
+      ->capture_default_str();
   std::string seed_arg = "latest";
   bool no_trunk_deltas = false;
   int64_t route_context = 0;
   uint32_t routed_n_keys = 0;
-  app.add_option("--routed-n-keys", routed_n_keys, "routed: sub-keys per half of its segments, n² experts each "
-                 "(0: --n-keys / the config's)")->capture_default_str();
-  app.add_option("--route-context", route_context, "routed: bytes of text before a window that choose its route "
-                 "(0: twice the model's context)")->capture_default_str();
-  app.add_option("--seed-branch", seed_arg, "routed: a new domain's branch starts as a copy of the branch trained "
+  app.add_option("--routed-n-keys", routed_n_keys,
+                 "routed: sub-keys per half of its segments, n² experts each "
+                 "(0: --n-keys / the config's)")
+      ->capture_default_str();
+  app.add_option("--route-context", route_context,
+                 "routed: bytes of text before a window that choose its route "
+                 "(0: twice the model's context)")
+      ->capture_default_str();
+  app.add_option("--seed-branch", seed_arg,
+                 "routed: a new domain's branch starts as a copy of the branch trained "
                  "last (latest), of the old branch that predicts its first 4 KB best (nearest), or at the base (base)")
-      ->check(CLI::IsMember({"latest", "nearest", "base"}))->capture_default_str();
-  app.add_flag("--no-trunk-deltas", no_trunk_deltas, "routed: adapters without deltas of the embeddings, norms and biases "
+      ->check(CLI::IsMember({"latest", "nearest", "base"}))
+      ->capture_default_str();
+  app.add_flag("--no-trunk-deltas", no_trunk_deltas,
+               "routed: adapters without deltas of the embeddings, norms and biases "
                "(low-rank map deltas only)");
-  app.add_option("--config", config_path, "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
+  app.add_option("--config", config_path,
+                 "JSON config of the PEER model and training (proto/config.proto) over embedded defaults");
   app.add_option("--steps", steps, "training steps per domain")->capture_default_str();
   app.add_option("--batch", batch, "sequences per step (default: the config's)");
-  app.add_option("--context", context, "bytes per sequence (half the service's 128: five policies in ~10 minutes on 2 cores)")->capture_default_str();
+  app.add_option("--context", context,
+                 "bytes per sequence (half the service's 128: five policies in ~10 minutes on 2 cores)")
+      ->capture_default_str();
   app.add_option("--d-model", d_model, "model width (default: the config's)");
   app.add_option("--layers", layers, "transformer blocks (default: the config's)");
   app.add_option("--peer-blocks", peer_blocks_arg, "comma-separated blocks that carry PEER (default: the config's)");
-  app.add_option("--n-keys", n_keys, "sub-keys per half of a segment: n_keys² experts per segment (default: the config's)");
+  app.add_option("--n-keys", n_keys,
+                 "sub-keys per half of a segment: n_keys² experts per segment (default: the config's)");
   app.add_option("--lr", lr, "peak learning rate (default: the config's)");
   double stream_lr = 0;
-  app.add_option("--stream-lr", stream_lr, "peak learning rate of the streamed domains only, the base phase "
+  app.add_option("--stream-lr", stream_lr,
+                 "peak learning rate of the streamed domains only, the base phase "
                  "keeping the config's (the learning–forgetting sweep)");
   app.add_option("--train-kb", train_kb, "training text per domain, KB (its first bytes)")->capture_default_str();
   app.add_option("--heldout-kb", heldout_kb, "held-out text scored per task and evaluation, KB")->capture_default_str();
-  app.add_option("--replay", replay, "recipe: share of each batch replayed from earlier domains (default: the config's, 0.25)");
-  app.add_option("--distill", distill, "recipe: weight of KL(previous model ‖ model) on replayed rows (default: the config's, 1)");
+  app.add_option("--replay", replay,
+                 "recipe: share of each batch replayed from earlier domains (default: the config's, 0.25)");
+  app.add_option("--distill", distill,
+                 "recipe: weight of KL(previous model ‖ model) on replayed rows (default: the config's, 1)");
   app.add_option("--expert-lr-scale", expert_lr_scale, "PEER policies: learning-rate multiplier of expert tables");
-  app.add_option("--later-groups", later_groups_arg, "freeze-grow: policy groups that train from the second domain on")->capture_default_str();
-  app.add_option("--later-backbone-lr-scale", later_backbone_lr_scale, "freeze-grow: backbone learning-rate multiplier from the second domain on");
+  app.add_option("--later-groups", later_groups_arg, "freeze-grow: policy groups that train from the second domain on")
+      ->capture_default_str();
+  app.add_option("--later-backbone-lr-scale", later_backbone_lr_scale,
+                 "freeze-grow: backbone learning-rate multiplier from the second domain on");
   app.add_option("--threads", threads, "LibTorch threads (0 = all cores)")->capture_default_str();
   app.add_option("--seed", seed, "initialisation and batch order (default: the config's)");
-  app.add_option("--seeds", seeds, "run every policy with this many seeds (--seed, +1, …): figures are medians, "
-                 "each with its values per seed")->capture_default_str();
-  app.add_flag("--reference", reference, "also the reference rows: joint (all streamed domains at once) and oracle "
+  app.add_option("--seeds", seeds,
+                 "run every policy with this many seeds (--seed, +1, …): figures are medians, "
+                 "each with its values per seed")
+      ->capture_default_str();
+  app.add_flag("--reference", reference,
+               "also the reference rows: joint (all streamed domains at once) and oracle "
                "(one copy of the base per domain), dense, after the same base phase");
-  app.add_option("--replay-sweep", replay_sweep_arg, "comma-separated replay shares (e.g. 0.01,0.05): each recipe policy "
+  app.add_option("--replay-sweep", replay_sweep_arg,
+                 "comma-separated replay shares (e.g. 0.01,0.05): each recipe policy "
                  "again per share, as POLICY@SHARE");
   app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
   app.add_flag("--quiet", quiet, "no per-domain progress on stderr");
@@ -592,7 +626,11 @@ int ForgettingBench(int argc, char** argv) {
   k.later.clear_train_groups();
   for (const std::string& g : Split(later_groups_arg)) k.later.add_train_groups(g);
   if (later_backbone_lr_scale >= 0) k.later.set_backbone_lr_scale(static_cast<float>(later_backbone_lr_scale));
-  for (const Config& check : {k.base, [&] { Config c = k.base; *c.mutable_train() = k.later; return c; }()})
+  for (const Config& check : {k.base, [&] {
+                                Config c = k.base;
+                                *c.mutable_train() = k.later;
+                                return c;
+                              }()})
     if (Status st = ValidateConfig(check); !st.ok()) return fail(st);
   if (steps == 0 || repeat == 0 || seeds == 0)
     return fail(Status::InvalidArgument("--steps, --repeat and --seeds must be at least 1"));
@@ -610,7 +648,8 @@ int ForgettingBench(int argc, char** argv) {
     char* end = nullptr;
     const long r = std::strtol(adapter_rank_arg.c_str(), &end, 10);
     if (*end != '\0' || r < 1 || r > 4096)
-      return fail(Status::InvalidArgument("--adapter-rank takes a rank in [1, 4096] or 'full', got '" + adapter_rank_arg + "'"));
+      return fail(Status::InvalidArgument("--adapter-rank takes a rank in [1, 4096] or 'full', got '" +
+                                          adapter_rank_arg + "'"));
     k.adapter_rank = r;
   }
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
@@ -621,14 +660,16 @@ int ForgettingBench(int argc, char** argv) {
   k.route_context = route_context;
   k.routed_n_keys = routed_n_keys;
   if (routed_n_keys > 0 && (routed_n_keys < m->peer().topk() || routed_n_keys > 65536))
-    return fail(Status::InvalidArgument("--routed-n-keys must be 0 or in [top-k, 65536], got " + std::to_string(routed_n_keys)));
+    return fail(Status::InvalidArgument("--routed-n-keys must be 0 or in [top-k, 65536], got " +
+                                        std::to_string(routed_n_keys)));
 
   std::vector<Policy> policies;
   if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
   for (const std::string& name : Split(policies_arg)) {
     auto it = std::find_if(std::begin(kPolicies), std::end(kPolicies), [&](const Policy& p) { return p.name == name; });
     if (it == std::end(kPolicies))
-      return fail(Status::InvalidArgument("unknown policy '" + name + "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed)"));
+      return fail(Status::InvalidArgument(
+          "unknown policy '" + name + "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed)"));
     policies.push_back(*it);
   }
   // The tasks: the base phase's text first (when there is one), then the streamed domains.
@@ -663,18 +704,20 @@ int ForgettingBench(int argc, char** argv) {
     for (size_t i = first_domain; i < tasks.size(); ++i) phases.push_back({static_cast<int>(i), steps, false});
   for (size_t i = 0; i < tasks.size(); ++i)
     for (size_t j = 0; j < i; ++j)
-      if (tasks[i].name == tasks[j].name) return fail(Status::InvalidArgument("task '" + tasks[i].name + "' is given twice"));
+      if (tasks[i].name == tasks[j].name)
+        return fail(Status::InvalidArgument("task '" + tasks[i].name + "' is given twice"));
 
   const bool any_routed = std::any_of(policies.begin(), policies.end(), [](const Policy& p) { return p.routed; });
   const int used_threads = SetComputeThreads(t->threads());
   ModelConfig widest = *m;  // the PEER model with the most active parameters: routed's, when it runs
   if (any_routed && routed_n_keys > 0) widest.mutable_peer()->set_n_keys(routed_n_keys);
   k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? k.adapter_rank : -1, k.trunk_deltas);
-  std::fprintf(stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
-               pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(),
-               tasks.size() - first_domain, repeat, steps, t->batch_size(), m->context(), used_threads,
-               BlasInfo().c_str());
-  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
+  std::fprintf(
+      stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
+      pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(), tasks.size() - first_domain,
+      repeat, steps, t->batch_size(), m->context(), used_threads, BlasInfo().c_str());
+  std::fprintf(stderr,
+               "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
                k.dense_hidden, any_routed ? " with one adapter" : "");
 
   if (reference) policies.insert(policies.end(), std::begin(kReferences), std::end(kReferences));
@@ -710,7 +753,8 @@ int ForgettingBench(int argc, char** argv) {
     if (r.contains("error")) continue;
     if (dense && (*dense)["mean_forgetting"].get<double>() != 0)
       r["forgetting_ratio_vs_dense"] = r["mean_forgetting"].get<double>() / (*dense)["mean_forgetting"].get<double>();
-    if (dense) r["plasticity_ratio_vs_dense"] = r["plasticity_bpb"].get<double>() / (*dense)["plasticity_bpb"].get<double>();
+    if (dense)
+      r["plasticity_ratio_vs_dense"] = r["plasticity_bpb"].get<double>() / (*dense)["plasticity_bpb"].get<double>();
     if (dense_recipe) r["acc_ratio_vs_dense_recipe"] = r["acc"].get<double>() / (*dense_recipe)["acc"].get<double>();
     r["config"] = json::parse(ConfigToJson(k.base));
     r["later_groups"] = later_groups_arg;

@@ -3,10 +3,10 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <algorithm>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -46,14 +46,14 @@ std::string MakeCorpus(const std::string& path, double mb, size_t doc_bytes, uin
 }
 
 struct Served {
-  std::shared_ptr<StoreDb> db;
+  std::shared_ptr<DataDirDb> db;
   std::unique_ptr<Spool> spool;
   std::unique_ptr<DataServer> server;
 };
 
 Status Serve(const std::string& dir, Served* s, uint32_t idle_timeout_ms = DataServerOptions{}.idle_timeout_ms) {
   fs::remove_all(dir);
-  if (Status st = StoreDb::Open(dir, {}, &s->db); !st.ok()) return st;
+  if (Status st = DataDirDb::Open(dir, {}, &s->db); !st.ok()) return st;
   if (Status st = Spool::Open(s->db, &s->spool); !st.ok()) return st;
   DataServerOptions o;
   o.listen = "127.0.0.1:0";
@@ -107,10 +107,12 @@ int IngestBench(int argc, char** argv) {
   app.add_option("--reps", reps, "repetitions of the training comparison (medians reported)")->capture_default_str();
   MisbehavingCounts rude;
   app.add_option("--silent", rude.silent, "misbehaving clients that say hello, then nothing")->capture_default_str();
-  app.add_option("--half-frame", rude.half_frame, "... that send half a length prefix, then nothing")->capture_default_str();
+  app.add_option("--half-frame", rude.half_frame, "... that send half a length prefix, then nothing")
+      ->capture_default_str();
   app.add_option("--non-readers", rude.non_reader, "... that send 1 MB of documents and never read an ack")
       ->capture_default_str();
-  app.add_option("--garbage-loops", rude.garbage, "... that send garbage, read the error, reconnect")->capture_default_str();
+  app.add_option("--garbage-loops", rude.garbage, "... that send garbage, read the error, reconnect")
+      ->capture_default_str();
   app.add_option("--cut-loops", rude.cut_mid_frame, "... that cut their connection mid-frame, reconnect")
       ->capture_default_str();
   app.add_option("--dir", dir, "scratch directory (emptied)")->capture_default_str();
@@ -129,8 +131,12 @@ int IngestBench(int argc, char** argv) {
     double secs = 0;
     if (Status st = IngestFiles(s.server->port(), files, &secs); !st.ok()) return Fail(st);
     SpoolStats ss = s.spool->stats();
-    figures.push_back({{"figure", "ingest_acked_mb_per_s"}, {"clients", clients}, {"value", ss.bytes / 1e6 / secs},
-                       {"unit", "MB/s"}, {"documents", ss.documents}, {"synced_commits", ss.commits},
+    figures.push_back({{"figure", "ingest_acked_mb_per_s"},
+                       {"clients", clients},
+                       {"value", ss.bytes / 1e6 / secs},
+                       {"unit", "MB/s"},
+                       {"documents", ss.documents},
+                       {"synced_commits", ss.commits},
                        {"documents_per_commit", double(ss.documents) / std::max<uint64_t>(1, ss.commits)}});
   }
 
@@ -177,15 +183,20 @@ int IngestBench(int argc, char** argv) {
     std::sort(beside.begin(), beside.end());
     const double a = alone[reps / 2], b = beside[reps / 2];
     figures.push_back({{"figure", "ingest_mb_per_s_8_clients_alone"}, {"value", a}, {"unit", "MB/s"}, {"runs", alone}});
-    figures.push_back({{"figure", "ingest_mb_per_s_8_clients_beside_misbehaving"}, {"value", b}, {"unit", "MB/s"},
+    figures.push_back({{"figure", "ingest_mb_per_s_8_clients_beside_misbehaving"},
+                       {"value", b},
+                       {"unit", "MB/s"},
                        {"runs", beside},
-                       {"misbehaving", {{"silent", rude.silent}, {"half_frame", rude.half_frame},
-                                        {"non_reader", rude.non_reader}, {"garbage_loops", rude.garbage},
-                                        {"cut_mid_frame_loops", rude.cut_mid_frame},
-                                        {"connections_per_run", rude_connections / reps},
-                                        {"bytes_sent_per_run", rude_bytes / reps},
-                                        {"closed_by_timeout_per_run", timeouts / reps},
-                                        {"errors_per_run", errors / reps}}}});
+                       {"misbehaving",
+                        {{"silent", rude.silent},
+                         {"half_frame", rude.half_frame},
+                         {"non_reader", rude.non_reader},
+                         {"garbage_loops", rude.garbage},
+                         {"cut_mid_frame_loops", rude.cut_mid_frame},
+                         {"connections_per_run", rude_connections / reps},
+                         {"bytes_sent_per_run", rude_bytes / reps},
+                         {"closed_by_timeout_per_run", timeouts / reps},
+                         {"errors_per_run", errors / reps}}}});
     figures.push_back({{"figure", "ingest_throughput_kept_beside_misbehaving"}, {"value", b / a}, {"unit", "ratio"}});
   }
 
@@ -222,7 +233,10 @@ int IngestBench(int argc, char** argv) {
     loop->Start();
     while (loop->Snapshot().step() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // warm-up
     const uint64_t step0 = loop->Snapshot().step();
-    std::thread ingest([&] { double ignored; (void)IngestFiles(s.server->port(), {more}, &ignored); });
+    std::thread ingest([&] {
+      double ignored;
+      (void)IngestFiles(s.server->port(), {more}, &ignored);
+    });
     auto t0 = Clock::now();
     while (loop->Snapshot().step() < step0 + steps) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     *tps = (loop->Snapshot().step() - step0) * B * T / std::chrono::duration<double>(Clock::now() - t0).count();
@@ -241,9 +255,16 @@ int IngestBench(int argc, char** argv) {
   std::sort(bare_runs.begin(), bare_runs.end());
   std::sort(service_runs.begin(), service_runs.end());
   const double bare_tps = bare_runs[reps / 2], service_tps = service_runs[reps / 2];
-  figures.push_back({{"figure", "train_tokens_per_s_bare"}, {"value", bare_tps}, {"unit", "tokens/s"}, {"steps", steps}, {"runs", bare_runs}});
-  figures.push_back({{"figure", "train_tokens_per_s_in_service_while_ingesting"}, {"value", service_tps},
-                     {"unit", "tokens/s"}, {"steps", steps}, {"runs", service_runs}});
+  figures.push_back({{"figure", "train_tokens_per_s_bare"},
+                     {"value", bare_tps},
+                     {"unit", "tokens/s"},
+                     {"steps", steps},
+                     {"runs", bare_runs}});
+  figures.push_back({{"figure", "train_tokens_per_s_in_service_while_ingesting"},
+                     {"value", service_tps},
+                     {"unit", "tokens/s"},
+                     {"steps", steps},
+                     {"runs", service_runs}});
   figures.push_back({{"figure", "service_overhead"}, {"value", 1 - service_tps / bare_tps}, {"unit", "fraction"}});
 
   WriteJsonLines(json_out, figures);
@@ -257,8 +278,9 @@ int IngestBench(int argc, char** argv) {
                 std::to_string(m["garbage_loops"].get<int>() + m["cut_mid_frame_loops"].get<int>()) +
                 " reconnect loops (" + std::to_string(m["connections_per_run"].get<uint64_t>()) + " connections a run)";
     }
-    if (f.contains("clients")) detail += ", " + std::to_string(f["clients"].get<int>()) + " client(s), " +
-                                         std::to_string(f["documents_per_commit"].get<double>()).substr(0, 5) + " docs per fsync";
+    if (f.contains("clients"))
+      detail += ", " + std::to_string(f["clients"].get<int>()) + " client(s), " +
+                std::to_string(f["documents_per_commit"].get<double>()).substr(0, 5) + " docs per fsync";
     std::printf("%-48s %14.3f  %s\n", f["figure"].get<std::string>().c_str(), f["value"].get<double>(), detail.c_str());
   }
   fs::remove_all(dir);

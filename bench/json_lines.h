@@ -16,7 +16,8 @@ namespace peerd::bench {
 inline void WriteJsonLines(const std::string& path, const std::vector<nlohmann::json>& rows) {
   if (path.empty()) return;
   std::error_code ec;
-  if (std::filesystem::path(path).has_parent_path()) std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  if (std::filesystem::path(path).has_parent_path())
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
   std::ofstream out(path);
   for (const auto& r : rows) out << r.dump() << "\n";
   if (!out) std::fprintf(stderr, "peer-bench: cannot write %s\n", path.c_str());

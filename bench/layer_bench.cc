@@ -10,8 +10,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <regex>
 #include <string>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bench/json_lines.h"
+#include "core/check_ok.h"
 #include "core/config.h"
 #include "core/model.h"
 #include "core/peer_layer.h"
@@ -36,7 +37,7 @@ struct Shape {
   int64_t dim = 256, heads = 8, topk = 16, tokens = 4096, iters = 3;
   uint32_t threads = 2;
   std::string query_norm = "none";  // peer_ref.py has no query norm
-  std::string pool = "training";     // training | frozen (fp32) | frozen-bf16
+  std::string pool = "training";    // training | frozen (fp32) | frozen-bf16
 };
 
 void AddShapeFlags(CLI::App& app, Shape& s) {
@@ -66,7 +67,7 @@ Floor CountFloor(const Shape& s, int64_t experts, bool training, double row_elem
   const double distinct = N * (1 - std::exp(-M * J / N));
   Floor f;
   f.qnet_flops = 3 * 2 * M * D * h * dk;  // W_q: forward, and the gradients of x and of W_q
-  f.score_flops = 2 * M * h * n * dk;      // both halves' sub-key scores, every head
+  f.score_flops = 2 * M * h * n * dk;     // both halves' sub-key scores, every head
   f.row_bytes = 2 * distinct * 2 * D * row_elem_bytes;
   if (training) f.row_bytes += distinct * 2 * D * 4;
   return f;
@@ -115,23 +116,24 @@ MachineRates MeasureRates(const Shape& s) {
   {
     const kernels::cpu::SingleThreadedBlas one_blas_thread_each;
     r.gemm = flops / side_by_side([&](uint32_t th) {
-      torch::Tensor out = torch::empty({s.tokens, 1024});
-      for (int64_t t = th; t < tasks; t += s.threads) at::mm_out(out, a, b);
-    });
+               torch::Tensor out = torch::empty({s.tokens, 1024});
+               for (int64_t t = th; t < tasks; t += s.threads) at::mm_out(out, a, b);
+             });
   }
   r.packed = r.gemm;
   if (!kernels::cpu::PackedMatrix::Available()) return r;
-  constexpr int64_t kRowBlock = 256;  // query rows a score block holds, as in the retrieval
+  constexpr int64_t kRowBlock = 256;              // query rows a score block holds, as in the retrieval
   const torch::Tensor keys = b.t().contiguous();  // [1024, dk/2], as the retrieval holds them
   r.packed = flops / side_by_side([&](uint32_t th) {
-    std::vector<float> out(kRowBlock * 1024);
-    kernels::cpu::PackedMatrix packed;
-    for (int64_t t = th; t < tasks; t += s.threads) {
-      packed.Pack(keys.data_ptr<float>(), half, 1024, 1, half);
-      for (int64_t m0 = 0; m0 < s.tokens; m0 += kRowBlock)
-        packed.Multiply(a.data_ptr<float>() + m0 * half, half, 1, std::min(kRowBlock, s.tokens - m0), out.data(), 1024);
-    }
-  });
+               std::vector<float> out(kRowBlock * 1024);
+               kernels::cpu::PackedMatrix packed;
+               for (int64_t t = th; t < tasks; t += s.threads) {
+                 packed.Pack(keys.data_ptr<float>(), half, 1024, 1, half);
+                 for (int64_t m0 = 0; m0 < s.tokens; m0 += kRowBlock)
+                   packed.Multiply(a.data_ptr<float>() + m0 * half, half, 1, std::min(kRowBlock, s.tokens - m0),
+                                   out.data(), 1024);
+               }
+             });
   return r;
 }
 
@@ -154,9 +156,8 @@ std::string RunCommand(const std::string& cmd) {
 
 std::string ShapeArgs(const Shape& s) {
   return " --dim " + std::to_string(s.dim) + " --heads " + std::to_string(s.heads) + " --topk " +
-         std::to_string(s.topk) + " --tokens " + std::to_string(s.tokens) + " --iters " +
-         std::to_string(s.iters) + " --threads " + std::to_string(s.threads) + " --query-norm " + s.query_norm +
-         " --pool " + s.pool;
+         std::to_string(s.topk) + " --tokens " + std::to_string(s.tokens) + " --iters " + std::to_string(s.iters) +
+         " --threads " + std::to_string(s.threads) + " --query-norm " + s.query_norm + " --pool " + s.pool;
 }
 
 json ErrorRow(const std::string& impl, int64_t experts, const std::string& why) {
@@ -175,8 +176,8 @@ double RssMb() {
 json RunChild(const std::string& impl, int64_t experts, const Shape& s) {
   // popen runs a shell, whose /proc/self/exe is the shell: resolve ours first.
   static const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  std::string out = RunCommand(self + " layer-run --impl " + impl + " --experts " +
-                               std::to_string(experts) + ShapeArgs(s) + " 2>&1");
+  std::string out =
+      RunCommand(self + " layer-run --impl " + impl + " --experts " + std::to_string(experts) + ShapeArgs(s) + " 2>&1");
   auto at = out.rfind("\n{");
   std::string line = out.substr(at == std::string::npos ? 0 : at + 1);
   try {
@@ -186,28 +187,36 @@ json RunChild(const std::string& impl, int64_t experts, const Shape& s) {
   }
 }
 
-// ../shared/bench/peer_ref.py prints "... fwd+bwd tokens/s=N peak_rss_MB=M".
+// peer_ref.py, the external PyTorch reference script given by --ref-script, prints
+// "... fwd+bwd tokens/s=N peak_rss_MB=M".
 json RunPeerRef(const std::string& script, int64_t experts, const Shape& s) {
   const int64_t n_keys = std::llround(std::sqrt(static_cast<double>(experts)));
-  std::string out = RunCommand("/usr/bin/python3 " + script + " " + std::to_string(s.dim) + " " +
-                               std::to_string(n_keys) + " " + std::to_string(s.heads) + " " +
-                               std::to_string(s.topk) + " " + std::to_string(s.tokens) + " " +
-                               std::to_string(s.iters) + " " + std::to_string(s.threads) + " 2>&1");
+  std::string out =
+      RunCommand("/usr/bin/python3 " + script + " " + std::to_string(s.dim) + " " + std::to_string(n_keys) + " " +
+                 std::to_string(s.heads) + " " + std::to_string(s.topk) + " " + std::to_string(s.tokens) + " " +
+                 std::to_string(s.iters) + " " + std::to_string(s.threads) + " 2>&1");
   std::smatch tps, rss;
   if (!std::regex_search(out, tps, std::regex("tokens/s=([0-9.]+)")) ||
       !std::regex_search(out, rss, std::regex("peak_rss_MB=([0-9.]+)")))
     return ErrorRow("peer_ref.py", experts, "peer_ref.py failed: " + out.substr(0, 300));
   const double params = 2.0 * experts * s.dim + double(s.dim) * s.dim * s.heads + 2.0 * n_keys * s.heads * s.dim / 2;
-  return {{"impl", "peer_ref.py"}, {"experts", experts}, {"dim", s.dim}, {"heads", s.heads},
-          {"topk", s.topk}, {"tokens", s.tokens}, {"threads", s.threads},
-          {"tokens_per_s", std::stod(tps[1])}, {"peak_rss_mb", std::stod(rss[1])},
-          {"param_mb", params * 4 / 1e6}, {"pool", "training"}};
+  return {{"impl", "peer_ref.py"},
+          {"experts", experts},
+          {"dim", s.dim},
+          {"heads", s.heads},
+          {"topk", s.topk},
+          {"tokens", s.tokens},
+          {"threads", s.threads},
+          {"tokens_per_s", std::stod(tps[1])},
+          {"peak_rss_mb", std::stod(rss[1])},
+          {"param_mb", params * 4 / 1e6},
+          {"pool", "training"}};
 }
 
 // The lines under the table: each target, the figure, its spread over rounds, met or not.
 void PrintTargets(const json& t) {
   if (!t.contains("experts")) return;
-  std::printf("\nissue 6 targets (%s, %lld experts; median of %d rounds [lowest, highest]):\n",
+  std::printf("\ntargets (bench/KERNELS.md; %s, %lld experts; median of %d rounds [lowest, highest]):\n",
               t["targets"].get<std::string>().c_str(), (long long)t["experts"].get<int64_t>(), t["rounds"].get<int>());
   auto line = [](const char* what, const json& v) {
     const bool at_least = v.contains("target_at_least");
@@ -268,15 +277,17 @@ int LayerRun(int argc, char** argv) {
     p.set_heads(s.heads);
     p.set_topk(s.topk);
     p.set_query_dim(s.dim);  // as peer_ref.py: two halves of dim/2 per head
-    p.set_query_norm(s.query_norm == "batch" ? QUERY_NORM_BATCH
-                     : s.query_norm == "layer" ? QUERY_NORM_LAYER : QUERY_NORM_NONE);
+    p.set_query_norm(s.query_norm == "batch"   ? QUERY_NORM_BATCH
+                     : s.query_norm == "layer" ? QUERY_NORM_LAYER
+                                               : QUERY_NORM_NONE);
     p.set_initial_segments(1);
     p.set_impl(impl == "fused" ? PEER_IMPL_FUSED : PEER_IMPL_REFERENCE);
     PeerLayer peer(s.dim, p);
     for (const auto& t : peer->parameters()) params += t.numel();
     if (s.pool != "training") {
-      Status st = peer->FreezeSegment(peer->segments()[0]->id(), s.pool == "frozen-bf16" ? torch::kBFloat16 : torch::kFloat);
-      TORCH_CHECK(st.ok(), st.ToString());
+      Status st =
+          peer->FreezeSegment(peer->segments()[0]->id(), s.pool == "frozen-bf16" ? torch::kBFloat16 : torch::kFloat);
+      CheckOk(st);
     }
     for (const auto& t : peer->parameters())
       if (t.requires_grad()) trained.push_back(t);
@@ -307,11 +318,20 @@ int LayerRun(int argc, char** argv) {
   }
   std::sort(step_seconds.begin(), step_seconds.end());
   const double median = step_seconds[step_seconds.size() / 2];
-  json row = {{"impl", impl}, {"experts", experts}, {"dim", s.dim},
-              {"heads", s.heads}, {"topk", s.topk}, {"tokens", s.tokens}, {"threads", s.threads},
-              {"tokens_per_s", s.tokens / median}, {"peak_rss_mb", PeakRssMb()},
-              {"param_mb", params * 4 / 1e6}, {"query_norm", s.query_norm}, {"pool", s.pool},
-              {"rss_before_step_mb", rss_before_mb}, {"step_s", median}};
+  json row = {{"impl", impl},
+              {"experts", experts},
+              {"dim", s.dim},
+              {"heads", s.heads},
+              {"topk", s.topk},
+              {"tokens", s.tokens},
+              {"threads", s.threads},
+              {"tokens_per_s", s.tokens / median},
+              {"peak_rss_mb", PeakRssMb()},
+              {"param_mb", params * 4 / 1e6},
+              {"query_norm", s.query_norm},
+              {"pool", s.pool},
+              {"rss_before_step_mb", rss_before_mb},
+              {"step_s", median}};
   if (experts > 0) {
     const Floor f = CountFloor(s, experts, s.pool == "training", s.pool == "frozen-bf16" ? 2 : 4);
     row["qnet_flops"] = f.qnet_flops;
@@ -323,9 +343,10 @@ int LayerRun(int argc, char** argv) {
 }
 
 int LayerBench(int argc, char** argv) {
-  CLI::App app{"peer-bench layer: PEER layer forward+backward, fused kernels vs the reference composition, "
-               "training and frozen pools, side by side with a dense FFN of equal active parameters and "
-               "../shared/bench/peer_ref.py"};
+  CLI::App app{
+      "peer-bench layer: PEER layer forward+backward, fused kernels vs the reference composition, "
+      "training and frozen pools, side by side with a dense FFN of equal active parameters and "
+      "an external PyTorch reference script, peer_ref.py (--ref-script)"};
   Shape s;
   std::vector<int64_t> experts = {65536, 262144, 1048576};
   std::vector<std::string> impls = {"peerd", "fused", "dense-ffn", "peer_ref.py"};
@@ -336,11 +357,18 @@ int LayerBench(int argc, char** argv) {
   std::string json_out = "bench-out/layer.json";
   AddShapeFlags(app, s);
   app.add_option("--experts", experts, "pool sizes (squares), comma-separated")->delimiter(',')->capture_default_str();
-  app.add_option("--impl", impls, "peerd (reference), fused, dense-ffn, peer_ref.py (comma-separated)")->delimiter(',')->capture_default_str();
-  app.add_option("--pools", pools, "training, frozen, frozen-bf16 (comma-separated; peer_ref.py trains)")->delimiter(',')->capture_default_str();
-  app.add_option("--ref-script", ref_script, "path to peer_ref.py")->capture_default_str();
-  app.add_option("--rounds", rounds, "runs of every configuration, one round after another; a figure is the median of "
-                 "its rounds, a ratio the median of its per-round ratios")->capture_default_str();
+  app.add_option("--impl", impls, "peerd (reference), fused, dense-ffn, peer_ref.py (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--pools", pools, "training, frozen, frozen-bf16 (comma-separated; peer_ref.py trains)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--ref-script", ref_script, "path of peer_ref.py, the external PyTorch reference script")
+      ->capture_default_str();
+  app.add_option("--rounds", rounds,
+                 "runs of every configuration, one round after another; a figure is the median of "
+                 "its rounds, a ratio the median of its per-round ratios")
+      ->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object per configuration instead of the table");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -378,8 +406,8 @@ int LayerBench(int argc, char** argv) {
       const std::string result = r.contains("tokens_per_s")
                                      ? std::to_string(std::lround(r["tokens_per_s"].get<double>())) + " tokens/s"
                                      : r.value("error", std::string("failed"));
-      std::fprintf(stderr, "round %d/%d: %s %s %lld experts: %s\n", round + 1, rounds, cf.impl.c_str(),
-                   cf.pool.c_str(), (long long)cf.experts, result.c_str());
+      std::fprintf(stderr, "round %d/%d: %s %s %lld experts: %s\n", round + 1, rounds, cf.impl.c_str(), cf.pool.c_str(),
+                   (long long)cf.experts, result.c_str());
       runs[c].push_back(std::move(r));
     }
   }
@@ -459,8 +487,8 @@ int LayerBench(int argc, char** argv) {
     r["measured_packed_gemm_gflops"] = rates.packed / 1e9;
     r["blas_kernels"] = kernels::cpu::BlasCoreName();
   }
-  // issue 6's targets for the fused layer on a training pool, at the largest pool size (and the
-  // smallest, for the scaling): a last JSON line, and a few lines under the table.
+  // The fused layer's targets on a training pool (bench/KERNELS.md), at the largest pool size (and
+  // the smallest, for the scaling): a last JSON line, and a few lines under the table.
   json targets = {{"targets", "fused, training pool"}, {"rounds", rounds}};
   if (!experts.empty()) {
     const auto [small, large] = std::minmax_element(experts.begin(), experts.end());
@@ -494,18 +522,20 @@ int LayerBench(int argc, char** argv) {
     PrintJsonLines(rows);
     return 0;
   }
-  std::printf("PEER layer forward+backward: D=%lld h=%lld k=%lld, %lld tokens/step, %u threads, "
-              "median of %lld steps (peer_ref.py: mean); %d rounds: tokens/s the median round, a ratio the median "
-              "of its per-round ratios, peak RSS the largest\n",
-              (long long)s.dim, (long long)s.heads, (long long)s.topk, (long long)s.tokens, s.threads,
-              (long long)s.iters, rounds);
-  std::printf("measured: copy bandwidth %.1f GB/s, GEMM at the retrieval's shape %.1f GFLOP/s (BLAS), %.1f "
-              "GFLOP/s (the fused layer's GEMM kernel); floor = (W_q + sub-key score FLOPs) / the faster GEMM "
-              "rate + expert-row bytes / bandwidth\n",
-              rates.bandwidth / 1e9, rates.gemm / 1e9, rates.packed / 1e9);
+  std::printf(
+      "PEER layer forward+backward: D=%lld h=%lld k=%lld, %lld tokens/step, %u threads, "
+      "median of %lld steps (peer_ref.py: mean); %d rounds: tokens/s the median round, a ratio the median "
+      "of its per-round ratios, peak RSS the largest\n",
+      (long long)s.dim, (long long)s.heads, (long long)s.topk, (long long)s.tokens, s.threads, (long long)s.iters,
+      rounds);
+  std::printf(
+      "measured: copy bandwidth %.1f GB/s, GEMM at the retrieval's shape %.1f GFLOP/s (BLAS), %.1f "
+      "GFLOP/s (the fused layer's GEMM kernel); floor = (W_q + sub-key score FLOPs) / the faster GEMM "
+      "rate + expert-row bytes / bandwidth\n",
+      rates.bandwidth / 1e9, rates.gemm / 1e9, rates.packed / 1e9);
   std::printf("BLAS: %s\n", BlasInfo().c_str());
-  std::printf("%-12s %-9s %9s %10s %10s %10s %9s %9s %9s %7s %7s\n", "impl", "pool", "experts", "params MB",
-              "tokens/s", "peak RSS", "RSS/param", "vs ref", "vs py", "floor%", "mem%");
+  std::printf("%-12s %-9s %9s %10s %10s %10s %9s %9s %9s %7s %7s\n", "impl", "pool", "experts", "params MB", "tokens/s",
+              "peak RSS", "RSS/param", "vs ref", "vs py", "floor%", "mem%");
   auto fmt = [](const json& r, const char* key, const char* f, double scale = 1) {
     if (!r.contains(key)) return std::string("-");
     char buf[32];

@@ -1,7 +1,7 @@
 // `peer-bench layer`: PEER layer forward+backward throughput and peak memory, side by side with
-// a dense FFN of equal active parameters and with ../shared/bench/peer_ref.py (a faithful
-// PyTorch port of a public PEER implementation). Each configuration runs in its own process so
-// that its peak RSS is its own.
+// a dense FFN of equal active parameters and with peer_ref.py, an external script given by path
+// (--ref-script: a faithful PyTorch port of a public PEER implementation, not in this
+// repository). Each configuration runs in its own process so that its peak RSS is its own.
 #pragma once
 
 namespace peerd::bench {

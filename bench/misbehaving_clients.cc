@@ -116,8 +116,7 @@ void MisbehavingClients::GarbageLoop(uint64_t seed) {
     for (char& c : garbage) c = static_cast<char>(rng());
     if (SendAll(fd, garbage)) {
       char reply[256];
-      while (!stop_ && ::recv(fd, reply, sizeof reply, 0) > 0) {
-      }  // the error frame, then peerd closes
+      while (!stop_ && ::recv(fd, reply, sizeof reply, 0) > 0) {}  // the error frame, then peerd closes
     }
     ::close(fd);
   }

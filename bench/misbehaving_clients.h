@@ -1,6 +1,6 @@
 // MisbehavingClients: clients that misbehave against a data port until stopped, so that a
-// benchmark can measure what they cost the well-behaved ones (issue 7: "well-behaved clients keep
-// their throughput"). Each kind runs on its own threads with plain blocking sockets:
+// benchmark can measure what they cost the well-behaved ones, which should keep their
+// throughput. Each kind runs on its own threads with plain blocking sockets:
 //   silent        hello, then nothing (held open; the idle timeout's business)
 //   half_frame    hello, then two bytes of a length prefix, then nothing
 //   non_reader    hello, then documents as fast as TCP takes them, never reading an ack; after
@@ -44,7 +44,7 @@ class MisbehavingClients {
   void NonReader(int index, uint64_t bytes);
   void GarbageLoop(uint64_t seed);
   void CutMidFrameLoop(int index);
-  int Connect();                                  // a socket fd, or -1
+  int Connect();                                   // a socket fd, or -1
   bool SendAll(int fd, const std::string& bytes);  // false when the peer closed or send timed out
   void HoldUntilStopped() const;
 

@@ -17,7 +17,7 @@
 #include "core/runtime.h"
 
 int main(int argc, char** argv) {
-  peerd::UseTunedRuntimeEnvironment(argv);
+  peerd::ReexecWithTunedEnvironment(argv);
   if (argc >= 2 && std::strcmp(argv[1], "layer") == 0) return peerd::bench::LayerBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "ingest") == 0) return peerd::bench::IngestBench(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "forgetting") == 0) return peerd::bench::ForgettingBench(argc - 1, argv + 1);
@@ -27,7 +27,8 @@ int main(int argc, char** argv) {
   std::fprintf(stderr,
                "usage: peer-bench layer|store|ingest|forgetting|scaling [--help]\n"
                "  layer   PEER layer forward+backward tokens/s and peak memory, side by side with a\n"
-               "          dense FFN of equal active parameters and ../shared/bench/peer_ref.py\n"
+               "          dense FFN of equal active parameters and an external PyTorch reference\n"
+               "          script (peer_ref.py, --ref-script)\n"
                "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n"
                "  ingest  data port MB/s acked (1 and 8 clients; 8 beside misbehaving ones); service\n"
                "          training vs bare trainer\n"

@@ -5,10 +5,10 @@
 // Trainer::Step only, so start-up and the initial model sync are not counted.
 #include "bench/scaling_bench.h"
 
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cstdio>
@@ -34,7 +34,8 @@ struct Run {
 };
 
 // Runs one job: `world` peer-train ranks of `threads` threads each; rank 0's summary.
-Run RunJob(const std::string& peer_train, const std::string& args, int world, int threads, int port, const std::string& dir) {
+Run RunJob(const std::string& peer_train, const std::string& args, int world, int threads, int port,
+           const std::string& dir) {
   std::vector<pid_t> pids;
   for (int r = 0; r < world; ++r) {
     const std::string log = dir + "/rank" + std::to_string(r) + ".log";
@@ -60,7 +61,8 @@ Run RunJob(const std::string& peer_train, const std::string& args, int world, in
   ss << in.rdbuf();
   run.log = ss.str();
   std::smatch m;
-  const std::regex summary("trained ([0-9]+) steps in ([0-9.]+) s: ([0-9.]+) tokens/s; collectives ([0-9.]+) ms/step, ([0-9.]+) KB/step");
+  const std::regex summary(
+      "trained ([0-9]+) steps in ([0-9.]+) s: ([0-9.]+) tokens/s; collectives ([0-9.]+) ms/step, ([0-9.]+) KB/step");
   if (ok && std::regex_search(run.log, m, summary)) {
     run.ok = true;
     run.step_ms = 1000 * std::stod(m[2]) / std::stod(m[1]);
@@ -103,8 +105,8 @@ int ScalingBench(int argc, char** argv) {
 
   std::printf("peer-bench scaling: peer-train %d steps, %d repeats, medians; %u cores\n", steps, repeats,
               std::thread::hardware_concurrency());
-  std::printf("%-6s %-8s %-6s %10s %8s %10s %14s %8s %10s\n", "ranks", "threads", "total", "tokens/s", "vs 1x1", "ms/step",
-              "collect ms/st", "share", "KB/step");
+  std::printf("%-6s %-8s %-6s %10s %8s %10s %14s %8s %10s\n", "ranks", "threads", "total", "tokens/s", "vs 1x1",
+              "ms/step", "collect ms/st", "share", "KB/step");
   std::vector<json> rows;
   double base = 0;
   int port = base_port;
@@ -120,7 +122,8 @@ int ScalingBench(int argc, char** argv) {
     for (int r = 0; r < repeats; ++r) {
       Run run = RunJob(peer_train, args, world, threads, port++, dir);
       if (!run.ok) {
-        std::fprintf(stderr, "peer-bench scaling: %d ranks x %d threads failed:\n%s\n", world, threads, run.log.c_str());
+        std::fprintf(stderr, "peer-bench scaling: %d ranks x %d threads failed:\n%s\n", world, threads,
+                     run.log.c_str());
         return 1;
       }
       tps.push_back(run.tokens_per_second);
@@ -133,9 +136,16 @@ int ScalingBench(int argc, char** argv) {
     // Collective time includes waiting for the slowest rank, not only bytes on the wire.
     std::printf("%-6d %-8d %-6d %10.0f %7.2fx %10.2f %14.2f %7.0f%% %10.1f\n", world, threads, world * threads, t,
                 base > 0 ? t / base : 0, ms, c, ms > 0 ? 100 * c / ms : 0, kb);
-    rows.push_back({{"bench", "scaling"}, {"ranks", world}, {"threads_per_rank", threads}, {"steps", steps},
-                    {"repeats", repeats}, {"tokens_per_second_median", t}, {"tokens_per_second", tps},
-                    {"step_ms_median", ms}, {"collective_ms_per_step_median", c}, {"kb_sent_per_step_rank0", kb},
+    rows.push_back({{"bench", "scaling"},
+                    {"ranks", world},
+                    {"threads_per_rank", threads},
+                    {"steps", steps},
+                    {"repeats", repeats},
+                    {"tokens_per_second_median", t},
+                    {"tokens_per_second", tps},
+                    {"step_ms_median", ms},
+                    {"collective_ms_per_step_median", c},
+                    {"kb_sent_per_step_rank0", kb},
                     {"speedup_vs_1x1", base > 0 ? t / base : 0}});
     std::fflush(stdout);
   }

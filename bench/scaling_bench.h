@@ -1,5 +1,5 @@
 // peer-bench scaling: tokens/s of data-parallel training with 1, 2, 4 ranks on this machine
-// (issue 8; bench/SCALING.md).
+// (bench/SCALING.md).
 #pragma once
 
 namespace peerd::bench {

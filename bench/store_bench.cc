@@ -71,7 +71,8 @@ int StoreBench(int argc, char** argv) {
   std::string dir = "bench-out/store-bench";
   bool as_json = false, keep = false;
   std::string json_out = "bench-out/store.json";
-  app.add_option("--n-keys", n_keys, "sub-keys per half of the benchmark segment (experts = n²)")->capture_default_str();
+  app.add_option("--n-keys", n_keys, "sub-keys per half of the benchmark segment (experts = n²)")
+      ->capture_default_str();
   app.add_option("--dim", dim, "expert width D")->capture_default_str();
   app.add_option("--tokens", batch_tokens, "tokens per cached read batch")->capture_default_str();
   app.add_option("--rows-per-token", rows_per_token, "rows each token reads (h·k)")->capture_default_str();
@@ -111,14 +112,18 @@ int StoreBench(int argc, char** argv) {
   std::string pattern(row_bytes * 64, '\0');
   for (auto& c : pattern) c = static_cast<char>(rng());
   auto t0 = Clock::now();
-  Status st = store->FreezeSegment(m, sub_keys, [&](uint32_t e, std::string* row) {
-    row->assign(pattern, (e % 64) * row_bytes, row_bytes);
-    std::memcpy(row->data(), &e, 4);  // distinct rows
-  }, &m);
+  Status st = store->FreezeSegment(
+      m, sub_keys,
+      [&](uint32_t e, std::string* row) {
+        row->assign(pattern, (e % 64) * row_bytes, row_bytes);
+        std::memcpy(row->data(), &e, 4);  // distinct rows
+      },
+      &m);
   if (!st.ok()) return Fail(st);
   const double freeze_s = Seconds(t0);
   const double segment_mb = (experts * row_bytes + sub_keys.size()) / 1e6;
-  figure("freeze_mb_per_s", segment_mb / freeze_s, "MB/s", {{"experts", experts}, {"dim", dim}, {"dtype", "bf16"}, {"mb", segment_mb}});
+  figure("freeze_mb_per_s", segment_mb / freeze_s, "MB/s",
+         {{"experts", experts}, {"dim", dim}, {"dtype", "bf16"}, {"mb", segment_mb}});
   if (Status f = store->Flush(); !f.ok()) return Fail(f);
   store.reset();
 
@@ -141,7 +146,8 @@ int StoreBench(int argc, char** argv) {
   }
   const double open_s = Seconds(t0);
   const double rss_after = ResidentMb();
-  figure("cold_open_mb_per_s", sst_bytes / 1e6 / open_s, "MB/s", {{"experts", experts}, {"sst_mb", sst_bytes / 1e6}, {"seconds", open_s}});
+  figure("cold_open_mb_per_s", sst_bytes / 1e6 / open_s, "MB/s",
+         {{"experts", experts}, {"sst_mb", sst_bytes / 1e6}, {"seconds", open_s}});
   EvictTableFiles(dir);
   t0 = Clock::now();
   if (std::system(("cat " + dir + "/*.sst > /dev/null").c_str()) != 0) std::fprintf(stderr, "cat failed\n");
@@ -155,8 +161,8 @@ int StoreBench(int argc, char** argv) {
   for (double hit : {0.1, 0.5, 0.9}) {
     // Every cold read is a distinct row (a miss); a pool too small for that gets a smaller batch.
     const int64_t hot_n = std::min<int64_t>(65536, experts / 4);
-    const int64_t reads = std::min<int64_t>(batch_tokens * rows_per_token,
-                                            static_cast<int64_t>((experts - hot_n) / (1 - hit)));
+    const int64_t reads =
+        std::min<int64_t>(batch_tokens * rows_per_token, static_cast<int64_t>((experts - hot_n) / (1 - hit)));
     std::vector<double> rates;
     double measured_hit = 0;
     for (int64_t rep = 0; rep < reps; ++rep) {
@@ -177,16 +183,16 @@ int StoreBench(int argc, char** argv) {
       const RowCache::Stats before = cache.stats();
       std::vector<char> sink(row_bytes);
       t0 = Clock::now();
-      Status g = cache.Get(0, 0, batch.data(), batch.size(), [&](size_t, std::string_view row) {
-        std::memcpy(sink.data(), row.data(), row_bytes);
-      });
+      Status g = cache.Get(0, 0, batch.data(), batch.size(),
+                           [&](size_t, std::string_view row) { std::memcpy(sink.data(), row.data(), row_bytes); });
       if (!g.ok()) return Fail(g);
       rates.push_back(reads / Seconds(t0));
       measured_hit = double(cache.stats().hits - before.hits) / reads;
     }
     char name[64];
     std::snprintf(name, sizeof name, "cached_rows_per_s_hit%.0f", hit * 100);
-    figure(name, Median(rates), "rows/s", {{"reads", reads}, {"hit_ratio", hit}, {"measured_hit_ratio", measured_hit}, {"reps", reps}});
+    figure(name, Median(rates), "rows/s",
+           {{"reads", reads}, {"hit_ratio", hit}, {"measured_hit_ratio", measured_hit}, {"reps", reps}});
   }
   store.reset();
   if (!keep) fs::remove_all(dir);
@@ -196,8 +202,8 @@ int StoreBench(int argc, char** argv) {
     PrintJsonLines(figures);
     return 0;
   }
-  std::printf("expert store: one segment of %lld experts, D=%lld, bf16 rows (%zu bytes each)\n",
-              (long long)experts, (long long)dim, row_bytes);
+  std::printf("expert store: one segment of %lld experts, D=%lld, bf16 rows (%zu bytes each)\n", (long long)experts,
+              (long long)dim, row_bytes);
   std::printf("%-36s %14s  %s\n", "figure", "value", "unit");
   for (const auto& f : figures)
     std::printf("%-36s %14.1f  %s\n", f["figure"].get<std::string>().c_str(), f["value"].get<double>(),

@@ -59,8 +59,10 @@ double AdamW::ClipGradNorm(double max_norm) {
     for (Param& p : params_) {
       torch::Tensor& g = p.tensor.mutable_grad();
       if (!g.defined()) continue;
-      if (g.is_sparse()) g._values().mul_(scale);
-      else g.mul_(scale);
+      if (g.is_sparse())
+        g._values().mul_(scale);
+      else
+        g.mul_(scale);
     }
   }
   return norm;

@@ -41,7 +41,8 @@ Status ParseRendezvous(const std::string& text, CollectiveOptions* options) {
   if (colon == std::string::npos || colon == 0 ||
       std::from_chars(text.data() + colon + 1, text.data() + text.size(), port).ec != std::errc() || port == 0 ||
       port > 65535)
-    return Status::InvalidArgument("--rendezvous must be HOST:PORT (rank 0's address and a free port), got '" + text + "'");
+    return Status::InvalidArgument("--rendezvous must be HOST:PORT (rank 0's address and a free port), got '" + text +
+                                   "'");
   options->host = text.substr(0, colon);
   options->port = static_cast<uint16_t>(port);
   return Status::OK();
@@ -59,8 +60,9 @@ Status Collective::Connect(const CollectiveOptions& options, std::unique_ptr<Col
   auto group = std::make_unique<Group>();
 #ifndef PEERD_WITH_C10D_GLOO
   if (options.world_size > 1)
-    return Status::FailedPrecondition("this peerd was built without multi-rank training (no Gloo headers at build "
-                                      "time: apt-get install libgloo-dev, then rebuild)");
+    return Status::FailedPrecondition(
+        "this peerd was built without multi-rank training (no Gloo headers at build "
+        "time: apt-get install libgloo-dev, then rebuild)");
   out->reset(new Collective(options, std::move(group)));
   return Status::OK();
 #else
@@ -77,11 +79,10 @@ Status Collective::Connect(const CollectiveOptions& options, std::unique_ptr<Col
     po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.host));
     group->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, options.rank, options.world_size, po);
   } catch (const std::exception& e) {
-    return Status::IOError("rank " + std::to_string(options.rank) + " of " + std::to_string(options.world_size) +
-                           " could not join the job at " + where + " within " +
-                           std::to_string(options.timeout.count() / 1000) +
-                           " s (start every rank with the same --world-size and --rendezvous; rank 0 serves it): " +
-                           What(e));
+    return Status::IOError(
+        "rank " + std::to_string(options.rank) + " of " + std::to_string(options.world_size) +
+        " could not join the job at " + where + " within " + std::to_string(options.timeout.count() / 1000) +
+        " s (start every rank with the same --world-size and --rendezvous; rank 0 serves it): " + What(e));
   }
   out->reset(new Collective(options, std::move(group)));
   return Status::OK();
@@ -98,8 +99,8 @@ Status Collective::Run(const char* what, F&& f) {
     // Almost always a rank that died or hung; a rank running another build or configuration ends
     // up here too, with Gloo's words for it.
     st = Status::IOError("rank " + std::to_string(rank()) + ": " + what + " failed — another rank of the " +
-                         std::to_string(world_size()) + " has gone or stopped answering (or runs another build): " +
-                         What(e));
+                         std::to_string(world_size()) +
+                         " has gone or stopped answering (or runs another build): " + What(e));
   }
   seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return st;
@@ -124,7 +125,8 @@ Status Collective::BroadcastBytes(std::string* bytes, const char* what) {
   if (Status st = Broadcast(size, what); !st.ok()) return st;
   bytes->resize(static_cast<size_t>(size[0].item<int64_t>()));
   if (bytes->empty()) return Status::OK();
-  std::vector<torch::Tensor> data{torch::from_blob(bytes->data(), {static_cast<int64_t>(bytes->size())}, torch::kUInt8)};
+  std::vector<torch::Tensor> data{
+      torch::from_blob(bytes->data(), {static_cast<int64_t>(bytes->size())}, torch::kUInt8)};
   return Broadcast(data, what);
 }
 

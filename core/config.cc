@@ -12,8 +12,8 @@ namespace peerd {
 namespace {
 
 // Parameter groups a TrainConfig may name (DESIGN.md §1, "Training policy groups").
-const char* const kTrainGroups[] = {"all",   "non-expert",  "expert",    "attention",
-                                    "dense-ffn", "new-segment", "query", "norm-stats", "adapter"};
+const char* const kTrainGroups[] = {"all",         "non-expert", "expert",     "attention", "dense-ffn",
+                                    "new-segment", "query",      "norm-stats", "adapter"};
 
 Status Invalid(const std::string& field, const std::string& what) {
   return Status::InvalidArgument("config field '" + field + "' " + what);
@@ -82,11 +82,12 @@ std::vector<int> PeerBlocks(const ModelConfig& model) {
 
 Status ValidateConfig(const Config& c) {
   const ModelConfig& m = c.model();
-  if (m.d_model() < 2 || m.d_model() > 65536) return Invalid("model.dModel", "must be in [2, 65536], got " + std::to_string(m.d_model()));
+  if (m.d_model() < 2 || m.d_model() > 65536)
+    return Invalid("model.dModel", "must be in [2, 65536], got " + std::to_string(m.d_model()));
   if (m.n_layers() == 0) return Invalid("model.nLayers", "must be at least 1");
   if (m.n_heads() == 0 || m.d_model() % m.n_heads() != 0)
-    return Invalid("model.nHeads", "must be a positive divisor of model.dModel (" +
-                                       std::to_string(m.d_model()) + "), got " + std::to_string(m.n_heads()));
+    return Invalid("model.nHeads", "must be a positive divisor of model.dModel (" + std::to_string(m.d_model()) +
+                                       "), got " + std::to_string(m.n_heads()));
   if (m.context() == 0) return Invalid("model.context", "must be at least 1");
   if (m.ffn() != FFN_KIND_PEER && m.ffn() != FFN_KIND_DENSE)
     return Invalid("model.ffn", "must be FFN_KIND_PEER or FFN_KIND_DENSE");
@@ -97,14 +98,16 @@ Status ValidateConfig(const Config& c) {
                                              std::to_string(m.n_layers()) + " blocks (0-based)");
 
   const PeerConfig& p = m.peer();
-  if (p.n_keys() == 0) return Invalid("model.peer.nKeys", "must be at least 1 (a segment holds nKeys² experts; zero experts is no layer)");
-  if (p.n_keys() > 65536) return Invalid("model.peer.nKeys", "must be at most 65536, got " + std::to_string(p.n_keys()));
+  if (p.n_keys() == 0)
+    return Invalid("model.peer.nKeys", "must be at least 1 (a segment holds nKeys² experts; zero experts is no layer)");
+  if (p.n_keys() > 65536)
+    return Invalid("model.peer.nKeys", "must be at most 65536, got " + std::to_string(p.n_keys()));
   if (p.heads() == 0) return Invalid("model.peer.heads", "must be at least 1");
   if (p.topk() == 0) return Invalid("model.peer.topk", "must be at least 1");
   if (p.topk() > p.n_keys())
-    return Invalid("model.peer.topk", "(" + std::to_string(p.topk()) +
-                                          ") is larger than the sub-keys per half (model.peer.nKeys = " +
-                                          std::to_string(p.n_keys()) + "): product-key retrieval takes the top-k of each half");
+    return Invalid("model.peer.topk",
+                   "(" + std::to_string(p.topk()) + ") is larger than the sub-keys per half (model.peer.nKeys = " +
+                       std::to_string(p.n_keys()) + "): product-key retrieval takes the top-k of each half");
   if (p.query_dim() == 0 || p.query_dim() % 2 != 0)
     return Invalid("model.peer.queryDim", "must be even and positive (the query splits into two halves), got " +
                                               std::to_string(p.query_dim()));
@@ -138,9 +141,11 @@ Status ValidateConfig(const Config& c) {
   if (!(t.replay_ratio() >= 0 && t.replay_ratio() < 1))
     return Invalid("train.replayRatio", "must be in [0, 1), got " + std::to_string(t.replay_ratio()));
   if (!std::isfinite(t.distill_weight()) || t.distill_weight() < 0 || t.distill_weight() > 1000)
-    return Invalid("train.distillWeight", "must be in [0, 1000] (0 = no distillation), got " +
-                                              std::to_string(t.distill_weight()));
-  if (t.adapter_rank() < 0) return Invalid("train.adapterRank", "must be 0 (full-rank deltas) or positive, got " + std::to_string(t.adapter_rank()));
+    return Invalid("train.distillWeight",
+                   "must be in [0, 1000] (0 = no distillation), got " + std::to_string(t.distill_weight()));
+  if (t.adapter_rank() < 0)
+    return Invalid("train.adapterRank",
+                   "must be 0 (full-rank deltas) or positive, got " + std::to_string(t.adapter_rank()));
   if (!std::isfinite(t.adapter_lr_scale()) || t.adapter_lr_scale() < 0 || t.adapter_lr_scale() > 1000)
     return Invalid("train.adapterLrScale", "must be in [0, 1000], got " + std::to_string(t.adapter_lr_scale()));
   if (!std::isfinite(t.trunk_delta_lr_scale()) || t.trunk_delta_lr_scale() < 0 || t.trunk_delta_lr_scale() > 1000)
@@ -151,13 +156,18 @@ Status ValidateConfig(const Config& c) {
     return Invalid("train.adapterRank", "must be at most model.dModel (" + std::to_string(m.d_model()) +
                                             "; 0 gives full-rank deltas), got " + std::to_string(t.adapter_rank()));
   if (t.routed() && m.ffn() != FFN_KIND_PEER)
-    return Invalid("train.routed", "needs a PEER model (model.ffn FFN_KIND_PEER): a routed branch is a segment of experts and its adapter");
+    return Invalid(
+        "train.routed",
+        "needs a PEER model (model.ffn FFN_KIND_PEER): a routed branch is a segment of experts and its adapter");
   if (t.routed() && t.replay_ratio() > 0)
-    return Invalid("train.routed", "trains each branch on its own domain's text only (old text would teach it other domains): "
-                                   "set train.replayRatio to 0 (got " + std::to_string(t.replay_ratio()) + ")");
+    return Invalid("train.routed",
+                   "trains each branch on its own domain's text only (old text would teach it other domains): "
+                   "set train.replayRatio to 0 (got " +
+                       std::to_string(t.replay_ratio()) + ")");
   if (!t.keep_trained_text() && t.replay_ratio() > 0)
-    return Invalid("train.keepTrainedText", "is false, so no trained text is kept to replay: set train.replayRatio to 0 (got " +
-                                                std::to_string(t.replay_ratio()) + ")");
+    return Invalid("train.keepTrainedText",
+                   "is false, so no trained text is kept to replay: set train.replayRatio to 0 (got " +
+                       std::to_string(t.replay_ratio()) + ")");
   if (t.train_groups_size() == 0) return Invalid("train.trainGroups", "must name at least one group");
   for (const std::string& g : t.train_groups()) {
     if (std::find(std::begin(kTrainGroups), std::end(kTrainGroups), g) == std::end(kTrainGroups)) {
@@ -175,8 +185,7 @@ Status ParseConfigJson(const std::string& json, Config* out) {
   options.ignore_unknown_fields = false;  // a misspelt field is an error, not a silent default
   auto st = google::protobuf::util::JsonStringToMessage(json, &given, options);
   if (!st.ok())
-    return Status::InvalidArgument("config is not valid JSON for peerd.Config: " +
-                                   std::string(st.message()));
+    return Status::InvalidArgument("config is not valid JSON for peerd.Config: " + std::string(st.message()));
   Config merged = DefaultConfig();
   // Repeated fields append on merge; a list given in the file replaces the default list.
   if (given.model().peer_blocks_size() > 0) merged.mutable_model()->clear_peer_blocks();

@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "proto/config.pb.h"
 #include "core/status.h"
+#include "proto/config.pb.h"
 
 namespace peerd {
 

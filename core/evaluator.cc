@@ -4,6 +4,9 @@
 #include <cmath>
 #include <map>
 
+#include "core/check_ok.h"
+#include "core/text_batcher.h"
+
 namespace peerd {
 
 double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOptions& options) {
@@ -11,8 +14,7 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
   int64_t n = static_cast<int64_t>(text.size());
   if (options.max_bytes > 0) n = std::min(n, options.max_bytes);
   TORCH_CHECK(n >= 2, "held-out text needs at least 2 bytes, got ", n);
-  torch::Tensor bytes =
-      torch::from_blob(const_cast<char*>(text.data()), {n}, torch::kUInt8).to(torch::kInt64);
+  torch::Tensor bytes = ByteTokens(std::string_view(text).substr(0, n));
 
   const bool was_training = model->is_training();
   model->eval();
@@ -24,7 +26,7 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
   std::vector<std::pair<int64_t, int64_t>> windows;  // [start, end] byte ranges, end inclusive
   int64_t start = 0;
   for (; start + context + 1 <= n; start += context) windows.push_back({start, start + context});
-  if (n - start >= 2) windows.push_back({start, n - 1});  // the shorter tail window
+  if (n - start >= 2) windows.push_back({start, n - 1});                           // the shorter tail window
   std::map<std::pair<int64_t, std::vector<int64_t>>, std::vector<size_t>> groups;  // route -> windows
   for (size_t w = 0; w < windows.size(); ++w) {
     Route r = model->route();
@@ -36,7 +38,7 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
   }
   const Route model_route = model->route();
   for (const auto& [key, members] : groups) {
-    TORCH_CHECK(model->SetRoute({key.first, key.second}).ok(), "evaluation routed to a part the model lacks");
+    CheckOk(model->SetRoute({key.first, key.second}));
     std::vector<torch::Tensor> batch;
     auto flush = [&] {
       if (batch.empty()) return;
@@ -60,7 +62,7 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
     }
     flush();
   }
-  TORCH_CHECK(model->SetRoute(model_route).ok());
+  CheckOk(model->SetRoute(model_route));
   model->train(was_training);
   return nats / predicted / std::log(2.0);
 }

@@ -6,8 +6,7 @@
 
 namespace peerd {
 
-ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, int64_t n_keys, int64_t d_model, int64_t heads,
-                                     int64_t query_dim)
+ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, int64_t n_keys, int64_t d_model, int64_t heads, int64_t query_dim)
     : id_(id), n_keys_(n_keys), d_model_(d_model) {
   const int64_t half = query_dim / 2;
   // Scales keep every score O(1) at initialisation: a normalised query half has unit-variance
@@ -16,8 +15,8 @@ ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, int64_t n_keys, int64_t d_model
   // segment barely moves the output until it has learnt something. Scaled in place: a 1M-expert
   // table is 1 GB, and `randn(...) * c` held two of them at once — the peak of a process that
   // builds a segment (peer-bench layer measured it as the layer's peak RSS).
-  sub_keys = register_parameter(
-      "sub_keys", torch::randn({heads, 2, n_keys, half}).div_(std::sqrt(static_cast<double>(half))));
+  sub_keys =
+      register_parameter("sub_keys", torch::randn({heads, 2, n_keys, half}).div_(std::sqrt(static_cast<double>(half))));
   down = register_parameter("down",
                             torch::randn({n_keys * n_keys, d_model}).div_(std::sqrt(static_cast<double>(d_model))));
   up = register_parameter("up", torch::randn({n_keys * n_keys, d_model}).mul_(0.02));
@@ -25,8 +24,8 @@ ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, int64_t n_keys, int64_t d_model
 
 ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, torch::Tensor keys, torch::Tensor down_rows, torch::Tensor up_rows)
     : id_(id), n_keys_(keys.size(2)), d_model_(down_rows.size(1)) {
-  TORCH_CHECK(down_rows.size(0) == n_keys_ * n_keys_ && up_rows.sizes() == down_rows.sizes(),
-              "segment ", id, ": rows do not match ", n_keys_, "² experts");
+  TORCH_CHECK(down_rows.size(0) == n_keys_ * n_keys_ && up_rows.sizes() == down_rows.sizes(), "segment ", id,
+              ": rows do not match ", n_keys_, "² experts");
   sub_keys = register_parameter("sub_keys", std::move(keys), /*requires_grad=*/false);
   down = register_parameter("down", std::move(down_rows), false);
   up = register_parameter("up", std::move(up_rows), false);

@@ -34,8 +34,10 @@ Status SumGradients(Collective& collective, const std::vector<torch::Tensor>& pa
       torch::Tensor sum = flat[0].slice(0, at, at + params[i].numel()).view(params[i].sizes());
       at += params[i].numel();
       torch::Tensor p = params[i];
-      if (p.grad().defined()) p.mutable_grad().copy_(sum);
-      else p.mutable_grad() = sum.clone();
+      if (p.grad().defined())
+        p.mutable_grad().copy_(sum);
+      else
+        p.mutable_grad() = sum.clone();
     }
     bucket.clear();
     bucket_size = 0;
@@ -63,7 +65,8 @@ Status SumGradients(Collective& collective, const std::vector<torch::Tensor>& pa
     if (!g.defined()) {
       std::vector<int64_t> value_shape = p.sizes().vec();
       value_shape[0] = 0;
-      g = torch::sparse_coo_tensor(torch::empty({1, 0}, torch::kLong), torch::empty(value_shape, p.options()), p.sizes());
+      g = torch::sparse_coo_tensor(torch::empty({1, 0}, torch::kLong), torch::empty(value_shape, p.options()),
+                                   p.sizes());
     }
     if (Status st = collective.AllReduceSparse(&g, "summing sparse row gradients"); !st.ok()) return st;
     p.mutable_grad() = g;

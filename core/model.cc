@@ -4,6 +4,7 @@
 #include <cmath>
 #include <unordered_set>
 
+#include "core/check_ok.h"
 #include "core/config.h"
 #include "core/tokenizer.h"
 
@@ -65,8 +66,10 @@ BlockImpl::BlockImpl(const ModelConfig& c, bool use_peer, std::string name) : na
   ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
   attn = register_module("attn", CausalSelfAttention(D, c.n_heads(), c.context()));
   ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
-  if (use_peer) peer = register_module("peer", PeerLayer(D, c.peer()));
-  else dense = register_module("dense", DenseFfn(D, c.dense_hidden()));
+  if (use_peer)
+    peer = register_module("peer", PeerLayer(D, c.peer()));
+  else
+    dense = register_module("dense", DenseFfn(D, c.dense_hidden()));
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
@@ -75,9 +78,10 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, const SegmentAdapterImp
   torch::Tensor n = Normed(ln2, h, adapter, name_ + ".ln2");
   if (!peer) return h + dense->forward(n, adapter, name_);
   // The adapter's query delta enters through the layer's own query network: W_q x + ΔW_q x.
-  return h + peer->forward(n, active, adapter ? [adapter, name = name_ + ".query"](const torch::Tensor& x) {
-    return adapter->Delta(name, x);
-  } : std::function<torch::Tensor(const torch::Tensor&)>());
+  return h + peer->forward(n, active,
+                           adapter ? [adapter, name = name_ + ".query"](
+                                         const torch::Tensor& x) { return adapter->Delta(name, x); }
+                                   : std::function<torch::Tensor(const torch::Tensor&)>());
 }
 
 TransformerLMImpl::TransformerLMImpl(const ModelConfig& config) : config_(config) {
@@ -221,8 +225,7 @@ std::vector<ParamInfo> TransformerLMImpl::ClassifiedParameters() const {
   std::vector<ParamInfo> out;
   auto add = [&](const std::string& prefix, const torch::nn::Module& m, ParamKind kind) {
     for (const auto& item : m.named_parameters())
-      out.push_back({prefix + "." + item.key(), item.value(), kind, nullptr, false,
-                     item.value().dim() >= 2});
+      out.push_back({prefix + "." + item.key(), item.value(), kind, nullptr, false, item.value().dim() >= 2});
   };
   add("tok_emb", *tok_emb, ParamKind::kEmbedding);
   add("pos_emb", *pos_emb, ParamKind::kEmbedding);
@@ -291,12 +294,13 @@ TransformerLM CopyForTeacher(const TransformerLM& model) {
   ModelConfig config = model->config();
   config.mutable_peer()->set_initial_segments(0);  // the segments follow the model's
   TransformerLM copy(config);
-  for (const auto& [id, adapter] : model->adapters()) TORCH_CHECK(copy->AddAdapter(id, adapter->rank(), adapter->trunk_deltas()).ok());
+  for (const auto& [id, adapter] : model->adapters())
+    CheckOk(copy->AddAdapter(id, adapter->rank(), adapter->trunk_deltas()));
   auto from = model->PeerLayers(), to = copy->PeerLayers();
   for (size_t l = 0; l < from.size(); ++l) {
     for (const auto& s : from[l]->segments()) {
       Status st = s->frozen() ? to[l]->InsertFrozenSegment(s) : to[l]->AddSegmentWithId(s->id(), s->n_keys());
-      TORCH_CHECK(st.ok(), st.ToString());
+      CheckOk(st);
     }
   }
   torch::NoGradGuard no_grad;
@@ -309,8 +313,8 @@ TransformerLM CopyForTeacher(const TransformerLM& model) {
   for (auto& b : copy->named_buffers())
     if (!b.value().is_same(src_buffers[b.key()])) b.value().copy_(src_buffers[b.key()]);
   for (const auto& [id, adapter] : model->adapters())
-    if (adapter->frozen()) TORCH_CHECK(copy->FreezeAdapter(id).ok());
-  TORCH_CHECK(copy->SetRoute(model->route()).ok());
+    if (adapter->frozen()) CheckOk(copy->FreezeAdapter(id));
+  CheckOk(copy->SetRoute(model->route()));
   copy->eval();
   return copy;
 }

@@ -10,9 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "proto/config.pb.h"
 #include "core/peer_layer.h"
 #include "core/segment_adapter.h"
+#include "proto/config.pb.h"
 
 namespace peerd {
 

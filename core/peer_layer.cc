@@ -3,17 +3,17 @@
 #include <algorithm>
 #include <string>
 
+#include "core/check_ok.h"
 #include "kernels/expert_mixture.h"
 #include "kernels/linear.h"
 #include "kernels/product_key_retrieval.h"
 
 namespace peerd {
 
-PeerLayerImpl::PeerLayerImpl(int64_t d_model, const PeerConfig& config)
-    : d_model_(d_model), config_(config) {
+PeerLayerImpl::PeerLayerImpl(int64_t d_model, const PeerConfig& config) : d_model_(d_model), config_(config) {
   const int64_t features = config.heads() * config.query_dim();
-  query_proj = register_module(
-      "query_proj", torch::nn::Linear(torch::nn::LinearOptions(d_model, features).bias(false)));
+  query_proj =
+      register_module("query_proj", torch::nn::Linear(torch::nn::LinearOptions(d_model, features).bias(false)));
   if (config.query_norm() != QUERY_NORM_NONE) {
     norm_weight = register_parameter("norm_weight", torch::ones({features}));
     norm_bias = register_parameter("norm_bias", torch::zeros({features}));
@@ -23,8 +23,7 @@ PeerLayerImpl::PeerLayerImpl(int64_t d_model, const PeerConfig& config)
     running_var = register_buffer("running_var", torch::ones({features}));
   }
   for (uint32_t i = 0; i < config.initial_segments(); ++i) {
-    Status st = AddSegment(config.n_keys());
-    TORCH_CHECK(st.ok(), st.ToString());
+    CheckOk(AddSegment(config.n_keys()));
   }
 }
 
@@ -68,8 +67,7 @@ Status PeerLayerImpl::InsertFrozenSegment(ExpertSegment segment) {
   const std::string name = "segment" + std::to_string(segment->id());
   const auto& keys = segment->sub_keys;
   if (!segment->frozen() || keys.dim() != 4 || keys.size(0) != config_.heads() || keys.size(1) != 2 ||
-      keys.size(3) * 2 != config_.query_dim() || segment->d_model() != d_model_ ||
-      segment->n_keys() < config_.topk())
+      keys.size(3) * 2 != config_.query_dim() || segment->d_model() != d_model_ || segment->n_keys() < config_.topk())
     return Status::InvalidArgument(name + " does not fit this layer (heads " + std::to_string(config_.heads()) +
                                    ", query_dim " + std::to_string(config_.query_dim()) + ", d_model " +
                                    std::to_string(d_model_) + ", top-k " + std::to_string(config_.topk()) + ")");
@@ -103,11 +101,8 @@ torch::Tensor PeerLayerImpl::Query(const torch::Tensor& x, const torch::Tensor& 
                             /*training=*/is_training() && !norm_stats_frozen_, /*momentum=*/0.1,
                             /*eps=*/1e-5, /*cudnn_enabled=*/false);
       break;
-    case QUERY_NORM_LAYER:
-      q = torch::layer_norm(q, {h * dk}, norm_weight, norm_bias);
-      break;
-    default:
-      break;
+    case QUERY_NORM_LAYER: q = torch::layer_norm(q, {h * dk}, norm_weight, norm_bias); break;
+    default: break;
   }
   return q.view({-1, h, dk}).transpose(0, 1);  // [h, M, dk]
 }
@@ -217,16 +212,16 @@ torch::Tensor PeerLayerImpl::MixFused(const torch::Tensor& x, const torch::Tenso
 torch::Tensor PeerLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>* active,
                                      const std::function<torch::Tensor(const torch::Tensor&)>& query_delta) {
   const int64_t D = d_model_, hk = config_.heads() * config_.topk();
-  torch::Tensor xs = x.reshape({-1, D});                        // [M, D]
+  torch::Tensor xs = x.reshape({-1, D});  // [M, D]
   const int64_t M = xs.size(0);
   Retrieval r = Retrieve(Query(xs, query_delta ? query_delta(xs) : torch::Tensor()), active);  // [M, h, k]
   torch::Tensor w = torch::softmax(r.scores, -1).reshape({M, 1, hk});  // router weights per head
   if (UsesFusedKernel(xs)) return MixFused(xs, w.view({M, hk}), r).view(x.sizes());
   auto [down, up] = Gather(r, xs.scalar_type());
-  torch::Tensor u = down.view({M, hk, D});                      // [M, h·k, D]
-  torch::Tensor v = up.view({M, hk, D});                        // [M, h·k, D]
+  torch::Tensor u = down.view({M, hk, D});                            // [M, h·k, D]
+  torch::Tensor v = up.view({M, hk, D});                              // [M, h·k, D]
   torch::Tensor a = torch::bmm(u, xs.unsqueeze(2)).view({M, 1, hk});  // u_e · x
-  torch::Tensor y = torch::bmm(torch::gelu(a) * w, v);          // [M, 1, D]: Σ_heads Σ_k w·GELU·v
+  torch::Tensor y = torch::bmm(torch::gelu(a) * w, v);                // [M, 1, D]: Σ_heads Σ_k w·GELU·v
   return y.view(x.sizes());
 }
 

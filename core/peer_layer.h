@@ -21,10 +21,10 @@
 #include <functional>
 #include <vector>
 
-#include "proto/config.pb.h"
 #include "core/expert_segment.h"
 #include "core/product_keys.h"
 #include "core/status.h"
+#include "proto/config.pb.h"
 
 namespace peerd {
 
@@ -80,8 +80,8 @@ class PeerLayerImpl : public torch::nn::Module {
   const PeerConfig& config() const { return config_; }
   // Whether forward runs the fused kernels (configured, and built for x's device and dtype).
   bool UsesFusedKernel(const torch::Tensor& x) const;
-  torch::nn::Linear query_proj{nullptr};  // W_q: D -> h·dk, no bias
-  torch::Tensor norm_weight, norm_bias;   // affine of the query norm ([h·dk]; undefined for NONE)
+  torch::nn::Linear query_proj{nullptr};    // W_q: D -> h·dk, no bias
+  torch::Tensor norm_weight, norm_bias;     // affine of the query norm ([h·dk]; undefined for NONE)
   torch::Tensor running_mean, running_var;  // batch-norm buffers (undefined unless BATCH)
 
  private:

@@ -17,7 +17,7 @@ TopK ProductKeyTopK(const torch::Tensor& query, const torch::Tensor& sub_keys, i
   // The k² candidate sums, and the top-k among them.
   torch::Tensor sums = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2);  // [h, M, k²]
   torch::Tensor ids = (i1.unsqueeze(-1) * n + i2.unsqueeze(-2)).flatten(-2);
-  auto [scores, pick] = sums.topk(k, /*dim=*/-1);                          // [h, M, k]
+  auto [scores, pick] = sums.topk(k, /*dim=*/-1);  // [h, M, k]
   return {scores, ids.gather(-1, pick)};
 }
 

@@ -15,8 +15,9 @@ Status CheckDataParallel(const Config& config) {
         "model.peer.queryNorm QUERY_NORM_BATCH cannot train on several ranks: each rank's batch-norm "
         "statistics would come from its share of the batch only; use QUERY_NORM_LAYER (the default)");
   if (config.train().routed())
-    return Status::InvalidArgument("train.routed runs in one process: the ranks do not share adapters, routes and the "
-                                   "router yet; use --world-size 1");
+    return Status::InvalidArgument(
+        "train.routed runs in one process: the ranks do not share adapters, routes and the "
+        "router yet; use --world-size 1");
   return Status::OK();
 }
 
@@ -55,13 +56,15 @@ Status SyncFromRankZero(Collective& collective, Trainer& trainer) {
   }
   std::string bytes = root ? state.SerializeAsString() : std::string();
   if (Status st = collective.BroadcastBytes(&bytes, "sharing the pool's shape"); !st.ok()) return st;
-  if (!root && !state.ParseFromString(bytes)) return Status::Corruption("the pool description rank 0 sent cannot be parsed");
+  if (!root && !state.ParseFromString(bytes))
+    return Status::Corruption("the pool description rank 0 sent cannot be parsed");
 
   // 2. Frozen segments: their rows, once. Others replace their training copy by rank 0's.
   const int64_t D = model->config().d_model();
   for (const PoolSegment& s : state.segments()) {
     if (!s.frozen()) continue;
-    if (s.layer() >= layers.size()) return Status::InvalidArgument("rank 0 has more PEER layers than this rank's model");
+    if (s.layer() >= layers.size())
+      return Status::InvalidArgument("rank 0 has more PEER layers than this rank's model");
     std::vector<torch::Tensor> rows;
     if (root) {
       for (const auto& seg : layers[s.layer()]->segments())
@@ -75,7 +78,8 @@ Status SyncFromRankZero(Collective& collective, Trainer& trainer) {
     }
     if (Status st = collective.Broadcast(rows, "sending frozen segments"); !st.ok()) return st;
     if (!root)
-      if (Status st = layers[s.layer()]->InsertFrozenSegment(ExpertSegment(s.id(), rows[0], rows[1], rows[2])); !st.ok())
+      if (Status st = layers[s.layer()]->InsertFrozenSegment(ExpertSegment(s.id(), rows[0], rows[1], rows[2]));
+          !st.ok())
         return st;
   }
 
@@ -91,7 +95,8 @@ Status SyncFromRankZero(Collective& collective, Trainer& trainer) {
     size_t mine = 0;
     for (const auto& layer : layers) mine += layer->segments().size();
     if (mine != static_cast<size_t>(state.segments_size()))
-      return Status::FailedPrecondition("this rank's pool has segments rank 0 does not: start every rank from the same configuration");
+      return Status::FailedPrecondition(
+          "this rank's pool has segments rank 0 does not: start every rank from the same configuration");
     trainer.SetConfig(state.config().train());  // also re-points the optimizer at the new pool
     trainer.set_step(state.step());
   }
@@ -103,7 +108,8 @@ Status SyncFromRankZero(Collective& collective, Trainer& trainer) {
   std::string root_names = names;
   if (Status st = collective.BroadcastBytes(&root_names, "comparing tensor names"); !st.ok()) return st;
   if (root_names != names)
-    return Status::FailedPrecondition("this rank's model has other tensors than rank 0's: every rank must run the same build and configuration");
+    return Status::FailedPrecondition(
+        "this rank's model has other tensors than rank 0's: every rank must run the same build and configuration");
   {
     torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> values;

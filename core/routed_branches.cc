@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/check_ok.h"
+
 namespace peerd {
 
 Route RoutedBranches::RouteOf(int64_t branch) const {
@@ -30,11 +32,11 @@ int64_t BestBranchFor(TransformerLM& model, const RoutedBranches& branches, cons
   int64_t best = -1;
   double best_bpb = INFINITY;
   for (int64_t b : branches.router.routes()) {
-    TORCH_CHECK(model->SetRoute(branches.RouteOf(b)).ok());
+    CheckOk(model->SetRoute(branches.RouteOf(b)));
     const double bpb = BitsPerByte(model, text);
     if (bpb < best_bpb) best = b, best_bpb = bpb;
   }
-  TORCH_CHECK(model->SetRoute(was).ok());
+  CheckOk(model->SetRoute(was));
   return best;
 }
 

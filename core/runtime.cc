@@ -14,7 +14,7 @@
 
 namespace peerd {
 
-void UseTunedRuntimeEnvironment(char** argv) {
+void ReexecWithTunedEnvironment(char** argv) {
   bool changed = false;
   if (!std::getenv("OMP_WAIT_POLICY")) {
     setenv("OMP_WAIT_POLICY", "passive", 1);

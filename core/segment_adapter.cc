@@ -9,7 +9,9 @@
 namespace peerd {
 
 SegmentAdapterImpl::SegmentAdapterImpl(const ModelConfig& c, int64_t rank, bool trunk_deltas)
-    : rank_(rank), owns_trunk_deltas_(trunk_deltas), scale_(rank == kFullRank ? 1.0 : 1.0 / std::sqrt(static_cast<double>(rank))) {
+    : rank_(rank),
+      owns_trunk_deltas_(trunk_deltas),
+      scale_(rank == kFullRank ? 1.0 : 1.0 / std::sqrt(static_cast<double>(rank))) {
   TORCH_CHECK(rank >= 0, "an adapter needs a rank of at least 1 (or kFullRank), got ", rank);
   const int64_t D = c.d_model();
   const std::vector<int> peer_blocks = PeerBlocks(c);
@@ -75,8 +77,9 @@ torch::Tensor SegmentAdapterImpl::Delta(const std::string& name, const torch::Te
   auto it = maps_.find(name);
   if (it == maps_.end()) return {};
   const auto& [a, b] = it->second;
-  torch::Tensor delta = !b.defined() ? torch::matmul(x, a.t())  // full: ΔW x
-                                     : torch::matmul(torch::matmul(x, a.t()), b.t()) * scale_;  // [..., r] -> [..., out]
+  torch::Tensor delta = !b.defined()
+                            ? torch::matmul(x, a.t())                                  // full: ΔW x
+                            : torch::matmul(torch::matmul(x, a.t()), b.t()) * scale_;  // [..., r] -> [..., out]
   torch::Tensor bias = TrunkDelta(name + ".bias");
   return bias.defined() ? delta + bias : delta;
 }

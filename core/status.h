@@ -1,8 +1,29 @@
 // Status: the result of an operation that can fail, carried up to the caller instead of thrown
 // (after LevelDB's Status). An error carries a kind and a message written for the person who must
 // fix it: what was wrong, and what to do. Cheap to copy; header-only and free of LibTorch, so
-// every component (experts_store, and later ingest) carries the same errors without depending on
-// the rest of core.
+// every component (experts_store, ingest, service/net) carries the same errors without depending
+// on the rest of core.
+//
+// The error convention of the whole project:
+//  - A failure whose cause lies outside the program — input, configuration, the disk, the
+//    network, another rank — is a Status, returned from the function that met it and carried up
+//    unchanged (or with context added to its message) to whoever can act on it: an admin request
+//    answers it as an HTTP error, a program prints it and exits non-zero, the trainer thread shows
+//    it in /v1/status.
+//  - An exception (c10::Error, from TORCH_CHECK) is for two cases only: a broken invariant inside
+//    the code (a bug: the message says what was expected), and a failure inside code that LibTorch
+//    calls back — a module's forward, an autograd function's backward — which has no way to return
+//    a Status. A frozen row that cannot be read from the store in cached residency is the one
+//    outside cause of the second kind: ExpertSegmentImpl::Rows throws it with the store's Status
+//    in the message. LibTorch itself throws too (a failed allocation).
+//  - Where a LibTorch call throws for an outside cause (c10d when a peer is gone, torch::load on a
+//    damaged archive), the caller catches it right there and returns a Status
+//    (core/collective.cc, service/checkpoint.cc).
+//  - Other exceptions stop at two boundaries, each of which turns them into a reported error: the
+//    trainer thread (TrainingLoop::Run: training stops with training_error, peerd keeps serving)
+//    and the admin server's request handler (an operation that throws, on its own thread or on
+//    the trainer's, whence RunOnTrainer hands the exception back, is answered 500 with its
+//    message). Anywhere else an exception is a bug, and it ends the program.
 #pragma once
 
 #include <string>
@@ -20,9 +41,7 @@ class Status {
   static Status NotFound(std::string msg) { return {Code::kNotFound, std::move(msg)}; }
   static Status Corruption(std::string msg) { return {Code::kCorruption, std::move(msg)}; }
   static Status IOError(std::string msg) { return {Code::kIOError, std::move(msg)}; }
-  static Status FailedPrecondition(std::string msg) {
-    return {Code::kFailedPrecondition, std::move(msg)};
-  }
+  static Status FailedPrecondition(std::string msg) { return {Code::kFailedPrecondition, std::move(msg)}; }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }

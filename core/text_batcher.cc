@@ -2,12 +2,16 @@
 
 namespace peerd {
 
-TextBatcher::TextBatcher(const std::string& text, int64_t seq_len, uint64_t seed)
-    : seq_len_(seq_len), rng_(seed) {
+torch::Tensor ByteTokens(std::string_view text) {
+  // A byte is its token: a view of the bytes, widened.
+  return torch::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, torch::kUInt8)
+      .to(torch::kInt64);
+}
+
+TextBatcher::TextBatcher(const std::string& text, int64_t seq_len, uint64_t seed) : seq_len_(seq_len), rng_(seed) {
   const int64_t n = static_cast<int64_t>(text.size());
-  TORCH_CHECK(n >= seq_len + 1, "training text of ", n, " bytes is shorter than one window of ",
-              seq_len + 1);
-  tokens_ = torch::from_blob(const_cast<char*>(text.data()), {n}, torch::kUInt8).to(torch::kInt64);
+  TORCH_CHECK(n >= seq_len + 1, "training text of ", n, " bytes is shorter than one window of ", seq_len + 1);
+  tokens_ = ByteTokens(text);
 }
 
 torch::Tensor TextBatcher::Next(int64_t batch) {

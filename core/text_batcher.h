@@ -5,8 +5,12 @@
 
 #include <random>
 #include <string>
+#include <string_view>
 
 namespace peerd {
+
+// [n] int64: the tokens of ByteTokenizer::Encode(text) (no end-of-document token), as a tensor.
+torch::Tensor ByteTokens(std::string_view text);
 
 class TextBatcher {
  public:

@@ -13,7 +13,8 @@ Status ReadTextFile(const std::string& path, std::string* bytes) {
   std::ostringstream ss;
   ss << in.rdbuf();
   *bytes = ss.str();
-  if (bytes->empty()) return Status::InvalidArgument("'" + path + "' is empty: there is nothing to train or evaluate on");
+  if (bytes->empty())
+    return Status::InvalidArgument("'" + path + "' is empty: there is nothing to train or evaluate on");
   return Status::OK();
 }
 

@@ -15,7 +15,8 @@ constexpr char kMagic[] = "BGR1";
 
 template <typename T>
 void Put(std::string* out, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) out->push_back(static_cast<char>((static_cast<uint64_t>(v) >> (8 * i)) & 0xff));
+  for (size_t i = 0; i < sizeof(T); ++i)
+    out->push_back(static_cast<char>((static_cast<uint64_t>(v) >> (8 * i)) & 0xff));
 }
 
 struct Reader {
@@ -109,8 +110,11 @@ std::string BigramRouter::Serialize() const {
 }
 
 Status BigramRouter::Parse(std::string_view bytes) {
-  const auto corrupt = [](const std::string& why) { return Status::Corruption("the router's statistics are damaged: " + why); };
-  if (bytes.substr(0, 4) != std::string_view(kMagic, 4)) return corrupt("they do not start with " + std::string(kMagic));
+  const auto corrupt = [](const std::string& why) {
+    return Status::Corruption("the router's statistics are damaged: " + why);
+  };
+  if (bytes.substr(0, 4) != std::string_view(kMagic, 4))
+    return corrupt("they do not start with " + std::string(kMagic));
   Reader r{bytes.substr(4)};
   const uint64_t beta_bits = r.Get<uint64_t>();
   double beta;

@@ -10,14 +10,4 @@ std::vector<int64_t> ByteTokenizer::Encode(std::string_view text, bool end_of_do
   return tokens;
 }
 
-std::string ByteTokenizer::Decode(const std::vector<int64_t>& tokens) {
-  std::string text;
-  text.reserve(tokens.size());
-  for (int64_t t : tokens) {
-    if (t >= 0 && t < 256) text.push_back(static_cast<char>(t));
-    else if (t == kEndOfDocument) text.push_back('\n');
-  }
-  return text;
-}
-
 }  // namespace peerd

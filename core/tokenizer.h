@@ -15,10 +15,9 @@ class ByteTokenizer {
   static constexpr int kEndOfDocument = 256;
   static constexpr int kVocabSize = 257;
 
-  // One token per byte; `end_of_document` appends kEndOfDocument.
+  // One token per byte; `end_of_document` appends kEndOfDocument. (core/text_batcher.h has the
+  // same tokens as a tensor.)
   static std::vector<int64_t> Encode(std::string_view text, bool end_of_document = false);
-  // Bytes back to text; kEndOfDocument becomes '\n', anything else out of range is dropped.
-  static std::string Decode(const std::vector<int64_t>& tokens);
 };
 
 }  // namespace peerd

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "core/check_ok.h"
 #include "core/gradient_sync.h"
 
 namespace peerd {
@@ -111,7 +112,7 @@ double Trainer::LearningRate(int64_t step) const {
 StepStats Trainer::Step(const torch::Tensor& tokens, int64_t replayed) {
   StepStats stats;
   Status st = Step(tokens, replayed, &stats);
-  TORCH_CHECK(st.ok(), st.ToString());
+  CheckOk(st);
   return stats;
 }
 
@@ -147,7 +148,7 @@ Status Trainer::Step(const torch::Tensor& tokens, int64_t replayed, StepStats* o
   loss.backward();
   // Our own clipping: LibTorch's clip_grad_norm_ does not scale sparse gradients (expert tables).
   stats.grad_norm = optimizer_.ClipGradNorm(config_.grad_clip() > 0 ? config_.grad_clip() : INFINITY);
-  stats.lr = LearningRate(step_ - schedule_start_);
+  stats.lr = NextLearningRate();
   optimizer_.Step(stats.lr);
   ++step_;
   return Status::OK();
@@ -166,10 +167,10 @@ Status Trainer::StepShare(const torch::Tensor& tokens, int64_t replayed, StepSta
     const torch::Tensor share = tokens.slice(0, lo, hi);
     const torch::Tensor inputs = share.slice(1, 0, T), targets = share.slice(1, 1, T + 1);
     torch::Tensor logits = model_->forward(inputs);  // [b, T, V]
-    torch::Tensor loss = torch::nn::functional::cross_entropy(
-                             logits.reshape({-1, logits.size(-1)}), targets.reshape(-1),
-                             torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
-                         static_cast<double>(B * T);
+    torch::Tensor loss =
+        torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1),
+                                             torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
+        static_cast<double>(B * T);
     ce_part = loss.item<double>();
     if (distill && local_replayed > 0) {
       torch::Tensor teacher_logp;
@@ -194,7 +195,7 @@ Status Trainer::StepShare(const torch::Tensor& tokens, int64_t replayed, StepSta
   out->loss = parts[0][0].item<double>();
   out->distill = distill ? parts[0][1].item<double>() : 0;
   out->grad_norm = optimizer_.ClipGradNorm(config_.grad_clip() > 0 ? config_.grad_clip() : INFINITY);
-  out->lr = LearningRate(step_ - schedule_start_);
+  out->lr = NextLearningRate();
   optimizer_.Step(out->lr);
   ++step_;
   return Status::OK();

@@ -11,11 +11,11 @@
 
 #include <functional>
 
-#include "proto/config.pb.h"
 #include "core/adamw.h"
 #include "core/collective.h"
 #include "core/model.h"
 #include "core/status.h"
+#include "proto/config.pb.h"
 
 namespace peerd {
 
@@ -29,8 +29,8 @@ struct FreezeOptions {
 };
 
 struct StepStats {
-  double loss = 0;       // mean cross-entropy, nats per token
-  double distill = 0;    // mean KL(teacher ‖ model) over the replayed tokens, nats (0 without)
+  double loss = 0;     // mean cross-entropy, nats per token
+  double distill = 0;  // mean KL(teacher ‖ model) over the replayed tokens, nats (0 without)
   double lr = 0;
   double grad_norm = 0;  // global norm before clipping
 };
@@ -68,6 +68,8 @@ class Trainer {
 
   // The learning rate at step `step` of the configured schedule (warmup, then decay).
   double LearningRate(int64_t step) const;
+  // The rate the next Step() uses.
+  double NextLearningRate() const { return LearningRate(step_ - schedule_start_); }
   int64_t step() const { return step_; }
   void set_step(int64_t step) { step_ = step; }  // restoring a checkpoint
   // The schedule runs from this step on: a routed branch starts its own warmup and decay, as a

@@ -34,14 +34,14 @@ size_t ExpertStore::RowBytes(RowDtype dtype, uint32_t d_model) {
   return size_t{2} * d_model * (dtype == ROW_DTYPE_BF16 ? 2 : 4);
 }
 
-Status ExpertStore::Open(const std::string& dir, const StoreOptions& options, std::unique_ptr<ExpertStore>* out) {
-  std::shared_ptr<StoreDb> db;
-  if (Status st = StoreDb::Open(dir, options, &db); !st.ok()) return st;
+Status ExpertStore::Open(const std::string& dir, const DataDirOptions& options, std::unique_ptr<ExpertStore>* out) {
+  std::shared_ptr<DataDirDb> db;
+  if (Status st = DataDirDb::Open(dir, options, &db); !st.ok()) return st;
   *out = std::make_unique<ExpertStore>(std::move(db));
   return Status::OK();
 }
 
-ExpertStore::ExpertStore(std::shared_ptr<StoreDb> db)
+ExpertStore::ExpertStore(std::shared_ptr<DataDirDb> db)
     : db_(std::move(db)),
       experts_(db_->family(Family::kExperts)),
       subkeys_(db_->family(Family::kSubKeys)),
@@ -49,13 +49,14 @@ ExpertStore::ExpertStore(std::shared_ptr<StoreDb> db)
 
 ExpertStore::~ExpertStore() = default;
 
-Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view sub_keys,
-                                  const RowWriter& row, SegmentManifest* written) {
+Status ExpertStore::FreezeSegment(const SegmentManifest& given, std::string_view sub_keys, const RowWriter& row,
+                                  SegmentManifest* written) {
   const std::string name = SegmentName(given.layer(), given.segment());
   if (given.n_keys() == 0 || given.d_model() == 0 || given.heads() == 0 || given.query_dim() % 2 != 0 ||
       (given.dtype() != ROW_DTYPE_FP32 && given.dtype() != ROW_DTYPE_BF16))
-    return Status::InvalidArgument(name + ": manifest needs n_keys, d_model, heads > 0, an even query_dim "
-                                          "and dtype fp32 or bf16");
+    return Status::InvalidArgument(name +
+                                   ": manifest needs n_keys, d_model, heads > 0, an even query_dim "
+                                   "and dtype fp32 or bf16");
   const size_t want_subkeys = size_t{given.heads()} * given.n_keys() * given.query_dim() * sizeof(float);
   if (sub_keys.size() != want_subkeys)
     return Status::InvalidArgument(name + ": sub-keys are " + std::to_string(sub_keys.size()) +
@@ -165,14 +166,14 @@ Status ExpertStore::ScanSegment(const SegmentManifest& m,
     if (visit) visit(e, row);
     ++next;
   }
-  if (!it->status().ok())
-    return Status::Corruption(name + ": its rows cannot be read: " + it->status().ToString());
+  if (!it->status().ok()) return Status::Corruption(name + ": its rows cannot be read: " + it->status().ToString());
   if (next != experts)
     return Status::Corruption(name + ": " + std::to_string(next) + " rows stored, the manifest says " +
                               std::to_string(experts));
   if (hash.Digest() != m.checksum())
-    return Status::Corruption(name + ": checksum mismatch — its stored bytes are not the bytes that were frozen; "
-                                     "restore the data directory from a backup");
+    return Status::Corruption(name +
+                              ": checksum mismatch — its stored bytes are not the bytes that were frozen; "
+                              "restore the data directory from a backup");
   return Status::OK();
 }
 

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "core/status.h"
-#include "experts_store/store_db.h"
+#include "experts_store/data_dir_db.h"
 #include "proto/store.pb.h"
 
 namespace peerd {
@@ -27,9 +27,9 @@ class ExpertStore {
  public:
   // Opens (or creates) the store in directory `dir`. Errors name the directory and say what to do:
   // not a store, a store of a newer schema version, a read-only or unreadable directory.
-  static Status Open(const std::string& dir, const StoreOptions& options, std::unique_ptr<ExpertStore>* out);
+  static Status Open(const std::string& dir, const DataDirOptions& options, std::unique_ptr<ExpertStore>* out);
   // A view of an open database (which it keeps open).
-  explicit ExpertStore(std::shared_ptr<StoreDb> db);
+  explicit ExpertStore(std::shared_ptr<DataDirDb> db);
   ~ExpertStore();
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
@@ -53,18 +53,17 @@ class ExpertStore {
                   std::vector<std::string>* out) const;
   // Every row of the segment in expert order, verified against the manifest's checksum, handed
   // to visit(expert, bytes). Corruption (naming the segment) if the rows or the checksum are wrong.
-  Status ScanSegment(const SegmentManifest& m,
-                     const std::function<void(uint32_t, std::string_view)>& visit) const;
+  Status ScanSegment(const SegmentManifest& m, const std::function<void(uint32_t, std::string_view)>& visit) const;
   // ScanSegment without a visitor: the segment's bytes are all there and their checksum holds.
   Status VerifySegment(const SegmentManifest& m) const { return ScanSegment(m, nullptr); }
 
   // Flushes memtables to SST files (tests, benchmarks).
   Status Flush();
   const std::string& dir() const { return db_->dir(); }
-  const std::shared_ptr<StoreDb>& db() const { return db_; }
+  const std::shared_ptr<DataDirDb>& db() const { return db_; }
 
  private:
-  std::shared_ptr<StoreDb> db_;
+  std::shared_ptr<DataDirDb> db_;
   rocksdb::ColumnFamilyHandle* experts_;
   rocksdb::ColumnFamilyHandle* subkeys_;
   rocksdb::ColumnFamilyHandle* manifests_;

@@ -6,10 +6,16 @@
 //                segment's RowDtype (fp32 or bf16, little-endian)
 //   subkeys      (layer, segment) -> the segment's sub-keys, fp32 [heads, 2, n_keys, dk/2]
 //   manifests    (layer, segment) -> SegmentManifest
-//   spool, checkpoints, evals       reserved for the service (issues 4 and 5)
-// Keys are big-endian u32s so that a segment's experts are one contiguous key range, in expert
-// order. A segment's checksum is xxHash3-64 over its sub-key bytes followed by every row's bytes in
-// expert order, exactly as stored.
+//   spool        'd' be64(index) -> SpooledDocument, 'i' task '\0' id -> be64(index), and the
+//                counters under 'n' and 'p' (service/net/spool.h has the layout)
+//   checkpoints  "meta" -> CheckpointMeta, "tensors" -> a LibTorch archive of every parameter
+//                outside frozen segments, every buffer and their AdamW state; written together,
+//                and the next checkpoint overwrites both (service/checkpoint.cc)
+//   evals        "task/" name -> the task's held-out text, "row/" be64(n) -> EvalRow, the
+//                evaluation numbered n from 0 (service/task_store.cc)
+// The expert store's keys (experts, subkeys, manifests) are big-endian u32s so that a segment's
+// experts are one contiguous key range, in expert order. A segment's checksum is xxHash3-64 over
+// its sub-key bytes followed by every row's bytes in expert order, exactly as stored.
 #pragma once
 
 #include <cstdint>

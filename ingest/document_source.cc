@@ -2,21 +2,24 @@
 
 #include <algorithm>
 #include <chrono>
-#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
 #include <sstream>
+#include <thread>
 
 namespace peerd {
 
 namespace fs = std::filesystem;
 
 Status ParseSplit(const std::string& text, SplitSpec* out) {
-  if (text == "file") *out = {SplitMode::kFile, 0};
-  else if (text == "blank-line") *out = {SplitMode::kBlankLine, 0};
-  else if (text == "line") *out = {SplitMode::kLine, 0};
+  if (text == "file")
+    *out = {SplitMode::kFile, 0};
+  else if (text == "blank-line")
+    *out = {SplitMode::kBlankLine, 0};
+  else if (text == "line")
+    *out = {SplitMode::kLine, 0};
   else if (text.rfind("bytes:", 0) == 0) {
     try {
       size_t used = 0;
@@ -32,7 +35,8 @@ Status ParseSplit(const std::string& text, SplitSpec* out) {
   return Status::OK();
 }
 
-Status DocumentSource::Open(const std::vector<std::string>& paths, SplitSpec split, std::unique_ptr<DocumentSource>* out) {
+Status DocumentSource::Open(const std::vector<std::string>& paths, SplitSpec split,
+                            std::unique_ptr<DocumentSource>* out) {
   auto source = std::make_unique<DocumentSource>();
   source->split_ = split;
   if (paths.empty()) return Status::InvalidArgument("no input: give files, directories or - for stdin");
@@ -42,7 +46,8 @@ Status DocumentSource::Open(const std::vector<std::string>& paths, SplitSpec spl
       source->inputs_.push_back(p);
     } else if (fs::is_directory(p, ec)) {
       std::vector<std::string> files;
-      for (auto it = fs::recursive_directory_iterator(p, ec); !ec && it != fs::recursive_directory_iterator(); it.increment(ec))
+      for (auto it = fs::recursive_directory_iterator(p, ec); !ec && it != fs::recursive_directory_iterator();
+           it.increment(ec))
         if (it->is_regular_file()) files.push_back(it->path().string());
       if (ec) return Status::IOError("cannot walk directory '" + p + "': " + ec.message());
       std::sort(files.begin(), files.end());
@@ -117,12 +122,13 @@ bool DocumentSource::Next(IngestDocument* doc) {
     size_t end = data_.size(), next = data_.size();
     bool complete = true;  // its separator has been read (the end of a finished input counts)
     switch (split_.mode) {
-      case SplitMode::kFile:
-        break;
+      case SplitMode::kFile: break;
       case SplitMode::kLine: {
         size_t nl = data_.find('\n', pos_);
-        if (nl != std::string::npos) end = nl + 1, next = nl + 1;
-        else complete = false;
+        if (nl != std::string::npos)
+          end = nl + 1, next = nl + 1;
+        else
+          complete = false;
         break;
       }
       case SplitMode::kBlankLine: {

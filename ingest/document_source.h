@@ -52,7 +52,7 @@ class DocumentSource {
   bool WaitForMore();
   std::string name_, data_;  // the current input, read whole (in follow mode: what is not yet cut)
   size_t pos_ = 0;
-  uint64_t base_ = 0;        // file offset of data_[0]
+  uint64_t base_ = 0;  // file offset of data_[0]
   const std::atomic<bool>* follow_stop_ = nullptr;
   std::function<bool()> while_waiting_;
   Status status_;

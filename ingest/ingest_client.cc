@@ -62,15 +62,16 @@ class Stream {
     pollfd readable{socket_.native_handle(), POLLIN, 0};
     if (::poll(&readable, 1, o.hello_timeout_ms) == 0) {
       *fatal = true;
-      return Status::IOError("no answer to the hello from " + where + " within " +
-                             std::to_string(o.hello_timeout_ms) + " ms: is it peerd's data port (--data-listen; the admin API is another port)?");
+      return Status::IOError("no answer to the hello from " + where + " within " + std::to_string(o.hello_timeout_ms) +
+                             " ms: is it peerd's data port (--data-listen; the admin API is another port)?");
     }
     ServerFrame reply;
     if (Status st = Read(&reply); !st.ok()) {
       *fatal = not_peerd_;
-      return not_peerd_ ? Status::InvalidArgument(st.message() + " from " + where +
-                                                  ": is it peerd's data port (--data-listen; the admin API is another port)?")
-                        : st;
+      return not_peerd_
+                 ? Status::InvalidArgument(st.message() + " from " + where +
+                                           ": is it peerd's data port (--data-listen; the admin API is another port)?")
+                 : st;
     }
     if (reply.has_error()) {
       *fatal = FatalCode(reply.error().code());
@@ -148,7 +149,7 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
   std::condition_variable cv;
   std::deque<Pending> unacked;  // in seq order
   uint64_t unacked_bytes = 0;
-  Status stream_error;          // set by the reader when the stream ends
+  Status stream_error;  // set by the reader when the stream ends
   bool stream_fatal = false, stream_dead = true;
 
   asio::io_context io;
@@ -259,11 +260,12 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
       continue;
     }
     if (stream->max_document_bytes() && doc.text.size() > stream->max_document_bytes())
-      return Status::InvalidArgument("document '" + doc.id + "' is " + std::to_string(doc.text.size()) +
-                                     " bytes, over the server's limit of " + std::to_string(stream->max_document_bytes()) +
-                                     ": split it smaller (--split line or bytes:N)");
+      return Status::InvalidArgument(
+          "document '" + doc.id + "' is " + std::to_string(doc.text.size()) + " bytes, over the server's limit of " +
+          std::to_string(stream->max_document_bytes()) + ": split it smaller (--split line or bytes:N)");
     std::unique_lock<std::mutex> lock(mu);
-    if (Status st = wait_until([&] { return unacked_bytes + doc.text.size() <= options_.window_bytes || unacked.empty(); }, lock);
+    if (Status st = wait_until(
+            [&] { return unacked_bytes + doc.text.size() <= options_.window_bytes || unacked.empty(); }, lock);
         !st.ok())
       return st;
     Pending p{next_seq++, doc};

@@ -10,9 +10,9 @@
 namespace peerd::kernels {
 
 struct AdamWStep {
-  double lr = 0;             // this parameter's learning rate
+  double lr = 0;  // this parameter's learning rate
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
-  double weight_decay = 0;   // decoupled, applied to the updated rows only
+  double weight_decay = 0;                            // decoupled, applied to the updated rows only
   double bias_correction1 = 1, bias_correction2 = 1;  // 1 − β^t for this parameter's step t
 };
 

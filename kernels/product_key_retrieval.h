@@ -23,7 +23,6 @@ struct RetrievedExperts {
 
 // query [h, M, dk] fp32 (dk even); sub_keys: one [h, 2, n_s, dk/2] fp32 tensor per segment, with
 // n_s ≥ k. Segments whose sub-keys require a gradient get one (dense: sub-keys are small).
-RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys,
-                                     int64_t k);
+RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys, int64_t k);
 
 }  // namespace peerd::kernels

@@ -41,7 +41,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peer-ingest: %s\n", st.message().c_str());
     return 1;
   };
-  if (!wire::ValidTaskName(o.task)) return fail(Status::InvalidArgument("--task must be 1-64 characters of A-Z a-z 0-9 _ . -"));
+  if (!wire::ValidTaskName(o.task))
+    return fail(Status::InvalidArgument("--task must be 1-64 characters of A-Z a-z 0-9 _ . -"));
   SplitSpec spec;
   if (Status st = ParseSplit(split, &spec); !st.ok()) return fail(st);
   {

@@ -58,7 +58,7 @@ Status DumpParameters(TransformerLM& model, const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  peerd::UseTunedRuntimeEnvironment(argv);
+  peerd::ReexecWithTunedEnvironment(argv);
   CLI::App app{"peer-train: train the PEER byte-level LM on a corpus, report held-out bits/byte"};
   std::string config_path, corpus = "data/corpora/kjv";
   uint32_t steps = 0, threads = 0;
@@ -66,15 +66,21 @@ int main(int argc, char** argv) {
   CollectiveOptions ranks;
   std::string rendezvous = "127.0.0.1:29500", dump_params;
   uint32_t collective_timeout_s = 120;
-  app.add_option("--config", config_path, "JSON configuration (proto/config.proto); omitted fields take embedded defaults");
+  app.add_option("--config", config_path,
+                 "JSON configuration (proto/config.proto); omitted fields take embedded defaults");
   app.add_option("--corpus", corpus, "directory with train.txt and heldout.txt")->capture_default_str();
   app.add_option("--steps", steps, "training steps (overrides train.steps)");
   app.add_option("--threads", threads, "LibTorch threads (overrides train.threads; 0 = all cores)");
   app.add_option("--grow-at", grow_at, "at this step freeze the training segments and add fresh ones");
-  app.add_option("--world-size", ranks.world_size, "processes training together (one per --rank)")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--world-size", ranks.world_size, "processes training together (one per --rank)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
   app.add_option("--rank", ranks.rank, "this process's rank in [0, world size)")->capture_default_str();
-  app.add_option("--rendezvous", rendezvous, "HOST:PORT where rank 0 serves the c10d rendezvous store")->capture_default_str();
-  app.add_option("--collective-timeout-seconds", collective_timeout_s, "a rank silent this long counts as lost")->check(CLI::Range(1u, 86400u))->capture_default_str();
+  app.add_option("--rendezvous", rendezvous, "HOST:PORT where rank 0 serves the c10d rendezvous store")
+      ->capture_default_str();
+  app.add_option("--collective-timeout-seconds", collective_timeout_s, "a rank silent this long counts as lost")
+      ->check(CLI::Range(1u, 86400u))
+      ->capture_default_str();
   app.add_option("--dump-params", dump_params, "write every parameter and buffer to this file at the end");
   CLI11_PARSE(app, argc, argv);
 
@@ -112,15 +118,17 @@ int main(int argc, char** argv) {
   EvalOptions eval;
   eval.max_bytes = tc.eval_bytes();
 
-  if (!root && !std::freopen("/dev/null", "w", stdout)) return Fail(Status::IOError("cannot silence stdout"));  // rank 0 speaks for the job
-  std::printf("peer-train: corpus %s (%zu train bytes, %zu held-out bytes)\n", corpus.c_str(),
-              train_text.size(), heldout_text.size());
+  if (!root && !std::freopen("/dev/null", "w", stdout))
+    return Fail(Status::IOError("cannot silence stdout"));  // rank 0 speaks for the job
+  std::printf("peer-train: corpus %s (%zu train bytes, %zu held-out bytes)\n", corpus.c_str(), train_text.size(),
+              heldout_text.size());
   std::printf("peer-train: %lld parameters, %lld active per token; %d threads; BLAS %s; %d rank%s\n",
-              static_cast<long long>(model->TotalParameters()),
-              static_cast<long long>(model->ActiveParameters()), used_threads, BlasInfo().c_str(),
-              ranks.world_size, ranks.world_size > 1 ? "s" : "");
+              static_cast<long long>(model->TotalParameters()), static_cast<long long>(model->ActiveParameters()),
+              used_threads, BlasInfo().c_str(), ranks.world_size, ranks.world_size > 1 ? "s" : "");
   std::printf("peer-train: config %s\n", ConfigToJson(config).c_str());
-  if (root) std::printf("peer-train: held-out bits/byte at start %.3f (uniform bytes: 8)\n", BitsPerByte(model, heldout_text, eval));
+  if (root)
+    std::printf("peer-train: held-out bits/byte at start %.3f (uniform bytes: 8)\n",
+                BitsPerByte(model, heldout_text, eval));
   std::fflush(stdout);
 
   const int64_t tokens_per_step = int64_t{tc.batch_size()} * config.model().context();
@@ -162,8 +170,7 @@ int main(int argc, char** argv) {
       const double in_collectives = collective->seconds_in_collectives() - window_collective;
       std::printf("step %5lld/%u  loss %.4f  train bits/byte %.3f  lr %.2e  grad-norm %.2f  %.0f tokens/s",
                   static_cast<long long>(step), tc.steps(), window_loss / window_steps,
-                  window_loss / window_steps / std::log(2.0), s.lr, s.grad_norm,
-                  tokens_per_step * window_steps / secs);
+                  window_loss / window_steps / std::log(2.0), s.lr, s.grad_norm, tokens_per_step * window_steps / secs);
       if (ranks.world_size > 1) std::printf("  collectives %.1f ms/step", 1000 * in_collectives / window_steps);
       std::printf("\n");
       window_collective = collective->seconds_in_collectives();
@@ -179,10 +186,11 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
 
-  std::printf("peer-train: trained %u steps in %.3f s: %.0f tokens/s; collectives %.3f ms/step, %.1f KB/step sent by rank 0\n",
-              tc.steps(), train_seconds, tokens_per_step * tc.steps() / train_seconds,
-              1000 * (collective->seconds_in_collectives() - collective_at_start) / tc.steps(),
-              (collective->bytes_in_collectives() - collective_bytes_at_start) / 1024.0 / tc.steps());
+  std::printf(
+      "peer-train: trained %u steps in %.3f s: %.0f tokens/s; collectives %.3f ms/step, %.1f KB/step sent by rank 0\n",
+      tc.steps(), train_seconds, tokens_per_step * tc.steps() / train_seconds,
+      1000 * (collective->seconds_in_collectives() - collective_at_start) / tc.steps(),
+      (collective->bytes_in_collectives() - collective_bytes_at_start) / 1024.0 / tc.steps());
   if (!dump_params.empty())
     if (Status st = DumpParameters(model, dump_params); !st.ok()) return Fail(st);
   if (root)
@@ -192,7 +200,6 @@ int main(int argc, char** argv) {
   for (const auto& layer : model->PeerLayers())
     for (const auto& seg : layer->segments())
       if (seg->frozen() && seg->Checksum() != seg->frozen_checksum()) ++changed;
-  if (grow_at > 0)
-    std::printf("peer-train: frozen segments whose checksum changed after freezing: %d\n", changed);
+  if (grow_at > 0) std::printf("peer-train: frozen segments whose checksum changed after freezing: %d\n", changed);
   return changed == 0 ? 0 : 1;
 }

@@ -12,11 +12,15 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <google/protobuf/util/json_util.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include "core/host_port.h"
+#include "proto/admin.pb.h"
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -56,72 +60,128 @@ std::string Fixed(double v, int digits = 3) {
   return b;
 }
 
-std::string Str(const json& j, const char* key) {
-  if (!j.contains(key)) return "";
-  return j[key].is_string() ? j[key].get<std::string>() : j[key].dump();
-}
-
-void PrintSegments(const json& segs) {
+void PrintSegments(const google::protobuf::RepeatedPtrField<peerd::SegmentInfo>& segments) {
   std::printf("%-6s %-4s %-9s %8s %10s %-5s %12s %7s %8s %s\n", "layer", "id", "state", "n_keys", "experts", "dtype",
               "bytes", "usage", "KL nats", "checksum");
-  for (const auto& s : segs)
-    std::printf("%-6s %-4s %-9s %8s %10s %-5s %12s %6.1f%% %8s %s\n", Str(s, "layer").c_str(), Str(s, "id").c_str(),
-                Str(s, "state").c_str(), Str(s, "nKeys").c_str(), Str(s, "experts").c_str(), Str(s, "dtype").c_str(),
-                Str(s, "bytes").c_str(), 100 * s.value("usage", 0.0), Fixed(s.value("usageKl", 0.0), 2).c_str(),
-                s.value("state", "") == "frozen" ? Str(s, "checksum").c_str() : "-");
+  for (const peerd::SegmentInfo& s : segments)
+    std::printf("%-6u %-4u %-9s %8u %10llu %-5s %12llu %6.1f%% %8s %s\n", s.layer(), s.id(), s.state().c_str(),
+                s.n_keys(), static_cast<unsigned long long>(s.experts()), s.dtype().c_str(),
+                static_cast<unsigned long long>(s.bytes()), 100 * s.usage(), Fixed(s.usage_kl(), 2).c_str(),
+                s.frozen() ? std::to_string(s.checksum()).c_str() : "-");
 }
 
-void PrintHuman(const std::string& command, const json& j) {
-  if (command == "status") {
-    std::printf("state %s, step %s, %s tokens trained, loss %s (%s bits/byte), %s tokens/s\n", Str(j, "state").c_str(),
-                Str(j, "step").c_str(), Str(j, "tokensTrained").c_str(), Fixed(j.value("recentLoss", 0.0)).c_str(),
-                Fixed(j.value("recentBitsPerByte", 0.0)).c_str(), Fixed(j.value("tokensPerSecond", 0.0), 0).c_str());
-    std::printf("spool: %s documents, %s bytes received, %s bytes kept, %s bytes not yet trained; last checkpoint at step %s\n",
-                Str(j, "spoolDocuments").c_str(), Str(j, "spoolBytes").c_str(), Str(j, "spoolKeptBytes").c_str(),
-                Str(j, "spoolBacklogBytes").c_str(), Str(j, "lastCheckpointStep").c_str());
-    if (j.contains("routing")) {
-      const json& r = j["routing"];
-      std::printf("routing: base segments %s, branches %s, training branch %s, router statistics %s bytes\n",
-                  r.value("baseSegments", json::array()).dump().c_str(), r.value("branches", json::array()).dump().c_str(),
-                  Str(r, "trainingBranch") == "-1" ? "none" : Str(r, "trainingBranch").c_str(),
-                  Str(r, "routerStatisticsBytes").c_str());
-    }
-    std::printf("parameters: %s total, %s active per token\n", Str(j, "totalParameters").c_str(),
-                Str(j, "activeParameters").c_str());
-    if (j.contains("segments")) PrintSegments(j["segments"]);
-  } else if (j.contains("segments")) {
-    PrintSegments(j["segments"]);
-  } else if (j.contains("tasks") && j["tasks"].is_array() && !j.contains("bitsPerByte")) {
-    for (const auto& t : j["tasks"]) std::printf("%-24s %s bytes\n", Str(t, "name").c_str(), Str(t, "bytes").c_str());
-  } else if (j.contains("rows")) {  // the forgetting report
-    std::vector<std::string> tasks;
-    for (const auto& r : j["rows"])
-      for (const auto& t : r["tasks"])
-        if (std::find(tasks.begin(), tasks.end(), t.get<std::string>()) == tasks.end()) tasks.push_back(t);
-    std::printf("%-20s %8s", "after", "step");
-    for (const auto& t : tasks) std::printf(" %10s", t.c_str());
-    std::printf("\n");
-    for (const auto& r : j["rows"]) {
-      std::printf("%-20s %8s", Str(r, "label").c_str(), Str(r, "step").c_str());
-      for (const auto& t : tasks) {
-        std::string v = "-";
-        for (size_t i = 0; i < r["tasks"].size(); ++i)
-          if (r["tasks"][i] == t) v = Fixed(r["bitsPerByte"][i].get<double>());
-        std::printf(" %10s", v.c_str());
-      }
-      std::printf("\n");
-    }
-    std::printf("ACC %s bits/byte, BWT %s, FWT %s, mean forgetting %s\n", Fixed(j.value("acc", 0.0)).c_str(),
-                Fixed(j.value("bwt", 0.0)).c_str(), Fixed(j.value("fwt", 0.0)).c_str(),
-                Fixed(j.value("meanForgetting", 0.0)).c_str());
-  } else if (j.contains("bitsPerByte")) {  // one evaluation row
-    for (size_t i = 0; i < j["tasks"].size(); ++i)
-      std::printf("%-24s %s bits/byte\n", j["tasks"][i].get<std::string>().c_str(), Fixed(j["bitsPerByte"][i].get<double>()).c_str());
-  } else if (j.contains("message")) {
-    std::printf("%s\n", j["message"].get<std::string>().c_str());
-  } else {
-    std::printf("%s\n", j.dump(2).c_str());
+std::string Ids(const google::protobuf::RepeatedField<uint32_t>& ids) {
+  std::string out;
+  for (uint32_t id : ids) out += (out.empty() ? "" : ",") + std::to_string(id);
+  return "[" + out + "]";
+}
+
+void PrintStatus(const peerd::StatusReply& s) {
+  std::printf("state %s, step %llu, %llu tokens trained, loss %s (%s bits/byte), %s tokens/s, learning rate %g\n",
+              s.state().c_str(), static_cast<unsigned long long>(s.step()),
+              static_cast<unsigned long long>(s.tokens_trained()), Fixed(s.recent_loss()).c_str(),
+              Fixed(s.recent_bits_per_byte()).c_str(), Fixed(s.tokens_per_second(), 0).c_str(), s.learning_rate());
+  // What stopped: the README sends operators here to find out why.
+  if (!s.training_error().empty()) std::printf("training error: %s\n", s.training_error().c_str());
+  if (!s.ingest_error().empty()) std::printf("ingest error: %s\n", s.ingest_error().c_str());
+  if (!s.checkpoint_error().empty()) std::printf("checkpoint error: %s\n", s.checkpoint_error().c_str());
+  std::printf(
+      "spool: %llu documents, %llu bytes received, %llu bytes kept, %llu bytes not yet trained; last checkpoint at "
+      "step %llu\n",
+      static_cast<unsigned long long>(s.spool_documents()), static_cast<unsigned long long>(s.spool_bytes()),
+      static_cast<unsigned long long>(s.spool_kept_bytes()), static_cast<unsigned long long>(s.spool_backlog_bytes()),
+      static_cast<unsigned long long>(s.last_checkpoint_step()));
+  if (s.has_routing()) {
+    const peerd::RoutingInfo& r = s.routing();
+    std::printf("routing: base segments %s, branches %s, training branch %s, router statistics %llu bytes\n",
+                Ids(r.base_segments()).c_str(), Ids(r.branches()).c_str(),
+                r.training_branch() < 0 ? "none" : std::to_string(r.training_branch()).c_str(),
+                static_cast<unsigned long long>(r.router_statistics_bytes()));
   }
+  if (s.world_size() > 1)
+    std::printf("ranks: %u, models %s\n", s.world_size(), s.ranks_agree() ? "agree" : "DIFFER (see peerd's log)");
+  std::printf("parameters: %llu total, %llu active per token\n", static_cast<unsigned long long>(s.total_parameters()),
+              static_cast<unsigned long long>(s.active_parameters()));
+  PrintSegments(s.segments());
+}
+
+void PrintReport(const peerd::ForgettingReport& report) {
+  std::vector<std::string> tasks;
+  for (const auto& r : report.rows())
+    for (const auto& t : r.tasks())
+      if (std::find(tasks.begin(), tasks.end(), t) == tasks.end()) tasks.push_back(t);
+  std::printf("%-20s %8s", "after", "step");
+  for (const auto& t : tasks) std::printf(" %10s", t.c_str());
+  std::printf("\n");
+  for (const auto& r : report.rows()) {
+    std::printf("%-20s %8llu", r.label().c_str(), static_cast<unsigned long long>(r.step()));
+    for (const auto& t : tasks) {
+      std::string v = "-";
+      for (int i = 0; i < r.tasks_size() && i < r.bits_per_byte_size(); ++i)
+        if (r.tasks(i) == t) v = Fixed(r.bits_per_byte(i));
+      std::printf(" %10s", v.c_str());
+    }
+    std::printf("\n");
+  }
+  if (!report.forgetting().empty()) {
+    std::printf("%-29s", "forgetting");
+    for (const auto& t : tasks) {
+      auto f = report.forgetting().find(t);
+      std::printf(" %10s", f == report.forgetting().end() ? "-" : Fixed(f->second).c_str());
+    }
+    std::printf("\n");
+  }
+  std::printf("ACC %s bits/byte, BWT %s, FWT %s, mean forgetting %s\n", Fixed(report.acc()).c_str(),
+              Fixed(report.bwt()).c_str(), Fixed(report.fwt()).c_str(), Fixed(report.mean_forgetting()).c_str());
+}
+
+// Parses the server's JSON into the reply type the command gets (unknown fields skipped: a newer
+// peerd may say more).
+template <typename Message>
+bool Parse(const std::string& body, Message* out) {
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = true;
+  return google::protobuf::util::JsonStringToMessage(body, out, options).ok();
+}
+
+// Prints a reply for people; false when the body is not the reply the command expects.
+bool PrintHuman(const std::string& command, const std::string& action, const std::string& body) {
+  if (command == "status") {
+    peerd::StatusReply s;
+    if (!Parse(body, &s)) return false;
+    PrintStatus(s);
+  } else if ((command == "segments" && action == "list")) {
+    peerd::SegmentsReply s;
+    if (!Parse(body, &s)) return false;
+    PrintSegments(s.segments());
+  } else if (command == "tasks" && action == "list") {
+    peerd::TasksReply t;
+    if (!Parse(body, &t)) return false;
+    for (const auto& task : t.tasks())
+      std::printf("%-24s %llu bytes\n", task.name().c_str(), static_cast<unsigned long long>(task.bytes()));
+  } else if (command == "eval" && action == "report") {
+    peerd::ForgettingReport report;
+    if (!Parse(body, &report)) return false;
+    PrintReport(report);
+  } else if (command == "eval") {
+    peerd::EvalRow row;
+    if (!Parse(body, &row)) return false;
+    for (int i = 0; i < row.tasks_size() && i < row.bits_per_byte_size(); ++i)
+      std::printf("%-24s %s bits/byte\n", row.tasks(i).c_str(), Fixed(row.bits_per_byte(i)).c_str());
+  } else if (command == "policy") {
+    peerd::Policy policy;
+    if (!Parse(body, &policy)) return false;
+    std::string text;
+    google::protobuf::util::JsonPrintOptions options;
+    options.add_whitespace = true;
+    (void)google::protobuf::util::MessageToJsonString(policy, &text, options);
+    std::printf("%s", text.c_str());
+  } else {
+    peerd::OkReply ok;
+    if (!Parse(body, &ok)) return false;
+    std::printf("%s\n", ok.message().c_str());
+  }
+  return true;
 }
 
 }  // namespace
@@ -173,7 +233,8 @@ int main(int argc, char** argv) {
   {
     std::ifstream in(token_file);
     if (!in || !std::getline(in, client.token)) {
-      std::fprintf(stderr, "peerctl: cannot read the admin token from '%s' (peerd writes DATA_DIR/admin.token; --token-file)\n",
+      std::fprintf(stderr,
+                   "peerctl: cannot read the admin token from '%s' (peerd writes DATA_DIR/admin.token; --token-file)\n",
                    token_file.c_str());
       return 2;
     }
@@ -182,11 +243,13 @@ int main(int argc, char** argv) {
   const std::string command = app.get_subcommands()[0]->get_name();
   http::verb verb = http::verb::get;
   std::string target, body;
-  if (command == "status") target = "/v1/status";
+  if (command == "status")
+    target = "/v1/status";
   else if (command == "segments") {
     json b = json::object();
     if (layer) b["layer"] = *layer;
-    if (seg_action == "list") target = "/v1/segments";
+    if (seg_action == "list")
+      target = "/v1/segments";
     else if (seg_action == "add") {
       verb = http::verb::post, target = "/v1/segments";
       if (n_keys) b["nKeys"] = *n_keys;
@@ -205,7 +268,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   } else if (command == "tasks") {
-    if (task_action == "list") target = "/v1/tasks";
+    if (task_action == "list")
+      target = "/v1/tasks";
     else if (task_action == "add" && !task_name.empty() && !task_file.empty()) {
       std::ifstream in(task_file, std::ios::binary);
       if (!in) {
@@ -221,17 +285,23 @@ int main(int argc, char** argv) {
       return 2;
     }
   } else if (command == "eval") {
-    if (eval_action == "report") target = "/v1/eval";
-    else if (eval_action == "run") verb = http::verb::post, target = "/v1/eval", body = json{{"label", label}}.dump();
+    if (eval_action == "report")
+      target = "/v1/eval";
+    else if (eval_action == "run")
+      verb = http::verb::post, target = "/v1/eval", body = json{{"label", label}}.dump();
     else {
       std::fprintf(stderr, "peerctl: eval takes run or report\n");
       return 2;
     }
-  } else if (command == "checkpoint") verb = http::verb::post, target = "/v1/checkpoint";
-  else if (command == "pause") verb = http::verb::post, target = "/v1/train/pause";
-  else if (command == "resume") verb = http::verb::post, target = "/v1/train/resume";
+  } else if (command == "checkpoint")
+    verb = http::verb::post, target = "/v1/checkpoint";
+  else if (command == "pause")
+    verb = http::verb::post, target = "/v1/train/pause";
+  else if (command == "resume")
+    verb = http::verb::post, target = "/v1/train/resume";
   else if (command == "policy") {
-    if (policy_action == "get") target = "/v1/policy";
+    if (policy_action == "get")
+      target = "/v1/policy";
     else if (policy_action == "set" && !settings.empty()) {
       json b = json::object();
       for (const std::string& kv : settings) {
@@ -277,13 +347,17 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
     return 1;
   }
-  json j = json::parse(res.second, nullptr, false);
   if (res.first != 200) {
-    const std::string msg = !j.is_discarded() && j.contains("error") ? j["error"].value("message", res.second) : res.second;
+    peerd::ErrorBody error;
+    const std::string msg =
+        Parse(res.second, &error) && !error.error().message().empty() ? error.error().message() : res.second;
     std::fprintf(stderr, "peerctl: %d: %s\n", res.first, msg.c_str());
     return 1;
   }
-  if (as_json || j.is_discarded()) std::printf("%s\n", res.second.c_str());
-  else PrintHuman(command, j);
+  const std::string action = command == "segments" ? seg_action
+                             : command == "tasks"  ? task_action
+                             : command == "eval"   ? eval_action
+                                                   : "";
+  if (as_json || !PrintHuman(command, action, res.second)) std::printf("%s\n", res.second.c_str());
   return 0;
 }

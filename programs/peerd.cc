@@ -10,9 +10,10 @@
 // ranks 1..W-1 hold no data directory or ports: they take the model from rank 0 and train their
 // share (service/rank_worker.h). A lost rank ends every rank with exit status 3.
 #include <signal.h>
+#include <unistd.h>
 
-#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include <filesystem>
 
@@ -22,9 +23,9 @@
 #include "experts_store/row_dtype.h"
 #include "service/admin_server.h"
 #include "service/net/data_server.h"
-#include "service/rank_worker.h"
 #include "service/net/spool.h"
 #include "service/net/token.h"
+#include "service/rank_worker.h"
 #include "service/training_loop.h"
 
 using namespace peerd;
@@ -40,7 +41,7 @@ bool IsLoopback(const std::string& listen) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  peerd::UseTunedRuntimeEnvironment(argv);
+  peerd::ReexecWithTunedEnvironment(argv);
   CLI::App app{"peerd: continual training of a PEER language model on streamed text"};
   std::string data_dir = "peerd-data", config_path, data_listen = "127.0.0.1:7070", admin_listen = "127.0.0.1:7071";
   std::string log_level = "info", residency = "resident", freeze_dtype = "bf16";
@@ -61,16 +62,23 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace | debug | info | warn | error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
       ->capture_default_str();
-  app.add_option("--checkpoint-every-steps", checkpoint_steps, "checkpoint after this many steps")->capture_default_str();
+  app.add_option("--checkpoint-every-steps", checkpoint_steps, "checkpoint after this many steps")
+      ->capture_default_str();
   app.add_option("--checkpoint-every-seconds", checkpoint_seconds, "…or this many seconds")->capture_default_str();
-  app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")->capture_default_str();
+  app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")
+      ->capture_default_str();
   app.add_option("--max-document-mb", max_doc_mb, "largest document accepted")->capture_default_str();
-  app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")->check(CLI::Range(1u, 86400u))->capture_default_str();
-  app.add_option("--admin-timeout-seconds", admin_timeout_s,
-                 "close an admin connection idle this long, or slower than this to send its headers or to take its answer")
+  app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")
+      ->check(CLI::Range(1u, 86400u))
+      ->capture_default_str();
+  app.add_option(
+         "--admin-timeout-seconds", admin_timeout_s,
+         "close an admin connection idle this long, or slower than this to send its headers or to take its answer")
       ->check(CLI::Range(1u, 3600u))
       ->capture_default_str();
-  app.add_option("--max-data-connections", max_data_connections, "refuse data connections beyond this many")->check(CLI::Range(1u, 65536u))->capture_default_str();
+  app.add_option("--max-data-connections", max_data_connections, "refuse data connections beyond this many")
+      ->check(CLI::Range(1u, 65536u))
+      ->capture_default_str();
   app.add_option("--residency", residency, "frozen rows: resident | cached")
       ->check(CLI::IsMember({"resident", "cached"}))
       ->capture_default_str();
@@ -78,13 +86,20 @@ int main(int argc, char** argv) {
   app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")
       ->check(CLI::IsMember({"bf16", "fp32"}))
       ->capture_default_str();
-  app.add_option("--task-root", task_roots, "directories POST /v1/tasks may read files from (default: the working directory)");
+  app.add_option("--task-root", task_roots,
+                 "directories POST /v1/tasks may read files from (default: the working directory)");
   app.add_option("--threads", threads, "LibTorch threads (overrides train.threads; 0 = all cores)");
-  app.add_option("--world-size", ranks.world_size, "ranks training together (multi-rank: one peerd per rank)")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--rank", ranks.rank, "this peerd's rank: 0 owns the data, the ports and the store")->capture_default_str();
-  app.add_option("--rendezvous", rendezvous, "HOST:PORT where rank 0 serves the c10d rendezvous store")->capture_default_str();
+  app.add_option("--world-size", ranks.world_size, "ranks training together (multi-rank: one peerd per rank)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--rank", ranks.rank, "this peerd's rank: 0 owns the data, the ports and the store")
+      ->capture_default_str();
+  app.add_option("--rendezvous", rendezvous, "HOST:PORT where rank 0 serves the c10d rendezvous store")
+      ->capture_default_str();
   app.add_option("--collective-timeout-seconds", collective_timeout_s,
-                 "a rank silent this long counts as lost (also bounds an evaluation on rank 0)")->check(CLI::Range(1u, 86400u))->capture_default_str();
+                 "a rank silent this long counts as lost (also bounds an evaluation on rank 0)")
+      ->check(CLI::Range(1u, 86400u))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %l %v");
@@ -104,17 +119,22 @@ int main(int argc, char** argv) {
   if (Status st = ParseRendezvous(rendezvous, &ranks); !st.ok()) return fail("--rendezvous", st);
   ranks.timeout = std::chrono::seconds(collective_timeout_s);
   if (ranks.rank < 0 || ranks.rank >= ranks.world_size)
-    return fail("--rank", Status::InvalidArgument("must be in [0, --world-size) = [0, " + std::to_string(ranks.world_size) + ")"));
+    return fail("--rank", Status::InvalidArgument("must be in [0, --world-size) = [0, " +
+                                                  std::to_string(ranks.world_size) + ")"));
   if (ranks.world_size > 1) {
     if (!IsLoopback(ranks.host + ":")) {
       if (!allow_remote) {
-        spdlog::error("refusing rendezvous on {}: multi-rank peerd stays on loopback unless --allow-remote is given", rendezvous);
+        spdlog::error("refusing rendezvous on {}: multi-rank peerd stays on loopback unless --allow-remote is given",
+                      rendezvous);
         return 2;
       }
-      spdlog::warn("rendezvous on {}: the ranks' traffic (model state, gradients) is neither authenticated nor encrypted", rendezvous);
+      spdlog::warn(
+          "rendezvous on {}: the ranks' traffic (model state, gradients) is neither authenticated nor encrypted",
+          rendezvous);
     }
     if (residency != "resident")
-      return fail("--residency", Status::InvalidArgument("several ranks need frozen rows in memory (--residency resident)"));
+      return fail("--residency",
+                  Status::InvalidArgument("several ranks need frozen rows in memory (--residency resident)"));
   }
   // Ranks other than 0: no data directory, no ports — rank 0's model, then its commands.
   if (ranks.world_size > 1 && ranks.rank > 0) {
@@ -127,7 +147,8 @@ int main(int argc, char** argv) {
       spdlog::error("rank {}: taking rank 0's model: {}", ranks.rank, st.ToString());
       return kExitRankLost;
     }
-    spdlog::info("rank {} of {}: joined at step {}; training rank 0's batches", ranks.rank, ranks.world_size, worker->step());
+    spdlog::info("rank {} of {}: joined at step {}; training rank 0's batches", ranks.rank, ranks.world_size,
+                 worker->step());
     std::fflush(stdout);
     if (Status st = worker->Run(); !st.ok()) {
       spdlog::error("rank {}: training stopped: {}. Restart every rank to resume from rank 0's last checkpoint",
@@ -157,8 +178,8 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  std::shared_ptr<StoreDb> db;
-  if (Status st = StoreDb::Open(data_dir, {}, &db); !st.ok()) return fail("data directory", st);
+  std::shared_ptr<DataDirDb> db;
+  if (Status st = DataDirDb::Open(data_dir, {}, &db); !st.ok()) return fail("data directory", st);
   std::string admin_token, data_token;
   if (Status st = LoadOrCreateToken(data_dir + "/admin.token", &admin_token); !st.ok()) return fail("admin token", st);
   if (Status st = LoadOrCreateToken(data_dir + "/data.token", &data_token); !st.ok()) return fail("data token", st);
@@ -166,9 +187,12 @@ int main(int argc, char** argv) {
   if (Status st = Spool::Open(db, &spool); !st.ok()) return fail("spool", st);
   std::unique_ptr<Collective> collective;
   if (ranks.world_size > 1) {
-    spdlog::info("rank 0 of {}: waiting for the other ranks at {} (up to {} s)", ranks.world_size, rendezvous, collective_timeout_s);
+    spdlog::info("rank 0 of {}: waiting for the other ranks at {} (up to {} s)", ranks.world_size, rendezvous,
+                 collective_timeout_s);
     if (Status st = Collective::Connect(ranks, &collective); !st.ok()) return fail("starting the job", st);
     lo.ranks = collective.get();
+    // This thread's sigwait below ends the job: the ports close, and no checkpoint is written.
+    lo.on_ranks_lost = [] { kill(getpid(), SIGTERM); };
   }
   std::unique_ptr<TrainingLoop> loop;
   if (Status st = TrainingLoop::Open(lo, db, spool.get(), &loop); !st.ok()) {
@@ -178,9 +202,11 @@ int main(int argc, char** argv) {
   }
   KeepFreedMemory();  // the model is built; from here on every step re-uses the last step's memory
   StatusReply s0 = loop->Snapshot();
-  spdlog::info("data dir {}: step {}, {} spooled documents ({} bytes, {} untrained), {} segments; {} parameters, {} active per token; {} threads; BLAS {}",
-               data_dir, s0.step(), s0.spool_documents(), s0.spool_bytes(), s0.spool_backlog_bytes(),
-               s0.segments_size(), s0.total_parameters(), s0.active_parameters(), used_threads, BlasInfo());
+  spdlog::info(
+      "data dir {}: step {}, {} spooled documents ({} bytes, {} untrained), {} segments; {} parameters, {} active per "
+      "token; {} threads; BLAS {}",
+      data_dir, s0.step(), s0.spool_documents(), s0.spool_bytes(), s0.spool_backlog_bytes(), s0.segments_size(),
+      s0.total_parameters(), s0.active_parameters(), used_threads, BlasInfo());
 
   DataServerOptions dopt;
   dopt.listen = data_listen;
@@ -195,7 +221,8 @@ int main(int argc, char** argv) {
   aopt.listen = admin_listen;
   aopt.token = admin_token;
   aopt.timeout_seconds = admin_timeout_s;
-  aopt.task_roots = task_roots.empty() ? std::vector<std::string>{std::filesystem::current_path().string()} : task_roots;
+  aopt.task_roots =
+      task_roots.empty() ? std::vector<std::string>{std::filesystem::current_path().string()} : task_roots;
   std::unique_ptr<AdminServer> admin;
   if (Status st = AdminServer::Start(loop.get(), data.get(), aopt, &admin); !st.ok()) return fail("admin API", st);
   loop->Start();
@@ -205,9 +232,11 @@ int main(int argc, char** argv) {
 
   int sig = 0;
   sigwait(&signals, &sig);
-  if (const std::string lost = loop->lost_rank(); !lost.empty()) {
-    spdlog::error("a rank was lost: stopping the admin API and the data port; no checkpoint (the last one, step {}, is where the job resumes)",
-                  loop->Snapshot().last_checkpoint_step());
+  if (const std::string lost = loop->lost_rank_reason(); !lost.empty()) {
+    spdlog::error(
+        "a rank was lost: stopping the admin API and the data port; no checkpoint (the last one, step {}, is where the "
+        "job resumes)",
+        loop->Snapshot().last_checkpoint_step());
     admin->Stop();
     data->Stop();
     (void)loop->Stop(/*checkpoint=*/false);

@@ -2,8 +2,8 @@
 // Shared by peerd and peer-ingest; header-only, no dependencies beyond protobuf.
 #pragma once
 
-#include <cstdint>
 #include <cctype>
+#include <cstdint>
 #include <string>
 
 namespace peerd::wire {

@@ -1,11 +1,11 @@
 #!/usr/bin/python3
-"""Extracts the text domains of ../shared/CORPORA.md into data/corpora/<domain>/{train,heldout}.txt.
+"""Extracts the text domains of docs/CORPORA.md into data/corpora/<domain>/{train,heldout}.txt.
 
 Every domain is cut into documents with a key (scripture: book and chapter; fortunes: file and
-entry; code and man pages: file path). A document goes to heldout.txt when the CRC-32 of its key
-is 0 mod 20 (about 5%), so the split is the same on every machine and no held-out document is also
-trained on. Documents are separated by a blank line. Run by scripts/corpora.sh, which installs the
-Debian packages first.
+entry; code and man pages: file path; broad: source file and section). A document goes to
+heldout.txt when the CRC-32 of its key is 0 mod 20 (about 5%), so the split is the same on every
+machine and no held-out document is also trained on. Documents are separated by a blank line. Run
+by scripts/corpora.sh, which installs the Debian packages first.
 
 usage: corpora.py OUT_DIR DOMAIN..."""
 import glob, gzip, io, os, re, struct, subprocess, sys, tarfile, tempfile, zlib

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages of the text domains (../shared/CORPORA.md) and extracts them into
+# Installs the Debian packages of the text domains (docs/CORPORA.md) and extracts them into
 # data/corpora/<domain>/train.txt and heldout.txt with a deterministic held-out split (~5% of
 # documents, by a hash of each document's key). Idempotent: a domain already extracted is skipped.
 #   usage: scripts/corpora.sh [DOMAIN... | all]   (default: kjv)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end through the public interface only (peerd, peer-ingest, peerctl):
 # start peerd on embedded defaults, register the held-out tasks, then for each domain in turn
-# add a fresh expert segment, stream the domain in, wait until it is trained, freeze the segment
-# and evaluate every task. Prints the bits-per-byte matrix and the forgetting metrics, and writes
+# add a fresh expert segment (the first domain trains the one peerd starts with), stream the
+# domain in, wait until it is trained, freeze the segment and evaluate every task. Prints the bits-per-byte matrix and the forgetting metrics, and writes
 # demo-out/report.md, report.json and forgetting.svg.
 #
 # The policy (DEMO_POLICY) is `routed` by default: routing isolation with no trained text kept
@@ -25,7 +25,7 @@ read -r -a domains <<< "${DEMO_DOMAINS:-broad kjv c-code fortunes-de man-pages s
 policy=${DEMO_POLICY:-routed}
 case "$policy" in routed|recipe) ;; *) echo "demo: DEMO_POLICY must be routed or recipe, got '$policy'" >&2; exit 2 ;; esac
 slice_kb=600       # training text per domain (1 MB per domain took 17 minutes in all on 2 cores)
-heldout_kb=40      # held-out text per task (every evaluation scores all six)
+heldout_kb=40      # held-out text per task (every evaluation scores every task)
 eval_every=60      # seconds between evaluations while a domain trains (the plot's points)
 if [ "${1:-}" = "--quick" ]; then slice_kb=100; heldout_kb=16; eval_every=15; fi
 slice_kb=${DEMO_SLICE_KB:-$slice_kb}; heldout_kb=${DEMO_HELDOUT_KB:-$heldout_kb}; eval_every=${DEMO_EVAL_EVERY:-$eval_every}

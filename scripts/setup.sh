@@ -13,7 +13,7 @@ packages=(
   libprotobuf-dev protobuf-compiler
   libgtest-dev libgmock-dev
   libcli11-dev libxxhash-dev nlohmann-json3-dev libspdlog-dev
-  python3 python3-torch               # runs ../shared/bench/peer_ref.py, the peer to measure against
+  python3 python3-torch               # runs peer_ref.py, the external PyTorch reference of `peer-bench layer`
   clang libclang-rt-14-dev            # the libFuzzer fuzzers (scripts/fuzz.sh): clang++, libclang_rt.fuzzer
   bible-kjv                           # the demo's and tests' first real text (scripts/corpora.sh)
 )

@@ -214,9 +214,12 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             std::string text = loop->Metrics();
             if (data) {
               DataServerStats d = data->stats();
-              text += "# TYPE peerd_ingest_documents_total counter\npeerd_ingest_documents_total " + std::to_string(d.documents) + "\n";
-              text += "# TYPE peerd_ingest_acks_total counter\npeerd_ingest_acks_total " + std::to_string(d.acks) + "\n";
-              text += "# TYPE peerd_ingest_errors_total counter\npeerd_ingest_errors_total " + std::to_string(d.errors) + "\n";
+              text += "# TYPE peerd_ingest_documents_total counter\npeerd_ingest_documents_total " +
+                      std::to_string(d.documents) + "\n";
+              text +=
+                  "# TYPE peerd_ingest_acks_total counter\npeerd_ingest_acks_total " + std::to_string(d.acks) + "\n";
+              text += "# TYPE peerd_ingest_errors_total counter\npeerd_ingest_errors_total " +
+                      std::to_string(d.errors) + "\n";
             }
             text += "# TYPE peerd_admin_request_errors_total counter\npeerd_admin_request_errors_total " +
                     std::to_string(request_errors.load()) + "\n";
@@ -246,7 +249,8 @@ Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
 
 void AdminServer::Impl::Serve(tcp::socket socket) {
   const int fd = socket.native_handle();
-  const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(options.timeout_seconds));
+  const auto timeout =
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(options.timeout_seconds));
   beast::flat_buffer buffer;
   // Answers a request that is refused before it was read whole, then the connection closes: the
   // stream is out of step after it.
@@ -362,7 +366,8 @@ Status AdminServer::Start(TrainingLoop* loop, const DataServer* data, const Admi
   impl->loop = loop;
   impl->data = data;
   impl->options = options;
-  if (Status st = Listen(impl->acceptor, options.listen, "the admin API", &impl->port, &impl->address); !st.ok()) return st;
+  if (Status st = Listen(impl->acceptor, options.listen, "the admin API", &impl->port, &impl->address); !st.ok())
+    return st;
   impl->accept_thread = std::thread([p = impl.get()] {
     for (;;) {
       tcp::socket socket(p->io);

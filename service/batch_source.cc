@@ -9,11 +9,8 @@ namespace peerd {
 namespace {
 
 std::vector<int64_t> Tokens(const std::string& text, uint64_t from) {
-  std::vector<int64_t> t;
-  t.reserve(text.size() - std::min<size_t>(from, text.size()) + 1);
-  for (size_t i = from; i < text.size(); ++i) t.push_back(static_cast<unsigned char>(text[i]));
-  t.push_back(ByteTokenizer::kEndOfDocument);
-  return t;
+  return ByteTokenizer::Encode(std::string_view(text).substr(std::min<size_t>(from, text.size())),
+                               /*end_of_document=*/true);
 }
 
 }  // namespace

@@ -1,24 +1,24 @@
 // BatchSource: training batches cut from the spool in arrival order, each byte trained once,
 // plus optional replay of earlier documents: balanced over the tasks trained before, other than
 // the one training now (uniform over documents would let a task of many small documents crowd
-// out one of few large ones: 4,241 fortunes against 24 Python files in the demo). It tracks the cursor — the first spooled byte not yet
-// in a batch — which checkpoints record, so a restart trains exactly what was not trained yet.
+// out one of few large ones: 4,241 fortunes against 24 Python files in the demo). It tracks the cursor — the first
+// spooled byte not yet in a batch — which checkpoints record, so a restart trains exactly what was not trained yet.
 #pragma once
 
 #include <torch/torch.h>
 
 #include <deque>
 #include <map>
-#include <string>
 #include <random>
+#include <string>
 
 #include "service/net/spool.h"
 
 namespace peerd {
 
 struct SpoolCursor {
-  uint64_t index = 1;   // spooled document
-  uint64_t offset = 0;  // tokens of it already trained (its bytes, then its end-of-document token)
+  uint64_t index = 1;           // spooled document
+  uint64_t offset = 0;          // tokens of it already trained (its bytes, then its end-of-document token)
   uint64_t consumed_bytes = 0;  // text bytes trained, all time
 };
 

@@ -37,8 +37,9 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
   }
   meta.set_step(trainer.step());
   meta.set_schedule_start_step(static_cast<uint64_t>(trainer.schedule_start()));
-  meta.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
-                       std::chrono::system_clock::now().time_since_epoch()).count());
+  meta.set_unix_ms(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
 
   torch::serialize::OutputArchive archive;
   for (const auto& [name, tensor] : model->NamedTrainingState()) {
@@ -65,7 +66,8 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
   rocksdb::Status s = db_->db()->Get(rocksdb::ReadOptions(), db_->family(Family::kCheckpoints), kMetaKey, &meta_bytes);
   if (s.IsNotFound()) return Status::OK();
   if (!s.ok()) return FromRocks(s, "reading the checkpoint");
-  if (!meta->ParseFromString(meta_bytes)) return Status::Corruption("the checkpoint record in '" + db_->dir() + "' is unreadable");
+  if (!meta->ParseFromString(meta_bytes))
+    return Status::Corruption("the checkpoint record in '" + db_->dir() + "' is unreadable");
   s = db_->db()->Get(rocksdb::ReadOptions(), db_->family(Family::kCheckpoints), kTensorsKey, &tensor_bytes);
   if (!s.ok()) return FromRocks(s, "reading the checkpoint's tensors");
 

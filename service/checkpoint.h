@@ -9,14 +9,14 @@
 #include <memory>
 
 #include "core/trainer.h"
-#include "experts_store/store_db.h"
+#include "experts_store/data_dir_db.h"
 #include "proto/admin.pb.h"
 
 namespace peerd {
 
 class Checkpointer {
  public:
-  explicit Checkpointer(std::shared_ptr<StoreDb> db) : db_(std::move(db)) {}
+  explicit Checkpointer(std::shared_ptr<DataDirDb> db) : db_(std::move(db)) {}
 
   // Saves the trainer's model and optimizer with `meta` (its training_segments are filled in).
   Status Save(Trainer& trainer, CheckpointMeta meta);
@@ -27,7 +27,7 @@ class Checkpointer {
   Status Load(Trainer& trainer, CheckpointMeta* meta, bool* found);
 
  private:
-  std::shared_ptr<StoreDb> db_;
+  std::shared_ptr<DataDirDb> db_;
 };
 
 }  // namespace peerd

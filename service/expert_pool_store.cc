@@ -44,7 +44,8 @@ class StoreRowSource : public ExpertRowSource {
 }  // namespace
 
 ExpertPoolStore::ExpertPoolStore(ExpertStore* store, PoolStoreOptions options)
-    : store_(store), options_(options),
+    : store_(store),
+      options_(options),
       cache_(std::make_shared<RowCache>(store, options.residency == Residency::kCached ? options.cache_bytes : 0)) {}
 
 FreezeOptions ExpertPoolStore::Freezing(RowDtype dtype, uint64_t step, uint64_t tokens_seen) const {
@@ -69,12 +70,11 @@ FreezeOptions ExpertPoolStore::Freezing(RowDtype dtype, uint64_t step, uint64_t 
     const size_t half = down.size(1) * down.element_size();
     const char* d = static_cast<const char*>(down.data_ptr());
     const char* u = static_cast<const char*>(up.data_ptr());
-    return store->FreezeSegment(
-        m, std::string_view(static_cast<const char*>(keys.data_ptr()), keys.numel() * 4),
-        [&](uint32_t e, std::string* row) {
-          row->append(d + e * half, half);
-          row->append(u + e * half, half);
-        });
+    return store->FreezeSegment(m, std::string_view(static_cast<const char*>(keys.data_ptr()), keys.numel() * 4),
+                                [&](uint32_t e, std::string* row) {
+                                  row->append(d + e * half, half);
+                                  row->append(u + e * half, half);
+                                });
   };
   return o;
 }
@@ -90,18 +90,17 @@ Status ExpertPoolStore::Restore(const std::vector<PeerLayer>& layers, int64_t d_
     const std::string name = SegmentName(m.layer(), m.segment());
     if (m.state() != SEGMENT_STATE_FROZEN) continue;
     if (m.layer() >= layers.size() || m.d_model() != d_model)
-      return Status::InvalidArgument("the store in '" + store_->dir() + "' holds " + name + " (d_model " +
-                                     std::to_string(m.d_model()) + ") but the model has " +
-                                     std::to_string(layers.size()) + " PEER layers of d_model " +
-                                     std::to_string(d_model) +
-                                     ": use the configuration this data directory was trained with");
+      return Status::InvalidArgument(
+          "the store in '" + store_->dir() + "' holds " + name + " (d_model " + std::to_string(m.d_model()) +
+          ") but the model has " + std::to_string(layers.size()) + " PEER layers of d_model " +
+          std::to_string(d_model) + ": use the configuration this data directory was trained with");
     std::string key_bytes;
     if (Status st = store_->ReadSubKeys(m.layer(), m.segment(), &key_bytes); !st.ok())
       return Status::Corruption(name + " is frozen but its sub-keys cannot be read: " + st.message());
     const int64_t h = m.heads(), n = m.n_keys(), half = m.query_dim() / 2, D = m.d_model();
     if (key_bytes.size() != size_t(h * 2 * n * half * 4))
-      return Status::Corruption(name + ": sub-keys are " + std::to_string(key_bytes.size()) + " bytes, the manifest says " +
-                                std::to_string(h * 2 * n * half * 4));
+      return Status::Corruption(name + ": sub-keys are " + std::to_string(key_bytes.size()) +
+                                " bytes, the manifest says " + std::to_string(h * 2 * n * half * 4));
     torch::Tensor keys = torch::empty({h, 2, n, half});
     std::memcpy(keys.data_ptr(), key_bytes.data(), key_bytes.size());
 

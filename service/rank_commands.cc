@@ -13,7 +13,8 @@ Status ShareCommand(Collective& collective, RankCommand* command) {
 }
 
 Status ShareBatch(Collective& collective, const RankCommand& step, torch::Tensor* batch) {
-  if (collective.rank() != 0) *batch = torch::empty({int64_t(step.batch_rows()), int64_t(step.seq_len()) + 1}, torch::kLong);
+  if (collective.rank() != 0)
+    *batch = torch::empty({int64_t(step.batch_rows()), int64_t(step.seq_len()) + 1}, torch::kLong);
   std::vector<torch::Tensor> tensors{batch->contiguous()};
   if (Status st = collective.Broadcast(tensors, "sending the batch"); !st.ok()) return st;
   *batch = tensors[0];

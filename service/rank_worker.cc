@@ -37,8 +37,7 @@ Status RankWorker::Run() {
     RankCommand cmd;
     if (Status st = ShareCommand(*collective_, &cmd); !st.ok()) return st;
     switch (cmd.kind()) {
-      case RankCommand::IDLE:
-        break;
+      case RankCommand::IDLE: break;
       case RankCommand::STEP: {
         torch::Tensor batch;
         if (Status st = ShareBatch(*collective_, cmd, &batch); !st.ok()) return st;
@@ -48,10 +47,12 @@ Status RankWorker::Run() {
       }
       case RankCommand::ADD_SEGMENTS: {
         // The same order as rank 0 (TrainingLoop::AddSegments): teacher first, then the segments.
-        TransformerLM teacher = trainer.config().distill_weight() > 0 ? CopyForTeacher(trainer.model()) : TransformerLM(nullptr);
+        TransformerLM teacher =
+            trainer.config().distill_weight() > 0 ? CopyForTeacher(trainer.model()) : TransformerLM(nullptr);
         auto layers = trainer.model()->PeerLayers();
         for (const PoolSegment& s : cmd.added()) {
-          if (s.layer() >= layers.size()) return Status::InvalidArgument("rank 0 added a segment to a layer this rank lacks");
+          if (s.layer() >= layers.size())
+            return Status::InvalidArgument("rank 0 added a segment to a layer this rank lacks");
           if (Status st = layers[s.layer()]->AddSegmentWithId(s.id(), s.n_keys()); !st.ok()) return st;
         }
         trainer.RefreshParameters();
@@ -67,16 +68,13 @@ Status RankWorker::Run() {
         spdlog::info("rank {}: froze layer {} segment {}", collective_->rank(), cmd.layer(), cmd.id());
         break;
       }
-      case RankCommand::SET_TRAIN_CONFIG:
-        trainer.SetConfig(cmd.train());
-        break;
+      case RankCommand::SET_TRAIN_CONFIG: trainer.SetConfig(cmd.train()); break;
       case RankCommand::DIGEST: {
         std::vector<RankInfo> ranks;
         if (Status st = GatherDigests(*collective_, trainer, &ranks); !st.ok()) return st;
         break;
       }
-      case RankCommand::STOP:
-        return Status::OK();
+      case RankCommand::STOP: return Status::OK();
       default:
         return Status::InvalidArgument("unknown command " + std::to_string(cmd.kind()) +
                                        " from rank 0: every rank must run the same peerd build");

@@ -28,7 +28,8 @@ double Score(const EvalRow& row, const std::string& task) {
 }  // namespace
 
 Status TaskStore::PutTask(const std::string& name, const std::string& text) {
-  if (!wire::ValidTaskName(name)) return Status::InvalidArgument("task name must be 1-64 characters of A-Z a-z 0-9 _ . -");
+  if (!wire::ValidTaskName(name))
+    return Status::InvalidArgument("task name must be 1-64 characters of A-Z a-z 0-9 _ . -");
   if (text.size() < 2) return Status::InvalidArgument("task '" + name + "' needs at least 2 bytes of held-out text");
   rocksdb::WriteBatch batch;
   batch.Put(db_->family(Family::kEvals), "task/" + name, text);

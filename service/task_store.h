@@ -6,14 +6,14 @@
 #include <string>
 #include <vector>
 
-#include "experts_store/store_db.h"
+#include "experts_store/data_dir_db.h"
 #include "proto/admin.pb.h"
 
 namespace peerd {
 
 class TaskStore {
  public:
-  explicit TaskStore(std::shared_ptr<StoreDb> db) : db_(std::move(db)) {}
+  explicit TaskStore(std::shared_ptr<DataDirDb> db) : db_(std::move(db)) {}
 
   // Registers (or replaces) a task's held-out text. The name follows data-port task names.
   Status PutTask(const std::string& name, const std::string& text);
@@ -22,7 +22,7 @@ class TaskStore {
   Status Rows(std::vector<EvalRow>* out) const;  // oldest first
 
  private:
-  std::shared_ptr<StoreDb> db_;
+  std::shared_ptr<DataDirDb> db_;
 };
 
 // The continual-learning metrics of DESIGN.md §4 over the history (lower bits/byte is better).

@@ -1,18 +1,18 @@
 #include "service/training_loop.h"
 
-#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <future>
-#include <sstream>
 
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/rank_sync.h"
 #include "experts_store/row_dtype.h"
+#include "service/metrics_text.h"
 #include "service/net/admin_requests.h"
+#include "service/policy.h"
 #include "service/rank_commands.h"
 
 #include <spdlog/spdlog.h>
@@ -29,23 +29,6 @@ int64_t FirstSegment(const TransformerLM& model) {
   return layers.empty() || layers[0]->segments().empty() ? 0 : layers[0]->segments()[0]->id();
 }
 
-// `c` with the changes `policy` names (the admin API's PUT, or a checkpoint's record).
-TrainConfig WithPolicy(TrainConfig c, const Policy& policy) {
-  if (policy.train_groups_size()) {
-    c.clear_train_groups();
-    for (const auto& g : policy.train_groups()) c.add_train_groups(g);
-  }
-  if (policy.has_replay_ratio()) c.set_replay_ratio(static_cast<float>(policy.replay_ratio()));
-  if (policy.has_distill_weight()) c.set_distill_weight(static_cast<float>(policy.distill_weight()));
-  if (policy.has_lr()) {
-    c.set_lr(static_cast<float>(policy.lr()));
-    c.set_min_lr(std::min(c.min_lr(), c.lr()));  // the schedule decays towards min_lr <= lr
-  }
-  if (policy.has_routed()) c.set_routed(policy.routed());
-  if (policy.has_keep_trained_text()) c.set_keep_trained_text(policy.keep_trained_text());
-  return c;
-}
-
 // The physical memory of this machine: what a new segment is sized against.
 uint64_t PhysicalMemoryBytes() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -54,10 +37,15 @@ uint64_t PhysicalMemoryBytes() {
 
 }  // namespace
 
-TrainingLoop::TrainingLoop(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool)
-    : options_(options), db_(db), spool_(spool), checkpointer_(db), tasks_(db) {}
+TrainingLoop::TrainingLoop(const LoopOptions& options, std::shared_ptr<DataDirDb> db, Spool* spool)
+    : options_(options),
+      db_(db),
+      spool_(spool),
+      checkpointer_(db),
+      tasks_(db),
+      ranks_(options.ranks, [this](const Status& why) { OnRanksLost(why); }) {}
 
-Status TrainingLoop::Open(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool,
+Status TrainingLoop::Open(const LoopOptions& options, std::shared_ptr<DataDirDb> db, Spool* spool,
                           std::unique_ptr<TrainingLoop>* out) {
   std::unique_ptr<TrainingLoop> loop(new TrainingLoop(options, std::move(db), spool));
   if (Status st = loop->Restore(); !st.ok()) return st;
@@ -98,7 +86,8 @@ Status TrainingLoop::Restore() {
       for (const auto& seg : layer->segments())
         if (seg->id() == id) has_segment = true, all_frozen &= seg->frozen();
     if (!adapter->frozen() && has_segment && all_frozen) {
-      spdlog::warn("segment {} was frozen after the last checkpoint: its adapter is frozen as that checkpoint had it", id);
+      spdlog::warn("segment {} was frozen after the last checkpoint: its adapter is frozen as that checkpoint had it",
+                   id);
       if (Status st = model_->FreezeAdapter(id); !st.ok()) return st;
     }
   }
@@ -111,7 +100,7 @@ Status TrainingLoop::Restore() {
     trainer_->SetTeacher(CopyForTeacher(model_));
   spool_->SetConsumed(cursor.index, cursor.consumed_bytes);
   batches_ = std::make_unique<BatchSource>(spool_, cursor, c.train().seed() + trainer_->step());
-  if (multi_rank()) {
+  if (ranks_.active()) {
     // The other ranks build the configured model, then take this restored one whole.
     Config shared = options_.config;
     *shared.mutable_train() = trainer_->config();  // the policy as restored, not as the file had it
@@ -123,48 +112,17 @@ Status TrainingLoop::Restore() {
     if (Status st = CompareRanks(); !st.ok()) return st;
     if (!snapshot_.ranks_agree()) return Status::Corruption("the ranks disagree right after taking rank 0's model");
   }
-  segments_snapshot_ = SegmentsNow();
+  RefreshSegments();
   snapshot_.set_step(trainer_->step());
+  snapshot_.set_learning_rate(trainer_->NextLearningRate());
   return Status::OK();
 }
 
-Policy TrainingLoop::PolicyNow() const {
-  const TrainConfig& c = trainer_->config();
-  Policy p;
-  for (const auto& g : c.train_groups()) p.add_train_groups(g);
-  p.set_replay_ratio(c.replay_ratio());
-  p.set_lr(c.lr());
-  p.set_distill_weight(c.distill_weight());
-  p.set_freeze_dtype(RowDtypeName(options_.freeze_dtype));
-  p.set_routed(c.routed());
-  p.set_keep_trained_text(c.keep_trained_text());
-  return p;
-}
-
-Status TrainingLoop::TellRanks(RankCommand command) {
-  if (!multi_rank()) return Status::OK();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!lost_rank_.empty()) return Status::IOError(lost_rank_);
-  }
-  last_command_ = Clock::now();
-  return ShareCommand(*options_.ranks, &command);
-}
-
 Status TrainingLoop::CompareRanks() {
-  if (!multi_rank()) return Status::OK();
-  RankCommand digest;
-  digest.set_kind(RankCommand::DIGEST);
-  if (Status st = TellRanks(digest); !st.ok()) return st;
   std::vector<RankInfo> ranks;
-  if (Status st = GatherDigests(*options_.ranks, *trainer_, &ranks); !st.ok()) return st;
   bool agree = true;
-  for (const RankInfo& r : ranks) agree &= r.model_digest() == ranks[0].model_digest() && r.step() == ranks[0].step();
-  if (!agree) {
-    std::string list;
-    for (const RankInfo& r : ranks) list += fmt::format(" rank {}: step {} digest {:016x};", r.rank(), r.step(), r.model_digest());
-    spdlog::error("the ranks' models differ:{} (a bug: please report it with this line)", list);
-  }
+  if (Status st = ranks_.Compare(*trainer_, &ranks, &agree); !st.ok()) return st;
+  if (!ranks_.active()) return Status::OK();
   std::lock_guard<std::mutex> lock(mu_);
   snapshot_.clear_ranks();
   for (const RankInfo& r : ranks) *snapshot_.add_ranks() = r;
@@ -172,21 +130,19 @@ Status TrainingLoop::CompareRanks() {
   return Status::OK();
 }
 
-void TrainingLoop::LoseRanks(const Status& why) {
-  spdlog::error("training stopped: {}. Nothing acked is lost: restart every rank (same --world-size and "
-                "--rendezvous) to resume from the checkpoint at step {}", why.ToString(), last_checkpoint_step_);
+void TrainingLoop::OnRanksLost(const Status& why) {
+  spdlog::error(
+      "training stopped: {}. Nothing acked is lost: restart every rank (same --world-size and "
+      "--rendezvous) to resume from the checkpoint at step {}",
+      why.ToString(), last_checkpoint_step_);
+  bool running;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    lost_rank_ = why.ToString();
     stopping_ = true;  // admin operations are refused from now on
     snapshot_.set_state("stopped: a rank was lost");
+    running = running_;
   }
-  kill(getpid(), SIGTERM);  // peerd's main thread shuts the ports and exits without a checkpoint
-}
-
-std::string TrainingLoop::lost_rank() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return lost_rank_;
+  if (running && options_.on_ranks_lost) options_.on_ranks_lost();
 }
 
 TrainingLoop::~TrainingLoop() { Stop(false); }
@@ -213,7 +169,8 @@ Status TrainingLoop::Stop(bool checkpoint) {
     stopping_ = false;
     // After a lost rank the last batch taken may not have been trained: a checkpoint now would
     // skip it. The last checkpoint stays the one to resume from.
-    if (!lost_rank_.empty()) return Status::FailedPrecondition("a rank was lost: " + lost_rank_);
+    if (std::string lost = ranks_.lost_reason(); !lost.empty())
+      return Status::FailedPrecondition("a rank was lost: " + lost);
   }
   return checkpoint ? CheckpointNow() : Status::OK();
 }
@@ -242,159 +199,41 @@ Status TrainingLoop::RunOnTrainer(const std::function<Status()>& op) {
 }
 
 void TrainingLoop::Run() {
-  const TrainConfig& tc = options_.config.train();
-  const int64_t T = options_.config.model().context();
-  auto last_checkpoint = Clock::now(), last_data = Clock::now(), window_start = Clock::now();
-  double window_loss = 0;
-  int64_t window_steps = 0, window_tokens = 0;
-  bool checkpoint_ok = true;
-  std::string ingest_error;
+  RunState run;
+  run.last_checkpoint = run.last_data = run.window_start = Clock::now();
   for (;;) {
+    SpoolCursor before = batches_->cursor();  // where the batch about to be taken starts
+    bool stepped = false;                     // the batch taken was trained
     // An exception from here on (LibTorch throws on a failed allocation; a store read can fail in
     // cached residency) must not end this thread, and with it peerd: it stops training instead.
-    SpoolCursor before = batches_->cursor();  // where the batch about to be taken starts
-    bool stepped = false;                      // the batch taken was trained
     try {
-      std::deque<std::function<void()>> ops;
-      bool paused;
-      bool stop;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        stop = stopping_;
-        ops.swap(queue_);
-        paused = paused_;
-      }
-      for (auto& op : ops) op();  // even when stopping: their callers are waiting for an answer
-      if (!lost_rank().empty()) break;
-      if (stop) {
-        RankCommand bye;
-        bye.set_kind(RankCommand::STOP);
-        if (Status st = TellRanks(bye); !st.ok()) spdlog::warn("telling the other ranks to stop: {}", st.ToString());
-        break;
-      }
-      // While nothing is trained, a heartbeat a second: the other ranks wait for rank 0's next
-      // command with a timeout, and a lost rank is noticed while idle too.
-      if (multi_rank() && Clock::now() - last_command_ > std::chrono::seconds(1)) {
-        RankCommand idle;
-        idle.set_kind(RankCommand::IDLE);
-        if (Status st = TellRanks(idle); !st.ok()) {
-          LoseRanks(st);
-          break;
-        }
-      }
-      if (paused) {
-        std::unique_lock<std::mutex> lock(mu_);
-        snapshot_.set_state("paused");
-        wake_.wait_for(lock, std::chrono::milliseconds(100));
+      if (!ServeQueue()) break;
+      if (paused()) {
+        WaitAWhile("paused");
         continue;
       }
-      // The spool's write errors are not the trainer's, but it is the one thread that is always
-      // looking: say so in the log once when acks stop and once when they resume.
-      if (std::string e = spool_->stats().write_error; e != ingest_error) {
-        if (!e.empty()) spdlog::error("ingest stopped: documents are not being acknowledged: {}", e);
-        else spdlog::info("ingest resumed: the spool writes again");
-        ingest_error = e;
-      }
+      LogIngestChanges(&run);
       if (!routing_.CanTrain(model_)) {
         // Waiting here is not a lack of data: once a branch opens, give its text the usual time to
         // make a full batch.
-        last_data = Clock::now();
-        std::unique_lock<std::mutex> lock(mu_);
-        snapshot_.set_state("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
-        wake_.wait_for(lock, std::chrono::milliseconds(100));
+        run.last_data = Clock::now();
+        WaitAWhile("waiting for a segment: routed training trains only an open branch; add one (peerctl segments add)");
         continue;
       }
-      Status st;
-      const bool idle = Clock::now() - last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
       int64_t replayed = 0;
       before = batches_->cursor();
-      torch::Tensor batch = batches_->Next(tc.batch_size(), T, trainer_->config().replay_ratio(), idle, &st, &replayed);
-      if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
-      if (!batch.defined()) {
-        std::unique_lock<std::mutex> lock(mu_);
-        snapshot_.set_state("waiting for data");
-        wake_.wait_for(lock, std::chrono::milliseconds(100));
-        continue;
-      }
-      last_data = Clock::now();
+      torch::Tensor batch = NextBatch(&run, &replayed);
+      if (!batch.defined()) continue;
       if (options_.before_step) options_.before_step(trainer_->step());
-      StepStats s;
-      if (multi_rank()) {
-        RankCommand step;
-        step.set_kind(RankCommand::STEP);
-        step.set_batch_rows(static_cast<uint32_t>(batch.size(0)));
-        step.set_seq_len(static_cast<uint32_t>(batch.size(1) - 1));
-        step.set_replayed(static_cast<uint32_t>(replayed));
-        const double in_collectives = options_.ranks->seconds_in_collectives();
-        Status shared = TellRanks(step);
-        if (shared.ok()) shared = ShareBatch(*options_.ranks, step, &batch);
-        if (shared.ok()) shared = trainer_->Step(batch, replayed, &s);
-        if (!shared.ok()) {
-          LoseRanks(shared);
-          break;
-        }
-        step_collective_seconds_ += options_.ranks->seconds_in_collectives() - in_collectives;
-        ++multi_rank_steps_;
-      } else {
-        s = trainer_->Step(batch, replayed);
-      }
+      StepStats stats;
+      if (!TrainStep(batch, replayed, &stats)) break;
       stepped = true;
-      routing_.AfterStep(batch.slice(0, replayed));
-      const int64_t tokens = batch.size(0) * T;
-      window_loss += s.loss;
-      ++window_steps;
-      window_tokens += tokens;
-      spool_->SetConsumed(batches_->cursor().index, batches_->cursor().consumed_bytes);
-      const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
-      {
-        std::lock_guard<std::mutex> lock(mu_);  // Snapshot() reads tokens_trained_ under it
-        tokens_trained_ += tokens;
-        snapshot_.set_state("training");
-        snapshot_.set_step(trainer_->step());
-        if (multi_rank()) snapshot_.set_collective_seconds_per_step(step_collective_seconds_ / multi_rank_steps_);
-        snapshot_.set_tokens_trained(tokens_trained_);
-        if (window_steps >= 10 || secs > 5) {
-          snapshot_.set_recent_loss(window_loss / window_steps);
-          snapshot_.set_recent_bits_per_byte(window_loss / window_steps / std::log(2.0));
-          snapshot_.set_tokens_per_second(window_tokens / secs);
-          window_loss = 0;
-          window_steps = window_tokens = 0;
-          window_start = Clock::now();
-        }
-      }
-      // After a failed checkpoint (disk full) the next try waits the full interval, not one step.
-      const bool due_by_time = Clock::now() - last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds);
-      const bool due_by_steps = options_.checkpoint_every_steps &&
-                                trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps;
-      if (due_by_time || (due_by_steps && checkpoint_ok)) {
-        Status c = CheckpointNow();
-        if (!c.ok()) spdlog::error("checkpoint failed, training goes on from memory and retries in {} s: {}",
-                                   options_.checkpoint_every_seconds, c.ToString());
-        else if (!checkpoint_ok) spdlog::info("checkpoint at step {} written again after failures", trainer_->step());
-        else spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
-        checkpoint_ok = c.ok();
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          checkpoint_error_ = c.ok() ? "" : c.ToString();
-          last_checkpoint = Clock::now();
-        }
-        if (Status st = CompareRanks(); !st.ok()) {
-          LoseRanks(st);
-          break;
-        }
-      }
+      RecordStep(batch, replayed, stats, &run);
+      if (!CheckpointIfDue(&run)) break;
     } catch (const std::exception& e) {
-      if (multi_rank()) {  // the ranks cannot agree on what was trained: they stop together
-        LoseRanks(Status::FailedPrecondition(std::string("a training step failed: ") + e.what()));
-        break;
-      }
-      StopTrainingAfter(e.what(), stepped ? nullptr : &before);
+      if (!TurnFailed(e.what(), stepped ? nullptr : &before)) break;
     } catch (...) {
-      if (multi_rank()) {
-        LoseRanks(Status::FailedPrecondition("a training step failed: an unknown exception"));
-        break;
-      }
-      StopTrainingAfter("an unknown exception", stepped ? nullptr : &before);
+      if (!TurnFailed("an unknown exception", stepped ? nullptr : &before)) break;
     }
   }
   // Operations queued while the loop was ending (a rank lost) still get their answer.
@@ -406,13 +245,151 @@ void TrainingLoop::Run() {
   for (auto& op : rest) op();
 }
 
+bool TrainingLoop::ServeQueue() {
+  std::deque<std::function<void()>> ops;
+  bool stop;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop = stopping_;
+    ops.swap(queue_);
+  }
+  for (auto& op : ops) op();  // even when stopping: their callers are waiting for an answer
+  if (!ranks_.lost_reason().empty()) return false;
+  if (stop) {
+    ranks_.TellStop();
+    return false;
+  }
+  if (ranks_.HeartbeatDue()) {
+    RankCommand idle;
+    idle.set_kind(RankCommand::IDLE);
+    if (!ranks_.Tell(idle).ok()) return false;
+  }
+  return true;
+}
+
+bool TrainingLoop::paused() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return paused_;
+}
+
+void TrainingLoop::WaitAWhile(const std::string& state) {
+  std::unique_lock<std::mutex> lock(mu_);
+  snapshot_.set_state(state);
+  wake_.wait_for(lock, std::chrono::milliseconds(100));
+}
+
+void TrainingLoop::LogIngestChanges(RunState* run) {
+  // The spool's write errors are not the trainer's, but it is the one thread that is always
+  // looking: say so in the log once when acks stop and once when they resume.
+  if (std::string e = spool_->stats().write_error; e != run->ingest_error) {
+    if (!e.empty())
+      spdlog::error("ingest stopped: documents are not being acknowledged: {}", e);
+    else
+      spdlog::info("ingest resumed: the spool writes again");
+    run->ingest_error = e;
+  }
+}
+
+torch::Tensor TrainingLoop::NextBatch(RunState* run, int64_t* replayed) {
+  const int64_t T = options_.config.model().context();
+  const bool idle = Clock::now() - run->last_data > std::chrono::duration<double>(options_.partial_batch_after_seconds);
+  Status st;
+  torch::Tensor batch =
+      batches_->Next(options_.config.train().batch_size(), T, trainer_->config().replay_ratio(), idle, &st, replayed);
+  if (!st.ok()) spdlog::error("reading the spool: {}", st.ToString());
+  if (!batch.defined()) {
+    WaitAWhile("waiting for data");
+    return batch;
+  }
+  run->last_data = Clock::now();
+  return batch;
+}
+
+bool TrainingLoop::TrainStep(torch::Tensor batch, int64_t replayed, StepStats* stats) {
+  if (!ranks_.active()) {
+    *stats = trainer_->Step(batch, replayed);
+    return true;
+  }
+  RankCommand step;
+  step.set_kind(RankCommand::STEP);
+  step.set_batch_rows(static_cast<uint32_t>(batch.size(0)));
+  step.set_seq_len(static_cast<uint32_t>(batch.size(1) - 1));
+  step.set_replayed(static_cast<uint32_t>(replayed));
+  const double in_collectives = options_.ranks->seconds_in_collectives();
+  Status st = ranks_.Tell(step);
+  if (st.ok()) st = ranks_.Check(ShareBatch(*options_.ranks, step, &batch));
+  if (st.ok()) st = ranks_.Check(trainer_->Step(batch, replayed, stats));
+  if (!st.ok()) return false;
+  step_collective_seconds_ += options_.ranks->seconds_in_collectives() - in_collectives;
+  ++multi_rank_steps_;
+  return true;
+}
+
+void TrainingLoop::RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, RunState* run) {
+  routing_.AfterStep(batch.slice(0, replayed));
+  const int64_t tokens = batch.size(0) * options_.config.model().context();
+  run->window_loss += stats.loss;
+  ++run->window_steps;
+  run->window_tokens += tokens;
+  spool_->SetConsumed(batches_->cursor().index, batches_->cursor().consumed_bytes);
+  const double secs = std::chrono::duration<double>(Clock::now() - run->window_start).count();
+  std::lock_guard<std::mutex> lock(mu_);  // Snapshot() reads tokens_trained_ under it
+  tokens_trained_ += tokens;
+  snapshot_.set_state("training");
+  snapshot_.set_step(trainer_->step());
+  snapshot_.set_learning_rate(trainer_->NextLearningRate());
+  if (ranks_.active()) snapshot_.set_collective_seconds_per_step(step_collective_seconds_ / multi_rank_steps_);
+  snapshot_.set_tokens_trained(tokens_trained_);
+  if (run->window_steps >= 10 || secs > 5) {
+    snapshot_.set_recent_loss(run->window_loss / run->window_steps);
+    snapshot_.set_recent_bits_per_byte(run->window_loss / run->window_steps / std::log(2.0));
+    snapshot_.set_tokens_per_second(run->window_tokens / secs);
+    run->window_loss = 0;
+    run->window_steps = run->window_tokens = 0;
+    run->window_start = Clock::now();
+  }
+}
+
+bool TrainingLoop::CheckpointIfDue(RunState* run) {
+  // After a failed checkpoint (disk full) the next try waits the full interval, not one step.
+  const bool due_by_time =
+      Clock::now() - run->last_checkpoint > std::chrono::duration<double>(options_.checkpoint_every_seconds);
+  const bool due_by_steps =
+      options_.checkpoint_every_steps && trainer_->step() - last_checkpoint_step_ >= options_.checkpoint_every_steps;
+  if (!due_by_time && !(due_by_steps && run->checkpoint_ok)) return true;
+  Status c = CheckpointNow();
+  if (!c.ok())
+    spdlog::error("checkpoint failed, training goes on from memory and retries in {} s: {}",
+                  options_.checkpoint_every_seconds, c.ToString());
+  else if (!run->checkpoint_ok)
+    spdlog::info("checkpoint at step {} written again after failures", trainer_->step());
+  else
+    spdlog::info("checkpoint at step {} ({} tokens trained)", trainer_->step(), tokens_trained_);
+  run->checkpoint_ok = c.ok();
+  run->last_checkpoint = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    checkpoint_error_ = c.ok() ? "" : c.ToString();
+  }
+  return CompareRanks().ok();
+}
+
+bool TrainingLoop::TurnFailed(const std::string& what, const SpoolCursor* untrained_from) {
+  if (ranks_.active()) {  // the ranks cannot agree on what was trained: they stop together
+    (void)ranks_.Check(Status::FailedPrecondition("a training step failed: " + what));
+    return false;
+  }
+  StopTrainingAfter(what, untrained_from);
+  return true;
+}
+
 Status TrainingLoop::CheckpointNow() {
   CheckpointMeta meta;
   meta.set_tokens_trained(tokens_trained_);
   meta.set_spool_next_index(batches_->cursor().index);
   meta.set_spool_offset(batches_->cursor().offset);
   meta.set_consumed_bytes(batches_->cursor().consumed_bytes);
-  *meta.mutable_policy() = PolicyNow();
+  *meta.mutable_policy() = PolicyOf(trainer_->config(), options_.freeze_dtype);
   *meta.mutable_routing() = routing_.ToProto();
   if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
   {
@@ -444,15 +421,12 @@ Status TrainingLoop::CheckpointAfterChange(const std::string& what) {
 Status TrainingLoop::Checkpoint() {
   return RunOnTrainer([this]() -> Status {
     if (Status st = CheckpointNow(); !st.ok()) return st;
-    if (Status st = CompareRanks(); !st.ok()) {
-      LoseRanks(st);
-      return st;
-    }
-    return Status::OK();
+    return CompareRanks();
   });
 }
 
-Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<uint32_t> n_keys, std::vector<uint32_t>* ids) {
+Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<uint32_t> n_keys,
+                                 std::vector<uint32_t>* ids) {
   return RunOnTrainer([&]() -> Status {
     auto layers = model_->PeerLayers();
     if (layers.empty()) return Status::FailedPrecondition("this model has no PEER layers (model.ffn is dense)");
@@ -463,14 +437,16 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
     if (routed && layer)
       return Status::InvalidArgument("with train.routed a segment is a branch in every PEER layer: omit the layer");
     if (routed && routing_.started() && routing_.CanTrain(model_))
-      return Status::FailedPrecondition("a routed branch is still training: freeze it first (peerctl segments freeze ID), "
-                                        "then add the next one");
+      return Status::FailedPrecondition(
+          "a routed branch is still training: freeze it first (peerctl segments freeze ID), "
+          "then add the next one");
     const uint32_t keys = n_keys.value_or(options_.config.model().peer().n_keys());
     if (Status st = CheckNewSegmentSize(keys, options_.config.model().d_model(), PhysicalMemoryBytes()); !st.ok())
       return st;
     // A new segment starts a new domain: the model as it is now (before the segment) is what
     // distillation on replayed rows holds the model to from here on.
-    TransformerLM teacher = trainer_->config().distill_weight() > 0 && !routed ? CopyForTeacher(model_) : TransformerLM(nullptr);
+    TransformerLM teacher =
+        trainer_->config().distill_weight() > 0 && !routed ? CopyForTeacher(model_) : TransformerLM(nullptr);
     ids->clear();
     RankCommand add;
     add.set_kind(RankCommand::ADD_SEGMENTS);
@@ -487,24 +463,19 @@ Status TrainingLoop::AddSegments(std::optional<uint32_t> layer, std::optional<ui
     if (routed) {
       for (uint32_t id : *ids)
         if (id != ids->front())
-          return Status::Corruption("the PEER layers gave the new segment different ids (" + std::to_string(ids->front()) +
-                                  ", " + std::to_string(id) + "): a routed branch needs one id");
+          return Status::Corruption("the PEER layers gave the new segment different ids (" +
+                                    std::to_string(ids->front()) + ", " + std::to_string(id) +
+                                    "): a routed branch needs one id");
       if (Status st = routing_.Open(*trainer_, ids->front()); !st.ok()) return st;
     }
-    if (multi_rank()) {
-      Status told = TellRanks(add);
-      if (told.ok()) told = ShareAddedSegments(*options_.ranks, *trainer_, add);
+    if (ranks_.active()) {
+      Status told = ranks_.Tell(add);
+      if (told.ok()) told = ranks_.Check(ShareAddedSegments(*options_.ranks, *trainer_, add));
       if (told.ok()) told = CompareRanks();
-      if (!told.ok()) {
-        LoseRanks(told);
-        return told;
-      }
+      if (!told.ok()) return told;
     }
     if (!teacher.is_empty()) trainer_->SetTeacher(teacher);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      segments_snapshot_ = SegmentsNow();
-    }
+    RefreshSegments();
     return CheckpointAfterChange("adding segment " + std::to_string(ids->front()));
   });
 }
@@ -513,7 +484,8 @@ Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, s
                                    std::vector<uint32_t>* frozen_layers) {
   return RunOnTrainer([&]() -> Status {
     if (trainer_->config().routed() && layer)
-      return Status::InvalidArgument("with train.routed a segment is a branch in every PEER layer and freezes whole: omit the layer");
+      return Status::InvalidArgument(
+          "with train.routed a segment is a branch in every PEER layer and freezes whole: omit the layer");
     auto layers = model_->PeerLayers();
     frozen_layers->clear();
     bool known = false;
@@ -533,22 +505,16 @@ Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, s
         freeze.set_layer(static_cast<uint32_t>(l));
         freeze.set_id(id);
         freeze.set_bf16(rows == ROW_DTYPE_BF16);
-        if (Status told = TellRanks(freeze); !told.ok()) {
-          LoseRanks(told);
-          return told;
-        }
+        if (Status told = ranks_.Tell(freeze); !told.ok()) return told;
       }
     }
-    if (Status st = CompareRanks(); !st.ok()) {
-      LoseRanks(st);
-      return st;
-    }
-    if (!known) return Status::NotFound("no segment " + std::to_string(id) + (layer ? " in layer " + std::to_string(*layer) : ""));
-    if (frozen_layers->empty()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      segments_snapshot_ = SegmentsNow();
-    }
+    if (Status st = CompareRanks(); !st.ok()) return st;
+    if (!known)
+      return Status::NotFound("no segment " + std::to_string(id) +
+                              (layer ? " in layer " + std::to_string(*layer) : ""));
+    if (frozen_layers->empty())
+      return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
+    RefreshSegments();
     return CheckpointAfterChange("freezing segment " + std::to_string(id));
   });
 }
@@ -561,40 +527,19 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     EvalRow r;
     r.set_step(trainer_->step());
     r.set_label(label);
-    r.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
-                      std::chrono::system_clock::now().time_since_epoch()).count());
+    r.set_unix_ms(
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count());
     EvalOptions eo;
     eo.max_bytes = options_.config.train().eval_bytes();
     eo = routing_.Options(eo, trainer_->config().route_context());
-    auto layers = model_->PeerLayers();
-    for (auto& layer : layers) layer->StartUsageRecording();
+    StartUsageRecording(model_);
     for (const auto& [name, text] : tasks) {
       r.add_tasks(name);
       r.add_bits_per_byte(BitsPerByte(model_, text, eo));
     }
-    // Usage over the whole evaluation window: the share of each segment's experts retrieved at
-    // least once, and KL(usage || uniform) in nats (PEER paper, Table 2).
-    usage_.clear();
-    for (size_t l = 0; l < layers.size(); ++l) {
-      layers[l]->StopUsageRecording();
-      for (size_t pos = 0; pos < layers[l]->segments().size(); ++pos) {
-        torch::Tensor counts = layers[l]->UsageCounts(pos);
-        if (!counts.defined()) continue;
-        const double total = counts.sum().item<double>(), n = counts.numel();
-        double kl = 0;
-        if (total > 0) {
-          torch::Tensor p = counts.to(torch::kDouble) / total;
-          torch::Tensor used = p.masked_select(p > 0);
-          kl = (used * (used * n).log()).sum().item<double>();
-        }
-        usage_[{static_cast<uint32_t>(l), static_cast<uint32_t>(layers[l]->segments()[pos]->id())}] = {
-            (counts > 0).sum().item<double>() / n, kl};
-      }
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      segments_snapshot_ = SegmentsNow();
-    }
+    usage_ = StopUsageRecording(model_);
+    RefreshSegments();
     if (Status st = tasks_.AppendRow(r); !st.ok()) return st;
     *row = r;
     return Status::OK();
@@ -614,22 +559,24 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
           "weights cannot train again; routed stays on (start a new data directory for another policy)");
     const bool only_new_segment = policy.train_groups_size() == 1 && policy.train_groups(0) == "new-segment";
     if (routing_.started() && policy.train_groups_size() && !only_new_segment)
-      return Status::FailedPrecondition("with routing started only the open branch trains (group new-segment): "
-                                        "trainGroups cannot change");
-    if (c.train().routed() && multi_rank())
+      return Status::FailedPrecondition(
+          "with routing started only the open branch trains (group new-segment): "
+          "trainGroups cannot change");
+    if (c.train().routed() && ranks_.active())
       return Status::InvalidArgument("train.routed runs in one process: restart peerd with --world-size 1");
     *c.mutable_train() = routing_.Effective(c.train());
     trainer_->SetConfig(c.train());
     RankCommand set;
     set.set_kind(RankCommand::SET_TRAIN_CONFIG);
     *set.mutable_train() = c.train();
-    Status told = TellRanks(set);
+    Status told = ranks_.Tell(set);
     if (told.ok()) told = CompareRanks();
-    if (!told.ok()) {
-      LoseRanks(told);
-      return told;
-    }
+    if (!told.ok()) return told;
     if (policy.has_freeze_dtype()) options_.freeze_dtype = *ParseRowDtype(policy.freeze_dtype());  // checked above
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      snapshot_.set_learning_rate(trainer_->NextLearningRate());
+    }
     return CheckpointAfterChange("the policy change");
   });
 }
@@ -637,7 +584,7 @@ Status TrainingLoop::SetPolicy(const Policy& policy) {
 Policy TrainingLoop::GetPolicy() {
   Policy p;
   (void)RunOnTrainer([&]() -> Status {
-    p = PolicyNow();
+    p = PolicyOf(trainer_->config(), options_.freeze_dtype);
     return Status::OK();
   });
   return p;
@@ -653,9 +600,10 @@ void TrainingLoop::SetPaused(bool paused) {
 }
 
 void TrainingLoop::StopTrainingAfter(const std::string& what, const SpoolCursor* untrained_from) {
-  spdlog::error("training stopped at step {}: {}. peerd keeps serving; fix the cause, then resume "
-                "(peerctl resume, POST /v1/train/resume){}",
-                trainer_->step(), what, untrained_from ? ": the batch that failed is trained then" : "");
+  spdlog::error(
+      "training stopped at step {}: {}. peerd keeps serving; fix the cause, then resume "
+      "(peerctl resume, POST /v1/train/resume){}",
+      trainer_->step(), what, untrained_from ? ": the batch that failed is trained then" : "");
   // The failed batch's documents were taken from the spool but not trained: start again before them.
   if (untrained_from)
     batches_ = std::make_unique<BatchSource>(spool_, *untrained_from,
@@ -665,41 +613,17 @@ void TrainingLoop::StopTrainingAfter(const std::string& what, const SpoolCursor*
   training_error_ = "step " + std::to_string(trainer_->step()) + ": " + what;
 }
 
-SegmentsReply TrainingLoop::SegmentsNow() {
-  // Parameter counts change only with the pool; taken here, on the thread that owns the model.
-  snapshot_.set_total_parameters(model_->TotalParameters());
-  snapshot_.set_active_parameters(model_->ActiveParameters());
-  if (routing_.started()) *snapshot_.mutable_routing() = routing_.Info(model_);
-  SegmentsReply reply;
-  auto layers = model_->PeerLayers();
+void TrainingLoop::RefreshSegments() {
   std::vector<SegmentManifest> manifests;
   (void)store_->Manifests(&manifests);
-  for (size_t l = 0; l < layers.size(); ++l) {
-    for (const auto& seg : layers[l]->segments()) {
-      SegmentInfo* s = reply.add_segments();
-      s->set_layer(static_cast<uint32_t>(l));
-      s->set_id(static_cast<uint32_t>(seg->id()));
-      s->set_state(seg->frozen() ? "frozen" : "training");
-      s->set_n_keys(static_cast<uint32_t>(seg->n_keys()));
-      s->set_experts(seg->num_experts());
-      s->set_resident(seg->resident());
-      RowDtype dtype = seg->resident() && seg->down.scalar_type() == torch::kBFloat16 ? ROW_DTYPE_BF16 : ROW_DTYPE_FP32;
-      for (const auto& m : manifests)
-        if (m.layer() == l && m.segment() == seg->id()) {
-          dtype = m.dtype();
-          s->set_checksum(m.checksum());
-          s->set_frozen_at_step(m.frozen_at_step());
-        }
-      s->set_dtype(RowDtypeName(dtype));
-      s->set_bytes(uint64_t(seg->num_experts()) * ExpertStore::RowBytes(dtype, static_cast<uint32_t>(seg->d_model())));
-      auto u = usage_.find({static_cast<uint32_t>(l), static_cast<uint32_t>(seg->id())});
-      if (u != usage_.end()) {
-        s->set_usage(u->second.first);
-        s->set_usage_kl(u->second.second);
-      }
-    }
-  }
-  return reply;
+  SegmentsReply segments = DescribeSegments(model_, manifests, usage_);
+  // Parameter counts change only with the pool; taken here, on the thread that owns the model.
+  const uint64_t total = model_->TotalParameters(), active = model_->ActiveParameters();
+  std::lock_guard<std::mutex> lock(mu_);
+  snapshot_.set_total_parameters(total);
+  snapshot_.set_active_parameters(active);
+  if (routing_.started()) *snapshot_.mutable_routing() = routing_.Info(model_);
+  segments_snapshot_ = std::move(segments);
 }
 
 SegmentsReply TrainingLoop::Segments() {
@@ -713,8 +637,10 @@ StatusReply TrainingLoop::Snapshot() {
     std::lock_guard<std::mutex> lock(mu_);
     r = snapshot_;
     r.set_paused(paused_);
-    if (paused_) r.set_state(training_error_.empty() ? "paused" : "stopped by an error: " + training_error_ +
-                                                                      " (POST /v1/train/resume retries)");
+    if (paused_)
+      r.set_state(training_error_.empty()
+                      ? "paused"
+                      : "stopped by an error: " + training_error_ + " (POST /v1/train/resume retries)");
     r.set_training_error(training_error_);
     if (r.state().empty()) r.set_state(running_ ? "starting" : "stopped");
     r.set_tokens_trained(tokens_trained_);
@@ -732,36 +658,6 @@ StatusReply TrainingLoop::Snapshot() {
   return r;
 }
 
-std::string TrainingLoop::Metrics() {
-  StatusReply s = Snapshot();
-  std::ostringstream m;
-  m << "# TYPE peerd_step counter\npeerd_step " << s.step() << "\n";
-  m << "# TYPE peerd_tokens_trained_total counter\npeerd_tokens_trained_total " << s.tokens_trained() << "\n";
-  m << "# TYPE peerd_loss gauge\npeerd_loss " << s.recent_loss() << "\n";
-  m << "# TYPE peerd_tokens_per_second gauge\npeerd_tokens_per_second " << s.tokens_per_second() << "\n";
-  m << "# TYPE peerd_spool_bytes gauge\npeerd_spool_bytes " << s.spool_bytes() << "\n";
-  m << "# TYPE peerd_spool_backlog_bytes gauge\npeerd_spool_backlog_bytes " << s.spool_backlog_bytes() << "\n";
-  m << "# TYPE peerd_spool_documents gauge\npeerd_spool_documents " << s.spool_documents() << "\n";
-  m << "# TYPE peerd_segments gauge\n";
-  int training = 0, frozen = 0;
-  for (const auto& seg : s.segments()) (seg.state() == "frozen" ? frozen : training)++;
-  m << "peerd_segments{state=\"training\"} " << training << "\npeerd_segments{state=\"frozen\"} " << frozen << "\n";
-  m << "# TYPE peerd_segment_bytes gauge\n";
-  for (const auto& seg : s.segments())
-    m << "peerd_segment_bytes{layer=\"" << seg.layer() << "\",segment=\"" << seg.id() << "\"} " << seg.bytes() << "\n";
-  m << "# TYPE peerd_segment_usage gauge\n";
-  for (const auto& seg : s.segments())
-    m << "peerd_segment_usage{layer=\"" << seg.layer() << "\",segment=\"" << seg.id() << "\"} " << seg.usage() << "\n";
-  if (s.world_size() > 1) {
-    m << "# TYPE peerd_world_size gauge\npeerd_world_size " << s.world_size() << "\n";
-    m << "# TYPE peerd_ranks_agree gauge\npeerd_ranks_agree " << (s.ranks_agree() ? 1 : 0) << "\n";
-    m << "# TYPE peerd_collective_seconds_per_step gauge\npeerd_collective_seconds_per_step "
-      << s.collective_seconds_per_step() << "\n";
-  }
-  RowCache::Stats c = pool_->cache_stats();
-  const double lookups = double(c.hits + c.misses);
-  m << "# TYPE peerd_cache_hit_ratio gauge\npeerd_cache_hit_ratio " << (lookups > 0 ? c.hits / lookups : 0) << "\n";
-  return m.str();
-}
+std::string TrainingLoop::Metrics() { return TrainingMetricsText(Snapshot(), pool_->cache_stats()); }
 
 }  // namespace peerd

@@ -9,32 +9,39 @@
 // With several ranks (LoopOptions::ranks, DESIGN.md §6) this is rank 0: it syncs the others to its
 // restored model, announces every step and every change to the pool or the policy to them
 // (service/rank_commands.h) and compares the ranks' model digests after each checkpoint and each
-// change. A lost rank stops training for good (lost_rank() says why): the caller exits without a
-// checkpoint, and restarting every rank resumes from the last one.
+// change (service/rank_coordinator.h). A lost rank stops training for good (lost_rank_reason() says
+// why, LoopOptions::on_ranks_lost is called): the program exits without a checkpoint, and
+// restarting every rank resumes from the last one.
+//
+// The concerns around the loop live beside it: the policy's mapping onto the training
+// configuration (service/policy.h), the pool as the API shows it (service/segment_report.h),
+// Prometheus text (service/metrics_text.h).
 #pragma once
 
 #include <torch/torch.h>
 
-#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
-#include <map>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 
+#include "core/collective.h"
 #include "core/model.h"
 #include "core/trainer.h"
 #include "proto/admin.pb.h"
-#include "service/batch_source.h"
-#include "core/collective.h"
 #include "proto/ranks.pb.h"
+#include "service/batch_source.h"
 #include "service/checkpoint.h"
 #include "service/expert_pool_store.h"
-#include "service/routed_training.h"
 #include "service/net/spool.h"
+#include "service/rank_coordinator.h"
+#include "service/routed_training.h"
+#include "service/segment_report.h"
 #include "service/task_store.h"
 
 namespace peerd {
@@ -47,6 +54,9 @@ struct LoopOptions {
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
   Collective* ranks = nullptr;  // the other ranks of a multi-rank job (not owned); null: one process
+  // Called once, on the trainer thread, after a rank was lost while the loop runs: the program
+  // shuts its ports and exits without a checkpoint (peerd raises SIGTERM to itself).
+  std::function<void()> on_ranks_lost;
   // Fault injection for tests: called on the trainer thread before each training step with the
   // step about to run; whatever it throws is handled as a failed step.
   std::function<void(int64_t step)> before_step;
@@ -54,7 +64,7 @@ struct LoopOptions {
 
 class TrainingLoop {
  public:
-  static Status Open(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool,
+  static Status Open(const LoopOptions& options, std::shared_ptr<DataDirDb> db, Spool* spool,
                      std::unique_ptr<TrainingLoop>* out);
   ~TrainingLoop();  // Stop(false)
 
@@ -64,7 +74,8 @@ class TrainingLoop {
 
   // Admin operations (run on the trainer thread when it runs, else here).
   Status AddSegments(std::optional<uint32_t> layer, std::optional<uint32_t> n_keys, std::vector<uint32_t>* ids);
-  Status FreezeSegment(uint32_t id, std::optional<uint32_t> layer, std::optional<RowDtype> dtype, std::vector<uint32_t>* layers);
+  Status FreezeSegment(uint32_t id, std::optional<uint32_t> layer, std::optional<RowDtype> dtype,
+                       std::vector<uint32_t>* layers);
   Status Evaluate(const std::string& label, EvalRow* row);
   Status Checkpoint();
   Status SetPolicy(const Policy& policy);
@@ -79,16 +90,48 @@ class TrainingLoop {
   // Prometheus text for the training side.
   std::string Metrics();
   // Why training stopped after losing a rank ("" while the ranks are all there).
-  std::string lost_rank();
+  std::string lost_rank_reason() { return ranks_.lost_reason(); }
 
  private:
-  TrainingLoop(const LoopOptions& options, std::shared_ptr<StoreDb> db, Spool* spool);
+  // The trainer thread's bookkeeping between turns of Run().
+  struct RunState {
+    std::chrono::steady_clock::time_point last_checkpoint, last_data, window_start;
+    double window_loss = 0;  // the window of steps /v1/status averages over
+    int64_t window_steps = 0, window_tokens = 0;
+    bool checkpoint_ok = true;  // the last checkpoint succeeded
+    std::string ingest_error;   // the spool's write error as last logged
+  };
+
+  TrainingLoop(const LoopOptions& options, std::shared_ptr<DataDirDb> db, Spool* spool);
   Status Restore();
+
+  // The trainer thread: one turn a step, or a wait of at most 100 ms.
   void Run();
-  // An exception escaped a training step or what goes with it (trainer thread): log it, pause
-  // training with it as the training error, and when the batch was not trained (`untrained_from`
-  // set), take the next batch from there again so that no document is skipped.
+  // Runs the admin operations queued since the last turn; false when the loop ends (stopping, or
+  // a rank was lost). Sends the heartbeat the other ranks wait for while nothing trains.
+  bool ServeQueue();
+  bool paused();
+  // Shows `state` and waits 100 ms or until woken (a queued operation, a stop).
+  void WaitAWhile(const std::string& state);
+  // Logs once when the spool stops acknowledging documents and once when it resumes.
+  void LogIngestChanges(RunState* run);
+  // The next batch, or an undefined tensor after waiting for data. `replayed`: its first rows
+  // that are replayed text.
+  torch::Tensor NextBatch(RunState* run, int64_t* replayed);
+  // One optimizer step on `batch` (with the other ranks when there are several); false when a
+  // rank was lost.
+  bool TrainStep(torch::Tensor batch, int64_t replayed, StepStats* stats);
+  // What follows a trained batch: routing statistics, the spool's consumed mark, the snapshot.
+  void RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, RunState* run);
+  // Writes the periodic checkpoint when due; false when a rank was lost.
+  bool CheckpointIfDue(RunState* run);
+  // An exception escaped a turn: with several ranks they are lost (false: the loop ends);
+  // alone, training stops with it (StopTrainingAfter).
+  bool TurnFailed(const std::string& what, const SpoolCursor* untrained_from);
+  // Log it, pause training with it as the training error, and when the batch was not trained
+  // (`untrained_from` set), take the next batch from there again so that no document is skipped.
   void StopTrainingAfter(const std::string& what, const SpoolCursor* untrained_from);
+
   Status RunOnTrainer(const std::function<Status()>& op);
   // Writes a checkpoint; when the policy keeps no trained text, then prunes the spool up to it.
   Status CheckpointNow();
@@ -97,18 +140,15 @@ class TrainingLoop {
   // and shown as checkpoint_error, the periodic checkpoints retry, and the caller is told (the
   // change itself stays made).
   Status CheckpointAfterChange(const std::string& what);
-  // The policy as the admin API shows it.
-  Policy PolicyNow() const;
-  SegmentsReply SegmentsNow();  // trainer thread only
-  // Multi-rank, trainer thread only (no-ops for one process): announce a command to the other
-  // ranks; compare the ranks' digests into the snapshot; give up after a lost rank.
-  Status TellRanks(RankCommand command);
+  // Trainer thread only: refreshes the pool's part of the snapshots after a change to the pool.
+  void RefreshSegments();
+  // Compares the ranks' models into the snapshot (no-op for one process).
   Status CompareRanks();
-  void LoseRanks(const Status& why);
-  bool multi_rank() const { return options_.ranks && options_.ranks->world_size() > 1; }
+  // RankCoordinator's on_lost: stop for good, refuse admin operations from now on.
+  void OnRanksLost(const Status& why);
 
   LoopOptions options_;
-  std::shared_ptr<StoreDb> db_;
+  std::shared_ptr<DataDirDb> db_;
   Spool* spool_;
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<ExpertPoolStore> pool_;
@@ -118,6 +158,7 @@ class TrainingLoop {
   std::unique_ptr<Trainer> trainer_;
   std::unique_ptr<BatchSource> batches_;
   RoutedTraining routing_;
+  RankCoordinator ranks_;
 
   std::mutex mu_;  // guards the queue, flags and the snapshot below
   std::condition_variable wake_;
@@ -127,15 +168,12 @@ class TrainingLoop {
   StatusReply snapshot_;
   SegmentsReply segments_snapshot_;
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;  // written on the trainer thread under mu_
-  std::string checkpoint_error_;  // guarded by mu_
-  std::string lost_rank_;         // guarded by mu_
-  std::string training_error_;    // guarded by mu_
-  std::chrono::steady_clock::time_point last_command_{};
+  std::string checkpoint_error_;                            // guarded by mu_
+  std::string training_error_;                              // guarded by mu_
   // Time in the collectives of training steps (command, batch, gradients, loss) since start.
   double step_collective_seconds_ = 0;
   int64_t multi_rank_steps_ = 0;
-  // Expert usage over the last evaluation, by (layer, segment id): share used, KL from uniform.
-  std::map<std::pair<uint32_t, uint32_t>, std::pair<double, double>> usage_;
+  UsageBySegment usage_;  // over the last evaluation
 };
 
 }  // namespace peerd

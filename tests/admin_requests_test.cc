@@ -63,9 +63,11 @@ TEST(AdminRequests, EveryBadInputInTheCatalogueGetsItsStatusAndExactMessage) {
        "set. Cannot set 'layer' for type oneof"},
       // Numbers out of range.
       {"POST", "/v1/segments", "{\"nKeys\": 1e30}", 400,
-       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+30 for type TYPE_UINT32"},
+       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+30 for type "
+       "TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"nKeys\": 99999999999999999999}", 400,
-       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+20 for type TYPE_UINT32"},
+       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+20 for type "
+       "TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"nKeys\": -1}", 400,
        "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value -1 for type TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"layer\": 4294967296}", 400,
@@ -84,8 +86,10 @@ TEST(AdminRequests, EveryBadInputInTheCatalogueGetsItsStatusAndExactMessage) {
        "segment id in /v1/segments/{id}/freeze must be a whole number in [0, 999999999], got 'abc'"},
       {"POST", "/v1/segments//freeze", "", 400,
        "segment id in /v1/segments/{id}/freeze must be a whole number in [0, 999999999], got ''"},
-      {"POST", "/v1/segments/0/freeze", "{\"dtype\": \"fp16\"}", 400, "dtype must be \"bf16\" or \"fp32\", got \"fp16\""},
-      {"POST", "/v1/segments/0/freeze", "{\"dtype\": \"BF16\"}", 400, "dtype must be \"bf16\" or \"fp32\", got \"BF16\""},
+      {"POST", "/v1/segments/0/freeze", "{\"dtype\": \"fp16\"}", 400,
+       "dtype must be \"bf16\" or \"fp32\", got \"fp16\""},
+      {"POST", "/v1/segments/0/freeze", "{\"dtype\": \"BF16\"}", 400,
+       "dtype must be \"bf16\" or \"fp32\", got \"BF16\""},
       // Tasks.
       {"POST", "/v1/tasks", "{\"text\": \"abc\"}", 400, "a task needs a name"},
       {"POST", "/v1/tasks", "{\"name\": \"" + long_name + "\", \"text\": \"abc\"}", 400,
@@ -128,7 +132,8 @@ TEST(AdminRequests, EveryBadInputInTheCatalogueGetsItsStatusAndExactMessage) {
        "config field 'train.lr' must be a positive number (a float: at most 3.4e38, not rounding to 0), got 0"},
       {"PUT", "/v1/policy", "{\"lr\": 1e400}", 400,
        "request body is not valid JSON for peerd.Policy: Number exceeds the range of double. (near: {\"lr\": 1e400})"},
-      {"PUT", "/v1/policy", "{\"freezeDtype\": \"int8\"}", 400, "freezeDtype must be \"bf16\" or \"fp32\", got \"int8\""},
+      {"PUT", "/v1/policy", "{\"freezeDtype\": \"int8\"}", 400,
+       "freezeDtype must be \"bf16\" or \"fp32\", got \"int8\""},
       {"PUT", "/v1/policy", "{\"trainGroups\": [\"\"]}", 400,
        "trainGroups entries must be group names of 1-64 bytes, got ''"},
       // Routes and methods.
@@ -176,13 +181,15 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
   EXPECT_EQ(std::get<admin::FreezeSegment>(r).id, 7u);
   EXPECT_FALSE(std::get<admin::FreezeSegment>(r).dtype.has_value());
 
-  ASSERT_TRUE(ParseAdminRequest("POST", "/v1/tasks", R"({"name": "kjv.held-out_1", "text": "In the beginning"})", &r, &e))
+  ASSERT_TRUE(
+      ParseAdminRequest("POST", "/v1/tasks", R"({"name": "kjv.held-out_1", "text": "In the beginning"})", &r, &e))
       << e.message;
   EXPECT_EQ(std::get<admin::AddTask>(r).name, "kjv.held-out_1");
   EXPECT_EQ(std::get<admin::AddTask>(r).text, "In the beginning");
   ASSERT_TRUE(ParseAdminRequest("POST", "/v1/tasks", R"({"name": "c", "path": "data/c.txt"})", &r, &e)) << e.message;
   EXPECT_EQ(std::get<admin::AddTask>(r).path, "data/c.txt");
-  ASSERT_TRUE(ParseAdminRequest("POST", "/v1/tasks", R"({"name": ")" + std::string(64, 'n') + R"(", "text": "ab"})", &r, &e))
+  ASSERT_TRUE(
+      ParseAdminRequest("POST", "/v1/tasks", R"({"name": ")" + std::string(64, 'n') + R"(", "text": "ab"})", &r, &e))
       << e.message;
 
   ASSERT_TRUE(ParseAdminRequest("POST", "/v1/eval", R"({"label": "after kjv – Genesis"})", &r, &e)) << e.message;
@@ -205,9 +212,12 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
   EXPECT_TRUE(std::get<admin::SetPaused>(r).paused);
   ASSERT_TRUE(ParseAdminRequest("POST", "/v1/train/resume", "", &r, &e)) << e.message;
   EXPECT_FALSE(std::get<admin::SetPaused>(r).paused);
-  for (auto [method, target] : std::vector<std::pair<const char*, const char*>>{
-           {"GET", "/v1/segments"}, {"GET", "/v1/tasks"}, {"GET", "/v1/eval"}, {"POST", "/v1/checkpoint"},
-           {"GET", "/v1/policy"}, {"GET", "/metrics"}})
+  for (auto [method, target] : std::vector<std::pair<const char*, const char*>>{{"GET", "/v1/segments"},
+                                                                                {"GET", "/v1/tasks"},
+                                                                                {"GET", "/v1/eval"},
+                                                                                {"POST", "/v1/checkpoint"},
+                                                                                {"GET", "/v1/policy"},
+                                                                                {"GET", "/metrics"}})
     EXPECT_TRUE(ParseAdminRequest(method, target, "", &r, &e)) << method << " " << target << ": " << e.message;
   // A target of exactly kMaxTargetBytes is looked up (and not found), not refused for its length.
   EXPECT_FALSE(ParseAdminRequest("GET", "/" + std::string(kMaxTargetBytes - 1, 'a'), "", &r, &e));
@@ -217,15 +227,17 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
 TEST(AdminRequests, ClipForMessageKeepsMessagesShortPrintableAndValidUtf8) {
   EXPECT_EQ(ClipForMessage("kjv"), "kjv");
   EXPECT_EQ(ClipForMessage(std::string(100, 'x'), 10), std::string(10, 'x') + "…");
-  EXPECT_EQ(ClipForMessage("a\nb\x7f" "c"), "a?b?c");
+  EXPECT_EQ(ClipForMessage("a\nb\x7f"
+                           "c"),
+            "a?b?c");
   EXPECT_EQ(ClipForMessage("\xff\xfe"), "??");
-  EXPECT_EQ(ClipForMessage("\xc3"), "?");           // a truncated sequence
+  EXPECT_EQ(ClipForMessage("\xc3"), "?");  // a truncated sequence
   // Found by tests/fuzz/admin_requests_fuzz.cc: a UTF-16 surrogate encoded in UTF-8 is not UTF-8.
   EXPECT_EQ(ClipForMessage("\xed\xa1\xa1"), "???");
-  EXPECT_EQ(ClipForMessage("\xe0\x80\xaf"), "???");  // an overlong '/'
-  EXPECT_EQ(ClipForMessage("\xf4\x90\x80\x80"), "????");  // above U+10FFFF
+  EXPECT_EQ(ClipForMessage("\xe0\x80\xaf"), "???");                   // an overlong '/'
+  EXPECT_EQ(ClipForMessage("\xf4\x90\x80\x80"), "????");              // above U+10FFFF
   EXPECT_EQ(ClipForMessage("\xf0\x9f\x98\x80"), "\xf0\x9f\x98\x80");  // U+1F600 is fine
-  EXPECT_EQ(ClipForMessage("\xc3\xa9\xc3\xa9", 3), "\xc3\xa9…");  // never cut inside a character
+  EXPECT_EQ(ClipForMessage("\xc3\xa9\xc3\xa9", 3), "\xc3\xa9…");      // never cut inside a character
 }
 
 TEST(AdminRequests, NewSegmentSizeIsCheckedAgainstMemory) {
@@ -273,8 +285,8 @@ class TaskPathTest : public ::testing::Test {
     return std::to_string(e.http_status) + ": " + e.message;
   }
   std::string Outside(const std::string& path) {
-    return "403: path '" + ClipForMessage(path) + "' is outside the allowed task roots (" + ClipForMessage(roots_[0], 256) +
-           "): start peerd with --task-root, or send the text itself";
+    return "403: path '" + ClipForMessage(path) + "' is outside the allowed task roots (" +
+           ClipForMessage(roots_[0], 256) + "): start peerd with --task-root, or send the text itself";
   }
 
   std::string base_;
@@ -290,10 +302,10 @@ TEST_F(TaskPathTest, FilesUnderTheRootAreRead) {
 }
 
 TEST_F(TaskPathTest, EscapesBySymlinkDotDotOrLookAlikeRootAreForbidden) {
-  for (const std::string& p : {base_ + "/root/link-out.txt", base_ + "/root/dir-out/secret.txt",
-                               base_ + "/root/../outside/secret.txt", base_ + "/root/sub/../../outside/secret.txt",
-                               base_ + "/root/missing/../../outside/secret.txt", base_ + "/rootx/x.txt",
-                               std::string("/etc/passwd"), std::string("../../../../../../etc/passwd")})
+  for (const std::string& p :
+       {base_ + "/root/link-out.txt", base_ + "/root/dir-out/secret.txt", base_ + "/root/../outside/secret.txt",
+        base_ + "/root/sub/../../outside/secret.txt", base_ + "/root/missing/../../outside/secret.txt",
+        base_ + "/rootx/x.txt", std::string("/etc/passwd"), std::string("../../../../../../etc/passwd")})
     EXPECT_EQ(Read(p), Outside(p)) << p;
   // A root that is itself a symlink is resolved: its real directory is what is allowed.
   fs::create_symlink(base_ + "/root", base_ + "/root-link");
@@ -310,11 +322,14 @@ TEST_F(TaskPathTest, EscapesBySymlinkDotDotOrLookAlikeRootAreForbidden) {
 }
 
 TEST_F(TaskPathTest, WhatCannotBeReadIsABadRequest) {
-  EXPECT_EQ(Read(base_ + "/root/sub/none.txt"),
-            "400: cannot read task file '" + ClipForMessage(base_ + "/root/sub/none.txt") + "': No such file or directory");
-  EXPECT_EQ(Read(base_ + "/root/sub"), "400: task path '" + ClipForMessage(base_ + "/root/sub") + "' is not a regular file");
+  EXPECT_EQ(
+      Read(base_ + "/root/sub/none.txt"),
+      "400: cannot read task file '" + ClipForMessage(base_ + "/root/sub/none.txt") + "': No such file or directory");
+  EXPECT_EQ(Read(base_ + "/root/sub"),
+            "400: task path '" + ClipForMessage(base_ + "/root/sub") + "' is not a regular file");
   ASSERT_EQ(mkfifo((base_ + "/root/fifo").c_str(), 0600), 0);
-  EXPECT_EQ(Read(base_ + "/root/fifo"), "400: task path '" + ClipForMessage(base_ + "/root/fifo") + "' is not a regular file")
+  EXPECT_EQ(Read(base_ + "/root/fifo"),
+            "400: task path '" + ClipForMessage(base_ + "/root/fifo") + "' is not a regular file")
       << "a FIFO would block the server";
   EXPECT_EQ(Read(base_ + "/root/sub/held.txt", 5),
             "400: task file '" + ClipForMessage(base_ + "/root/sub/held.txt") +

@@ -14,7 +14,7 @@
 namespace peerd {
 namespace {
 
-// A Spool over a real StoreDb in a fresh temporary directory, removed at the end.
+// A Spool over a real DataDirDb in a fresh temporary directory, removed at the end.
 class SpoolDir {
  public:
   explicit SpoolDir(const std::string& name)
@@ -26,7 +26,7 @@ class SpoolDir {
     std::filesystem::remove_all(dir_);
   }
   Status Open() {
-    if (Status st = StoreDb::Open(dir_, {}, &db); !st.ok()) return st;
+    if (Status st = DataDirDb::Open(dir_, {}, &db); !st.ok()) return st;
     return Spool::Open(db, &spool);
   }
   void Close() {
@@ -41,7 +41,7 @@ class SpoolDir {
     return spool->AppendAndWait(task, std::move(d), duplicates);
   }
 
-  std::shared_ptr<StoreDb> db;
+  std::shared_ptr<DataDirDb> db;
   std::unique_ptr<Spool> spool;
 
  private:
@@ -55,8 +55,8 @@ bool IsPrunedNotFound(const Status& st) {
 TEST(BatchSource, ReplayIsBalancedOverEarlierTasksAndSkipsTheCurrentOne) {
   const std::string dir = ::testing::TempDir() + "/peerd_batch_source_" + std::to_string(getpid());
   std::filesystem::remove_all(dir);
-  std::shared_ptr<StoreDb> db;
-  ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+  std::shared_ptr<DataDirDb> db;
+  ASSERT_TRUE(DataDirDb::Open(dir, {}, &db).ok());
   std::unique_ptr<Spool> spool;
   ASSERT_TRUE(Spool::Open(db, &spool).ok());
   // Task "many": 400 documents of 40 bytes; task "few": 4 of 4,000; task "now": what trains next.
@@ -144,7 +144,9 @@ TEST(Spool, PruneRemovesTrainedTextKeepsDedupAndSurvivesReopen) {
     EXPECT_EQ(by_task["a"], (std::vector<uint64_t>{4, 5, 6})) << "replay must not be offered pruned documents";
     // The ids outlive the text: a resent document is still a duplicate, not trained again.
     uint64_t dups = 0;
-    ASSERT_TRUE(d.Add("a", 2, [](int) { return std::string("resent"); }, &dups).ok());
+    ASSERT_TRUE(d.Add(
+                     "a", 2, [](int) { return std::string("resent"); }, &dups)
+                    .ok());
     EXPECT_EQ(dups, 2u);
     EXPECT_EQ(d.spool->last_index(), 6u);
   };

@@ -41,27 +41,27 @@ TEST_P(ConfigRejects, WithMessageNamingTheField) {
 
 INSTANTIATE_TEST_SUITE_P(
     Catalogue, ConfigRejects,
-    ::testing::Values(
-        BadConfig{R"({"model": {"peer": {"nKeys": 0}}})", "model.peer.nKeys"},
-        BadConfig{R"({"model": {"peer": {"queryDim": 63}}})", "model.peer.queryDim"},
-        BadConfig{R"({"model": {"peer": {"nKeys": 8, "topk": 9}}})", "model.peer.topk"},
-        BadConfig{R"({"model": {"peer": {"topk": 0}}})", "model.peer.topk"},
-        BadConfig{R"({"model": {"peer": {"heads": 0}}})", "model.peer.heads"},
-        BadConfig{R"({"train": {"lr": -0.001}})", "train.lr"},
-        BadConfig{R"({"train": {"lr": 0.001, "minLr": 0.01}})", "train.minLr"},
-        BadConfig{R"({"train": {"trainGroups": ["everything"]}})", "train.trainGroups"},
-        BadConfig{R"({"model": {"dModel": 100, "nHeads": 3}})", "model.nHeads"},
-        BadConfig{R"({"model": {"nLayers": 2, "peerBlocks": [5]}})", "model.peerBlocks"},
-        BadConfig{R"({"model": {"nLayers": 0}})", "model.nLayers"},
-        BadConfig{R"({"model": {"dModle": 64}})", "dModle"},       // misspelt: unknown field
-        BadConfig{R"({"model": {"dModel": "big"}})", "model.d_model"},  // wrong type
-        BadConfig{R"({"model": {"dModel": 64)", "not valid JSON"},  // unreadable JSON
-        BadConfig{R"({"train": {"adapterRank": -1}})", "train.adapterRank"},
-        BadConfig{R"({"train": {"trunkDeltaLrScale": -1}})", "train.trunkDeltaLrScale"},
-        BadConfig{R"({"train": {"routed": true, "replayRatio": 0.25}})", "train.routed"},
-        BadConfig{R"({"model": {"ffn": "FFN_KIND_DENSE"}, "train": {"routed": true, "replayRatio": 0}})", "train.routed"},
-        BadConfig{R"({"train": {"keepTrainedText": false, "replayRatio": 0.25}})", "train.keepTrainedText"}
-        ),
+    ::testing::Values(BadConfig{R"({"model": {"peer": {"nKeys": 0}}})", "model.peer.nKeys"},
+                      BadConfig{R"({"model": {"peer": {"queryDim": 63}}})", "model.peer.queryDim"},
+                      BadConfig{R"({"model": {"peer": {"nKeys": 8, "topk": 9}}})", "model.peer.topk"},
+                      BadConfig{R"({"model": {"peer": {"topk": 0}}})", "model.peer.topk"},
+                      BadConfig{R"({"model": {"peer": {"heads": 0}}})", "model.peer.heads"},
+                      BadConfig{R"({"train": {"lr": -0.001}})", "train.lr"},
+                      BadConfig{R"({"train": {"lr": 0.001, "minLr": 0.01}})", "train.minLr"},
+                      BadConfig{R"({"train": {"trainGroups": ["everything"]}})", "train.trainGroups"},
+                      BadConfig{R"({"model": {"dModel": 100, "nHeads": 3}})", "model.nHeads"},
+                      BadConfig{R"({"model": {"nLayers": 2, "peerBlocks": [5]}})", "model.peerBlocks"},
+                      BadConfig{R"({"model": {"nLayers": 0}})", "model.nLayers"},
+                      BadConfig{R"({"model": {"dModle": 64}})", "dModle"},            // misspelt: unknown field
+                      BadConfig{R"({"model": {"dModel": "big"}})", "model.d_model"},  // wrong type
+                      BadConfig{R"({"model": {"dModel": 64)", "not valid JSON"},      // unreadable JSON
+                      BadConfig{R"({"train": {"adapterRank": -1}})", "train.adapterRank"},
+                      BadConfig{R"({"train": {"trunkDeltaLrScale": -1}})", "train.trunkDeltaLrScale"},
+                      BadConfig{R"({"train": {"routed": true, "replayRatio": 0.25}})", "train.routed"},
+                      BadConfig{R"({"model": {"ffn": "FFN_KIND_DENSE"}, "train": {"routed": true, "replayRatio": 0}})",
+                                "train.routed"},
+                      BadConfig{R"({"train": {"keepTrainedText": false, "replayRatio": 0.25}})",
+                                "train.keepTrainedText"}),
     [](const ::testing::TestParamInfo<BadConfig>& info) {
       std::string name = std::to_string(info.index) + "_";
       for (const char* c = info.param.field; *c; ++c) name += std::isalnum(*c) ? *c : '_';

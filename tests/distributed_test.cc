@@ -1,4 +1,4 @@
-// Multi-rank training (DESIGN.md §6, issue 8), through the real programs: peer-train processes
+// Multi-rank training (docs/DESIGN.md §6), through the real programs: peer-train processes
 // joined by c10d on loopback train the same model as one process given the same global batches;
 // a rank that dies stops the others with a clear error; a multi-rank peerd keeps every rank's pool
 // identical through admin add and freeze, and resumes from its checkpoint after losing a rank. No
@@ -115,7 +115,8 @@ std::vector<std::string> StepLines(const std::string& log) {
 // rounds otherwise, and Adam turns a gradient that is pure rounding noise (the attention key bias,
 // which softmax ignores) into full-size steps — so a tensor is held to 1e-3, which still catches
 // one that is not summed over the ranks or not sent at all. True if the frozen segment 0 was compared.
-bool ExpectSameModel(const std::map<std::string, Tensor>& single, const std::map<std::string, Tensor>& ranks, int world) {
+bool ExpectSameModel(const std::map<std::string, Tensor>& single, const std::map<std::string, Tensor>& ranks,
+                     int world) {
   double diff_all = 0, norm_all = 0, worst = 0;
   std::string worst_name;
   bool saw_frozen = false;
@@ -156,8 +157,7 @@ class Distributed : public ::testing::Test {
     fs::create_directories(dir_);
     ASSERT_TRUE(fs::exists(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt")) << "run scripts/corpora.sh kjv";
     // Small enough for 20 steps in seconds on one thread; a batch of 8 splits over 2 and 4 ranks.
-    std::ofstream(dir_ + "/config.json")
-        << R"({"model": {"dModel": 64, "context": 64, "peer": {"nKeys": 16}},
+    std::ofstream(dir_ + "/config.json") << R"({"model": {"dModel": 64, "context": 64, "peer": {"nKeys": 16}},
               "train": {"batchSize": 8, "warmupSteps": 5, "evalBytes": 2048, "evalEvery": 0, "logEvery": 5}})";
   }
   // Starts `world` ranks training `steps` steps (segments frozen and fresh ones added at step
@@ -168,9 +168,9 @@ class Distributed : public ::testing::Test {
     std::vector<std::unique_ptr<Rank>> ranks;
     for (int r = 0; r < world; ++r)
       ranks.push_back(std::make_unique<Rank>(
-          "--config " + dir_ + "/" + config + " --corpus " + std::string(PEERD_CORPUS_DIR) + "/kjv --threads 1 --steps " +
-              std::to_string(steps) + " --grow-at " + std::to_string(grow_at) + " --world-size " +
-              std::to_string(world) + " --rank " + std::to_string(r) + " --rendezvous 127.0.0.1:" +
+          "--config " + dir_ + "/" + config + " --corpus " + std::string(PEERD_CORPUS_DIR) +
+              "/kjv --threads 1 --steps " + std::to_string(steps) + " --grow-at " + std::to_string(grow_at) +
+              " --world-size " + std::to_string(world) + " --rank " + std::to_string(r) + " --rendezvous 127.0.0.1:" +
               std::to_string(port) + " --collective-timeout-seconds 20 --dump-params " + Params(name, r),
           dir_ + "/" + name + "-r" + std::to_string(r) + ".log"));
     return ranks;
@@ -203,7 +203,8 @@ TEST_F(Distributed, TwoAndFourRanksTrainTheSameModelAsOneProcess) {
     for (int r = 1; r < world; ++r) {
       const auto other = ReadDump(Params(name, r));
       ASSERT_EQ(other.size(), root.size());
-      for (const auto& [tname, t] : root) EXPECT_EQ(other.at(tname).bytes, t.bytes) << world << " ranks, rank " << r << ": " << tname;
+      for (const auto& [tname, t] : root)
+        EXPECT_EQ(other.at(tname).bytes, t.bytes) << world << " ranks, rank " << r << ": " << tname;
     }
     saw_frozen |= ExpectSameModel(single, root, world);
     EXPECT_EQ(StepLines(ranks[0]->log()), StepLines(one_log)) << world << " ranks";
@@ -214,14 +215,14 @@ TEST_F(Distributed, TwoAndFourRanksTrainTheSameModelAsOneProcess) {
 // A batch of one row over two ranks: rank 0's share is empty. It still takes part in every
 // all-reduce (with zero gradients), and the model is the one process's.
 TEST_F(Distributed, ARankWithAnEmptyShareOfTheBatchStillTakesPart) {
-  std::ofstream(dir_ + "/one_row.json")
-      << R"({"model": {"dModel": 64, "context": 64, "peer": {"nKeys": 16}},
+  std::ofstream(dir_ + "/one_row.json") << R"({"model": {"dModel": 64, "context": 64, "peer": {"nKeys": 16}},
             "train": {"batchSize": 1, "warmupSteps": 5, "evalBytes": 2048, "evalEvery": 0, "logEvery": 5}})";
   auto one = Launch(1, "b1w1", 12, 6, "one_row.json");
   ASSERT_EQ(one[0]->Wait(), 0) << one[0]->log();
   auto two = Launch(2, "b1w2", 12, 6, "one_row.json");
   for (int r = 0; r < 2; ++r) ASSERT_EQ(two[r]->Wait(), 0) << "rank " << r << ": " << two[r]->log();
-  const auto single = ReadDump(Params("b1w1", 0)), root = ReadDump(Params("b1w2", 0)), other = ReadDump(Params("b1w2", 1));
+  const auto single = ReadDump(Params("b1w1", 0)), root = ReadDump(Params("b1w2", 0)),
+             other = ReadDump(Params("b1w2", 1));
   ASSERT_EQ(root.size(), single.size());
   for (const auto& [tname, t] : root) EXPECT_EQ(other.at(tname).bytes, t.bytes) << tname;
   ExpectSameModel(single, root, 2);
@@ -231,7 +232,8 @@ TEST_F(Distributed, ARankWithAnEmptyShareOfTheBatchStillTakesPart) {
 TEST_F(Distributed, ARankThatDiesStopsTheOthersWithAClearError) {
   auto ranks = Launch(2, "dies", /*steps=*/100000, /*grow_at=*/0);
   // Let them train a little, then kill rank 1.
-  for (int i = 0; i < 600 && ranks[0]->log().find("step ") == std::string::npos; ++i) std::this_thread::sleep_for(100ms);
+  for (int i = 0; i < 600 && ranks[0]->log().find("step ") == std::string::npos; ++i)
+    std::this_thread::sleep_for(100ms);
   ASSERT_NE(ranks[0]->log().find("step "), std::string::npos) << ranks[0]->log();
   ranks[1]->Kill();
   const auto start = std::chrono::steady_clock::now();
@@ -279,7 +281,8 @@ class DistributedPeerd : public ::testing::Test {
   }
   static bool Agree(const json& s) {
     if (s.value("worldSize", 0) != 2 || !s.value("ranksAgree", false) || s["ranks"].size() != 2) return false;
-    return s["ranks"][0]["modelDigest"] == s["ranks"][1]["modelDigest"] && U(s["ranks"][0], "step") == U(s["ranks"][1], "step");
+    return s["ranks"][0]["modelDigest"] == s["ranks"][1]["modelDigest"] &&
+           U(s["ranks"][0], "step") == U(s["ranks"][1], "step");
   }
   std::string dir_, rendezvous_;
   std::unique_ptr<Rank> worker_;

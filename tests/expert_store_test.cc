@@ -110,10 +110,13 @@ TEST(ExpertStore, FrozenSegmentsComeBackAfterReopenWithManifestsRowsAndSubKeys) 
     ASSERT_TRUE(store->ReadSubKeys(m.layer(), m.segment(), &sub).ok());
     EXPECT_EQ(sub, SubKeys(m, m.segment() + 1));
     uint32_t seen = 0;
-    ASSERT_TRUE(store->ScanSegment(m, [&](uint32_t e, std::string_view row) {
-      EXPECT_EQ(std::string(row), ExpectedRow(m, e));
-      ++seen;
-    }).ok());
+    ASSERT_TRUE(store
+                    ->ScanSegment(m,
+                                  [&](uint32_t e, std::string_view row) {
+                                    EXPECT_EQ(std::string(row), ExpectedRow(m, e));
+                                    ++seen;
+                                  })
+                    .ok());
     EXPECT_EQ(seen, m.n_keys() * m.n_keys());
   }
   std::vector<std::string> rows;
@@ -142,7 +145,8 @@ TEST(ExpertStore, RowsOfTheWrongSizeAreRefusedAndNothingIsWritten) {
   std::unique_ptr<ExpertStore> store;
   ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok());
   SegmentManifest m = Manifest(0, 0, 4, 8, ROW_DTYPE_FP32);
-  Status st = store->FreezeSegment(m, SubKeys(m, 1), [](uint32_t e, std::string* r) { r->assign(e == 9 ? 3 : 64, 'x'); });
+  Status st =
+      store->FreezeSegment(m, SubKeys(m, 1), [](uint32_t e, std::string* r) { r->assign(e == 9 ? 3 : 64, 'x'); });
   EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
   EXPECT_NE(st.message().find("row 9"), std::string::npos) << st.message();
   std::vector<SegmentManifest> ms;
@@ -208,7 +212,8 @@ TEST(ExpertStore, DamagedTableFileIsCorruptionNamingTheSegment) {
   // The largest table file holds the rows: flip a byte in its middle.
   fs::path biggest;
   for (const auto& f : fs::directory_iterator(dir))
-    if (f.path().extension() == ".sst" && (biggest.empty() || f.file_size() > fs::file_size(biggest))) biggest = f.path();
+    if (f.path().extension() == ".sst" && (biggest.empty() || f.file_size() > fs::file_size(biggest)))
+      biggest = f.path();
   ASSERT_FALSE(biggest.empty());
   {
     std::fstream f(biggest, std::ios::in | std::ios::out | std::ios::binary);
@@ -256,7 +261,10 @@ TEST(ExpertStore, RefusesADirectoryThatIsNotAStore) {
 
 TEST(ExpertStore, RefusesAStoreFromANewerSchemaVersion) {
   const std::string dir = FreshDir("newer");
-  { std::unique_ptr<ExpertStore> store; ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok()); }
+  {
+    std::unique_ptr<ExpertStore> store;
+    ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok());
+  }
   {
     testing::RawRocksDb raw(dir);
     ASSERT_TRUE(raw.ok());
@@ -296,7 +304,10 @@ TEST(ExpertStore, RefusesAReadOnlyDirectoryWithAClearMessage) {
 // segment either absent (still training) or frozen in full with a valid checksum — never half.
 TEST(ExpertStore, SigkillDuringFreezeLeavesTheSegmentTrainingOrFrozenInFull) {
   const std::string dir = FreshDir("crash");
-  { std::unique_ptr<ExpertStore> store; ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok()); }
+  {
+    std::unique_ptr<ExpertStore> store;
+    ASSERT_TRUE(ExpertStore::Open(dir, {}, &store).ok());
+  }
   // Run the child once to the end: the kill moments are spread over [0, 1.3 × its duration], so
   // both outcomes occur on a fast machine or a slow one.
   auto run_child = [&](const SegmentManifest& m) {
@@ -314,8 +325,8 @@ TEST(ExpertStore, SigkillDuringFreezeLeavesTheSegmentTrainingOrFrozenInFull) {
   int timing_status = 0;
   waitpid(timing, &timing_status, 0);
   ASSERT_TRUE(WIFEXITED(timing_status) && WEXITSTATUS(timing_status) == 0);
-  const int window_us = static_cast<int>(1.3 * std::chrono::duration_cast<std::chrono::microseconds>(
-                                                  std::chrono::steady_clock::now() - t0).count());
+  const int window_us = static_cast<int>(
+      1.3 * std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count());
   std::mt19937 rng(20261122);
   int frozen = 0, training = 0;
   for (uint32_t trial = 0; trial < 24; ++trial) {

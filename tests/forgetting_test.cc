@@ -21,13 +21,13 @@ ForgettingInput ThreeTasks() {
 
 TEST(ForgettingMetrics, HandComputedThreeTaskMatrix) {
   const ForgettingMetrics m = ComputeForgettingMetrics(ThreeTasks());
-  EXPECT_DOUBLE_EQ(m.acc, 3.0);                 // (4 + 3 + 2) / 3
-  EXPECT_DOUBLE_EQ(m.forgetting[0], 2.0);       // 4 − min(8, 2, 3)
-  EXPECT_DOUBLE_EQ(m.forgetting[1], 0.5);       // 3 − min(8, 7, 2.5)
-  EXPECT_TRUE(std::isnan(m.forgetting[2]));     // C was trained last: nothing to forget yet
+  EXPECT_DOUBLE_EQ(m.acc, 3.0);              // (4 + 3 + 2) / 3
+  EXPECT_DOUBLE_EQ(m.forgetting[0], 2.0);    // 4 − min(8, 2, 3)
+  EXPECT_DOUBLE_EQ(m.forgetting[1], 0.5);    // 3 − min(8, 7, 2.5)
+  EXPECT_TRUE(std::isnan(m.forgetting[2]));  // C was trained last: nothing to forget yet
   EXPECT_DOUBLE_EQ(m.mean_forgetting, 1.25);
-  EXPECT_DOUBLE_EQ(m.bwt, -1.25);               // ((2 − 4) + (2.5 − 3)) / 2: negative = forgetting
-  EXPECT_DOUBLE_EQ(m.fwt, 1.0);                 // B: 8 − 7, C: 8 − 7
+  EXPECT_DOUBLE_EQ(m.bwt, -1.25);  // ((2 − 4) + (2.5 − 3)) / 2: negative = forgetting
+  EXPECT_DOUBLE_EQ(m.fwt, 1.0);    // B: 8 − 7, C: 8 − 7
 }
 
 TEST(ForgettingMetrics, ChaudhryTakesTheBestEarlierRowNotTheRowAfterTraining) {

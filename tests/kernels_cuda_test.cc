@@ -43,8 +43,7 @@ uint64_t FreshSeed() {
 torch::Tensor Cuda(const torch::Tensor& t) { return t.detach().to(torch::kCUDA); }
 
 // got (any device) against want (CPU); sparse tensors by their indices, then their values.
-void ExpectClose(const torch::Tensor& got_any, const torch::Tensor& want, const std::string& what,
-                 double tol = 2e-5) {
+void ExpectClose(const torch::Tensor& got_any, const torch::Tensor& want, const std::string& what, double tol = 2e-5) {
   ASSERT_TRUE(got_any.defined() && want.defined()) << what;
   torch::Tensor got = got_any.detach().cpu(), ref = want.detach();
   if (ref.is_sparse()) {
@@ -128,13 +127,12 @@ TEST_P(CudaExpertMixture, MatchesTheCpuKernelForwardAndEveryGradient) {
 
 INSTANTIATE_TEST_SUITE_P(
     KernelsCuda, CudaExpertMixture,
-    ::testing::Values(MixtureShape{1, 8, 4, {16}, {kTraining}},
-                      MixtureShape{37, 32, 16, {64}, {kTraining}},
+    ::testing::Values(MixtureShape{1, 8, 4, {16}, {kTraining}}, MixtureShape{37, 32, 16, {64}, {kTraining}},
                       MixtureShape{64, 24, 8, {25, 49, 16}, {kFrozenF32, kFrozenBf16, kTraining}},
                       MixtureShape{200, 64, 32, {1024, 256}, {kFrozenBf16, kTraining}},
                       MixtureShape{50, 16, 12, {36, 36}, {kFrozenF32, kFrozenF32}},
-                      MixtureShape{300, 200, 128, {4096, 64}, {kTraining, kFrozenBf16}},   // D not a multiple of 32
-                      MixtureShape{129, 1000, 64, {512}, {kTraining}},                     // D over a block's threads
+                      MixtureShape{300, 200, 128, {4096, 64}, {kTraining, kFrozenBf16}},  // D not a multiple of 32
+                      MixtureShape{129, 1000, 64, {512}, {kTraining}},                    // D over a block's threads
                       MixtureShape{2048, 256, 128, {65536, 1024}, {kFrozenBf16, kTraining}}));  // h·k = 8·16
 
 // ---- ProductKeyRetrieval ------------------------------------------------------------------------
@@ -244,14 +242,14 @@ TEST_P(CudaRetrievalExact, SelectsWhatTheCpuKernelSelects) {
     ExpectClose(gpu.grads[i], cpu.grads[i], i == 0 ? "query gradient" : "sub-key gradient " + std::to_string(i));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    KernelsCuda, CudaRetrievalExact,
-    ::testing::Values(RetrievalShape{1, 5, 8, 4, {4}, {true}},
-                      RetrievalShape{2, 17, 16, 5, {8, 6}, {true, false}},  // k not a power of two
-                      RetrievalShape{4, 33, 16, 8, {16, 32}, {false, true}},
-                      RetrievalShape{2, 64, 32, 16, {64, 32, 16}, {false, false, true}},
-                      RetrievalShape{8, 200, 16, 16, {128, 64}, {false, true}},
-                      RetrievalShape{3, 40, 64, 32, {64, 32}, {true, true}}));  // k = 32: the widest lists
+INSTANTIATE_TEST_SUITE_P(KernelsCuda, CudaRetrievalExact,
+                         ::testing::Values(RetrievalShape{1, 5, 8, 4, {4}, {true}},
+                                           RetrievalShape{2, 17, 16, 5, {8, 6}, {true, false}},  // k not a power of two
+                                           RetrievalShape{4, 33, 16, 8, {16, 32}, {false, true}},
+                                           RetrievalShape{2, 64, 32, 16, {64, 32, 16}, {false, false, true}},
+                                           RetrievalShape{8, 200, 16, 16, {128, 64}, {false, true}},
+                                           RetrievalShape{
+                                               3, 40, 64, 32, {64, 32}, {true, true}}));  // k = 32: the widest lists
 
 // Exact ties everywhere (entries in {-1, 0, 1}: every score and sum is exact in fp32) and one
 // NaN query row: the CPU's tie order — the lower column within a half's top-k; segment, then
@@ -285,7 +283,8 @@ TEST(KernelsCudaRetrievalDeterminism, SubKeyGradientsAreTheSameBitsOnEveryRun) {
   const RetrievalRun first = RunRetrieval(sh, in, g, true), second = RunRetrieval(sh, in, g, true);
   ASSERT_EQ(first.grads.size(), 3u);
   for (size_t i = 0; i < first.grads.size(); ++i)
-    EXPECT_TRUE(torch::equal(first.grads[i].cpu(), second.grads[i].cpu())) << "gradient " << i << " changed between runs";
+    EXPECT_TRUE(torch::equal(first.grads[i].cpu(), second.grads[i].cpu()))
+        << "gradient " << i << " changed between runs";
 }
 
 class CudaRetrievalGaussian : public ::testing::TestWithParam<RetrievalShape> {};
@@ -319,12 +318,11 @@ TEST_P(CudaRetrievalGaussian, ReturnsTheBestScoresAndTheirGradients) {
     ExpectClose(gpu.grads[i], want[i], i == 0 ? "query gradient" : "sub-key gradient " + std::to_string(i));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    KernelsCuda, CudaRetrievalGaussian,
-    ::testing::Values(RetrievalShape{8, 128, 32, 16, {64, 32}, {false, true}},
-                      RetrievalShape{4, 64, 128, 32, {128}, {true}},
-                      RetrievalShape{2, 300, 16, 8, {1024}, {true}},  // many candidates per lane
-                      RetrievalShape{8, 512, 128, 16, {256, 256, 256}, {false, false, true}}));
+INSTANTIATE_TEST_SUITE_P(KernelsCuda, CudaRetrievalGaussian,
+                         ::testing::Values(RetrievalShape{8, 128, 32, 16, {64, 32}, {false, true}},
+                                           RetrievalShape{4, 64, 128, 32, {128}, {true}},
+                                           RetrievalShape{2, 300, 16, 8, {1024}, {true}},  // many candidates per lane
+                                           RetrievalShape{8, 512, 128, 16, {256, 256, 256}, {false, false, true}}));
 
 // ---- AdamWRows ----------------------------------------------------------------------------------
 

@@ -105,8 +105,7 @@ TEST_P(ExpertMixture, MatchesTheReferenceForwardAndEveryGradient) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ExpertMixture,
-    ::testing::Values(Shape{1, 8, 4, {16}, {torch::kFloat}},
-                      Shape{37, 32, 16, {64}, {torch::kFloat}},
+    ::testing::Values(Shape{1, 8, 4, {16}, {torch::kFloat}}, Shape{37, 32, 16, {64}, {torch::kFloat}},
                       Shape{64, 24, 8, {25, 49, 16}, {torch::kDouble, torch::kBFloat16, torch::kFloat}},
                       Shape{200, 64, 32, {1024, 256}, {torch::kBFloat16, torch::kFloat}},
                       Shape{50, 16, 12, {36, 36}, {torch::kDouble, torch::kDouble}},
@@ -144,7 +143,7 @@ TEST_P(Retrieval, FindsTheBruteForceTopKAndMatchesTheReferenceGradients) {
     torch::Tensor s2 = torch::bmm(q.narrow(2, half, half), kt.select(1, 1).transpose(1, 2));  // [h, M, n]
     full.push_back((s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2));
   }
-  torch::Tensor all = torch::cat(full, -1).detach();  // [h, M, Σ n²]
+  torch::Tensor all = torch::cat(full, -1).detach();                     // [h, M, Σ n²]
   torch::Tensor best = std::get<0>(all.topk(sh.k, -1)).transpose(0, 1);  // [M, h, k]
   EXPECT_TRUE(torch::allclose(r.scores, best, 1e-4, 1e-4)) << (r.scores - best).abs().max().item<float>();
   // Each returned (segment, index) really has the returned score.
@@ -168,8 +167,10 @@ TEST_P(Retrieval, FindsTheBruteForceTopKAndMatchesTheReferenceGradients) {
     torch::Tensor i = torch::where(mine, idx.div(n, "floor"), torch::zeros_like(idx));
     torch::Tensor j = torch::where(mine, idx.remainder(n), torch::zeros_like(idx));
     auto pick = [&](int part, const torch::Tensor& row) {  // [h, M, k, dk/2]
-      torch::Tensor table = keys[s].select(1, part);     // [h, n, dk/2]
-      return table.unsqueeze(1).expand({sh.h, sh.M, n, half}).gather(2, row.unsqueeze(-1).expand({sh.h, sh.M, sh.k, half}));
+      torch::Tensor table = keys[s].select(1, part);       // [h, n, dk/2]
+      return table.unsqueeze(1)
+          .expand({sh.h, sh.M, n, half})
+          .gather(2, row.unsqueeze(-1).expand({sh.h, sh.M, sh.k, half}));
     };
     torch::Tensor sc = (pick(0, i) * q.narrow(2, 0, half).unsqueeze(2)).sum(-1) +
                        (pick(1, j) * q.narrow(2, half, half).unsqueeze(2)).sum(-1);
@@ -205,7 +206,7 @@ TEST(Retrieval, TiedAndNaNScoresStillGiveTheKBestDistinctExperts) {
 
   torch::Tensor s1 = torch::bmm(q.narrow(2, 0, dk / 2), keys.select(1, 0).transpose(1, 2));
   torch::Tensor s2 = torch::bmm(q.narrow(2, dk / 2, dk / 2), keys.select(1, 1).transpose(1, 2));
-  torch::Tensor all = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2);  // [h, M, n²]
+  torch::Tensor all = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2);                // [h, M, n²]
   torch::Tensor best = std::get<0>(all.nan_to_num(-1e30).topk(k, -1)).transpose(0, 1);  // [M, h, k]
   for (int64_t m = 0; m < M; ++m)
     for (int64_t hh = 0; hh < h; ++hh) {
@@ -289,13 +290,14 @@ TEST(PeerLayerFused, CachedSegmentMatchesTheSameRowsHeldInMemory) {
   const int64_t D = 16, n = 10;
   PeerConfig c = testing::SmallPeer(/*n_keys=*/8, /*heads=*/2, /*topk=*/4, /*query_dim=*/8);
   c.set_impl(PEER_IMPL_FUSED);
-  torch::Tensor keys = torch::randn({2, 2, n, 4}), down = torch::randn({n * n, D}) / 4, up = torch::randn({n * n, D}) / 4;
+  torch::Tensor keys = torch::randn({2, 2, n, 4}), down = torch::randn({n * n, D}) / 4,
+                up = torch::randn({n * n, D}) / 4;
   auto source = std::make_shared<TableRowSource>(down, up);
   auto build = [&](bool cached) {
     torch::manual_seed(seed);
     PeerLayer layer(D, c);
-    ExpertSegment frozen = cached ? ExpertSegment(1, keys.clone(), D, source)
-                                  : ExpertSegment(1, keys.clone(), down.clone(), up.clone());
+    ExpertSegment frozen =
+        cached ? ExpertSegment(1, keys.clone(), D, source) : ExpertSegment(1, keys.clone(), down.clone(), up.clone());
     EXPECT_TRUE(layer->InsertFrozenSegment(frozen).ok());
     return layer;
   };
@@ -359,11 +361,12 @@ TEST(AdamWRows, ClipGradNormScalesSparseAndDenseGradientsTogether) {
   torch::Tensor dense = torch::zeros({5}), table = torch::zeros({6, 2});
   AdamW opt({});
   opt.SetParameters({{dense}, {table}});
-  dense.mutable_grad() = torch::full({5}, 3.0);                                    // |g|² = 45
-  table.mutable_grad() = at::_sparse_coo_tensor_unsafe(torch::tensor({{1, 4}}), torch::full({2, 2}, 4.0), {6, 2});  // 64
+  dense.mutable_grad() = torch::full({5}, 3.0);  // |g|² = 45
+  table.mutable_grad() =
+      at::_sparse_coo_tensor_unsafe(torch::tensor({{1, 4}}), torch::full({2, 2}, 4.0), {6, 2});  // 64
   EXPECT_NEAR(opt.ClipGradNorm(1.0), std::sqrt(109.0), 1e-9);
-  const double after = std::sqrt(dense.grad().square().sum().item<double>() +
-                                 table.grad()._values().square().sum().item<double>());
+  const double after =
+      std::sqrt(dense.grad().square().sum().item<double>() + table.grad()._values().square().sum().item<double>());
   EXPECT_NEAR(after, 1.0, 1e-5);
   EXPECT_NEAR(opt.ClipGradNorm(INFINITY), after, 1e-6) << "infinity only measures";
 }
@@ -428,8 +431,8 @@ TEST(TopKRows, SameAsASortForRandomTiedInfiniteAndNaNRows) {
         });
         for (int64_t j = 0; j < k; ++j) {
           const bool number = !std::isnan(order[j].first);
-          const std::string where = "n " + std::to_string(n) + " k " + std::to_string(k) + " row " +
-                                    std::to_string(m) + " place " + std::to_string(j);
+          const std::string where = "n " + std::to_string(n) + " k " + std::to_string(k) + " row " + std::to_string(m) +
+                                    " place " + std::to_string(j);
           ASSERT_EQ(val[m * k + j], number ? order[j].first : -inf) << where;
           if (number) {
             ASSERT_EQ(ids[m * k + j], order[j].second) << where;

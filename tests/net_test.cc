@@ -50,11 +50,11 @@ std::string WriteCorpus(const std::string& dir, int n, size_t words = 20) {
 }
 
 struct Service {
-  std::shared_ptr<StoreDb> db;
+  std::shared_ptr<DataDirDb> db;
   std::unique_ptr<Spool> spool;
   std::unique_ptr<DataServer> server;
   Status Start(const std::string& dir, DataServerOptions o = {}, const std::string& listen = "127.0.0.1:0") {
-    if (Status st = StoreDb::Open(dir + "/db", {}, &db); !st.ok()) return st;
+    if (Status st = DataDirDb::Open(dir + "/db", {}, &db); !st.ok()) return st;
     if (Status st = Spool::Open(db, &spool); !st.ok()) return st;
     o.listen = listen;
     o.token = "secret";
@@ -152,8 +152,8 @@ TEST(DocumentSource, FollowYieldsAppendedDocumentsOnceComplete) {
 TEST(Spool, StoresInOrderOncePerTaskAndIdAndKeepsCountersAcrossReopen) {
   const std::string dir = FreshDir("spool");
   {
-    std::shared_ptr<StoreDb> db;
-    ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+    std::shared_ptr<DataDirDb> db;
+    ASSERT_TRUE(DataDirDb::Open(dir, {}, &db).ok());
     std::unique_ptr<Spool> spool;
     ASSERT_TRUE(Spool::Open(db, &spool).ok());
     uint64_t dups = 9;
@@ -165,8 +165,8 @@ TEST(Spool, StoresInOrderOncePerTaskAndIdAndKeepsCountersAcrossReopen) {
     EXPECT_EQ(dups, 0u);
     EXPECT_EQ(spool->stats().documents, 3u);
   }
-  std::shared_ptr<StoreDb> db;
-  ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+  std::shared_ptr<DataDirDb> db;
+  ASSERT_TRUE(DataDirDb::Open(dir, {}, &db).ok());
   std::unique_ptr<Spool> spool;
   ASSERT_TRUE(Spool::Open(db, &spool).ok());
   EXPECT_EQ(spool->last_index(), 3u);
@@ -212,8 +212,8 @@ TEST(DataPort, EveryAckedDocumentSurvivesSigkillOfTheServer) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   EXPECT_EQ(p.acked_documents, 400u);
 
-  std::shared_ptr<StoreDb> db;
-  ASSERT_TRUE(StoreDb::Open(dir + "/db", {}, &db).ok());
+  std::shared_ptr<DataDirDb> db;
+  ASSERT_TRUE(DataDirDb::Open(dir + "/db", {}, &db).ok());
   std::unique_ptr<Spool> spool;
   ASSERT_TRUE(Spool::Open(db, &spool).ok());
   std::vector<SpoolEntry> docs;
@@ -268,7 +268,8 @@ TEST(DataPort, StopsReadingWhileTheBacklogIsFullAndResumesWhenItDrains) {
   std::this_thread::sleep_for(500ms);  // time for a server that ignores the limit to read past it
   const uint64_t stored = s.spool->stats().bytes;
   EXPECT_GE(stored, o.backlog_limit_bytes);
-  EXPECT_LT(stored, o.backlog_limit_bytes + o.inflight_limit_bytes + 4096) << "server kept reading past the backlog limit";
+  EXPECT_LT(stored, o.backlog_limit_bytes + o.inflight_limit_bytes + 4096)
+      << "server kept reading past the backlog limit";
   EXPECT_EQ(run.wait_for(0ms), std::future_status::timeout) << "client finished although the server pushed back";
   // A consumer drains the spool: the rest flows.
   auto drain_until = std::chrono::steady_clock::now() + 60s;
@@ -302,7 +303,8 @@ struct RawClient {
     }
   }
   void Send(const std::string& bytes) { boost::asio::write(socket, boost::asio::buffer(bytes)); }
-  void Hello(const std::string& token = "secret", uint32_t version = wire::kProtocolVersion, const std::string& task = "kjv") {
+  void Hello(const std::string& token = "secret", uint32_t version = wire::kProtocolVersion,
+             const std::string& task = "kjv") {
     ClientFrame f;
     f.mutable_hello()->set_protocol_version(version);
     f.mutable_hello()->set_token(token);
@@ -348,21 +350,62 @@ TEST(DataPort, BadInputGetsAClearErrorAndTheServerKeepsServingOthers) {
     std::string says;
   };
   std::vector<Case> cases = {
-      {"length over the limit", [](RawClient& c) { c.Hello(); c.Send(std::string("\x7f\xff\xff\xff", 4)); }, ErrorReply::BAD_FRAME, "frames must be 1 to 5096 bytes"},
-      {"large frame before the hello", [](RawClient& c) { c.Send(std::string("\0\0\x10\x01", 4)); }, ErrorReply::BAD_FRAME, "frame of 4097 bytes before the hello"},
-      {"zero-length frame", [](RawClient& c) { c.Send(std::string("\0\0\0\0", 4)); }, ErrorReply::BAD_FRAME, "frame of 0 bytes"},
-      {"frame of neither kind", [](RawClient& c) { c.Send(std::string("\0\0\0\x02\x18\x01", 6)); }, ErrorReply::BAD_FRAME, "neither a hello nor a document"},
-      {"garbage body", [](RawClient& c) { c.Send(std::string("\0\0\0\x05\xff\xff\xff\xff\xff", 9)); }, ErrorReply::BAD_FRAME, "not a peerd.ClientFrame"},
+      {"length over the limit",
+       [](RawClient& c) {
+         c.Hello();
+         c.Send(std::string("\x7f\xff\xff\xff", 4));
+       },
+       ErrorReply::BAD_FRAME, "frames must be 1 to 5096 bytes"},
+      {"large frame before the hello", [](RawClient& c) { c.Send(std::string("\0\0\x10\x01", 4)); },
+       ErrorReply::BAD_FRAME, "frame of 4097 bytes before the hello"},
+      {"zero-length frame", [](RawClient& c) { c.Send(std::string("\0\0\0\0", 4)); }, ErrorReply::BAD_FRAME,
+       "frame of 0 bytes"},
+      {"frame of neither kind", [](RawClient& c) { c.Send(std::string("\0\0\0\x02\x18\x01", 6)); },
+       ErrorReply::BAD_FRAME, "neither a hello nor a document"},
+      {"garbage body", [](RawClient& c) { c.Send(std::string("\0\0\0\x05\xff\xff\xff\xff\xff", 9)); },
+       ErrorReply::BAD_FRAME, "not a peerd.ClientFrame"},
       {"wrong token", [](RawClient& c) { c.Hello("guess"); }, ErrorReply::UNAUTHENTICATED, "wrong data token"},
       {"wrong version", [](RawClient& c) { c.Hello("secret", 99); }, ErrorReply::BAD_HELLO, "protocol version 99"},
-      {"bad task name", [](RawClient& c) { c.Hello("secret", wire::kProtocolVersion, "../etc"); }, ErrorReply::BAD_HELLO, "task name"},
-      {"document before hello", [](RawClient& c) { c.Doc(1, "a", "text"); }, ErrorReply::BAD_HELLO, "must open with a hello"},
-      {"empty document", [](RawClient& c) { c.Hello(); c.Doc(1, "a", ""); }, ErrorReply::BAD_DOCUMENT, "is empty"},
-      {"document without id", [](RawClient& c) { c.Hello(); c.Doc(1, "", "text"); }, ErrorReply::BAD_DOCUMENT, "has no id"},
-      {"id over 1024 bytes", [](RawClient& c) { c.Hello(); c.Doc(1, std::string(1025, 'i'), "text"); }, ErrorReply::BAD_DOCUMENT, "ids are at most 1024"},
-      {"document over the limit", [](RawClient& c) { c.Hello(); c.Doc(1, "big", std::string(1001, 'x')); }, ErrorReply::BAD_DOCUMENT, "over the limit of 1000"},
-      {"seq out of order", [](RawClient& c) { c.Hello(); c.Doc(2, "a", "text"); }, ErrorReply::BAD_DOCUMENT, "seq must count up"},
-      {"second hello", [](RawClient& c) { c.Hello(); c.Hello(); }, ErrorReply::BAD_HELLO, "hello sent twice"},
+      {"bad task name", [](RawClient& c) { c.Hello("secret", wire::kProtocolVersion, "../etc"); },
+       ErrorReply::BAD_HELLO, "task name"},
+      {"document before hello", [](RawClient& c) { c.Doc(1, "a", "text"); }, ErrorReply::BAD_HELLO,
+       "must open with a hello"},
+      {"empty document",
+       [](RawClient& c) {
+         c.Hello();
+         c.Doc(1, "a", "");
+       },
+       ErrorReply::BAD_DOCUMENT, "is empty"},
+      {"document without id",
+       [](RawClient& c) {
+         c.Hello();
+         c.Doc(1, "", "text");
+       },
+       ErrorReply::BAD_DOCUMENT, "has no id"},
+      {"id over 1024 bytes",
+       [](RawClient& c) {
+         c.Hello();
+         c.Doc(1, std::string(1025, 'i'), "text");
+       },
+       ErrorReply::BAD_DOCUMENT, "ids are at most 1024"},
+      {"document over the limit",
+       [](RawClient& c) {
+         c.Hello();
+         c.Doc(1, "big", std::string(1001, 'x'));
+       },
+       ErrorReply::BAD_DOCUMENT, "over the limit of 1000"},
+      {"seq out of order",
+       [](RawClient& c) {
+         c.Hello();
+         c.Doc(2, "a", "text");
+       },
+       ErrorReply::BAD_DOCUMENT, "seq must count up"},
+      {"second hello",
+       [](RawClient& c) {
+         c.Hello();
+         c.Hello();
+       },
+       ErrorReply::BAD_HELLO, "hello sent twice"},
   };
   for (const Case& c : cases) {
     RawClient client(port);
@@ -455,7 +498,8 @@ TEST(DataPort, ConnectionsOverTheLimitAreRefusedAsUnavailableUntilOneCloses) {
   RawClient over(s.server->port());
   ServerFrame refused = over.ReadUntilError();
   EXPECT_EQ(refused.error().code(), ErrorReply::UNAVAILABLE);
-  EXPECT_NE(refused.error().message().find("at most 3 data connections"), std::string::npos) << refused.error().message();
+  EXPECT_NE(refused.error().message().find("at most 3 data connections"), std::string::npos)
+      << refused.error().message();
   open.pop_back();  // closes one
   ServerFrame reply;
   for (int attempt = 0; attempt < 50 && !reply.has_hello(); ++attempt) {
@@ -500,7 +544,7 @@ TEST(Ingest, APortThatIsNotADataPortFailsWithinSecondsSayingSo) {
   const std::string dir = FreshDir("not_peerd");
   const std::string corpus = WriteCorpus(dir, 3);
   for (const std::string& answer : {std::string(), std::string("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"),
-                                   std::string("\xff\xff\xff\xff", 4)}) {
+                                    std::string("\xff\xff\xff\xff", 4)}) {
     boost::asio::io_context io;
     boost::asio::ip::tcp::acceptor acceptor(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
     std::atomic<int> accepted{0};
@@ -543,7 +587,7 @@ TEST(Ingest, APortThatIsNotADataPortFailsWithinSecondsSayingSo) {
     EXPECT_LT(seconds, 5.0) << st.ToString();
     EXPECT_EQ(accepted.load(), 1) << "retried a peer that is not peerd: " << st.ToString();
     EXPECT_NE(st.message().find("is it peerd's data port"), std::string::npos) << st.message();
-    const std::string why = answer.empty()                ? "no answer to the hello"
+    const std::string why = answer.empty()                 ? "no answer to the hello"
                             : answer.rfind("HTTP", 0) == 0 ? "an HTTP answer"
                                                            : "4294967295 bytes announced";
     EXPECT_NE(st.message().find(why), std::string::npos) << st.message();
@@ -563,8 +607,8 @@ TEST(HostPort, TakesIpv4LocalhostAndBracketedIpv6AndRefusesTheRestSayingWhy) {
   EXPECT_EQ(host, "::1");
   EXPECT_EQ(port, 65535);
   const std::pair<const char*, const char*> bad[] = {
-      {"7070", "is not HOST:PORT"},      {":7070", "is not HOST:PORT"},       {"localhost:", "is not HOST:PORT"},
-      {"::1:7070x", "no valid port"},    {"[::1]", "is not [IPV6]:PORT"},     {"[::1:7070", "is not [IPV6]:PORT"},
+      {"7070", "is not HOST:PORT"},         {":7070", "is not HOST:PORT"},     {"localhost:", "is not HOST:PORT"},
+      {"::1:7070x", "no valid port"},       {"[::1]", "is not [IPV6]:PORT"},   {"[::1:7070", "is not [IPV6]:PORT"},
       {"127.0.0.1:65536", "no valid port"}, {"127.0.0.1:-1", "no valid port"},
   };
   for (const auto& [text, why] : bad) {

@@ -11,7 +11,7 @@ int PoolStoreReader(const char* dir);  // tests/pool_store_test.cc
 }
 
 int main(int argc, char** argv) {
-  peerd::UseTunedRuntimeEnvironment(argv);
+  peerd::ReexecWithTunedEnvironment(argv);
   if (argc == 3 && std::strcmp(argv[1], "--pool-store-reader") == 0) return peerd::testing::PoolStoreReader(argv[2]);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();

@@ -92,12 +92,12 @@ inline std::vector<std::string> NonEmptyLines(const std::string& path, size_t ma
 
 // Polls the file at `path` until it holds `needle` or `limit` passes; says which when it fails.
 inline ::testing::AssertionResult FileShows(const std::string& path, const std::string& needle,
-                                             std::chrono::milliseconds limit = 10'000ms) {
+                                            std::chrono::milliseconds limit = 10'000ms) {
   for (auto end = std::chrono::steady_clock::now() + limit;; std::this_thread::sleep_for(20ms)) {
     if (Slurp(path).find(needle) != std::string::npos) return ::testing::AssertionSuccess();
     if (std::chrono::steady_clock::now() >= end)
-      return ::testing::AssertionFailure() << path << " did not show '" << needle << "' within " << limit.count()
-                                           << " ms";
+      return ::testing::AssertionFailure()
+             << path << " did not show '" << needle << "' within " << limit.count() << " ms";
   }
 }
 

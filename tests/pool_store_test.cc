@@ -113,7 +113,8 @@ int PoolStoreReader(const char* dir_c) {
   PeerLayer layer = model->PeerLayers()[0];
   Retrieval r = layer->Retrieve(layer->Query(input[0]));
   std::vector<int64_t> checksums;
-  for (const auto& s : layer->segments()) checksums.push_back(static_cast<int64_t>(s->frozen() ? s->frozen_checksum() : 0));
+  for (const auto& s : layer->segments())
+    checksums.push_back(static_cast<int64_t>(s->frozen() ? s->frozen_checksum() : 0));
   std::vector<torch::Tensor> out = {layer->forward(input[0]), model->forward(input[1]), r.segment, r.index,
                                     torch::tensor(checksums)};
   torch::save(out, dir + "/reader_out.pt");
@@ -151,7 +152,8 @@ TEST(PoolStore, RoundTripInANewProcessGivesIdenticalRetrievalAndOutputs) {
   EXPECT_TRUE(torch::equal(got[0], y)) << "layer output differs: " << (got[0] - y).abs().max().item<float>();
   EXPECT_TRUE(torch::equal(got[1], logits)) << "model output differs";
   for (int s = 0; s < 2; ++s)
-    EXPECT_EQ(static_cast<uint64_t>(got[4][s].item<int64_t>()), layer->segments()[s]->frozen_checksum()) << "segment " << s;
+    EXPECT_EQ(static_cast<uint64_t>(got[4][s].item<int64_t>()), layer->segments()[s]->frozen_checksum())
+        << "segment " << s;
   EXPECT_TRUE((r.segment == 0).any().item<bool>() && (r.segment == 1).any().item<bool>())
       << "the fixed input should retrieve from both frozen segments";
 }

@@ -20,8 +20,8 @@ torch::Tensor FullKeys(const torch::Tensor& sub_keys) {
 
 // Both are [.., k] and sorted by descending score; ties (scores closer than tol) may order
 // differently, so an index mismatch counts only where the score is not tied with a neighbour.
-void ExpectSameTopK(const torch::Tensor& got_scores, const torch::Tensor& got_index,
-                    const torch::Tensor& want_scores, const torch::Tensor& want_index) {
+void ExpectSameTopK(const torch::Tensor& got_scores, const torch::Tensor& got_index, const torch::Tensor& want_scores,
+                    const torch::Tensor& want_index) {
   ASSERT_TRUE(torch::allclose(got_scores, want_scores, 1e-5, 1e-5))
       << "max score difference " << (got_scores - want_scores).abs().max().item<float>();
   torch::Tensor gap = want_scores.narrow(-1, 0, want_scores.size(-1) - 1) -
@@ -35,7 +35,9 @@ void ExpectSameTopK(const torch::Tensor& got_scores, const torch::Tensor& got_in
 }
 
 TEST(ProductKeys, TopKEqualsBruteForceOverAllFullKeys) {
-  struct Shape { int64_t h, m, dk, n, k; };
+  struct Shape {
+    int64_t h, m, dk, n, k;
+  };
   for (Shape s : {Shape{1, 7, 4, 5, 1}, Shape{2, 50, 8, 16, 4}, Shape{4, 33, 16, 32, 8}, Shape{3, 20, 6, 9, 9}}) {
     for (int seed = 0; seed < 3; ++seed) {
       torch::manual_seed(seed * 100 + s.n);

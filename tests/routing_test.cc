@@ -14,7 +14,7 @@
 #include "core/model.h"
 #include "core/text_router.h"
 #include "core/trainer.h"
-#include "experts_store/store_db.h"
+#include "experts_store/data_dir_db.h"
 #include "service/checkpoint.h"
 #include "tests/test_util.h"
 
@@ -92,9 +92,9 @@ TEST(Routing, EachTrunkDeltaOfAnAdapterMovesTheOutputOnItsOwn) {
   ASSERT_TRUE(model->AddAdapter(1, 4, /*trunk_deltas=*/true).ok());
   ASSERT_TRUE(model->SetRoute({1, {}}).ok());
   const SegmentAdapter& adapter = model->adapters().at(1);
-  const std::vector<std::string> names = {"tok_emb",        "pos_emb",         "block0.ln1.weight", "block0.ln2.bias",
-                                          "block1.ln1.bias", "ln_f.weight",     "ln_f.bias",         "block0.qkv.bias",
-                                          "block0.proj.bias", "block0.fc.bias", "block0.fc_proj.bias", "block1.qkv.bias"};
+  const std::vector<std::string> names = {
+      "tok_emb",   "pos_emb",         "block0.ln1.weight", "block0.ln2.bias", "block1.ln1.bias",     "ln_f.weight",
+      "ln_f.bias", "block0.qkv.bias", "block0.proj.bias",  "block0.fc.bias",  "block0.fc_proj.bias", "block1.qkv.bias"};
   int64_t owned = 0;
   for (const auto& p : adapter->named_parameters())
     owned += p.key().size() > 2 && p.key().compare(p.key().size() - 2, 2, "_d") == 0;
@@ -212,8 +212,10 @@ TEST(Routing, TrunkDeltasTrainAtTheirOwnLearningRateScale) {
     double trunk = 0, factors = 0;  // both start at zero (B of B·A, and the trunk deltas)
     for (const auto& p : adapter->named_parameters()) {
       const bool b_factor = p.key().size() > 2 && p.key().compare(p.key().size() - 2, 2, "_b") == 0;
-      if (adapter->IsTrunkDelta(p.value())) trunk += p.value().abs().sum().item<double>();
-      else if (b_factor) factors += p.value().abs().sum().item<double>();
+      if (adapter->IsTrunkDelta(p.value()))
+        trunk += p.value().abs().sum().item<double>();
+      else if (b_factor)
+        factors += p.value().abs().sum().item<double>();
     }
     EXPECT_GT(factors, 0.0) << "scale " << trunk_scale;
     if (trunk_scale == 0) {
@@ -229,8 +231,8 @@ TEST(Routing, TrunkDeltasTrainAtTheirOwnLearningRateScale) {
 TEST(Routing, ACheckpointRestoresAdaptersWithAndWithoutTrunkDeltas) {
   const std::string dir = ::testing::TempDir() + "/peerd_routing_checkpoint_" + std::to_string(getpid());
   std::filesystem::remove_all(dir);
-  std::shared_ptr<StoreDb> db;
-  ASSERT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+  std::shared_ptr<DataDirDb> db;
+  ASSERT_TRUE(DataDirDb::Open(dir, {}, &db).ok());
   Checkpointer checkpointer(db);
   torch::manual_seed(8);
   Config c = TwoBlockModel();

@@ -26,8 +26,8 @@ using nlohmann::json;
 using namespace std::chrono_literals;
 
 using peerd::testing::PeerdProcess;
-using peerd::testing::ShellResult;
 using peerd::testing::Sh;
+using peerd::testing::ShellResult;
 using peerd::testing::Slurp;
 using peerd::testing::U;
 
@@ -109,7 +109,8 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   ASSERT_EQ(row["bitsPerByte"].size(), 1u);
   EXPECT_LT(row["bitsPerByte"][0].get<double>(), 7.5) << "the model should have learnt something";
   json used = Segment(peerd.CtlJson("status"), 0);
-  EXPECT_GT(used.value("usage", 0.0), 0.0) << "the evaluation should have retrieved experts of segment 0: " << used.dump();
+  EXPECT_GT(used.value("usage", 0.0), 0.0)
+      << "the evaluation should have retrieved experts of segment 0: " << used.dump();
   EXPECT_GT(used.value("usageKl", -1.0), 0.0);
 
   ASSERT_EQ(peerd.Ctl("checkpoint").code, 0);
@@ -215,7 +216,8 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   };
   const double verse_before = score(base, "verse"), verse_after = score(after, "verse");
   const double code_before = score(base, "code"), code_after = score(after, "code");
-  EXPECT_LT(std::abs(verse_after - verse_before), 0.02) << "the base domain drifted: " << verse_before << " -> " << verse_after;
+  EXPECT_LT(std::abs(verse_after - verse_before), 0.02)
+      << "the base domain drifted: " << verse_before << " -> " << verse_after;
   EXPECT_LT(code_after, code_before - 0.3) << "the branch did not learn its domain";
 
   // No trained text is kept: what the checkpoint covers is pruned, ids stay for deduplication.
@@ -251,8 +253,8 @@ TEST(Peerd, RefusesUnknownFlagValuesAndLogsTheAddressesReallyBound) {
   const std::string dir = ::testing::TempDir() + "/peerd_flags_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
-  for (const auto& [flag, value] : {std::pair{"--log-level", "verbose"}, std::pair{"--residency", "disk"},
-                                    std::pair{"--freeze-dtype", "fp16"}}) {
+  for (const auto& [flag, value] :
+       {std::pair{"--log-level", "verbose"}, std::pair{"--residency", "disk"}, std::pair{"--freeze-dtype", "fp16"}}) {
     ShellResult r = Sh("timeout 60 " + std::string(PEERD_BIN) + " --data-dir " + dir + "/data " + flag + " " + value);
     EXPECT_NE(r.code, 0) << flag << " " << value << ": " << r.out;
     EXPECT_NE(r.out.find(flag), std::string::npos) << r.out;
@@ -285,8 +287,9 @@ TEST(Peerd, RefusesUnknownFlagValuesAndLogsTheAddressesReallyBound) {
     // peer-ingest pointed at the admin API by mistake says so instead of hanging.
     { std::ofstream(dir + "/doc.txt") << "one document\n"; }
     const auto start = std::chrono::steady_clock::now();
-    ShellResult wrong = Sh("timeout 60 " + std::string(PEER_INGEST_BIN) + " --no-resume --server localhost:" +
-                           std::string(m[2]) + " --token-file " + dir + "/data/data.token --task t " + dir + "/doc.txt");
+    ShellResult wrong =
+        Sh("timeout 60 " + std::string(PEER_INGEST_BIN) + " --no-resume --server localhost:" + std::string(m[2]) +
+           " --token-file " + dir + "/data/data.token --task t " + dir + "/doc.txt");
     EXPECT_NE(wrong.code, 0) << wrong.out;
     EXPECT_NE(wrong.out.find("is it peerd's data port"), std::string::npos) << wrong.out;
     EXPECT_LT(std::chrono::steady_clock::now() - start, 15s) << wrong.out;
@@ -316,18 +319,21 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
     std::ofstream(dir + "/corpus/code/train.txt") << code.substr(0, code.size() - 4'000);
     std::ofstream(dir + "/corpus/code/heldout.txt") << code.substr(code.size() - 4'000);
   }
-  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
+  std::ofstream(dir + "/config.json")
+      << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
                                             "train": {"batchSize": 8}})";
   const int port = 20000 + 2 * (getpid() % 10000);
   const std::string env = "BUILD=" + std::string(PEERD_BUILD_DIR) + " DEMO_OUT=" + dir + "/out DEMO_CORPUS=" + dir +
-                          "/corpus DEMO_DOMAINS='verse code' DEMO_CONFIG=" + dir + "/config.json DEMO_PORT=" +
-                          std::to_string(port) + " DEMO_SLICE_KB=30 DEMO_HELDOUT_KB=4 DEMO_EVAL_EVERY=2";
+                          "/corpus DEMO_DOMAINS='verse code' DEMO_CONFIG=" + dir +
+                          "/config.json DEMO_PORT=" + std::to_string(port) +
+                          " DEMO_SLICE_KB=30 DEMO_HELDOUT_KB=4 DEMO_EVAL_EVERY=2";
   ShellResult demo = Sh(env + " bash " + std::string(PEERD_SOURCE_DIR) + "/scripts/demo.sh");
   ASSERT_EQ(demo.code, 0) << demo.out;
   EXPECT_NE(demo.out.find("ACC"), std::string::npos) << demo.out;
   // The demo's policy is routed with no trained text kept: the spool ends holding (almost) none.
   std::smatch kept;
-  ASSERT_TRUE(std::regex_search(demo.out, kept, std::regex("received ([0-9]+) text bytes and keeps ([0-9]+)"))) << demo.out;
+  ASSERT_TRUE(std::regex_search(demo.out, kept, std::regex("received ([0-9]+) text bytes and keeps ([0-9]+)")))
+      << demo.out;
   EXPECT_GT(std::stoull(kept[1]), 50'000u);
   EXPECT_LT(std::stoull(kept[2]) * 20, std::stoull(kept[1])) << demo.out;
 
@@ -353,8 +359,10 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
   const std::string md = Slurp(dir + "/out/report.md");
   EXPECT_NE(md.find("| after verse"), std::string::npos) << md;
   EXPECT_NE(md.find("| after code"), std::string::npos) << md;
-  ShellResult svg = Sh("python3 -c 'import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); "
-                  "assert r.tag.endswith(\"svg\"), r.tag; print(len(list(r.iter())))' " + dir + "/out/forgetting.svg");
+  ShellResult svg =
+      Sh("python3 -c 'import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); "
+         "assert r.tag.endswith(\"svg\"), r.tag; print(len(list(r.iter())))' " +
+         dir + "/out/forgetting.svg");
   EXPECT_EQ(svg.code, 0) << svg.out;
   EXPECT_GT(std::stoi(svg.out), 10) << "a plot with lines, axes and labels";
   fs::remove_all(dir);

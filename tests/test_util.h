@@ -6,8 +6,8 @@
 namespace peerd::testing {
 
 // A PEER configuration small enough for exhaustive checks.
-inline PeerConfig SmallPeer(uint32_t n_keys = 8, uint32_t heads = 2, uint32_t topk = 4,
-                            uint32_t query_dim = 8, QueryNorm norm = QUERY_NORM_LAYER) {
+inline PeerConfig SmallPeer(uint32_t n_keys = 8, uint32_t heads = 2, uint32_t topk = 4, uint32_t query_dim = 8,
+                            QueryNorm norm = QUERY_NORM_LAYER) {
   PeerConfig p;
   p.set_n_keys(n_keys);
   p.set_heads(heads);
@@ -28,7 +28,9 @@ inline Config TinyModel() {
   m->set_context(16);
   m->clear_peer_blocks();
   m->add_peer_blocks(0);
+  const PeerImpl impl = m->peer().impl();  // a valid configuration, as peerd would be given
   *m->mutable_peer() = SmallPeer();
+  m->mutable_peer()->set_impl(impl);
   c.mutable_train()->set_batch_size(4);
   c.mutable_train()->set_warmup_steps(0);
   c.mutable_train()->set_lr(1e-2f);

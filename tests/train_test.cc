@@ -9,6 +9,7 @@
 #include "core/runtime.h"
 #include "core/text_batcher.h"
 #include "core/text_file.h"
+#include "core/tokenizer.h"
 #include "core/trainer.h"
 #include "tests/test_util.h"
 
@@ -51,18 +52,28 @@ void TrainsOnRealText(FfnKind ffn) {
     if (step >= 140) last += loss / 10;
   }
   const double bpb = BitsPerByte(model, heldout);
-  std::printf("held-out bits/byte: %.3f at start, %.3f after 150 steps; train loss %.3f -> %.3f nats\n",
-              bpb_start, bpb, first, last);
+  std::printf("held-out bits/byte: %.3f at start, %.3f after 150 steps; train loss %.3f -> %.3f nats\n", bpb_start, bpb,
+              first, last);
   EXPECT_GT(bpb_start, 7.0) << "an untrained model should be near uniform (8 bits/byte)";
   EXPECT_LT(last, first - 1.0) << "training loss did not fall";
   EXPECT_LT(bpb, 4.0) << "held-out bits/byte should end well under the uniform 8";
 }
 
-TEST(Train, PeerModelLossFallsOnRealTextAndHeldOutBitsPerByteEndsWellUnderEight) {
-  TrainsOnRealText(FFN_KIND_PEER);
-}
+TEST(Train, PeerModelLossFallsOnRealTextAndHeldOutBitsPerByteEndsWellUnderEight) { TrainsOnRealText(FFN_KIND_PEER); }
 
 TEST(Train, DenseBaselineLossFallsOnRealText) { TrainsOnRealText(FFN_KIND_DENSE); }
+
+TEST(ByteTokenizer, EveryByteIsItsOwnTokenInTheVectorAndInTheTensor) {
+  std::string text;
+  for (int b = 0; b < 256; ++b) text.push_back(static_cast<char>(b));  // UTF-8 lead bytes and NULs included
+  const std::vector<int64_t> tokens = ByteTokenizer::Encode(text, /*end_of_document=*/true);
+  ASSERT_EQ(tokens.size(), 257u);
+  for (int b = 0; b < 256; ++b) ASSERT_EQ(tokens[b], b);
+  EXPECT_EQ(tokens.back(), ByteTokenizer::kEndOfDocument);
+  const torch::Tensor tensor = ByteTokens(text);
+  ASSERT_EQ(tensor.scalar_type(), torch::kLong);
+  EXPECT_TRUE(torch::equal(tensor, torch::tensor(std::vector<int64_t>(tokens.begin(), tokens.end() - 1))));
+}
 
 TEST(Evaluator, ModelWithUniformPredictionsScoresLog2OfTheVocabulary) {
   Config c = testing::TinyModel();

@@ -24,19 +24,25 @@ struct Loop {
   explicit Loop(const std::string& name, std::function<void(int64_t)> before_step = {})
       : dir(::testing::TempDir() + "/peerd_loop_" + name + "_" + std::to_string(getpid())) {
     std::filesystem::remove_all(dir);
-    EXPECT_TRUE(StoreDb::Open(dir, {}, &db).ok());
+    EXPECT_TRUE(DataDirDb::Open(dir, {}, &db).ok());
     EXPECT_TRUE(Spool::Open(db, &spool).ok());
     std::vector<Spool::NewDocument> docs;
-    for (int i = 0; i < 30; ++i) docs.push_back({"doc" + std::to_string(i), std::string(339, static_cast<char>('a' + i % 26))});
+    for (int i = 0; i < 30; ++i)
+      docs.push_back({"doc" + std::to_string(i), std::string(339, static_cast<char>('a' + i % 26))});
     EXPECT_TRUE(spool->AppendAndWait("t", std::move(docs)).ok());
-    LoopOptions o;
-    o.config = testing::TinyModel();
-    o.config.mutable_train()->set_replay_ratio(0);
-    o.config.mutable_train()->set_distill_weight(0);
-    o.checkpoint_every_steps = 1000;
-    o.checkpoint_every_seconds = 1000;
-    o.before_step = std::move(before_step);
-    Status st = TrainingLoop::Open(o, db, spool.get(), &loop);
+    options.config = testing::TinyModel();
+    options.config.mutable_train()->set_replay_ratio(0);
+    options.config.mutable_train()->set_distill_weight(0);
+    options.checkpoint_every_steps = 1000;
+    options.checkpoint_every_seconds = 1000;
+    options.before_step = std::move(before_step);
+    Reopen();
+  }
+  // A new trainer over the same data dir, as peerd builds after a restart.
+  void Reopen() {
+    if (loop) loop->Stop(false);
+    loop.reset();
+    Status st = TrainingLoop::Open(options, db, spool.get(), &loop);
     EXPECT_TRUE(st.ok()) << st.ToString();
   }
   ~Loop() {
@@ -64,7 +70,8 @@ struct Loop {
   }
 
   std::string dir;
-  std::shared_ptr<StoreDb> db;
+  LoopOptions options;
+  std::shared_ptr<DataDirDb> db;
   std::unique_ptr<Spool> spool;
   std::unique_ptr<TrainingLoop> loop;
 };
@@ -100,6 +107,35 @@ TEST(TrainingLoop, AStepThatThrowsStopsTrainingNotPeerdAndResumeTrainsEveryDocum
   // The batch that failed was trained after the resume, not skipped: the same steps and tokens.
   EXPECT_EQ(done.step(), reference.step());
   EXPECT_EQ(done.tokens_trained(), reference.tokens_trained());
+}
+
+TEST(TrainingLoop, APolicySetBeforeARestartIsThePolicyAfterIt) {
+  Loop l("policy");
+  l.loop->Start();
+  l.WaitUntilAllTrained();  // past step 0, where every schedule is at its peak
+  // An lr below the configured min_lr (1e-3) pulls min_lr down with it; fp32 frozen rows.
+  Policy set;
+  set.set_lr(1e-4);
+  set.set_freeze_dtype("fp32");
+  Status st = l.loop->SetPolicy(set);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  const double rate_before = l.loop->Snapshot().learning_rate();
+  EXPECT_LE(rate_before, 1e-4 * 1.0001);
+
+  l.Reopen();  // no Stop(true): the checkpoint after the policy change is what restores it
+  const Policy restored = l.loop->GetPolicy();
+  EXPECT_FLOAT_EQ(restored.lr(), 1e-4f);
+  EXPECT_EQ(restored.freeze_dtype(), "fp32");
+  const StatusReply s = l.loop->Snapshot();
+  EXPECT_GT(s.step(), 10u);
+  EXPECT_DOUBLE_EQ(s.learning_rate(), rate_before) << "the schedule decays towards the min_lr the policy set";
+  // The restored default dtype is what a freeze without one writes.
+  std::vector<uint32_t> layers;
+  ASSERT_TRUE(l.loop->FreezeSegment(0, std::nullopt, std::nullopt, &layers).ok());
+  const SegmentsReply segments = l.loop->Segments();
+  ASSERT_EQ(segments.segments_size(), 1);
+  EXPECT_EQ(segments.segments(0).state(), "frozen");
+  EXPECT_EQ(segments.segments(0).dtype(), "fp32");
 }
 
 }  // namespace

@@ -1,16 +1,13 @@
 // CPU implementation of kernels/adamw_rows.h: parallel over rows, each row's D entries vectorised.
-#include "kernels/adamw_rows.h"
+#include "kernels/cpu/kernels_cpu.h"
 
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
 #include "kernels/cpu/rows.h"
-#ifdef PEERD_WITH_CUDA_KERNELS
-#include "kernels/cuda/kernels_cuda.h"
-#endif
 
-namespace peerd::kernels {
+namespace peerd::kernels::cpu {
 namespace {
 
 PEERD_MULTIVERSION
@@ -37,10 +34,6 @@ void UpdateRows(float* param, float* m, float* v, const int64_t* rows, const flo
 
 void AdamWRows(torch::Tensor& param, torch::Tensor& m, torch::Tensor& v, const torch::Tensor& rows,
                const torch::Tensor& grad, const AdamWStep& step) {
-#ifdef PEERD_WITH_CUDA_KERNELS
-  if (param.is_cuda()) return cuda::AdamWRows(param, m, v, rows, grad, step);
-#endif
-  TORCH_CHECK(param.device().is_cpu(), "AdamWRows: this build has no CUDA kernels; param is on ", param.device());
   TORCH_CHECK(param.dim() == 2 && param.scalar_type() == torch::kFloat && param.is_contiguous() &&
                   m.sizes() == param.sizes() && v.sizes() == param.sizes() && m.is_contiguous() && v.is_contiguous(),
               "AdamWRows: param, m and v must be contiguous fp32 [N, D]");
@@ -52,7 +45,8 @@ void AdamWRows(torch::Tensor& param, torch::Tensor& m, torch::Tensor& v, const t
   float *pp = param.data_ptr<float>(), *mp = m.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t* rp = r.data_ptr<int64_t>();
   const float* gp = g.data_ptr<float>();
-  at::parallel_for(0, r.size(0), 256, [&](int64_t begin, int64_t end) { UpdateRows(pp, mp, vp, rp, gp, D, begin, end, step); });
+  at::parallel_for(0, r.size(0), 256,
+                   [&](int64_t begin, int64_t end) { UpdateRows(pp, mp, vp, rp, gp, D, begin, end, step); });
 }
 
-}  // namespace peerd::kernels
+}  // namespace peerd::kernels::cpu

@@ -25,16 +25,18 @@ const OpenBlas& Blas() {
 }
 
 std::mutex scope_mu;
-int scopes = 0;     // SingleThreadedBlas objects alive
-int previous = 0;   // the thread count the first of them found
+int scopes = 0;    // SingleThreadedBlas objects alive
+int previous = 0;  // the thread count the first of them found
 
 }  // namespace
 
 void SetBlasThreads(int threads) {
   if (!Blas().present()) return;
   std::lock_guard<std::mutex> lock(scope_mu);
-  if (scopes > 0) previous = threads;  // the last scope to leave sets it
-  else Blas().set(threads);
+  if (scopes > 0)
+    previous = threads;  // the last scope to leave sets it
+  else
+    Blas().set(threads);
 }
 
 int BlasThreads() { return Blas().present() ? Blas().get() : 0; }

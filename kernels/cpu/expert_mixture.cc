@@ -8,7 +8,7 @@
 // stay in cache. Rows are split into one chunk per thread with as many pairs each; a chunk adds
 // into its own y (or gx) buffer, summed in chunk order afterwards; within a row, pairs go in
 // ascending (m, j) order — deterministic for a fixed thread count.
-#include "kernels/expert_mixture.h"
+#include "kernels/cpu/kernels_cpu.h"
 
 #include <ATen/Parallel.h>
 
@@ -21,17 +21,12 @@
 #include <vector>
 
 #include "kernels/cpu/rows.h"
-#ifdef PEERD_WITH_CUDA_KERNELS
-#include "kernels/cuda/kernels_cuda.h"
-#endif
 
-namespace peerd::kernels {
+namespace peerd::kernels::cpu {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using cpu::Axpy;
-using cpu::Dot;
 
 // One table's rows, typed: exactly one pointer is set.
 struct Rows {
@@ -43,8 +38,10 @@ Rows RowsOf(const torch::Tensor& t) {
   TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16),
               "expert tables must be contiguous fp32 or bf16");
   Rows r;
-  if (t.scalar_type() == torch::kFloat) r.f32 = t.data_ptr<float>();
-  else r.bf16 = t.data_ptr<c10::BFloat16>();
+  if (t.scalar_type() == torch::kFloat)
+    r.f32 = t.data_ptr<float>();
+  else
+    r.bf16 = t.data_ptr<c10::BFloat16>();
   return r;
 }
 
@@ -52,8 +49,10 @@ inline float DotRow(const Rows& t, int64_t e, const float* x, int64_t D) {
   return t.f32 ? Dot(t.f32 + e * D, x, D) : Dot(t.bf16 + e * D, x, D);
 }
 inline void AxpyRow(float c, const Rows& t, int64_t e, float* y, int64_t D) {
-  if (t.f32) Axpy(c, t.f32 + e * D, y, D);
-  else Axpy(c, t.bf16 + e * D, y, D);
+  if (t.f32)
+    Axpy(c, t.f32 + e * D, y, D);
+  else
+    Axpy(c, t.bf16 + e * D, y, D);
 }
 inline void PrefetchRow(const Rows& t, int64_t e, int64_t D) {
   const char* p = t.f32 ? reinterpret_cast<const char*>(t.f32 + e * D) : reinterpret_cast<const char*>(t.bf16 + e * D);
@@ -82,8 +81,10 @@ class RowGradientBuffers {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = buffers_.begin(); it != buffers_.end();) {
       auto alive = it->second.table.lock();
-      if (!alive || !alive->requires_grad()) it = buffers_.erase(it);
-      else ++it;
+      if (!alive || !alive->requires_grad())
+        it = buffers_.erase(it);
+      else
+        ++it;
     }
     Entry& e = buffers_[table.unsafeGetTensorImpl()];
     const bool free = e.rows.defined() && e.rows.storage().use_count() == 1;
@@ -108,7 +109,6 @@ RowGradientBuffers& GradientBuffers() {
   static RowGradientBuffers* buffers = new RowGradientBuffers();  // never destroyed: used until exit
   return *buffers;
 }
-
 
 // The (m, j) pairs grouped by (segment, row): groups in segment then row order, each naming its
 // pairs hits[begin, end) in ascending (m, j) order.
@@ -216,7 +216,9 @@ inline void PrefetchGroup(const std::vector<Rows>& table, const RowGroups& g, in
 inline int64_t HitsBegin(const RowGroups& g, int64_t begin, int64_t end) {
   return begin < end ? g.groups[begin].begin : 0;
 }
-inline int64_t HitsEnd(const RowGroups& g, int64_t begin, int64_t end) { return begin < end ? g.groups[end - 1].end : 0; }
+inline int64_t HitsEnd(const RowGroups& g, int64_t begin, int64_t end) {
+  return begin < end ? g.groups[end - 1].end : 0;
+}
 
 // Forward, first pass, over the down table: a[h] = u·x[m].
 PEERD_MULTIVERSION
@@ -280,8 +282,8 @@ void BackwardUp(const Problem& p, const RowGroups& g, int64_t begin, int64_t end
 // row's gradient Σ c[h]·src[m] goes there too. Forward's second pass (up table into y, c = w·GELU(a),
 // no gradients) and backward's second (down table into ∂x, c = ∂a, gd = Σ ∂a·x[m]).
 PEERD_MULTIVERSION
-void AddRowsToTokens(const Problem& p, const std::vector<Rows>& table, const RowGroups& g, int64_t begin,
-                     int64_t end, const float* c, float* out, const std::vector<float*>* row_grads = nullptr,
+void AddRowsToTokens(const Problem& p, const std::vector<Rows>& table, const RowGroups& g, int64_t begin, int64_t end,
+                     const float* c, float* out, const std::vector<float*>* row_grads = nullptr,
                      const float* src = nullptr) {
   const int64_t D = p.D, J = p.J;
   for (int64_t q = begin; q < end; ++q) {
@@ -324,8 +326,15 @@ torch::Tensor OverRowChunks(const RowGroups& g, int64_t M, int64_t D, const Body
 
 Problem Describe(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                  const torch::Tensor& index, const std::vector<torch::Tensor>& tables) {
-  Problem p{x.size(0), x.size(1), w.size(1), x.data_ptr<float>(), w.data_ptr<float>(),
-            segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(), {}, {}};
+  Problem p{x.size(0),
+            x.size(1),
+            w.size(1),
+            x.data_ptr<float>(),
+            w.data_ptr<float>(),
+            segment.data_ptr<int64_t>(),
+            index.data_ptr<int64_t>(),
+            {},
+            {}};
   for (size_t t = 0; t < tables.size(); t += 2) {
     p.down.push_back(RowsOf(tables[t]));
     p.up.push_back(RowsOf(tables[t + 1]));
@@ -437,31 +446,8 @@ class ExpertMixtureFunction : public torch::autograd::Function<ExpertMixtureFunc
 
 }  // namespace
 
-bool FusedKernelsSupport(const torch::Tensor& x, int64_t D, int64_t k, int64_t J) {
-  if (x.scalar_type() != torch::kFloat) return false;
-#ifdef PEERD_WITH_CUDA_KERNELS
-  if (x.is_cuda()) return cuda::Fits(D, k, J);
-#else
-  (void)D, (void)k, (void)J;
-#endif
-  return x.device().is_cpu();
-}
-
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables) {
-  // Shapes are checked here, once, for every device; the CUDA glue checks only what is its own.
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be [M, D] fp32");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.scalar_type() == torch::kFloat, "w must be [M, J] fp32");
-  TORCH_CHECK(segment.sizes() == w.sizes() && index.sizes() == w.sizes() && segment.scalar_type() == torch::kLong &&
-                  index.scalar_type() == torch::kLong,
-              "segment and index must be int64 shaped like w");
-  for (const ExpertTable& t : tables)
-    TORCH_CHECK(t.down.dim() == 2 && t.down.size(1) == x.size(1) && t.up.sizes() == t.down.sizes(),
-                "expert tables must be [N, D] with D = x.size(1)");
-#ifdef PEERD_WITH_CUDA_KERNELS
-  if (x.is_cuda()) return cuda::ExpertMixture(x, w, segment, index, tables);
-#endif
-  TORCH_CHECK(x.device().is_cpu(), "ExpertMixture: this build has no CUDA kernels; x is on ", x.device());
   std::vector<torch::Tensor> flat;
   for (const ExpertTable& t : tables) {
     flat.push_back(t.down);
@@ -471,4 +457,4 @@ torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, cons
                                       torch::TensorList(flat));
 }
 
-}  // namespace peerd::kernels
+}  // namespace peerd::kernels::cpu

@@ -23,7 +23,7 @@ constexpr int64_t kRowBlock = 128;  // rows of A per pass
 // kRowMajor: A[r][k] = a[r · stride + k]; else A[r][k] = a[k · stride + r].
 template <int R, bool kRowMajor>
 __attribute__((target("avx512f"))) void Tile(const float* a, int64_t stride, const float* panel, int64_t depth,
-                                              float* c, int64_t ldc, int64_t cols, bool load_c) {
+                                             float* c, int64_t ldc, int64_t cols, bool load_c) {
   // The last panel may hold fewer than 32 columns: read and write only those.
   const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
@@ -116,8 +116,10 @@ void PackedMatrix::Multiply(const float* a, int64_t a_row_stride, int64_t a_col_
         for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
           const int64_t r = std::min<int64_t>(kTileRows, rows - r0);
           float* c_tile = c + (m0 + r0) * ldc + n0;
-          if (row_major) kTiles<true>[r](a_block + r0 * stride, stride, panel, depth, c_tile, ldc, cols, load_c);
-          else kTiles<false>[r](a_block + r0, stride, panel, depth, c_tile, ldc, cols, load_c);
+          if (row_major)
+            kTiles<true>[r](a_block + r0 * stride, stride, panel, depth, c_tile, ldc, cols, load_c);
+          else
+            kTiles<false>[r](a_block + r0, stride, panel, depth, c_tile, ldc, cols, load_c);
         }
       }
     }

@@ -5,7 +5,7 @@
 // stay in cache), each row's top-k is kept (kernels/cpu/row_topk.h), and a second parallel pass
 // merges the k×k sums of every segment into the head's k best — pruned, since both halves' lists
 // are sorted. Backward touches only the 2·k sub-keys each token's head selected.
-#include "kernels/product_key_retrieval.h"
+#include "kernels/cpu/kernels_cpu.h"
 
 #include <ATen/Parallel.h>
 
@@ -16,14 +16,11 @@
 #include <optional>
 
 #include "kernels/cpu/blas_threads.h"
-#include "kernels/cpu/rows.h"
 #include "kernels/cpu/packed_gemm.h"
 #include "kernels/cpu/row_topk.h"
-#ifdef PEERD_WITH_CUDA_KERNELS
-#include "kernels/cuda/kernels_cuda.h"
-#endif
+#include "kernels/cpu/rows.h"
 
-namespace peerd::kernels {
+namespace peerd::kernels::cpu {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -48,10 +45,10 @@ inline void Offer(float v, int64_t id, float* best, int64_t* ids, int64_t k) {
 // Multiversioned, as every loop of this file that does arithmetic: compiled for the baseline CPU
 // alone, each 128-float axpy ran as 32 SSE multiplies and adds (measured: 10% of a 1M-expert
 // step's CPU time).
-PEERD_MULTIVERSION void QueryGradients(int64_t begin, int64_t end, bool token_major, int64_t h, int64_t M,
-                                       int64_t k, int64_t half, const float* g, const int64_t* segment,
-                                       const int64_t* index, const std::vector<const float*>& keys,
-                                       const std::vector<int64_t>& n, float* gq, int64_t g_head, int64_t g_token) {
+PEERD_MULTIVERSION void QueryGradients(int64_t begin, int64_t end, bool token_major, int64_t h, int64_t M, int64_t k,
+                                       int64_t half, const float* g, const int64_t* segment, const int64_t* index,
+                                       const std::vector<const float*>& keys, const std::vector<int64_t>& n, float* gq,
+                                       int64_t g_head, int64_t g_token) {
   for (int64_t u = begin; u < end; ++u) {
     const int64_t hh = token_major ? u % h : u / M, m = token_major ? u / h : u % M;
     float* out = gq + hh * g_head + m * g_token;
@@ -104,7 +101,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     // One task per (segment, head, half): its GEMM and the top-k of each row, while the scores
     // are warm in cache. The tasks spread over OpenMP's threads. Where BLAS runs the GEMMs (no
     // AVX-512), each gets one BLAS thread: the tasks already fill the cores (blas_threads.h).
-    std::vector<SegmentTopK> tops(S * h);  // [s · h + head]
+    std::vector<SegmentTopK> tops(S * h);                // [s · h + head]
     const bool avx512 = cpu::PackedMatrix::Available();  // query rows are unit-stride: see ProductKeyRetrieval
     std::optional<cpu::SingleThreadedBlas> one_blas_thread_per_task;
     if (!avx512) one_blas_thread_per_task.emplace();
@@ -113,7 +110,7 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
       at::NoGradGuard no_grad;
       cpu::TopKScratch scratch;
-      cpu::PackedMatrix packed;  // the keys as B [dk/2, n]
+      cpu::PackedMatrix packed;    // the keys as B [dk/2, n]
       torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / (2 * h), hh = (task / 2) % h, part = task % 2;
@@ -128,10 +125,12 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
           torch::Tensor block = scores_block.narrow(0, 0, rows);
           // [rows, dk/2] x [dk/2, n] -> [rows, n]
           const float* q_rows = q.data_ptr<float>() + m0 * q.stride(0);
-          if (avx512) packed.Multiply(q_rows, q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
-          else at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
+          if (avx512)
+            packed.Multiply(q_rows, q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
+          else
+            at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
           cpu::TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
-                   top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
+                        top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
         }
       }
     });
@@ -223,19 +222,6 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
 
 RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys,
                                      int64_t k) {
-  // Shapes are checked here, once, for every device; the CUDA glue checks only what is its own.
-  TORCH_CHECK(query.dim() == 3 && query.size(2) % 2 == 0 && query.scalar_type() == torch::kFloat,
-              "query must be [h, M, dk] fp32 with dk even");
-  TORCH_CHECK(!sub_keys.empty(), "retrieval needs at least one segment");
-  for (const torch::Tensor& t : sub_keys)
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == 2 && t.size(3) * 2 == query.size(2) &&
-                    t.size(2) >= k && t.scalar_type() == torch::kFloat,
-                "sub-keys must be [h, 2, n, dk/2] fp32 with n >= k");
-#ifdef PEERD_WITH_CUDA_KERNELS
-  if (query.is_cuda()) return cuda::ProductKeyRetrieval(query, sub_keys, k);
-#endif
-  TORCH_CHECK(query.device().is_cpu(), "ProductKeyRetrieval: this build has no CUDA kernels; query is on ",
-              query.device());
   std::vector<torch::Tensor> keys;
   for (const torch::Tensor& t : sub_keys) keys.push_back(t.contiguous());
   // The layer's query is [M, h, dk] seen as [h, M, dk] (a transpose): taken as it is, with no
@@ -245,4 +231,4 @@ RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vect
   return {out[0], out[1], out[2]};
 }
 
-}  // namespace peerd::kernels
+}  // namespace peerd::kernels::cpu

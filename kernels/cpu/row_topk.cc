@@ -35,7 +35,7 @@ namespace {
 // again and again, the predictor learns them and it runs in half that).
 PEERD_MULTIVERSION
 void TopKRowsGeneral(const float* scores, int64_t n, int64_t k, int64_t begin, int64_t end, float* val, int64_t* ids,
-                      TopKScratch& scratch) {
+                     TopKScratch& scratch) {
   constexpr float kLowest = -std::numeric_limits<float>::infinity();
   const int64_t B = std::min(n, 4 * k);
   scratch.maxima.resize(B);
@@ -131,7 +131,7 @@ __attribute__((target("avx512f"))) inline __m512 Take(__m512 max, __m512 v, __mm
 }
 
 __attribute__((target("avx512f,popcnt"))) bool TopKRowAvx512(const float* row, int64_t n, int64_t k, float* val,
-                                                              int64_t* ids, float* cv, int32_t* ci) {
+                                                             int64_t* ids, float* cv, int32_t* ci) {
   const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const int64_t full = n / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1);
@@ -174,8 +174,8 @@ __attribute__((target("avx512f,popcnt"))) bool TopKRowAvx512(const float* row, i
     for (int64_t o = 0; o < padded; o += 16) {
       const __m512 other = _mm512_loadu_ps(cv + o);
       const __mmask16 larger = _mm512_cmp_ps_mask(other, v, _CMP_GT_OQ);
-      const __mmask16 tie_before = _mm512_mask_cmplt_epi32_mask(_mm512_cmp_ps_mask(other, v, _CMP_EQ_OQ),
-                                                                _mm512_loadu_si512(ci + o), id);
+      const __mmask16 tie_before =
+          _mm512_mask_cmplt_epi32_mask(_mm512_cmp_ps_mask(other, v, _CMP_EQ_OQ), _mm512_loadu_si512(ci + o), id);
       place += _mm_popcnt_u32(larger | tie_before);
     }
     if (place < k) {

@@ -18,9 +18,9 @@ torch::Tensor TableArray(const std::vector<torch::Tensor>& tables, const torch::
     for (size_t u = t; u < t + 2; ++u) {
       const torch::Tensor& table = tables[u];
       CheckOn(table, device, "expert tables");
-      TORCH_CHECK(table.is_contiguous() &&
-                      (table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16),
-                  "expert tables must be contiguous fp32 or bf16");
+      TORCH_CHECK(
+          table.is_contiguous() && (table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16),
+          "expert tables must be contiguous fp32 or bf16");
     }
     rows.push_back({tables[t].data_ptr(), tables[t + 1].data_ptr(), tables[t].scalar_type() == torch::kBFloat16,
                     tables[t + 1].scalar_type() == torch::kBFloat16});
@@ -55,10 +55,10 @@ class MixtureFunction : public torch::autograd::Function<MixtureFunction> {
     const std::vector<torch::Tensor> kept(tables.begin(), tables.end());
     const torch::Tensor table_array = TableArray(kept, x.device());
     torch::Tensor y = torch::empty({M, D}, x.options()), a = torch::empty({M, J}, x.options());
-    CheckLaunch(MixtureForward(x.data_ptr<float>(), w.data_ptr<float>(), segment.data_ptr<int64_t>(),
-                               index.data_ptr<int64_t>(), DataOf<TableRows>(table_array), M, D, J,
-                               y.data_ptr<float>(), a.data_ptr<float>()),
-                "ExpertMixture forward");
+    CheckLaunch(
+        MixtureForward(x.data_ptr<float>(), w.data_ptr<float>(), segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
+                       DataOf<TableRows>(table_array), M, D, J, y.data_ptr<float>(), a.data_ptr<float>()),
+        "ExpertMixture forward");
     ctx->save_for_backward({x, w, segment, index, a});
     ctx->saved_data["table_list"] = c10::List<torch::Tensor>(kept);
     return y;
@@ -77,11 +77,11 @@ class MixtureFunction : public torch::autograd::Function<MixtureFunction> {
     const torch::Tensor table_array = TableArray(tables, x.device());
     torch::Tensor gx = torch::empty({M, D}, x.options()), gw = torch::empty({M, J}, x.options());
     torch::Tensor ga = torch::empty({M, J}, x.options()), c = torch::empty({M, J}, x.options());  // dL/da, w·GELU(a)
-    CheckLaunch(MixtureBackwardTokens(w.data_ptr<float>(), segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
-                                      DataOf<TableRows>(table_array), a.data_ptr<float>(), gy.data_ptr<float>(), M, D,
-                                      J, gx.data_ptr<float>(), gw.data_ptr<float>(), ga.data_ptr<float>(),
-                                      c.data_ptr<float>()),
-                "ExpertMixture backward");
+    CheckLaunch(
+        MixtureBackwardTokens(w.data_ptr<float>(), segment.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
+                              DataOf<TableRows>(table_array), a.data_ptr<float>(), gy.data_ptr<float>(), M, D, J,
+                              gx.data_ptr<float>(), gw.data_ptr<float>(), ga.data_ptr<float>(), c.data_ptr<float>()),
+        "ExpertMixture backward");
 
     variable_list grads = {gx, gw, torch::Tensor(), torch::Tensor()};
     for (size_t s = 0; s < tables.size() / 2; ++s) {
@@ -111,9 +111,7 @@ class MixtureFunction : public torch::autograd::Function<MixtureFunction> {
 
 }  // namespace
 
-bool Fits(int64_t D, int64_t k, int64_t J) {
-  return k >= 1 && k <= kMaxTopK && MixtureSharedBytes(D, J) <= 48 * 1024;
-}
+bool Fits(int64_t D, int64_t k, int64_t J) { return k >= 1 && k <= kMaxTopK && MixtureSharedBytes(D, J) <= 48 * 1024; }
 
 torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& segment,
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables) {

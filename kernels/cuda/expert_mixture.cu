@@ -155,14 +155,14 @@ const char* MixtureForward(const float* x, const float* w, const int64_t* segmen
   return LaunchStatus();
 }
 
-const char* MixtureBackwardTokens(const float* w, const int64_t* segment, const int64_t* index,
-                                  const TableRows* tables, const float* a, const float* gy, int64_t M, int64_t D,
-                                  int64_t J, float* gx, float* gw, float* ga, float* c) {
+const char* MixtureBackwardTokens(const float* w, const int64_t* segment, const int64_t* index, const TableRows* tables,
+                                  const float* a, const float* gy, int64_t M, int64_t D, int64_t J, float* gx,
+                                  float* gw, float* ga, float* c) {
   const int64_t bytes = MixtureSharedBytes(D, J);
   if (bytes > kMaxShared) return "MixtureBackwardTokens: D and J need more than 48 KiB of shared memory per token";
   if (M == 0) return nullptr;
   BackwardTokensKernel<<<static_cast<unsigned>(M), kTokenThreads, bytes>>>(w, segment, index, tables, a, gy, D, J, gx,
-                                                                            gw, ga, c);
+                                                                           gw, ga, c);
   return LaunchStatus();
 }
 
@@ -172,7 +172,7 @@ const char* MixtureRowGrads(const float* x, const float* gy, const float* ga, co
   // Enough threads to cover D in one pass where it is small, so each row's slot list is walked once.
   const int64_t threads = D >= 256 ? 256 : D <= kWarp ? kWarp : (D + kWarp - 1) / kWarp * kWarp;
   RowGradsKernel<<<static_cast<unsigned>(R), static_cast<unsigned>(threads)>>>(x, gy, ga, c, slots, starts, D, J, gd,
-                                                                                gu);
+                                                                               gu);
   return LaunchStatus();
 }
 

@@ -31,8 +31,7 @@ torch::Tensor ExpertMixture(const torch::Tensor& x, const torch::Tensor& w, cons
                             const torch::Tensor& index, const std::vector<ExpertTable>& tables);
 
 // kernels/product_key_retrieval.h, for k ≤ 32.
-RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys,
-                                     int64_t k);
+RetrievedExperts ProductKeyRetrieval(const torch::Tensor& query, const std::vector<torch::Tensor>& sub_keys, int64_t k);
 
 // kernels/adamw_rows.h.
 void AdamWRows(torch::Tensor& param, torch::Tensor& m, torch::Tensor& v, const torch::Tensor& rows,

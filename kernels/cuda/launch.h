@@ -48,9 +48,8 @@ const char* RetrievalQueryGrad(const float* grad_scores, const int64_t* segment,
 // (m·h + hh)·k + r of g [M, h, k]; part 0 adds g·q1 to K1[i], part 1 g·q2 to K2[j]), run r is
 // ordered[ends[r-1] .. ends[r]) (ends[-1] = 0) and goes to sub-key runs[r] = (hh·2 + part)·n + row.
 // Each run is summed in its order and written once: deterministic. query [h, M, dk] contiguous.
-const char* RetrievalKeyGrad(const float* grad_scores, const float* query, const int64_t* ordered,
-                             const int64_t* runs, const int64_t* ends, int64_t U, int h, int64_t M, int k, int dk,
-                             float* grad_keys);
+const char* RetrievalKeyGrad(const float* grad_scores, const float* query, const int64_t* ordered, const int64_t* runs,
+                             const int64_t* ends, int64_t U, int h, int64_t M, int k, int dk, float* grad_keys);
 
 // ---- expert mixture (kernels/cuda/expert_mixture.cu) -------------------------------------------
 
@@ -71,9 +70,9 @@ const char* MixtureForward(const float* x, const float* w, const int64_t* segmen
 
 // Per token, from gy [M, D] and the saved a: gw = GELU(a)·(gy·v), c = w·GELU(a),
 // ga = w·(gy·v)·GELU'(a) (all [M, J]) and gx [M, D] = Σ_j ga·u, summed in j order.
-const char* MixtureBackwardTokens(const float* w, const int64_t* segment, const int64_t* index,
-                                  const TableRows* tables, const float* a, const float* gy, int64_t M, int64_t D,
-                                  int64_t J, float* gx, float* gw, float* ga, float* c);
+const char* MixtureBackwardTokens(const float* w, const int64_t* segment, const int64_t* index, const TableRows* tables,
+                                  const float* a, const float* gy, int64_t M, int64_t D, int64_t J, float* gx,
+                                  float* gw, float* ga, float* c);
 
 // The compacted gradients of one segment's R retrieved rows: row r sums, over its slots
 // slots[starts[r] .. starts[r+1]) (flat m·J + j, ascending), gd[r] += ga·x[m] and gu[r] += c·gy[m]

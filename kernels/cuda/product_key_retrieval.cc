@@ -29,8 +29,8 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
       const int64_t n = keys[s].size(2);
       n_keys.push_back(n);
       const torch::Tensor scores = torch::bmm(halves, keys[s].view({2 * h, n, half}).transpose(1, 2));  // [2h, M, n]
-      CheckLaunch(RowTopK(scores.data_ptr<float>(), 2 * h * M, n, static_cast<int>(k),
-                          half_val[s].data_ptr<float>(), half_idx[s].data_ptr<int32_t>()),
+      CheckLaunch(RowTopK(scores.data_ptr<float>(), 2 * h * M, n, static_cast<int>(k), half_val[s].data_ptr<float>(),
+                          half_idx[s].data_ptr<int32_t>()),
                   "ProductKeyRetrieval top-k");
     }
     const torch::Tensor n_dev = torch::tensor(n_keys, torch::kLong).to(query.device());
@@ -89,11 +89,11 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
         const auto [sorted, order] = torch::sort(targets, /*stable=*/true, /*dim=*/0, /*descending=*/false);
         const auto [runs, inverse, counts] = torch::unique_consecutive(sorted, false, true);
         const torch::Tensor ends = counts.cumsum(0), ordered = contributions.index_select(0, order);
-        CheckLaunch(RetrievalKeyGrad(g.data_ptr<float>(), query.data_ptr<float>(), ordered.data_ptr<int64_t>(),
-                                     runs.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), runs.numel(),
-                                     static_cast<int>(h), M, static_cast<int>(k), static_cast<int>(dk),
-                                     gk.data_ptr<float>()),
-                    "ProductKeyRetrieval sub-key gradient");
+        CheckLaunch(
+            RetrievalKeyGrad(g.data_ptr<float>(), query.data_ptr<float>(), ordered.data_ptr<int64_t>(),
+                             runs.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), runs.numel(), static_cast<int>(h), M,
+                             static_cast<int>(k), static_cast<int>(dk), gk.data_ptr<float>()),
+            "ProductKeyRetrieval sub-key gradient");
       }
       grads[2 + s] = gk;
     }

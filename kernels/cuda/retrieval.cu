@@ -171,9 +171,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
 
 // One warp per (head hh, token m): the row hh·M + m of grad_query [h, M, dk].
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
-    QueryGradKernel(const float* __restrict__ g, const int64_t* __restrict__ segment,
-                    const int64_t* __restrict__ index, const SegmentKeys* __restrict__ segments, int h, int64_t M,
-                    int k, int dk, float* __restrict__ grad_query) {
+    QueryGradKernel(const float* __restrict__ g, const int64_t* __restrict__ segment, const int64_t* __restrict__ index,
+                    const SegmentKeys* __restrict__ segments, int h, int64_t M, int k, int dk,
+                    float* __restrict__ grad_query) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (row >= h * M) return;
   const int lane = threadIdx.x % kWarp;
@@ -253,16 +253,15 @@ const char* RetrievalQueryGrad(const float* grad_scores, const int64_t* segment,
                                const SegmentKeys* segments, int h, int64_t M, int k, int dk, float* grad_query) {
   if (h * M == 0) return nullptr;
   QueryGradKernel<<<Blocks(h * M, kWarpsPerBlock), kWarpsPerBlock * kWarp>>>(grad_scores, segment, index, segments, h,
-                                                                              M, k, dk, grad_query);
+                                                                             M, k, dk, grad_query);
   return LaunchStatus();
 }
 
-const char* RetrievalKeyGrad(const float* grad_scores, const float* query, const int64_t* ordered,
-                             const int64_t* runs, const int64_t* ends, int64_t U, int h, int64_t M, int k, int dk,
-                             float* grad_keys) {
+const char* RetrievalKeyGrad(const float* grad_scores, const float* query, const int64_t* ordered, const int64_t* runs,
+                             const int64_t* ends, int64_t U, int h, int64_t M, int k, int dk, float* grad_keys) {
   if (U == 0) return nullptr;
-  KeyGradKernel<<<Blocks(U, kWarpsPerBlock), kWarpsPerBlock * kWarp>>>(grad_scores, query, ordered, runs, ends, U, h,
-                                                                        M, k, dk, grad_keys);
+  KeyGradKernel<<<Blocks(U, kWarpsPerBlock), kWarpsPerBlock * kWarp>>>(grad_scores, query, ordered, runs, ends, U, h, M,
+                                                                       k, dk, grad_keys);
   return LaunchStatus();
 }
 

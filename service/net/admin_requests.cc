@@ -38,9 +38,12 @@ size_t Utf8SequenceAt(std::string_view s, size_t i) {
   if (b < 0x80) return 1;
   size_t n = 0;
   unsigned char lo = 0x80, hi = 0xBF;  // the range of the second byte
-  if (b >= 0xC2 && b <= 0xDF) n = 2;
-  else if (b >= 0xE0 && b <= 0xEF) n = 3, lo = b == 0xE0 ? 0xA0 : 0x80, hi = b == 0xED ? 0x9F : 0xBF;
-  else if (b >= 0xF0 && b <= 0xF4) n = 4, lo = b == 0xF0 ? 0x90 : 0x80, hi = b == 0xF4 ? 0x8F : 0xBF;
+  if (b >= 0xC2 && b <= 0xDF)
+    n = 2;
+  else if (b >= 0xE0 && b <= 0xEF)
+    n = 3, lo = b == 0xE0 ? 0xA0 : 0x80, hi = b == 0xED ? 0x9F : 0xBF;
+  else if (b >= 0xF0 && b <= 0xF4)
+    n = 4, lo = b == 0xF0 ? 0x90 : 0x80, hi = b == 0xF4 ? 0x8F : 0xBF;
   if (n == 0 || i + n > s.size()) return 0;
   const auto second = static_cast<unsigned char>(s[i + 1]);
   if (second < lo || second > hi) return 0;
@@ -73,15 +76,16 @@ bool ParseBody(std::string_view body, google::protobuf::Message* m, AdminError* 
   const size_t first = body.find_first_not_of(" \t\r\n");
   if (first == std::string_view::npos) return true;
   if (body[first] != '{')
-    return Fail(error, kBadRequest,
-                "request body must be a JSON object ({...}) for " + m->GetTypeName() + ", got " +
-                    Quote(body.substr(first)));
+    return Fail(
+        error, kBadRequest,
+        "request body must be a JSON object ({...}) for " + m->GetTypeName() + ", got " + Quote(body.substr(first)));
   google::protobuf::util::JsonParseOptions o;
   o.ignore_unknown_fields = false;  // a misspelt field is an error, not a silent default
   auto st = google::protobuf::util::JsonStringToMessage(google::protobuf::StringPiece(body.data(), body.size()), m, o);
   if (!st.ok())
-    return Fail(error, kBadRequest,
-                "request body is not valid JSON for " + m->GetTypeName() + ": " + OneLine(std::string(st.message()), 200));
+    return Fail(
+        error, kBadRequest,
+        "request body is not valid JSON for " + m->GetTypeName() + ": " + OneLine(std::string(st.message()), 200));
   return true;
 }
 
@@ -89,7 +93,8 @@ bool ParseDtype(const std::string& s, std::optional<RowDtype>* dtype, AdminError
   if (s.empty()) return true;
   *dtype = ParseRowDtype(s);
   if (!*dtype)
-    return Fail(error, kBadRequest, std::string("dtype must be ") + kRowDtypeChoices + ", got \"" + ClipForMessage(s) + "\"");
+    return Fail(error, kBadRequest,
+                std::string("dtype must be ") + kRowDtypeChoices + ", got \"" + ClipForMessage(s) + "\"");
   return true;
 }
 
@@ -126,8 +131,8 @@ bool ParseFreeze(std::string_view id_text, std::string_view body, AdminRequest* 
   // Digits only (no sign, no spaces), at most nine: every id fits a uint32 with room to spare.
   if (id_text.empty() || id_text.size() > 9 || id_text.find_first_not_of("0123456789") != std::string_view::npos)
     return Fail(error, kBadRequest,
-                "segment id in /v1/segments/{id}/freeze must be a whole number in [0, " + std::to_string(kMaxSegmentId) +
-                    "], got " + Quote(id_text));
+                "segment id in /v1/segments/{id}/freeze must be a whole number in [0, " +
+                    std::to_string(kMaxSegmentId) + "], got " + Quote(id_text));
   admin::FreezeSegment f;
   for (char c : id_text) f.id = f.id * 10 + static_cast<uint32_t>(c - '0');
   FreezeRequest r;
@@ -159,8 +164,8 @@ std::string ClipForMessage(std::string_view value, size_t max_bytes) {
   return out;
 }
 
-bool ParseAdminRequest(std::string_view method, std::string_view target, std::string_view body,
-                       AdminRequest* request, AdminError* error) {
+bool ParseAdminRequest(std::string_view method, std::string_view target, std::string_view body, AdminRequest* request,
+                       AdminError* error) {
   if (target.size() > kMaxTargetBytes)
     return Fail(error, kUriTooLong,
                 "request target is " + std::to_string(target.size()) + " bytes; the limit is " +
@@ -175,8 +180,9 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
     AddSegmentRequest r;
     if (!ParseBody(body, &r, error)) return false;
     if (r.has_n_keys() && (r.n_keys() == 0 || r.n_keys() > kMaxSegmentKeys))
-      return Fail(error, kBadRequest,
-                  "nKeys must be in [top-k, " + std::to_string(kMaxSegmentKeys) + "], got " + std::to_string(r.n_keys()));
+      return Fail(
+          error, kBadRequest,
+          "nKeys must be in [top-k, " + std::to_string(kMaxSegmentKeys) + "], got " + std::to_string(r.n_keys()));
     admin::AddSegments a;
     if (r.has_layer()) a.layer = r.layer();
     if (r.has_n_keys()) a.n_keys = r.n_keys();
@@ -184,7 +190,8 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
     return true;
   }
   constexpr std::string_view kSegments = "/v1/segments/", kFreeze = "/freeze";
-  const bool freeze_path = path.size() >= kSegments.size() + kFreeze.size() && path.substr(0, kSegments.size()) == kSegments &&
+  const bool freeze_path = path.size() >= kSegments.size() + kFreeze.size() &&
+                           path.substr(0, kSegments.size()) == kSegments &&
                            path.substr(path.size() - kFreeze.size()) == kFreeze &&
                            path.substr(kSegments.size(), path.size() - kSegments.size() - kFreeze.size()).find('/') ==
                                std::string_view::npos;
@@ -224,7 +231,8 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
                                  "/v1/train/pause", "/v1/train/resume", "/v1/policy", "/metrics"})
     known |= path == route;
   if (known)
-    return Fail(error, kMethodNotAllowed, ClipForMessage(method, 32) + " is not allowed on " + ClipForMessage(path, 128));
+    return Fail(error, kMethodNotAllowed,
+                ClipForMessage(method, 32) + " is not allowed on " + ClipForMessage(path, 128));
   return Fail(error, kNotFound, "no route " + ClipForMessage(path, 128) + " (see README: admin API)");
 }
 
@@ -259,8 +267,7 @@ bool ConfineTaskPath(const std::string& path, const std::vector<std::string>& ro
   const fs::path absolute = fs::absolute(path, ec);
   fs::path resolved;
   if (!ec) resolved = fs::weakly_canonical(absolute, ec);
-  if (ec)
-    return Fail(error, kBadRequest, "cannot resolve task path " + Quote(path) + ": " + ec.message());
+  if (ec) return Fail(error, kBadRequest, "cannot resolve task path " + Quote(path) + ": " + ec.message());
   for (const auto& root : roots) {
     std::error_code rec;
     const fs::path r = fs::canonical(root, rec);  // a root that does not exist allows nothing
@@ -312,10 +319,12 @@ bool ReadConfinedTaskFile(const std::string& path, const std::vector<std::string
 
 Status CheckPolicyNumbers(const Policy& p) {
   if (p.has_replay_ratio() && !(p.replay_ratio() >= 0 && p.replay_ratio() < 1))
-    return Status::InvalidArgument("config field 'train.replayRatio' must be in [0, 1), got " + Number(p.replay_ratio()));
+    return Status::InvalidArgument("config field 'train.replayRatio' must be in [0, 1), got " +
+                                   Number(p.replay_ratio()));
   if (p.has_distill_weight() && !(p.distill_weight() >= 0 && p.distill_weight() <= 1000))
-    return Status::InvalidArgument("config field 'train.distillWeight' must be in [0, 1000] (0 = no distillation), got " +
-                                   Number(p.distill_weight()));
+    return Status::InvalidArgument(
+        "config field 'train.distillWeight' must be in [0, 1000] (0 = no distillation), got " +
+        Number(p.distill_weight()));
   if (p.has_lr() && !(p.lr() > 0 && p.lr() <= FLT_MAX && static_cast<float>(p.lr()) > 0))
     return Status::InvalidArgument(
         "config field 'train.lr' must be a positive number (a float: at most 3.4e38, not rounding to 0), got " +
@@ -335,10 +344,11 @@ Status CheckNewSegmentSize(uint32_t n_keys, uint32_t d_model, uint64_t memory_by
   const uint64_t training_bytes = 4 * row_bytes;                               // + gradients, AdamW m and v
   if (training_bytes <= memory_bytes) return Status::OK();
   auto gib = [](uint64_t b) { return Number(static_cast<double>(b) / (1ull << 30)) + " GiB"; };
-  return Status::InvalidArgument("a segment with nKeys = " + std::to_string(n_keys) + " holds " + std::to_string(experts) +
-                                 " experts: " + gib(row_bytes) + " of fp32 rows at dModel " + std::to_string(d_model) +
-                                 ", about " + gib(training_bytes) + " while it trains, more than this machine's " +
-                                 gib(memory_bytes) + " of memory; use a smaller nKeys (halving it quarters the size)");
+  return Status::InvalidArgument("a segment with nKeys = " + std::to_string(n_keys) + " holds " +
+                                 std::to_string(experts) + " experts: " + gib(row_bytes) + " of fp32 rows at dModel " +
+                                 std::to_string(d_model) + ", about " + gib(training_bytes) +
+                                 " while it trains, more than this machine's " + gib(memory_bytes) +
+                                 " of memory; use a smaller nKeys (halving it quarters the size)");
 }
 
 }  // namespace peerd

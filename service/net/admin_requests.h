@@ -89,8 +89,8 @@ using AdminRequest =
 // Parses one request: `method` as sent ("GET"), `target` the request target (a query string is
 // ignored), `body` the raw body (empty or whitespace = every field omitted). Returns true and sets
 // *request, or returns false and sets *error. Never throws; any input is safe.
-bool ParseAdminRequest(std::string_view method, std::string_view target, std::string_view body,
-                       AdminRequest* request, AdminError* error);
+bool ParseAdminRequest(std::string_view method, std::string_view target, std::string_view body, AdminRequest* request,
+                       AdminError* error);
 
 // Resolves `path` (relative to the working directory) and checks that the file it names lies
 // under one of `roots`: "..", symlinks (in the path or in a root) and a root "/a/b" next to a

@@ -46,8 +46,8 @@ DataStream::Step DataStream::OnHello(const Hello& hello) {
   if (authenticated()) return Refuse(ErrorReply::BAD_HELLO, "hello sent twice on one stream");
   if (hello.protocol_version() != wire::kProtocolVersion)
     return Refuse(ErrorReply::BAD_HELLO, "protocol version " + std::to_string(hello.protocol_version()) +
-                                                 " is not spoken here (peerd speaks " +
-                                                 std::to_string(wire::kProtocolVersion) + ")");
+                                             " is not spoken here (peerd speaks " +
+                                             std::to_string(wire::kProtocolVersion) + ")");
   if (!ConstantTimeEquals(hello.token(), *token_))
     return Refuse(ErrorReply::UNAUTHENTICATED, "wrong data token: use the one in the data directory's data.token");
   if (!wire::ValidTaskName(hello.task()))
@@ -62,17 +62,17 @@ DataStream::Step DataStream::OnDocument(Document* doc) {
   if (!authenticated()) return Refuse(ErrorReply::BAD_HELLO, "a stream must open with a hello");
   if (doc->seq() != last_seq_ + 1)
     return Refuse(ErrorReply::BAD_DOCUMENT, "document seq " + std::to_string(doc->seq()) + " after " +
-                                                    std::to_string(last_seq_) + ": seq must count up by one from 1");
+                                                std::to_string(last_seq_) + ": seq must count up by one from 1");
   if (doc->id().empty())
     return Refuse(ErrorReply::BAD_DOCUMENT, "document seq " + std::to_string(doc->seq()) + " has no id");
   if (doc->id().size() > 1024)
     return Refuse(ErrorReply::BAD_DOCUMENT, "document seq " + std::to_string(doc->seq()) + " has an id of " +
-                                                    std::to_string(doc->id().size()) + " bytes: ids are at most 1024");
+                                                std::to_string(doc->id().size()) + " bytes: ids are at most 1024");
   if (doc->text().empty())
     return Refuse(ErrorReply::BAD_DOCUMENT, "document '" + doc->id() + "' is empty: there is nothing to train on");
   if (doc->text().size() > limits_.max_document_bytes)
     return Refuse(ErrorReply::BAD_DOCUMENT, "document '" + doc->id() + "' is over the limit of " +
-                                                    std::to_string(limits_.max_document_bytes) + " bytes");
+                                                std::to_string(limits_.max_document_bytes) + " bytes");
   last_seq_ = doc->seq();
   Step step;
   step.document = std::move(*doc);

@@ -39,8 +39,8 @@ class DataStream {
 
   // What one frame asks of the server.
   struct Step {
-    std::optional<ErrorReply> error;  // set: refuse, send it, close
-    bool hello = false;               // accepted hello: send the HelloReply (hello_reply())
+    std::optional<ErrorReply> error;   // set: refuse, send it, close
+    bool hello = false;                // accepted hello: send the HelloReply (hello_reply())
     std::optional<Document> document;  // accepted document: spool it, ack its seq when durable
   };
   // Decodes and checks the body of one frame (its length already passed CheckLength); the step

@@ -107,13 +107,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
     std::vector<Spool::NewDocument> docs;
     docs.push_back({std::move(*doc.mutable_id()), std::move(*doc.mutable_text())});
     std::weak_ptr<Connection> weak = shared_from_this();
-    server_->spool->Append(stream_.task(), std::move(docs),
-                           [weak, mailbox = server_->mailbox, io = &server_->io, seq, size](const Status& st, uint64_t dups) {
-                             std::lock_guard<std::mutex> lock(mailbox->mu);
-                             if (!mailbox->open) return;
-                             if (auto self = weak.lock())
-                               asio::post(*io, [self, st, seq, size, dups] { self->OnDurable(st, seq, size, dups); });
-                           });
+    server_->spool->Append(
+        stream_.task(), std::move(docs),
+        [weak, mailbox = server_->mailbox, io = &server_->io, seq, size](const Status& st, uint64_t dups) {
+          std::lock_guard<std::mutex> lock(mailbox->mu);
+          if (!mailbox->open) return;
+          if (auto self = weak.lock())
+            asio::post(*io, [self, st, seq, size, dups] { self->OnDurable(st, seq, size, dups); });
+        });
     ReadWhenAllowed();
   }
 
@@ -122,9 +123,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void ReadWhenAllowed() {
     if (closed_) return;
     // What is on its way to the spool counts too: it will be backlog in a moment.
-    const bool full =
-        server_->spool->stats().backlog_bytes + *inflight_total_ > server_->options.backlog_limit_bytes ||
-        inflight_ > server_->options.inflight_limit_bytes;
+    const bool full = server_->spool->stats().backlog_bytes + *inflight_total_ > server_->options.backlog_limit_bytes ||
+                      inflight_ > server_->options.inflight_limit_bytes;
     if (!full) return ReadHeader();
     auto timer = std::make_shared<asio::steady_timer>(server_->io, std::chrono::milliseconds(20));
     timer->async_wait([self = shared_from_this(), timer](auto) { self->ReadWhenAllowed(); });
@@ -240,7 +240,8 @@ Status DataServer::Start(Spool* spool, const DataServerOptions& options, std::un
   auto impl = std::make_unique<Impl>();
   impl->spool = spool;
   impl->options = options;
-  if (Status st = Listen(impl->acceptor, options.listen, "the data port", &impl->port, &impl->address); !st.ok()) return st;
+  if (Status st = Listen(impl->acceptor, options.listen, "the data port", &impl->port, &impl->address); !st.ok())
+    return st;
   impl->Accept();
   impl->thread = std::thread([p = impl.get()] { p->io.run(); });
   out->reset(new DataServer(std::move(impl)));

@@ -36,7 +36,7 @@ const char kCounterKey[] = "n";
 const char kPruneKey[] = "p";
 
 // The 16-byte record at `key` of the spool family as two numbers; left as they are when absent.
-Status GetPair(const StoreDb& db, const char* key, const std::string& malformed, uint64_t* a, uint64_t* b) {
+Status GetPair(const DataDirDb& db, const char* key, const std::string& malformed, uint64_t* a, uint64_t* b) {
   std::string value;
   rocksdb::Status s = db.db()->Get(rocksdb::ReadOptions(), db.family(Family::kSpool), key, &value);
   if (s.IsNotFound()) return Status::OK();
@@ -54,9 +54,9 @@ Status Pruned(uint64_t index) {
 
 }  // namespace
 
-Spool::Spool(std::shared_ptr<StoreDb> db) : db_(std::move(db)) {}
+Spool::Spool(std::shared_ptr<DataDirDb> db) : db_(std::move(db)) {}
 
-Status Spool::Open(std::shared_ptr<StoreDb> db, std::unique_ptr<Spool>* out) {
+Status Spool::Open(std::shared_ptr<DataDirDb> db, std::unique_ptr<Spool>* out) {
   std::unique_ptr<Spool> spool(new Spool(std::move(db)));
   Spool& sp = *spool;
   const std::string& dir = sp.db_->dir();
@@ -215,7 +215,8 @@ Status Spool::Get(uint64_t index, SpoolEntry* out) const {
   if (s.IsNotFound() && index < prune_horizon()) return Pruned(index);
   if (!s.ok()) return FromRocks(s, "spooled document " + std::to_string(index));
   SpooledDocument doc;
-  if (!doc.ParseFromString(value)) return Status::Corruption("spooled document " + std::to_string(index) + " is unreadable");
+  if (!doc.ParseFromString(value))
+    return Status::Corruption("spooled document " + std::to_string(index) + " is unreadable");
   *out = {index, doc.task(), doc.id(), doc.text()};
   return Status::OK();
 }
@@ -227,7 +228,8 @@ Status Spool::TaskIndex(uint64_t before, std::map<std::string, std::vector<uint6
   for (it->Seek("i"); it->Valid() && it->key().starts_with("i"); it->Next()) {
     const std::string key = it->key().ToString();
     const size_t nul = key.find('\0', 1);
-    if (nul == std::string::npos || it->value().size() != 8) return Status::Corruption("a spool id record is unreadable");
+    if (nul == std::string::npos || it->value().size() != 8)
+      return Status::Corruption("a spool id record is unreadable");
     const uint64_t index = GetBe64(it->value().data());
     if (index >= first && index < before) (*out)[key.substr(1, nul - 1)].push_back(index);
   }

@@ -12,7 +12,7 @@
 // waiting in one WriteBatch with a synced WAL, then runs each request's callback — so a callback
 // with OK means the documents are on disk, and many clients share one fsync.
 // A failed commit (disk full) acknowledges nothing and is remembered in stats().write_error; the
-// next commits try again (StoreDb::SyncedWrite resumes the database first), so once space is back
+// next commits try again (DataDirDb::SyncedWrite resumes the database first), so once space is back
 // writes and acks go on by themselves.
 //
 // Prune() forgets the text of documents already trained (peerd with keep_trained_text off keeps
@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "core/status.h"
-#include "experts_store/store_db.h"
+#include "experts_store/data_dir_db.h"
 
 namespace peerd {
 
@@ -45,10 +45,10 @@ struct SpoolEntry {
 };
 
 struct SpoolStats {
-  uint64_t documents = 0;   // stored, all time
-  uint64_t bytes = 0;       // text bytes stored, all time
-  uint64_t duplicates = 0;  // appends of a (task, id) already stored (since open)
-  uint64_t commits = 0;     // WriteBatches synced (since open)
+  uint64_t documents = 0;      // stored, all time
+  uint64_t bytes = 0;          // text bytes stored, all time
+  uint64_t duplicates = 0;     // appends of a (task, id) already stored (since open)
+  uint64_t commits = 0;        // WriteBatches synced (since open)
   uint64_t backlog_bytes = 0;  // text bytes after the consumer's cursor
   uint64_t kept_bytes = 0;     // text bytes still stored: `bytes` less what Prune removed
   std::string write_error;     // why the last commit failed (disk full, read-only); "" once one succeeds
@@ -56,7 +56,7 @@ struct SpoolStats {
 
 class Spool {
  public:
-  static Status Open(std::shared_ptr<StoreDb> db, std::unique_ptr<Spool>* out);
+  static Status Open(std::shared_ptr<DataDirDb> db, std::unique_ptr<Spool>* out);
   ~Spool();  // commits what is queued, then stops the writer
 
   struct NewDocument {
@@ -96,7 +96,7 @@ class Spool {
   SpoolStats stats() const;
 
  private:
-  explicit Spool(std::shared_ptr<StoreDb> db);
+  explicit Spool(std::shared_ptr<DataDirDb> db);
   void WriterLoop();
   struct Request {
     std::string task;
@@ -109,7 +109,7 @@ class Spool {
   Status CompactPruned(uint64_t from, uint64_t before);
   uint64_t prune_horizon() const;  // pruning_before_
 
-  std::shared_ptr<StoreDb> db_;
+  std::shared_ptr<DataDirDb> db_;
   mutable std::mutex mu_;
   std::condition_variable wake_;
   std::deque<Request> queue_;

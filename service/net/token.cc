@@ -23,7 +23,8 @@ Status LoadOrCreateToken(const std::string& path, std::string* token) {
   std::ifstream in(path);
   if (in) {
     std::getline(in, *token);
-    if (token->empty()) return Status::InvalidArgument("token file '" + path + "' is empty: delete it to get a new token");
+    if (token->empty())
+      return Status::InvalidArgument("token file '" + path + "' is empty: delete it to get a new token");
     return Status::OK();
   }
   std::random_device rd;  // the kernel's entropy

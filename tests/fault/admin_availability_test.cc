@@ -83,7 +83,8 @@ TEST(AdminAvailability, MisbehavingClientsNeitherStarveTheOperatorNorStayOpen) {
   const std::string dir = ::testing::TempDir() + "/peerd_admin_availability_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
-  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
+  std::ofstream(dir + "/config.json")
+      << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
                                              "train": {"batchSize": 8}})";
   PeerdProcess peerd(dir);
   peerd.Start("--admin-timeout-seconds 3");
@@ -120,8 +121,9 @@ TEST(AdminAvailability, MisbehavingClientsNeitherStarveTheOperatorNorStayOpen) {
   std::vector<int> uploads;
   for (int i = 0; i < 32; ++i) {
     uploads.push_back(Connect(port));
-    SendAll(uploads.back(), "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            "Content-Length: 60000000\r\n\r\n{\"name\": \"t\", \"text\": \"");
+    SendAll(uploads.back(),
+            "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 60000000\r\n\r\n{\"name\": \"t\", \"text\": \"");
   }
   std::thread trickle([&] {
     const std::string chunk(64 << 10, 'x');
@@ -139,7 +141,8 @@ TEST(AdminAvailability, MisbehavingClientsNeitherStarveTheOperatorNorStayOpen) {
     const auto start = Clock::now();
     const int fd = Connect(port);
     if (fd < 0) continue;
-    SendAll(fd, "GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + "\r\nConnection: close\r\n\r\n");
+    SendAll(fd,
+            "GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + "\r\nConnection: close\r\n\r\n");
     bool closed = false;
     const std::string reply = ReadUntilClosed(fd, 2000ms, &closed);
     close(fd);

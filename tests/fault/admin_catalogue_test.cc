@@ -79,7 +79,8 @@ std::string Request(const std::string& method, const std::string& target, const 
                     const std::string& authorization) {
   std::string r = method + " " + target + " HTTP/1.1\r\nHost: 127.0.0.1\r\n";
   if (!authorization.empty()) r += "Authorization: " + authorization + "\r\n";
-  r += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
+  r += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+       "\r\nConnection: close\r\n\r\n";
   return r + body;
 }
 
@@ -91,7 +92,8 @@ class AdminCatalogue : public ::testing::Test {
     fs::remove_all(dir_);
     fs::create_directories(dir_ + "/root/sub");
     fs::create_directories(dir_ + "/outside");
-    std::ofstream(dir_ + "/config.json") << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
+    std::ofstream(dir_ + "/config.json")
+        << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
                                                "train": {"batchSize": 8}})";
     std::ofstream(dir_ + "/root/sub/held.txt") << "held-out text for the catalogue test";
     std::ofstream(dir_ + "/outside/secret.txt") << "not for peerd";
@@ -171,17 +173,22 @@ struct Case {
 TEST_F(AdminCatalogue, EveryMalformedRequestGetsItsStatusAndMessageAndPeerdKeepsServing) {
   const std::string nkeys_range = "nKeys must be in [top-k, 65536], got ";
   const std::vector<Case> catalogue = {
-      {"POST", "/v1/segments", "null", 400, "request body must be a JSON object ({...}) for peerd.AddSegmentRequest, got 'null'"},
+      {"POST", "/v1/segments", "null", 400,
+       "request body must be a JSON object ({...}) for peerd.AddSegmentRequest, got 'null'"},
       {"POST", "/v1/segments", "{\"nKeys\": 1e30}", 400,
-       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+30 for type TYPE_UINT32"},
+       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+30 for type "
+       "TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"nKeys\": 99999999999999999999}", 400,
-       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+20 for type TYPE_UINT32"},
+       "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value 1e+20 for type "
+       "TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"nKeys\": -1}", 400,
        "request body is not valid JSON for peerd.AddSegmentRequest: (n_keys): invalid value -1 for type TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"layer\": 4294967296}", 400,
-       "request body is not valid JSON for peerd.AddSegmentRequest: (layer): invalid value 4294967296 for type TYPE_UINT32"},
+       "request body is not valid JSON for peerd.AddSegmentRequest: (layer): invalid value 4294967296 for type "
+       "TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"layer\": \"zero\"}", 400,
-       "request body is not valid JSON for peerd.AddSegmentRequest: (layer): invalid value \"zero\" for type TYPE_UINT32"},
+       "request body is not valid JSON for peerd.AddSegmentRequest: (layer): invalid value \"zero\" for type "
+       "TYPE_UINT32"},
       {"POST", "/v1/segments", "{\"nkeys\": 8}", 400,
        "request body is not valid JSON for peerd.AddSegmentRequest: nkeys: Cannot find field."},
       {"POST", "/v1/segments", "{\"nKeys\": 0}", 400, nkeys_range + "0"},
@@ -204,7 +211,8 @@ TEST_F(AdminCatalogue, EveryMalformedRequestGetsItsStatusAndMessageAndPeerdKeeps
        "task name must be 1-64 characters of A-Z a-z 0-9 _ . -, got 'a/b'"},
       {"POST", "/v1/tasks", "{\"name\": \"t\", \"text\": \"abc\", \"path\": \"x\"}", 400,
        "give the task's text or its path, not both"},
-      {"POST", "/v1/tasks", "{\"name\": \"t\", \"text\": \"a\"}", 400, "task 't' needs at least 2 bytes of held-out text"},
+      {"POST", "/v1/tasks", "{\"name\": \"t\", \"text\": \"a\"}", 400,
+       "task 't' needs at least 2 bytes of held-out text"},
       {"POST", "/v1/tasks", "{\"name\": \"t\", \"path\": \"" + dir_ + "/root/../outside/secret.txt\"}", 403,
        "path '" + dir_.substr(0, 64) + "…"},
       {"POST", "/v1/tasks", "{\"name\": \"t\", \"path\": \"" + dir_ + "/root/link-out.txt\"}", 403, "path '…"},
@@ -215,18 +223,22 @@ TEST_F(AdminCatalogue, EveryMalformedRequestGetsItsStatusAndMessageAndPeerdKeeps
       {"POST", "/v1/tasks", "{\"name\": \"t\", \"path\": \"" + dir_ + "/root/sub\"}", 400, "task path '…"},
       {"POST", "/v1/eval", "{\"label\": \"x\"}", 409, "no held-out tasks registered: POST /v1/tasks first"},
       {"POST", "/v1/eval", "{\"label\": \"a\\u001b[2J\"}", 400,
-       "label must be at most 256 bytes without control characters (it names a row of the report), got 'a?[2J' (5 bytes)"},
+       "label must be at most 256 bytes without control characters (it names a row of the report), got 'a?[2J' (5 "
+       "bytes)"},
       {"PUT", "/v1/policy", "{\"replayRatio\": 2}", 400, "config field 'train.replayRatio' must be in [0, 1), got 2"},
       {"PUT", "/v1/policy", "{\"lr\": 1e300}", 400,
        "config field 'train.lr' must be a positive number (a float: at most 3.4e38, not rounding to 0), got 1e+300"},
       {"PUT", "/v1/policy", "{\"distillWeight\": \"NaN\"}", 400,
        "config field 'train.distillWeight' must be in [0, 1000] (0 = no distillation), got nan"},
-      {"PUT", "/v1/policy", "{\"trainGroups\": [\"nope\"]}", 400, "config field 'train.trainGroups' names unknown group 'nope' …"},
-      {"PUT", "/v1/policy", "{\"freezeDtype\": \"int4\"}", 400, "freezeDtype must be \"bf16\" or \"fp32\", got \"int4\""},
+      {"PUT", "/v1/policy", "{\"trainGroups\": [\"nope\"]}", 400,
+       "config field 'train.trainGroups' names unknown group 'nope' …"},
+      {"PUT", "/v1/policy", "{\"freezeDtype\": \"int4\"}", 400,
+       "freezeDtype must be \"bf16\" or \"fp32\", got \"int4\""},
       {"DELETE", "/v1/segments", "", 405, "DELETE is not allowed on /v1/segments"},
       {"GET", "/v1/segments/0/freeze", "", 405, "GET is not allowed on /v1/segments/0/freeze"},
       {"GET", "/v1/secrets", "", 404, "no route /v1/secrets (see README: admin API)"},
-      {"GET", "/v1/" + std::string(3000, 'a'), "", 414, "request target is 3004 bytes; the limit is 2048 (see README: admin API)"},
+      {"GET", "/v1/" + std::string(3000, 'a'), "", 414,
+       "request target is 3004 bytes; the limit is 2048 (see README: admin API)"},
       {"GET", "/v1/" + std::string(20000, 'a'), "", 431, "request line and headers over 16384 bytes"},
   };
   for (const Case& c : catalogue) {
@@ -277,7 +289,8 @@ TEST_F(AdminCatalogue, TheAdminTokenNeverAppearsInTheLog) {
   EXPECT_EQ(SendRaw(port_, Request("GET", "/v1/status", "", "Bearer wrong-" + token_)).status, 401);
   std::this_thread::sleep_for(200ms);  // spdlog writes as it goes; leave it a moment
   const std::string log = Slurp(log_);
-  EXPECT_NE(log.find("admin POST /v1/train/pause -> 200"), std::string::npos) << "the requests should be logged:\n" << log;
+  EXPECT_NE(log.find("admin POST /v1/train/pause -> 200"), std::string::npos) << "the requests should be logged:\n"
+                                                                              << log;
   EXPECT_EQ(log.find(token_), std::string::npos) << "the admin token is in peerd's log";
   EXPECT_EQ(log.find(token_.substr(0, token_.size() / 2)), std::string::npos) << "half the admin token is in the log";
 }

@@ -14,9 +14,9 @@
 
 #include <rocksdb/db.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -24,8 +24,8 @@
 #include <set>
 #include <thread>
 
+#include "experts_store/data_dir_db.h"
 #include "experts_store/expert_store.h"
-#include "experts_store/store_db.h"
 #include "ingest/document_source.h"
 #include "proto/admin.pb.h"
 #include "service/net/spool.h"
@@ -49,12 +49,12 @@ uint64_t EnvOr(const char* name, uint64_t fallback) {
 // What the data directory says while peerd is down: read with the store's own code.
 struct DiskState {
   std::map<uint32_t, uint64_t> frozen;  // segment id (layer 0) -> checksum
-  CheckpointMeta checkpoint;               // default when none was written yet
+  CheckpointMeta checkpoint;            // default when none was written yet
 };
 
 void ReadDisk(const std::string& data_dir, DiskState* out) {
-  std::shared_ptr<StoreDb> db;
-  Status st = StoreDb::Open(data_dir, {}, &db);
+  std::shared_ptr<DataDirDb> db;
+  Status st = DataDirDb::Open(data_dir, {}, &db);
   ASSERT_TRUE(st.ok()) << "the store does not open after kill -9: " << st.ToString();
   ExpertStore store(db);
   ASSERT_NO_FATAL_FAILURE(testing::VerifyFrozenSegments(store, &out->frozen));
@@ -79,8 +79,8 @@ struct Client {
 void Launch(const PeerdProcess& p, Client* c) {
   c->pid = fork();
   if (c->pid == 0) {
-    const std::string cmd = p.IngestCommand(c->task, c->file, "--split line --follow") + " >> " + p.dir() + "/" +
-                            c->task + ".log 2>&1";
+    const std::string cmd =
+        p.IngestCommand(c->task, c->file, "--split line --follow") + " >> " + p.dir() + "/" + c->task + ".log 2>&1";
     execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
     _exit(127);
   }
@@ -161,13 +161,13 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   PeerdProcess peerd(dir, /*keep_ports=*/true);
   const std::string flags = "--checkpoint-every-steps 20 --checkpoint-every-seconds 1 --threads 1";
 
-  DiskState last;                                 // as read after the previous kill
-  std::map<uint32_t, uint64_t> frozen_first;       // checksum of each segment when first seen frozen
-  std::mutex admin_mu;                             // guards the admin thread's records below
+  DiskState last;                             // as read after the previous kill
+  std::map<uint32_t, uint64_t> frozen_first;  // checksum of each segment when first seen frozen
+  std::mutex admin_mu;                        // guards the admin thread's records below
   std::set<uint32_t> freezes_acked, adds_acked;
-  double policy_acked = 0.25;                      // replayRatio as last acknowledged (the default)
-  std::optional<double> policy_in_flight;          // a change sent and not yet answered
-  std::set<double> policy_allowed = {0.25};        // what replayRatio may read after a restart
+  double policy_acked = 0.25;                // replayRatio as last acknowledged (the default)
+  std::optional<double> policy_in_flight;    // a change sent and not yet answered
+  std::set<double> policy_allowed = {0.25};  // what replayRatio may read after a restart
   int policies_acked = 0, kills_with_policy_in_flight = 0;
   uint64_t checkpoint_seen = 0, documents_acked_before = 0;
   std::uniform_int_distribution<int> kill_after_ms(300, 2500);
@@ -250,7 +250,8 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
 
     DiskState now;
     ASSERT_NO_FATAL_FAILURE(ReadDisk(peerd.data_dir(), &now)) << "cycle " << cycle;
-    for (uint32_t id : freezes_acked) EXPECT_TRUE(now.frozen.count(id)) << "acknowledged freeze of segment " << id << " lost";
+    for (uint32_t id : freezes_acked)
+      EXPECT_TRUE(now.frozen.count(id)) << "acknowledged freeze of segment " << id << " lost";
     for (const auto& [id, checksum] : now.frozen) {
       auto [it, first] = frozen_first.emplace(id, checksum);
       EXPECT_TRUE(first || it->second == checksum) << "frozen segment " << id << " changed";
@@ -292,8 +293,8 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   ASSERT_EQ(peerd.Kill(SIGTERM), 0);
 
   // Every line of every file is stored exactly once.
-  std::shared_ptr<StoreDb> db;
-  ASSERT_TRUE(StoreDb::Open(peerd.data_dir(), {}, &db).ok());
+  std::shared_ptr<DataDirDb> db;
+  ASSERT_TRUE(DataDirDb::Open(peerd.data_dir(), {}, &db).ok());
   std::unique_ptr<Spool> spool;
   ASSERT_TRUE(Spool::Open(db, &spool).ok());
   std::vector<SpoolEntry> stored;

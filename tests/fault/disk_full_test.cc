@@ -1,4 +1,4 @@
-// Disk full and a read-only data directory (issue 7): the real peerd with its data directory on a
+// Disk full and a read-only data directory: the real peerd with its data directory on a
 // small tmpfs. When the spool cannot write, peerd stops acknowledging (clients are told
 // UNAVAILABLE and resend), says why on /v1/status and in its log, and acknowledges again by itself
 // once space returns; nothing acknowledged before is lost and the store opens whole. A read-only
@@ -15,10 +15,10 @@
 #include <filesystem>
 #include <fstream>
 
+#include "experts_store/data_dir_db.h"
+#include "experts_store/expert_store.h"
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
-#include "experts_store/expert_store.h"
-#include "experts_store/store_db.h"
 #include "service/net/spool.h"
 #include "tests/fault/frozen_segments.h"
 #include "tests/peerd_process.h"
@@ -57,7 +57,7 @@ ServerFrame SendOne(const std::string& port, const std::string& token, const std
 }
 
 // The ids the spool holds, in order, read with the spool's own code.
-void SpooledIds(const std::shared_ptr<StoreDb>& db, std::vector<std::string>* ids) {
+void SpooledIds(const std::shared_ptr<DataDirDb>& db, std::vector<std::string>* ids) {
   std::unique_ptr<Spool> spool;
   ASSERT_TRUE(Spool::Open(db, &spool).ok());
   std::vector<SpoolEntry> stored;
@@ -137,8 +137,8 @@ TEST(DiskFull, PeerdStopsAckingSaysWhyAndResumesWhenSpaceReturns) {
 
   // Nothing acknowledged lost, nothing refused stored; the store opens whole.
   EXPECT_EQ(peerd.Kill(SIGTERM), 0) << testing::Slurp(dir + "/peerd.log");
-  std::shared_ptr<StoreDb> db;
-  Status st = StoreDb::Open(data.path, {}, &db);
+  std::shared_ptr<DataDirDb> db;
+  Status st = DataDirDb::Open(data.path, {}, &db);
   ASSERT_TRUE(st.ok()) << st.ToString();
   std::vector<std::string> ids;
   ASSERT_NO_FATAL_FAILURE(SpooledIds(db, &ids));
@@ -175,7 +175,8 @@ struct LoopExt4 {
   bool mounted = false;
   LoopExt4(std::string img, std::string p) : image(std::move(img)), path(std::move(p)) {
     fs::create_directories(path);
-    testing::ShellResult r = testing::Sh("truncate -s 96M " + image + " && mkfs.ext4 -q -F " + image + " && mount -o loop,errors=remount-ro " + image + " " + path);
+    testing::ShellResult r = testing::Sh("truncate -s 96M " + image + " && mkfs.ext4 -q -F " + image +
+                                         " && mount -o loop,errors=remount-ro " + image + " " + path);
     if (r.code != 0) {
       why_not = r.out;
       return;
@@ -198,8 +199,8 @@ struct LoopExt4 {
     return false;
   }
   testing::ShellResult Repair() const {
-    return testing::Sh("umount " + path + " && (e2fsck -fy " + image + " >/dev/null; [ $? -le 1 ]) && mount -o loop,errors=remount-ro " +
-                       image + " " + path);
+    return testing::Sh("umount " + path + " && (e2fsck -fy " + image +
+                       " >/dev/null; [ $? -le 1 ]) && mount -o loop,errors=remount-ro " + image + " " + path);
   }
 };
 
@@ -269,8 +270,8 @@ TEST(DiskFull, DataDirectoryTurningReadOnlyStopsAcksAndLosesNothing) {
   testing::ShellResult repaired = data.Repair();
   ASSERT_EQ(repaired.code, 0) << repaired.out;
   {
-    std::shared_ptr<StoreDb> db;
-    Status st = StoreDb::Open(data.path, {}, &db);
+    std::shared_ptr<DataDirDb> db;
+    Status st = DataDirDb::Open(data.path, {}, &db);
     ASSERT_TRUE(st.ok()) << st.ToString();
     ExpertStore store(db);
     std::map<uint32_t, uint64_t> frozen;

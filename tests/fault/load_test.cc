@@ -1,4 +1,4 @@
-// Client faults under load (issue 7): the real peerd with a small spool bound, 60 peer-ingest
+// Client faults under load: the real peerd with a small spool bound, 60 peer-ingest
 // clients at once, beside two clients that never read their acks and two that say hello and then
 // nothing. The well-behaved clients all get every document acknowledged, the silent ones are
 // closed by the idle timeout, and peerd's peak memory grows by a bounded amount, not with the
@@ -39,7 +39,8 @@ double MemoryMb(pid_t pid, const std::string& field) {
 // Reads exactly n bytes from fd, waiting at most until `deadline`.
 bool ReadExactly(int fd, char* out, size_t n, std::chrono::steady_clock::time_point deadline) {
   for (size_t got = 0; got < n;) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) return false;
     pollfd p{fd, POLLIN, 0};
     if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
@@ -149,7 +150,8 @@ TEST(Load, SixtyClientsBesideNonReadersAndIdlersAreServedInBoundedMemory) {
         offered += frame.size();
       }
       // Holding the socket, reading nothing, until the test is done with the well-behaved.
-      for (auto end = std::chrono::steady_clock::now() + 120s; !stop_non_readers && std::chrono::steady_clock::now() < end;)
+      for (auto end = std::chrono::steady_clock::now() + 120s;
+           !stop_non_readers && std::chrono::steady_clock::now() < end;)
         std::this_thread::sleep_for(20ms);
     });
 
@@ -160,8 +162,8 @@ TEST(Load, SixtyClientsBesideNonReadersAndIdlersAreServedInBoundedMemory) {
     const pid_t pid = fork();
     if (pid == 0) {
       const std::string task = "c" + std::to_string(c);
-      const std::string cmd = peerd.IngestCommand(task, dir + "/" + task + ".txt", "--split line") + " > " + dir +
-                              "/" + task + ".log 2>&1";
+      const std::string cmd =
+          peerd.IngestCommand(task, dir + "/" + task + ".txt", "--split line") + " > " + dir + "/" + task + ".log 2>&1";
       execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
       _exit(127);
     }
@@ -208,9 +210,11 @@ TEST(Load, SixtyClientsBesideNonReadersAndIdlersAreServedInBoundedMemory) {
 #else
   EXPECT_LT(hwm - rss_start, 128.0) << "peak RSS grew from " << rss_start << " MB to " << hwm << " MB";
 #endif
-  std::cout << "load: " << kClients << " clients + 2 non-readers (" << offered / 1e6 << " MB offered by them, budget 2 x " << (kNonReaderBudget >> 20) << " MB) + 2 idle; " << total_bytes / 1e6 << " MB acked in "
-            << seconds << " s (" << total_bytes / 1e6 / seconds << " MB/s, backlog bound 1 MB); peerd RSS "
-            << rss_start << " MB at start, peak " << hwm << " MB (sampled max " << rss_peak_seen << " MB)\n";
+  std::cout << "load: " << kClients << " clients + 2 non-readers (" << offered / 1e6
+            << " MB offered by them, budget 2 x " << (kNonReaderBudget >> 20) << " MB) + 2 idle; " << total_bytes / 1e6
+            << " MB acked in " << seconds << " s (" << total_bytes / 1e6 / seconds
+            << " MB/s, backlog bound 1 MB); peerd RSS " << rss_start << " MB at start, peak " << hwm
+            << " MB (sampled max " << rss_peak_seen << " MB)\n";
 }
 
 }  // namespace

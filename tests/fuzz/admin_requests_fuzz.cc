@@ -28,10 +28,12 @@ struct Route {
 };
 
 constexpr Route kRoutes[] = {
-    {"POST", "/v1/segments"},       {"POST", "/v1/segments/0/freeze"}, {"POST", "/v1/tasks"},
-    {"POST", "/v1/eval"},           {"PUT", "/v1/policy"},             {"GET", "/v1/status"},
-    {"POST", "/v1/checkpoint"},     {"POST", "/v1/train/pause"},       {"GET", "/metrics"},
-    {"POST", nullptr},              {"GET", nullptr},                  {nullptr, nullptr},
+    {"POST", "/v1/segments"},   {"POST", "/v1/segments/0/freeze"},
+    {"POST", "/v1/tasks"},      {"POST", "/v1/eval"},
+    {"PUT", "/v1/policy"},      {"GET", "/v1/status"},
+    {"POST", "/v1/checkpoint"}, {"POST", "/v1/train/pause"},
+    {"GET", "/metrics"},        {"POST", nullptr},
+    {"GET", nullptr},           {nullptr, nullptr},
 };
 
 [[noreturn]] void Broken(const char* what, std::string_view detail) {
@@ -60,8 +62,8 @@ void CheckAccepted(const AdminRequest& request) {
     // Confinement on a root that exists; nothing is read.
     std::filesystem::path real;
     AdminError e;
-    if (!t->path.empty() && !peerd::ConfineTaskPath(t->path, {"/usr/share"}, &real, &e) &&
-        e.http_status != 403 && e.http_status != 400)
+    if (!t->path.empty() && !peerd::ConfineTaskPath(t->path, {"/usr/share"}, &real, &e) && e.http_status != 403 &&
+        e.http_status != 400)
       Broken("task path status", e.message);
   }
   if (const auto* p = std::get_if<peerd::admin::SetPolicy>(&request))
@@ -84,7 +86,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   switch (error.http_status) {
-    case 400: case 403: case 404: case 405: case 414: break;
+    case 400:
+    case 403:
+    case 404:
+    case 405:
+    case 414: break;
     default: Broken("unexpected status", std::to_string(error.http_status) + " " + error.message);
   }
   // The message goes back in a JSON body and into the log: short, printable, valid UTF-8.

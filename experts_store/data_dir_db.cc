@@ -1,4 +1,4 @@
-#include "experts_store/store_db.h"
+#include "experts_store/data_dir_db.h"
 
 #include <rocksdb/db.h>
 #include <rocksdb/env.h>
@@ -36,11 +36,12 @@ class StderrLogger : public rocksdb::Logger {
 
 }  // namespace
 
-Status StoreDb::SyncedWrite(rocksdb::WriteBatch* batch, const std::string& what) {
+Status DataDirDb::SyncedWrite(rocksdb::WriteBatch* batch, const std::string& what) {
   std::lock_guard<std::mutex> lock(write_mu_);
   if (!write_error_.empty()) {
     rocksdb::Status r = db_->Resume();
-    if (!r.ok()) return Status::IOError(what + ": the store still cannot write (" + write_error_ + "; " + r.ToString() + ")");
+    if (!r.ok())
+      return Status::IOError(what + ": the store still cannot write (" + write_error_ + "; " + r.ToString() + ")");
     write_error_.clear();
   }
   rocksdb::WriteOptions sync;
@@ -74,7 +75,7 @@ Status ProbeWritable(const std::string& dir) {
 
 }  // namespace
 
-Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::shared_ptr<StoreDb>* out) {
+Status DataDirDb::Open(const std::string& dir, const DataDirOptions& options, std::shared_ptr<DataDirDb>* out) {
   std::error_code ec;
   const bool exists = fs::exists(dir, ec);
   if (exists && !fs::is_directory(dir, ec))
@@ -86,7 +87,8 @@ Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::s
   }
   const bool is_rocksdb = fs::exists(dir + "/CURRENT", ec);
   if (!is_rocksdb && !fs::is_empty(dir, ec))
-    return Status::InvalidArgument("'" + dir + "' is not a peerd store (no RocksDB database in it) and is not "
+    return Status::InvalidArgument("'" + dir +
+                                   "' is not a peerd store (no RocksDB database in it) and is not "
                                    "empty: give a new or empty directory, or the data directory of a peerd store");
   if (Status st = ProbeWritable(dir); !st.ok()) return st;
 
@@ -99,8 +101,8 @@ Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::s
   // write to that file (an assertion in WritableFileWriter), which would turn "disk full" into a
   // crash.
   db_options.info_log = std::make_shared<StderrLogger>();
-  std::vector<std::string> cf_names = {rocksdb::kDefaultColumnFamilyName, kExpertsCF, kSubKeysCF,
-                                       kManifestsCF, kSpoolCF, kCheckpointsCF, kEvalsCF};
+  std::vector<std::string> cf_names = {
+      rocksdb::kDefaultColumnFamilyName, kExpertsCF, kSubKeysCF, kManifestsCF, kSpoolCF, kCheckpointsCF, kEvalsCF};
   if (is_rocksdb) {
     std::vector<std::string> existing;
     rocksdb::Status s = rocksdb::DB::ListColumnFamilies(db_options, dir, &existing);
@@ -117,7 +119,7 @@ Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::s
   descriptors[1].options.compression = rocksdb::kNoCompression;
   descriptors[1].options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
 
-  std::shared_ptr<StoreDb> store(new StoreDb());
+  std::shared_ptr<DataDirDb> store(new DataDirDb());
   store->dir_ = dir;
   rocksdb::DB* db = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(db_options, dir, descriptors, &store->handles_, &db);
@@ -130,7 +132,8 @@ Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::s
   StoreMeta meta;
   if (s.IsNotFound()) {
     if (is_rocksdb)
-      return Status::InvalidArgument("'" + dir + "' holds a RocksDB database that is not a peerd store (no meta "
+      return Status::InvalidArgument("'" + dir +
+                                     "' holds a RocksDB database that is not a peerd store (no meta "
                                      "record): give a new or empty directory");
     meta.set_schema_version(kSchemaVersion);
     meta.set_created_by("peerd");
@@ -143,16 +146,16 @@ Status StoreDb::Open(const std::string& dir, const StoreOptions& options, std::s
   } else if (!meta.ParseFromString(meta_bytes)) {
     return Status::Corruption("the store's meta record in '" + dir + "' is unreadable");
   } else if (meta.schema_version() > kSchemaVersion) {
-    return Status::FailedPrecondition(
-        "the store in '" + dir + "' has schema version " + std::to_string(meta.schema_version()) +
-        ", newer than this peerd understands (" + std::to_string(kSchemaVersion) +
-        "): run the peerd version that wrote it, or a newer one");
+    return Status::FailedPrecondition("the store in '" + dir + "' has schema version " +
+                                      std::to_string(meta.schema_version()) + ", newer than this peerd understands (" +
+                                      std::to_string(kSchemaVersion) +
+                                      "): run the peerd version that wrote it, or a newer one");
   }
   *out = std::move(store);
   return Status::OK();
 }
 
-StoreDb::~StoreDb() {
+DataDirDb::~DataDirDb() {
   if (!db_) return;
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   db_->Close();

@@ -1,7 +1,8 @@
-// StoreDb: the one RocksDB database of a peerd data directory, opened with all of peerd's column
+// DataDirDb: the one RocksDB database of a peerd data directory, opened with all of peerd's column
 // families (experts_store/format.h) and its schema version checked. The expert store, the ingest
-// spool and checkpoints are views of it, so that one WriteBatch can change several of them
-// atomically (a freeze is rows + manifest; a checkpoint is parameters + spool cursor).
+// spool, checkpoints and the held-out tasks and evaluations are views of it, so that one WriteBatch
+// can change several of them atomically (a freeze is rows + manifest; a checkpoint is parameters +
+// spool cursor).
 //
 // Thread-safe, as RocksDB is.
 #pragma once
@@ -22,21 +23,21 @@ class WriteBatch;
 
 namespace peerd {
 
-struct StoreOptions {
+struct DataDirOptions {
   bool create_if_missing = true;
 };
 
-// Column families, in the order StoreDb opens them.
+// Column families, in the order DataDirDb opens them.
 enum class Family { kDefault = 0, kExperts, kSubKeys, kManifests, kSpool, kCheckpoints, kEvals };
 
-class StoreDb {
+class DataDirDb {
  public:
   // Opens (or creates) the database in directory `dir`. Errors name the directory and say what to
   // do: not a store, a store of a newer schema version, a read-only or unreadable directory.
-  static Status Open(const std::string& dir, const StoreOptions& options, std::shared_ptr<StoreDb>* out);
-  ~StoreDb();
-  StoreDb(const StoreDb&) = delete;
-  StoreDb& operator=(const StoreDb&) = delete;
+  static Status Open(const std::string& dir, const DataDirOptions& options, std::shared_ptr<DataDirDb>* out);
+  ~DataDirDb();
+  DataDirDb(const DataDirDb&) = delete;
+  DataDirDb& operator=(const DataDirDb&) = delete;
 
   rocksdb::DB* db() const { return db_.get(); }
 
@@ -50,7 +51,7 @@ class StoreDb {
   const std::string& dir() const { return dir_; }
 
  private:
-  StoreDb() = default;
+  DataDirDb() = default;
   std::string dir_;
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
