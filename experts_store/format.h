@@ -8,9 +8,11 @@
 //   manifests    (layer, segment) -> SegmentManifest
 //   spool        'd' be64(index) -> SpooledDocument, 'i' task '\0' id -> be64(index), and the
 //                counters under 'n' and 'p' (service/net/spool.h has the layout)
-//   checkpoints  "meta" -> CheckpointMeta, "tensors" -> a LibTorch archive of every parameter
-//                outside frozen segments, every buffer and their AdamW state; written together,
-//                and the next checkpoint overwrites both (service/checkpoint.cc)
+//   checkpoints  "meta" -> CheckpointMeta, naming its generation and listing its tensors (every
+//                parameter outside frozen segments, every buffer, their AdamW state);
+//                "piece" be64(generation) be32(tensor) be32(piece) -> that piece of the tensor's
+//                raw bytes; "tensors" -> the one LibTorch archive of a checkpoint written before
+//                pieces (service/checkpoint.cc)
 //   evals        "task/" name -> the task's held-out text, "row/" be64(n) -> EvalRow, the
 //                evaluation numbered n from 0 (service/task_store.cc)
 // The expert store's keys (experts, subkeys, manifests) are big-endian u32s so that a segment's
