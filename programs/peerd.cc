@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> task_roots;
   uint32_t checkpoint_steps = 200, threads = 0;
   double checkpoint_seconds = 60;
-  uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8;
+  uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8, spool_keep_mb = 0, spool_keep_hours = 0;
   uint32_t idle_timeout_s = 300, max_data_connections = 256, admin_timeout_s = 30;
   bool allow_remote = false;
   CollectiveOptions ranks;
@@ -68,6 +68,13 @@ int main(int argc, char** argv) {
   app.add_option("--backlog-mb", backlog_mb, "stop reading the data port above this much untrained text")
       ->capture_default_str();
   app.add_option("--max-document-mb", max_doc_mb, "largest document accepted")->capture_default_str();
+  app.add_option("--spool-keep-mb", spool_keep_mb,
+                 "with keepTrainedText on: keep at most this much trained text for replay, oldest pruned "
+                 "first (0 = all)")
+      ->capture_default_str();
+  app.add_option("--spool-keep-hours", spool_keep_hours,
+                 "with keepTrainedText on: prune trained text older than this (0 = never)")
+      ->capture_default_str();
   app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")
       ->check(CLI::Range(1u, 86400u))
       ->capture_default_str();
@@ -169,6 +176,8 @@ int main(int argc, char** argv) {
   lo.freeze_dtype = *ParseRowDtype(freeze_dtype);  // CLI11 checked the name
   lo.pool.residency = residency == "cached" ? Residency::kCached : Residency::kResident;
   lo.pool.cache_bytes = cache_mb << 20;
+  lo.retention.max_bytes = spool_keep_mb << 20;
+  lo.retention.max_age_seconds = spool_keep_hours * 3600;
   const int used_threads = SetComputeThreads(lo.config.train().threads());
 
   // Signals are taken by this thread with sigwait; every other thread starts with them blocked.

@@ -399,10 +399,19 @@ Status TrainingLoop::CheckpointNow() {
     if (routing_.started()) *snapshot_.mutable_routing() = routing_.Info(model_);
   }
   // Documents before the checkpoint's cursor are trained, and a restart resumes after them: their
-  // text is no longer needed unless the policy replays it.
-  if (!trainer_->config().keep_trained_text())
-    if (Status st = spool_->Prune(meta.spool_next_index()); !st.ok())
-      spdlog::error("pruning trained text from the spool (the next checkpoint tries again): {}", st.ToString());
+  // text is no longer needed unless the policy replays it, and then only what retention keeps.
+  uint64_t prune_before = meta.spool_next_index();
+  if (trainer_->config().keep_trained_text()) {
+    const uint64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count();
+    if (Status st = spool_->RetentionHorizon(options_.retention, prune_before, now_ms, &prune_before); !st.ok()) {
+      spdlog::error("applying the spool's retention bound (the next checkpoint tries again): {}", st.ToString());
+      return Status::OK();
+    }
+  }
+  if (Status st = spool_->Prune(prune_before); !st.ok())
+    spdlog::error("pruning trained text from the spool (the next checkpoint tries again): {}", st.ToString());
   return Status::OK();
 }
 

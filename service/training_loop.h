@@ -53,6 +53,7 @@ struct LoopOptions {
   double partial_batch_after_seconds = 2;  // train a smaller batch when no more data comes
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
+  SpoolRetention retention;  // what trained text the spool keeps when the policy keeps trained text
   Collective* ranks = nullptr;  // the other ranks of a multi-rank job (not owned); null: one process
   // Called once, on the trainer thread, after a rank was lost while the loop runs: the program
   // shuts its ports and exits without a checkpoint (peerd raises SIGTERM to itself).
@@ -133,7 +134,8 @@ class TrainingLoop {
   void StopTrainingAfter(const std::string& what, const SpoolCursor* untrained_from);
 
   Status RunOnTrainer(const std::function<Status()>& op);
-  // Writes a checkpoint; when the policy keeps no trained text, then prunes the spool up to it.
+  // Writes a checkpoint, then prunes the trained text it covers from the spool: all of it when the
+  // policy keeps no trained text, else what options_.retention does not keep.
   Status CheckpointNow();
   // A checkpoint right after an acknowledged change to the pool, so that a restart finds the model
   // state that goes with it (a frozen branch's adapter, an added segment's id); a failure is logged

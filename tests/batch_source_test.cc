@@ -6,6 +6,7 @@
 #include <rocksdb/metadata.h>
 #include <torch/torch.h>
 
+#include <chrono>
 #include <filesystem>
 
 #include "core/tokenizer.h"
@@ -178,6 +179,36 @@ TEST(Spool, PruneClampsToTheLastDocumentAndCountsEveryPrunedByte) {
   s = d.spool->stats();
   EXPECT_EQ(d.spool->pruned_before(), 4u);
   EXPECT_EQ(s.kept_bytes, 4u);
+}
+
+TEST(Spool, RetentionPrunesTheOldestTextDownToItsBoundsAndNeverPastTheLimit) {
+  SpoolDir d("spool_retention");
+  ASSERT_TRUE(d.Open().ok());
+  ASSERT_TRUE(d.Add("a", 10, [](int) { return std::string(100, 'x'); }).ok());  // indices 1..10
+  const uint64_t now_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                    std::chrono::system_clock::now().time_since_epoch())
+                                                    .count());
+  uint64_t before = 0;
+  // Unbounded: nothing is due.
+  ASSERT_TRUE(d.spool->RetentionHorizon({}, 11, now_ms, &before).ok());
+  EXPECT_EQ(before, 1u);
+  // 1,000 bytes kept, 350 allowed: documents 1..7 go (300 bytes stay).
+  ASSERT_TRUE(d.spool->RetentionHorizon({.max_bytes = 350}, 11, now_ms, &before).ok());
+  EXPECT_EQ(before, 8u);
+  // Never past the limit (the first document no checkpoint covers), whatever the bound.
+  ASSERT_TRUE(d.spool->RetentionHorizon({.max_bytes = 1}, 5, now_ms, &before).ok());
+  EXPECT_EQ(before, 5u);
+  // By age: every document is older than an hour two hours from now, none of them now.
+  ASSERT_TRUE(d.spool->RetentionHorizon({.max_age_seconds = 3600}, 11, now_ms, &before).ok());
+  EXPECT_EQ(before, 1u);
+  ASSERT_TRUE(d.spool->RetentionHorizon({.max_age_seconds = 3600}, 11, now_ms + 7'200'000, &before).ok());
+  EXPECT_EQ(before, 11u);
+  // After pruning to the horizon, the kept text is within the bound and the horizon stays put.
+  ASSERT_TRUE(d.spool->RetentionHorizon({.max_bytes = 350}, 11, now_ms, &before).ok());
+  ASSERT_TRUE(d.spool->Prune(before).ok());
+  EXPECT_EQ(d.spool->stats().kept_bytes, 300u);
+  ASSERT_TRUE(d.spool->RetentionHorizon({.max_bytes = 350}, 11, now_ms, &before).ok());
+  EXPECT_EQ(before, 8u);
 }
 
 TEST(Spool, OpenRejectsAMalformedOrImpossiblePruneRecord) {

@@ -138,5 +138,26 @@ TEST(TrainingLoop, APolicySetBeforeARestartIsThePolicyAfterIt) {
   EXPECT_EQ(segments.segments(0).dtype(), "fp32");
 }
 
+TEST(TrainingLoop, RetentionBoundsTheKeptTrainedTextAndNeverPrunesUntrainedDocuments) {
+  // 30 documents of 339 bytes (10,170), trained text kept for replay within 2,000 bytes.
+  Loop l("retention");
+  l.options.config.mutable_train()->set_keep_trained_text(true);
+  l.options.retention.max_bytes = 2000;
+  l.Reopen();
+  // Nothing trained yet: nothing may go, however far over the bound.
+  ASSERT_TRUE(l.loop->Checkpoint().ok());
+  EXPECT_EQ(l.spool->pruned_before(), 1u);
+  EXPECT_EQ(l.spool->stats().kept_bytes, 30u * 339);
+
+  l.loop->Start();
+  l.WaitUntilAllTrained();
+  ASSERT_TRUE(l.loop->Checkpoint().ok());
+  const SpoolStats s = l.spool->stats();
+  EXPECT_LE(s.kept_bytes, 2000u);
+  EXPECT_GT(s.kept_bytes, 2000u - 339) << "the newest documents stay, as many as fit";
+  SpoolEntry newest;
+  EXPECT_TRUE(l.spool->Get(30, &newest).ok()) << "the newest trained document is kept for replay";
+}
+
 }  // namespace
 }  // namespace peerd

@@ -5,6 +5,7 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <chrono>
 #include <future>
 #include <unordered_set>
 
@@ -134,6 +135,9 @@ Status Spool::Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplica
     next = last_index_;
     bytes = total_bytes_;
   }
+  const uint64_t now_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                    std::chrono::system_clock::now().time_since_epoch())
+                                                    .count());
   rocksdb::WriteBatch wb;
   std::unordered_set<std::string> in_batch;
   uint64_t dup_total = 0;
@@ -159,6 +163,7 @@ Status Spool::Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplica
       doc.set_task(batch[r].task);
       doc.set_id(d.id);
       doc.set_text(d.text);
+      doc.set_unix_ms(now_ms);
       std::string index;
       PutBe64(&index, next);
       wb.Put(cf, DocKey(next), doc.SerializeAsString());
@@ -245,6 +250,38 @@ uint64_t Spool::last_index() const {
 uint64_t Spool::pruned_before() const {
   std::lock_guard<std::mutex> lock(mu_);
   return pruned_before_;
+}
+
+Status Spool::RetentionHorizon(const SpoolRetention& retention, uint64_t limit, uint64_t now_ms,
+                               uint64_t* before) const {
+  uint64_t kept;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    *before = pruned_before_;
+    kept = total_bytes_ - pruned_bytes_;
+    limit = std::min(limit, last_index_ + 1);
+  }
+  if (!retention.bounded() || *before >= limit) return Status::OK();
+  const uint64_t max_age_ms = retention.max_age_seconds * 1000;
+  const std::string upper = DocKey(limit);
+  const rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions options;
+  options.iterate_upper_bound = &upper_slice;
+  options.fill_cache = false;
+  std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(options, db_->family(Family::kSpool)));
+  // Oldest first: documents arrive in index order, so the first one within both bounds ends it.
+  for (it->Seek(DocKey(*before)); it->Valid(); it->Next()) {
+    SpooledDocument doc;
+    if (!doc.ParseFromArray(it->value().data(), static_cast<int>(it->value().size())))
+      return Status::Corruption("spooled document " + std::to_string(GetBe64(it->key().data() + 1)) +
+                                " is unreadable: cannot apply the retention bound");
+    const bool over_bytes = retention.max_bytes && kept > retention.max_bytes;
+    const bool too_old = max_age_ms && doc.unix_ms() && doc.unix_ms() + max_age_ms < now_ms;
+    if (!over_bytes && !too_old) break;
+    kept -= std::min<uint64_t>(kept, doc.text().size());
+    *before = GetBe64(it->key().data() + 1) + 1;
+  }
+  return FromRocks(it->status(), "reading the spool to apply the retention bound");
 }
 
 uint64_t Spool::prune_horizon() const {

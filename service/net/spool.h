@@ -16,8 +16,9 @@
 // writes and acks go on by themselves.
 //
 // Prune() forgets the text of documents already trained (peerd with keep_trained_text off keeps
-// no old document): their 'd' records go, their 'i' records stay — ids, not text — so a resent
-// (task, id) is still a duplicate and is not trained twice.
+// no old document; with it on, what a SpoolRetention bound allows): their 'd' records go, their
+// 'i' records stay — ids, not text — so a resent (task, id) is still a duplicate and is not
+// trained twice.
 //
 // Thread-safe.
 #pragma once
@@ -42,6 +43,18 @@ namespace peerd {
 struct SpoolEntry {
   uint64_t index = 0;
   std::string task, id, text;
+};
+
+// A bound on the trained text the spool keeps (for replay) when keep_trained_text is on: the
+// oldest trained documents go first, until the kept text is within `max_bytes` and none is older
+// than `max_age_seconds` (0: no bound of that kind). Untrained documents, and trained ones that no
+// durable checkpoint covers yet, are kept whatever the bound: retention never costs an acked
+// document its training. Replay draws from what is kept, so a bound trades how far back replay
+// reaches for disk.
+struct SpoolRetention {
+  uint64_t max_bytes = 0;
+  uint64_t max_age_seconds = 0;
+  bool bounded() const { return max_bytes > 0 || max_age_seconds > 0; }
 };
 
 struct SpoolStats {
@@ -89,6 +102,10 @@ class Spool {
   Status Prune(uint64_t before);
   // First index whose text is kept (1: nothing pruned).
   uint64_t pruned_before() const;
+  // Where Prune() must go to honour `retention`, never past `limit` (the first document a durable
+  // checkpoint does not cover in full): *before = pruned_before() when nothing is due. `now_ms` is
+  // the wall clock the ages are taken against; documents stored without a time have no age.
+  Status RetentionHorizon(const SpoolRetention& retention, uint64_t limit, uint64_t now_ms, uint64_t* before) const;
 
   // The consumer (trainer) reports how far it has read: documents before `next_index` and their
   // `consumed_bytes` of text. Backlog = stored bytes − consumed bytes.
