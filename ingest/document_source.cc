@@ -1,12 +1,16 @@
 #include "ingest/document_source.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <iterator>
-#include <sstream>
 #include <thread>
 
 namespace peerd {
@@ -62,44 +66,106 @@ Status DocumentSource::Open(const std::vector<std::string>& paths, SplitSpec spl
   return Status::OK();
 }
 
+DocumentSource::~DocumentSource() {
+  if (held_ >= 0) ::close(held_);
+}
+
+namespace {
+
+// Reads [from, end of file) of `fd` into *out (appended); false on a read error.
+bool ReadFrom(int fd, uint64_t from, std::string* out) {
+  char buf[1 << 16];
+  for (;;) {
+    const ssize_t n = ::pread(fd, buf, sizeof buf, static_cast<off_t>(from));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    if (n == 0) return true;
+    out->append(buf, static_cast<size_t>(n));
+    from += static_cast<uint64_t>(n);
+  }
+}
+
+}  // namespace
+
 bool DocumentSource::LoadNextInput() {
   while (next_input_ < inputs_.size()) {
     name_ = inputs_[next_input_++];
+    data_.clear();
     if (name_ == "-") {
       data_.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
       name_ = "stdin";
     } else {
-      std::ifstream in(name_, std::ios::binary);
-      if (!in) {
-        status_ = Status::IOError("cannot read '" + name_ + "'");
+      const int fd = ::open(name_.c_str(), O_RDONLY | O_CLOEXEC);
+      struct stat st {};
+      if (fd < 0 || ::fstat(fd, &st) != 0 || !ReadFrom(fd, 0, &data_)) {
+        status_ = Status::IOError("cannot read '" + name_ + "': " + std::strerror(errno));
+        if (fd >= 0) ::close(fd);
         return false;
       }
-      std::ostringstream ss;
-      ss << in.rdbuf();
-      data_ = ss.str();
+      // The followed file stays open: what it is, not what its name points at later.
+      if (follow_stop_ && next_input_ == inputs_.size()) {
+        held_ = fd;
+        inode_ = st.st_ino;
+      } else {
+        ::close(fd);
+      }
     }
     pos_ = 0;
     base_ = 0;
-    if (!data_.empty()) return true;
+    if (!data_.empty() || held_ >= 0) return true;
   }
   return false;
 }
 
+bool DocumentSource::Restart(bool reopen, const std::string& why) {
+  if (reopen) {
+    const int fd = ::open(name_.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st {};
+    if (fd < 0 || ::fstat(fd, &st) != 0) {
+      if (fd >= 0) ::close(fd);
+      return false;  // the new file is not there yet: try again on the next poll
+    }
+    ::close(held_);
+    held_ = fd;
+    inode_ = st.st_ino;
+  }
+  data_.clear();
+  pos_ = 0;
+  base_ = 0;
+  tail_complete_ = false;
+  ++restarts_;
+  if (on_restart_) on_restart_(name_ + " " + why + ": reading it again from its start");
+  return true;
+}
+
 bool DocumentSource::WaitForMore() {
   while (!follow_stop_->load()) {
-    std::error_code ec;
-    const uint64_t size = fs::file_size(name_, ec);
+    struct stat held {}, named {};
     const uint64_t have = base_ + data_.size();
-    if (!ec && size > have) {
-      std::ifstream in(name_, std::ios::binary);
-      in.seekg(static_cast<std::streamoff>(have));
-      std::string more(size - have, '\0');
-      in.read(more.data(), static_cast<std::streamsize>(more.size()));
-      more.resize(static_cast<size_t>(in.gcount()));
-      base_ += pos_;
-      data_ = data_.substr(pos_) + more;
-      pos_ = 0;
-      return true;
+    if (::fstat(held_, &held) == 0) {
+      if (static_cast<uint64_t>(held.st_size) > have) {
+        std::string more;
+        if (!ReadFrom(held_, have, &more)) {
+          status_ = Status::IOError("cannot read '" + name_ + "': " + std::strerror(errno));
+          return false;
+        }
+        base_ += pos_;
+        data_ = data_.substr(pos_) + more;
+        pos_ = 0;
+        return true;
+      }
+      if (static_cast<uint64_t>(held.st_size) < have) {
+        Restart(/*reopen=*/false, "was truncated");
+        continue;
+      }
+    }
+    // Nothing new in the file held: has its name moved on to another file?
+    if (::stat(name_.c_str(), &named) == 0 && (named.st_ino != held.st_ino || named.st_dev != held.st_dev)) {
+      if (pos_ < data_.size()) {  // the replaced file will not grow: its tail is a whole document
+        tail_complete_ = true;
+        return true;
+      }
+      if (Restart(/*reopen=*/true, "was replaced (rotated)")) continue;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     if (while_waiting_ && !while_waiting_()) return false;
@@ -111,7 +177,7 @@ bool DocumentSource::Next(IngestDocument* doc) {
   for (;;) {
     if (!status_.ok()) return false;
     const bool last_input = next_input_ >= inputs_.size();
-    const bool following = follow_stop_ && last_input && name_ != "stdin" && !name_.empty();
+    const bool following = follow_stop_ && last_input && held_ >= 0;
     if (pos_ >= data_.size()) {
       if (following) {
         if (!WaitForMore()) return false;
@@ -148,7 +214,7 @@ bool DocumentSource::Next(IngestDocument* doc) {
         break;
     }
     // While following, a document without its separator may still be growing: wait for it.
-    if (following && !complete) {
+    if (following && !complete && !tail_complete_) {
       if (!WaitForMore()) return false;
       continue;
     }
@@ -157,6 +223,7 @@ bool DocumentSource::Next(IngestDocument* doc) {
     std::string text = data_.substr(start, end - start);
     if (text.find_first_not_of(" \t\r\n") == std::string::npos) continue;  // blank: nothing to train on
     doc->id = name_ + "@" + std::to_string(base_ + start) + "+" + std::to_string(end - start);
+    if (restarts_) doc->id += "~" + std::to_string(restarts_) + ":" + std::to_string(inode_);
     doc->text = std::move(text);
     return true;
   }

@@ -1,7 +1,10 @@
 // DocumentSource: files, directories and stdin cut into documents for peer-ingest. No LibTorch.
 //
 // A document's id is stable across runs — "<path>@<offset>+<length>" — so a resumed or repeated
-// run names the same documents the same way and the server stores each once.
+// run names the same documents the same way and the server stores each once. A followed file that
+// is truncated or replaced (log rotation) is read again from its start; its documents then carry
+// "~<n>:<inode>" after the id (the n-th new start in this run), so the server does not take them
+// for the earlier file's documents at the same offsets.
 #pragma once
 
 #include <atomic>
@@ -33,9 +36,16 @@ class DocumentSource {
  public:
   // `paths`: files, directories (walked recursively, in name order) or "-" for stdin.
   static Status Open(const std::vector<std::string>& paths, SplitSpec split, std::unique_ptr<DocumentSource>* out);
-  // Like `tail -f`: after the end of the last input (a regular file), keep watching it and yield
-  // each document appended to it once it is complete (its separator written), until *stop.
-  void Follow(const std::atomic<bool>* stop) { follow_stop_ = stop; }
+  // Like `tail -F`: after the end of the last input (a regular file), keep watching it and yield
+  // each document appended to it once it is complete (its separator written), until *stop. When
+  // the file shrinks (truncated) or its name points at another file (rotated: the old one's last
+  // bytes are read first, its unterminated tail as a last document), reading starts again at the
+  // new file's start, and `on_restart` (if set) is told why.
+  void Follow(const std::atomic<bool>* stop, std::function<void(const std::string& why)> on_restart = {}) {
+    follow_stop_ = stop;
+    on_restart_ = std::move(on_restart);
+  }
+  ~DocumentSource();
   // While following, `hook` runs about every 200 ms when the file has nothing new (the sender
   // looks after its connection meanwhile); returning false ends the source.
   void WhileWaiting(std::function<bool()> hook) { while_waiting_ = std::move(hook); }
@@ -50,10 +60,16 @@ class DocumentSource {
   SplitSpec split_;
   // Waits for bytes appended to the followed file; false once *follow_stop_ is set.
   bool WaitForMore();
+  // Starts the followed file again from offset 0 (held_ reopened by name when `reopen`).
+  bool Restart(bool reopen, const std::string& why);
   std::string name_, data_;  // the current input, read whole (in follow mode: what is not yet cut)
   size_t pos_ = 0;
   uint64_t base_ = 0;  // file offset of data_[0]
+  int held_ = -1;      // following: the followed file, open (it may be renamed away meanwhile)
+  uint64_t restarts_ = 0, inode_ = 0;  // new starts of the followed file in this run; its inode
+  bool tail_complete_ = false;         // the held file was replaced: its unterminated tail is whole
   const std::atomic<bool>* follow_stop_ = nullptr;
+  std::function<void(const std::string&)> on_restart_;
   std::function<bool()> while_waiting_;
   Status status_;
 };

@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "core/host_port.h"
@@ -661,6 +663,67 @@ TEST(DataPort, ClientReconnectsAndResendsAfterTheServerRestarts) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   EXPECT_GE(p.reconnects, 1u);
   EXPECT_EQ(s.spool->stats().documents, 300u);  // every document once, whatever was resent
+}
+
+// A followed file that is truncated in place, then replaced by a new file of the same name (log
+// rotation), is read again from each new start: nothing is dropped as a duplicate of the earlier
+// content at the same offsets, and the replaced file's last bytes are read before the switch.
+TEST(DocumentSource, FollowReadsATruncatedOrRotatedFileAgainFromItsStart) {
+  const std::string dir = FreshDir("follow_rotate");
+  const std::string path = dir + "/log.txt";
+  { std::ofstream(path) << "alpha\n"; }
+  std::unique_ptr<DocumentSource> src;
+  ASSERT_TRUE(DocumentSource::Open({path}, {SplitMode::kLine, 0}, &src).ok());
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::vector<IngestDocument> docs;
+  std::vector<std::string> restarts;
+  src->Follow(&stop, [&](const std::string& why) {
+    std::lock_guard<std::mutex> lock(mu);
+    restarts.push_back(why);
+  });
+  std::thread reader([&] {
+    for (IngestDocument d; src->Next(&d);) {
+      std::lock_guard<std::mutex> lock(mu);
+      docs.push_back(d);
+    }
+  });
+  auto wait_for = [&](size_t n) {
+    for (auto end = std::chrono::steady_clock::now() + 10s; std::chrono::steady_clock::now() < end;) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (docs.size() >= n) return true;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  };
+  const bool first = wait_for(1);
+  { std::ofstream(path, std::ios::trunc) << "beta\n"; }  // truncated, rewritten shorter
+  const bool truncated = wait_for(2);
+  // Rotation: the old file gets a last, unterminated line, is renamed away, and a new file takes
+  // its name holding a line at the very offset and length of one read before.
+  { std::ofstream(path, std::ios::app) << "gamma"; }
+  std::filesystem::rename(path, path + ".1");
+  { std::ofstream(path) << "alpha\n"; }
+  const bool rotated = wait_for(4);
+  stop = true;
+  reader.join();
+  ASSERT_TRUE(first && truncated && rotated) << "read " << docs.size() << " of 4 documents within the deadlines";
+  ASSERT_EQ(docs.size(), 4u);
+  EXPECT_EQ(docs[0].text, "alpha\n");
+  EXPECT_EQ(docs[0].id, path + "@0+6");
+  EXPECT_EQ(docs[1].text, "beta\n");
+  EXPECT_EQ(docs[1].id.rfind(path + "@0+5~1:", 0), 0u) << docs[1].id;
+  EXPECT_EQ(docs[2].text, "gamma") << "the replaced file's unterminated tail";
+  EXPECT_EQ(docs[3].text, "alpha\n");
+  EXPECT_EQ(docs[3].id.rfind(path + "@0+6~2:", 0), 0u) << docs[3].id;
+  std::set<std::string> ids;
+  for (const auto& d : docs) ids.insert(d.id);
+  EXPECT_EQ(ids.size(), docs.size()) << "every document a distinct id";
+  ASSERT_EQ(restarts.size(), 2u);
+  EXPECT_NE(restarts[0].find("truncated"), std::string::npos) << restarts[0];
+  EXPECT_NE(restarts[1].find("rotated"), std::string::npos) << restarts[1];
 }
 
 // Following a file that stays quiet, the client notices that peerd restarted and resends what was
