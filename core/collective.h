@@ -1,4 +1,4 @@
-// Collective: this process's place among the ranks of a multi-rank job (DESIGN.md §6), joined
+// Collective: this process's place among the ranks of a multi-rank job (docs/DESIGN.md §6), joined
 // through PyTorch's own distributed engine — a c10d TCPStore for the rendezvous (rank 0 serves
 // it) and ProcessGroupGloo for the collectives on CPU tensors.
 //

@@ -11,7 +11,7 @@ namespace peerd {
 
 namespace {
 
-// Parameter groups a TrainConfig may name (DESIGN.md §1, "Training policy groups").
+// Parameter groups a TrainConfig may name (docs/DESIGN.md §1, "Training policy groups").
 const char* const kTrainGroups[] = {"all",         "non-expert", "expert",     "attention", "dense-ffn",
                                     "new-segment", "query",      "norm-stats", "adapter"};
 

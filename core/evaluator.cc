@@ -10,6 +10,10 @@
 namespace peerd {
 
 double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOptions& options) {
+  return ScoreText(model, text, options).bits_per_byte;
+}
+
+TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOptions& options, bool keep_log_probs) {
   const int64_t context = model->config().context();
   int64_t n = static_cast<int64_t>(text.size());
   if (options.max_bytes > 0) n = std::min(n, options.max_bytes);
@@ -21,6 +25,7 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
   torch::NoGradGuard no_grad;
   double nats = 0;
   int64_t predicted = 0;
+  std::vector<std::pair<int64_t, float>> scored;  // (offset of the byte predicted, ln p), keep_log_probs
   // Windows overlap by one byte: the last byte of one is the first input of the next. With a
   // router, windows are grouped by route and each group runs under its own.
   std::vector<std::pair<int64_t, int64_t>> windows;  // [start, end] byte ranges, end inclusive
@@ -40,31 +45,54 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
   for (const auto& [key, members] : groups) {
     CheckOk(model->SetRoute({key.first, key.second}));
     std::vector<torch::Tensor> batch;
+    std::vector<int64_t> firsts;  // each row's first byte offset
     auto flush = [&] {
       if (batch.empty()) return;
       torch::Tensor tokens = torch::stack(batch);  // [b, L+1]
-      torch::Tensor loss = model->Loss(tokens);    // mean over b·L predictions
-      const int64_t count = tokens.size(0) * (tokens.size(1) - 1);
-      nats += loss.item<double>() * count;
-      predicted += count;
+      const int64_t L = tokens.size(1) - 1;
+      if (!keep_log_probs) {
+        torch::Tensor loss = model->Loss(tokens);  // mean over b·L predictions
+        nats += loss.item<double>() * tokens.size(0) * L;
+      } else {
+        torch::Tensor logits = model->forward(tokens.slice(1, 0, L));  // [b, L, V]
+        torch::Tensor lp = torch::log_softmax(logits, -1).gather(-1, tokens.slice(1, 1, L + 1).unsqueeze(-1));
+        lp = lp.squeeze(-1).to(torch::kFloat).contiguous();  // [b, L]
+        nats -= lp.sum().item<double>();
+        const float* p = lp.data_ptr<float>();
+        for (int64_t b = 0; b < tokens.size(0); ++b)
+          for (int64_t t = 0; t < L; ++t) scored.emplace_back(firsts[b] + 1 + t, p[b * L + t]);
+      }
+      predicted += tokens.size(0) * L;
       batch.clear();
+      firsts.clear();
     };
     for (size_t w : members) {
       const auto [first, last] = windows[w];
       if (last - first != context) {  // the tail window is shorter: alone
         flush();
         batch.push_back(bytes.slice(0, first, last + 1));
+        firsts.push_back(first);
         flush();
         continue;
       }
       batch.push_back(bytes.slice(0, first, last + 1));
+      firsts.push_back(first);
       if (static_cast<int64_t>(batch.size()) == options.batch) flush();
     }
     flush();
   }
   CheckOk(model->SetRoute(model_route));
   model->train(was_training);
-  return nats / predicted / std::log(2.0);
+  TextScore score;
+  score.bits_per_byte = nats / predicted / std::log(2.0);
+  score.predicted_bytes = predicted;
+  // Windows ran grouped by route: put the bytes back in text order.
+  std::sort(scored.begin(), scored.end());
+  for (const auto& [offset, lp] : scored) {
+    score.predicted.push_back(offset);
+    score.log_probs.push_back(lp);
+  }
+  return score;
 }
 
 }  // namespace peerd

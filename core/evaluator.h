@@ -5,6 +5,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "core/model.h"
 
@@ -24,5 +25,17 @@ struct EvalOptions {
 // The text is cut into consecutive windows of the model's context; every byte after a window's
 // first is predicted once. The model is put in eval mode and restored after (its route too).
 double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOptions& options = {});
+
+// BitsPerByte, with what it is the mean of: log_probs[i] = ln p(the byte at predicted[i] | the bytes
+// before it in its window), for every byte but the text's first, in text order; kept when
+// `keep_log_probs`.
+struct TextScore {
+  double bits_per_byte = 0;
+  int64_t predicted_bytes = 0;
+  std::vector<float> log_probs;
+  std::vector<int64_t> predicted;
+};
+TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOptions& options = {},
+                    bool keep_log_probs = false);
 
 }  // namespace peerd

@@ -1,4 +1,4 @@
-// The continual-learning metrics of DESIGN.md §4 over an evaluation matrix R[row][task] of held-out
+// The continual-learning metrics of docs/DESIGN.md §4 over an evaluation matrix R[row][task] of held-out
 // bits per byte (lower is better, so the signs flip against the accuracy-based definitions).
 // Shared by the service's forgetting report and `peer-bench forgetting`. No LibTorch.
 #pragma once

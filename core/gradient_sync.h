@@ -1,5 +1,5 @@
 // SumGradients: the gradient all-reduce of data-parallel training — what PyTorch's DDP does, which
-// Debian's LibTorch 1.13 does not ship for C++ (DESIGN.md §6).
+// Debian's LibTorch 1.13 does not ship for C++ (docs/DESIGN.md §6).
 //
 // Dense gradients are flattened into buckets of about `bucket_bytes` (one all-reduce each rather
 // than one per parameter: fewer, larger messages); sparse row gradients (expert tables through the

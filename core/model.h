@@ -18,7 +18,7 @@ namespace peerd {
 
 // What a forward pass runs besides the shared trunk (routing isolation, docs/DESIGN.md): one
 // segment's adapter and the segments PEER retrieval may choose from. The default runs every
-// segment and no adapter (the global top-k of DESIGN.md §1).
+// segment and no adapter (the global top-k of docs/DESIGN.md §1).
 struct Route {
   int64_t adapter = -1;           // id of a SegmentAdapter of the model, or -1 for none
   std::vector<int64_t> segments;  // ids of the segments retrieval may use in every PEER layer; empty: all
@@ -66,7 +66,7 @@ class BlockImpl : public torch::nn::Module {
 TORCH_MODULE(Block);
 
 // Which part of the model a parameter belongs to; training policies select by these
-// (DESIGN.md §1, "Training policy groups").
+// (docs/DESIGN.md §1, "Training policy groups").
 enum class ParamKind { kEmbedding, kNorm, kAttention, kDenseFfn, kQuery, kExpert, kAdapter };
 
 struct ParamInfo {
@@ -100,7 +100,7 @@ class TransformerLMImpl : public torch::nn::Module {
 
   int64_t TotalParameters() const;
   // Parameters that act on one token: everything but the expert tables, plus h·k experts per PEER
-  // layer (DESIGN.md: cost follows the active count, as for Mixtral's 12.9B of 46.7B).
+  // layer (docs/DESIGN.md: cost follows the active count, as for Mixtral's 12.9B of 46.7B).
   int64_t ActiveParameters() const;
 
   // Routing isolation (docs/DESIGN.md): which adapter and segments every later forward pass runs.

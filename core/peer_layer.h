@@ -10,7 +10,7 @@
 //
 // Two implementations of the same function: the reference composition in LibTorch ops (per
 // segment ProductKeyTopK, gathered [M, h·k, D] row tensors, dense gradients over each training
-// table), and with model.peer.impl = PEER_IMPL_FUSED (the default) the kernels/ of DESIGN.md §5 —
+// table), and with model.peer.impl = PEER_IMPL_FUSED (the default) the kernels/ of docs/DESIGN.md §5 —
 // fused retrieval (kernels/product_key_retrieval.h) and a fused expert mixture whose table
 // gradients hold only the retrieved rows (kernels/expert_mixture.h). Tests hold them equal.
 // Not thread-safe: one trainer thread owns a layer.
@@ -74,7 +74,7 @@ class PeerLayerImpl : public torch::nn::Module {
   // Counts [n²] int64 of segment position `pos` since StartUsageRecording (undefined if none).
   torch::Tensor UsageCounts(size_t pos) const { return pos < usage_.size() ? usage_[pos] : torch::Tensor(); }
 
-  // Batch-norm running statistics stop moving when frozen (DESIGN.md §1: they drift with new data).
+  // Batch-norm running statistics stop moving when frozen (docs/DESIGN.md §1: they drift with new data).
   void set_norm_stats_frozen(bool frozen) { norm_stats_frozen_ = frozen; }
 
   const PeerConfig& config() const { return config_; }

@@ -1,4 +1,4 @@
-// Rank sync: making every rank of a multi-rank job hold the same model (DESIGN.md §6).
+// Rank sync: making every rank of a multi-rank job hold the same model (docs/DESIGN.md §6).
 //
 // A job starts (and restarts) with rank 0 holding the truth — its model restored from the store
 // and the last checkpoint — and every other rank holding nothing durable. ShareConfig gives the

@@ -19,7 +19,7 @@
 
 namespace peerd {
 
-// How a segment is frozen beyond the in-memory flip (DESIGN.md §2: the store is the truth).
+// How a segment is frozen beyond the in-memory flip (docs/DESIGN.md §2: the store is the truth).
 struct FreezeOptions {
   // Runs first, with the still-training segment; if it fails the segment stays training and the
   // error is returned. The service writes the segment to the expert store here.

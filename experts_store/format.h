@@ -1,7 +1,8 @@
 // The expert store's on-disk format, in one place.
 //
 // One RocksDB database per data directory. Column families:
-//   default      "meta" -> StoreMeta (schema version)
+//   default      "meta" -> StoreMeta (schema version); "config" -> Config, the configuration the
+//                data directory was first trained with (service/data_dir_config.h)
 //   experts      (layer, segment, expert) -> down ‖ up of that expert, D values each, in the
 //                segment's RowDtype (fp32 or bf16, little-endian)
 //   subkeys      (layer, segment) -> the segment's sub-keys, fp32 [heads, 2, n_keys, dk/2]

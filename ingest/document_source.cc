@@ -140,7 +140,8 @@ bool DocumentSource::Restart(bool reopen, const std::string& why) {
 
 bool DocumentSource::WaitForMore() {
   while (!follow_stop_->load()) {
-    struct stat held {}, named {};
+    struct stat held {
+    }, named{};
     const uint64_t have = base_ + data_.size();
     if (::fstat(held_, &held) == 0) {
       if (static_cast<uint64_t>(held.st_size) > have) {

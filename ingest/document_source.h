@@ -64,8 +64,8 @@ class DocumentSource {
   bool Restart(bool reopen, const std::string& why);
   std::string name_, data_;  // the current input, read whole (in follow mode: what is not yet cut)
   size_t pos_ = 0;
-  uint64_t base_ = 0;  // file offset of data_[0]
-  int held_ = -1;      // following: the followed file, open (it may be renamed away meanwhile)
+  uint64_t base_ = 0;                  // file offset of data_[0]
+  int held_ = -1;                      // following: the followed file, open (it may be renamed away meanwhile)
   uint64_t restarts_ = 0, inode_ = 0;  // new starts of the followed file in this run; its inode
   bool tail_complete_ = false;         // the held file was replaced: its unterminated tail is whole
   const std::atomic<bool>* follow_stop_ = nullptr;

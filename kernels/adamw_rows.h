@@ -1,4 +1,4 @@
-// The row-wise AdamW update for expert tables (DESIGN.md §5): a training segment's gradient is
+// The row-wise AdamW update for expert tables (docs/DESIGN.md §5): a training segment's gradient is
 // sparse — only the rows some token retrieved this step — and the update touches exactly those
 // rows of the parameter and of both moments. Rows nobody retrieved keep their values and their
 // moments (lazy Adam, as torch.optim.SparseAdam): a 1M-expert table costs per step what the

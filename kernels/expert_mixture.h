@@ -10,7 +10,7 @@
 // gradient is a sparse COO tensor [N, D] holding only the retrieved rows (indices strictly
 // increasing, one entry per row), so a 1M-row table never gets a dense gradient; AdamW updates
 // just those rows (kernels/adamw_rows.h). Every sum runs in a fixed order for a given thread
-// count, so results do not depend on how threads are scheduled. DESIGN.md §5.
+// count, so results do not depend on how threads are scheduled. docs/DESIGN.md §5.
 #pragma once
 
 #include <torch/torch.h>

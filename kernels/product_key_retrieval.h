@@ -1,4 +1,4 @@
-// Product-key retrieval over several segments, fused (DESIGN.md §5; PEER, He 2024 §2).
+// Product-key retrieval over several segments, fused (docs/DESIGN.md §5; PEER, He 2024 §2).
 //
 // For each head and token: every segment's two halves are scored against the query halves (one
 // GEMM per head and half), each half keeps its own top-k, the k² sums are candidates, and the k

@@ -33,7 +33,9 @@ int main(int argc, char** argv) {
   app.add_option("--split", split, "file | blank-line | line | bytes:N")->capture_default_str();
   app.add_option("--resume", resume, "file recording acked ids (default .peer-ingest/TASK.acked)");
   app.add_flag("--no-resume", no_resume, "send everything, remember nothing");
-  app.add_flag("--follow", follow, "keep watching the last file for appended documents, through truncation and rotation (until Ctrl-C / SIGTERM)");
+  app.add_flag(
+      "--follow", follow,
+      "keep watching the last file for appended documents, through truncation and rotation (until Ctrl-C / SIGTERM)");
   app.add_option("paths", paths, "files, directories (recursive) or - for stdin")->required();
   CLI11_PARSE(app, argc, argv);
 

@@ -7,7 +7,7 @@
 // DIR holds train.txt and heldout.txt (scripts/corpora.sh writes them). With --grow-at, every
 // training segment is frozen at that step and a fresh one added, as the service will do between
 // domains; the frozen segments' checksums are verified at the end. With --world-size W, W
-// processes (one per --rank) train the same model data parallel (DESIGN.md §6): every rank draws
+// processes (one per --rank) train the same model data parallel (docs/DESIGN.md §6): every rank draws
 // the same global batches and trains its share of them; rank 0 prints and evaluates.
 // --dump-params writes every parameter and buffer at the end (tests/distributed_test.cc compares
 // the ranks' files): "PEERPARAMS1\n", then per tensor a u32 name length, the name, a u8 dtype

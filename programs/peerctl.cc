@@ -2,7 +2,8 @@
 //
 //   peerctl [--admin 127.0.0.1:7071] [--token-file peerd-data/admin.token] [--json] COMMAND
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
-//     tasks [list | add NAME FILE] | eval [run [--label L] | report] | checkpoint | pause | resume
+//     tasks [list | add NAME FILE | delete NAME] | eval [run [--label L] | report] | checkpoint | pause | resume
+//     score [TEXT | -] [--log-probs]       (no TEXT or -: stdin)
 //     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
 //                                          freezeDtype=bf16  routed=true  keepTrainedText=false)
 #include <CLI/CLI.hpp>
@@ -17,6 +18,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
+#include <iterator>
 #include <sstream>
 
 #include "core/host_port.h"
@@ -168,6 +171,13 @@ bool PrintHuman(const std::string& command, const std::string& action, const std
     if (!Parse(body, &row)) return false;
     for (int i = 0; i < row.tasks_size() && i < row.bits_per_byte_size(); ++i)
       std::printf("%-24s %s bits/byte\n", row.tasks(i).c_str(), Fixed(row.bits_per_byte(i)).c_str());
+  } else if (command == "score") {
+    peerd::ScoreReply s;
+    if (!Parse(body, &s)) return false;
+    std::printf("%llu bytes, %llu predicted: %s bits/byte\n", static_cast<unsigned long long>(s.bytes()),
+                static_cast<unsigned long long>(s.predicted_bytes()), Fixed(s.bits_per_byte()).c_str());
+    for (const auto& seg : s.segments())
+      std::printf("layer %u segment %u: %5.1f%% of the experts retrieved\n", seg.layer(), seg.id(), 100 * seg.share());
   } else if (command == "policy") {
     peerd::Policy policy;
     if (!Parse(body, &policy)) return false;
@@ -206,13 +216,18 @@ int main(int argc, char** argv) {
   segments->add_option("--dtype", dtype, "frozen rows: bf16 | fp32");
   auto* tasks = app.add_subcommand("tasks", "list or add held-out tasks");
   std::string task_action = "list", task_name, task_file;
-  tasks->add_option("action", task_action, "list | add");
+  tasks->add_option("action", task_action, "list | add | delete");
   tasks->add_option("name", task_name);
   tasks->add_option("file", task_file, "held-out text (sent as text)");
   auto* eval = app.add_subcommand("eval", "run an evaluation or show the forgetting report");
   std::string eval_action = "report", label;
   eval->add_option("action", eval_action, "run | report");
   eval->add_option("--label", label, "name of the row, e.g. 'after kjv'");
+  auto* score = app.add_subcommand("score", "bits per byte of a text, and which segments answered (no side effect)");
+  std::string score_text = "-";
+  bool log_probs = false;
+  score->add_option("text", score_text, "the text, or - for stdin")->capture_default_str();
+  score->add_flag("--log-probs", log_probs, "also each predicted byte's log-probability (with --json)");
   app.add_subcommand("checkpoint", "write a checkpoint now");
   app.add_subcommand("pause", "pause training");
   app.add_subcommand("resume", "resume training");
@@ -280,8 +295,23 @@ int main(int argc, char** argv) {
       ss << in.rdbuf();
       verb = http::verb::post, target = "/v1/tasks";
       body = json{{"name", task_name}, {"text", ss.str()}}.dump(-1, ' ', false, json::error_handler_t::replace);
+    } else if (task_action == "delete" && !task_name.empty()) {
+      verb = http::verb::delete_, target = "/v1/tasks/" + task_name;
     } else {
-      std::fprintf(stderr, "peerctl: tasks takes list, or add NAME FILE\n");
+      std::fprintf(stderr, "peerctl: tasks takes list, add NAME FILE, or delete NAME\n");
+      return 2;
+    }
+  } else if (command == "score") {
+    std::string text = score_text;
+    if (text == "-") text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+    peerd::ScoreRequest r;
+    r.set_text(text);
+    r.set_log_probs(log_probs);
+    verb = http::verb::post, target = "/v1/score";
+    google::protobuf::util::JsonPrintOptions options;
+    options.preserve_proto_field_names = false;
+    if (!google::protobuf::util::MessageToJsonString(r, &body, options).ok()) {
+      std::fprintf(stderr, "peerctl: the text is not valid UTF-8 (JSON cannot carry it)\n");
       return 2;
     }
   } else if (command == "eval") {

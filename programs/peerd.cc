@@ -4,7 +4,7 @@
 //
 //   peerd [--data-dir ./peerd-data] [--config FILE] [--data-listen 127.0.0.1:7070]
 //         [--admin-listen 127.0.0.1:7071] [--log-level info] ...
-//   peerd --world-size W --rank R --rendezvous HOST:PORT ...   (multi-rank: DESIGN.md §6)
+//   peerd --world-size W --rank R --rendezvous HOST:PORT ...   (multi-rank: docs/DESIGN.md §6)
 //
 // With several ranks, rank 0 is the whole service above and trains its share of every batch;
 // ranks 1..W-1 hold no data directory or ports: they take the model from rank 0 and train their
@@ -16,12 +16,14 @@
 #include <CLI/CLI.hpp>
 
 #include <filesystem>
+#include <optional>
 
 #include "core/collective.h"
 #include "core/config.h"
 #include "core/runtime.h"
 #include "experts_store/row_dtype.h"
 #include "service/admin_server.h"
+#include "service/data_dir_config.h"
 #include "service/net/data_server.h"
 #include "service/net/spool.h"
 #include "service/net/token.h"
@@ -167,10 +169,11 @@ int main(int argc, char** argv) {
   }
 
   LoopOptions lo;
-  lo.config = DefaultConfig();
-  if (!config_path.empty())
-    if (Status st = LoadConfigFile(config_path, &lo.config); !st.ok()) return fail("configuration", st);
-  if (threads) lo.config.mutable_train()->set_threads(threads);
+  std::optional<Config> given;  // --config merged over the defaults
+  if (!config_path.empty()) {
+    given = DefaultConfig();
+    if (Status st = LoadConfigFile(config_path, &*given); !st.ok()) return fail("configuration", st);
+  }
   lo.checkpoint_every_steps = checkpoint_steps;
   lo.checkpoint_every_seconds = checkpoint_seconds;
   lo.freeze_dtype = *ParseRowDtype(freeze_dtype);  // CLI11 checked the name
@@ -178,7 +181,6 @@ int main(int argc, char** argv) {
   lo.pool.cache_bytes = cache_mb << 20;
   lo.retention.max_bytes = spool_keep_mb << 20;
   lo.retention.max_age_seconds = spool_keep_hours * 3600;
-  const int used_threads = SetComputeThreads(lo.config.train().threads());
 
   // Signals are taken by this thread with sigwait; every other thread starts with them blocked.
   sigset_t signals;
@@ -189,6 +191,10 @@ int main(int argc, char** argv) {
 
   std::shared_ptr<DataDirDb> db;
   if (Status st = DataDirDb::Open(data_dir, {}, &db); !st.ok()) return fail("data directory", st);
+  if (Status st = ResolveDataDirConfig(*db, given, &lo.config); !st.ok()) return fail("configuration", st);
+  const Config resolved = lo.config;  // what the data directory records, --threads aside
+  if (threads) lo.config.mutable_train()->set_threads(threads);
+  const int used_threads = SetComputeThreads(lo.config.train().threads());
   std::string admin_token, data_token;
   if (Status st = LoadOrCreateToken(data_dir + "/admin.token", &admin_token); !st.ok()) return fail("admin token", st);
   if (Status st = LoadOrCreateToken(data_dir + "/data.token", &data_token); !st.ok()) return fail("data token", st);
@@ -209,6 +215,7 @@ int main(int argc, char** argv) {
     fail("restoring the model and sending it to the other ranks", st);
     return kExitRankLost;
   }
+  if (Status st = RecordDataDirConfig(*db, resolved); !st.ok()) return fail("configuration", st);
   KeepFreedMemory();  // the model is built; from here on every step re-uses the last step's memory
   StatusReply s0 = loop->Snapshot();
   spdlog::info(

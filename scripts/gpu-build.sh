@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds peerd with its CUDA kernels (kernels/cuda/, DESIGN.md §5) on the lent GPU machine, runs
+# Builds peerd with its CUDA kernels (kernels/cuda/, docs/DESIGN.md §5) on the lent GPU machine, runs
 # the kernel tests there and prints the layer benchmark.
 #
 # That machine has nvcc (CUDA 13), CMake, ninja, a C++ compiler and PyTorch 2.x, whose LibTorch

@@ -176,6 +176,15 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             if (Status st = loop->tasks().PutTask(r.name, text); !st.ok()) return FromStatus(st);
             return Ok("task " + r.name + " registered (" + std::to_string(text.size()) + " held-out bytes)");
           },
+          [&](const admin::DeleteTask& r) {
+            if (Status st = loop->DeleteTask(r.name); !st.ok()) return FromStatus(st);
+            return Ok("task " + r.name + " deleted, with its column of the evaluation rows");
+          },
+          [&](const admin::Score& r) {
+            ScoreReply reply;
+            if (Status st = loop->Score(r.text, r.log_probs, &reply); !st.ok()) return FromStatus(st);
+            return Ok(reply);
+          },
           [&](const admin::ListTasks&) {
             std::vector<std::pair<std::string, std::string>> tasks;
             if (Status st = loop->tasks().Tasks(&tasks); !st.ok()) return FromStatus(st);

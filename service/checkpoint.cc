@@ -45,8 +45,8 @@ std::string PieceKey(uint64_t generation, uint32_t tensor, uint32_t piece) {
 
 // The dtypes a model's state holds, by c10's names (stable across LibTorch versions).
 std::optional<torch::ScalarType> ParseDtype(const std::string& name) {
-  for (torch::ScalarType t : {torch::kFloat, torch::kBFloat16, torch::kHalf, torch::kDouble, torch::kLong,
-                              torch::kInt, torch::kShort, torch::kChar, torch::kByte, torch::kBool})
+  for (torch::ScalarType t : {torch::kFloat, torch::kBFloat16, torch::kHalf, torch::kDouble, torch::kLong, torch::kInt,
+                              torch::kShort, torch::kChar, torch::kByte, torch::kBool})
     if (name == c10::toString(t)) return t;
   return std::nullopt;
 }
@@ -93,9 +93,9 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
   }
   meta.set_step(trainer.step());
   meta.set_schedule_start_step(static_cast<uint64_t>(trainer.schedule_start()));
-  meta.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
-                       std::chrono::system_clock::now().time_since_epoch())
-                       .count());
+  meta.set_unix_ms(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
 
   // The generation after the last complete checkpoint's. A save cut short left pieces under this
   // same number: they are removed first, so that none of them can pass for this save's.
@@ -170,7 +170,8 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
       try {
         *has = archive.try_read(name, *out);
       } catch (const c10::Error& e) {
-        return Status::Corruption("the checkpoint in '" + db_->dir() + "' cannot be read: " + e.what_without_backtrace());
+        return Status::Corruption("the checkpoint in '" + db_->dir() +
+                                  "' cannot be read: " + e.what_without_backtrace());
       }
       return Status::OK();
     };
@@ -182,7 +183,8 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
       if (!*has) return Status::OK();
       const CheckpointMeta::Tensor& entry = meta->tensors(it->second);
       const std::optional<torch::ScalarType> dtype = ParseDtype(entry.dtype());
-      if (!dtype) return Status::Corruption("checkpoint tensor '" + name + "' has an unknown dtype '" + entry.dtype() + "'");
+      if (!dtype)
+        return Status::Corruption("checkpoint tensor '" + name + "' has an unknown dtype '" + entry.dtype() + "'");
       *out = torch::empty(std::vector<int64_t>(entry.shape().begin(), entry.shape().end()), *dtype);
       if (static_cast<uint64_t>(out->numel()) * out->element_size() != entry.bytes())
         return Status::Corruption("checkpoint tensor '" + name + "': its shape and size disagree");
@@ -228,7 +230,8 @@ Status Checkpointer::Load(Trainer& trainer, CheckpointMeta* meta, bool* found) {
     torch::Tensor saved;
     bool has = false;
     if (Status st = read(name, &saved, &has); !st.ok()) return st;
-    if (!has) return Status::Corruption("the checkpoint has no tensor '" + name + "' (written by another configuration?)");
+    if (!has)
+      return Status::Corruption("the checkpoint has no tensor '" + name + "' (written by another configuration?)");
     if (saved.sizes() != tensor.sizes())
       return Status::InvalidArgument("checkpoint tensor '" + name + "' has another shape than the model's");
     tensor.copy_(saved);

@@ -1,4 +1,4 @@
-// The steps rank 0 and the other ranks of a multi-rank peerd take together (DESIGN.md §6). Rank 0
+// The steps rank 0 and the other ranks of a multi-rank peerd take together (docs/DESIGN.md §6). Rank 0
 // decides — it owns the spool, the admin API and the store — and announces each collective thing
 // with a RankCommand (proto/ranks.proto); the others (service/rank_worker.h) follow. Each function
 // here is called by every rank at the same point: rank 0's values go out, the others' come in.

@@ -1,4 +1,4 @@
-// RankWorker: what peerd is on ranks other than 0 of a multi-rank job (DESIGN.md §6).
+// RankWorker: what peerd is on ranks other than 0 of a multi-rank job (docs/DESIGN.md §6).
 //
 // A worker holds nothing durable — no data directory, spool, ports or checkpoints: when the job
 // starts it builds the model from rank 0's configuration and takes rank 0's whole state (frozen

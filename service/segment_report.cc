@@ -1,5 +1,7 @@
 #include "service/segment_report.h"
 
+#include <map>
+
 #include "experts_store/expert_store.h"
 #include "experts_store/row_dtype.h"
 
@@ -25,10 +27,21 @@ UsageBySegment StopUsageRecording(TransformerLM& model) {
         kl = (used * (used * n).log()).sum().item<double>();
       }
       usage[{static_cast<uint32_t>(l), static_cast<uint32_t>(layers[l]->segments()[pos]->id())}] = {
-          (counts > 0).sum().item<double>() / n, kl};
+          (counts > 0).sum().item<double>() / n, kl, total};
     }
   }
   return usage;
+}
+
+void AddSegmentShares(const UsageBySegment& usage, ScoreReply* reply) {
+  std::map<uint32_t, double> layer_total;
+  for (const auto& [key, u] : usage) layer_total[key.first] += u.retrievals;
+  for (const auto& [key, u] : usage) {
+    ScoreReply::SegmentShare* s = reply->add_segments();
+    s->set_layer(key.first);
+    s->set_id(key.second);
+    s->set_share(layer_total[key.first] > 0 ? u.retrievals / layer_total[key.first] : 0);
+  }
 }
 
 SegmentsReply DescribeSegments(TransformerLM& model, const std::vector<SegmentManifest>& manifests,

@@ -18,6 +18,7 @@ namespace peerd {
 struct SegmentUsage {
   double share_used = 0;
   double kl_from_uniform = 0;
+  double retrievals = 0;  // experts retrieved from it (a token's h·k retrievals counted each)
 };
 using UsageBySegment = std::map<std::pair<uint32_t, uint32_t>, SegmentUsage>;  // by (layer, segment id)
 
@@ -25,6 +26,9 @@ using UsageBySegment = std::map<std::pair<uint32_t, uint32_t>, SegmentUsage>;  /
 void StartUsageRecording(TransformerLM& model);
 // Stops counting and returns what was counted since StartUsageRecording.
 UsageBySegment StopUsageRecording(TransformerLM& model);
+
+// Each segment's share of its layer's retrievals in `usage`, layer by layer.
+void AddSegmentShares(const UsageBySegment& usage, ScoreReply* reply);
 
 // The pool as GET /v1/segments shows it: the model's segments, with the store's manifests of the
 // frozen ones (dtype, checksum, step) and `usage` where it has them.

@@ -44,6 +44,30 @@ Status TaskStore::Tasks(std::vector<std::pair<std::string, std::string>>* out) c
   return FromRocks(it->status(), "listing tasks");
 }
 
+Status TaskStore::DeleteTask(const std::string& name) {
+  std::string text;
+  rocksdb::Status s = db_->db()->Get(rocksdb::ReadOptions(), db_->family(Family::kEvals), "task/" + name, &text);
+  if (s.IsNotFound()) return Status::NotFound("no task " + name + " (GET /v1/tasks lists them)");
+  if (!s.ok()) return FromRocks(s, "reading task " + name);
+  std::vector<EvalRow> rows;
+  if (Status st = Rows(&rows); !st.ok()) return st;
+  rocksdb::WriteBatch batch;
+  batch.Delete(db_->family(Family::kEvals), "task/" + name);
+  for (size_t n = 0; n < rows.size(); ++n) {
+    EvalRow kept = rows[n];
+    kept.clear_tasks();
+    kept.clear_bits_per_byte();
+    for (int i = 0; i < rows[n].tasks_size() && i < rows[n].bits_per_byte_size(); ++i)
+      if (rows[n].tasks(i) != name) {
+        kept.add_tasks(rows[n].tasks(i));
+        kept.add_bits_per_byte(rows[n].bits_per_byte(i));
+      }
+    if (kept.tasks_size() != rows[n].tasks_size())
+      batch.Put(db_->family(Family::kEvals), RowKey(n), kept.SerializeAsString());
+  }
+  return db_->SyncedWrite(&batch, "deleting task " + name);
+}
+
 Status TaskStore::AppendRow(const EvalRow& row) {
   std::vector<EvalRow> rows;
   if (Status st = Rows(&rows); !st.ok()) return st;

@@ -18,6 +18,9 @@ class TaskStore {
   // Registers (or replaces) a task's held-out text. The name follows data-port task names.
   Status PutTask(const std::string& name, const std::string& text);
   Status Tasks(std::vector<std::pair<std::string, std::string>>* out) const;  // in name order
+  // Removes a task's held-out text and its column from every evaluation row (the rows stay, with
+  // their other tasks), in one synced batch. NotFound when there is no such task.
+  Status DeleteTask(const std::string& name);
   Status AppendRow(const EvalRow& row);
   Status Rows(std::vector<EvalRow>* out) const;  // oldest first
 
@@ -25,7 +28,7 @@ class TaskStore {
   std::shared_ptr<DataDirDb> db_;
 };
 
-// The continual-learning metrics of DESIGN.md §4 over the history (lower bits/byte is better).
+// The continual-learning metrics of docs/DESIGN.md §4 over the history (lower bits/byte is better).
 // Row "init" (if any) is the model before training; row "after X" is the one right after task X
 // was trained.
 ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows);

@@ -402,9 +402,9 @@ Status TrainingLoop::CheckpointNow() {
   // text is no longer needed unless the policy replays it, and then only what retention keeps.
   uint64_t prune_before = meta.spool_next_index();
   if (trainer_->config().keep_trained_text()) {
-    const uint64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                                std::chrono::system_clock::now().time_since_epoch())
-                                .count();
+    const uint64_t now_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count();
     if (Status st = spool_->RetentionHorizon(options_.retention, prune_before, now_ms, &prune_before); !st.ok()) {
       spdlog::error("applying the spool's retention bound (the next checkpoint tries again): {}", st.ToString());
       return Status::OK();
@@ -539,9 +539,7 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     r.set_unix_ms(
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
             .count());
-    EvalOptions eo;
-    eo.max_bytes = options_.config.train().eval_bytes();
-    eo = routing_.Options(eo, trainer_->config().route_context());
+    const EvalOptions eo = EvalOptionsNow(options_.config.train().eval_bytes());
     StartUsageRecording(model_);
     for (const auto& [name, text] : tasks) {
       r.add_tasks(name);
@@ -553,6 +551,35 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     *row = r;
     return Status::OK();
   });
+}
+
+EvalOptions TrainingLoop::EvalOptionsNow(int64_t max_bytes) const {
+  EvalOptions eo;
+  eo.max_bytes = max_bytes;
+  return routing_.Options(eo, trainer_->config().route_context());
+}
+
+Status TrainingLoop::Score(const std::string& text, bool log_probs, ScoreReply* reply) {
+  return RunOnTrainer([&]() -> Status {
+    if (text.size() < 2) return Status::InvalidArgument("a text to score needs at least 2 bytes");
+    StartUsageRecording(model_);
+    const TextScore score = ScoreText(model_, text, EvalOptionsNow(0), log_probs);
+    const UsageBySegment usage = StopUsageRecording(model_);
+    reply->Clear();
+    reply->set_bits_per_byte(score.bits_per_byte);
+    reply->set_bytes(text.size());
+    reply->set_predicted_bytes(static_cast<uint64_t>(score.predicted_bytes));
+    for (size_t i = 0; i < score.log_probs.size(); ++i) {
+      reply->add_log_probs(score.log_probs[i]);
+      reply->add_offsets(static_cast<uint64_t>(score.predicted[i]));
+    }
+    AddSegmentShares(usage, reply);
+    return Status::OK();
+  });
+}
+
+Status TrainingLoop::DeleteTask(const std::string& name) {
+  return RunOnTrainer([&]() -> Status { return tasks_.DeleteTask(name); });
 }
 
 Status TrainingLoop::SetPolicy(const Policy& policy) {

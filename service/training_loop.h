@@ -6,7 +6,7 @@
 // a snapshot under a mutex. Open() restores: frozen segments from the expert store, the rest from
 // the last checkpoint.
 //
-// With several ranks (LoopOptions::ranks, DESIGN.md §6) this is rank 0: it syncs the others to its
+// With several ranks (LoopOptions::ranks, docs/DESIGN.md §6) this is rank 0: it syncs the others to its
 // restored model, announces every step and every change to the pool or the policy to them
 // (service/rank_commands.h) and compares the ranks' model digests after each checkpoint and each
 // change (service/rank_coordinator.h). A lost rank stops training for good (lost_rank_reason() says
@@ -53,7 +53,7 @@ struct LoopOptions {
   double partial_batch_after_seconds = 2;  // train a smaller batch when no more data comes
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
-  SpoolRetention retention;  // what trained text the spool keeps when the policy keeps trained text
+  SpoolRetention retention;     // what trained text the spool keeps when the policy keeps trained text
   Collective* ranks = nullptr;  // the other ranks of a multi-rank job (not owned); null: one process
   // Called once, on the trainer thread, after a rank was lost while the loop runs: the program
   // shuts its ports and exits without a checkpoint (peerd raises SIGTERM to itself).
@@ -78,6 +78,11 @@ class TrainingLoop {
   Status FreezeSegment(uint32_t id, std::optional<uint32_t> layer, std::optional<RowDtype> dtype,
                        std::vector<uint32_t>* layers);
   Status Evaluate(const std::string& label, EvalRow* row);
+  // Scores a text as an evaluation would, and says which segments answered; changes nothing (no
+  // row, no task, the usage /v1/segments shows stays the last evaluation's).
+  Status Score(const std::string& text, bool log_probs, ScoreReply* reply);
+  // TaskStore::DeleteTask, between evaluations.
+  Status DeleteTask(const std::string& name);
   Status Checkpoint();
   Status SetPolicy(const Policy& policy);
   Policy GetPolicy();
@@ -176,6 +181,8 @@ class TrainingLoop {
   double step_collective_seconds_ = 0;
   int64_t multi_rank_steps_ = 0;
   UsageBySegment usage_;  // over the last evaluation
+  // How an evaluation runs now: its byte budget and, once routing started, each window's route.
+  EvalOptions EvalOptionsNow(int64_t max_bytes) const;
 };
 
 }  // namespace peerd

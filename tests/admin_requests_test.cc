@@ -136,6 +136,17 @@ TEST(AdminRequests, EveryBadInputInTheCatalogueGetsItsStatusAndExactMessage) {
        "freezeDtype must be \"bf16\" or \"fp32\", got \"int8\""},
       {"PUT", "/v1/policy", "{\"trainGroups\": [\"\"]}", 400,
        "trainGroups entries must be group names of 1-64 bytes, got ''"},
+      // Scoring and deleting tasks.
+      {"POST", "/v1/score", "{}", 400, "text to score must be 2 to 1048576 bytes, got 0"},
+      {"POST", "/v1/score", "{\"text\": \"a\"}", 400, "text to score must be 2 to 1048576 bytes, got 1"},
+      {"POST", "/v1/score", "{\"text\": \"" + std::string(kMaxScoreBytes + 1, 'a') + "\"}", 400,
+       "text to score must be 2 to 1048576 bytes, got 1048577"},
+      {"POST", "/v1/score", "{\"text\": \"ab\", \"logprobs\": true}", 400,
+       "request body is not valid JSON for peerd.ScoreRequest: logprobs: Cannot find field."},
+      {"DELETE", "/v1/tasks/a%20b", "", 400,
+       "task name in /v1/tasks/{name} must be 1-64 characters of A-Z a-z 0-9 _ . -, got 'a%20b'"},
+      {"GET", "/v1/tasks/kjv", "", 405, "GET is not allowed on /v1/tasks/kjv"},
+      {"GET", "/v1/score", "", 405, "GET is not allowed on /v1/score"},
       // Routes and methods.
       {"GET", "/v1/nothing", "", 404, "no route /v1/nothing (see README: admin API)"},
       {"GET", "/v1/segments/0", "", 404, "no route /v1/segments/0 (see README: admin API)"},
@@ -207,6 +218,13 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
   EXPECT_EQ(p.distill_weight(), 1000);
   // Unknown group names are the trainer's to refuse (ValidateConfig knows the list).
   EXPECT_TRUE(ParseAdminRequest("PUT", "/v1/policy", R"({"trainGroups": ["nope"]})", &r, &e)) << e.message;
+
+  ASSERT_TRUE(ParseAdminRequest("POST", "/v1/score", R"({"text": "In the beginning", "logProbs": true})", &r, &e))
+      << e.message;
+  EXPECT_EQ(std::get<admin::Score>(r).text, "In the beginning");
+  EXPECT_TRUE(std::get<admin::Score>(r).log_probs);
+  ASSERT_TRUE(ParseAdminRequest("DELETE", "/v1/tasks/kjv.held-out_1", "", &r, &e)) << e.message;
+  EXPECT_EQ(std::get<admin::DeleteTask>(r).name, "kjv.held-out_1");
 
   ASSERT_TRUE(ParseAdminRequest("POST", "/v1/train/pause", "ignored", &r, &e)) << e.message;
   EXPECT_TRUE(std::get<admin::SetPaused>(r).paused);

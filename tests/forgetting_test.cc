@@ -1,4 +1,4 @@
-// The forgetting metrics (DESIGN.md §4) against matrices worked out by hand, both as the pure
+// The forgetting metrics (docs/DESIGN.md §4) against matrices worked out by hand, both as the pure
 // function and through the service's report, which reads task columns and "after X" row labels.
 #include <gtest/gtest.h>
 

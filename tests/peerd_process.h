@@ -123,7 +123,8 @@ inline int WaitForExit(pid_t* pid, std::chrono::seconds limit) {
 
 class PeerdProcess {
  public:
-  // `dir` holds config.json; peerd keeps its data in dir/data and logs to dir/peerd.log. The first
+  // `dir` holds config.json (without one, peerd starts without --config); peerd keeps its data in
+  // dir/data and logs to dir/peerd.log. The first
   // start lets peerd bind free ports itself (port 0, so no other process can take them between a
   // probe and the bind); with `keep_ports`, every later start binds the ports the first one got,
   // so that clients reconnect across restarts.
@@ -139,8 +140,10 @@ class PeerdProcess {
     const std::string data = reuse ? data_port_ : "0", admin = reuse ? admin_port_ : "0";
     pid_ = fork();
     if (pid_ == 0) {
-      const std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data --config " + dir_ +
-                              "/config.json --data-listen 127.0.0.1:" + data + " --admin-listen 127.0.0.1:" + admin +
+      const std::string config =
+          std::filesystem::exists(dir_ + "/config.json") ? " --config " + dir_ + "/config.json" : "";
+      const std::string cmd = std::string(PEERD_BIN) + " --data-dir " + dir_ + "/data" + config +
+                              " --data-listen 127.0.0.1:" + data + " --admin-listen 127.0.0.1:" + admin +
                               (extra_flags.find("--task-root") == std::string::npos ? " --task-root " + dir_ : "") +
                               " " + extra_flags + " >> " + log + " 2>&1";
       execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);

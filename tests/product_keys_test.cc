@@ -1,4 +1,4 @@
-// Product-key retrieval equals brute-force top-k over all N = n² full keys (DESIGN.md §1: the
+// Product-key retrieval equals brute-force top-k over all N = n² full keys (docs/DESIGN.md §1: the
 // layer's first test), for one segment and for the union of several.
 #include <gtest/gtest.h>
 #include <torch/torch.h>

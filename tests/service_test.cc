@@ -105,6 +105,7 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   const std::string checksum = frozen["checksum"].dump();
 
   ASSERT_EQ(peerd.Ctl("tasks add kjv " + dir + "/heldout.txt").code, 0);
+  ASSERT_EQ(peerd.Ctl("pause").code, 0);  // the evaluation and the score below see one model
   json row = peerd.CtlJson("eval run --label 'after kjv'");
   ASSERT_EQ(row["bitsPerByte"].size(), 1u);
   EXPECT_LT(row["bitsPerByte"][0].get<double>(), 7.5) << "the model should have learnt something";
@@ -112,6 +113,26 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   EXPECT_GT(used.value("usage", 0.0), 0.0)
       << "the evaluation should have retrieved experts of segment 0: " << used.dump();
   EXPECT_GT(used.value("usageKl", -1.0), 0.0);
+  // Scoring the same text (peerctl reads it from stdin) gives the row's figure, says which
+  // segments answered, and adds no row.
+  json scored = peerd.CtlJson("score < " + dir + "/heldout.txt");
+  EXPECT_NEAR(scored.value("bitsPerByte", 0.0), row["bitsPerByte"][0].get<double>(), 1e-9) << scored.dump();
+  ASSERT_TRUE(scored.contains("segments")) << scored.dump();
+  double share = 0;
+  for (const auto& seg : scored["segments"]) share += seg.value("share", 0.0);
+  EXPECT_NEAR(share, 1.0, 1e-9) << scored.dump();
+  EXPECT_EQ(peerd.CtlJson("eval report")["rows"].size(), 1u);
+  ShellResult human = peerd.Ctl("score 'In the beginning God created the heaven and the earth.'");
+  EXPECT_EQ(human.code, 0) << human.out;
+  EXPECT_NE(human.out.find("bits/byte"), std::string::npos) << human.out;
+  ASSERT_EQ(peerd.Ctl("resume").code, 0);
+  // A task can be deleted, with its column of the rows.
+  ASSERT_EQ(peerd.Ctl("tasks add scratch " + dir + "/heldout.txt").code, 0);
+  ASSERT_EQ(peerd.Ctl("tasks delete scratch").code, 0);
+  EXPECT_EQ(peerd.CtlJson("tasks list")["tasks"].size(), 1u);
+  ShellResult gone = peerd.Ctl("tasks delete scratch");
+  EXPECT_NE(gone.code, 0);
+  EXPECT_NE(gone.out.find("404"), std::string::npos) << gone.out;
 
   ASSERT_EQ(peerd.Ctl("checkpoint").code, 0);
   const uint64_t checkpoint_step = U(peerd.CtlJson("status"), "lastCheckpointStep");
@@ -297,6 +318,44 @@ TEST(Peerd, RefusesUnknownFlagValuesAndLogsTheAddressesReallyBound) {
   kill(pid, SIGKILL);
   waitpid(pid, nullptr, 0);
   ASSERT_TRUE(started) << "peerd did not log the addresses it bound within 60 s: " << text;
+}
+
+// The data directory records the configuration it was created with: a start without --config
+// builds that model, and a --config describing another model is refused, naming the fields.
+TEST(Peerd, TheDataDirectoryKeepsItsModelAndRefusesAnotherNamingTheFields) {
+  const std::string dir = ::testing::TempDir() + "/peerd_config_record_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 48, "context": 32}, "train": {"batchSize": 4}})";
+  uint64_t parameters = 0;
+  {
+    PeerdProcess peerd(dir);
+    ASSERT_NO_FATAL_FAILURE(peerd.Start());
+    parameters = U(peerd.CtlJson("status"), "totalParameters");
+    EXPECT_EQ(peerd.Kill(SIGTERM), 0);
+  }
+  ASSERT_GT(parameters, 0u);
+  // Without --config: the recorded model, not the embedded default (another size).
+  fs::remove(dir + "/config.json");
+  {
+    PeerdProcess peerd(dir);
+    ASSERT_NO_FATAL_FAILURE(peerd.Start());
+    EXPECT_EQ(U(peerd.CtlJson("status"), "totalParameters"), parameters);
+    EXPECT_EQ(peerd.Kill(SIGTERM), 0);
+  }
+  // Another model: refused before anything is built, saying which fields differ and what to do.
+  std::ofstream(dir + "/other.json") << R"({"model": {"dModel": 64, "context": 32}})";
+  ShellResult other = Sh("timeout 60 " + std::string(PEERD_BIN) + " --data-dir " + dir + "/data --config " + dir +
+                         "/other.json --data-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0");
+  EXPECT_NE(other.code, 0) << other.out;
+  EXPECT_NE(other.out.find("d_model"), std::string::npos) << other.out;
+  EXPECT_NE(other.out.find("48"), std::string::npos) << other.out;
+  EXPECT_NE(other.out.find("start without --config"), std::string::npos) << other.out;
+  // The same model with other training settings is taken.
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 48, "context": 32}, "train": {"batchSize": 8}})";
+  PeerdProcess peerd(dir);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  EXPECT_EQ(U(peerd.CtlJson("status"), "totalParameters"), parameters);
 }
 
 TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatParse) {

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <stdexcept>
 #include <thread>
@@ -157,6 +158,62 @@ TEST(TrainingLoop, RetentionBoundsTheKeptTrainedTextAndNeverPrunesUntrainedDocum
   EXPECT_GT(s.kept_bytes, 2000u - 339) << "the newest documents stay, as many as fit";
   SpoolEntry newest;
   EXPECT_TRUE(l.spool->Get(30, &newest).ok()) << "the newest trained document is kept for replay";
+}
+
+TEST(TrainingLoop, ScoringATextChangesNothingAndScoresAsItsEvaluationDoes) {
+  Loop l("score");
+  l.loop->Start();
+  l.WaitUntilAllTrained();
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += "abcdefghij klmnop " + std::to_string(i) + "\n";
+  ASSERT_TRUE(l.loop->tasks().PutTask("held", text).ok());
+  EvalRow row;
+  ASSERT_TRUE(l.loop->Evaluate("after held", &row).ok());
+  const SegmentsReply segments_before = l.loop->Segments();
+
+  ScoreReply plain, detailed;
+  ASSERT_TRUE(l.loop->Score(text, /*log_probs=*/false, &plain).ok());
+  ASSERT_TRUE(l.loop->Score(text, /*log_probs=*/true, &detailed).ok());
+  EXPECT_DOUBLE_EQ(plain.bits_per_byte(), row.bits_per_byte(0)) << "the same computation as the evaluation row";
+  EXPECT_NEAR(detailed.bits_per_byte(), plain.bits_per_byte(), 1e-5);
+  EXPECT_EQ(plain.bytes(), text.size());
+  EXPECT_EQ(plain.log_probs_size(), 0);
+  // Every byte but the first is predicted, once, in text order.
+  ASSERT_EQ(detailed.log_probs_size(), static_cast<int>(detailed.predicted_bytes()));
+  ASSERT_EQ(detailed.offsets_size(), detailed.log_probs_size());
+  double nats = 0;
+  for (int i = 0; i < detailed.log_probs_size(); ++i) {
+    EXPECT_LE(detailed.log_probs(i), 0.0f);
+    EXPECT_EQ(detailed.offsets(i), static_cast<uint64_t>(i + 1));
+    nats -= detailed.log_probs(i);
+  }
+  EXPECT_EQ(detailed.predicted_bytes(), text.size() - 1);
+  EXPECT_NEAR(nats / detailed.log_probs_size() / std::log(2.0), detailed.bits_per_byte(), 1e-4);
+  // Which segments answered: one layer here, its shares summing to 1.
+  double share = 0;
+  for (const auto& seg : detailed.segments()) share += seg.share();
+  ASSERT_GT(detailed.segments_size(), 0);
+  EXPECT_NEAR(share, 1.0, 1e-9);
+
+  // No side effect: one evaluation row, the usage the last evaluation measured.
+  std::vector<EvalRow> rows;
+  ASSERT_TRUE(l.loop->tasks().Rows(&rows).ok());
+  EXPECT_EQ(rows.size(), 1u);
+  const SegmentsReply segments_after = l.loop->Segments();
+  ASSERT_EQ(segments_after.segments_size(), segments_before.segments_size());
+  for (int i = 0; i < segments_after.segments_size(); ++i)
+    EXPECT_EQ(segments_after.segments(i).usage(), segments_before.segments(i).usage());
+
+  // Deleting the task takes its text and its column of the rows; the row stays.
+  ASSERT_TRUE(l.loop->DeleteTask("held").ok());
+  std::vector<std::pair<std::string, std::string>> tasks;
+  ASSERT_TRUE(l.loop->tasks().Tasks(&tasks).ok());
+  EXPECT_TRUE(tasks.empty());
+  ASSERT_TRUE(l.loop->tasks().Rows(&rows).ok());
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0].tasks_size(), 0);
+  EXPECT_EQ(rows[0].label(), "after held");
+  EXPECT_EQ(l.loop->DeleteTask("held").code(), Status::Code::kNotFound);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// The CPU implementations of the fused PEER kernels (DESIGN.md §5): the same functions as
+// The CPU implementations of the fused PEER kernels (docs/DESIGN.md §5): the same functions as
 // kernels/expert_mixture.h, kernels/product_key_retrieval.h and kernels/adamw_rows.h, for CPU
 // tensors. The public functions (kernels/*.cc) check the shapes, pick the device and call these;
 // callers use the public functions.

@@ -1,4 +1,4 @@
-# kernels/cuda: the CUDA kernels (DESIGN.md §5), built when a CUDA compiler is found.
+# kernels/cuda: the CUDA kernels (docs/DESIGN.md §5), built when a CUDA compiler is found.
 #
 # Include from the top-level CMakeLists.txt after find_package(Torch). Defines:
 #   PEERD_WITH_CUDA_KERNELS  ON when the kernels are built, else OFF

@@ -1,4 +1,4 @@
-// The CUDA implementations of the fused PEER kernels (DESIGN.md §5): the same functions, with the
+// The CUDA implementations of the fused PEER kernels (docs/DESIGN.md §5): the same functions, with the
 // same signatures and contracts, as kernels/expert_mixture.h, kernels/product_key_retrieval.h
 // and kernels/adamw_rows.h, for tensors on a CUDA device. The public functions call these when
 // the build has them (PEERD_WITH_CUDA_KERNELS) and their inputs are CUDA tensors; callers use

@@ -200,6 +200,26 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
                        error);
   if (path == "/v1/tasks" && post) return ParseTask(body, request, error);
   if (path == "/v1/tasks" && get) return *request = admin::ListTasks{}, true;
+  constexpr std::string_view kTasks = "/v1/tasks/";
+  const bool task_path = path.size() > kTasks.size() && path.substr(0, kTasks.size()) == kTasks;
+  if (task_path && method == "DELETE") {
+    const std::string name(path.substr(kTasks.size()));
+    if (!wire::ValidTaskName(name))
+      return Fail(error, kBadRequest,
+                  "task name in /v1/tasks/{name} must be 1-64 characters of A-Z a-z 0-9 _ . -, got " + Quote(name));
+    *request = admin::DeleteTask{name};
+    return true;
+  }
+  if (path == "/v1/score" && post) {
+    ScoreRequest r;
+    if (!ParseBody(body, &r, error)) return false;
+    if (r.text().size() < 2 || r.text().size() > kMaxScoreBytes)
+      return Fail(error, kBadRequest,
+                  "text to score must be 2 to " + std::to_string(kMaxScoreBytes) + " bytes, got " +
+                      std::to_string(r.text().size()));
+    *request = admin::Score{r.text(), r.log_probs()};
+    return true;
+  }
   if (path == "/v1/eval" && post) {
     EvalRequest r;
     if (!ParseBody(body, &r, error)) return false;
@@ -226,9 +246,9 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
   }
   if (path == "/metrics" && get) return *request = admin::Metrics{}, true;
 
-  bool known = freeze_path;
+  bool known = freeze_path || task_path;
   for (std::string_view route : {"/v1/status", "/v1/segments", "/v1/tasks", "/v1/eval", "/v1/checkpoint",
-                                 "/v1/train/pause", "/v1/train/resume", "/v1/policy", "/metrics"})
+                                 "/v1/train/pause", "/v1/train/resume", "/v1/policy", "/metrics", "/v1/score"})
     known |= path == route;
   if (known)
     return Fail(error, kMethodNotAllowed,

@@ -10,7 +10,8 @@
 // The catalogue of refusals (README: "Admin API: bad input"):
 //   400  body not a JSON object, invalid JSON, unknown field, wrong type, integer out of range,
 //        nKeys outside [1, 65536], bad dtype, bad task name, text and path both or neither,
-//        a non-finite or out-of-range policy number, a bad eval label, a bad segment id
+//        a non-finite or out-of-range policy number, a bad eval label, a bad segment id,
+//        a text to score under 2 bytes or over kMaxScoreBytes
 //   403  a task path outside every --task-root (after resolving "..", symlinks)
 //   404  no such route
 //   405  a known route with the wrong method
@@ -43,6 +44,8 @@ inline constexpr size_t kMaxTargetBytes = 2048;
 inline constexpr size_t kMaxEvalLabelBytes = 256;
 // Largest segment id in /v1/segments/{id}/freeze (nine decimal digits).
 inline constexpr uint32_t kMaxSegmentId = 999'999'999;
+// Longest text POST /v1/score takes: it is scored on the trainer thread, between two steps.
+inline constexpr size_t kMaxScoreBytes = size_t{1} << 20;
 // The largest sub-key count a segment may have per half (it holds nKeys² experts); the same bound
 // as the configuration's model.peer.nKeys.
 inline constexpr uint32_t kMaxSegmentKeys = 65536;
@@ -66,6 +69,13 @@ struct AddTask {
   std::string path;
 };
 struct ListTasks {};
+struct DeleteTask {
+  std::string name;
+};
+struct Score {
+  std::string text;
+  bool log_probs = false;
+};
 struct RunEval {
   std::string label;
 };
@@ -83,8 +93,8 @@ struct Metrics {};
 
 using AdminRequest =
     std::variant<admin::GetStatus, admin::ListSegments, admin::AddSegments, admin::FreezeSegment, admin::AddTask,
-                 admin::ListTasks, admin::RunEval, admin::EvalReport, admin::Checkpoint, admin::SetPaused,
-                 admin::GetPolicy, admin::SetPolicy, admin::Metrics>;
+                 admin::ListTasks, admin::DeleteTask, admin::RunEval, admin::EvalReport, admin::Checkpoint,
+                 admin::SetPaused, admin::GetPolicy, admin::SetPolicy, admin::Metrics, admin::Score>;
 
 // Parses one request: `method` as sent ("GET"), `target` the request target (a query string is
 // ignored), `body` the raw body (empty or whitespace = every field omitted). Returns true and sets

@@ -66,6 +66,11 @@ void CheckAccepted(const AdminRequest& request) {
         e.http_status != 400)
       Broken("task path status", e.message);
   }
+  if (const auto* t = std::get_if<peerd::admin::Score>(&request))
+    if (t->text.size() < 2 || t->text.size() > peerd::kMaxScoreBytes)
+      Broken("score text passed", t->text.substr(0, 64));
+  if (const auto* d = std::get_if<peerd::admin::DeleteTask>(&request))
+    if (d->name.empty() || d->name.size() > 64) Broken("deleted task name passed", d->name);
   if (const auto* p = std::get_if<peerd::admin::SetPolicy>(&request))
     if (!peerd::CheckPolicyNumbers(p->policy).ok()) Broken("policy passed", p->policy.ShortDebugString());
 }
