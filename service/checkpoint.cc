@@ -4,12 +4,13 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <optional>
 #include <sstream>
+
+#include "core/unix_time.h"
 
 namespace peerd {
 
@@ -93,9 +94,7 @@ Status Checkpointer::Save(Trainer& trainer, CheckpointMeta meta) {
   }
   meta.set_step(trainer.step());
   meta.set_schedule_start_step(static_cast<uint64_t>(trainer.schedule_start()));
-  meta.set_unix_ms(
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  meta.set_unix_ms(UnixMillis());
 
   // The generation after the last complete checkpoint's. A save cut short left pieces under this
   // same number: they are removed first, so that none of them can pass for this save's.

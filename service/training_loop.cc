@@ -9,6 +9,7 @@
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/rank_sync.h"
+#include "core/unix_time.h"
 #include "experts_store/row_dtype.h"
 #include "service/metrics_text.h"
 #include "service/net/admin_requests.h"
@@ -402,10 +403,7 @@ Status TrainingLoop::CheckpointNow() {
   // text is no longer needed unless the policy replays it, and then only what retention keeps.
   uint64_t prune_before = meta.spool_next_index();
   if (trainer_->config().keep_trained_text()) {
-    const uint64_t now_ms =
-        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-            .count();
-    if (Status st = spool_->RetentionHorizon(options_.retention, prune_before, now_ms, &prune_before); !st.ok()) {
+    if (Status st = spool_->RetentionHorizon(options_.retention, prune_before, UnixMillis(), &prune_before); !st.ok()) {
       spdlog::error("applying the spool's retention bound (the next checkpoint tries again): {}", st.ToString());
       return Status::OK();
     }
@@ -536,9 +534,7 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     EvalRow r;
     r.set_step(trainer_->step());
     r.set_label(label);
-    r.set_unix_ms(
-        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-            .count());
+    r.set_unix_ms(UnixMillis());
     const EvalOptions eo = EvalOptionsNow(options_.config.train().eval_bytes());
     StartUsageRecording(model_);
     for (const auto& [name, text] : tasks) {

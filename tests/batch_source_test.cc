@@ -6,10 +6,10 @@
 #include <rocksdb/metadata.h>
 #include <torch/torch.h>
 
-#include <chrono>
 #include <filesystem>
 
 #include "core/tokenizer.h"
+#include "core/unix_time.h"
 #include "service/batch_source.h"
 
 namespace peerd {
@@ -185,9 +185,7 @@ TEST(Spool, RetentionPrunesTheOldestTextDownToItsBoundsAndNeverPastTheLimit) {
   SpoolDir d("spool_retention");
   ASSERT_TRUE(d.Open().ok());
   ASSERT_TRUE(d.Add("a", 10, [](int) { return std::string(100, 'x'); }).ok());  // indices 1..10
-  const uint64_t now_ms = static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  const uint64_t now_ms = UnixMillis();
   uint64_t before = 0;
   // Unbounded: nothing is due.
   ASSERT_TRUE(d.spool->RetentionHorizon({}, 11, now_ms, &before).ok());

@@ -59,6 +59,18 @@ std::unique_ptr<Trainer> FreshTrainer(TransformerLM* model) {
   return std::make_unique<Trainer>(*model, c.train());
 }
 
+// Loads the data directory's checkpoint into a fresh trainer (another seed than TrainedTrainer's)
+// and expects it restored; its record in *meta.
+std::unique_ptr<Trainer> Restored(const Fixture& f, TransformerLM* model, CheckpointMeta* meta,
+                                  size_t piece_bytes = kPieceBytes) {
+  auto trainer = FreshTrainer(model);
+  bool found = false;
+  Status st = Checkpointer(f.db, piece_bytes).Load(*trainer, meta, &found);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_TRUE(found);
+  return trainer;
+}
+
 // Every tensor and AdamW moment of `b` equals `a`'s, bit for bit.
 void ExpectSameState(Trainer& a, Trainer& b) {
   auto sa = a.model()->NamedTrainingState(), sb = b.model()->NamedTrainingState();
@@ -93,12 +105,8 @@ TEST(Checkpoint, TensorsLargerThanAPieceAreStoredInBoundedPiecesAndRestoredBitFo
   EXPECT_GT(pieces, model->NamedTrainingState().size() * 3) << "the embedding alone spans dozens of pieces";
 
   TransformerLM restored_model{nullptr};
-  auto restored = FreshTrainer(&restored_model);
   CheckpointMeta meta;
-  bool found = false;
-  Status st = Checkpointer(f.db, kPieceBytes).Load(*restored, &meta, &found);
-  ASSERT_TRUE(st.ok()) << st.ToString();
-  ASSERT_TRUE(found);
+  auto restored = Restored(f, &restored_model, &meta);
   ExpectSameState(*trainer, *restored);
 }
 
@@ -124,10 +132,8 @@ TEST(Checkpoint, ASaveCutShortLeavesTheLastCheckpointWholeAndItsPiecesAreRemoved
     ASSERT_TRUE(f.db->SyncedWrite(&batch, "test").ok());
   }
   TransformerLM restored_model{nullptr};
-  auto restored = FreshTrainer(&restored_model);
   CheckpointMeta meta;
-  bool found = false;
-  ASSERT_TRUE(Checkpointer(f.db, kPieceBytes).Load(*restored, &meta, &found).ok());
+  auto restored = Restored(f, &restored_model, &meta);
   EXPECT_EQ(meta.generation(), 1u);
   ExpectSameState(*trainer, *restored);
 
@@ -136,8 +142,7 @@ TEST(Checkpoint, ASaveCutShortLeavesTheLastCheckpointWholeAndItsPiecesAreRemoved
   ASSERT_TRUE(checkpointer.Save(*trainer, CheckpointMeta()).ok());
   EXPECT_EQ(f.Values().size(), keys_after_one_save);
   TransformerLM again_model{nullptr};
-  auto again = FreshTrainer(&again_model);
-  ASSERT_TRUE(Checkpointer(f.db, kPieceBytes).Load(*again, &meta, &found).ok());
+  auto again = Restored(f, &again_model, &meta);
   EXPECT_EQ(meta.generation(), 2u);
   ExpectSameState(*trainer, *again);
 }
@@ -168,12 +173,8 @@ TEST(Checkpoint, ACheckpointWrittenAsOneArchiveStillLoadsAndTheNextSaveReplacesI
     ASSERT_TRUE(f.db->SyncedWrite(&batch, "test").ok());
   }
   TransformerLM restored_model{nullptr};
-  auto restored = FreshTrainer(&restored_model);
   CheckpointMeta meta;
-  bool found = false;
-  Status st = Checkpointer(f.db).Load(*restored, &meta, &found);
-  ASSERT_TRUE(st.ok()) << st.ToString();
-  ASSERT_TRUE(found);
+  auto restored = Restored(f, &restored_model, &meta, Checkpointer::kDefaultPieceBytes);
   ExpectSameState(*trainer, *restored);
 
   ASSERT_TRUE(Checkpointer(f.db).Save(*restored, CheckpointMeta()).ok());

@@ -5,10 +5,10 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
-#include <chrono>
 #include <future>
 #include <unordered_set>
 
+#include "core/unix_time.h"
 #include "proto/wire.pb.h"
 
 namespace peerd {
@@ -135,9 +135,7 @@ Status Spool::Commit(std::vector<Request>& batch, std::vector<uint64_t>* duplica
     next = last_index_;
     bytes = total_bytes_;
   }
-  const uint64_t now_ms = static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  const uint64_t now_ms = UnixMillis();
   rocksdb::WriteBatch wb;
   std::unordered_set<std::string> in_batch;
   uint64_t dup_total = 0;
