@@ -195,7 +195,10 @@ TEST(TrainingLoop, ScoringATextChangesNothingAndScoresAsItsEvaluationDoes) {
   ASSERT_GT(detailed.segments_size(), 0);
   EXPECT_NEAR(share, 1.0, 1e-9);
 
-  // No side effect: one evaluation row, the usage the last evaluation measured.
+  // No side effect: one evaluation row, the usage the last evaluation measured (a short text of
+  // other bytes, scored last, retrieves other experts).
+  ScoreReply other;
+  ASSERT_TRUE(l.loop->Score("zzzz", /*log_probs=*/false, &other).ok());
   std::vector<EvalRow> rows;
   ASSERT_TRUE(l.loop->tasks().Rows(&rows).ok());
   EXPECT_EQ(rows.size(), 1u);
