@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
   peerd::ReexecWithTunedEnvironment(argv);
   CLI::App app{"peerd: continual training of a PEER language model on streamed text"};
   std::string data_dir = "peerd-data", config_path, data_listen = "127.0.0.1:7070", admin_listen = "127.0.0.1:7071";
-  std::string log_level = "info", residency = "resident", freeze_dtype = "bf16";
+  std::string log_level = "info", residency = "resident", freeze_dtype = "bf16", training_journal;
   std::vector<std::string> task_roots;
   uint32_t checkpoint_steps = 200, threads = 0;
   double checkpoint_seconds = 60;
@@ -77,6 +77,9 @@ int main(int argc, char** argv) {
   app.add_option("--spool-keep-hours", spool_keep_hours,
                  "with keepTrainedText on: prune trained text older than this (0 = never)")
       ->capture_default_str();
+  app.add_option("--training-journal", training_journal,
+                 "append which spooled text each training step trained to this file (an audit of "
+                 "exactly-once training; format in service/training_journal.h)");
   app.add_option("--idle-timeout-seconds", idle_timeout_s, "close a data stream silent this long")
       ->check(CLI::Range(1u, 86400u))
       ->capture_default_str();
@@ -181,6 +184,7 @@ int main(int argc, char** argv) {
   lo.pool.cache_bytes = cache_mb << 20;
   lo.retention.max_bytes = spool_keep_mb << 20;
   lo.retention.max_age_seconds = spool_keep_hours * 3600;
+  lo.training_journal = training_journal;
 
   // Signals are taken by this thread with sigwait; every other thread starts with them blocked.
   sigset_t signals;

@@ -47,6 +47,10 @@ torch::Tensor BatchSource::Take(int64_t n) {
     out.insert(out.end(), p.tokens.begin(), p.tokens.begin() + take);
     for (int64_t i = 0; i < take; ++i)
       if (p.tokens[i] != ByteTokenizer::kEndOfDocument) ++cursor_.consumed_bytes;
+    if (!last_fresh_.empty() && last_fresh_.back().index == p.index && last_fresh_.back().to == p.offset)
+      last_fresh_.back().to += take;
+    else
+      last_fresh_.push_back({p.index, p.offset, p.offset + take});
     p.tokens.erase(p.tokens.begin(), p.tokens.begin() + take);
     p.offset += take;
     if (p.tokens.empty()) {
@@ -121,6 +125,7 @@ torch::Tensor BatchSource::Next(int64_t batch, int64_t seq_len, double replay_ra
                                 int64_t* replayed_rows) {
   if (replayed_rows) *replayed_rows = 0;
   *status = Status::OK();
+  last_fresh_.clear();
   const int64_t window = seq_len + 1;
   const int64_t replay = std::min<int64_t>(batch - 1, std::llround(batch * replay_ratio));
   if (Status st = Fill(batch * window); !st.ok()) {

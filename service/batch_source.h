@@ -13,6 +13,7 @@
 #include <string>
 
 #include "service/net/spool.h"
+#include "service/training_journal.h"
 
 namespace peerd {
 
@@ -35,6 +36,8 @@ class BatchSource {
   torch::Tensor Next(int64_t batch, int64_t seq_len, double replay_ratio, bool allow_partial, Status* status,
                      int64_t* replayed = nullptr);
   const SpoolCursor& cursor() const { return cursor_; }
+  // The fresh text the last Next() took, in order (what the training journal records).
+  const std::vector<TrainedSpan>& last_fresh() const { return last_fresh_; }
   // Fresh tokens read from the spool and not yet trained.
   int64_t buffered_tokens() const;
 
@@ -55,6 +58,7 @@ class BatchSource {
 
   Spool* spool_;
   SpoolCursor cursor_;
+  std::vector<TrainedSpan> last_fresh_;
   std::deque<Piece> buffer_;
   uint64_t next_read_ = 0;  // next spool index to read into the buffer (0: from the cursor)
   // Documents wholly trained and not pruned, by task (read from the spool's id index on the first

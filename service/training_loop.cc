@@ -113,6 +113,10 @@ Status TrainingLoop::Restore() {
     if (Status st = CompareRanks(); !st.ok()) return st;
     if (!snapshot_.ranks_agree()) return Status::Corruption("the ranks disagree right after taking rank 0's model");
   }
+  if (!options_.training_journal.empty()) {
+    if (Status st = journal_.Open(options_.training_journal); !st.ok()) return st;
+    if (Status st = journal_.Started(trainer_->step(), cursor.index, cursor.offset); !st.ok()) return st;
+  }
   RefreshSegments();
   snapshot_.set_step(trainer_->step());
   snapshot_.set_learning_rate(trainer_->NextLearningRate());
@@ -229,6 +233,7 @@ void TrainingLoop::Run() {
       StepStats stats;
       if (!TrainStep(batch, replayed, &stats)) break;
       stepped = true;
+      JournalFailure(journal_.Trained(trainer_->step(), batches_->last_fresh()));
       RecordStep(batch, replayed, stats, &run);
       if (!CheckpointIfDue(&run)) break;
     } catch (const std::exception& e) {
@@ -351,6 +356,13 @@ void TrainingLoop::RecordStep(const torch::Tensor& batch, int64_t replayed, cons
   }
 }
 
+void TrainingLoop::JournalFailure(const Status& st) {
+  // The journal is an audit: training and checkpoints go on without it.
+  if (st.ok() || journal_failed_) return;
+  spdlog::error("{}: the training journal is incomplete from step {} on (said once)", st.ToString(), trainer_->step());
+  journal_failed_ = true;
+}
+
 bool TrainingLoop::CheckpointIfDue(RunState* run) {
   // After a failed checkpoint (disk full) the next try waits the full interval, not one step.
   const bool due_by_time =
@@ -392,6 +404,7 @@ Status TrainingLoop::CheckpointNow() {
   meta.set_consumed_bytes(batches_->cursor().consumed_bytes);
   *meta.mutable_policy() = PolicyOf(trainer_->config(), options_.freeze_dtype);
   *meta.mutable_routing() = routing_.ToProto();
+  JournalFailure(journal_.Sync());  // what the checkpoint covers is in the journal
   if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
   {
     std::lock_guard<std::mutex> lock(mu_);

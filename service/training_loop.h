@@ -53,8 +53,9 @@ struct LoopOptions {
   double partial_batch_after_seconds = 2;  // train a smaller batch when no more data comes
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
-  SpoolRetention retention;     // what trained text the spool keeps when the policy keeps trained text
-  Collective* ranks = nullptr;  // the other ranks of a multi-rank job (not owned); null: one process
+  SpoolRetention retention;      // what trained text the spool keeps when the policy keeps trained text
+  std::string training_journal;  // a file to append which spooled text each step trained to (empty: none)
+  Collective* ranks = nullptr;   // the other ranks of a multi-rank job (not owned); null: one process
   // Called once, on the trainer thread, after a rank was lost while the loop runs: the program
   // shuts its ports and exits without a checkpoint (peerd raises SIGTERM to itself).
   std::function<void()> on_ranks_lost;
@@ -130,6 +131,7 @@ class TrainingLoop {
   // What follows a trained batch: routing statistics, the spool's consumed mark, the snapshot.
   void RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, RunState* run);
   // Writes the periodic checkpoint when due; false when a rank was lost.
+  void JournalFailure(const Status& st);  // logs the first failed journal write or sync
   bool CheckpointIfDue(RunState* run);
   // An exception escaped a turn: with several ranks they are lost (false: the loop ends);
   // alone, training stops with it (StopTrainingAfter).
@@ -164,6 +166,8 @@ class TrainingLoop {
   TransformerLM model_{nullptr};
   std::unique_ptr<Trainer> trainer_;
   std::unique_ptr<BatchSource> batches_;
+  TrainingJournal journal_;
+  bool journal_failed_ = false;  // a write failed and was logged
   RoutedTraining routing_;
   RankCoordinator ranks_;
 

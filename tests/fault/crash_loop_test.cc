@@ -5,8 +5,10 @@
 // checksum must hold and never change, every acknowledged add and freeze must still be there, the
 // policy must be the last acknowledged one or the one in flight at the kill, and the checkpoint
 // (step, spool cursor) must never go back. At the end every document is acknowledged — the
-// followers resend by themselves — stored once, and trained once: the checkpoint's cursor and
-// byte count agree with the spool.
+// followers resend by themselves, none is relaunched — stored once, and trained once: peerd's
+// training journal, with the steps each restart rolled back taken out, covers every token of every
+// spooled document exactly once (a record kept apart from the checkpoint's cursor and byte count,
+// which must agree with it).
 //
 // PEERD_FAULT_CYCLES sets the number of kills (CI: 3; the full run: 50, see bench/RELIABILITY.md);
 // PEERD_FAULT_SEED replays a run (the seed is printed).
@@ -14,6 +16,7 @@
 
 #include <rocksdb/db.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -22,6 +25,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "experts_store/data_dir_db.h"
@@ -66,6 +70,45 @@ void ReadDisk(const std::string& data_dir, DiskState* out) {
   } else {
     ASSERT_TRUE(s.IsNotFound()) << s.ToString();
   }
+}
+
+// What peerd's training journal (service/training_journal.h) says the final model was trained on:
+// the token spans of each spooled document, from the steps no restart rolled back.
+struct JournalAccount {
+  std::map<uint64_t, std::vector<std::pair<uint64_t, uint64_t>>> spans;  // document -> [from, to)
+  int starts = 0;
+  uint64_t rolled_back = 0;  // span lines of steps a restart trained again
+};
+
+void ReadJournal(const std::string& path, int64_t final_step, JournalAccount* out) {
+  struct Line {
+    int64_t step;
+    uint64_t index, from, to;
+  };
+  std::vector<Line> kept;
+  auto roll_back_past = [&](int64_t step) {
+    const size_t before = kept.size();
+    std::erase_if(kept, [&](const Line& l) { return l.step > step; });
+    out->rolled_back += before - kept.size();
+  };
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << "no training journal at " << path;
+  for (std::string text; std::getline(in, text);) {
+    std::istringstream line(text);
+    std::string kind;
+    Line l{};
+    line >> kind >> l.step >> l.index >> l.from;
+    if (kind == "start" && line) {
+      roll_back_past(l.step);
+      ++out->starts;
+    } else if (kind == "step" && (line >> l.to) && l.from < l.to) {
+      kept.push_back(l);
+    } else {
+      FAIL() << "unreadable journal line: \"" << text << "\"";
+    }
+  }
+  roll_back_past(final_step);
+  for (const Line& l : kept) out->spans[l.index].push_back({l.from, l.to});
 }
 
 // A peer-ingest process following one task's file (--follow: it sends lines as they are
@@ -159,7 +202,9 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   } stop_clients{&clients};
 
   PeerdProcess peerd(dir, /*keep_ports=*/true);
-  const std::string flags = "--checkpoint-every-steps 20 --checkpoint-every-seconds 1 --threads 1";
+  const std::string journal = dir + "/journal.txt";
+  const std::string flags =
+      "--checkpoint-every-steps 20 --checkpoint-every-seconds 1 --threads 1 --training-journal " + journal;
 
   DiskState last;                             // as read after the previous kill
   std::map<uint32_t, uint64_t> frozen_first;  // checksum of each segment when first seen frozen
@@ -303,28 +348,66 @@ TEST(CrashLoop, AckedDocumentsAreTrainedOnceAndFrozenSegmentsNeverChangeAcrossSi
   for (const SpoolEntry& e : stored) unique.insert({e.task, e.id});
   EXPECT_EQ(unique.size(), stored.size()) << "a document was stored twice";
   EXPECT_EQ(unique, sent) << "the spool does not hold exactly the documents sent";
+  uint64_t lost = 0;
+  for (const auto& doc : sent) lost += !unique.count(doc);
 
-  // Trained once: the last checkpoint's cursor and byte count agree with the spool — every byte
-  // before the cursor counted once, none after it.
+  // Trained once, as the journal tells it: every token of every document before the checkpoint's
+  // cursor in exactly one surviving step, the document at the cursor up to its offset, none after.
   DiskState end;
   db.reset();
   spool.reset();
   ASSERT_NO_FATAL_FAILURE(ReadDisk(peerd.data_dir(), &end));
   const CheckpointMeta& m = end.checkpoint;
-  uint64_t before_cursor = 0, total = 0;
+  JournalAccount account;
+  ASSERT_NO_FATAL_FAILURE(ReadJournal(journal, m.step(), &account));
+  EXPECT_EQ(account.starts, static_cast<int>(cycles) + 1) << "a start of peerd is missing from the journal";
+  uint64_t trained_twice = 0, gaps = 0, untrained = 0, before_cursor = 0, total = 0;
+  std::string first_problem;
   for (const SpoolEntry& e : stored) {
+    const uint64_t tokens = e.text.size() + 1;  // its bytes, then the end-of-document token
+    const uint64_t expected = e.index < m.spool_next_index()    ? tokens
+                              : e.index == m.spool_next_index() ? m.spool_offset()
+                                                                : 0;
+    std::vector<std::pair<uint64_t, uint64_t>>& spans = account.spans[e.index];
+    std::sort(spans.begin(), spans.end());
+    uint64_t covered = 0;
+    bool twice = false, gap = false;
+    for (const auto& [from, to] : spans) {
+      twice |= from < covered;
+      gap |= from > covered;
+      covered = std::max(covered, to);
+    }
+    gap |= covered < expected;
+    twice |= covered > expected;
+    trained_twice += twice;
+    gaps += gap;
+    if ((twice || gap) && first_problem.empty())
+      first_problem = "document " + std::to_string(e.index) + " (" + e.task + " " + e.id + ", " +
+                      std::to_string(tokens) + " tokens, " + std::to_string(expected) +
+                      " before the cursor) trained as " + std::to_string(spans.size()) + " spans ending at " +
+                      std::to_string(covered);
+    untrained += tokens - std::min(tokens, covered);
     if (e.index < m.spool_next_index()) before_cursor += e.text.size();
     total += e.text.size();
   }
+  EXPECT_EQ(trained_twice, 0u) << "documents trained twice; the first: " << first_problem;
+  EXPECT_EQ(gaps, 0u)
+      << "documents with text the checkpoint counts as trained that no surviving step trained; the first: "
+      << first_problem;
+  EXPECT_LT(untrained, 33u) << "acknowledged text left untrained";
+  // The checkpoint's own counters agree: every byte before the cursor counted once, none after it.
   EXPECT_GE(m.consumed_bytes(), before_cursor);
   EXPECT_LE(m.consumed_bytes(), before_cursor + m.spool_offset());
-  EXPECT_LT(total - m.consumed_bytes(), 33u) << "acknowledged text left untrained";
   for (const auto& [id, checksum] : frozen_first) EXPECT_EQ(end.frozen[id], checksum);
+  // The followers reconnect by themselves across every kill: none exited to be relaunched.
   int runs = 0;
   for (const Client& c : clients) runs += c.runs;
-  std::cout << "crash loop: " << cycles << " kills survived; " << stored.size() << " documents acked, 0 lost, "
-            << stored.size() - unique.size() << " duplicated; " << frozen_first.size() << " frozen segments intact; "
-            << runs << " client runs; " << fed << " lines fed; last checkpoint step " << m.step() << "\n";
+  EXPECT_EQ(runs, static_cast<int>(clients.size())) << "a follower gave up and was relaunched";
+  std::cout << "crash loop: " << cycles << " kills survived; " << stored.size() << " documents acked, " << lost
+            << " lost, " << stored.size() - unique.size() << " stored twice, " << trained_twice << " trained twice, "
+            << gaps << " with untrained gaps (" << account.rolled_back << " journal spans rolled back by restarts); "
+            << frozen_first.size() << " frozen segments intact; " << runs - static_cast<int>(clients.size())
+            << " clients relaunched; " << fed << " lines fed; last checkpoint step " << m.step() << "\n";
   std::cout << "crash loop: admin acknowledged " << adds_acked.size() << " adds, " << freezes_acked.size()
             << " freezes, " << policies_acked << " policy changes; " << kills_with_policy_in_flight
             << " kills with a policy change in flight\n";
