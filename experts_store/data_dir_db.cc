@@ -96,6 +96,7 @@ Status DataDirDb::Open(const std::string& dir, const DataDirOptions& options, st
   db_options.create_if_missing = !is_rocksdb;
   db_options.create_missing_column_families = true;
   db_options.paranoid_checks = true;
+  if (options.env) db_options.env = options.env;
   // RocksDB's own log goes to peerd's stderr, warnings and errors only, not to a LOG file in the
   // data directory: on a full disk, Debian's RocksDB 7.8 aborts the process on its second failed
   // write to that file (an assertion in WritableFileWriter), which would turn "disk full" into a

@@ -16,6 +16,7 @@
 
 namespace rocksdb {
 class DB;
+class Env;
 class ColumnFamilyHandle;
 class Status;
 class WriteBatch;
@@ -25,6 +26,9 @@ namespace peerd {
 
 struct DataDirOptions {
   bool create_if_missing = true;
+  // The environment RocksDB does its file I/O through (not owned; null: the default). Tests put a
+  // simulated power loss here (tests/fault/power_loss_fs.h).
+  rocksdb::Env* env = nullptr;
 };
 
 // Column families, in the order DataDirDb opens them.

@@ -23,7 +23,7 @@
 namespace peerd {
 
 struct TrainedSpan {
-  uint64_t index = 0;  // spooled document
+  uint64_t index = 0;         // spooled document
   uint64_t from = 0, to = 0;  // its tokens [from, to)
 };
 

@@ -33,43 +33,23 @@
 #include "ingest/document_source.h"
 #include "proto/admin.pb.h"
 #include "service/net/spool.h"
-#include "tests/fault/frozen_segments.h"
+#include "tests/fault/disk_state.h"
 #include "tests/peerd_process.h"
 
 namespace peerd {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::DiskState;
 using testing::json;
 using testing::PeerdProcess;
+using testing::ReadDisk;
 using testing::U;
 using namespace std::chrono_literals;
 
 uint64_t EnvOr(const char* name, uint64_t fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::stoull(v) : fallback;
-}
-
-// What the data directory says while peerd is down: read with the store's own code.
-struct DiskState {
-  std::map<uint32_t, uint64_t> frozen;  // segment id (layer 0) -> checksum
-  CheckpointMeta checkpoint;            // default when none was written yet
-};
-
-void ReadDisk(const std::string& data_dir, DiskState* out) {
-  std::shared_ptr<DataDirDb> db;
-  Status st = DataDirDb::Open(data_dir, {}, &db);
-  ASSERT_TRUE(st.ok()) << "the store does not open after kill -9: " << st.ToString();
-  ExpertStore store(db);
-  ASSERT_NO_FATAL_FAILURE(testing::VerifyFrozenSegments(store, &out->frozen));
-  // The trainer's record: the checkpoint's meta (service/checkpoint.cc keeps it under "meta").
-  std::string meta;
-  rocksdb::Status s = db->db()->Get(rocksdb::ReadOptions(), db->family(Family::kCheckpoints), "meta", &meta);
-  if (s.ok()) {
-    ASSERT_TRUE(out->checkpoint.ParseFromString(meta)) << "the checkpoint record is unreadable";
-  } else {
-    ASSERT_TRUE(s.IsNotFound()) << s.ToString();
-  }
 }
 
 // What peerd's training journal (service/training_journal.h) says the final model was trained on:

@@ -20,7 +20,7 @@
 #include "proto/frame.h"
 #include "proto/wire.pb.h"
 #include "service/net/spool.h"
-#include "tests/fault/frozen_segments.h"
+#include "tests/fault/disk_state.h"
 #include "tests/peerd_process.h"
 
 namespace peerd {
