@@ -33,7 +33,7 @@ namespace peerd {
 
 class Status {
  public:
-  enum class Code { kOk, kInvalidArgument, kNotFound, kCorruption, kIOError, kFailedPrecondition };
+  enum class Code { kOk, kInvalidArgument, kNotFound, kCorruption, kIOError, kFailedPrecondition, kUnavailable };
 
   Status() = default;
   static Status OK() { return Status(); }
@@ -42,6 +42,8 @@ class Status {
   static Status Corruption(std::string msg) { return {Code::kCorruption, std::move(msg)}; }
   static Status IOError(std::string msg) { return {Code::kIOError, std::move(msg)}; }
   static Status FailedPrecondition(std::string msg) { return {Code::kFailedPrecondition, std::move(msg)}; }
+  // Busy for now, nothing done: the same request may succeed when tried again.
+  static Status Unavailable(std::string msg) { return {Code::kUnavailable, std::move(msg)}; }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }
@@ -62,6 +64,7 @@ inline std::string Status::ToString() const {
     case Code::kCorruption: return "corruption: " + message_;
     case Code::kIOError: return "I/O error: " + message_;
     case Code::kFailedPrecondition: return "failed precondition: " + message_;
+    case Code::kUnavailable: return "unavailable: " + message_;
   }
   return message_;
 }

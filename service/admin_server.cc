@@ -61,6 +61,7 @@ Reply FromStatus(const Status& st) {
     case Status::Code::kInvalidArgument: return Error(http::status::bad_request, st.message());
     case Status::Code::kNotFound: return Error(http::status::not_found, st.message());
     case Status::Code::kFailedPrecondition: return Error(http::status::conflict, st.message());
+    case Status::Code::kUnavailable: return Error(http::status::service_unavailable, st.message());
     default: return Error(http::status::internal_server_error, st.ToString());
   }
 }
@@ -416,8 +417,17 @@ void AdminServer::Stop() {
     std::lock_guard<std::mutex> lock(impl_->mu);
     for (const auto& [fd, deadline] : impl_->deadlines) ::shutdown(fd, SHUT_RDWR);
   }
-  // Connection threads end once their socket is shut down (a request in progress finishes first).
-  while (impl_->active > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  // Connection threads end once their socket is shut down (a request in progress finishes first:
+  // one waiting for the trainer gives up after LoopOptions::trainer_wait_seconds).
+  const auto said_at = Clock::now() + std::chrono::seconds(5);
+  bool said = false;
+  while (impl_->active > 0) {
+    if (!said && Clock::now() > said_at) {
+      spdlog::warn("stopping: waiting for {} admin requests in progress to finish", impl_->active.load());
+      said = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
 }
 
 uint16_t AdminServer::port() const { return impl_->port; }

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <future>
@@ -187,19 +188,41 @@ Status TrainingLoop::RunOnTrainer(const std::function<Status()>& op) {
     lock.unlock();
     return op();
   }
-  auto done = std::make_shared<std::promise<Status>>();
-  std::future<Status> result = done->get_future();
+  // The trainer takes the operation between steps. If it has not taken it by the deadline (a step
+  // or an evaluation ahead of it runs long), the caller is told so and the operation is dropped
+  // from the queue, never run late behind an answer that said it was not done; once taken, it
+  // runs to its end and the caller waits for that.
+  enum { kQueued, kTaken, kAbandoned };
+  struct Pending {
+    std::promise<Status> done;
+    std::atomic<int> state{kQueued};
+  };
+  auto pending = std::make_shared<Pending>();
+  std::future<Status> result = pending->done.get_future();
   // An exception (LibTorch throws on a failed allocation) goes back to the caller, who answers it
   // as an internal error; escaping here it would end the trainer thread and with it peerd.
-  queue_.push_back([op, done] {
+  queue_.push_back([op, pending] {
+    int queued = kQueued;
+    if (!pending->state.compare_exchange_strong(queued, kTaken)) return;  // the caller gave up
     try {
-      done->set_value(op());
+      pending->done.set_value(op());
     } catch (...) {
-      done->set_exception(std::current_exception());
+      pending->done.set_exception(std::current_exception());
     }
   });
   lock.unlock();
   wake_.notify_all();
+  const auto wait = std::chrono::duration<double>(options_.trainer_wait_seconds);
+  if (result.wait_for(wait) == std::future_status::timeout) {
+    int queued = kQueued;
+    if (pending->state.compare_exchange_strong(queued, kAbandoned)) {
+      lock.lock();
+      return Status::Unavailable("the trainer did not take this request within " +
+                                 std::to_string(static_cast<int>(std::ceil(options_.trainer_wait_seconds))) +
+                                 " s (it is " + snapshot_.state() + ", step " + std::to_string(snapshot_.step()) +
+                                 "); nothing was done: try again");
+    }
+  }
   return result.get();
 }
 

@@ -51,6 +51,9 @@ struct LoopOptions {
   uint32_t checkpoint_every_steps = 200;
   double checkpoint_every_seconds = 60;
   double partial_batch_after_seconds = 2;  // train a smaller batch when no more data comes
+  // How long an admin operation waits for the trainer thread to take it (it does between steps)
+  // before it is answered Unavailable, not done.
+  double trainer_wait_seconds = 120;
   RowDtype freeze_dtype = ROW_DTYPE_BF16;
   PoolStoreOptions pool;
   SpoolRetention retention;      // what trained text the spool keeps when the policy keeps trained text

@@ -110,6 +110,38 @@ TEST(TrainingLoop, AStepThatThrowsStopsTrainingNotPeerdAndResumeTrainsEveryDocum
   EXPECT_EQ(done.tokens_trained(), reference.tokens_trained());
 }
 
+TEST(TrainingLoop, AnOperationTheTrainerCannotTakeInTimeIsRefusedAndNeverRunsLate) {
+  std::atomic<bool> in_long_step{false};
+  Loop l("busy", [&](int64_t step) {
+    if (step != 3) return;
+    in_long_step = true;
+    std::this_thread::sleep_for(1500ms);  // a step far longer than the wait below
+    in_long_step = false;
+  });
+  l.options.trainer_wait_seconds = 0.3;
+  l.Reopen();
+  const double lr_before = l.loop->GetPolicy().lr();
+  l.loop->Start();
+  for (auto deadline = std::chrono::steady_clock::now() + 60s; !in_long_step;) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "the trainer never reached step 3";
+    std::this_thread::sleep_for(5ms);
+  }
+  Policy p;
+  p.set_lr(lr_before / 2);
+  const auto asked = std::chrono::steady_clock::now();
+  Status st = l.loop->SetPolicy(p);
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - asked).count();
+  EXPECT_EQ(st.code(), Status::Code::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("did not take this request within"), std::string::npos) << st.message();
+  EXPECT_LT(waited, 1.2) << "the answer waited for the long step";
+  // The step ends and the trainer serves its queue: the refused change must not happen late.
+  l.WaitFor([](const StatusReply& s) { return s.step() >= 5; }, "training past the long step");
+  EXPECT_EQ(l.loop->GetPolicy().lr(), lr_before) << "an operation answered 'not done' ran afterwards";
+  // With the trainer free again the same change is taken and done.
+  ASSERT_TRUE(l.loop->SetPolicy(p).ok());
+  EXPECT_EQ(l.loop->GetPolicy().lr(), lr_before / 2);
+}
+
 TEST(TrainingLoop, APolicySetBeforeARestartIsThePolicyAfterIt) {
   Loop l("policy");
   l.loop->Start();

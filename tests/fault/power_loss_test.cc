@@ -68,8 +68,8 @@ void CheckRestored(TrainingLoop& loop, uint64_t cycle, Acked* acked) {
 }
 
 // One run of the service's writers until the power goes.
-void RunUntilPowerLoss(const std::string& dir, const Config& config, uint64_t cycle, std::mt19937_64& rng,
-                       Acked* acked, uint64_t* dropped_bytes) {
+void RunUntilPowerLoss(const std::string& dir, const Config& config, uint64_t cycle, std::mt19937_64& rng, Acked* acked,
+                       uint64_t* dropped_bytes) {
   auto fs = std::make_shared<testing::PowerLossFs>();
   std::unique_ptr<rocksdb::Env> env = rocksdb::NewCompositeEnv(fs);
   DataDirOptions options;
@@ -186,12 +186,14 @@ TEST(PowerLoss, AcknowledgedDocumentsFreezesAndCheckpointsSurviveLosingEverythin
 
     testing::DiskState disk;
     ASSERT_NO_FATAL_FAILURE(testing::ReadDisk(dir, &disk)) << "cycle " << cycle;
-    for (uint32_t id : acked.freezes) EXPECT_TRUE(disk.frozen.count(id)) << "acknowledged freeze of segment " << id << " lost";
+    for (uint32_t id : acked.freezes)
+      EXPECT_TRUE(disk.frozen.count(id)) << "acknowledged freeze of segment " << id << " lost";
     for (const auto& [id, checksum] : disk.frozen) {
       auto [it, first] = frozen_first.emplace(id, checksum);
       EXPECT_TRUE(first || it->second == checksum) << "frozen segment " << id << " changed";
     }
-    EXPECT_GE(disk.checkpoint.step(), acked.checkpoint_step) << "cycle " << cycle << ": an acknowledged checkpoint was lost";
+    EXPECT_GE(disk.checkpoint.step(), acked.checkpoint_step)
+        << "cycle " << cycle << ": an acknowledged checkpoint was lost";
     std::shared_ptr<DataDirDb> db;
     ASSERT_TRUE(DataDirDb::Open(dir, {}, &db).ok());
     std::unique_ptr<Spool> spool;
