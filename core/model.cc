@@ -40,14 +40,25 @@ torch::Tensor Normed(torch::nn::LayerNorm& ln, const torch::Tensor& x, const Seg
 }  // namespace
 
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
-                                               const std::string& prefix) {
+                                               const std::string& prefix, KvEntry* cache) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), hd = D / n_heads_;
   auto parts = Adapted(qkv, x, adapter, prefix + ".qkv").chunk(3, -1);  // 3 × [B, T, D]
   auto heads = [&](const torch::Tensor& t) { return t.view({B, T, n_heads_, hd}).transpose(1, 2); };
   torch::Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);  // [B, nh, T, hd]
+  int64_t past = 0;  // positions before these T, held by the cache
+  if (cache) {
+    if (cache->keys.defined()) {
+      past = cache->keys.size(2);
+      k = torch::cat({cache->keys, k}, 2);  // [B, nh, past + T, hd]
+      v = torch::cat({cache->values, v}, 2);
+    }
+    cache->keys = k;
+    cache->values = v;
+  }
   torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
-  att = att.masked_fill(mask_.slice(0, 0, T).slice(1, 0, T), -INFINITY).softmax(-1);  // [B, nh, T, T]
-  torch::Tensor y = torch::matmul(att, v).transpose(1, 2).reshape({B, T, D});
+  // Query i is position past + i: it sees keys 0 .. past + i.
+  att = att.masked_fill(mask_.slice(0, past, past + T).slice(1, 0, past + T), -INFINITY).softmax(-1);
+  torch::Tensor y = torch::matmul(att, v).transpose(1, 2).reshape({B, T, D});  // att [B, nh, T, past + T]
   return Adapted(proj, y, adapter, prefix + ".proj");
 }
 
@@ -73,8 +84,8 @@ BlockImpl::BlockImpl(const ModelConfig& c, bool use_peer, std::string name) : na
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter,
-                                 const std::vector<bool>* active) {
-  torch::Tensor h = x + attn->forward(Normed(ln1, x, adapter, name_ + ".ln1"), adapter, name_);
+                                 const std::vector<bool>* active, KvEntry* cache) {
+  torch::Tensor h = x + attn->forward(Normed(ln1, x, adapter, name_ + ".ln1"), adapter, name_, cache);
   torch::Tensor n = Normed(ln2, h, adapter, name_ + ".ln2");
   if (!peer) return h + dense->forward(n, adapter, name_);
   // The adapter's query delta enters through the layer's own query network: W_q x + ΔW_q x.
@@ -102,26 +113,30 @@ TransformerLMImpl::TransformerLMImpl(const ModelConfig& config) : config_(config
   ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
 }
 
-torch::Tensor TransformerLMImpl::forward(const torch::Tensor& tokens) {
-  const int64_t T = tokens.size(1);
-  TORCH_CHECK(T <= static_cast<int64_t>(config_.context()), "sequence of ", T,
+torch::Tensor TransformerLMImpl::forward(const torch::Tensor& tokens, KvCache* cache) {
+  const int64_t T = tokens.size(1), past = cache ? cache->length : 0;
+  TORCH_CHECK(past + T <= static_cast<int64_t>(config_.context()), "sequence of ", past + T,
               " tokens is longer than the model's context of ", config_.context());
+  if (cache) cache->blocks.resize(blocks.size());
   const SegmentAdapterImpl* adapter = route_.adapter >= 0 ? adapters_.at(route_.adapter).get() : nullptr;
-  torch::Tensor positions = torch::arange(T, tokens.options());
+  torch::Tensor positions = torch::arange(past, past + T, tokens.options());
   torch::Tensor x = tok_emb(tokens) + pos_emb(positions);  // [B, T, D]
   torch::Tensor d_tok = adapter ? adapter->TrunkDelta("tok_emb") : torch::Tensor();
   torch::Tensor d_pos = adapter ? adapter->TrunkDelta("pos_emb") : torch::Tensor();
   if (d_tok.defined()) x = x + torch::embedding(d_tok, tokens);
   if (d_pos.defined()) x = x + torch::embedding(d_pos, positions);
   std::vector<bool> active;
-  for (auto& b : blocks) {
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    Block& b = blocks[i];
     if (b->peer && !route_.segments.empty()) {
       active.clear();
       for (const auto& s : b->peer->segments())
         active.push_back(std::find(route_.segments.begin(), route_.segments.end(), s->id()) != route_.segments.end());
     }
-    x = b->forward(x, adapter, b->peer && !route_.segments.empty() ? &active : nullptr);
+    x = b->forward(x, adapter, b->peer && !route_.segments.empty() ? &active : nullptr,
+                   cache ? &cache->blocks[i] : nullptr);
   }
+  if (cache) cache->length += T;
   torch::Tensor h = Normed(ln_f, x, adapter, "ln_f");
   // [B, T, vocab], head tied to tok_emb (and to the adapter's delta of it)
   torch::Tensor logits = torch::matmul(h, (d_tok.defined() ? tok_emb->weight + d_tok : tok_emb->weight).t());

@@ -24,13 +24,28 @@ struct Route {
   std::vector<int64_t> segments;  // ids of the segments retrieval may use in every PEER layer; empty: all
 };
 
+// One attention layer's keys and values of the positions already run, [B, n_heads, length,
+// head_dim] each (undefined before the first): incremental decoding attends to them instead of
+// running the whole prefix again.
+struct KvEntry {
+  torch::Tensor keys, values;
+};
+
+// Every block's KvEntry and how many positions they hold (TransformerLMImpl::forward).
+struct KvCache {
+  std::vector<KvEntry> blocks;
+  int64_t length = 0;
+};
+
 // Causal multi-head self-attention, written out (no scaled_dot_product_attention: LibTorch 1.13).
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
   CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads, int64_t context);
   // [B, T, D] -> [B, T, D]; `adapter` (may be null) adds its deltas of `prefix`.qkv and .proj.
+  // With `cache`, x holds the T positions after the cache's, which attend to the cached ones too,
+  // and their keys and values are appended to it.
   torch::Tensor forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter = nullptr,
-                        const std::string& prefix = "");
+                        const std::string& prefix = "", KvEntry* cache = nullptr);
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
 
  private:
@@ -52,9 +67,10 @@ TORCH_MODULE(DenseFfn);
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const ModelConfig& config, bool peer, std::string name);
-  // x + attn(ln1 x), then + ffn(ln2 x); `adapter` may be null, `active` as PeerLayer's.
+  // x + attn(ln1 x), then + ffn(ln2 x); `adapter` may be null, `active` as PeerLayer's, `cache`
+  // as the attention's.
   torch::Tensor forward(const torch::Tensor& x, const SegmentAdapterImpl* adapter = nullptr,
-                        const std::vector<bool>* active = nullptr);
+                        const std::vector<bool>* active = nullptr, KvEntry* cache = nullptr);
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
   CausalSelfAttention attn{nullptr};
   DenseFfn dense{nullptr};  // exactly one of dense / peer is set
@@ -85,8 +101,11 @@ class TransformerLMImpl : public torch::nn::Module {
  public:
   explicit TransformerLMImpl(const ModelConfig& config);
 
-  // tokens [B, T] int64 -> logits [B, T, vocab], under the model's route.
-  torch::Tensor forward(const torch::Tensor& tokens);
+  // tokens [B, T] int64 -> logits [B, T, vocab], under the model's route. With `cache`, the
+  // tokens are positions cache->length .. cache->length + T - 1 of a sequence whose earlier
+  // positions the cache holds (empty: from the start), and the cache takes theirs; the whole
+  // sequence must fit the context.
+  torch::Tensor forward(const torch::Tensor& tokens, KvCache* cache = nullptr);
   // Mean next-token cross-entropy in nats of tokens [B, T+1] (inputs [:, :-1], targets [:, 1:]).
   torch::Tensor Loss(const torch::Tensor& tokens);
 

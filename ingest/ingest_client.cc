@@ -40,7 +40,11 @@ struct Pending {
 class Stream {
  public:
   Stream(asio::io_context& io) : socket_(io) {}
-  ~Stream() { Close(); }
+  ~Stream() {
+    Shutdown();
+    boost::system::error_code ignored;
+    socket_.close(ignored);
+  }
 
   // Connects and says hello. A refusal by the server (token, version) is fatal: *fatal = true.
   Status Open(const std::string& host, uint16_t port, const IngestOptions& o, bool* fatal) {
@@ -110,10 +114,12 @@ class Stream {
     return Status::OK();
   }
 
-  void Close() {
+  // Ends the connection: a Read blocked on another thread returns with an error. The socket is
+  // closed by the destructor, once that thread is joined: closing it under a blocked read would
+  // free the descriptor for the next connection while the read may still use it.
+  void Shutdown() {
     boost::system::error_code ignored;
     socket_.shutdown(tcp::socket::shutdown_both, ignored);
-    socket_.close(ignored);
   }
 
   uint64_t max_document_bytes() const { return max_document_bytes_; }
@@ -159,9 +165,9 @@ Status IngestClient::Run(DocumentSource& source, IngestProgress* progress,
   int failures_in_a_row = 0;
 
   auto stop_stream = [&] {
-    if (stream) stream->Close();
+    if (stream) stream->Shutdown();
     if (reader.joinable()) reader.join();
-    stream.reset();
+    stream.reset();  // closes the socket
   };
   // (Re)connects and resends every unacked document, renumbered from 1.
   bool connected_before = false;

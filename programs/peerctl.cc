@@ -4,6 +4,8 @@
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
 //     tasks [list | add NAME FILE | delete NAME] | eval [run [--label L] | report] | checkpoint | pause | resume
 //     score [TEXT | -] [--log-probs]       (no TEXT or -: stdin)
+//     generate [PROMPT | -] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+//              [--stop STRING]... [--stream]
 //     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
 //                                          freezeDtype=bf16  routed=true  keepTrainedText=false)
 #include <CLI/CLI.hpp>
@@ -18,8 +20,11 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <iterator>
+#include <limits>
+#include <optional>
 #include <sstream>
 
 #include "core/host_port.h"
@@ -54,6 +59,47 @@ struct Client {
     beast::error_code ec;
     stream.socket().shutdown(asio::ip::tcp::socket::shutdown_both, ec);
     return {res.result_int(), res.body()};
+  }
+
+  // Sends one request answered by server-sent events, calling on_event with each event's data as
+  // it arrives. Returns the HTTP status; the body of an answer other than 200 goes to *error_body.
+  int Stream(http::verb verb, const std::string& target, const std::string& body,
+             const std::function<void(const std::string&)>& on_event, std::string* error_body) {
+    asio::io_context io;
+    asio::ip::tcp::resolver resolver(io);
+    beast::tcp_stream stream(io);
+    stream.connect(resolver.resolve(host, port));
+    http::request<http::string_body> req{verb, target, 11};
+    req.set(http::field::host, host);
+    req.set(http::field::authorization, "Bearer " + token);
+    req.set(http::field::content_type, "application/json");
+    req.body() = body;
+    req.prepare_payload();
+    http::write(stream, req);
+    beast::flat_buffer buffer;
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(std::numeric_limits<std::uint64_t>::max());
+    http::read_header(stream, buffer, parser);
+    const int status = parser.get().result_int();
+    if (status != 200) {
+      http::read(stream, buffer, parser);
+      *error_body = parser.get().body();
+      return status;
+    }
+    std::string pending;  // bytes of an event not yet complete
+    auto on_chunk = [&](std::uint64_t, beast::string_view data, beast::error_code&) -> std::size_t {
+      pending.append(data.data(), data.size());
+      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
+        const std::string event = pending.substr(0, end);
+        pending.erase(0, end + 2);
+        if (event.rfind("data: ", 0) == 0) on_event(event.substr(6));
+      }
+      return data.size();
+    };
+    parser.on_chunk_body(on_chunk);
+    beast::error_code ec;
+    while (!parser.is_done() && !ec) http::read_some(stream, buffer, parser, ec);
+    return status;
   }
 };
 
@@ -147,6 +193,13 @@ bool Parse(const std::string& body, Message* out) {
   return google::protobuf::util::JsonStringToMessage(body, out, options).ok();
 }
 
+// How a generation ended, on stderr (stdout holds the text alone).
+void PrintGenerationSummary(const peerd::GenerateReply& g) {
+  std::fprintf(stderr, "(%s after %d tokens; seed %llu; model of step %llu; %.2f s)\n", g.finish_reason().c_str(),
+               g.tokens_size(), static_cast<unsigned long long>(g.seed()), static_cast<unsigned long long>(g.step()),
+               g.seconds());
+}
+
 // Prints a reply for people; false when the body is not the reply the command expects.
 bool PrintHuman(const std::string& command, const std::string& action, const std::string& body) {
   if (command == "status") {
@@ -178,6 +231,11 @@ bool PrintHuman(const std::string& command, const std::string& action, const std
                 static_cast<unsigned long long>(s.predicted_bytes()), Fixed(s.bits_per_byte()).c_str());
     for (const auto& seg : s.segments())
       std::printf("layer %u segment %u: %5.1f%% of the experts retrieved\n", seg.layer(), seg.id(), 100 * seg.share());
+  } else if (command == "generate") {
+    peerd::GenerateReply g;
+    if (!Parse(body, &g)) return false;
+    std::printf("%s\n", g.text().c_str());
+    PrintGenerationSummary(g);
   } else if (command == "policy") {
     peerd::Policy policy;
     if (!Parse(body, &policy)) return false;
@@ -192,6 +250,47 @@ bool PrintHuman(const std::string& command, const std::string& action, const std
     std::printf("%s\n", ok.message().c_str());
   }
   return true;
+}
+
+// The error an answer other than 200 carries, for stderr.
+std::string ErrorMessage(const std::string& body) {
+  peerd::ErrorBody error;
+  return Parse(body, &error) && !error.error().message().empty() ? error.error().message() : body;
+}
+
+// peerctl generate --stream: each piece of text printed as it comes, the summary at the end.
+int StreamGeneration(Client& client, const std::string& target, const std::string& body, bool as_json,
+                     const std::string& admin) {
+  bool failed = false;
+  auto on_event = [&](const std::string& data) {
+    if (as_json) {
+      std::printf("%s\n", data.c_str());
+    } else if (peerd::GenerateReply g; data.find("\"error\"") == std::string::npos && Parse(data, &g)) {
+      if (g.finish_reason().empty()) {
+        std::printf("%s", g.text().c_str());
+      } else {
+        std::printf("\n");
+        PrintGenerationSummary(g);
+      }
+    } else {
+      std::fprintf(stderr, "\npeerctl: %s\n", ErrorMessage(data).c_str());
+      failed = true;
+    }
+    std::fflush(stdout);
+  };
+  std::string error;
+  int status = 0;
+  try {
+    status = client.Stream(http::verb::post, target, body, on_event, &error);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
+    return 1;
+  }
+  if (status != 200) {
+    std::fprintf(stderr, "peerctl: %d: %s\n", status, ErrorMessage(error).c_str());
+    return 1;
+  }
+  return failed ? 1 : 0;
 }
 
 }  // namespace
@@ -228,6 +327,22 @@ int main(int argc, char** argv) {
   bool log_probs = false;
   score->add_option("text", score_text, "the text, or - for stdin")->capture_default_str();
   score->add_flag("--log-probs", log_probs, "also each predicted byte's log-probability (with --json)");
+  auto* generate = app.add_subcommand("generate", "continue a prompt with the model as it is now");
+  std::string prompt = "-";
+  peerd::GenerateRequest gen;
+  std::optional<uint32_t> max_tokens, top_k;
+  std::optional<double> temperature, top_p;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stops;
+  bool stream = false;
+  generate->add_option("prompt", prompt, "the prompt, or - for stdin")->capture_default_str();
+  generate->add_option("--max-tokens", max_tokens, "bytes to generate at most (default 128, at most 4096)");
+  generate->add_option("--temperature", temperature, "0: greedy; default 1");
+  generate->add_option("--top-k", top_k, "sample among the k most likely bytes only");
+  generate->add_option("--top-p", top_p, "sample among the fewest bytes whose probability reaches p");
+  generate->add_option("--seed", seed, "the same seed gives the same text (default: random, printed)");
+  generate->add_option("--stop", stops, "end before this string (up to 4)");
+  generate->add_flag("--stream", stream, "print the text as it is generated");
   app.add_subcommand("checkpoint", "write a checkpoint now");
   app.add_subcommand("pause", "pause training");
   app.add_subcommand("resume", "resume training");
@@ -314,6 +429,21 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "peerctl: the text is not valid UTF-8 (JSON cannot carry it)\n");
       return 2;
     }
+  } else if (command == "generate") {
+    if (prompt == "-") prompt.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+    gen.set_prompt(prompt);
+    if (max_tokens) gen.set_max_tokens(*max_tokens);
+    if (temperature) gen.set_temperature(*temperature);
+    if (top_k) gen.set_top_k(*top_k);
+    if (top_p) gen.set_top_p(*top_p);
+    if (seed) gen.set_seed(*seed);
+    for (const std::string& s : stops) gen.add_stop(s);
+    gen.set_stream(stream);
+    verb = http::verb::post, target = "/v1/generate";
+    if (!google::protobuf::util::MessageToJsonString(gen, &body).ok()) {
+      std::fprintf(stderr, "peerctl: the prompt is not valid UTF-8 (JSON cannot carry it)\n");
+      return 2;
+    }
   } else if (command == "eval") {
     if (eval_action == "report")
       target = "/v1/eval";
@@ -370,6 +500,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  if (command == "generate" && stream) return StreamGeneration(client, target, body, as_json, admin);
   std::pair<int, std::string> res;
   try {
     res = client.Call(verb, target, body);
@@ -378,10 +509,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (res.first != 200) {
-    peerd::ErrorBody error;
-    const std::string msg =
-        Parse(res.second, &error) && !error.error().message().empty() ? error.error().message() : res.second;
-    std::fprintf(stderr, "peerctl: %d: %s\n", res.first, msg.c_str());
+    std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
     return 1;
   }
   const std::string action = command == "segments" ? seg_action

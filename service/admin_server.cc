@@ -12,9 +12,11 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <variant>
 
+#include "core/utf8.h"
 #include "service/net/admin_requests.h"
 #include "service/net/listen.h"
 #include "service/net/token.h"
@@ -38,6 +40,10 @@ struct Reply {
   http::status status = http::status::ok;
   std::string body;
   std::string content_type = "application/json";
+  // Set for an answer sent as server-sent events: called with a function that sends one event's
+  // data (false once the client is gone). An error it returns before its first event is answered
+  // as any error; after it, as a last event holding the error.
+  std::function<Status(const std::function<bool(const std::string&)>& send)> stream;
 };
 
 std::string ToJson(const google::protobuf::Message& m) {
@@ -113,6 +119,10 @@ struct AdminServer::Impl {
 
   Reply Route(const http::request<http::string_body>& req);
   Reply Dispatch(const AdminRequest& request);
+  Reply GenerateReplyFor(const GenerateRequest& request);
+  // Sends r.stream's events as a chunked text/event-stream answer; false when the connection is done.
+  bool Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
+              const std::string& what);
   bool Authorized(const http::request_parser<http::string_body>::value_type& req) const;
   Reply Handle(const http::request<http::string_body>& req);
   void Serve(tcp::socket socket);
@@ -186,6 +196,7 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             if (Status st = loop->Score(r.text, r.log_probs, &reply); !st.ok()) return FromStatus(st);
             return Ok(reply);
           },
+          [&](const admin::Generate& g) { return GenerateReplyFor(g.request); },
           [&](const admin::ListTasks&) {
             std::vector<std::pair<std::string, std::string>> tasks;
             if (Status st = loop->tasks().Tasks(&tasks); !st.ok()) return FromStatus(st);
@@ -243,6 +254,113 @@ bool AdminServer::Impl::Authorized(const http::request_parser<http::string_body>
   const std::string auth(req[http::field::authorization]);
   const std::string prefix = "Bearer ";
   return auth.rfind(prefix, 0) == 0 && ConstantTimeEquals(auth.substr(prefix.size()), options.token);
+}
+
+// POST /v1/generate: one JSON answer, or with "stream" an event per piece of text as it is
+// generated and a last one with everything but the text.
+Reply AdminServer::Impl::GenerateReplyFor(const GenerateRequest& r) {
+  GenerateOptions o;
+  o.max_tokens = r.has_max_tokens() ? r.max_tokens() : 128;
+  o.temperature = r.has_temperature() ? r.temperature() : 1.0;
+  o.top_k = r.top_k();
+  o.top_p = r.has_top_p() ? r.top_p() : 1.0;
+  if (r.has_seed()) {
+    o.seed = r.seed();
+  } else {
+    std::random_device random;
+    o.seed = (uint64_t{random()} << 32) | random();
+  }
+  o.stop.assign(r.stop().begin(), r.stop().end());
+  auto run = [this, prompt = r.prompt(), o](const std::function<bool(const std::string&)>* send,
+                                            GenerateReply* reply) -> Status {
+    GenerateOptions options = o;
+    if (send)
+      options.on_text = [send](std::string_view piece) {
+        GenerateReply chunk;  // {"text": "..."}: the other fields come in the last event
+        chunk.set_text(ValidUtf8(piece));
+        std::string json;
+        (void)google::protobuf::util::MessageToJsonString(chunk, &json);
+        return (*send)(json);
+      };
+    const auto start = Clock::now();
+    Generated out;
+    uint64_t step = 0;
+    if (Status st = loop->Generate(prompt, options, &out, &step); !st.ok()) return st;
+    if (!send) reply->set_text(ValidUtf8(out.text));
+    for (int64_t t : out.tokens) reply->add_tokens(static_cast<uint32_t>(t));
+    reply->set_finish_reason(out.finish_reason);
+    reply->set_seed(options.seed);
+    reply->set_step(step);
+    reply->set_seconds(std::chrono::duration<double>(Clock::now() - start).count());
+    return Status::OK();
+  };
+  if (!r.stream()) {
+    GenerateReply reply;
+    if (Status st = run(nullptr, &reply); !st.ok()) return FromStatus(st);
+    return Ok(reply);
+  }
+  Reply streamed;
+  streamed.content_type = "text/event-stream";
+  streamed.stream = [run](const std::function<bool(const std::string&)>& send) -> Status {
+    GenerateReply last;
+    if (Status st = run(&send, &last); !st.ok()) return st;
+    if (last.finish_reason() != "cancelled") send(ToJson(last));
+    return Status::OK();
+  };
+  return streamed;
+}
+
+bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
+                               const std::string& what) {
+  beast::error_code ec;
+  bool started = false, gone = false;
+  uint64_t events = 0;
+  auto send = [&](const std::string& data) -> bool {
+    if (gone) return false;
+    SetDeadline(fd, timeout);  // a client that stops reading is closed, and generation stops
+    if (!started) {
+      http::response<http::empty_body> head{http::status::ok, version};
+      head.set(http::field::content_type, "text/event-stream");
+      head.set(http::field::cache_control, "no-cache");
+      head.chunked(true);
+      head.keep_alive(false);
+      http::response_serializer<http::empty_body> serializer{head};
+      http::write_header(socket, serializer, ec);
+      started = true;
+    }
+    const std::string event = "data: " + data + "\n\n";
+    if (!ec) asio::write(socket, http::make_chunk(asio::buffer(event)), ec);
+    gone = static_cast<bool>(ec);
+    events += !gone;
+    return !gone;
+  };
+  Status st;
+  try {
+    st = r.stream(send);
+  } catch (const std::exception& e) {
+    st = Status::Corruption(std::string("internal error: ") + e.what());
+  }
+  if (!st.ok()) request_errors++;
+  if (!started) {  // failed before its first event: an ordinary error answer
+    Reply error = FromStatus(st);
+    spdlog::warn("admin {} -> {}: {}", what, static_cast<int>(error.status), error.body);
+    http::response<http::string_body> res{error.status, version};
+    res.set(http::field::content_type, error.content_type);
+    res.keep_alive(false);
+    res.body() = std::move(error.body);
+    res.prepare_payload();
+    SetDeadline(fd, timeout);
+    http::write(socket, res, ec);
+    return false;
+  }
+  if (!st.ok() && !gone) send(FromStatus(st).body);
+  if (!gone) {
+    SetDeadline(fd, timeout);
+    asio::write(socket, http::make_chunk_last(), ec);
+  }
+  spdlog::info("admin {} -> 200, {} events streamed{}", what, events,
+               gone ? "; the client left before the end (generation stopped)" : "");
+  return false;
 }
 
 Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
@@ -340,6 +458,10 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
     SetDeadline(fd, Clock::duration::max());  // handling may wait for the trainer (an evaluation)
     const auto& req = parser.get();
     Reply r = Handle(req);
+    if (r.stream) {
+      Stream(socket, fd, timeout, req.version(), r, ForLog(req));
+      break;
+    }
     // One line per request that changes something or fails; reads stay quiet below debug. Bodies
     // are not logged (they may hold held-out text); the Authorization header never is.
     const std::string what = ForLog(req);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <future>
 
+#include "core/check_ok.h"
 #include "core/config.h"
 #include "core/evaluator.h"
 #include "core/rank_sync.h"
@@ -608,6 +609,48 @@ Status TrainingLoop::Score(const std::string& text, bool log_probs, ScoreReply* 
     AddSegmentShares(usage, reply);
     return Status::OK();
   });
+}
+
+Status TrainingLoop::Generate(const std::string& prompt, const GenerateOptions& options, Generated* out,
+                              uint64_t* step) {
+  if (generations_.fetch_add(1) >= kMaxGenerations) {
+    --generations_;
+    return Status::Unavailable(std::to_string(kMaxGenerations) +
+                               " generations are running already: try again when one ends");
+  }
+  struct Release {
+    std::atomic<int>& running;
+    ~Release() { --running; }
+  } release{generations_};
+  if (prompt.empty()) return Status::InvalidArgument("a prompt needs at least one byte");
+  TransformerLM copy{nullptr};
+  Status st = RunOnTrainer([&]() -> Status {
+    *step = static_cast<uint64_t>(trainer_->step());
+    Route route = model_->route();
+    const EvalOptions eo = EvalOptionsNow(0);
+    if (eo.route) {
+      const size_t context = static_cast<size_t>(eo.route_context) + 1;
+      route = eo.route(std::string_view(prompt).substr(prompt.size() - std::min(prompt.size(), context)));
+    }
+    bool resident = true;
+    for (const auto& layer : model_->PeerLayers())
+      for (const auto& s : layer->segments()) resident &= s->resident();
+    if (resident) {
+      copy = CopyForTeacher(model_);
+      return copy->SetRoute(route);
+    }
+    struct RestoreRoute {
+      TransformerLM& model;
+      Route route;
+      ~RestoreRoute() { CheckOk(model->SetRoute(route)); }
+    } restore{model_, model_->route()};
+    if (Status set = model_->SetRoute(route); !set.ok()) return set;
+    *out = peerd::Generate(model_, prompt, options);
+    return Status::OK();
+  });
+  if (!st.ok() || copy.is_empty()) return st;
+  *out = peerd::Generate(copy, prompt, options);
+  return Status::OK();
 }
 
 Status TrainingLoop::DeleteTask(const std::string& name) {

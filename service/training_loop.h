@@ -20,6 +20,7 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -31,6 +32,7 @@
 #include <thread>
 
 #include "core/collective.h"
+#include "core/generator.h"
 #include "core/model.h"
 #include "core/trainer.h"
 #include "proto/admin.pb.h"
@@ -85,6 +87,14 @@ class TrainingLoop {
   // Scores a text as an evaluation would, and says which segments answered; changes nothing (no
   // row, no task, the usage /v1/segments shows stays the last evaluation's).
   Status Score(const std::string& text, bool log_probs, ScoreReply* reply);
+  // Continues a prompt (core/generator.h) on a copy of the model taken between two steps, so that
+  // training goes on meanwhile (frozen segments are shared, not copied); `*step` is the step of
+  // that copy. Under routing, the prompt's last bytes pick the branch, as for an evaluation. With
+  // frozen rows read through the row cache, which is not thread-safe, the whole generation runs
+  // on the trainer thread instead and pauses training for its length. Unavailable while
+  // kMaxGenerations run already.
+  static constexpr int kMaxGenerations = 2;
+  Status Generate(const std::string& prompt, const GenerateOptions& options, Generated* out, uint64_t* step);
   // TaskStore::DeleteTask, between evaluations.
   Status DeleteTask(const std::string& name);
   Status Checkpoint();
@@ -170,7 +180,8 @@ class TrainingLoop {
   std::unique_ptr<Trainer> trainer_;
   std::unique_ptr<BatchSource> batches_;
   TrainingJournal journal_;
-  bool journal_failed_ = false;  // a write failed and was logged
+  std::atomic<int> generations_{0};  // Generate calls running
+  bool journal_failed_ = false;      // a write failed and was logged
   RoutedTraining routing_;
   RankCoordinator ranks_;
 

@@ -147,6 +147,29 @@ TEST(AdminRequests, EveryBadInputInTheCatalogueGetsItsStatusAndExactMessage) {
        "task name in /v1/tasks/{name} must be 1-64 characters of A-Z a-z 0-9 _ . -, got 'a%20b'"},
       {"GET", "/v1/tasks/kjv", "", 405, "GET is not allowed on /v1/tasks/kjv"},
       {"GET", "/v1/score", "", 405, "GET is not allowed on /v1/score"},
+      // Generation.
+      {"POST", "/v1/generate", "{}", 400, "prompt must be 1 to 65536 bytes, got 0"},
+      {"POST", "/v1/generate", "{\"prompt\": \"" + std::string(kMaxPromptBytes + 1, 'a') + "\"}", 400,
+       "prompt must be 1 to 65536 bytes, got 65537"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"maxTokens\": 0}", 400, "maxTokens must be 1 to 4096, got 0"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"maxTokens\": 4097}", 400,
+       "maxTokens must be 1 to 4096, got 4097"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"maxTokens\": -1}", 400,
+       "request body is not valid JSON for peerd.GenerateRequest: (max_tokens): invalid value -1 for type TYPE_UINT32"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"temperature\": -0.5}", 400,
+       "temperature must be in [0, 100] (0: greedy), got -0.5"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"temperature\": \"NaN\"}", 400,
+       "temperature must be in [0, 100] (0: greedy), got nan"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"topP\": 0}", 400, "topP must be in (0, 1], got 0"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"topP\": 1.01}", 400, "topP must be in (0, 1], got 1.01"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"stop\": [\"\"]}", 400,
+       "stop strings must be 1 to 64 bytes, got ''"},
+      {"POST", "/v1/generate", "{\"prompt\": \"a\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}", 400,
+       "at most 4 stop strings, got 5"},
+      {"POST", "/v1/generate", "{\"prompt\": \"\\udc00\"}", 400,
+       "request body is not valid JSON for peerd.GenerateRequest: Invalid unicode code point. (near: {\"prompt\": "
+       "\"\\udc00\"})"},
+      {"GET", "/v1/generate", "", 405, "GET is not allowed on /v1/generate"},
       // Routes and methods.
       {"GET", "/v1/nothing", "", 404, "no route /v1/nothing (see README: admin API)"},
       {"GET", "/v1/segments/0", "", 404, "no route /v1/segments/0 (see README: admin API)"},
@@ -223,6 +246,20 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
       << e.message;
   EXPECT_EQ(std::get<admin::Score>(r).text, "In the beginning");
   EXPECT_TRUE(std::get<admin::Score>(r).log_probs);
+  ASSERT_TRUE(
+      ParseAdminRequest("POST", "/v1/generate",
+                        R"({"prompt": "In", "maxTokens": 4096, "temperature": 0, "topK": 5, "topP": 1, "seed": "7",
+                                    "stop": ["\n\n"], "stream": true})",
+                        &r, &e))
+      << e.message;
+  const GenerateRequest& g = std::get<admin::Generate>(r).request;
+  EXPECT_EQ(g.prompt(), "In");
+  EXPECT_EQ(g.max_tokens(), 4096u);
+  EXPECT_TRUE(g.has_temperature());
+  EXPECT_EQ(g.temperature(), 0);
+  EXPECT_EQ(g.seed(), 7u);
+  EXPECT_EQ(g.stop(0), "\n\n");
+  EXPECT_TRUE(g.stream());
   ASSERT_TRUE(ParseAdminRequest("DELETE", "/v1/tasks/kjv.held-out_1", "", &r, &e)) << e.message;
   EXPECT_EQ(std::get<admin::DeleteTask>(r).name, "kjv.held-out_1");
 

@@ -3,8 +3,11 @@
 // slice, watch it train, add and freeze a segment, register a task, evaluate, kill -9, restart,
 // and find the frozen segment bit-identical, the step resumed from the checkpoint and every
 // acknowledged document trained.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -428,3 +431,124 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
 }
 
 }  // namespace
+
+namespace generation {
+
+// Lines of `out` that parse as JSON objects.
+std::vector<json> JsonLines(const std::string& out) {
+  std::vector<json> lines;
+  std::istringstream in(out);
+  for (std::string line; std::getline(in, line);) {
+    json j = json::parse(line, nullptr, false);
+    if (j.is_object()) lines.push_back(j);
+  }
+  return lines;
+}
+
+// A client that asks for a long streamed generation, reads the first bytes of the answer, and
+// hangs up.
+void HangUpMidStream(const PeerdProcess& peerd) {
+  const std::string token = Slurp(peerd.data_dir() + "/admin.token");
+  const std::string body = R"({"prompt": "In the beginning", "maxTokens": 4096, "stream": true})";
+  const std::string request =
+      "POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + token.substr(0, token.find('\n')) +
+      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(std::stoi(peerd.admin_port())));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
+  timeval limit{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+  std::string got;
+  char buf[512];
+  while (got.find("data: ") == std::string::npos) {
+    const ssize_t n = recv(fd, buf, sizeof buf, 0);
+    ASSERT_GT(n, 0) << "no event within 10 s; got: " << got;
+    got.append(buf, n);
+  }
+  EXPECT_NE(got.find("text/event-stream"), std::string::npos) << got;
+  close(fd);
+}
+
+}  // namespace generation
+
+TEST(Service, GenerationAnswersWhileTrainingIsReproducibleStreamsAndSurvivesAClientLeaving) {
+  const std::string dir = ::testing::TempDir() + "/peerd_generate_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8}})";
+  {
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(200'000, '\0');
+    kjv.read(text.data(), text.size());
+    std::ofstream(dir + "/kjv.txt") << text.substr(0, text.rfind("\n\n") + 2);
+  }
+  PeerdProcess peerd(dir);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  ASSERT_EQ(peerd.Ingest("kjv", dir + "/kjv.txt").code, 0);
+
+  // While training runs: an answer from a snapshot of the model, and training goes on.
+  const json before = peerd.WaitFor([](const json& s) { return U(s, "step") > 0; });
+  json sampled = peerd.CtlJson("generate 'In the beginning' --seed 5 --max-tokens 60");
+  ASSERT_TRUE(sampled.contains("tokens")) << sampled.dump();
+  EXPECT_LE(sampled["tokens"].size(), 60u);
+  EXPECT_EQ(U(sampled, "seed"), 5u);
+  EXPECT_GE(U(sampled, "step"), U(before, "step"));
+  const std::string reason = sampled.value("finishReason", "");
+  EXPECT_TRUE(reason == "length" || reason == "end_of_document") << reason;
+  peerd.WaitFor([&](const json& s) { return U(s, "step") > U(sampled, "step"); });  // training was not stopped
+
+  // One model (paused): greedy and a seed reproduce; the stream carries the same text in pieces.
+  ASSERT_EQ(peerd.Ctl("pause").code, 0);
+  const std::string greedy = "generate 'And God said' --temperature 0 --max-tokens 50";
+  json g1 = peerd.CtlJson(greedy), g2 = peerd.CtlJson(greedy);
+  EXPECT_EQ(g1["tokens"], g2["tokens"]);
+  EXPECT_EQ(g1["text"], g2["text"]);
+  const std::string seeded =
+      "generate 'And God said' --temperature 1 --top-k 40 --top-p 0.95 --seed 11 --max-tokens 50";
+  json s1 = peerd.CtlJson(seeded);
+  EXPECT_EQ(s1["tokens"], peerd.CtlJson(seeded)["tokens"]);
+  ShellResult streamed = peerd.Ctl("--json " + seeded + " --stream");
+  ASSERT_EQ(streamed.code, 0) << streamed.out;
+  std::vector<json> events = generation::JsonLines(streamed.out);
+  ASSERT_GE(events.size(), 2u) << streamed.out;
+  std::string pieces;
+  for (size_t i = 0; i + 1 < events.size(); ++i) pieces += events[i].value("text", "");
+  EXPECT_EQ(pieces, s1.value("text", "")) << streamed.out;
+  EXPECT_EQ(events.back()["tokens"], s1["tokens"]);
+  EXPECT_EQ(events.back().value("finishReason", ""), s1.value("finishReason", ""));
+  // A stop string ends the text short of it.
+  const std::string text = g1.value("text", "");
+  if (text.size() >= 20) {
+    const std::string stop = text.substr(12, 3);
+    json stopped = peerd.CtlJson(greedy + " --stop '" + stop + "'");
+    EXPECT_EQ(stopped.value("finishReason", ""), "stop") << stopped.dump();
+    EXPECT_EQ(stopped.value("text", ""), text.substr(0, text.find(stop)));
+  }
+
+  // Bad requests are refused saying what to change.
+  for (const auto& [args, says] : std::vector<std::pair<std::string, std::string>>{
+           {"generate ''", "prompt must be 1 to 65536 bytes"},
+           {"generate x --max-tokens 0", "maxTokens must be 1 to 4096"},
+           {"generate x --max-tokens 5000", "maxTokens must be 1 to 4096"},
+           {"generate x --temperature -1", "temperature must be in [0, 100]"},
+           {"generate x --top-p 0", "topP must be in (0, 1]"},
+           {"generate x --top-p 1.5", "topP must be in (0, 1]"}}) {
+    ShellResult r = peerd.Ctl(args);
+    EXPECT_EQ(r.code, 1) << args << ": " << r.out;
+    EXPECT_NE(r.out.find("400: " + says), std::string::npos) << args << ": " << r.out;
+  }
+
+  // A client that leaves mid-stream stops its generation; peerd answers and trains on.
+  ASSERT_NO_FATAL_FAILURE(generation::HangUpMidStream(peerd));
+  ASSERT_EQ(peerd.Ctl("resume").code, 0);
+  const uint64_t step = U(peerd.CtlJson("status"), "step");
+  peerd.WaitFor([&](const json& s) { return U(s, "step") > step; });
+  EXPECT_EQ(peerd.Ctl("generate x --max-tokens 5").code, 0);
+  EXPECT_TRUE(peerd::testing::FileShows(dir + "/peerd.log", "the client left before the end"));
+  peerd.Kill(SIGTERM);
+}

@@ -1,5 +1,6 @@
 #include "service/net/admin_requests.h"
 
+#include "core/utf8.h"
 #include "experts_store/row_dtype.h"
 
 #include <fcntl.h>
@@ -30,27 +31,6 @@ bool Fail(AdminError* error, int status, std::string message) {
 }
 
 std::string Quote(std::string_view value) { return "'" + ClipForMessage(value) + "'"; }
-
-// Length of the valid UTF-8 sequence at s[i], or 0 when the bytes there are not one. Strict, as
-// protobuf's JSON printer is: no overlong forms, no surrogates (ED A0..BF), nothing above U+10FFFF.
-size_t Utf8SequenceAt(std::string_view s, size_t i) {
-  const auto b = static_cast<unsigned char>(s[i]);
-  if (b < 0x80) return 1;
-  size_t n = 0;
-  unsigned char lo = 0x80, hi = 0xBF;  // the range of the second byte
-  if (b >= 0xC2 && b <= 0xDF)
-    n = 2;
-  else if (b >= 0xE0 && b <= 0xEF)
-    n = 3, lo = b == 0xE0 ? 0xA0 : 0x80, hi = b == 0xED ? 0x9F : 0xBF;
-  else if (b >= 0xF0 && b <= 0xF4)
-    n = 4, lo = b == 0xF0 ? 0x90 : 0x80, hi = b == 0xF4 ? 0x8F : 0xBF;
-  if (n == 0 || i + n > s.size()) return 0;
-  const auto second = static_cast<unsigned char>(s[i + 1]);
-  if (second < lo || second > hi) return 0;
-  for (size_t k = 2; k < n; ++k)
-    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
-  return n;
-}
 
 // protobuf's JSON errors are "what\nexcerpt of the input\n    ^" (the caret under the fault):
 // on one line that is "what (near: excerpt)".
@@ -220,6 +200,30 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
     *request = admin::Score{r.text(), r.log_probs()};
     return true;
   }
+  if (path == "/v1/generate" && post) {
+    admin::Generate g;
+    if (!ParseBody(body, &g.request, error)) return false;
+    const GenerateRequest& r = g.request;
+    if (r.prompt().empty() || r.prompt().size() > kMaxPromptBytes)
+      return Fail(error, kBadRequest,
+                  "prompt must be 1 to " + std::to_string(kMaxPromptBytes) + " bytes, got " +
+                      std::to_string(r.prompt().size()));
+    if (r.has_max_tokens() && (r.max_tokens() == 0 || r.max_tokens() > kMaxGenerateTokens))
+      return Fail(
+          error, kBadRequest,
+          "maxTokens must be 1 to " + std::to_string(kMaxGenerateTokens) + ", got " + std::to_string(r.max_tokens()));
+    if (r.has_temperature() && !(r.temperature() >= 0 && r.temperature() <= 100))
+      return Fail(error, kBadRequest, "temperature must be in [0, 100] (0: greedy), got " + Number(r.temperature()));
+    if (r.has_top_p() && !(r.top_p() > 0 && r.top_p() <= 1))
+      return Fail(error, kBadRequest, "topP must be in (0, 1], got " + Number(r.top_p()));
+    if (r.stop_size() > 4)
+      return Fail(error, kBadRequest, "at most 4 stop strings, got " + std::to_string(r.stop_size()));
+    for (const std::string& stop : r.stop())
+      if (stop.empty() || stop.size() > 64)
+        return Fail(error, kBadRequest, "stop strings must be 1 to 64 bytes, got " + Quote(stop));
+    *request = std::move(g);
+    return true;
+  }
   if (path == "/v1/eval" && post) {
     EvalRequest r;
     if (!ParseBody(body, &r, error)) return false;
@@ -247,8 +251,9 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
   if (path == "/metrics" && get) return *request = admin::Metrics{}, true;
 
   bool known = freeze_path || task_path;
-  for (std::string_view route : {"/v1/status", "/v1/segments", "/v1/tasks", "/v1/eval", "/v1/checkpoint",
-                                 "/v1/train/pause", "/v1/train/resume", "/v1/policy", "/metrics", "/v1/score"})
+  for (std::string_view route :
+       {"/v1/status", "/v1/segments", "/v1/tasks", "/v1/eval", "/v1/checkpoint", "/v1/train/pause", "/v1/train/resume",
+        "/v1/policy", "/metrics", "/v1/score", "/v1/generate"})
     known |= path == route;
   if (known)
     return Fail(error, kMethodNotAllowed,

@@ -11,7 +11,9 @@
 //   400  body not a JSON object, invalid JSON, unknown field, wrong type, integer out of range,
 //        nKeys outside [1, 65536], bad dtype, bad task name, text and path both or neither,
 //        a non-finite or out-of-range policy number, a bad eval label, a bad segment id,
-//        a text to score under 2 bytes or over kMaxScoreBytes
+//        a text to score under 2 bytes or over kMaxScoreBytes; a prompt empty or over
+//        kMaxPromptBytes, maxTokens 0 or over kMaxGenerateTokens, temperature < 0 or over 100,
+//        topP outside (0, 1], more than 4 stop strings or one empty or over 64 bytes
 //   403  a task path outside every --task-root (after resolving "..", symlinks)
 //   404  no such route
 //   405  a known route with the wrong method
@@ -46,6 +48,9 @@ inline constexpr size_t kMaxEvalLabelBytes = 256;
 inline constexpr uint32_t kMaxSegmentId = 999'999'999;
 // Longest text POST /v1/score takes: it is scored on the trainer thread, between two steps.
 inline constexpr size_t kMaxScoreBytes = size_t{1} << 20;
+// Longest prompt POST /v1/generate takes, and most tokens it generates in one request.
+inline constexpr size_t kMaxPromptBytes = size_t{1} << 16;
+inline constexpr uint32_t kMaxGenerateTokens = 4096;
 // The largest sub-key count a segment may have per half (it holds nKeys² experts); the same bound
 // as the configuration's model.peer.nKeys.
 inline constexpr uint32_t kMaxSegmentKeys = 65536;
@@ -76,6 +81,9 @@ struct Score {
   std::string text;
   bool log_probs = false;
 };
+struct Generate {
+  GenerateRequest request;  // checked: every field in range
+};
 struct RunEval {
   std::string label;
 };
@@ -94,7 +102,7 @@ struct Metrics {};
 using AdminRequest =
     std::variant<admin::GetStatus, admin::ListSegments, admin::AddSegments, admin::FreezeSegment, admin::AddTask,
                  admin::ListTasks, admin::DeleteTask, admin::RunEval, admin::EvalReport, admin::Checkpoint,
-                 admin::SetPaused, admin::GetPolicy, admin::SetPolicy, admin::Metrics, admin::Score>;
+                 admin::SetPaused, admin::GetPolicy, admin::SetPolicy, admin::Metrics, admin::Score, admin::Generate>;
 
 // Parses one request: `method` as sent ("GET"), `target` the request target (a query string is
 // ignored), `body` the raw body (empty or whitespace = every field omitted). Returns true and sets

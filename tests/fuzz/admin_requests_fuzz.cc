@@ -34,6 +34,7 @@ constexpr Route kRoutes[] = {
     {"POST", "/v1/checkpoint"}, {"POST", "/v1/train/pause"},
     {"GET", "/metrics"},        {"POST", nullptr},
     {"GET", nullptr},           {nullptr, nullptr},
+    {"POST", "/v1/generate"},
 };
 
 [[noreturn]] void Broken(const char* what, std::string_view detail) {
@@ -69,6 +70,15 @@ void CheckAccepted(const AdminRequest& request) {
   if (const auto* t = std::get_if<peerd::admin::Score>(&request))
     if (t->text.size() < 2 || t->text.size() > peerd::kMaxScoreBytes)
       Broken("score text passed", t->text.substr(0, 64));
+  if (const auto* g = std::get_if<peerd::admin::Generate>(&request)) {
+    const peerd::GenerateRequest& r = g->request;
+    if (r.prompt().empty() || r.prompt().size() > peerd::kMaxPromptBytes)
+      Broken("prompt passed", r.prompt().substr(0, 64));
+    if (r.has_max_tokens() && (r.max_tokens() == 0 || r.max_tokens() > peerd::kMaxGenerateTokens))
+      Broken("maxTokens passed", std::to_string(r.max_tokens()));
+    if (r.has_temperature() && !(r.temperature() >= 0 && r.temperature() <= 100)) Broken("temperature passed", "");
+    if (r.has_top_p() && !(r.top_p() > 0 && r.top_p() <= 1)) Broken("topP passed", "");
+  }
   if (const auto* d = std::get_if<peerd::admin::DeleteTask>(&request))
     if (d->name.empty() || d->name.size() > 64) Broken("deleted task name passed", d->name);
   if (const auto* p = std::get_if<peerd::admin::SetPolicy>(&request))
