@@ -20,7 +20,8 @@ int64_t PickToken(const std::vector<float>& logits, const GenerateOptions& optio
   size_t keep = options.top_k > 0 ? std::min<size_t>(options.top_k, V) : V;
   std::vector<double> p(keep);  // softmax(logits / temperature) over the kept tokens, unnormalised
   double total = 0;
-  for (size_t i = 0; i < keep; ++i) total += p[i] = std::exp((logits[order[i]] - logits[order[0]]) / options.temperature);
+  for (size_t i = 0; i < keep; ++i)
+    total += p[i] = std::exp((logits[order[i]] - logits[order[0]]) / options.temperature);
   if (options.top_p < 1) {  // the fewest leading tokens whose probability reaches top_p
     double mass = 0;
     size_t n = 0;
@@ -62,12 +63,12 @@ Generated Generate(TransformerLM& model, std::string_view prompt, const Generate
       const auto from = sequence.begin() + start + cache.length;
       logits = model->forward(torch::tensor(std::vector<int64_t>(from, sequence.end())).unsqueeze(0), &cache);
     } else {
-      logits = model->forward(torch::tensor(std::vector<int64_t>(sequence.begin() + start, sequence.end())).unsqueeze(0));
+      logits =
+          model->forward(torch::tensor(std::vector<int64_t>(sequence.begin() + start, sequence.end())).unsqueeze(0));
     }
     torch::Tensor last = logits[0][logits.size(1) - 1].to(torch::kFloat).contiguous();  // [vocab]
-    const int64_t token =
-        PickToken(std::vector<float>(last.data_ptr<float>(), last.data_ptr<float>() + last.numel()), options,
-                  uniform(rng));
+    const int64_t token = PickToken(std::vector<float>(last.data_ptr<float>(), last.data_ptr<float>() + last.numel()),
+                                    options, uniform(rng));
     out.tokens.push_back(token);
     if (token == ByteTokenizer::kEndOfDocument) {
       out.finish_reason = "end_of_document";

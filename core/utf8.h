@@ -52,7 +52,7 @@ inline size_t Utf8SafePrefix(std::string_view bytes) {
   const size_t n = bytes.size();
   for (size_t back = 1; back <= 3 && back <= n; ++back) {
     const auto b = static_cast<unsigned char>(bytes[n - back]);
-    if ((b & 0xC0) == 0x80) continue;  // a continuation byte: look further back for its lead
+    if ((b & 0xC0) == 0x80) continue;    // a continuation byte: look further back for its lead
     if (b < 0xC2 || b > 0xF4) return n;  // ASCII, or a byte no sequence begins with
     const size_t need = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : b >= 0xC0 ? 2 : 1;
     return need > back ? n - back : n;

@@ -122,9 +122,12 @@ TEST(PickToken, TemperatureTopKAndTopPChooseFromTheRightTokens) {
 }
 
 TEST(Utf8, InvalidBytesBecomeReplacementCharactersAndUnfinishedOnesAreHeldBack) {
-  EXPECT_EQ(ValidUtf8("a\xff" "b"), "a\xEF\xBF\xBD" "b");
+  EXPECT_EQ(ValidUtf8("a\xff"
+                      "b"),
+            "a\xEF\xBF\xBD"
+            "b");
   EXPECT_EQ(ValidUtf8("\xC3\xA9"), "\xC3\xA9");  // é stays
-  EXPECT_EQ(ValidUtf8("\xC3"), "\xEF\xBF\xBD");   // cut short
+  EXPECT_EQ(ValidUtf8("\xC3"), "\xEF\xBF\xBD");  // cut short
   EXPECT_EQ(Utf8SafePrefix("ab\xC3"), 2u);
   EXPECT_EQ(Utf8SafePrefix("ab\xE2\x82"), 2u);
   EXPECT_EQ(Utf8SafePrefix("ab\xE2\x82\xAC"), 5u);  // € complete
