@@ -76,11 +76,12 @@ int GenerateBench(int argc, char** argv) {
       }
     const double cached = Median(rate[0]), whole = Median(rate[1]);
     const bool same = produced[0] == produced[1];
-    std::printf("%12lld %9.0f ±%5.0f %9.0f ±%5.0f %7.2fx %10s\n", static_cast<long long>(prompt_bytes), cached,
-                (*std::max_element(rate[0].begin(), rate[0].end()) - *std::min_element(rate[0].begin(), rate[0].end())) / 2,
-                whole,
-                (*std::max_element(rate[1].begin(), rate[1].end()) - *std::min_element(rate[1].begin(), rate[1].end())) / 2,
-                cached / whole, same ? "yes" : "NO");
+    std::printf(
+        "%12lld %9.0f ±%5.0f %9.0f ±%5.0f %7.2fx %10s\n", static_cast<long long>(prompt_bytes), cached,
+        (*std::max_element(rate[0].begin(), rate[0].end()) - *std::min_element(rate[0].begin(), rate[0].end())) / 2,
+        whole,
+        (*std::max_element(rate[1].begin(), rate[1].end()) - *std::min_element(rate[1].begin(), rate[1].end())) / 2,
+        cached / whole, same ? "yes" : "NO");
     rows.push_back({{"bench", "generate"},
                     {"prompt_bytes", prompt_bytes},
                     {"tokens", tokens},

@@ -4,6 +4,7 @@
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
 //     tasks [list | add NAME FILE | delete NAME] | eval [run [--label L] | report] | checkpoint | pause | resume
 //     score [TEXT | -] [--log-probs]       (no TEXT or -: stdin)
+//     export DIR                           (DIR/model.safetensors, DIR/config.json)
 //     generate [PROMPT | -] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 //              [--stop STRING]... [--stream]
 //     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -29,6 +31,7 @@
 
 #include "core/host_port.h"
 #include "proto/admin.pb.h"
+#include "proto/export.pb.h"
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -59,6 +62,45 @@ struct Client {
     beast::error_code ec;
     stream.socket().shutdown(asio::ip::tcp::socket::shutdown_both, ec);
     return {res.result_int(), res.body()};
+  }
+
+  // GETs `target` into the file `path` as it comes. Returns the HTTP status (200 only when the
+  // whole answer arrived); the body of an answer other than 200 goes to *error_body.
+  int Download(const std::string& target, const std::string& path, std::string* error_body) {
+    asio::io_context io;
+    asio::ip::tcp::resolver resolver(io);
+    beast::tcp_stream stream(io);
+    stream.connect(resolver.resolve(host, port));
+    http::request<http::string_body> req{http::verb::get, target, 11};
+    req.set(http::field::host, host);
+    req.set(http::field::authorization, "Bearer " + token);
+    req.prepare_payload();
+    http::write(stream, req);
+    beast::flat_buffer buffer;
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(std::numeric_limits<std::uint64_t>::max());
+    http::read_header(stream, buffer, parser);
+    const int status = parser.get().result_int();
+    if (status != 200) {
+      http::read(stream, buffer, parser);
+      *error_body = parser.get().body();
+      return status;
+    }
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    auto on_chunk = [&](std::uint64_t, beast::string_view data, beast::error_code&) -> std::size_t {
+      out.write(data.data(), static_cast<std::streamsize>(data.size()));
+      return data.size();
+    };
+    parser.on_chunk_body(on_chunk);
+    beast::error_code ec;
+    while (!parser.is_done() && !ec) http::read_some(stream, buffer, parser, ec);
+    out.close();
+    if (!parser.is_done() || !out) {
+      *error_body = "the answer was cut off before its end" + (ec ? " (" + ec.message() + ")" : std::string()) +
+                    "; see peerd's log";
+      return 502;
+    }
+    return status;
   }
 
   // Sends one request answered by server-sent events, calling on_event with each event's data as
@@ -293,6 +335,55 @@ int StreamGeneration(Client& client, const std::string& target, const std::strin
   return failed ? 1 : 0;
 }
 
+// peerctl export DIR: the safetensors file as it comes, then its manifest as DIR/config.json.
+int Export(Client& client, const std::string& dir, const std::string& admin) {
+  std::error_code fs_error;
+  std::filesystem::create_directories(dir, fs_error);
+  const std::string part = dir + "/model.safetensors.part", file = dir + "/model.safetensors";
+  std::string error;
+  int status = 0;
+  try {
+    status = client.Download("/v1/export", part, &error);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
+    return 1;
+  }
+  if (status != 200) {
+    std::remove(part.c_str());
+    std::fprintf(stderr, "peerctl: %d: %s\n", status, ErrorMessage(error).c_str());
+    return 1;
+  }
+  // The manifest rides in the header's metadata: the file and config.json describe one model.
+  std::ifstream in(part, std::ios::binary);
+  unsigned char length[8] = {};
+  in.read(reinterpret_cast<char*>(length), 8);
+  uint64_t header_bytes = 0;
+  for (int i = 7; i >= 0; --i) header_bytes = header_bytes << 8 | length[i];
+  std::string header(header_bytes < (uint64_t{1} << 30) ? header_bytes : 0, '\0');
+  in.read(header.data(), static_cast<std::streamsize>(header.size()));
+  const json parsed = json::parse(header, nullptr, false);
+  peerd::ExportManifest manifest;
+  if (!in || parsed.is_discarded() || !parsed.contains("__metadata__") ||
+      !Parse(parsed["__metadata__"].value("peerd", ""), &manifest)) {
+    std::fprintf(stderr, "peerctl: the export in %s has no readable header or manifest\n", part.c_str());
+    return 1;
+  }
+  std::string config;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  (void)google::protobuf::util::MessageToJsonString(manifest, &config, options);
+  std::ofstream(dir + "/config.json") << config;
+  std::filesystem::rename(part, file, fs_error);
+  if (fs_error) {
+    std::fprintf(stderr, "peerctl: cannot rename %s: %s\n", part.c_str(), fs_error.message().c_str());
+    return 1;
+  }
+  std::printf("wrote %s (%d tensors, %.1f MB, the model of step %llu, %d frozen segments) and %s/config.json\n",
+              file.c_str(), manifest.tensors_size(), std::filesystem::file_size(file, fs_error) / 1e6,
+              static_cast<unsigned long long>(manifest.step()), manifest.frozen_size(), dir.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -343,6 +434,10 @@ int main(int argc, char** argv) {
   generate->add_option("--seed", seed, "the same seed gives the same text (default: random, printed)");
   generate->add_option("--stop", stops, "end before this string (up to 4)");
   generate->add_flag("--stream", stream, "print the text as it is generated");
+  auto* export_cmd =
+      app.add_subcommand("export", "write the model as it is now to DIR/model.safetensors and DIR/config.json");
+  std::string export_dir;
+  export_cmd->add_option("dir", export_dir, "the directory to write (created if missing)")->required();
   app.add_subcommand("checkpoint", "write a checkpoint now");
   app.add_subcommand("pause", "pause training");
   app.add_subcommand("resume", "resume training");
@@ -501,6 +596,7 @@ int main(int argc, char** argv) {
   }
 
   if (command == "generate" && stream) return StreamGeneration(client, target, body, as_json, admin);
+  if (command == "export") return Export(client, export_dir, admin);
   std::pair<int, std::string> res;
   try {
     res = client.Call(verb, target, body);

@@ -40,10 +40,11 @@ struct Reply {
   http::status status = http::status::ok;
   std::string body;
   std::string content_type = "application/json";
-  // Set for an answer sent as server-sent events: called with a function that sends one event's
-  // data (false once the client is gone). An error it returns before its first event is answered
-  // as any error; after it, as a last event holding the error.
-  std::function<Status(const std::function<bool(const std::string&)>& send)> stream;
+  // Set for an answer sent as it is made (chunked): called with a function that sends the next
+  // bytes (false once the client is gone). An error it returns before its first bytes is answered
+  // as any error; after them, server-sent events get a last event holding the error, and any other
+  // answer is cut off without its last chunk, so the client sees it incomplete.
+  std::function<Status(const std::function<bool(std::string_view)>& send)> stream;
 };
 
 std::string ToJson(const google::protobuf::Message& m) {
@@ -197,6 +198,14 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             return Ok(reply);
           },
           [&](const admin::Generate& g) { return GenerateReplyFor(g.request); },
+          [&](const admin::Export&) {
+            Reply exported;
+            exported.content_type = "application/octet-stream";
+            exported.stream = [this](const std::function<bool(std::string_view)>& send) {
+              return loop->Export([&](const char* data, size_t size) { return send(std::string_view(data, size)); });
+            };
+            return exported;
+          },
           [&](const admin::ListTasks&) {
             std::vector<std::pair<std::string, std::string>> tasks;
             if (Status st = loop->tasks().Tasks(&tasks); !st.ok()) return FromStatus(st);
@@ -271,16 +280,20 @@ Reply AdminServer::Impl::GenerateReplyFor(const GenerateRequest& r) {
     o.seed = (uint64_t{random()} << 32) | random();
   }
   o.stop.assign(r.stop().begin(), r.stop().end());
-  auto run = [this, prompt = r.prompt(), o](const std::function<bool(const std::string&)>* send,
-                                            GenerateReply* reply) -> Status {
+  // One server-sent event: "data: JSON", a blank line.
+  auto event = [](const std::function<bool(std::string_view)>& send, const std::string& json) {
+    return send("data: " + json + "\n\n");
+  };
+  auto run = [this, event, prompt = r.prompt(), o](const std::function<bool(std::string_view)>* send,
+                                                   GenerateReply* reply) -> Status {
     GenerateOptions options = o;
     if (send)
-      options.on_text = [send](std::string_view piece) {
+      options.on_text = [send, event](std::string_view piece) {
         GenerateReply chunk;  // {"text": "..."}: the other fields come in the last event
         chunk.set_text(ValidUtf8(piece));
         std::string json;
         (void)google::protobuf::util::MessageToJsonString(chunk, &json);
-        return (*send)(json);
+        return event(*send, json);
       };
     const auto start = Clock::now();
     Generated out;
@@ -301,10 +314,10 @@ Reply AdminServer::Impl::GenerateReplyFor(const GenerateRequest& r) {
   }
   Reply streamed;
   streamed.content_type = "text/event-stream";
-  streamed.stream = [run](const std::function<bool(const std::string&)>& send) -> Status {
+  streamed.stream = [run, event](const std::function<bool(std::string_view)>& send) -> Status {
     GenerateReply last;
     if (Status st = run(&send, &last); !st.ok()) return st;
-    if (last.finish_reason() != "cancelled") send(ToJson(last));
+    if (last.finish_reason() != "cancelled") event(send, ToJson(last));
     return Status::OK();
   };
   return streamed;
@@ -314,13 +327,13 @@ bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration time
                                const std::string& what) {
   beast::error_code ec;
   bool started = false, gone = false;
-  uint64_t events = 0;
-  auto send = [&](const std::string& data) -> bool {
+  uint64_t bytes = 0;
+  auto send = [&](std::string_view data) -> bool {
     if (gone) return false;
-    SetDeadline(fd, timeout);  // a client that stops reading is closed, and generation stops
+    SetDeadline(fd, timeout);  // a client that stops reading is closed, and the work stops
     if (!started) {
       http::response<http::empty_body> head{http::status::ok, version};
-      head.set(http::field::content_type, "text/event-stream");
+      head.set(http::field::content_type, r.content_type);
       head.set(http::field::cache_control, "no-cache");
       head.chunked(true);
       head.keep_alive(false);
@@ -328,10 +341,9 @@ bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration time
       http::write_header(socket, serializer, ec);
       started = true;
     }
-    const std::string event = "data: " + data + "\n\n";
-    if (!ec) asio::write(socket, http::make_chunk(asio::buffer(event)), ec);
+    if (!ec && !data.empty()) asio::write(socket, http::make_chunk(asio::buffer(data.data(), data.size())), ec);
     gone = static_cast<bool>(ec);
-    events += !gone;
+    bytes += gone ? 0 : data.size();
     return !gone;
   };
   Status st;
@@ -341,7 +353,7 @@ bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration time
     st = Status::Corruption(std::string("internal error: ") + e.what());
   }
   if (!st.ok()) request_errors++;
-  if (!started) {  // failed before its first event: an ordinary error answer
+  if (!started) {  // failed before its first bytes: an ordinary error answer
     Reply error = FromStatus(st);
     spdlog::warn("admin {} -> {}: {}", what, static_cast<int>(error.status), error.body);
     http::response<http::string_body> res{error.status, version};
@@ -353,13 +365,17 @@ bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration time
     http::write(socket, res, ec);
     return false;
   }
-  if (!st.ok() && !gone) send(FromStatus(st).body);
-  if (!gone) {
+  const bool events = r.content_type == "text/event-stream";
+  if (!st.ok() && !gone && events) send("data: " + FromStatus(st).body + "\n\n");
+  if (!gone && (st.ok() || events)) {
     SetDeadline(fd, timeout);
     asio::write(socket, http::make_chunk_last(), ec);
   }
-  spdlog::info("admin {} -> 200, {} events streamed{}", what, events,
-               gone ? "; the client left before the end (generation stopped)" : "");
+  if (!st.ok())
+    spdlog::warn("admin {} -> 200, failed after {} bytes: {}", what, bytes, st.ToString());
+  else
+    spdlog::info("admin {} -> 200, {} bytes streamed{}", what, bytes,
+                 gone ? "; the client left before the end (the work stopped)" : "");
   return false;
 }
 

@@ -13,6 +13,7 @@
 #include "core/rank_sync.h"
 #include "core/unix_time.h"
 #include "experts_store/row_dtype.h"
+#include "service/export.h"
 #include "service/metrics_text.h"
 #include "service/net/admin_requests.h"
 #include "service/policy.h"
@@ -651,6 +652,32 @@ Status TrainingLoop::Generate(const std::string& prompt, const GenerateOptions& 
   if (!st.ok() || copy.is_empty()) return st;
   *out = peerd::Generate(copy, prompt, options);
   return Status::OK();
+}
+
+Status TrainingLoop::Export(const std::function<bool(const char* data, size_t size)>& write) {
+  TransformerLM copy{nullptr};
+  ExportManifest manifest;
+  NamedTensors tensors;
+  Status st = RunOnTrainer([&]() -> Status {
+    for (const auto& layer : model_->PeerLayers())
+      for (const auto& s : layer->segments())
+        if (!s->resident())
+          return Status::InvalidArgument("segment " + std::to_string(s->id()) +
+                                         "'s rows are not held in memory (cached residency): export needs every "
+                                         "row resident; restart peerd with --residency resident to export");
+    copy = CopyForTeacher(model_);
+    manifest.set_format("peerd-export-1");
+    *manifest.mutable_config() = options_.config;
+    *manifest.mutable_config()->mutable_train() = trainer_->config();
+    manifest.set_step(static_cast<uint64_t>(trainer_->step()));
+    std::vector<SegmentManifest> frozen;
+    if (Status m = store_->Manifests(&frozen); !m.ok()) return m;
+    for (const SegmentManifest& m : frozen) *manifest.add_frozen() = m;
+    if (routing_.started()) *manifest.mutable_routing() = routing_.Info(model_);
+    return ExportedTensors(*copy, &tensors);
+  });
+  if (!st.ok()) return st;
+  return WriteSafetensors(tensors, manifest, write);
 }
 
 Status TrainingLoop::DeleteTask(const std::string& name) {

@@ -95,6 +95,9 @@ class TrainingLoop {
   // kMaxGenerations run already.
   static constexpr int kMaxGenerations = 2;
   Status Generate(const std::string& prompt, const GenerateOptions& options, Generated* out, uint64_t* step);
+  // The model as a safetensors stream (service/export.h) through `write`, from a copy taken between
+  // two steps: training goes on while it is written. InvalidArgument with rows not resident.
+  Status Export(const std::function<bool(const char* data, size_t size)>& write);
   // TaskStore::DeleteTask, between evaluations.
   Status DeleteTask(const std::string& name);
   Status Checkpoint();

@@ -549,6 +549,58 @@ TEST(Service, GenerationAnswersWhileTrainingIsReproducibleStreamsAndSurvivesACli
   const uint64_t step = U(peerd.CtlJson("status"), "step");
   peerd.WaitFor([&](const json& s) { return U(s, "step") > step; });
   EXPECT_EQ(peerd.Ctl("generate x --max-tokens 5").code, 0);
-  EXPECT_TRUE(peerd::testing::FileShows(dir + "/peerd.log", "the client left before the end"));
+  EXPECT_TRUE(peerd::testing::FileShows(dir + "/peerd.log", "the client left before the end (the work stopped)"));
+  peerd.Kill(SIGTERM);
+}
+
+TEST(Service, AnExportLoadsInPyTorchAndScoresAsPeerdDoes) {
+  const std::string dir = ::testing::TempDir() + "/peerd_export_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8}})";
+  std::string held;
+  {
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(60'000, '\0');
+    kjv.read(text.data(), text.size());
+    std::ofstream(dir + "/kjv.txt") << text.substr(0, text.rfind("\n\n") + 2);
+    std::ifstream ho(std::string(PEERD_CORPUS_DIR) + "/kjv/heldout.txt");
+    held.resize(3'000);
+    ho.read(held.data(), held.size());
+    std::ofstream(dir + "/heldout.txt") << held;
+    std::ofstream(dir + "/code.txt") << "int main(int argc, char** argv) {\n  return argc > 1 ? 0 : 1;\n}\n";
+  }
+  PeerdProcess peerd(dir);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  ASSERT_EQ(peerd.Ingest("kjv", dir + "/kjv.txt").code, 0);
+  peerd.WaitFor([](const json& s) { return U(s, "step") >= 20; });
+  // A frozen segment in bf16 and a training one beside it: both kinds of rows are in the file.
+  ASSERT_EQ(peerd.Ctl("segments freeze 0").code, 0);
+  ASSERT_EQ(peerd.Ctl("segments add").code, 0);
+  ASSERT_EQ(peerd.Ctl("pause").code, 0);  // the export and the scores below see one model
+  ShellResult exported = peerd.Ctl("export " + dir + "/export");
+  ASSERT_EQ(exported.code, 0) << exported.out;
+  EXPECT_NE(exported.out.find("1 frozen segments"), std::string::npos) << exported.out;
+  const json manifest = json::parse(Slurp(dir + "/export/config.json"), nullptr, false);
+  ASSERT_TRUE(manifest.is_object());
+  ASSERT_EQ(manifest["frozen"].size(), 1u);
+  EXPECT_EQ(manifest["frozen"][0].value("dtype", ""), "ROW_DTYPE_BF16");
+  EXPECT_EQ(manifest["frozen"][0]["checksum"], Segment(peerd.CtlJson("status"), 0)["checksum"]);
+
+  for (const std::string& text : {"heldout.txt", "code.txt"}) {
+    const json ours = peerd.CtlJson("score --log-probs < " + dir + "/" + text);
+    ShellResult loaded = Sh("/usr/bin/python3 " + std::string(PEERD_SOURCE_DIR) + "/scripts/load_export.py " + dir +
+                            "/export --score " + dir + "/" + text);
+    ASSERT_EQ(loaded.code, 0) << loaded.out;
+    const json theirs = json::parse(loaded.out, nullptr, false);
+    ASSERT_TRUE(theirs.is_object()) << loaded.out;
+    ASSERT_EQ(theirs["logProbs"].size(), ours["logProbs"].size()) << text;
+    double worst = 0;
+    for (size_t i = 0; i < ours["logProbs"].size(); ++i)
+      worst = std::max(worst, std::abs(ours["logProbs"][i].get<double>() - theirs["logProbs"][i].get<double>()));
+    EXPECT_LT(worst, 1e-4) << text << ": the largest difference of a byte's log-probability";
+    EXPECT_NEAR(theirs.value("bitsPerByte", 0.0), ours.value("bitsPerByte", 0.0), 1e-5) << text;
+  }
   peerd.Kill(SIGTERM);
 }

@@ -249,6 +249,7 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
     return true;
   }
   if (path == "/metrics" && get) return *request = admin::Metrics{}, true;
+  if (path == "/v1/export" && get) return *request = admin::Export{}, true;
 
   bool known = freeze_path || task_path;
   for (std::string_view route :

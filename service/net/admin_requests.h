@@ -84,6 +84,7 @@ struct Score {
 struct Generate {
   GenerateRequest request;  // checked: every field in range
 };
+struct Export {};
 struct RunEval {
   std::string label;
 };
@@ -99,10 +100,10 @@ struct SetPolicy {
 struct Metrics {};
 }  // namespace admin
 
-using AdminRequest =
-    std::variant<admin::GetStatus, admin::ListSegments, admin::AddSegments, admin::FreezeSegment, admin::AddTask,
-                 admin::ListTasks, admin::DeleteTask, admin::RunEval, admin::EvalReport, admin::Checkpoint,
-                 admin::SetPaused, admin::GetPolicy, admin::SetPolicy, admin::Metrics, admin::Score, admin::Generate>;
+using AdminRequest = std::variant<admin::GetStatus, admin::ListSegments, admin::AddSegments, admin::FreezeSegment,
+                                  admin::AddTask, admin::ListTasks, admin::DeleteTask, admin::RunEval,
+                                  admin::EvalReport, admin::Checkpoint, admin::SetPaused, admin::GetPolicy,
+                                  admin::SetPolicy, admin::Metrics, admin::Score, admin::Generate, admin::Export>;
 
 // Parses one request: `method` as sent ("GET"), `target` the request target (a query string is
 // ignored), `body` the raw body (empty or whitespace = every field omitted). Returns true and sets

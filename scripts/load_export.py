@@ -1,0 +1,189 @@
+#!/usr/bin/python3
+"""Builds the network of a peerd export in PyTorch and scores text with it.
+
+    scripts/load_export.py DIR                  # what the export holds
+    scripts/load_export.py DIR --score FILE     # bits/byte and per-byte log-probabilities (JSON)
+
+DIR is what `peerctl export DIR` writes: model.safetensors (every parameter, frozen expert rows in
+their stored dtype) and config.json (the model configuration and the frozen segments' manifests).
+Needs only Debian's python3-torch. The network is the one core/model.h describes — byte tokens,
+learned positions, pre-norm blocks of causal attention and a dense or PEER feed-forward layer,
+the head tied to the token embedding — and scores a text the way peerd's /v1/score does: windows
+of the context overlapping by one byte, every byte but the first predicted once. bf16 rows are
+promoted to fp32 before use, as peerd promotes them.
+
+Routed models (routing isolation: adapters and a byte-bigram router) are not built here yet: the
+script says so and exits 2.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+          "I64": torch.int64}
+END_OF_DOCUMENT, VOCAB = 256, 257
+
+
+def load_safetensors(path):
+    """{name: tensor} and the header's metadata, read with the standard library and torch only."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        data = f.read()
+    metadata = header.pop("__metadata__", {})
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = bytearray(data[begin:end])
+        t = torch.frombuffer(raw, dtype=DTYPES[info["dtype"]]) if raw else torch.empty(0, dtype=DTYPES[info["dtype"]])
+        tensors[name] = t.reshape(info["shape"])
+    return tensors, metadata
+
+
+class Export:
+    def __init__(self, directory):
+        self.tensors, metadata = load_safetensors(os.path.join(directory, "model.safetensors"))
+        with open(os.path.join(directory, "config.json")) as f:
+            self.manifest = json.load(f)
+        if json.loads(metadata.get("peerd", "{}")).get("step") != self.manifest.get("step"):
+            sys.exit("load_export.py: config.json and model.safetensors are not of the same export")
+        model = self.manifest["config"]["model"]
+        self.d = model.get("dModel", 128)
+        self.layers = model.get("nLayers", 2)
+        self.heads = model.get("nHeads", 4)
+        self.context = model.get("context", 128)
+        self.peer = model.get("peer", {})
+        if self.manifest.get("routing"):
+            sys.exit("load_export.py: this export is of a routed model (adapters and a router), which this script "
+                     "does not build yet")
+        blocks = model.get("peerBlocks")  # core/config.cc PeerBlocks
+        if model.get("ffn") != "FFN_KIND_PEER":
+            self.peer_blocks = set()
+        else:
+            self.peer_blocks = set(blocks) if blocks else {self.layers // 2}
+
+    def t(self, name):
+        return self.tensors[name].float()
+
+    # --- the network, as core/model.cc computes it --------------------------------------------
+    def attention(self, x, p):
+        B, T, D = x.shape
+        hd = D // self.heads
+        q, k, v = F.linear(x, self.t(p + ".qkv.weight"), self.t(p + ".qkv.bias")).chunk(3, -1)
+        q, k, v = (z.view(B, T, self.heads, hd).transpose(1, 2) for z in (q, k, v))  # [B, nh, T, hd]
+        att = q @ k.transpose(-2, -1) / math.sqrt(hd)
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, D)
+        return F.linear(y, self.t(p + ".proj.weight"), self.t(p + ".proj.bias"))
+
+    def peer_layer(self, x, p):
+        """PEER (core/peer_layer.h): product-key top-k per segment, top-k over their union."""
+        h, dk, k = self.peer.get("heads", 8), self.peer.get("queryDim", 128), self.peer.get("topk", 16)
+        xs = x.reshape(-1, self.d)  # [M, D]
+        q = F.linear(xs, self.t(p + ".query_proj.weight"))  # [M, h·dk]
+        norm = self.peer.get("queryNorm", "QUERY_NORM_LAYER")
+        if norm == "QUERY_NORM_LAYER":
+            q = F.layer_norm(q, (h * dk,), self.t(p + ".norm_weight"), self.t(p + ".norm_bias"))
+        elif norm == "QUERY_NORM_BATCH":
+            q = F.batch_norm(q, self.t(p + ".running_mean"), self.t(p + ".running_var"), self.t(p + ".norm_weight"),
+                             self.t(p + ".norm_bias"), training=False, eps=1e-5)
+        q = q.view(-1, h, dk).transpose(0, 1)  # [h, M, dk]
+        segments = sorted({n[len(p) + 1:].split(".")[0] for n in self.tensors
+                           if n.startswith(p + ".segment")}, key=lambda s: int(s[len("segment"):]))
+        scores, where, rows = [], [], []
+        for s in segments:
+            keys = self.t(f"{p}.{s}.sub_keys")  # [h, 2, n, dk/2]
+            n, half = keys.shape[2], dk // 2
+            s1, i1 = torch.bmm(q[..., :half], keys[:, 0].transpose(1, 2)).topk(k, -1)  # [h, M, k]
+            s2, i2 = torch.bmm(q[..., half:], keys[:, 1].transpose(1, 2)).topk(k, -1)
+            sums = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # [h, M, k²]
+            ids = (i1.unsqueeze(-1) * n + i2.unsqueeze(-2)).flatten(-2)
+            best, pick = sums.topk(k, -1)
+            scores.append(best)
+            where.append(ids.gather(-1, pick) + sum(r[0].shape[0] for r in rows))  # index into the stacked rows
+            rows.append((self.t(f"{p}.{s}.down"), self.t(f"{p}.{s}.up")))
+        if len(scores) > 1:
+            best, pick = torch.cat(scores, -1).topk(k, -1)
+            index = torch.cat(where, -1).gather(-1, pick)
+        else:
+            best, index = scores[0], where[0]
+        down = torch.cat([r[0] for r in rows])  # [N, D] over every segment
+        up = torch.cat([r[1] for r in rows])
+        M = xs.shape[0]
+        w = best.transpose(0, 1).softmax(-1).reshape(M, 1, h * k)  # [M, 1, h·k]
+        index = index.transpose(0, 1).reshape(-1)  # token-major [M·h·k]
+        u = down[index].view(M, h * k, self.d)
+        v = up[index].view(M, h * k, self.d)
+        a = torch.bmm(u, xs.unsqueeze(2)).view(M, 1, h * k)  # u_e · x
+        return torch.bmm(F.gelu(a) * w, v).view(x.shape)
+
+    def forward(self, tokens):
+        """tokens [B, T] -> logits [B, T, 257]."""
+        T = tokens.shape[1]
+        x = F.embedding(tokens, self.t("tok_emb.weight")) + F.embedding(torch.arange(T), self.t("pos_emb.weight"))
+        for i in range(self.layers):
+            p = f"block{i}"
+            ln = lambda z, n: F.layer_norm(z, (self.d,), self.t(f"{p}.{n}.weight"), self.t(f"{p}.{n}.bias"))
+            x = x + self.attention(ln(x, "ln1"), p + ".attn")
+            n = ln(x, "ln2")
+            if i in self.peer_blocks:
+                x = x + self.peer_layer(n, p + ".peer")
+            else:
+                hidden = F.gelu(F.linear(n, self.t(p + ".dense.fc.weight"), self.t(p + ".dense.fc.bias")))
+                x = x + F.linear(hidden, self.t(p + ".dense.proj.weight"), self.t(p + ".dense.proj.bias"))
+        hf = F.layer_norm(x, (self.d,), self.t("ln_f.weight"), self.t("ln_f.bias"))
+        return hf @ self.t("tok_emb.weight").t()
+
+    def score(self, text):
+        """Bits per byte and ln p of every byte but the first, in windows as core/evaluator.cc cuts them."""
+        data = list(text)
+        n = len(data)
+        if n < 2:
+            sys.exit("load_export.py: a text to score needs at least 2 bytes")
+        windows, start = [], 0
+        while start + self.context + 1 <= n:
+            windows.append((start, start + self.context))
+            start += self.context
+        if n - start >= 2:
+            windows.append((start, n - 1))
+        log_probs, offsets = [], []
+        with torch.no_grad():
+            for first, last in windows:
+                tokens = torch.tensor(data[first:last + 1]).unsqueeze(0)
+                logp = self.forward(tokens[:, :-1]).log_softmax(-1)[0]  # [L, 257]
+                picked = logp.gather(1, tokens[0, 1:].unsqueeze(1)).squeeze(1)
+                log_probs += picked.tolist()
+                offsets += list(range(first + 1, last + 1))
+        bits = -sum(log_probs) / len(log_probs) / math.log(2)
+        return {"bitsPerByte": bits, "predictedBytes": len(log_probs), "logProbs": log_probs, "offsets": offsets}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dir", help="what `peerctl export DIR` wrote")
+    parser.add_argument("--score", metavar="FILE", help="score this file's bytes; prints JSON")
+    args = parser.parse_args()
+    for name in ("model.safetensors", "config.json"):
+        if not os.path.exists(os.path.join(args.dir, name)):
+            sys.exit(f"load_export.py: no {name} in {args.dir} (write one with: peerctl export {args.dir})")
+    torch.set_num_threads(1)
+    model = Export(args.dir)
+    if args.score:
+        with open(args.score, "rb") as f:
+            print(json.dumps(model.score(f.read())))
+        return
+    total = sum(t.numel() for t in model.tensors.values())
+    print(f"{len(model.tensors)} tensors, {total} numbers; step {model.manifest.get('step')}; "
+          f"{len(model.manifest.get('frozen', []))} frozen segments; d_model {model.d}, {model.layers} layers, "
+          f"context {model.context}")
+
+
+if __name__ == "__main__":
+    main()
