@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
   peerd::ReexecWithTunedEnvironment(argv);
   CLI::App app{"peerd: continual training of a PEER language model on streamed text"};
   std::string data_dir = "peerd-data", config_path, data_listen = "127.0.0.1:7070", admin_listen = "127.0.0.1:7071";
-  std::string log_level = "info", residency = "resident", freeze_dtype = "bf16", training_journal;
+  std::string log_level = "info", residency = "resident", freeze_dtype = "bf16", training_journal, import_dir;
   std::vector<std::string> task_roots;
   uint32_t checkpoint_steps = 200, threads = 0;
   double checkpoint_seconds = 60;
@@ -77,6 +77,8 @@ int main(int argc, char** argv) {
   app.add_option("--spool-keep-hours", spool_keep_hours,
                  "with keepTrainedText on: prune trained text older than this (0 = never)")
       ->capture_default_str();
+  app.add_option("--import", import_dir,
+                 "start a new data directory from an export (peerctl export DIR): its model and frozen segments");
   app.add_option("--training-journal", training_journal,
                  "append which spooled text each training step trained to this file (an audit of "
                  "exactly-once training; format in service/training_journal.h)");
@@ -193,8 +195,20 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
+  ExportManifest imported;
+  NamedTensors import_tensors;
+  if (!import_dir.empty()) {
+    std::error_code ec;
+    if (std::filesystem::exists(data_dir, ec) && !std::filesystem::is_empty(data_dir, ec))
+      return fail("--import", Status::InvalidArgument("data directory '" + data_dir +
+                                                      "' is not empty: --import starts a new data directory"));
+    if (Status st = ReadExport(import_dir, &imported, &import_tensors); !st.ok()) return fail("--import", st);
+  }
   std::shared_ptr<DataDirDb> db;
   if (Status st = DataDirDb::Open(data_dir, {}, &db); !st.ok()) return fail("data directory", st);
+  // An import's configuration is the new data directory's record: a --config must describe its model.
+  if (!import_dir.empty())
+    if (Status st = RecordDataDirConfig(*db, imported.config()); !st.ok()) return fail("configuration", st);
   if (Status st = ResolveDataDirConfig(*db, given, &lo.config); !st.ok()) return fail("configuration", st);
   const Config resolved = lo.config;  // what the data directory records, --threads aside
   if (threads) lo.config.mutable_train()->set_threads(threads);
@@ -220,6 +234,13 @@ int main(int argc, char** argv) {
     return kExitRankLost;
   }
   if (Status st = RecordDataDirConfig(*db, resolved); !st.ok()) return fail("configuration", st);
+  if (!import_dir.empty()) {
+    if (Status st = loop->Import(imported, import_tensors); !st.ok())
+      return fail("--import (remove the data directory before trying again)", st);
+    spdlog::info("imported {}: the model of step {} ({} tensors, {} frozen segments, checksums verified)", import_dir,
+                 imported.step(), import_tensors.size(), imported.frozen_size());
+    import_tensors.clear();
+  }
   KeepFreedMemory();  // the model is built; from here on every step re-uses the last step's memory
   StatusReply s0 = loop->Snapshot();
   spdlog::info(

@@ -28,4 +28,9 @@ Status ExportedTensors(const torch::nn::Module& model, NamedTensors* out);
 Status WriteSafetensors(const NamedTensors& tensors, ExportManifest manifest,
                         const std::function<bool(const char* data, size_t size)>& write);
 
+// Reads what `peerctl export DIR` wrote: DIR/model.safetensors, its tensors and the manifest in
+// its header (DIR/config.json is the same manifest, for people and other tools). InvalidArgument,
+// naming the file, for anything that is not such an export.
+Status ReadExport(const std::string& dir, ExportManifest* manifest, NamedTensors* tensors);
+
 }  // namespace peerd

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <future>
+#include <map>
 
 #include "core/check_ok.h"
 #include "core/config.h"
@@ -678,6 +679,77 @@ Status TrainingLoop::Export(const std::function<bool(const char* data, size_t si
   });
   if (!st.ok()) return st;
   return WriteSafetensors(tensors, manifest, write);
+}
+
+Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& tensors) {
+  return RunOnTrainer([&]() -> Status {
+    if (trainer_->step() != 0 || spool_->last_index() != 0)
+      return Status::FailedPrecondition("--import starts a new data directory: this one has trained or holds text");
+    if (manifest.has_routing())
+      return Status::InvalidArgument(
+          "the export is of a routed model (adapters and a router): importing one is not "
+          "supported yet");
+    // Block i's PEER layer: the segments the export has, by layer, added here in id order.
+    std::map<std::string, size_t> layer_of_block;  // "block<i>" -> PEER layer
+    for (size_t i = 0, l = 0; i < model_->blocks.size(); ++i)
+      if (model_->blocks[i]->peer) layer_of_block["block" + std::to_string(i)] = l++;
+    std::map<std::pair<size_t, int64_t>, int64_t> wanted;  // (layer, segment id) -> n_keys
+    for (const auto& [name, t] : tensors) {
+      const size_t peer = name.find(".peer.segment"), keys = name.rfind(".sub_keys");
+      if (peer == std::string::npos || keys == std::string::npos || t.dim() != 4) continue;
+      const auto layer = layer_of_block.find(name.substr(0, peer));
+      if (layer == layer_of_block.end())
+        return Status::InvalidArgument("the export's " + name + " is in no PEER layer here");
+      wanted[{layer->second, std::stoll(name.substr(peer + 13, keys - peer - 13))}] = t.size(2);
+    }
+    auto layers = model_->PeerLayers();
+    for (const auto& [at, n_keys] : wanted) {
+      bool present = false;
+      for (const auto& seg : layers[at.first]->segments()) present |= seg->id() == at.second;
+      if (present) continue;
+      int64_t id = -1;
+      if (Status st = trainer_->AddSegment(at.first, n_keys, &id); !st.ok()) return st;
+      if (id != at.second)
+        return Status::InvalidArgument("the export's segment ids of PEER layer " + std::to_string(at.first) +
+                                       " are not 0, 1, 2, …: segment " + std::to_string(at.second) + " cannot be made");
+    }
+    // Every tensor into its place, converted to the model's dtype (bf16 rows to fp32: exact).
+    std::map<std::string, torch::Tensor> mine;
+    for (const auto& p : model_->named_parameters()) mine[p.key()] = p.value();
+    for (const auto& b : model_->named_buffers()) mine[b.key()] = b.value();
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, t] : tensors) {
+      auto it = mine.find(name);
+      if (it == mine.end()) return Status::InvalidArgument("the export has " + name + ", which this model lacks");
+      if (it->second.sizes() != t.sizes())
+        return Status::InvalidArgument(name + " is " + c10::str(t.sizes()) + " in the export and " +
+                                       c10::str(it->second.sizes()) + " here: another model");
+      it->second.copy_(t);
+      mine.erase(it);
+    }
+    for (const auto& [name, t] : mine)
+      if (name.size() < 10 || name.compare(name.size() - 10, 10, ".attn.mask") != 0)
+        return Status::InvalidArgument("the export lacks " + name + ": another model");
+    trainer_->RefreshParameters();
+    // Frozen again from the same rows: the store's checksum must be the export's.
+    for (const SegmentManifest& m : manifest.frozen()) {
+      Status st = trainer_->FreezeSegment(m.layer(), m.segment(), pool_->Freezing(m.dtype(), 0, 0));
+      if (!st.ok()) return st;
+    }
+    std::vector<SegmentManifest> stored;
+    if (Status st = store_->Manifests(&stored); !st.ok()) return st;
+    for (const SegmentManifest& m : manifest.frozen()) {
+      bool same = false;
+      for (const SegmentManifest& s : stored)
+        same |= s.layer() == m.layer() && s.segment() == m.segment() && s.checksum() == m.checksum();
+      if (!same)
+        return Status::Corruption(
+            "segment " + std::to_string(m.segment()) + " of PEER layer " + std::to_string(m.layer()) +
+            ": its rows, frozen here, do not match the export's checksum (the file was changed?)");
+    }
+    RefreshSegments();
+    return CheckpointNow();
+  });
 }
 
 Status TrainingLoop::DeleteTask(const std::string& name) {

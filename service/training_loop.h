@@ -40,6 +40,7 @@
 #include "service/batch_source.h"
 #include "service/checkpoint.h"
 #include "service/expert_pool_store.h"
+#include "service/export.h"
 #include "service/net/spool.h"
 #include "service/rank_coordinator.h"
 #include "service/routed_training.h"
@@ -98,6 +99,12 @@ class TrainingLoop {
   // The model as a safetensors stream (service/export.h) through `write`, from a copy taken between
   // two steps: training goes on while it is written. InvalidArgument with rows not resident.
   Status Export(const std::function<bool(const char* data, size_t size)>& write);
+  // Starts this new data directory's model from an export (ReadExport): every parameter, and each
+  // segment the export had frozen frozen again here from the same rows, checked against the
+  // export's checksum; then a checkpoint. The step, the learning-rate schedule and the optimizer's
+  // moments start afresh. Call before Start. FailedPrecondition once anything was trained;
+  // InvalidArgument for an export of another model, or of a routed one (not supported yet).
+  Status Import(const ExportManifest& manifest, const NamedTensors& tensors);
   // TaskStore::DeleteTask, between evaluations.
   Status DeleteTask(const std::string& name);
   Status Checkpoint();

@@ -553,7 +553,7 @@ TEST(Service, GenerationAnswersWhileTrainingIsReproducibleStreamsAndSurvivesACli
   peerd.Kill(SIGTERM);
 }
 
-TEST(Service, AnExportLoadsInPyTorchAndScoresAsPeerdDoes) {
+TEST(Service, AnExportLoadsInPyTorchScoresAsPeerdDoesAndStartsANewDataDirectory) {
   const std::string dir = ::testing::TempDir() + "/peerd_export_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
@@ -602,5 +602,34 @@ TEST(Service, AnExportLoadsInPyTorchAndScoresAsPeerdDoes) {
     EXPECT_LT(worst, 1e-4) << text << ": the largest difference of a byte's log-probability";
     EXPECT_NEAR(theirs.value("bitsPerByte", 0.0), ours.value("bitsPerByte", 0.0), 1e-5) << text;
   }
+
+  // peerd --import starts a new data directory from the export: the same model (its scores), the
+  // frozen segment frozen again with the export's checksum, and it trains on.
+  const std::string dir2 = dir + "/imported";
+  fs::create_directories(dir2);
+  PeerdProcess second(dir2);
+  ASSERT_NO_FATAL_FAILURE(second.Start("--import " + dir + "/export"));
+  ASSERT_EQ(second.Ctl("pause").code, 0);
+  for (const std::string& text : {"heldout.txt", "code.txt"}) {
+    const json a = peerd.CtlJson("score --log-probs < " + dir + "/" + text);
+    const json b = second.CtlJson("score --log-probs < " + dir + "/" + text);
+    ASSERT_EQ(a["logProbs"].size(), b["logProbs"].size());
+    double worst = 0;
+    for (size_t i = 0; i < a["logProbs"].size(); ++i)
+      worst = std::max(worst, std::abs(a["logProbs"][i].get<double>() - b["logProbs"][i].get<double>()));
+    EXPECT_LT(worst, 1e-6) << text << ": the imported model scores otherwise";
+  }
+  const json frozen = Segment(second.CtlJson("status"), 0);
+  EXPECT_TRUE(frozen.value("frozen", false)) << frozen.dump();
+  EXPECT_EQ(frozen["checksum"], manifest["frozen"][0]["checksum"]);
+  EXPECT_EQ(Segment(second.CtlJson("status"), 1).value("frozen", true), false) << "the training segment came too";
+  ASSERT_EQ(second.Ctl("resume").code, 0);
+  ASSERT_EQ(second.Ingest("kjv", dir + "/kjv.txt").code, 0);
+  second.WaitFor([](const json& s) { return U(s, "step") >= 5; });
+  second.Kill(SIGTERM);
+  // An import into a data directory that is not new is refused.
+  ShellResult again = Sh(std::string(PEERD_BIN) + " --data-dir " + second.data_dir() + " --import " + dir + "/export");
+  EXPECT_NE(again.code, 0);
+  EXPECT_NE(again.out.find("is not empty: --import starts a new data directory"), std::string::npos) << again.out;
   peerd.Kill(SIGTERM);
 }
