@@ -121,8 +121,8 @@ struct AdminServer::Impl {
   Reply Route(const http::request<http::string_body>& req);
   Reply Dispatch(const AdminRequest& request);
   Reply GenerateReplyFor(const GenerateRequest& request);
-  // Sends r.stream's events as a chunked text/event-stream answer; false when the connection is done.
-  bool Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
+  // Sends what r.stream makes as a chunked answer of r.content_type; the connection closes after it.
+  void Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
               const std::string& what);
   bool Authorized(const http::request_parser<http::string_body>::value_type& req) const;
   Reply Handle(const http::request<http::string_body>& req);
@@ -323,7 +323,7 @@ Reply AdminServer::Impl::GenerateReplyFor(const GenerateRequest& r) {
   return streamed;
 }
 
-bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
+void AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
                                const std::string& what) {
   beast::error_code ec;
   bool started = false, gone = false;
@@ -363,7 +363,7 @@ bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration time
     res.prepare_payload();
     SetDeadline(fd, timeout);
     http::write(socket, res, ec);
-    return false;
+    return;
   }
   const bool events = r.content_type == "text/event-stream";
   if (!st.ok() && !gone && events) send("data: " + FromStatus(st).body + "\n\n");
@@ -376,7 +376,6 @@ bool AdminServer::Impl::Stream(tcp::socket& socket, int fd, Clock::duration time
   else
     spdlog::info("admin {} -> 200, {} bytes streamed{}", what, bytes,
                  gone ? "; the client left before the end (the work stopped)" : "");
-  return false;
 }
 
 Reply AdminServer::Impl::Handle(const http::request<http::string_body>& req) {
