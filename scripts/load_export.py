@@ -12,8 +12,9 @@ the head tied to the token embedding — and scores a text the way peerd's /v1/s
 of the context overlapping by one byte, every byte but the first predicted once. bf16 rows are
 promoted to fp32 before use, as peerd promotes them.
 
-Routed models (routing isolation: adapters and a byte-bigram router) are not built here yet: the
-script says so and exits 2.
+A routed model (routing isolation, docs/DESIGN.md §4b: what `make demo` trains) comes with its
+adapters and its byte-bigram router (core/text_router.h); each window then runs the branch the
+router picks from the `routeContext` bytes before it and its own first byte, as peerd does.
 """
 import argparse
 import json
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-          "I64": torch.int64}
+          "I64": torch.int64, "U8": torch.uint8}
 END_OF_DOCUMENT, VOCAB = 256, 257
 
 
@@ -46,6 +47,55 @@ def load_safetensors(path):
     return tensors, metadata
 
 
+class BigramRouter:
+    """core/text_router.h: byte-bigram counts per branch, read from BigramRouter::Serialize's bytes."""
+
+    def __init__(self, tensor):
+        raw = bytes(tensor.tolist())
+        if raw[:4] != b"BGR1":
+            sys.exit("load_export.py: the router's statistics are not BGR1")
+        (self.beta,) = struct.unpack_from("<d", raw, 4)
+        (n,) = struct.unpack_from("<Q", raw, 12)
+        at, self.routes = 20, {}
+        for _ in range(n):
+            route, total = struct.unpack_from("<qQ", raw, at)
+            at += 16
+            first = struct.unpack_from("<256Q", raw, at)
+            at += 2048
+            single = struct.unpack_from("<256Q", raw, at)
+            at += 2048
+            (nonzero,) = struct.unpack_from("<I", raw, at)
+            at += 4
+            pair = {}
+            for _ in range(nonzero):
+                index, count = struct.unpack_from("<HI", raw, at)
+                at += 6
+                pair[index] = count
+            self.routes[route] = (total, first, single, pair)
+
+    def log_likelihood(self, counts, text):
+        total, first, single, pair = counts
+        s = 0.0
+        for i in range(1, len(text)):
+            a, b = text[i - 1], text[i]
+            unigram = (single[b] + 1.0) / (total + 256.0)
+            s += math.log((pair.get(a * 256 + b, 0) + self.beta * unigram) / (first[a] + self.beta))
+        return s
+
+    def choose(self, text):
+        """The most likely route (ties: the smallest id), -1 when none has counts or no bigram."""
+        if len(text) < 2:
+            return -1
+        best, best_ll = -1, -math.inf
+        for route in sorted(self.routes):
+            if self.routes[route][0] == 0:
+                continue
+            ll = self.log_likelihood(self.routes[route], text)
+            if ll > best_ll:
+                best, best_ll = route, ll
+        return best
+
+
 class Export:
     def __init__(self, directory):
         self.tensors, metadata = load_safetensors(os.path.join(directory, "model.safetensors"))
@@ -59,9 +109,15 @@ class Export:
         self.heads = model.get("nHeads", 4)
         self.context = model.get("context", 128)
         self.peer = model.get("peer", {})
-        if self.manifest.get("routing"):
-            sys.exit("load_export.py: this export is of a routed model (adapters and a router), which this script "
-                     "does not build yet")
+        train = self.manifest["config"].get("train", {})
+        self.route_context = train.get("routeContext", 128)
+        rank = train.get("adapterRank", 32)
+        self.adapter_scale = 1.0 if rank == 0 else 1.0 / math.sqrt(rank)
+        routing = self.manifest.get("routing")
+        self.router = BigramRouter(self.tensors["router.statistics"]) if routing else None
+        if routing:
+            self.base = routing["branches"][0]
+            self.base_segments = routing.get("baseSegments") or [self.base]
         blocks = model.get("peerBlocks")  # core/config.cc PeerBlocks
         if model.get("ffn") != "FFN_KIND_PEER":
             self.peer_blocks = set()
@@ -71,23 +127,61 @@ class Export:
     def t(self, name):
         return self.tensors[name].float()
 
+    # --- a branch's adapter (core/segment_adapter.h): deltas of maps and of trunk parameters ------
+    def trunk_delta(self, adapter, name):
+        key = f"adapter{adapter}.{name.replace('.', '_')}_d"
+        return self.t(key) if adapter is not None and key in self.tensors else None
+
+    def delta(self, adapter, name, x):
+        """The adapter's change of map `name` at x, its bias delta included (None: no such map)."""
+        if adapter is None:
+            return None
+        key = f"adapter{adapter}.{name.replace('.', '_')}"
+        if key + "_w" in self.tensors:
+            d = x @ self.t(key + "_w").t()
+        elif key + "_a" in self.tensors:
+            d = (x @ self.t(key + "_a").t()) @ self.t(key + "_b").t() * self.adapter_scale
+        else:
+            return None
+        bias = self.trunk_delta(adapter, name + ".bias")
+        return d if bias is None else d + bias
+
+    def linear(self, x, weight, bias, adapter, name):
+        y = F.linear(x, self.t(weight), self.t(bias) if bias else None)
+        d = self.delta(adapter, name, x)
+        return y if d is None else y + d
+
+    def norm(self, x, name, adapter):
+        w, b = self.t(name + ".weight"), self.t(name + ".bias")
+        dw = self.trunk_delta(adapter, name + ".weight")
+        if dw is not None:
+            w, b = w + dw, b + self.trunk_delta(adapter, name + ".bias")
+        return F.layer_norm(x, (self.d,), w, b)
+
+    def route_of(self, text):
+        """(adapter, segments) of the branch the router picks for `text` (routed_branches.cc)."""
+        branch = self.router.choose(text)
+        if branch < 0 or branch == self.base:
+            return None, set(self.base_segments)
+        return branch, set(self.base_segments) | {branch}
+
     # --- the network, as core/model.cc computes it --------------------------------------------
-    def attention(self, x, p):
+    def attention(self, x, p, block, adapter):
         B, T, D = x.shape
         hd = D // self.heads
-        q, k, v = F.linear(x, self.t(p + ".qkv.weight"), self.t(p + ".qkv.bias")).chunk(3, -1)
+        q, k, v = self.linear(x, p + ".qkv.weight", p + ".qkv.bias", adapter, block + ".qkv").chunk(3, -1)
         q, k, v = (z.view(B, T, self.heads, hd).transpose(1, 2) for z in (q, k, v))  # [B, nh, T, hd]
         att = q @ k.transpose(-2, -1) / math.sqrt(hd)
         mask = torch.ones(T, T, dtype=torch.bool).triu(1)
         att = att.masked_fill(mask, float("-inf")).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, D)
-        return F.linear(y, self.t(p + ".proj.weight"), self.t(p + ".proj.bias"))
+        return self.linear(y, p + ".proj.weight", p + ".proj.bias", adapter, block + ".proj")
 
-    def peer_layer(self, x, p):
+    def peer_layer(self, x, p, block, adapter, active):
         """PEER (core/peer_layer.h): product-key top-k per segment, top-k over their union."""
         h, dk, k = self.peer.get("heads", 8), self.peer.get("queryDim", 128), self.peer.get("topk", 16)
         xs = x.reshape(-1, self.d)  # [M, D]
-        q = F.linear(xs, self.t(p + ".query_proj.weight"))  # [M, h·dk]
+        q = self.linear(xs, p + ".query_proj.weight", None, adapter, block + ".query")  # [M, h·dk]
         norm = self.peer.get("queryNorm", "QUERY_NORM_LAYER")
         if norm == "QUERY_NORM_LAYER":
             q = F.layer_norm(q, (h * dk,), self.t(p + ".norm_weight"), self.t(p + ".norm_bias"))
@@ -97,6 +191,8 @@ class Export:
         q = q.view(-1, h, dk).transpose(0, 1)  # [h, M, dk]
         segments = sorted({n[len(p) + 1:].split(".")[0] for n in self.tensors
                            if n.startswith(p + ".segment")}, key=lambda s: int(s[len("segment"):]))
+        if active is not None:  # the route's segments only
+            segments = [s for s in segments if int(s[len("segment"):]) in active]
         scores, where, rows = [], [], []
         for s in segments:
             keys = self.t(f"{p}.{s}.sub_keys")  # [h, 2, n, dk/2]
@@ -124,22 +220,31 @@ class Export:
         a = torch.bmm(u, xs.unsqueeze(2)).view(M, 1, h * k)  # u_e · x
         return torch.bmm(F.gelu(a) * w, v).view(x.shape)
 
-    def forward(self, tokens):
-        """tokens [B, T] -> logits [B, T, 257]."""
+    def forward(self, tokens, adapter=None, active=None):
+        """tokens [B, T] -> logits [B, T, 257], under a route: an adapter id (or None) and the
+        segment ids retrieval may use (None: all)."""
         T = tokens.shape[1]
-        x = F.embedding(tokens, self.t("tok_emb.weight")) + F.embedding(torch.arange(T), self.t("pos_emb.weight"))
+        positions = torch.arange(T)
+        x = F.embedding(tokens, self.t("tok_emb.weight")) + F.embedding(positions, self.t("pos_emb.weight"))
+        d_tok, d_pos = self.trunk_delta(adapter, "tok_emb"), self.trunk_delta(adapter, "pos_emb")
+        if d_tok is not None:
+            x = x + F.embedding(tokens, d_tok)
+        if d_pos is not None:
+            x = x + F.embedding(positions, d_pos)
         for i in range(self.layers):
-            p = f"block{i}"
-            ln = lambda z, n: F.layer_norm(z, (self.d,), self.t(f"{p}.{n}.weight"), self.t(f"{p}.{n}.bias"))
-            x = x + self.attention(ln(x, "ln1"), p + ".attn")
-            n = ln(x, "ln2")
+            b = f"block{i}"
+            x = x + self.attention(self.norm(x, b + ".ln1", adapter), b + ".attn", b, adapter)
+            n = self.norm(x, b + ".ln2", adapter)
             if i in self.peer_blocks:
-                x = x + self.peer_layer(n, p + ".peer")
+                x = x + self.peer_layer(n, b + ".peer", b, adapter, active)
             else:
-                hidden = F.gelu(F.linear(n, self.t(p + ".dense.fc.weight"), self.t(p + ".dense.fc.bias")))
-                x = x + F.linear(hidden, self.t(p + ".dense.proj.weight"), self.t(p + ".dense.proj.bias"))
-        hf = F.layer_norm(x, (self.d,), self.t("ln_f.weight"), self.t("ln_f.bias"))
-        return hf @ self.t("tok_emb.weight").t()
+                hidden = F.gelu(self.linear(n, b + ".dense.fc.weight", b + ".dense.fc.bias", adapter, b + ".fc"))
+                x = x + self.linear(hidden, b + ".dense.proj.weight", b + ".dense.proj.bias", adapter, b + ".fc_proj")
+        hf = self.norm(x, "ln_f", adapter)
+        head = self.t("tok_emb.weight") if d_tok is None else self.t("tok_emb.weight") + d_tok
+        logits = hf @ head.t()
+        d = self.delta(adapter, "head", hf)
+        return logits if d is None else logits + d
 
     def score(self, text):
         """Bits per byte and ln p of every byte but the first, in windows as core/evaluator.cc cuts them."""
@@ -156,8 +261,11 @@ class Export:
         log_probs, offsets = [], []
         with torch.no_grad():
             for first, last in windows:
+                adapter, active = None, None
+                if self.router:  # the bytes before the window and its first, never one it predicts
+                    adapter, active = self.route_of(text[max(0, first - self.route_context):first + 1])
                 tokens = torch.tensor(data[first:last + 1]).unsqueeze(0)
-                logp = self.forward(tokens[:, :-1]).log_softmax(-1)[0]  # [L, 257]
+                logp = self.forward(tokens[:, :-1], adapter, active).log_softmax(-1)[0]  # [L, 257]
                 picked = logp.gather(1, tokens[0, 1:].unsqueeze(1)).squeeze(1)
                 log_probs += picked.tolist()
                 offsets += list(range(first + 1, last + 1))

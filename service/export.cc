@@ -19,6 +19,7 @@ const char* SafetensorsDtype(torch::ScalarType t) {
     case torch::kHalf: return "F16";
     case torch::kDouble: return "F64";
     case torch::kLong: return "I64";
+    case torch::kByte: return "U8";
     default: return nullptr;
   }
 }
@@ -30,6 +31,7 @@ torch::ScalarType FromSafetensorsDtype(const std::string& name, bool* ok) {
   if (name == "F16") return torch::kHalf;
   if (name == "F64") return torch::kDouble;
   if (name == "I64") return torch::kLong;
+  if (name == "U8") return torch::kByte;
   *ok = false;
   return torch::kFloat;
 }

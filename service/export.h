@@ -1,7 +1,8 @@
 // The model as a safetensors file (https://github.com/huggingface/safetensors: an 8-byte
 // little-endian header length, a JSON header naming each tensor's dtype, shape and byte range,
 // then the bytes), written a tensor at a time so that no second copy of the model is held.
-// The header's "__metadata__" holds {"peerd": ExportManifest as JSON}.
+// The header's "__metadata__" holds {"peerd": ExportManifest as JSON}. A routed model's router
+// travels as the tensor "router.statistics": the bytes of BigramRouter::Serialize (uint8).
 #pragma once
 
 #include <torch/torch.h>

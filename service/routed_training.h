@@ -28,6 +28,8 @@ class RoutedTraining {
   explicit RoutedTraining(int64_t base = 0) { branches_.base = base; }
 
   bool started() const { return !branches_.base_segments.empty(); }
+  // The branches and their router, as evaluation routes by them.
+  const RoutedBranches& branches() const { return branches_; }
   // Whether a batch may train now: before routing starts, or while a branch is open.
   bool CanTrain(const TransformerLM& model) const;
   // The train config that runs: `c` itself, or once routing started `c` training only the newest

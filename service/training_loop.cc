@@ -674,8 +674,15 @@ Status TrainingLoop::Export(const std::function<bool(const char* data, size_t si
     std::vector<SegmentManifest> frozen;
     if (Status m = store_->Manifests(&frozen); !m.ok()) return m;
     for (const SegmentManifest& m : frozen) *manifest.add_frozen() = m;
-    if (routing_.started()) *manifest.mutable_routing() = routing_.Info(model_);
-    return ExportedTensors(*copy, &tensors);
+    if (Status st = ExportedTensors(*copy, &tensors); !st.ok()) return st;
+    if (routing_.started()) {
+      *manifest.mutable_routing() = routing_.Info(model_);
+      const std::string router = routing_.branches().router.Serialize();
+      tensors.emplace_back("router.statistics", torch::from_blob(const_cast<char*>(router.data()),
+                                                                 {static_cast<int64_t>(router.size())}, torch::kByte)
+                                                    .clone());
+    }
+    return Status::OK();
   });
   if (!st.ok()) return st;
   return WriteSafetensors(tensors, manifest, write);

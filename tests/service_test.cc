@@ -40,6 +40,23 @@ json Segment(const json& status, int id) {
   return json();
 }
 
+// scripts/load_export.py, given what `peerctl export` wrote to `export_dir`, scores the file at
+// `text` with each byte's log-probability within 1e-4 of peerd's /v1/score.
+void ExpectTheExportScoresAsPeerd(const PeerdProcess& peerd, const std::string& export_dir, const std::string& text) {
+  const json ours = peerd.CtlJson("score --log-probs < " + text);
+  ShellResult loaded = Sh("/usr/bin/python3 " + std::string(PEERD_SOURCE_DIR) + "/scripts/load_export.py " +
+                          export_dir + " --score " + text);
+  ASSERT_EQ(loaded.code, 0) << loaded.out;
+  const json theirs = json::parse(loaded.out, nullptr, false);
+  ASSERT_TRUE(theirs.is_object()) << loaded.out;
+  ASSERT_EQ(theirs["logProbs"].size(), ours["logProbs"].size()) << text;
+  double worst = 0;
+  for (size_t i = 0; i < ours["logProbs"].size(); ++i)
+    worst = std::max(worst, std::abs(ours["logProbs"][i].get<double>() - theirs["logProbs"][i].get<double>()));
+  EXPECT_LT(worst, 1e-4) << text << ": the largest difference of a byte's log-probability";
+  EXPECT_NEAR(theirs.value("bitsPerByte", 0.0), ours.value("bitsPerByte", 0.0), 1e-5) << text;
+}
+
 TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   const std::string dir = ::testing::TempDir() + "/peerd_service_" + std::to_string(getpid());
   fs::remove_all(dir);
@@ -263,6 +280,12 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   EXPECT_EQ(restored["routing"]["baseSegments"], json::array({0})) << restored.dump();
   EXPECT_EQ(restored["routing"].value("trainingBranch", json()).dump(), "\"-1\"") << "the branch was frozen";
   EXPECT_NE(restored.value("state", "").find("waiting for a segment"), std::string::npos) << restored.dump();
+  // The routed model exported: its adapters and router go with it, and PyTorch scores as peerd
+  // does, each window under the branch the router picks.
+  ShellResult exported = peerd.Ctl("export " + dir + "/export");
+  ASSERT_EQ(exported.code, 0) << exported.out;
+  for (const char* text : {"/verse-heldout.txt", "/code-heldout.txt"})
+    ExpectTheExportScoresAsPeerd(peerd, dir + "/export", dir + text);
   EXPECT_EQ(peerd.Kill(SIGTERM), 0);
   fs::remove_all(dir);
 }
@@ -588,20 +611,8 @@ TEST(Service, AnExportLoadsInPyTorchScoresAsPeerdDoesAndStartsANewDataDirectory)
   EXPECT_EQ(manifest["frozen"][0].value("dtype", ""), "ROW_DTYPE_BF16");
   EXPECT_EQ(manifest["frozen"][0]["checksum"], Segment(peerd.CtlJson("status"), 0)["checksum"]);
 
-  for (const std::string& text : {"heldout.txt", "code.txt"}) {
-    const json ours = peerd.CtlJson("score --log-probs < " + dir + "/" + text);
-    ShellResult loaded = Sh("/usr/bin/python3 " + std::string(PEERD_SOURCE_DIR) + "/scripts/load_export.py " + dir +
-                            "/export --score " + dir + "/" + text);
-    ASSERT_EQ(loaded.code, 0) << loaded.out;
-    const json theirs = json::parse(loaded.out, nullptr, false);
-    ASSERT_TRUE(theirs.is_object()) << loaded.out;
-    ASSERT_EQ(theirs["logProbs"].size(), ours["logProbs"].size()) << text;
-    double worst = 0;
-    for (size_t i = 0; i < ours["logProbs"].size(); ++i)
-      worst = std::max(worst, std::abs(ours["logProbs"][i].get<double>() - theirs["logProbs"][i].get<double>()));
-    EXPECT_LT(worst, 1e-4) << text << ": the largest difference of a byte's log-probability";
-    EXPECT_NEAR(theirs.value("bitsPerByte", 0.0), ours.value("bitsPerByte", 0.0), 1e-5) << text;
-  }
+  for (const std::string& text : {"heldout.txt", "code.txt"})
+    ExpectTheExportScoresAsPeerd(peerd, dir + "/export", dir + "/" + text);
 
   // peerd --import starts a new data directory from the export: the same model (its scores), the
   // frozen segment frozen again with the export's checksum, and it trains on.
