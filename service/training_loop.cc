@@ -692,10 +692,20 @@ Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& 
   return RunOnTrainer([&]() -> Status {
     if (trainer_->step() != 0 || spool_->last_index() != 0)
       return Status::FailedPrecondition("--import starts a new data directory: this one has trained or holds text");
-    if (manifest.has_routing())
-      return Status::InvalidArgument(
-          "the export is of a routed model (adapters and a router): importing one is not "
-          "supported yet");
+    // A routed model's adapters, by the ids their tensors carry ("adapter<id>.…"), before the copy.
+    std::map<int64_t, bool> adapters;  // id -> with trunk deltas
+    const torch::Tensor* router = nullptr;
+    for (const auto& [name, t] : tensors) {
+      if (name == "router.statistics") router = &t;
+      if (name.rfind("adapter", 0) != 0 || name.find('.') == std::string::npos) continue;
+      const int64_t id = std::stoll(name.substr(7, name.find('.') - 7));
+      adapters[id] |= name.substr(name.find('.') + 1) == "tok_emb_d";
+    }
+    if (manifest.has_routing() != (router != nullptr))
+      return Status::InvalidArgument("the export's manifest and tensors disagree about routing (router.statistics)");
+    for (const auto& [id, trunk_deltas] : adapters)
+      if (!model_->adapters().count(id))
+        if (Status st = model_->AddAdapter(id, trainer_->config().adapter_rank(), trunk_deltas); !st.ok()) return st;
     // Block i's PEER layer: the segments the export has, by layer, added here in id order.
     std::map<std::string, size_t> layer_of_block;  // "block<i>" -> PEER layer
     for (size_t i = 0, l = 0; i < model_->blocks.size(); ++i)
@@ -726,6 +736,7 @@ Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& 
     for (const auto& b : model_->named_buffers()) mine[b.key()] = b.value();
     torch::NoGradGuard no_grad;
     for (const auto& [name, t] : tensors) {
+      if (&t == router) continue;
       auto it = mine.find(name);
       if (it == mine.end()) return Status::InvalidArgument("the export has " + name + ", which this model lacks");
       if (it->second.sizes() != t.sizes())
@@ -753,6 +764,17 @@ Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& 
         return Status::Corruption(
             "segment " + std::to_string(m.segment()) + " of PEER layer " + std::to_string(m.layer()) +
             ": its rows, frozen here, do not match the export's checksum (the file was changed?)");
+    }
+    if (router) {  // the branches and their router, as a checkpoint would restore them
+      const RoutingInfo& info = manifest.routing();
+      CheckpointMeta::Routing routing;
+      routing.set_base(info.branches_size() ? info.branches(0) : 0);
+      *routing.mutable_base_segments() = info.base_segments();
+      routing.set_branch(info.training_branch());
+      routing.set_router(std::string(static_cast<const char*>(router->data_ptr()), router->numel()));
+      if (Status st = routing_.FromProto(routing, model_); !st.ok()) return st;
+      trainer_->SetConfig(routing_.Effective(trainer_->config()));
+      trainer_->RefreshParameters();
     }
     RefreshSegments();
     return CheckpointNow();

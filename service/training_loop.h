@@ -101,9 +101,10 @@ class TrainingLoop {
   Status Export(const std::function<bool(const char* data, size_t size)>& write);
   // Starts this new data directory's model from an export (ReadExport): every parameter, and each
   // segment the export had frozen frozen again here from the same rows, checked against the
-  // export's checksum; then a checkpoint. The step, the learning-rate schedule and the optimizer's
-  // moments start afresh. Call before Start. FailedPrecondition once anything was trained;
-  // InvalidArgument for an export of another model, or of a routed one (not supported yet).
+  // export's checksum; a routed model's adapters, branches and router come with it; then a
+  // checkpoint. The step, the learning-rate schedule and the optimizer's moments start afresh.
+  // Call before Start. FailedPrecondition once anything was trained; InvalidArgument for an
+  // export of another model.
   Status Import(const ExportManifest& manifest, const NamedTensors& tensors);
   // TaskStore::DeleteTask, between evaluations.
   Status DeleteTask(const std::string& name);

@@ -286,6 +286,17 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   ASSERT_EQ(exported.code, 0) << exported.out;
   for (const char* text : {"/verse-heldout.txt", "/code-heldout.txt"})
     ExpectTheExportScoresAsPeerd(peerd, dir + "/export", dir + text);
+  // ... and a new data directory imported from it routes and scores the same.
+  fs::create_directories(dir + "/imported");
+  PeerdProcess imported(dir + "/imported");
+  ASSERT_NO_FATAL_FAILURE(imported.Start("--import " + dir + "/export"));
+  EXPECT_EQ(imported.CtlJson("status")["routing"]["branches"], restored["routing"]["branches"]);
+  for (const char* text : {"/verse-heldout.txt", "/code-heldout.txt"}) {
+    const json a = peerd.CtlJson(std::string("score --log-probs < ") + dir + text);
+    const json b = imported.CtlJson(std::string("score --log-probs < ") + dir + text);
+    EXPECT_NEAR(a.value("bitsPerByte", 0.0), b.value("bitsPerByte", 1.0), 1e-6) << text;
+  }
+  EXPECT_EQ(imported.Kill(SIGTERM), 0);
   EXPECT_EQ(peerd.Kill(SIGTERM), 0);
   fs::remove_all(dir);
 }
