@@ -12,6 +12,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <variant>
@@ -125,6 +126,8 @@ struct AdminServer::Impl {
   void Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
               const std::string& what);
   bool Authorized(const http::request_parser<http::string_body>::value_type& req) const;
+  // GET /healthz and /readyz, answered before the token is checked; nullopt for anything else.
+  std::optional<Reply> ProbeReply(const http::request_parser<http::string_body>::value_type& req);
   Reply Handle(const http::request<http::string_body>& req);
   void Serve(tcp::socket socket);
   void SetDeadline(int fd, Clock::duration within);
@@ -263,6 +266,22 @@ bool AdminServer::Impl::Authorized(const http::request_parser<http::string_body>
   const std::string auth(req[http::field::authorization]);
   const std::string prefix = "Bearer ";
   return auth.rfind(prefix, 0) == 0 && ConstantTimeEquals(auth.substr(prefix.size()), options.token);
+}
+
+std::optional<Reply> AdminServer::Impl::ProbeReply(const http::request_parser<http::string_body>::value_type& req) {
+  if (req.method() != http::verb::get) return std::nullopt;
+  const std::string_view target(req.target().data(), req.target().size());
+  const std::string_view path = target.substr(0, target.find('?'));
+  auto answer = [](http::status status, const char* what) {
+    return Reply{status, std::string("{\"status\":\"") + what + "\"}"};
+  };
+  if (path == "/healthz") return answer(http::status::ok, "alive");  // this thread answered
+  if (path != "/readyz") return std::nullopt;
+  if (stopping) return answer(http::status::service_unavailable, "stopping");
+  const StatusReply s = loop->Snapshot();
+  if (!s.training_error().empty()) return answer(http::status::service_unavailable, "training stopped by an error");
+  if (!s.ingest_error().empty()) return answer(http::status::service_unavailable, "ingest stopped");
+  return answer(http::status::ok, "ready");
 }
 
 // POST /v1/generate: one JSON answer, or with "stream" an event per piece of text as it is
@@ -439,6 +458,19 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
       break;
     }
     if (ec) break;
+    // Probes answer without the token (an orchestrator or a load balancer has none) and say no more
+    // than whether peerd is alive, or ready for work and why not.
+    if (std::optional<Reply> probe = ProbeReply(parser.get()); probe) {
+      requests++;
+      http::response<http::string_body> res{probe->status, parser.get().version()};
+      res.set(http::field::content_type, probe->content_type);
+      res.keep_alive(false);
+      res.body() = std::move(probe->body);
+      res.prepare_payload();
+      SetDeadline(fd, timeout);
+      http::write(socket, res, ec);
+      break;
+    }
     // The token before the body: an unauthenticated client never makes peerd read (or hold) one.
     if (!Authorized(parser.get())) {
       requests++;

@@ -164,6 +164,21 @@ TEST_F(AdminCatalogue, BadTokenIs401AndChangesNothing) {
   EXPECT_EQ(CallJson("GET", "/v1/tasks").dump().find("sneaky"), std::string::npos) << "a bad token registered a task";
 }
 
+TEST_F(AdminCatalogue, ProbesAnswerWithoutTheTokenAndSayNothingElse) {
+  for (const std::string& authorization : std::vector<std::string>{"", "Bearer wrong", "Bearer " + token_}) {
+    HttpReply alive = SendRaw(port_, Request("GET", "/healthz", "", authorization));
+    EXPECT_EQ(alive.status, 200) << authorization;
+    EXPECT_EQ(alive.body, R"({"status":"alive"})");
+    HttpReply ready = SendRaw(port_, Request("GET", "/readyz?verbose=1", "", authorization));
+    EXPECT_EQ(ready.status, 200) << authorization;
+    EXPECT_EQ(ready.body, R"({"status":"ready"})");
+  }
+  // Only GET, and only those two paths, pass without the token.
+  EXPECT_EQ(SendRaw(port_, Request("POST", "/healthz", "", "")).status, 401);
+  EXPECT_EQ(SendRaw(port_, Request("GET", "/healthzz", "", "")).status, 401);
+  EXPECT_EQ(SendRaw(port_, Request("GET", "/v1/status", "", "")).status, 401);
+}
+
 struct Case {
   std::string method, target, body;
   int status;

@@ -31,6 +31,23 @@ using testing::json;
 using testing::PeerdProcess;
 using namespace std::chrono_literals;
 
+// GET `path` on the admin port without a token (the probes): "STATUS BODY".
+std::string Probe(const std::string& port, const std::string& path) {
+  namespace asio = boost::asio;
+  asio::io_context io;
+  asio::ip::tcp::socket socket(io);
+  boost::system::error_code ec;
+  socket.connect({asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(std::stoi(port))}, ec);
+  if (ec) return "connect: " + ec.message();
+  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  asio::write(socket, asio::buffer(request), ec);
+  std::string in;
+  char buf[4096];
+  for (size_t n; (n = socket.read_some(asio::buffer(buf), ec)) > 0 && !ec;) in.append(buf, n);
+  const size_t body = in.find("\r\n\r\n");
+  return in.substr(9, 3) + " " + (body == std::string::npos ? "" : in.substr(body + 4));
+}
+
 // Sends one document on a fresh stream; the server's answer to it (an Ack or an ErrorReply).
 ServerFrame SendOne(const std::string& port, const std::string& token, const std::string& id, size_t bytes = 200) {
   namespace asio = boost::asio;
@@ -125,6 +142,8 @@ TEST(DiskFull, PeerdStopsAckingSaysWhyAndResumesWhenSpaceReturns) {
   json full = peerd.CtlJson("status");
   EXPECT_NE(full.value("ingestError", "").find("No space left"), std::string::npos) << full.dump();
   EXPECT_TRUE(testing::FileShows(dir + "/peerd.log", "ingest stopped: documents are not being acknowledged"));
+  EXPECT_EQ(Probe(peerd.admin_port(), "/readyz"), R"(503 {"status":"ingest stopped"})");
+  EXPECT_EQ(Probe(peerd.admin_port(), "/healthz"), R"(200 {"status":"alive"})");
 
   // Space returns (RocksDB wants a write buffer's worth, 64 MB, free before it writes again):
   // acks resume by themselves, the status clears.
@@ -134,6 +153,7 @@ TEST(DiskFull, PeerdStopsAckingSaysWhyAndResumesWhenSpaceReturns) {
   acked.push_back("after-full");
   EXPECT_EQ(peerd.CtlJson("status").value("ingestError", "?"), "");
   EXPECT_TRUE(testing::FileShows(dir + "/peerd.log", "ingest resumed"));
+  EXPECT_EQ(Probe(peerd.admin_port(), "/readyz"), R"(200 {"status":"ready"})");
 
   // Nothing acknowledged lost, nothing refused stored; the store opens whole.
   EXPECT_EQ(peerd.Kill(SIGTERM), 0) << testing::Slurp(dir + "/peerd.log");
