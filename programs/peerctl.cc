@@ -19,7 +19,9 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -46,16 +48,8 @@ struct Client {
   // Sends one request; returns (HTTP status, body). Throws on connection errors.
   std::pair<int, std::string> Call(http::verb verb, const std::string& target, const std::string& body = "") {
     asio::io_context io;
-    asio::ip::tcp::resolver resolver(io);
     beast::tcp_stream stream(io);
-    stream.connect(resolver.resolve(host, port));
-    http::request<http::string_body> req{verb, target, 11};
-    req.set(http::field::host, host);
-    req.set(http::field::authorization, "Bearer " + token);
-    req.set(http::field::content_type, "application/json");
-    req.body() = body;
-    req.prepare_payload();
-    http::write(stream, req);
+    Send(stream, verb, target, body);
     beast::flat_buffer buffer;
     http::response<http::string_body> res;
     http::read(stream, buffer, res);
@@ -64,18 +58,14 @@ struct Client {
     return {res.result_int(), res.body()};
   }
 
-  // GETs `target` into the file `path` as it comes. Returns the HTTP status (200 only when the
-  // whole answer arrived); the body of an answer other than 200 goes to *error_body.
-  int Download(const std::string& target, const std::string& path, std::string* error_body) {
+  // Sends one request whose answer comes in chunks as it is made, passing each piece of a 200
+  // answer's body to on_bytes as it arrives. Returns the HTTP status, 200 only when the whole
+  // answer arrived; the body of any other answer, or why it was cut short, goes to *error_body.
+  int Chunked(http::verb verb, const std::string& target, const std::string& body,
+              const std::function<void(std::string_view)>& on_bytes, std::string* error_body) {
     asio::io_context io;
-    asio::ip::tcp::resolver resolver(io);
     beast::tcp_stream stream(io);
-    stream.connect(resolver.resolve(host, port));
-    http::request<http::string_body> req{http::verb::get, target, 11};
-    req.set(http::field::host, host);
-    req.set(http::field::authorization, "Bearer " + token);
-    req.prepare_payload();
-    http::write(stream, req);
+    Send(stream, verb, target, body);
     beast::flat_buffer buffer;
     http::response_parser<http::string_body> parser;
     parser.body_limit(std::numeric_limits<std::uint64_t>::max());
@@ -86,16 +76,14 @@ struct Client {
       *error_body = parser.get().body();
       return status;
     }
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
     auto on_chunk = [&](std::uint64_t, beast::string_view data, beast::error_code&) -> std::size_t {
-      out.write(data.data(), static_cast<std::streamsize>(data.size()));
+      on_bytes(std::string_view(data.data(), data.size()));
       return data.size();
     };
     parser.on_chunk_body(on_chunk);
     beast::error_code ec;
     while (!parser.is_done() && !ec) http::read_some(stream, buffer, parser, ec);
-    out.close();
-    if (!parser.is_done() || !out) {
+    if (!parser.is_done()) {
       *error_body = "the answer was cut off before its end" + (ec ? " (" + ec.message() + ")" : std::string()) +
                     "; see peerd's log";
       return 502;
@@ -103,13 +91,9 @@ struct Client {
     return status;
   }
 
-  // Sends one request answered by server-sent events, calling on_event with each event's data as
-  // it arrives. Returns the HTTP status; the body of an answer other than 200 goes to *error_body.
-  int Stream(http::verb verb, const std::string& target, const std::string& body,
-             const std::function<void(const std::string&)>& on_event, std::string* error_body) {
-    asio::io_context io;
-    asio::ip::tcp::resolver resolver(io);
-    beast::tcp_stream stream(io);
+ private:
+  void Send(beast::tcp_stream& stream, http::verb verb, const std::string& target, const std::string& body) {
+    asio::ip::tcp::resolver resolver(stream.get_executor());
     stream.connect(resolver.resolve(host, port));
     http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, host);
@@ -118,30 +102,6 @@ struct Client {
     req.body() = body;
     req.prepare_payload();
     http::write(stream, req);
-    beast::flat_buffer buffer;
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(std::numeric_limits<std::uint64_t>::max());
-    http::read_header(stream, buffer, parser);
-    const int status = parser.get().result_int();
-    if (status != 200) {
-      http::read(stream, buffer, parser);
-      *error_body = parser.get().body();
-      return status;
-    }
-    std::string pending;  // bytes of an event not yet complete
-    auto on_chunk = [&](std::uint64_t, beast::string_view data, beast::error_code&) -> std::size_t {
-      pending.append(data.data(), data.size());
-      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
-        const std::string event = pending.substr(0, end);
-        pending.erase(0, end + 2);
-        if (event.rfind("data: ", 0) == 0) on_event(event.substr(6));
-      }
-      return data.size();
-    };
-    parser.on_chunk_body(on_chunk);
-    beast::error_code ec;
-    while (!parser.is_done() && !ec) http::read_some(stream, buffer, parser, ec);
-    return status;
   }
 };
 
@@ -320,10 +280,18 @@ int StreamGeneration(Client& client, const std::string& target, const std::strin
     }
     std::fflush(stdout);
   };
-  std::string error;
+  std::string pending, error;  // bytes of an event not yet complete
+  auto on_bytes = [&](std::string_view data) {
+    pending.append(data);
+    for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
+      const std::string event = pending.substr(0, end);
+      pending.erase(0, end + 2);
+      if (event.rfind("data: ", 0) == 0) on_event(event.substr(6));
+    }
+  };
   int status = 0;
   try {
-    status = client.Stream(http::verb::post, target, body, on_event, &error);
+    status = client.Chunked(http::verb::post, target, body, on_bytes, &error);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
     return 1;
@@ -342,12 +310,21 @@ int Export(Client& client, const std::string& dir, const std::string& admin) {
   const std::string part = dir + "/model.safetensors.part", file = dir + "/model.safetensors";
   std::string error;
   int status = 0;
+  std::ofstream out(part, std::ios::binary | std::ios::trunc);
   try {
-    status = client.Download("/v1/export", part, &error);
+    status = client.Chunked(
+        http::verb::get, "/v1/export", "",
+        [&](std::string_view data) { out.write(data.data(), static_cast<std::streamsize>(data.size())); }, &error);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
     return 1;
   }
+  if (!out.flush()) {
+    std::remove(part.c_str());
+    std::fprintf(stderr, "peerctl: cannot write %s: %s\n", part.c_str(), std::strerror(errno));
+    return 1;
+  }
+  out.close();
   if (status != 200) {
     std::remove(part.c_str());
     std::fprintf(stderr, "peerctl: %d: %s\n", status, ErrorMessage(error).c_str());

@@ -38,6 +38,11 @@ torch::ScalarType FromSafetensorsDtype(const std::string& name, bool* ok) {
 
 }  // namespace
 
+bool DefinedByTheArchitecture(const std::string& name) {
+  constexpr std::string_view kMask = ".attn.mask";
+  return name.size() >= kMask.size() && name.compare(name.size() - kMask.size(), kMask.size(), kMask) == 0;
+}
+
 Status ExportedTensors(const torch::nn::Module& model, NamedTensors* out) {
   out->clear();
   auto add = [&](const std::string& name, const torch::Tensor& t) -> Status {
@@ -53,11 +58,9 @@ Status ExportedTensors(const torch::nn::Module& model, NamedTensors* out) {
   };
   for (const auto& p : model.named_parameters())
     if (Status st = add(p.key(), p.value()); !st.ok()) return st;
-  for (const auto& b : model.named_buffers()) {
-    const std::string& name = b.key();
-    if (name.size() >= 10 && name.compare(name.size() - 10, 10, ".attn.mask") == 0) continue;
-    if (Status st = add(name, b.value()); !st.ok()) return st;
-  }
+  for (const auto& b : model.named_buffers())
+    if (!DefinedByTheArchitecture(b.key()))
+      if (Status st = add(b.key(), b.value()); !st.ok()) return st;
   return Status::OK();
 }
 

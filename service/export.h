@@ -2,7 +2,7 @@
 // little-endian header length, a JSON header naming each tensor's dtype, shape and byte range,
 // then the bytes), written a tensor at a time so that no second copy of the model is held.
 // The header's "__metadata__" holds {"peerd": ExportManifest as JSON}. A routed model's router
-// travels as the tensor "router.statistics": the bytes of BigramRouter::Serialize (uint8).
+// travels as the tensor kRouterTensor.
 #pragma once
 
 #include <torch/torch.h>
@@ -18,6 +18,13 @@
 namespace peerd {
 
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// The tensor a routed model's router travels as (uint8: BigramRouter::Serialize's bytes).
+inline constexpr char kRouterTensor[] = "router.statistics";
+
+// Whether buffer `name` is a constant the architecture defines (an attention mask), which an
+// export leaves out and an import does not look for.
+bool DefinedByTheArchitecture(const std::string& name);
 
 // Every parameter and buffer of `model` by its module name (frozen rows in their stored dtype),
 // but the attention masks (constants the architecture defines). InvalidArgument for a tensor of a

@@ -678,9 +678,9 @@ Status TrainingLoop::Export(const std::function<bool(const char* data, size_t si
     if (routing_.started()) {
       *manifest.mutable_routing() = routing_.Info(model_);
       const std::string router = routing_.branches().router.Serialize();
-      tensors.emplace_back("router.statistics", torch::from_blob(const_cast<char*>(router.data()),
-                                                                 {static_cast<int64_t>(router.size())}, torch::kByte)
-                                                    .clone());
+      tensors.emplace_back(kRouterTensor, torch::from_blob(const_cast<char*>(router.data()),
+                                                           {static_cast<int64_t>(router.size())}, torch::kByte)
+                                              .clone());
     }
     return Status::OK();
   });
@@ -696,13 +696,14 @@ Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& 
     std::map<int64_t, bool> adapters;  // id -> with trunk deltas
     const torch::Tensor* router = nullptr;
     for (const auto& [name, t] : tensors) {
-      if (name == "router.statistics") router = &t;
+      if (name == kRouterTensor) router = &t;
       if (name.rfind("adapter", 0) != 0 || name.find('.') == std::string::npos) continue;
       const int64_t id = std::stoll(name.substr(7, name.find('.') - 7));
       adapters[id] |= name.substr(name.find('.') + 1) == "tok_emb_d";
     }
     if (manifest.has_routing() != (router != nullptr))
-      return Status::InvalidArgument("the export's manifest and tensors disagree about routing (router.statistics)");
+      return Status::InvalidArgument("the export's manifest and tensors disagree about routing (" +
+                                     std::string(kRouterTensor) + ")");
     for (const auto& [id, trunk_deltas] : adapters)
       if (!model_->adapters().count(id))
         if (Status st = model_->AddAdapter(id, trainer_->config().adapter_rank(), trunk_deltas); !st.ok()) return st;
@@ -712,12 +713,14 @@ Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& 
       if (model_->blocks[i]->peer) layer_of_block["block" + std::to_string(i)] = l++;
     std::map<std::pair<size_t, int64_t>, int64_t> wanted;  // (layer, segment id) -> n_keys
     for (const auto& [name, t] : tensors) {
-      const size_t peer = name.find(".peer.segment"), keys = name.rfind(".sub_keys");
+      constexpr std::string_view kSegment = ".peer.segment";  // block<i>.peer.segment<id>.sub_keys
+      const size_t peer = name.find(kSegment), keys = name.rfind(".sub_keys");
       if (peer == std::string::npos || keys == std::string::npos || t.dim() != 4) continue;
+      const size_t id_at = peer + kSegment.size();
       const auto layer = layer_of_block.find(name.substr(0, peer));
       if (layer == layer_of_block.end())
         return Status::InvalidArgument("the export's " + name + " is in no PEER layer here");
-      wanted[{layer->second, std::stoll(name.substr(peer + 13, keys - peer - 13))}] = t.size(2);
+      wanted[{layer->second, std::stoll(name.substr(id_at, keys - id_at))}] = t.size(2);
     }
     auto layers = model_->PeerLayers();
     for (const auto& [at, n_keys] : wanted) {
@@ -746,7 +749,7 @@ Status TrainingLoop::Import(const ExportManifest& manifest, const NamedTensors& 
       mine.erase(it);
     }
     for (const auto& [name, t] : mine)
-      if (name.size() < 10 || name.compare(name.size() - 10, 10, ".attn.mask") != 0)
+      if (!DefinedByTheArchitecture(name))
         return Status::InvalidArgument("the export lacks " + name + ": another model");
     trainer_->RefreshParameters();
     // Frozen again from the same rows: the store's checksum must be the export's.
