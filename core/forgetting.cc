@@ -35,8 +35,9 @@ ForgettingMetrics ComputeForgettingMetrics(const ForgettingInput& in) {
         ++bwt_n;
       }
     }
-    if (t >= 0 && in.init >= 0 && t > in.init + 1) {
-      const double untrained = score(in.init, j), before = score(t - 1, j);
+    const int b = j < in.before_trained.size() ? in.before_trained[j] : t - 1;
+    if (t >= 0 && in.init >= 0 && b > in.init) {
+      const double untrained = score(in.init, j), before = score(b, j);
       if (!std::isnan(untrained) && !std::isnan(before)) {
         fwt_sum += untrained - before;
         ++fwt_n;

@@ -12,6 +12,9 @@ struct ForgettingInput {
   std::vector<std::vector<double>> rows;
   // Per task: the row right after the task was (last) trained, or -1 if it never was.
   std::vector<int> trained_at;
+  // Per task: the last row before it was first trained (-1: none). Empty: trained_at − 1, which is
+  // the same when every phase has one row.
+  std::vector<int> before_trained;
   // The row scored before any training, or -1 if there is none.
   int init = -1;
 };
@@ -24,8 +27,8 @@ struct ForgettingMetrics {
   double mean_forgetting = 0;  // mean of F_j over the tasks that have one
   // mean over tasks trained before T of R[t_j][j] − R[T][j]: negative means forgetting.
   double bwt = 0;
-  // mean over tasks trained after the first phase of R[init][j] − R[t_j − 1][j]: positive means
-  // earlier domains already helped task j before it was trained on.
+  // mean over tasks trained after the first phase of R[init][j] − R[b_j][j], b_j the last row
+  // before task j was trained: positive means earlier domains already helped task j.
   double fwt = 0;
 };
 

@@ -2,7 +2,8 @@
 //
 //   peerctl [--admin 127.0.0.1:7071] [--token-file peerd-data/admin.token] [--json] COMMAND
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
-//     tasks [list | add NAME FILE | delete NAME] | eval [run [--label L] | report] | checkpoint | pause | resume
+//     tasks [list | add NAME FILE [--measures INGEST_TASK] | delete NAME] | eval [run [--label L] | report]
+//     history [--since STEP] [--limit N] | checkpoint | pause | resume
 //     score [TEXT | -] [--log-probs]       (no TEXT or -: stdin)
 //     export DIR                           (DIR/model.safetensors, DIR/config.json)
 //     generate [PROMPT | -] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -22,6 +23,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -161,10 +163,12 @@ void PrintReport(const peerd::ForgettingReport& report) {
   for (const auto& r : report.rows())
     for (const auto& t : r.tasks())
       if (std::find(tasks.begin(), tasks.end(), t) == tasks.end()) tasks.push_back(t);
-  std::printf("%-20s %8s", "after", "step");
+  // Each row with what the spool says was trained since the row before (the phases the metrics use).
+  std::printf("%-20s %8s", "row", "step");
   for (const auto& t : tasks) std::printf(" %10s", t.c_str());
-  std::printf("\n");
-  for (const auto& r : report.rows()) {
+  std::printf("  trained since the row before\n");
+  for (int n = 0; n < report.rows_size(); ++n) {
+    const peerd::EvalRow& r = report.rows(n);
     std::printf("%-20s %8llu", r.label().c_str(), static_cast<unsigned long long>(r.step()));
     for (const auto& t : tasks) {
       std::string v = "-";
@@ -172,7 +176,8 @@ void PrintReport(const peerd::ForgettingReport& report) {
         if (r.tasks(i) == t) v = Fixed(r.bits_per_byte(i));
       std::printf(" %10s", v.c_str());
     }
-    std::printf("\n");
+    const std::string since = n < report.trained_since_previous_size() ? report.trained_since_previous(n) : "";
+    std::printf("  %s%s\n", since.empty() ? "-" : since.c_str(), n == report.init() ? " (initial row)" : "");
   }
   if (!report.forgetting().empty()) {
     std::printf("%-29s", "forgetting");
@@ -216,7 +221,30 @@ bool PrintHuman(const std::string& command, const std::string& action, const std
     peerd::TasksReply t;
     if (!Parse(body, &t)) return false;
     for (const auto& task : t.tasks())
-      std::printf("%-24s %llu bytes\n", task.name().c_str(), static_cast<unsigned long long>(task.bytes()));
+      std::printf("%-24s %10llu bytes  measures ingest task %s\n", task.name().c_str(),
+                  static_cast<unsigned long long>(task.bytes()), task.measures().c_str());
+  } else if (command == "history") {
+    peerd::HistoryReply h;
+    if (!Parse(body, &h)) return false;
+    std::printf("%10s %6s %-19s %8s %9s %10s %9s %10s\n", "step", "steps", "time (UTC)", "loss", "bits/byte", "lr",
+                "grad norm", "tokens/s");
+    for (const peerd::HistoryPoint& p : h.steps()) {
+      char when[32] = "-";
+      const std::time_t t = static_cast<std::time_t>(p.unix_ms() / 1000);
+      std::tm tm{};
+      if (gmtime_r(&t, &tm)) std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+      std::printf("%10llu %6u %-19s %8s %9s %10.3g %9s %10s\n", static_cast<unsigned long long>(p.step()), p.steps(),
+                  when, Fixed(p.loss()).c_str(), Fixed(p.bits_per_byte()).c_str(), p.learning_rate(),
+                  Fixed(p.grad_norm(), 2).c_str(), Fixed(p.tokens_per_second(), 0).c_str());
+    }
+    for (const peerd::EvalRow& r : h.evals()) {
+      std::printf("evaluation at step %llu '%s':", static_cast<unsigned long long>(r.step()), r.label().c_str());
+      for (int i = 0; i < r.tasks_size() && i < r.bits_per_byte_size(); ++i)
+        std::printf(" %s %s", r.tasks(i).c_str(), Fixed(r.bits_per_byte(i)).c_str());
+      std::printf("\n");
+    }
+    if (h.more())
+      std::printf("(more: peerctl history --since %llu)\n", static_cast<unsigned long long>(h.next_since()));
   } else if (command == "eval" && action == "report") {
     peerd::ForgettingReport report;
     if (!Parse(body, &report)) return false;
@@ -382,10 +410,17 @@ int main(int argc, char** argv) {
   segments->add_option("--n-keys", n_keys, "sub-keys per half of a new segment");
   segments->add_option("--dtype", dtype, "frozen rows: bf16 | fp32");
   auto* tasks = app.add_subcommand("tasks", "list or add held-out tasks");
-  std::string task_action = "list", task_name, task_file;
+  std::string task_action = "list", task_name, task_file, measures;
   tasks->add_option("action", task_action, "list | add | delete");
   tasks->add_option("name", task_name);
   tasks->add_option("file", task_file, "held-out text (sent as text)");
+  tasks->add_option("--measures", measures, "the ingest task it measures (default: NAME)");
+  auto* history =
+      app.add_subcommand("history", "every step's loss, learning rate, gradient norm and speed; evaluations");
+  uint64_t since = 0;
+  uint32_t limit = 2000;
+  history->add_option("--since", since, "only steps after this one")->capture_default_str();
+  history->add_option("--limit", limit, "at most this many points (1-10000)")->capture_default_str();
   auto* eval = app.add_subcommand("eval", "run an evaluation or show the forgetting report");
   std::string eval_action = "report", label;
   eval->add_option("action", eval_action, "run | report");
@@ -481,7 +516,9 @@ int main(int argc, char** argv) {
       std::ostringstream ss;
       ss << in.rdbuf();
       verb = http::verb::post, target = "/v1/tasks";
-      body = json{{"name", task_name}, {"text", ss.str()}}.dump(-1, ' ', false, json::error_handler_t::replace);
+      json b{{"name", task_name}, {"text", ss.str()}};
+      if (!measures.empty()) b["measures"] = measures;
+      body = b.dump(-1, ' ', false, json::error_handler_t::replace);
     } else if (task_action == "delete" && !task_name.empty()) {
       verb = http::verb::delete_, target = "/v1/tasks/" + task_name;
     } else {
@@ -525,7 +562,9 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "peerctl: eval takes run or report\n");
       return 2;
     }
-  } else if (command == "checkpoint")
+  } else if (command == "history")
+    target = "/v1/history?since=" + std::to_string(since) + "&limit=" + std::to_string(limit);
+  else if (command == "checkpoint")
     verb = http::verb::post, target = "/v1/checkpoint";
   else if (command == "pause")
     verb = http::verb::post, target = "/v1/train/pause";

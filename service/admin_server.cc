@@ -45,7 +45,7 @@ struct Reply {
   // bytes (false once the client is gone). An error it returns before its first bytes is answered
   // as any error; after them, server-sent events get a last event holding the error, and any other
   // answer is cut off without its last chunk, so the client sees it incomplete.
-  std::function<Status(const std::function<bool(std::string_view)>& send)> stream;
+  std::function<Status(const std::function<bool(std::string_view)>& send)> stream = nullptr;
 };
 
 std::string ToJson(const google::protobuf::Message& m) {
@@ -188,8 +188,9 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             AdminError e;
             if (!r.path.empty() && !ReadConfinedTaskFile(r.path, options.task_roots, options.max_body_bytes, &text, &e))
               return FromAdminError(e);
-            if (Status st = loop->tasks().PutTask(r.name, text); !st.ok()) return FromStatus(st);
-            return Ok("task " + r.name + " registered (" + std::to_string(text.size()) + " held-out bytes)");
+            if (Status st = loop->tasks().PutTask(r.name, text, r.measures); !st.ok()) return FromStatus(st);
+            return Ok("task " + r.name + " registered (" + std::to_string(text.size()) +
+                      " held-out bytes, measuring ingest task " + (r.measures.empty() ? r.name : r.measures) + ")");
           },
           [&](const admin::DeleteTask& r) {
             if (Status st = loop->DeleteTask(r.name); !st.ok()) return FromStatus(st);
@@ -209,14 +210,20 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             };
             return exported;
           },
+          [&](const admin::History& h) {
+            HistoryReply reply;
+            if (Status st = loop->History(h.since, h.limit, &reply); !st.ok()) return FromStatus(st);
+            return Ok(reply);
+          },
           [&](const admin::ListTasks&) {
-            std::vector<std::pair<std::string, std::string>> tasks;
+            std::vector<HeldOutTask> tasks;
             if (Status st = loop->tasks().Tasks(&tasks); !st.ok()) return FromStatus(st);
             TasksReply reply;
-            for (const auto& [name, text] : tasks) {
+            for (const HeldOutTask& task : tasks) {
               TaskInfo* t = reply.add_tasks();
-              t->set_name(name);
-              t->set_bytes(text.size());
+              t->set_name(task.name);
+              t->set_bytes(task.text.size());
+              t->set_measures(task.measures);
             }
             return Ok(reply);
           },

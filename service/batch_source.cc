@@ -45,6 +45,7 @@ torch::Tensor BatchSource::Take(int64_t n) {
     Piece& p = buffer_.front();
     const int64_t take = std::min<int64_t>(n - out.size(), p.tokens.size());
     out.insert(out.end(), p.tokens.begin(), p.tokens.begin() + take);
+    cursor_.tokens_by_task[p.task] += take;
     for (int64_t i = 0; i < take; ++i)
       if (p.tokens[i] != ByteTokenizer::kEndOfDocument) ++cursor_.consumed_bytes;
     if (!last_fresh_.empty() && last_fresh_.back().index == p.index && last_fresh_.back().to == p.offset)

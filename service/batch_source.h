@@ -21,6 +21,9 @@ struct SpoolCursor {
   uint64_t index = 1;           // spooled document
   uint64_t offset = 0;          // tokens of it already trained (its bytes, then its end-of-document token)
   uint64_t consumed_bytes = 0;  // text bytes trained, all time
+  // Fresh tokens trained per ingest task, all time: the spool records each document's task, so
+  // the forgetting report knows which task each phase trained (EvalRow.trained_tokens).
+  std::map<std::string, uint64_t> tokens_by_task;
 };
 
 class BatchSource {

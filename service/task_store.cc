@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "core/forgetting.h"
 #include "proto/frame.h"
@@ -19,6 +20,8 @@ std::string RowKey(uint64_t n) {
   return k;
 }
 
+constexpr double kPhaseShare = 0.02;
+
 double Score(const EvalRow& row, const std::string& task) {
   for (int i = 0; i < row.tasks_size(); ++i)
     if (row.tasks(i) == task) return row.bits_per_byte(i);
@@ -27,20 +30,28 @@ double Score(const EvalRow& row, const std::string& task) {
 
 }  // namespace
 
-Status TaskStore::PutTask(const std::string& name, const std::string& text) {
+Status TaskStore::PutTask(const std::string& name, const std::string& text, const std::string& measures) {
   if (!wire::ValidTaskName(name))
     return Status::InvalidArgument("task name must be 1-64 characters of A-Z a-z 0-9 _ . -");
+  if (!measures.empty() && !wire::ValidTaskName(measures))
+    return Status::InvalidArgument("measures must name an ingest task: 1-64 characters of A-Z a-z 0-9 _ . -");
   if (text.size() < 2) return Status::InvalidArgument("task '" + name + "' needs at least 2 bytes of held-out text");
   rocksdb::WriteBatch batch;
   batch.Put(db_->family(Family::kEvals), "task/" + name, text);
+  batch.Put(db_->family(Family::kEvals), "measures/" + name, measures.empty() ? name : measures);
   return db_->SyncedWrite(&batch, "registering task " + name);
 }
 
-Status TaskStore::Tasks(std::vector<std::pair<std::string, std::string>>* out) const {
+Status TaskStore::Tasks(std::vector<HeldOutTask>* out) const {
   out->clear();
   std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(rocksdb::ReadOptions(), db_->family(Family::kEvals)));
-  for (it->Seek("task/"); it->Valid() && it->key().starts_with("task/"); it->Next())
-    out->emplace_back(it->key().ToString().substr(5), it->value().ToString());
+  for (it->Seek("task/"); it->Valid() && it->key().starts_with("task/"); it->Next()) {
+    const std::string name = it->key().ToString().substr(5);
+    out->push_back({name, it->value().ToString(), name});
+  }
+  for (it->Seek("measures/"); it->Valid() && it->key().starts_with("measures/"); it->Next())
+    for (HeldOutTask& t : *out)
+      if (t.name == it->key().ToString().substr(9)) t.measures = it->value().ToString();
   return FromRocks(it->status(), "listing tasks");
 }
 
@@ -53,14 +64,17 @@ Status TaskStore::DeleteTask(const std::string& name) {
   if (Status st = Rows(&rows); !st.ok()) return st;
   rocksdb::WriteBatch batch;
   batch.Delete(db_->family(Family::kEvals), "task/" + name);
+  batch.Delete(db_->family(Family::kEvals), "measures/" + name);
   for (size_t n = 0; n < rows.size(); ++n) {
     EvalRow kept = rows[n];
     kept.clear_tasks();
     kept.clear_bits_per_byte();
+    kept.clear_measures();
     for (int i = 0; i < rows[n].tasks_size() && i < rows[n].bits_per_byte_size(); ++i)
       if (rows[n].tasks(i) != name) {
         kept.add_tasks(rows[n].tasks(i));
         kept.add_bits_per_byte(rows[n].bits_per_byte(i));
+        if (i < rows[n].measures_size()) kept.add_measures(rows[n].measures(i));
       }
     if (kept.tasks_size() != rows[n].tasks_size())
       batch.Put(db_->family(Family::kEvals), RowKey(n), kept.SerializeAsString());
@@ -91,23 +105,50 @@ Status TaskStore::Rows(std::vector<EvalRow>* out) const {
 ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows) {
   ForgettingReport r;
   for (const auto& row : rows) *r.add_rows() = row;
+  r.set_init(-1);
   if (rows.empty()) return r;
-  // Columns are the tasks of the last row; "after X" marks where task X was (last) trained.
+  // Columns are the tasks of the last row, each measuring an ingest task.
   const EvalRow& last = rows.back();
+  std::vector<std::string> measured;
+  for (int j = 0; j < last.tasks_size(); ++j)
+    measured.push_back(j < last.measures_size() ? last.measures(j) : last.tasks(j));
+  auto trained = [&](size_t i, const std::string& task) -> uint64_t {
+    const auto& m = rows[i].trained_tokens();
+    auto it = m.find(task);
+    return it == m.end() ? 0 : it->second;
+  };
+  // Row i trained task X when X's count grew since row i − 1 by at least kPhaseShare of what it is
+  // at row i: the tail of a batch that trained after an evaluation does not move X's phase.
+  auto grew = [&](size_t i, const std::string& task) {
+    const uint64_t now = trained(i, task), before = i == 0 ? 0 : trained(i - 1, task);
+    return now > before && double(now - before) >= kPhaseShare * double(now);
+  };
   ForgettingInput in;
   in.trained_at.assign(last.tasks_size(), -1);
+  in.before_trained.assign(last.tasks_size(), -1);
   for (size_t i = 0; i < rows.size(); ++i) {
-    if (rows[i].label() == "init") in.init = static_cast<int>(i);
+    std::string since;
+    const std::map<std::string, uint64_t> by_name(rows[i].trained_tokens().begin(), rows[i].trained_tokens().end());
+    for (const auto& [task, tokens] : by_name)
+      if (grew(i, task)) since += (since.empty() ? "" : ",") + task;
+    r.add_trained_since_previous(since);
+    bool any_measured_trained = false;
     std::vector<double> scores;
-    for (const std::string& task : last.tasks()) {
-      scores.push_back(Score(rows[i], task));
-      if (rows[i].label() == "after " + task) in.trained_at[scores.size() - 1] = static_cast<int>(i);
+    for (int j = 0; j < last.tasks_size(); ++j) {
+      scores.push_back(Score(rows[i], last.tasks(j)));
+      if (grew(i, measured[j])) in.trained_at[j] = static_cast<int>(i);
+      if (trained(i, measured[j]) == 0) in.before_trained[j] = static_cast<int>(i);
+      any_measured_trained |= trained(i, measured[j]) > 0;
     }
+    if (!any_measured_trained) in.init = static_cast<int>(i);
     in.rows.push_back(std::move(scores));
   }
   const ForgettingMetrics m = ComputeForgettingMetrics(in);
-  for (int j = 0; j < last.tasks_size(); ++j)
+  for (int j = 0; j < last.tasks_size(); ++j) {
     if (!std::isnan(m.forgetting[j])) (*r.mutable_forgetting())[last.tasks(j)] = m.forgetting[j];
+    (*r.mutable_trained_at())[last.tasks(j)] = in.trained_at[j];
+  }
+  r.set_init(in.init);
   r.set_acc(m.acc);
   r.set_mean_forgetting(m.mean_forgetting);
   r.set_bwt(m.bwt);

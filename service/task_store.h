@@ -11,13 +11,19 @@
 
 namespace peerd {
 
+struct HeldOutTask {
+  std::string name, text;
+  std::string measures;  // the ingest task whose training it measures
+};
+
 class TaskStore {
  public:
   explicit TaskStore(std::shared_ptr<DataDirDb> db) : db_(std::move(db)) {}
 
-  // Registers (or replaces) a task's held-out text. The name follows data-port task names.
-  Status PutTask(const std::string& name, const std::string& text);
-  Status Tasks(std::vector<std::pair<std::string, std::string>>* out) const;  // in name order
+  // Registers (or replaces) a task's held-out text, and the ingest task it measures ("": its own
+  // name). Names follow data-port task names.
+  Status PutTask(const std::string& name, const std::string& text, const std::string& measures = "");
+  Status Tasks(std::vector<HeldOutTask>* out) const;  // in name order
   // Removes a task's held-out text and its column from every evaluation row (the rows stay, with
   // their other tasks), in one synced batch. NotFound when there is no such task.
   Status DeleteTask(const std::string& name);
@@ -29,8 +35,10 @@ class TaskStore {
 };
 
 // The continual-learning metrics of docs/DESIGN.md §4 over the history (lower bits/byte is better).
-// Row "init" (if any) is the model before training; row "after X" is the one right after task X
-// was trained.
+// The phases come from each row's trained_tokens, not from labels: a task's phase ends at the last
+// row whose count of its ingest task grew (by 2 % or more of that count: a batch's tail trained
+// after an evaluation is not a phase), and the initial row is the last one before any ingest task
+// measured by the final row's columns was trained.
 ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows);
 
 }  // namespace peerd

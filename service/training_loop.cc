@@ -48,6 +48,7 @@ TrainingLoop::TrainingLoop(const LoopOptions& options, std::shared_ptr<DataDirDb
       spool_(spool),
       checkpointer_(db),
       tasks_(db),
+      history_(db),
       ranks_(options.ranks, [this](const Status& why) { OnRanksLost(why); }) {}
 
 Status TrainingLoop::Open(const LoopOptions& options, std::shared_ptr<DataDirDb> db, Spool* spool,
@@ -70,9 +71,13 @@ Status TrainingLoop::Restore() {
   bool found = false;
   if (Status st = checkpointer_.Load(*trainer_, &meta, &found); !st.ok()) return st;
   trainer_->RefreshParameters();
+  if (Status st = history_.Open(found ? meta.step() : 0); !st.ok()) return st;
   SpoolCursor cursor;
   if (found) {
-    cursor = {std::max<uint64_t>(meta.spool_next_index(), 1), meta.spool_offset(), meta.consumed_bytes()};
+    cursor = {std::max<uint64_t>(meta.spool_next_index(), 1),
+              meta.spool_offset(),
+              meta.consumed_bytes(),
+              {meta.trained_tokens().begin(), meta.trained_tokens().end()}};
     tokens_trained_ = meta.tokens_trained();
     last_checkpoint_step_ = meta.step();
     if (meta.has_policy()) {
@@ -257,10 +262,11 @@ void TrainingLoop::Run() {
       if (!batch.defined()) continue;
       if (options_.before_step) options_.before_step(trainer_->step());
       StepStats stats;
+      const auto step_start = Clock::now();
       if (!TrainStep(batch, replayed, &stats)) break;
       stepped = true;
       JournalFailure(journal_.Trained(trainer_->step(), batches_->last_fresh()));
-      RecordStep(batch, replayed, stats, &run);
+      RecordStep(batch, replayed, stats, std::chrono::duration<double>(Clock::now() - step_start).count(), &run);
       if (!CheckpointIfDue(&run)) break;
     } catch (const std::exception& e) {
       if (!TurnFailed(e.what(), stepped ? nullptr : &before)) break;
@@ -357,9 +363,19 @@ bool TrainingLoop::TrainStep(torch::Tensor batch, int64_t replayed, StepStats* s
   return true;
 }
 
-void TrainingLoop::RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, RunState* run) {
+void TrainingLoop::RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, double seconds,
+                              RunState* run) {
   routing_.AfterStep(batch.slice(0, replayed));
   const int64_t tokens = batch.size(0) * options_.config.model().context();
+  HistoryPoint point;
+  point.set_step(trainer_->step());
+  point.set_unix_ms(UnixMillis());
+  point.set_loss(stats.loss);
+  point.set_bits_per_byte(stats.loss / std::log(2.0));
+  point.set_learning_rate(stats.lr);
+  point.set_grad_norm(stats.grad_norm);
+  point.set_tokens_per_second(seconds > 0 ? tokens / seconds : 0);
+  history_.Add(point);
   run->window_loss += stats.loss;
   ++run->window_steps;
   run->window_tokens += tokens;
@@ -428,9 +444,12 @@ Status TrainingLoop::CheckpointNow() {
   meta.set_spool_next_index(batches_->cursor().index);
   meta.set_spool_offset(batches_->cursor().offset);
   meta.set_consumed_bytes(batches_->cursor().consumed_bytes);
+  for (const auto& [task, tokens] : batches_->cursor().tokens_by_task) (*meta.mutable_trained_tokens())[task] = tokens;
   *meta.mutable_policy() = PolicyOf(trainer_->config(), options_.freeze_dtype);
   *meta.mutable_routing() = routing_.ToProto();
   JournalFailure(journal_.Sync());  // what the checkpoint covers is in the journal
+  // The history is a record, not state: a failure is logged and the next checkpoint writes it.
+  if (Status st = history_.Flush(); !st.ok()) spdlog::error("{} (the next checkpoint tries again)", st.ToString());
   if (Status st = checkpointer_.Save(*trainer_, meta); !st.ok()) return st;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -567,18 +586,21 @@ Status TrainingLoop::FreezeSegment(uint32_t id, std::optional<uint32_t> layer, s
 
 Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
   return RunOnTrainer([&]() -> Status {
-    std::vector<std::pair<std::string, std::string>> tasks;
+    std::vector<HeldOutTask> tasks;
     if (Status st = tasks_.Tasks(&tasks); !st.ok()) return st;
     if (tasks.empty()) return Status::FailedPrecondition("no held-out tasks registered: POST /v1/tasks first");
     EvalRow r;
     r.set_step(trainer_->step());
     r.set_label(label);
     r.set_unix_ms(UnixMillis());
+    // Text taken for a batch is trained by the time an evaluation runs (both on this thread).
+    for (const auto& [task, tokens] : batches_->cursor().tokens_by_task) (*r.mutable_trained_tokens())[task] = tokens;
     const EvalOptions eo = EvalOptionsNow(options_.config.train().eval_bytes());
     StartUsageRecording(model_);
-    for (const auto& [name, text] : tasks) {
-      r.add_tasks(name);
-      r.add_bits_per_byte(BitsPerByte(model_, text, eo));
+    for (const HeldOutTask& task : tasks) {
+      r.add_tasks(task.name);
+      r.add_measures(task.measures);
+      r.add_bits_per_byte(BitsPerByte(model_, task.text, eo));
     }
     usage_ = StopUsageRecording(model_);
     RefreshSegments();
@@ -586,6 +608,21 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     *row = r;
     return Status::OK();
   });
+}
+
+Status TrainingLoop::History(uint64_t since, size_t limit, HistoryReply* reply) {
+  reply->Clear();
+  std::vector<HistoryPoint> points;
+  bool more = false;
+  if (Status st = history_.Read(since, limit, &points, &more); !st.ok()) return st;
+  for (HistoryPoint& p : points) *reply->add_steps() = std::move(p);
+  std::vector<EvalRow> rows;
+  if (Status st = tasks_.Rows(&rows); !st.ok()) return st;
+  for (EvalRow& r : rows)
+    if (r.step() > since) *reply->add_evals() = std::move(r);
+  reply->set_more(more);
+  reply->set_next_since(points.empty() ? since : points.back().step() + points.back().steps() - 1);
+  return Status::OK();
 }
 
 EvalOptions TrainingLoop::EvalOptionsNow(int64_t max_bytes) const {

@@ -46,6 +46,7 @@
 #include "service/routed_training.h"
 #include "service/segment_report.h"
 #include "service/task_store.h"
+#include "service/training_history.h"
 
 namespace peerd {
 
@@ -118,6 +119,9 @@ class TrainingLoop {
   StatusReply Snapshot();
   SegmentsReply Segments();
   TaskStore& tasks() { return tasks_; }
+  // The training history (service/training_history.h) after step `since`, at most `limit` points,
+  // with the evaluation rows after it.
+  Status History(uint64_t since, size_t limit, HistoryReply* reply);
   // Prometheus text for the training side.
   std::string Metrics();
   // Why training stopped after losing a rank ("" while the ranks are all there).
@@ -153,7 +157,8 @@ class TrainingLoop {
   // rank was lost.
   bool TrainStep(torch::Tensor batch, int64_t replayed, StepStats* stats);
   // What follows a trained batch: routing statistics, the spool's consumed mark, the snapshot.
-  void RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, RunState* run);
+  // `seconds`: the step's time (its tokens/s in the history).
+  void RecordStep(const torch::Tensor& batch, int64_t replayed, const StepStats& stats, double seconds, RunState* run);
   // Writes the periodic checkpoint when due; false when a rank was lost.
   void JournalFailure(const Status& st);  // logs the first failed journal write or sync
   bool CheckpointIfDue(RunState* run);
@@ -187,6 +192,7 @@ class TrainingLoop {
   std::unique_ptr<ExpertPoolStore> pool_;
   Checkpointer checkpointer_;
   TaskStore tasks_;
+  TrainingHistory history_;
   TransformerLM model_{nullptr};
   std::unique_ptr<Trainer> trainer_;
   std::unique_ptr<BatchSource> batches_;

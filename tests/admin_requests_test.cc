@@ -6,8 +6,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <set>
+
+#include <google/protobuf/descriptor.h>
+#include <nlohmann/json.hpp>
 
 #include "service/net/admin_requests.h"
 
@@ -170,6 +175,18 @@ TEST(AdminRequests, EveryBadInputInTheCatalogueGetsItsStatusAndExactMessage) {
        "request body is not valid JSON for peerd.GenerateRequest: Invalid unicode code point. (near: {\"prompt\": "
        "\"\\udc00\"})"},
       {"GET", "/v1/generate", "", 405, "GET is not allowed on /v1/generate"},
+      // The training history's query.
+      {"GET", "/v1/history?limit=0", "", 400, "limit must be 1 to 10000, got '0'"},
+      {"GET", "/v1/history?limit=10001", "", 400, "limit must be 1 to 10000, got '10001'"},
+      {"GET", "/v1/history?since=-1", "", 400, "since must be a step (a whole number), got '-1'"},
+      {"GET", "/v1/history?since=", "", 400, "since must be a step (a whole number), got ''"},
+      {"GET", "/v1/history?since=99999999999999999999", "", 400,
+       "since must be a step (a whole number), got '99999999999999999999'"},
+      {"GET", "/v1/history?since=1&since=2", "", 400, "GET /v1/history: since given twice"},
+      {"GET", "/v1/history?from=3", "", 400, "GET /v1/history takes since=STEP and limit=N, got 'from'"},
+      {"POST", "/v1/history", "", 405, "POST is not allowed on /v1/history"},
+      {"POST", "/v1/tasks", "{\"name\": \"a\", \"text\": \"ab\", \"measures\": \"no way\"}", 400,
+       "measures must name an ingest task (peer-ingest --task): 1-64 characters of A-Z a-z 0-9 _ . -, got 'no way'"},
       // Routes and methods.
       {"GET", "/v1/nothing", "", 404, "no route /v1/nothing (see README: admin API)"},
       {"GET", "/v1/segments/0", "", 404, "no route /v1/segments/0 (see README: admin API)"},
@@ -226,6 +243,18 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
       ParseAdminRequest("POST", "/v1/tasks", R"({"name": ")" + std::string(64, 'n') + R"(", "text": "ab"})", &r, &e))
       << e.message;
 
+  ASSERT_TRUE(
+      ParseAdminRequest("POST", "/v1/tasks", R"({"name": "kjv-heldout", "text": "ab", "measures": "kjv"})", &r, &e))
+      << e.message;
+  EXPECT_EQ(std::get<admin::AddTask>(r).measures, "kjv");
+
+  ASSERT_TRUE(ParseAdminRequest("GET", "/v1/history", "", &r, &e)) << e.message;
+  EXPECT_EQ(std::get<admin::History>(r).since, 0u);
+  EXPECT_EQ(std::get<admin::History>(r).limit, 2000u);
+  ASSERT_TRUE(ParseAdminRequest("GET", "/v1/history?limit=10000&since=18446744073709551615", "", &r, &e)) << e.message;
+  EXPECT_EQ(std::get<admin::History>(r).since, 18446744073709551615u);
+  EXPECT_EQ(std::get<admin::History>(r).limit, 10000u);
+
   ASSERT_TRUE(ParseAdminRequest("POST", "/v1/eval", R"({"label": "after kjv – Genesis"})", &r, &e)) << e.message;
   EXPECT_EQ(std::get<admin::RunEval>(r).label, "after kjv – Genesis");
   ASSERT_TRUE(ParseAdminRequest("POST", "/v1/eval", "", &r, &e)) << e.message;
@@ -277,6 +306,48 @@ TEST(AdminRequests, GoodRequestsParseToTheirRouteWithTheirValues) {
   // A target of exactly kMaxTargetBytes is looked up (and not found), not refused for its length.
   EXPECT_FALSE(ParseAdminRequest("GET", "/" + std::string(kMaxTargetBytes - 1, 'a'), "", &r, &e));
   EXPECT_EQ(e.http_status, 404);
+}
+
+// docs/openapi.json (written by scripts/openapi.py) documents exactly the routes the server has,
+// each of them is one ParseAdminRequest knows, and every schema has exactly its message's fields.
+TEST(AdminRequests, TheOpenApiDocumentMatchesTheRoutesAndTheMessages) {
+  std::ifstream in(std::string(PEERD_SOURCE_DIR) + "/docs/openapi.json");
+  ASSERT_TRUE(in) << "docs/openapi.json is missing: run scripts/openapi.py";
+  const nlohmann::json doc = nlohmann::json::parse(in);
+  std::set<std::pair<std::string, std::string>> documented, served;
+  for (const auto& [path, methods] : doc["paths"].items())
+    for (const auto& [method, op] : methods.items()) {
+      std::string upper = method;
+      for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+      documented.insert({upper, path});
+      const bool probe = path == "/healthz" || path == "/readyz";
+      EXPECT_EQ(op.contains("security") && op["security"].empty(), probe) << path << ": only the probes need no token";
+    }
+  for (const AdminRoute& r : AdminRoutes()) served.insert({r.method, r.path});
+  EXPECT_EQ(documented, served) << "run scripts/openapi.py after changing a route";
+  for (const auto& [method, path] : served) {
+    if (path == "/healthz" || path == "/readyz") continue;  // answered before parsing, without a token
+    std::string target = path;
+    for (auto [param, value] : {std::pair{"{id}", "3"}, std::pair{"{name}", "kjv"}})
+      if (size_t at = target.find(param); at != std::string::npos) target.replace(at, std::string(param).size(), value);
+    AdminRequest r;
+    AdminError e;
+    if (!ParseAdminRequest(method, target, "{}", &r, &e)) {
+      EXPECT_TRUE(e.http_status != 404 && e.http_status != 405) << method << " " << target << ": " << e.message;
+    }
+  }
+  for (const auto& [name, schema] : doc["components"]["schemas"].items()) {
+    if (name == "securitySchemes") continue;
+    std::string full = "peerd." + name;
+    std::replace(full.begin(), full.end(), '_', '.');
+    const google::protobuf::Descriptor* d =
+        google::protobuf::DescriptorPool::generated_pool()->FindMessageTypeByName(full);
+    ASSERT_NE(d, nullptr) << "schema " << name << " names no message";
+    std::set<std::string> fields, properties;
+    for (int i = 0; i < d->field_count(); ++i) fields.insert(d->field(i)->json_name());
+    for (const auto& [property, unused] : schema["properties"].items()) properties.insert(property);
+    EXPECT_EQ(properties, fields) << name << ": run scripts/openapi.py after changing proto/admin.proto";
+  }
 }
 
 TEST(AdminRequests, ClipForMessageKeepsMessagesShortPrintableAndValidUtf8) {

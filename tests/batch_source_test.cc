@@ -262,7 +262,7 @@ TEST(BatchSource, ReplayAfterPruneDrawsOnlyKeptDocuments) {
   ASSERT_TRUE(d.Add("new", 50, [](int) { return std::string(2000, 'n'); }).ok());
   const int64_t T = 16;
   // Restarted from a checkpoint after "old": its documents are trained, the cursor on "new".
-  BatchSource source(d.spool.get(), {21, 0, 20 * 100}, 7);
+  BatchSource source(d.spool.get(), {21, 0, 20 * 100, {}}, 7);
   Status st;
   int64_t replayed = -1;
   torch::Tensor b = source.Next(8, T, 0.5, false, &st, &replayed);

@@ -1,5 +1,6 @@
 // The forgetting metrics (docs/DESIGN.md §4) against matrices worked out by hand, both as the pure
-// function and through the service's report, which reads task columns and "after X" row labels.
+// function and through the service's report, which reads task columns by name and takes its
+// phases from each row's record of the text trained per ingest task.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -66,34 +67,72 @@ TEST(ForgettingMetrics, UntrainedTasksAndMissingScoresAreLeftOut) {
   EXPECT_DOUBLE_EQ(m.fwt, 1.0);  // B only; C was never trained
 }
 
-TEST(ForgettingMetrics, ServiceReportReadsLabelsAndColumnsByName) {
+// Rows as the service records them for ThreeTasks(): held-out tasks "a-heldout", "b-heldout",
+// "c-heldout" measure ingest tasks A, B, C, and `tokens[i]` is what row i says was trained of each.
+std::vector<EvalRow> ServiceRows(const std::vector<std::vector<uint64_t>>& tokens,
+                                 const std::vector<std::string>& labels) {
   const ForgettingInput in = ThreeTasks();
-  const char* names[] = {"A", "B", "C"};
-  const char* labels[] = {"init", "after A", "after B", "after C"};
+  const char* names[] = {"a-heldout", "b-heldout", "c-heldout"};
+  const char* ingest[] = {"A", "B", "C"};
   std::vector<EvalRow> rows;
-  for (size_t i = 0; i < in.rows.size(); ++i) {
+  for (size_t i = 0; i < tokens.size(); ++i) {
     EvalRow r;
     r.set_label(labels[i]);
-    for (int j = 2; j >= 0; --j) {  // columns in another order than the training order
+    const size_t scores = std::min(i, in.rows.size() - 1);  // rows past the matrix repeat its last
+    for (int j = 2; j >= 0; --j) {                          // columns in another order than the training order
       r.add_tasks(names[j]);
-      r.add_bits_per_byte(in.rows[i][j]);
+      r.add_measures(ingest[j]);
+      r.add_bits_per_byte(in.rows[scores][j]);
+      if (tokens[i][j]) (*r.mutable_trained_tokens())[ingest[j]] = tokens[i][j];
     }
     rows.push_back(r);
-    if (i == 1) {  // an evaluation between phases changes nothing but adds a candidate minimum
-      EvalRow mid = r;
-      mid.set_label("during B");
-      rows.push_back(mid);
-    }
   }
+  return rows;
+}
+
+TEST(ForgettingMetrics, ServiceReportTakesPhasesFromTheSpoolRecordNotFromLabels) {
+  // Labels that say nothing (or lie): the phases come from trained_tokens alone. A's last token
+  // trains while B does (the tail of a batch after A's evaluation): not a phase of A.
+  std::vector<EvalRow> rows =
+      ServiceRows({{0, 0, 0}, {100, 0, 0}, {101, 50, 0}, {101, 50, 70}}, {"first", "after C", "x", "init"});
+  // An evaluation while B trains (B half done): a candidate minimum, not the end of B's phase.
+  EvalRow during = rows[2];
+  during.set_label("during B");
+  (*during.mutable_trained_tokens())["B"] = 20;
+  rows.insert(rows.begin() + 2, during);
   const ForgettingReport report = ComputeForgetting(rows);
-  const ForgettingMetrics m = ComputeForgettingMetrics(in);
+  const ForgettingMetrics m = ComputeForgettingMetrics(ThreeTasks());
   EXPECT_DOUBLE_EQ(report.acc(), m.acc);
   EXPECT_DOUBLE_EQ(report.mean_forgetting(), m.mean_forgetting);
   EXPECT_DOUBLE_EQ(report.bwt(), m.bwt);
-  EXPECT_DOUBLE_EQ(report.fwt(), m.fwt);
-  EXPECT_DOUBLE_EQ(report.forgetting().at("A"), 2.0);
-  EXPECT_EQ(report.forgetting().count("C"), 0u);
-  EXPECT_EQ(report.rows_size(), 5);
+  EXPECT_DOUBLE_EQ(report.fwt(), m.fwt);  // B's "before" row is the one before B began, not "during B"
+  EXPECT_DOUBLE_EQ(report.forgetting().at("a-heldout"), 2.0);
+  EXPECT_EQ(report.forgetting().count("c-heldout"), 0u) << "C was trained last";
+  EXPECT_EQ(report.init(), 0);
+  EXPECT_EQ(report.trained_at().at("a-heldout"), 1);
+  EXPECT_EQ(report.trained_at().at("b-heldout"), 3);
+  EXPECT_EQ(report.trained_at().at("c-heldout"), 4);
+  ASSERT_EQ(report.trained_since_previous_size(), 5);
+  EXPECT_EQ(report.trained_since_previous(0), "");
+  EXPECT_EQ(report.trained_since_previous(1), "A");
+  EXPECT_EQ(report.trained_since_previous(2), "B");
+  EXPECT_EQ(report.trained_since_previous(3), "B");
+  EXPECT_EQ(report.trained_since_previous(4), "C");
+}
+
+TEST(ForgettingMetrics, ServiceReportSeesATaskTrainedAgainAndTextOfOtherTasks) {
+  // A base task nobody measures trains first (its row is still "before" every measured task); A
+  // comes back after B, so A's phase ends at the last row whose A count grew.
+  std::vector<EvalRow> rows = ServiceRows({{0, 0, 0}, {100, 0, 0}, {100, 50, 0}, {150, 50, 0}}, {"", "", "", ""});
+  for (EvalRow& r : rows) (*r.mutable_trained_tokens())["base"] = 1000;
+  const ForgettingReport report = ComputeForgetting(rows);
+  EXPECT_EQ(report.init(), 0) << "base text is not a task of the matrix";
+  EXPECT_EQ(report.trained_since_previous(0), "base");
+  EXPECT_EQ(report.trained_at().at("a-heldout"), 3);
+  EXPECT_EQ(report.trained_at().at("b-heldout"), 2);
+  EXPECT_EQ(report.trained_at().at("c-heldout"), -1);
+  EXPECT_EQ(report.forgetting().count("a-heldout"), 0u) << "A trained in the last phase";
+  EXPECT_DOUBLE_EQ(report.forgetting().at("b-heldout"), 3 - 2.5);
 }
 
 }  // namespace

@@ -215,7 +215,9 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   EXPECT_NE(replay.code, 0) << "keeping no text, there is nothing to replay";
   EXPECT_NE(replay.out.find("replayRatio to 0"), std::string::npos) << replay.out;
   ASSERT_EQ(peerd.Ctl("tasks add verse " + dir + "/verse-heldout.txt").code, 0);
-  ASSERT_EQ(peerd.Ctl("tasks add code " + dir + "/code-heldout.txt").code, 0);
+  // A held-out task named apart from the ingest task it measures: the report's phases come from the
+  // spool's record of what trained, not from names or labels.
+  ASSERT_EQ(peerd.Ctl("tasks add code-heldout " + dir + "/code-heldout.txt --measures code").code, 0);
   auto trained = [](const json& st) { return U(st, "spoolBytes") > 0 && U(st, "spoolBacklogBytes") < 65; };
 
   // The base phase: everything trains on the first domain; no branch yet.
@@ -256,7 +258,7 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
     return 0.0;
   };
   const double verse_before = score(base, "verse"), verse_after = score(after, "verse");
-  const double code_before = score(base, "code"), code_after = score(after, "code");
+  const double code_before = score(base, "code-heldout"), code_after = score(after, "code-heldout");
   EXPECT_LT(std::abs(verse_after - verse_before), 0.02)
       << "the base domain drifted: " << verse_before << " -> " << verse_after;
   EXPECT_LT(code_after, code_before - 0.3) << "the branch did not learn its domain";
@@ -275,8 +277,27 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   ASSERT_NO_FATAL_FAILURE(peerd.Start());
   json again = peerd.CtlJson("eval run --label 'after restart'");
   EXPECT_EQ(score(again, "verse"), verse_after);
-  EXPECT_EQ(score(again, "code"), code_after);
+  EXPECT_EQ(score(again, "code-heldout"), code_after);
+  json report = peerd.CtlJson("eval report");
+  EXPECT_EQ(report["trainedSincePrevious"], json::array({"verse", "code", ""})) << report.dump();
+  EXPECT_EQ(report["trainedAt"].value("code-heldout", -2), 1) << report.dump();
+  EXPECT_EQ(report["trainedAt"].value("verse", -2), 0) << report.dump();
+  EXPECT_TRUE(report["forgetting"].contains("code-heldout")) << report.dump();
   json restored = peerd.CtlJson("status");
+  // The training history outlived the kill: every step to the restored checkpoint, once each.
+  json history = peerd.CtlJson("history --limit 10000");
+  uint64_t next_step = 1;
+  for (const auto& p : history["steps"]) {
+    ASSERT_EQ(U(p, "step"), next_step) << p.dump();
+    next_step += p.value("steps", 0);
+    EXPECT_GT(p.value("loss", 0.0), 0) << p.dump();
+    EXPECT_GT(p.value("tokensPerSecond", 0.0), 0) << p.dump();
+  }
+  EXPECT_GE(next_step, U(restored, "lastCheckpointStep") + 1) << history.dump().substr(0, 2000);
+  EXPECT_GT(U(restored, "lastCheckpointStep"), 10u);
+  EXPECT_EQ(history["evals"].size(), 3u);
+  ShellResult bad_limit = peerd.Ctl("history --limit 0");
+  EXPECT_NE(bad_limit.out.find("limit must be 1 to 10000, got '0'"), std::string::npos) << bad_limit.out;
   EXPECT_EQ(restored["routing"]["baseSegments"], json::array({0})) << restored.dump();
   EXPECT_EQ(restored["routing"].value("trainingBranch", json()).dump(), "\"-1\"") << "the branch was frozen";
   EXPECT_NE(restored.value("state", "").find("waiting for a segment"), std::string::npos) << restored.dump();
@@ -622,7 +643,7 @@ TEST(Service, AnExportLoadsInPyTorchScoresAsPeerdDoesAndStartsANewDataDirectory)
   EXPECT_EQ(manifest["frozen"][0].value("dtype", ""), "ROW_DTYPE_BF16");
   EXPECT_EQ(manifest["frozen"][0]["checksum"], Segment(peerd.CtlJson("status"), 0)["checksum"]);
 
-  for (const std::string& text : {"heldout.txt", "code.txt"})
+  for (const char* text : {"heldout.txt", "code.txt"})
     ExpectTheExportScoresAsPeerd(peerd, dir + "/export", dir + "/" + text);
 
   // peerd --import starts a new data directory from the export: the same model (its scores), the
@@ -632,7 +653,7 @@ TEST(Service, AnExportLoadsInPyTorchScoresAsPeerdDoesAndStartsANewDataDirectory)
   PeerdProcess second(dir2);
   ASSERT_NO_FATAL_FAILURE(second.Start("--import " + dir + "/export"));
   ASSERT_EQ(second.Ctl("pause").code, 0);
-  for (const std::string& text : {"heldout.txt", "code.txt"}) {
+  for (const char* text : {"heldout.txt", "code.txt"}) {
     const json a = peerd.CtlJson("score --log-probs < " + dir + "/" + text);
     const json b = second.CtlJson("score --log-probs < " + dir + "/" + text);
     ASSERT_EQ(a["logProbs"].size(), b["logProbs"].size());

@@ -241,7 +241,7 @@ TEST(TrainingLoop, ScoringATextChangesNothingAndScoresAsItsEvaluationDoes) {
 
   // Deleting the task takes its text and its column of the rows; the row stays.
   ASSERT_TRUE(l.loop->DeleteTask("held").ok());
-  std::vector<std::pair<std::string, std::string>> tasks;
+  std::vector<HeldOutTask> tasks;
   ASSERT_TRUE(l.loop->tasks().Tasks(&tasks).ok());
   EXPECT_TRUE(tasks.empty());
   ASSERT_TRUE(l.loop->tasks().Rows(&rows).ok());

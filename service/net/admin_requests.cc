@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cfloat>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 
@@ -103,7 +104,39 @@ bool ParseTask(std::string_view body, AdminRequest* request, AdminError* error) 
   if (r.text().empty() && r.path().empty())
     return Fail(error, kBadRequest, "give the task's held-out text (\"text\") or a file under --task-root (\"path\")");
   if (r.path().find('\0') != std::string::npos) return Fail(error, kBadRequest, "task path contains a NUL byte");
-  *request = admin::AddTask{r.name(), r.text(), r.path()};
+  if (!r.measures().empty() && !wire::ValidTaskName(r.measures()))
+    return Fail(error, kBadRequest,
+                "measures must name an ingest task (peer-ingest --task): 1-64 characters of A-Z a-z 0-9 _ . -, got " +
+                    Quote(r.measures()));
+  *request = admin::AddTask{r.name(), r.text(), r.path(), r.measures()};
+  return true;
+}
+
+// "?since=N&limit=M" of GET /v1/history: whole numbers, each at most once, nothing else.
+bool ParseHistory(std::string_view query, AdminRequest* request, AdminError* error) {
+  admin::History h;
+  bool seen_since = false, seen_limit = false;
+  while (!query.empty()) {
+    const std::string_view pair = query.substr(0, query.find('&'));
+    query = pair.size() < query.size() ? query.substr(pair.size() + 1) : std::string_view();
+    if (pair.empty()) continue;
+    const size_t eq = pair.find('=');
+    const std::string_view name = pair.substr(0, eq), value = eq == std::string_view::npos ? "" : pair.substr(eq + 1);
+    bool* seen = name == "since" ? &seen_since : name == "limit" ? &seen_limit : nullptr;
+    if (!seen) return Fail(error, kBadRequest, "GET /v1/history takes since=STEP and limit=N, got " + Quote(name));
+    if (*seen) return Fail(error, kBadRequest, "GET /v1/history: " + std::string(name) + " given twice");
+    *seen = true;
+    uint64_t n = 0;
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+    const bool digits = !value.empty() && value[0] != '-' && ec == std::errc() && end == value.data() + value.size();
+    if (!digits || (name == "limit" && (n == 0 || n > kMaxHistoryPoints)))
+      return Fail(error, kBadRequest,
+                  name == "since"
+                      ? "since must be a step (a whole number), got " + Quote(value)
+                      : "limit must be 1 to " + std::to_string(kMaxHistoryPoints) + ", got " + Quote(value));
+    (name == "since" ? h.since : h.limit) = n;
+  }
+  *request = h;
   return true;
 }
 
@@ -151,6 +184,7 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
                 "request target is " + std::to_string(target.size()) + " bytes; the limit is " +
                     std::to_string(kMaxTargetBytes) + " (see README: admin API)");
   const std::string_view path = target.substr(0, target.find('?'));
+  const std::string_view query = path.size() < target.size() ? target.substr(path.size() + 1) : std::string_view();
   const bool get = method == "GET", post = method == "POST", put = method == "PUT";
 
   // The routes; a known path with another method is 405 below.
@@ -250,16 +284,41 @@ bool ParseAdminRequest(std::string_view method, std::string_view target, std::st
   }
   if (path == "/metrics" && get) return *request = admin::Metrics{}, true;
   if (path == "/v1/export" && get) return *request = admin::Export{}, true;
+  if (path == "/v1/history" && get) return ParseHistory(query, request, error);
 
   bool known = freeze_path || task_path;
-  for (std::string_view route :
-       {"/v1/status", "/v1/segments", "/v1/tasks", "/v1/eval", "/v1/checkpoint", "/v1/train/pause", "/v1/train/resume",
-        "/v1/policy", "/metrics", "/v1/score", "/v1/generate"})
-    known |= path == route;
+  for (const AdminRoute& route : AdminRoutes()) known |= path == route.path;
   if (known)
     return Fail(error, kMethodNotAllowed,
                 ClipForMessage(method, 32) + " is not allowed on " + ClipForMessage(path, 128));
   return Fail(error, kNotFound, "no route " + ClipForMessage(path, 128) + " (see README: admin API)");
+}
+
+const std::vector<AdminRoute>& AdminRoutes() {
+  static const std::vector<AdminRoute> routes = {
+      {"GET", "/v1/status"},
+      {"GET", "/v1/segments"},
+      {"POST", "/v1/segments"},
+      {"POST", "/v1/segments/{id}/freeze"},
+      {"GET", "/v1/tasks"},
+      {"POST", "/v1/tasks"},
+      {"DELETE", "/v1/tasks/{name}"},
+      {"POST", "/v1/eval"},
+      {"GET", "/v1/eval"},
+      {"GET", "/v1/history"},
+      {"POST", "/v1/score"},
+      {"POST", "/v1/generate"},
+      {"GET", "/v1/export"},
+      {"POST", "/v1/checkpoint"},
+      {"POST", "/v1/train/pause"},
+      {"POST", "/v1/train/resume"},
+      {"GET", "/v1/policy"},
+      {"PUT", "/v1/policy"},
+      {"GET", "/metrics"},
+      {"GET", "/healthz"},
+      {"GET", "/readyz"},
+  };
+  return routes;
 }
 
 namespace {

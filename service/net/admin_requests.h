@@ -8,7 +8,8 @@
 // so a 60 MB field cannot come back in an error or fill the log.
 //
 // The catalogue of refusals (README: "Admin API: bad input"):
-//   400  body not a JSON object, invalid JSON, unknown field, wrong type, integer out of range,
+//   400  a query parameter GET /v1/history does not take, or a bad since= or limit=; body not a JSON object, invalid
+//   JSON, unknown field, wrong type, integer out of range,
 //        nKeys outside [1, 65536], bad dtype, bad task name, text and path both or neither,
 //        a non-finite or out-of-range policy number, a bad eval label, a bad segment id,
 //        a text to score under 2 bytes or over kMaxScoreBytes; a prompt empty or over
@@ -51,6 +52,8 @@ inline constexpr size_t kMaxScoreBytes = size_t{1} << 20;
 // Longest prompt POST /v1/generate takes, and most tokens it generates in one request.
 inline constexpr size_t kMaxPromptBytes = size_t{1} << 16;
 inline constexpr uint32_t kMaxGenerateTokens = 4096;
+// Most training-history points GET /v1/history returns at once (limit=); 2000 when not given.
+inline constexpr uint64_t kMaxHistoryPoints = 10000;
 // The largest sub-key count a segment may have per half (it holds nKeys² experts); the same bound
 // as the configuration's model.peer.nKeys.
 inline constexpr uint32_t kMaxSegmentKeys = 65536;
@@ -72,6 +75,7 @@ struct AddTask {
   std::string name;
   std::string text;  // exactly one of text and path is non-empty
   std::string path;
+  std::string measures;  // the ingest task it measures ("": its own name)
 };
 struct ListTasks {};
 struct DeleteTask {
@@ -85,6 +89,10 @@ struct Generate {
   GenerateRequest request;  // checked: every field in range
 };
 struct Export {};
+struct History {
+  uint64_t since = 0;  // points after this step
+  uint64_t limit = 2000;
+};
 struct RunEval {
   std::string label;
 };
@@ -100,14 +108,23 @@ struct SetPolicy {
 struct Metrics {};
 }  // namespace admin
 
-using AdminRequest = std::variant<admin::GetStatus, admin::ListSegments, admin::AddSegments, admin::FreezeSegment,
-                                  admin::AddTask, admin::ListTasks, admin::DeleteTask, admin::RunEval,
-                                  admin::EvalReport, admin::Checkpoint, admin::SetPaused, admin::GetPolicy,
-                                  admin::SetPolicy, admin::Metrics, admin::Score, admin::Generate, admin::Export>;
+using AdminRequest =
+    std::variant<admin::GetStatus, admin::ListSegments, admin::AddSegments, admin::FreezeSegment, admin::AddTask,
+                 admin::ListTasks, admin::DeleteTask, admin::RunEval, admin::EvalReport, admin::Checkpoint,
+                 admin::SetPaused, admin::GetPolicy, admin::SetPolicy, admin::Metrics, admin::Score, admin::Generate,
+                 admin::Export, admin::History>;
 
-// Parses one request: `method` as sent ("GET"), `target` the request target (a query string is
-// ignored), `body` the raw body (empty or whitespace = every field omitted). Returns true and sets
-// *request, or returns false and sets *error. Never throws; any input is safe.
+// Every route of the admin API: its method and path ("{id}" stands for a segment id, "{name}"
+// for a task name). docs/openapi.json documents exactly these (tests/admin_requests_test.cc).
+struct AdminRoute {
+  const char* method;
+  const char* path;
+};
+const std::vector<AdminRoute>& AdminRoutes();
+
+// Parses one request: `method` as sent ("GET"), `target` the request target (its query string is
+// read by GET /v1/history and ignored elsewhere), `body` the raw body (empty or whitespace = every field omitted).
+// Returns true and sets *request, or returns false and sets *error. Never throws; any input is safe.
 bool ParseAdminRequest(std::string_view method, std::string_view target, std::string_view body, AdminRequest* request,
                        AdminError* error);
 
