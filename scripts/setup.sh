@@ -14,6 +14,7 @@ packages=(
   libgtest-dev libgmock-dev
   libcli11-dev libxxhash-dev nlohmann-json3-dev libspdlog-dev
   python3 python3-torch               # runs peer_ref.py, the external PyTorch reference of `peer-bench layer`
+  python3-prometheus-client           # the tests read GET /metrics with the Prometheus project's own parser
   clang libclang-rt-14-dev            # the libFuzzer fuzzers (scripts/fuzz.sh): clang++, libclang_rt.fuzzer
   bible-kjv                           # the demo's and tests' first real text (scripts/corpora.sh)
 )

@@ -251,19 +251,21 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
             return Ok(loop->GetPolicy());
           },
           [&](const admin::Metrics&) {
-            std::string text = loop->Metrics();
+            PrometheusText m;
+            loop->Metrics(&m);
             if (data) {
-              DataServerStats d = data->stats();
-              text += "# TYPE peerd_ingest_documents_total counter\npeerd_ingest_documents_total " +
-                      std::to_string(d.documents) + "\n";
-              text +=
-                  "# TYPE peerd_ingest_acks_total counter\npeerd_ingest_acks_total " + std::to_string(d.acks) + "\n";
-              text += "# TYPE peerd_ingest_errors_total counter\npeerd_ingest_errors_total " +
-                      std::to_string(d.errors) + "\n";
+              const DataServerStats d = data->stats();
+              m.Counter("peerd_ingest_connections_total", "Data-port connections accepted.", double(d.connections));
+              m.Counter("peerd_ingest_documents_total", "Documents received on the data port.", double(d.documents));
+              m.Counter("peerd_ingest_acks_total", "Acknowledgements sent on the data port.", double(d.acks));
+              m.Counter("peerd_ingest_errors_total", "Data-port errors answered to clients.", double(d.errors));
+              m.Gauge("peerd_ingest_open_connections", "Data-port connections open now.", double(d.open_connections));
             }
-            text += "# TYPE peerd_admin_request_errors_total counter\npeerd_admin_request_errors_total " +
-                    std::to_string(request_errors.load()) + "\n";
-            return Reply{http::status::ok, text, "text/plain; version=0.0.4"};
+            m.Counter("peerd_admin_requests_total", "Admin API requests answered (the probes included).",
+                      double(requests.load()));
+            m.Counter("peerd_admin_request_errors_total", "Admin API requests answered with an error.",
+                      double(request_errors.load()));
+            return Reply{http::status::ok, m.text(), "text/plain; version=0.0.4"};
           },
       },
       request);

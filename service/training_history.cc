@@ -24,8 +24,8 @@ uint64_t StepOf(const rocksdb::Slice& key) {
   return step;
 }
 
-constexpr size_t kPrefixBytes = 8;                // "history/"
-constexpr uint32_t kMaxLevels = 16;               // 4096 · 16^15 steps: more than any service lives
+constexpr size_t kPrefixBytes = 8;   // "history/"
+constexpr uint32_t kMaxLevels = 16;  // 4096 · 16^15 steps: more than any service lives
 constexpr size_t kKeyBytes = kPrefixBytes + 1 + 8;
 
 }  // namespace
@@ -89,7 +89,8 @@ Status TrainingHistory::Flush() {
   std::lock_guard<std::mutex> lock(mu_);
   if (!pending_.empty()) {
     rocksdb::WriteBatch batch;
-    for (const HistoryPoint& p : pending_) batch.Put(db_->family(Family::kEvals), Key(0, p.step()), p.SerializeAsString());
+    for (const HistoryPoint& p : pending_)
+      batch.Put(db_->family(Family::kEvals), Key(0, p.step()), p.SerializeAsString());
     if (Status st = db_->SyncedWrite(&batch, "recording the training history"); !st.ok()) return st;
     count_[0] += pending_.size();
     pending_.clear();
@@ -150,7 +151,8 @@ Status TrainingHistory::Read(uint64_t since, size_t limit, std::vector<HistoryPo
   if (Status st = FromRocks(it->status(), "reading the training history"); !st.ok()) return st;
   for (const HistoryPoint& p : pending_)
     if (p.step() > since) all.push_back(p);
-  std::stable_sort(all.begin(), all.end(), [](const HistoryPoint& a, const HistoryPoint& b) { return a.step() < b.step(); });
+  std::stable_sort(all.begin(), all.end(),
+                   [](const HistoryPoint& a, const HistoryPoint& b) { return a.step() < b.step(); });
   if (all.size() > limit) {
     all.resize(limit);
     *more = true;

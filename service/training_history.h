@@ -52,7 +52,7 @@ class TrainingHistory {
   std::shared_ptr<DataDirDb> db_;
   HistoryOptions options_;
   mutable std::mutex mu_;
-  std::vector<HistoryPoint> pending_;  // guarded by mu_
+  std::vector<HistoryPoint> pending_;   // guarded by mu_
   std::map<uint32_t, uint64_t> count_;  // records per level; guarded by mu_
 };
 

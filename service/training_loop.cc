@@ -383,6 +383,7 @@ void TrainingLoop::RecordStep(const torch::Tensor& batch, int64_t replayed, cons
   const double secs = std::chrono::duration<double>(Clock::now() - run->window_start).count();
   std::lock_guard<std::mutex> lock(mu_);  // Snapshot() reads tokens_trained_ under it
   tokens_trained_ += tokens;
+  step_seconds_.Observe(seconds);
   snapshot_.set_state("training");
   snapshot_.set_step(trainer_->step());
   snapshot_.set_learning_rate(trainer_->NextLearningRate());
@@ -937,6 +938,20 @@ StatusReply TrainingLoop::Snapshot() {
   return r;
 }
 
-std::string TrainingLoop::Metrics() { return TrainingMetricsText(Snapshot(), pool_->cache_stats()); }
+void TrainingLoop::Metrics(PrometheusText* out) {
+  TrainingMetrics m;
+  m.status = Snapshot();
+  m.cache = pool_->cache_stats();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    m.step_seconds = step_seconds_;
+  }
+  std::vector<EvalRow> rows;
+  if (Status st = tasks_.Rows(&rows); st.ok())
+    m.report = ComputeForgetting(rows);
+  else
+    spdlog::warn("metrics without the evaluation rows: {}", st.ToString());
+  WriteTrainingMetrics(m, out);
+}
 
 }  // namespace peerd

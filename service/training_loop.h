@@ -41,6 +41,7 @@
 #include "service/checkpoint.h"
 #include "service/expert_pool_store.h"
 #include "service/export.h"
+#include "service/metrics_text.h"
 #include "service/net/spool.h"
 #include "service/rank_coordinator.h"
 #include "service/routed_training.h"
@@ -122,8 +123,8 @@ class TrainingLoop {
   // The training history (service/training_history.h) after step `since`, at most `limit` points,
   // with the evaluation rows after it.
   Status History(uint64_t since, size_t limit, HistoryReply* reply);
-  // Prometheus text for the training side.
-  std::string Metrics();
+  // The training side of GET /metrics.
+  void Metrics(PrometheusText* out);
   // Why training stopped after losing a rank ("" while the ranks are all there).
   std::string lost_rank_reason() { return ranks_.lost_reason(); }
 
@@ -210,6 +211,7 @@ class TrainingLoop {
   StatusReply snapshot_;
   SegmentsReply segments_snapshot_;
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;  // written on the trainer thread under mu_
+  StepTimeHistogram step_seconds_;                          // likewise
   std::string checkpoint_error_;                            // guarded by mu_
   std::string training_error_;                              // guarded by mu_
   // Time in the collectives of training steps (command, batch, gradients, loss) since start.

@@ -142,6 +142,25 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   for (const auto& seg : scored["segments"]) share += seg.value("share", 0.0);
   EXPECT_NEAR(share, 1.0, 1e-9) << scored.dump();
   EXPECT_EQ(peerd.CtlJson("eval report")["rows"].size(), 1u);
+  // GET /metrics follows Prometheus' conventions (the Prometheus client's parser reads it) and
+  // says what the API says.
+  ShellResult metrics = Sh("/usr/bin/python3 " + std::string(PEERD_SOURCE_DIR) + "/tests/check_metrics.py 127.0.0.1:" +
+                           peerd.admin_port() + " " + peerd.data_dir() + "/admin.token");
+  ASSERT_EQ(metrics.code, 0) << metrics.out;
+  const json scraped = json::parse(metrics.out, nullptr, false);
+  ASSERT_TRUE(scraped.is_object()) << metrics.out;
+  const json& sample = scraped["samples"];
+  EXPECT_NEAR(sample.value("peerd_task_bits_per_byte{task=kjv}", 0.0), row["bitsPerByte"][0].get<double>(), 1e-6);
+  EXPECT_GE(sample.value("peerd_training_steps_total", 0.0), 20.0);
+  EXPECT_EQ(sample.value("peerd_training_step_seconds_count", 0.0), sample.value("peerd_training_steps_total", -1.0))
+      << "every step since start is in the histogram (none before a restart)";
+  EXPECT_EQ(sample.value("peerd_segments{state=frozen}", 0.0), 1.0);
+  EXPECT_EQ(sample.value("peerd_ingest_documents_total", 0.0), double(documents));
+  EXPECT_EQ(sample.value("peerd_training_paused", 0.0), 1.0);
+  for (const char* name : {"peerd_row_cache_hits_total", "peerd_row_cache_misses_total", "peerd_spool_backlog_bytes",
+                           "peerd_eval_acc_bits_per_byte", "peerd_admin_request_errors_total"})
+    EXPECT_TRUE(sample.contains(name)) << name << " missing: " << metrics.out;
+  EXPECT_EQ(scraped["types"].value("peerd_training_step_seconds", ""), "histogram");
   ShellResult human = peerd.Ctl("score 'In the beginning God created the heaven and the earth.'");
   EXPECT_EQ(human.code, 0) << human.out;
   EXPECT_NE(human.out.find("bits/byte"), std::string::npos) << human.out;

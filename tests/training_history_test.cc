@@ -2,8 +2,8 @@
 // covered exactly once with its means kept, and what a restart rolls back dropped.
 #include <gtest/gtest.h>
 
-#include <cmath>
 #include <unistd.h>
+#include <cmath>
 
 #include <filesystem>
 
