@@ -7,6 +7,7 @@
 //   peer-bench forgetting [--help]  six continual-learning policies on a sequence of domains
 //   peer-bench scaling [--help]   data-parallel tokens/s with 1, 2, 4 ranks (peer-train processes)
 //   peer-bench generate [--help]  generation tokens/s with and without the key/value cache
+//   peer-bench --version
 #include <cstdio>
 #include <cstring>
 
@@ -18,28 +19,54 @@
 #include "bench/store_bench.h"
 #include "core/runtime.h"
 
+#include <CLI/CLI.hpp>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
 int main(int argc, char** argv) {
   peerd::ReexecWithTunedEnvironment(argv);
-  if (argc >= 2 && std::strcmp(argv[1], "layer") == 0) return peerd::bench::LayerBench(argc - 1, argv + 1);
-  if (argc >= 2 && std::strcmp(argv[1], "ingest") == 0) return peerd::bench::IngestBench(argc - 1, argv + 1);
-  if (argc >= 2 && std::strcmp(argv[1], "forgetting") == 0) return peerd::bench::ForgettingBench(argc - 1, argv + 1);
-  if (argc >= 2 && std::strcmp(argv[1], "store") == 0) return peerd::bench::StoreBench(argc - 1, argv + 1);
-  if (argc >= 2 && std::strcmp(argv[1], "scaling") == 0) return peerd::bench::ScalingBench(argc - 1, argv + 1);
-  if (argc >= 2 && std::strcmp(argv[1], "generate") == 0) return peerd::bench::GenerateBench(argc - 1, argv + 1);
-  if (argc >= 2 && std::strcmp(argv[1], "layer-run") == 0) return peerd::bench::LayerRun(argc - 1, argv + 1);
-  std::fprintf(stderr,
-               "usage: peer-bench layer|store|ingest|forgetting|scaling|generate [--help]\n"
-               "  layer   PEER layer forward+backward tokens/s and peak memory, side by side with a\n"
-               "          dense FFN of equal active parameters and an external PyTorch reference\n"
-               "          script (peer_ref.py, --ref-script)\n"
-               "  store   expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert\n"
-               "  ingest  data port MB/s acked (1 and 8 clients; 8 beside misbehaving ones); service\n"
-               "          training vs bare trainer\n"
-               "  forgetting  dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed on a base\n"
-               "          phase and a sequence of text domains: matrix, forgetting, BWT, ACC, plasticity\n"
-               "  scaling data-parallel training: tokens/s and collective time per step for 1, 2, 4 ranks\n"
-               "          of one thread each, beside one process with as many threads\n"
-               "  generate  generation tokens/s with and without the key/value cache at a few prompt\n"
-               "          lengths (greedy: both must produce the same text)\n");
+  using Bench = int (*)(int, char**);
+  // Each bench parses its own flags (peer-bench BENCH --help): the top level only picks it.
+  const std::vector<std::tuple<const char*, Bench, const char*>> benches = {
+      {"layer", peerd::bench::LayerBench,
+       "PEER layer forward+backward tokens/s and peak memory, beside a dense FFN of equal active parameters and an "
+       "external PyTorch reference (peer_ref.py, --ref-script)"},
+      {"store", peerd::bench::StoreBench,
+       "expert store: freeze MB/s, cold open vs cat, cached reads, bytes per expert"},
+      {"ingest", peerd::bench::IngestBench,
+       "data port MB/s acked (1 and 8 clients; 8 beside misbehaving ones); service training vs bare trainer"},
+      {"forgetting", peerd::bench::ForgettingBench,
+       "dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed on a base phase and a sequence of text "
+       "domains: matrix, forgetting, BWT, ACC, plasticity"},
+      {"scaling", peerd::bench::ScalingBench,
+       "data-parallel training: tokens/s and collective time per step for 1, 2, 4 ranks of one thread, beside one "
+       "process with as many threads"},
+      {"generate", peerd::bench::GenerateBench,
+       "generation tokens/s with and without the key/value cache at a few prompt lengths (greedy: the same text)"},
+      {"layer-run", peerd::bench::LayerRun, "one layer configuration, one JSON line (what `layer` runs per process)"},
+  };
+  CLI::App app{"peer-bench: benchmarks that print a table and write JSON (see bench/*.md)"};
+  app.set_version_flag("--version", std::string("peer-bench ") + PEERD_VERSION);
+  app.require_subcommand(1);
+  for (const auto& [name, bench, what] : benches)
+    app.add_subcommand(name, what)->prefix_command()->set_help_flag();  // its --help is the bench's
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
+  const CLI::App* chosen = app.get_subcommands()[0];
+  // argv for the bench: "peer-bench NAME" (its usage line), then everything after it as given.
+  std::vector<std::string> rest = chosen->remaining();
+  const std::string name = chosen->get_name();
+  std::string program = "peer-bench " + name;
+  std::vector<char*> args = {program.data()};
+  for (std::string& a : rest) args.push_back(a.data());
+  args.push_back(nullptr);
+  for (const auto& [bench_name, bench, what] : benches)
+    if (name == bench_name) return bench(static_cast<int>(args.size() - 1), args.data());
   return 2;
 }

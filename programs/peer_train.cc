@@ -60,6 +60,7 @@ Status DumpParameters(TransformerLM& model, const std::string& path) {
 int main(int argc, char** argv) {
   peerd::ReexecWithTunedEnvironment(argv);
   CLI::App app{"peer-train: train the PEER byte-level LM on a corpus, report held-out bits/byte"};
+  app.set_version_flag("--version", std::string("peer-train ") + PEERD_VERSION);
   std::string config_path, corpus = "data/corpora/kjv";
   uint32_t steps = 0, threads = 0;
   int64_t grow_at = 0;

@@ -1,9 +1,11 @@
 // peerctl: a thin client of peerd's admin API — tables for people, --json for scripts.
 //
-//   peerctl [--admin 127.0.0.1:7071] [--token-file peerd-data/admin.token] [--json] COMMAND
+//   peerctl [--admin 127.0.0.1:7071] [--token-file peerd-data/admin.token] [--json] [--version] COMMAND
+//     (--admin and --token-file default to $PEERD_ADMIN and $PEERD_TOKEN_FILE when set)
 //     status | segments [list | add [--layer L] [--n-keys N] | freeze ID [--layer L] [--dtype bf16|fp32]]
 //     tasks [list | add NAME FILE [--measures INGEST_TASK] | delete NAME] | eval [run [--label L] | report]
 //     history [--since STEP] [--limit N] | checkpoint | pause | resume
+//     wait trained [--timeout S]           (exit 0: trained; 3: the timeout ran out; 1: paused or stopped)
 //     score [TEXT | -] [--log-probs]       (no TEXT or -: stdin)
 //     export DIR                           (DIR/model.safetensors, DIR/config.json)
 //     generate [PROMPT | -] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -18,9 +20,11 @@
 #include <boost/beast/http.hpp>
 
 #include <google/protobuf/util/json_util.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
@@ -32,6 +36,7 @@
 #include <limits>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include "core/host_port.h"
 #include "proto/admin.pb.h"
@@ -389,42 +394,128 @@ int Export(Client& client, const std::string& dir, const std::string& admin) {
   return 0;
 }
 
+// peerctl wait trained: polls the status until the spool's backlog is shorter than one training
+// window (what is left waits for more text), with progress, percent and ETA on stderr. Exits 0
+// when trained, kWaitTimedOut when --timeout ran out first, 1 when training is paused or stopped.
+constexpr int kWaitTimedOut = 3;
+int WaitTrained(Client& client, const std::string& admin, double timeout_seconds) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  const bool tty = isatty(STDERR_FILENO);
+  uint64_t first_backlog = 0;
+  auto last_said = start - std::chrono::hours(1);
+  for (bool first = true;; first = false) {
+    std::pair<int, std::string> res;
+    try {
+      res = client.Call(http::verb::get, "/v1/status");
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
+      return 1;
+    }
+    peerd::StatusReply s;
+    if (res.first != 200 || !Parse(res.second, &s)) {
+      std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
+      return 1;
+    }
+    const uint64_t backlog = s.spool_backlog_bytes();
+    if (first) first_backlog = std::max<uint64_t>(backlog, 1);
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    if (backlog <= s.context()) {
+      if (tty) std::fprintf(stderr, "\n");
+      std::printf("trained: backlog %llu bytes (under one window of %u) after %.0f s, step %llu\n",
+                  static_cast<unsigned long long>(backlog), s.context() + 1, elapsed,
+                  static_cast<unsigned long long>(s.step()));
+      return 0;
+    }
+    if (!s.training_error().empty() || s.paused()) {
+      std::fprintf(stderr, "%speerctl: training is %s with %llu bytes left: %s\n", tty ? "\n" : "",
+                   s.paused() && s.training_error().empty() ? "paused" : "stopped",
+                   static_cast<unsigned long long>(backlog),
+                   s.training_error().empty() ? "peerctl resume" : s.training_error().c_str());
+      return 1;
+    }
+    if (timeout_seconds > 0 && elapsed > timeout_seconds) {
+      std::fprintf(stderr, "%speerctl: %llu bytes still untrained after %.0f s (--timeout)\n", tty ? "\n" : "",
+                   static_cast<unsigned long long>(backlog), elapsed);
+      return kWaitTimedOut;
+    }
+    // Progress: on a terminal a line redrawn each poll; otherwise a line every 10 s.
+    const double done = first_backlog > backlog ? double(first_backlog - backlog) / first_backlog : 0;
+    if (tty || Clock::now() - last_said > std::chrono::seconds(10)) {
+      std::string eta = "?";
+      if (done > 0.01) {
+        const double left = elapsed * (1 - done) / done;
+        eta = std::to_string(static_cast<long>(left) / 60) + "m" + std::to_string(static_cast<long>(left) % 60) + "s";
+      }
+      std::fprintf(stderr, "%speerctl: %5.1f%% of the backlog trained, %llu bytes left, %.0f tokens/s, ETA %s%s",
+                   tty ? "\r" : "", 100 * done, static_cast<unsigned long long>(backlog), s.tokens_per_second(),
+                   eta.c_str(), tty ? "   " : "\n");
+      last_said = Clock::now();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"peerctl: steer a running peerd"};
+  app.set_version_flag("--version", std::string("peerctl ") + PEERD_VERSION);
   std::string admin = "127.0.0.1:7071", token_file = "peerd-data/admin.token";
   bool as_json = false;
-  app.add_option("--admin", admin, "peerd's admin API")->capture_default_str();
-  app.add_option("--token-file", token_file, "file holding the admin token")->capture_default_str();
+  app.add_option("--admin", admin, "peerd's admin API")->capture_default_str()->envname("PEERD_ADMIN");
+  app.add_option("--token-file", token_file, "file holding the admin token")
+      ->capture_default_str()
+      ->envname("PEERD_TOKEN_FILE");
   app.add_flag("--json", as_json, "print the server's JSON");
   app.require_subcommand(1);
 
-  app.add_subcommand("status", "step, loss, tokens/s, spool, segments");
-  auto* segments = app.add_subcommand("segments", "list, add or freeze expert segments");
-  std::string seg_action = "list", dtype;
+  app.add_subcommand("status", "step, loss, tokens/s, spool, segments, and why anything stopped");
+
+  auto* segments = app.add_subcommand("segments", "list, add or freeze expert segments (default: list)");
+  segments->require_subcommand(0, 1);
+  segments->add_subcommand("list", "every segment of every PEER layer");
+  auto* seg_add = segments->add_subcommand("add", "a fresh training segment");
+  auto* seg_freeze = segments->add_subcommand("freeze", "freeze a training segment into the store, for ever");
+  std::string dtype;
   std::optional<uint32_t> seg_id, layer, n_keys;
-  segments->add_option("action", seg_action, "list | add | freeze");
-  segments->add_option("id", seg_id, "segment id (freeze)");
-  segments->add_option("--layer", layer, "one PEER layer (default: all)");
-  segments->add_option("--n-keys", n_keys, "sub-keys per half of a new segment");
-  segments->add_option("--dtype", dtype, "frozen rows: bf16 | fp32");
-  auto* tasks = app.add_subcommand("tasks", "list or add held-out tasks");
-  std::string task_action = "list", task_name, task_file, measures;
-  tasks->add_option("action", task_action, "list | add | delete");
-  tasks->add_option("name", task_name);
-  tasks->add_option("file", task_file, "held-out text (sent as text)");
-  tasks->add_option("--measures", measures, "the ingest task it measures (default: NAME)");
-  auto* history =
-      app.add_subcommand("history", "every step's loss, learning rate, gradient norm and speed; evaluations");
+  seg_add->add_option("--layer", layer, "one PEER layer (default: all)");
+  seg_add->add_option("--n-keys", n_keys, "sub-keys per half of the new segment (default: the configured nKeys)");
+  seg_freeze->add_option("id", seg_id, "the segment's id (peerctl segments lists them)");
+  seg_freeze->add_option("--layer", layer, "one PEER layer (default: every layer that has it training)");
+  seg_freeze->add_option("--dtype", dtype, "frozen rows: bf16 | fp32 (default: the policy's)")
+      ->check(CLI::IsMember({"bf16", "fp32"}));
+
+  auto* tasks = app.add_subcommand("tasks", "list, add or delete held-out tasks (default: list)");
+  tasks->require_subcommand(0, 1);
+  tasks->add_subcommand("list", "the held-out tasks and what they measure");
+  auto* task_add = tasks->add_subcommand("add", "register (or replace) a held-out task");
+  auto* task_delete = tasks->add_subcommand("delete", "delete a task and its column of the evaluation rows");
+  std::string task_name, task_file, measures;
+  task_add->add_option("name", task_name, "the task's name")->required();
+  task_add->add_option("file", task_file, "its held-out text (sent as text)")->required()->check(CLI::ExistingFile);
+  task_add->add_option("--measures", measures, "the ingest task it measures (default: NAME)");
+  task_delete->add_option("name", task_name, "the task's name")->required();
+
+  auto* eval = app.add_subcommand("eval", "run an evaluation, or show the forgetting report (default: report)");
+  eval->require_subcommand(0, 1);
+  auto* eval_run = eval->add_subcommand("run", "score every held-out task now and record the row");
+  eval->add_subcommand("report", "the matrix, ACC, BWT, FWT and forgetting per task");
+  std::string label;
+  eval_run->add_option("--label", label, "name of the row, e.g. 'after kjv'");
+
+  auto* history = app.add_subcommand("history", "every step's loss, learning rate, gradient norm, speed; evaluations");
   uint64_t since = 0;
   uint32_t limit = 2000;
   history->add_option("--since", since, "only steps after this one")->capture_default_str();
-  history->add_option("--limit", limit, "at most this many points (1-10000)")->capture_default_str();
-  auto* eval = app.add_subcommand("eval", "run an evaluation or show the forgetting report");
-  std::string eval_action = "report", label;
-  eval->add_option("action", eval_action, "run | report");
-  eval->add_option("--label", label, "name of the row, e.g. 'after kjv'");
+  history->add_option("--limit", limit, "at most this many points")->capture_default_str()->check(CLI::Range(1, 10000));
+
+  auto* wait = app.add_subcommand("wait", "wait until something is done: trained (the backlog is trained)");
+  auto* wait_trained = wait->add_subcommand("trained", "until the spool's backlog is under one training window");
+  wait->require_subcommand(1);
+  double timeout = 0;
+  wait_trained->add_option("--timeout", timeout, "give up after this many seconds (0: never)")->capture_default_str();
+
   auto* score = app.add_subcommand("score", "bits per byte of a text, and which segments answered (no side effect)");
   std::string score_text = "-";
   bool log_probs = false;
@@ -452,13 +543,35 @@ int main(int argc, char** argv) {
   export_cmd->add_option("dir", export_dir, "the directory to write (created if missing)")->required();
   app.add_subcommand("checkpoint", "write a checkpoint now");
   app.add_subcommand("pause", "pause training");
-  app.add_subcommand("resume", "resume training");
-  auto* policy = app.add_subcommand("policy", "show or change what trains");
-  std::string policy_action = "get";
+  app.add_subcommand("resume", "resume training (after a training error: retry)");
+  auto* policy = app.add_subcommand("policy", "show or change what trains (default: get)");
+  policy->require_subcommand(0, 1);
+  policy->add_subcommand("get", "the policy now");
+  auto* policy_set = policy->add_subcommand(
+      "set",
+      "KEY=VALUE...: trainGroups=a,b replayRatio=0.25 distillWeight=1 lr=0.001 freezeDtype=bf16 routed=true "
+      "keepTrainedText=false");
   std::vector<std::string> settings;
-  policy->add_option("action", policy_action, "get | set");
-  policy->add_option("settings", settings, "KEY=VALUE ...");
-  CLI11_PARSE(app, argc, argv);
+  policy_set->add_option("settings", settings, "KEY=VALUE ...")->required();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;  // a usage error: 2, as the other refusals before any request
+  }
+
+  const CLI::App* sub = app.get_subcommands()[0];
+  const std::string command = sub->get_name();
+  // The nested subcommand ("list", "add", ...), or the group's default.
+  const std::string action = !sub->get_subcommands().empty() ? sub->get_subcommands()[0]->get_name()
+                             : command == "eval"             ? "report"
+                             : command == "policy"           ? "get"
+                                                             : "list";
+  // No default id: freezing is for ever, and segment 0 may be one that never trained.
+  if (command == "segments" && action == "freeze" && !seg_id) {
+    std::fprintf(stderr, "peerctl: segments freeze needs the segment's id (peerctl segments lists them)\n");
+    return 2;
+  }
 
   Client client;
   uint16_t admin_port = 0;
@@ -471,13 +584,13 @@ int main(int argc, char** argv) {
     std::ifstream in(token_file);
     if (!in || !std::getline(in, client.token)) {
       std::fprintf(stderr,
-                   "peerctl: cannot read the admin token from '%s' (peerd writes DATA_DIR/admin.token; --token-file)\n",
+                   "peerctl: cannot read the admin token from '%s' (peerd writes DATA_DIR/admin.token; --token-file "
+                   "or PEERD_TOKEN_FILE)\n",
                    token_file.c_str());
       return 2;
     }
   }
 
-  const std::string command = app.get_subcommands()[0]->get_name();
   http::verb verb = http::verb::get;
   std::string target, body;
   if (command == "status")
@@ -485,29 +598,21 @@ int main(int argc, char** argv) {
   else if (command == "segments") {
     json b = json::object();
     if (layer) b["layer"] = *layer;
-    if (seg_action == "list")
+    if (action == "list")
       target = "/v1/segments";
-    else if (seg_action == "add") {
+    else if (action == "add") {
       verb = http::verb::post, target = "/v1/segments";
       if (n_keys) b["nKeys"] = *n_keys;
       body = b.dump();
-    } else if (seg_action == "freeze") {
-      // No default id: freezing is for ever, and segment 0 may be one that never trained.
-      if (!seg_id) {
-        std::fprintf(stderr, "peerctl: segments freeze needs the segment's id (peerctl segments lists them)\n");
-        return 2;
-      }
+    } else {
       verb = http::verb::post, target = "/v1/segments/" + std::to_string(*seg_id) + "/freeze";
       if (!dtype.empty()) b["dtype"] = dtype;
       body = b.dump();
-    } else {
-      std::fprintf(stderr, "peerctl: segments takes list, add or freeze ID\n");
-      return 2;
     }
   } else if (command == "tasks") {
-    if (task_action == "list")
+    if (action == "list")
       target = "/v1/tasks";
-    else if (task_action == "add" && !task_name.empty() && !task_file.empty()) {
+    else if (action == "add") {
       std::ifstream in(task_file, std::ios::binary);
       if (!in) {
         std::fprintf(stderr, "peerctl: cannot read '%s'\n", task_file.c_str());
@@ -519,11 +624,8 @@ int main(int argc, char** argv) {
       json b{{"name", task_name}, {"text", ss.str()}};
       if (!measures.empty()) b["measures"] = measures;
       body = b.dump(-1, ' ', false, json::error_handler_t::replace);
-    } else if (task_action == "delete" && !task_name.empty()) {
-      verb = http::verb::delete_, target = "/v1/tasks/" + task_name;
     } else {
-      std::fprintf(stderr, "peerctl: tasks takes list, add NAME FILE, or delete NAME\n");
-      return 2;
+      verb = http::verb::delete_, target = "/v1/tasks/" + task_name;
     }
   } else if (command == "score") {
     std::string text = score_text;
@@ -554,14 +656,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   } else if (command == "eval") {
-    if (eval_action == "report")
+    if (action == "report")
       target = "/v1/eval";
-    else if (eval_action == "run")
+    else
       verb = http::verb::post, target = "/v1/eval", body = json{{"label", label}}.dump();
-    else {
-      std::fprintf(stderr, "peerctl: eval takes run or report\n");
-      return 2;
-    }
   } else if (command == "history")
     target = "/v1/history?since=" + std::to_string(since) + "&limit=" + std::to_string(limit);
   else if (command == "checkpoint")
@@ -571,9 +669,9 @@ int main(int argc, char** argv) {
   else if (command == "resume")
     verb = http::verb::post, target = "/v1/train/resume";
   else if (command == "policy") {
-    if (policy_action == "get")
+    if (action == "get")
       target = "/v1/policy";
-    else if (policy_action == "set" && !settings.empty()) {
+    else {
       json b = json::object();
       for (const std::string& kv : settings) {
         auto eq = kv.find('=');
@@ -605,12 +703,10 @@ int main(int argc, char** argv) {
         }
       }
       verb = http::verb::put, target = "/v1/policy", body = b.dump();
-    } else {
-      std::fprintf(stderr, "peerctl: policy takes get, or set KEY=VALUE...\n");
-      return 2;
     }
   }
 
+  if (command == "wait") return WaitTrained(client, admin, timeout);
   if (command == "generate" && stream) return StreamGeneration(client, target, body, as_json, admin);
   if (command == "export") return Export(client, export_dir, admin);
   std::pair<int, std::string> res;
@@ -624,10 +720,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
     return 1;
   }
-  const std::string action = command == "segments" ? seg_action
-                             : command == "tasks"  ? task_action
-                             : command == "eval"   ? eval_action
-                                                   : "";
   if (as_json || !PrintHuman(command, action, res.second)) std::printf("%s\n", res.second.c_str());
   return 0;
 }

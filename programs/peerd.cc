@@ -45,6 +45,7 @@ bool IsLoopback(const std::string& listen) {
 int main(int argc, char** argv) {
   peerd::ReexecWithTunedEnvironment(argv);
   CLI::App app{"peerd: continual training of a PEER language model on streamed text"};
+  app.set_version_flag("--version", std::string("peerd ") + PEERD_VERSION);
   std::string data_dir = "peerd-data", config_path, data_listen = "127.0.0.1:7070", admin_listen = "127.0.0.1:7071";
   std::string log_level = "info", residency = "resident", freeze_dtype = "bf16", training_journal, import_dir;
   std::vector<std::string> task_roots;

@@ -52,15 +52,31 @@ if [ "$policy" = routed ]; then
   ctl policy set routed=true replayRatio=0 distillWeight=0 keepTrainedText=false >/dev/null
 fi
 echo "demo: policy $policy ($(ctl --json policy get | python3 -c 'import json,sys; p=json.load(sys.stdin); print("routed" if p["routed"] else "shared", "training,", "replay", p["replayRatio"], "- trained text", "kept" if p["keepTrainedText"] else "not kept")'))"
+# slice SRC KB OUT [documents]: the first KB kilobytes of SRC; with "documents", cut at its last
+# blank line (whole documents), or at its last line end when it has none. An error when that
+# leaves under min_bytes.
+min_bytes=2000
+slice() {
+  head -c $(($2 * 1000)) "$1" | python3 -c '
+import sys
+text = sys.stdin.buffer.read()
+cut = len(text)
+if sys.argv[3] == "documents":
+    cut = text.rfind(b"\n\n")
+    cut = cut + 2 if cut >= 0 else text.rfind(b"\n") + 1
+whole = " in whole lines" if sys.argv[3] else ""
+if cut < int(sys.argv[2]):
+    sys.exit(f"demo: {sys.argv[1]}: its first {len(text)} bytes give {cut} bytes of text{whole}, "
+             f"under the {sys.argv[2]} a domain needs: give more text (DEMO_SLICE_KB, DEMO_HELDOUT_KB) or another domain")
+sys.stdout.buffer.write(text[:cut])' "$1" "$min_bytes" "${4:-}" > "$3"
+}
 for d in "${domains[@]}"; do
-  head -c $((heldout_kb * 1000)) "$corpus/$d/heldout.txt" > "$out/heldout-$d.txt"
+  slice "$corpus/$d/heldout.txt" "$heldout_kb" "$out/heldout-$d.txt"
   ctl tasks add "$d" "$out/heldout-$d.txt" >/dev/null
 done
 echo "demo: peerd up ($(ctl --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["totalParameters"], "parameters,", s["activeParameters"], "active per token")')); ${#domains[@]} held-out tasks registered"
 ctl eval run --label init >/dev/null
 
-# wait_trained: until the spool's untrained backlog is less than one training window.
-backlog() { ctl --json status | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["spoolBacklogBytes"]))'; }
 start=$(date +%s)
 for i in "${!domains[@]}"; do
   d=${domains[$i]}
@@ -69,13 +85,18 @@ for i in "${!domains[@]}"; do
   else
     id=0  # the segment peerd starts with
   fi
-  # A slice of whole documents.
-  head -c $((slice_kb * 1000)) "$corpus/$d/train.txt" | python3 -c 'import sys; t=sys.stdin.read(); sys.stdout.write(t[:t.rfind("\n\n")+2])' > "$out/train-$d.txt"
+  slice "$corpus/$d/train.txt" "$slice_kb" "$out/train-$d.txt" documents
   "$build/peer-ingest" --server "127.0.0.1:$port" --task "$d" --token-file "$data/data.token" --no-resume "$out/train-$d.txt" 2>&1 | sed 's/^/  /'
-  t0=$(date +%s); next_eval=$((t0 + eval_every))
-  while [ "$(backlog)" -gt 129 ]; do
-    sleep 1
-    if [ "$(date +%s)" -ge "$next_eval" ]; then ctl eval run --label "during $d" >/dev/null; next_eval=$(( $(date +%s) + eval_every )); fi
+  # Until the backlog is trained (less than one training window left), an evaluation every
+  # eval_every seconds meanwhile: wait trained exits 3 when its --timeout runs out.
+  t0=$(date +%s)
+  for (( ; ; )); do
+    rc=0
+    ctl wait trained --timeout "$eval_every" > /dev/null 2> "$out/wait.log" || rc=$?
+    [ "$rc" -eq 0 ] && break
+    if [ "$rc" -ne 3 ]; then echo "demo: training $d stopped:"; cat "$out/wait.log"; exit 1; fi
+    ctl eval run --label "during $d" >/dev/null
+    echo "  $d: $(grep 'of the backlog trained' "$out/wait.log" | tail -n 1 | sed 's/^.*trained, //')"
   done
   ctl segments freeze "$id" >/dev/null
   ctl eval run --label "after $d" > /dev/null

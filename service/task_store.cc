@@ -20,7 +20,7 @@ std::string RowKey(uint64_t n) {
   return k;
 }
 
-constexpr double kPhaseShare = 0.02;
+constexpr double kPhaseShare = 0.1;
 
 double Score(const EvalRow& row, const std::string& task) {
   for (int i = 0; i < row.tasks_size(); ++i)
@@ -117,11 +117,19 @@ ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows) {
     auto it = m.find(task);
     return it == m.end() ? 0 : it->second;
   };
-  // Row i trained task X when X's count grew since row i − 1 by at least kPhaseShare of what it is
-  // at row i: the tail of a batch that trained after an evaluation does not move X's phase.
-  auto grew = [&](size_t i, const std::string& task) {
+  // Row i trained task X when X is at least kPhaseShare of the fresh text trained since row i − 1:
+  // the tail of a batch that trained after an evaluation does not move X's phase, and the last
+  // stretch of a phase counts however short it is.
+  auto growth = [&](size_t i, const std::string& task) {
     const uint64_t now = trained(i, task), before = i == 0 ? 0 : trained(i - 1, task);
-    return now > before && double(now - before) >= kPhaseShare * double(now);
+    return now > before ? now - before : 0;
+  };
+  std::vector<uint64_t> interval_total(rows.size(), 0);
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (const auto& [task, tokens] : rows[i].trained_tokens()) interval_total[i] += growth(i, task);
+  auto grew = [&](size_t i, const std::string& task) {
+    const uint64_t g = growth(i, task);
+    return g > 0 && double(g) >= kPhaseShare * double(interval_total[i]);
   };
   ForgettingInput in;
   in.trained_at.assign(last.tasks_size(), -1);

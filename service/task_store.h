@@ -36,9 +36,9 @@ class TaskStore {
 
 // The continual-learning metrics of docs/DESIGN.md §4 over the history (lower bits/byte is better).
 // The phases come from each row's trained_tokens, not from labels: a task's phase ends at the last
-// row whose count of its ingest task grew (by 2 % or more of that count: a batch's tail trained
-// after an evaluation is not a phase), and the initial row is the last one before any ingest task
-// measured by the final row's columns was trained.
+// row for which its ingest task was 10 % or more of the fresh text trained since the row before (a
+// batch's tail trained after an evaluation is not a phase), and the initial row is the last one
+// before any ingest task measured by the final row's columns was trained.
 ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows);
 
 }  // namespace peerd

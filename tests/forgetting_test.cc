@@ -95,6 +95,9 @@ TEST(ForgettingMetrics, ServiceReportTakesPhasesFromTheSpoolRecordNotFromLabels)
   // trains while B does (the tail of a batch after A's evaluation): not a phase of A.
   std::vector<EvalRow> rows =
       ServiceRows({{0, 0, 0}, {100, 0, 0}, {101, 50, 0}, {101, 50, 70}}, {"first", "after C", "x", "init"});
+  // The last stretch of C is short but all that trained then: it is C's phase that ends there.
+  rows.push_back(rows.back());
+  (*rows.back().mutable_trained_tokens())["C"] = 71;
   // An evaluation while B trains (B half done): a candidate minimum, not the end of B's phase.
   EvalRow during = rows[2];
   during.set_label("during B");
@@ -111,13 +114,14 @@ TEST(ForgettingMetrics, ServiceReportTakesPhasesFromTheSpoolRecordNotFromLabels)
   EXPECT_EQ(report.init(), 0);
   EXPECT_EQ(report.trained_at().at("a-heldout"), 1);
   EXPECT_EQ(report.trained_at().at("b-heldout"), 3);
-  EXPECT_EQ(report.trained_at().at("c-heldout"), 4);
-  ASSERT_EQ(report.trained_since_previous_size(), 5);
+  EXPECT_EQ(report.trained_at().at("c-heldout"), 5);
+  ASSERT_EQ(report.trained_since_previous_size(), 6);
   EXPECT_EQ(report.trained_since_previous(0), "");
   EXPECT_EQ(report.trained_since_previous(1), "A");
   EXPECT_EQ(report.trained_since_previous(2), "B");
   EXPECT_EQ(report.trained_since_previous(3), "B");
   EXPECT_EQ(report.trained_since_previous(4), "C");
+  EXPECT_EQ(report.trained_since_previous(5), "C");
 }
 
 TEST(ForgettingMetrics, ServiceReportSeesATaskTrainedAgainAndTextOfOtherTasks) {

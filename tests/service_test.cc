@@ -105,6 +105,10 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   EXPECT_EQ(m[1], m[2]);
   EXPECT_GT(documents, 10u);
 
+  // peerctl wait trained gives up after --timeout with exit status 3 while there is more to train.
+  ShellResult waited = peerd.Ctl("wait trained --timeout 0.2");
+  EXPECT_EQ(waited.code, 3) << waited.out;
+  EXPECT_NE(waited.out.find("still untrained after"), std::string::npos) << waited.out;
   json s = peerd.WaitFor([](const json& st) { return U(st, "step") >= 20; });
   EXPECT_EQ(U(s, "spoolDocuments"), documents);
   EXPECT_GT(s.value("recentLoss", 0.0), 0.0);
@@ -126,6 +130,9 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
 
   ASSERT_EQ(peerd.Ctl("tasks add kjv " + dir + "/heldout.txt").code, 0);
   ASSERT_EQ(peerd.Ctl("pause").code, 0);  // the evaluation and the score below see one model
+  ShellResult paused = peerd.Ctl("wait trained");
+  EXPECT_EQ(paused.code, 1) << paused.out;
+  EXPECT_NE(paused.out.find("training is paused"), std::string::npos) << paused.out;
   json row = peerd.CtlJson("eval run --label 'after kjv'");
   ASSERT_EQ(row["bitsPerByte"].size(), 1u);
   EXPECT_LT(row["bitsPerByte"][0].get<double>(), 7.5) << "the model should have learnt something";
@@ -189,8 +196,13 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   json report = peerd.CtlJson("eval report");
   EXPECT_EQ(report["rows"].size(), 1u);
 
-  // Everything acknowledged gets trained: the backlog drains to less than one window.
-  peerd.WaitFor([](const json& st) { return U(st, "spoolBacklogBytes") < 65; });
+  // Everything acknowledged gets trained: the backlog drains to less than one window, which
+  // peerctl wait trained waits for. PEERD_ADMIN and PEERD_TOKEN_FILE stand for the flags.
+  ShellResult trained = Sh("PEERD_ADMIN=127.0.0.1:" + peerd.admin_port() + " PEERD_TOKEN_FILE=" + peerd.data_dir() +
+                           "/admin.token " + PEERCTL_BIN + " wait trained --timeout 120");
+  ASSERT_EQ(trained.code, 0) << trained.out;
+  EXPECT_NE(trained.out.find("trained: backlog"), std::string::npos) << trained.out;
+  EXPECT_LT(U(peerd.CtlJson("status"), "spoolBacklogBytes"), 65u);
   ShellResult again = peerd.Ingest("kjv", dir + "/kjv.txt");
   EXPECT_EQ(again.code, 0) << again.out;
   EXPECT_NE(again.out.find(std::to_string(documents) + " skipped"), std::string::npos) << again.out;
@@ -316,7 +328,8 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   EXPECT_GT(U(restored, "lastCheckpointStep"), 10u);
   EXPECT_EQ(history["evals"].size(), 3u);
   ShellResult bad_limit = peerd.Ctl("history --limit 0");
-  EXPECT_NE(bad_limit.out.find("limit must be 1 to 10000, got '0'"), std::string::npos) << bad_limit.out;
+  EXPECT_EQ(bad_limit.code, 2) << "a usage error";
+  EXPECT_NE(bad_limit.out.find("--limit: Value 0 not in range 1 to 10000"), std::string::npos) << bad_limit.out;
   EXPECT_EQ(restored["routing"]["baseSegments"], json::array({0})) << restored.dump();
   EXPECT_EQ(restored["routing"].value("trainingBranch", json()).dump(), "\"-1\"") << "the branch was frozen";
   EXPECT_NE(restored.value("state", "").find("waiting for a segment"), std::string::npos) << restored.dump();
