@@ -8,6 +8,7 @@
 //     wait trained [--timeout S]           (exit 0: trained; 3: the timeout ran out; 1: paused or stopped)
 //     score [TEXT | -] [--log-probs]       (no TEXT or -: stdin)
 //     export DIR                           (DIR/model.safetensors, DIR/config.json)
+//     report DIR                           (DIR/report.md, heatmap.png/.svg, curves.png/.svg; needs matplotlib)
 //     generate [PROMPT | -] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 //              [--stop STRING]... [--stream]
 //     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
@@ -41,6 +42,7 @@
 #include "core/host_port.h"
 #include "proto/admin.pb.h"
 #include "proto/export.pb.h"
+#include "service/embedded_files.h"
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -394,6 +396,60 @@ int Export(Client& client, const std::string& dir, const std::string& admin) {
   return 0;
 }
 
+// peerctl report DIR: the forgetting report and the whole training history as JSON in DIR, then
+// the pictures drawn from them by scripts/report.py (compiled into peerctl) with Debian's python3
+// and matplotlib: DIR/report.md, heatmap.{png,svg}, curves.{png,svg}.
+int Report(Client& client, const std::string& dir, const std::string& admin) {
+  std::error_code fs_error;
+  std::filesystem::create_directories(dir, fs_error);
+  auto fetch = [&](const std::string& target, std::string* body) {
+    std::pair<int, std::string> res;
+    try {
+      res = client.Call(http::verb::get, target);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
+      return false;
+    }
+    if (res.first != 200) {
+      std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
+      return false;
+    }
+    *body = std::move(res.second);
+    return true;
+  };
+  std::string report;
+  if (!fetch("/v1/eval", &report)) return 1;
+  json steps = json::array();
+  for (uint64_t since = 0;;) {  // the history a page at a time
+    std::string page;
+    if (!fetch("/v1/history?limit=10000&since=" + std::to_string(since), &page)) return 1;
+    const json h = json::parse(page, nullptr, false);
+    if (!h.is_object()) {
+      std::fprintf(stderr, "peerctl: GET /v1/history answered something that is not JSON\n");
+      return 1;
+    }
+    for (const json& p : h.value("steps", json::array())) steps.push_back(p);
+    if (!h.value("more", false)) break;
+    since = std::stoull(h.value("nextSince", std::string("0")));
+  }
+  std::ofstream(dir + "/report.json") << report;
+  std::ofstream(dir + "/history.json") << json{{"steps", steps}}.dump();
+  const peerd::EmbeddedFile* script = peerd::FindPeerctlScript("report.py");
+  std::string quoted = "'";
+  for (char c : dir) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  quoted += "'";
+  // Debian's interpreter first: its matplotlib is the one scripts/setup.sh installs.
+  const std::string python = std::filesystem::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+  FILE* run = popen((python + " - " + quoted).c_str(), "w");
+  if (!run) {
+    std::fprintf(stderr, "peerctl: cannot run %s: %s\n", python.c_str(), std::strerror(errno));
+    return 1;
+  }
+  std::fwrite(script->body.data(), 1, script->body.size(), run);
+  const int status = pclose(run);
+  return status == 0 ? 0 : 1;
+}
+
 // peerctl wait trained: polls the status until the spool's backlog is shorter than one training
 // window (what is left waits for more text), with progress, percent and ETA on stderr. Exits 0
 // when trained, kWaitTimedOut when --timeout ran out first, 1 when training is paused or stopped.
@@ -504,6 +560,10 @@ int main(int argc, char** argv) {
   std::string label;
   eval_run->add_option("--label", label, "name of the row, e.g. 'after kjv'");
 
+  auto* report_cmd =
+      app.add_subcommand("report", "the matrix and curves as PNG and SVG in DIR (heatmap, curves, report.md)");
+  std::string report_dir;
+  report_cmd->add_option("dir", report_dir, "the directory to write (created if missing)")->required();
   auto* history = app.add_subcommand("history", "every step's loss, learning rate, gradient norm, speed; evaluations");
   uint64_t since = 0;
   uint32_t limit = 2000;
@@ -707,6 +767,7 @@ int main(int argc, char** argv) {
   }
 
   if (command == "wait") return WaitTrained(client, admin, timeout);
+  if (command == "report") return Report(client, report_dir, admin);
   if (command == "generate" && stream) return StreamGeneration(client, target, body, as_json, admin);
   if (command == "export") return Export(client, export_dir, admin);
   std::pair<int, std::string> res;

@@ -2,8 +2,10 @@
 # The main job, end to end through the public interface only (peerd, peer-ingest, peerctl):
 # start peerd on embedded defaults, register the held-out tasks, then for each domain in turn
 # add a fresh expert segment (the first domain trains the one peerd starts with), stream the
-# domain in, wait until it is trained, freeze the segment and evaluate every task. Prints the bits-per-byte matrix and the forgetting metrics, and writes
-# demo-out/report.md, report.json and forgetting.svg.
+# domain in, wait until it is trained, freeze the segment and evaluate every task. Prints the
+# bits-per-byte matrix and the forgetting metrics, and writes to demo-out/: report.md, report.json,
+# history.json, heatmap.png/.svg and curves.png/.svg (peerctl report), and dashboard.png (the live
+# page in headless Chromium).
 #
 # The policy (DEMO_POLICY) is `routed` by default: routing isolation with no trained text kept
 # (docs/DESIGN.md §4b). The first domain, `broad` (documentation that none of the others is), is
@@ -105,9 +107,13 @@ done
 echo "demo: all domains in $(( $(date +%s) - start )) s"
 ctl checkpoint >/dev/null
 ctl --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); print("demo: the spool received %s text bytes and keeps %s of them" % (s["spoolBytes"], s["spoolKeptBytes"]))'
-ctl --json eval report > "$out/report.json"
 ctl --json segments > "$out/segments.json"
 ctl segments
-python3 scripts/report.py "$out"
+ctl report "$out"  # report.json, history.json, report.md, heatmap and curves as PNG and SVG
+if bash scripts/dashboard.sh screenshot "$admin" "$data/admin.token" "$out/dashboard.png"; then
+  echo "demo: the live page (http://$admin/ while peerd runs) as $out/dashboard.png"
+else
+  echo "demo: no screenshot of the live page (see the message above)"
+fi
 kill -TERM $peerd_pid; wait $peerd_pid || true
 trap - EXIT

@@ -113,7 +113,11 @@ def route(summary, reply, request=None, params=None, extra=None, public=False):
         op.update(extra)
     if public:
         op["security"] = []
-        op["responses"] = {"200": op["responses"]["200"], "503": {"description": "not ready, and why (stopping, training stopped, ingest stopped)"}}
+        op["responses"] = {"200": op["responses"]["200"]}
+        if summary.startswith("readiness"):
+            op["responses"]["503"] = {"description": "not ready, and why (stopping, training stopped, ingest stopped)"}
+        if op["responses"]["200"]["description"].startswith("not used"):
+            op["responses"] = {"303": {"description": "see Other: to / (with Set-Cookie)"}}
     return op
 
 
@@ -162,6 +166,11 @@ def main():
         "/v1/policy": {"get": route("what trains: groups, replay, distillation, learning rate, routing", "Policy"),
                        "put": route("change the policy; omitted fields stay", "Policy", "Policy")},
         "/metrics": {"get": route("Prometheus text exposition", text_reply("metrics", "text/plain; version=0.0.4"))},
+        "/": {"get": route("the live page (no token: it holds no data; it signs in with POST /login)", text_reply("HTML", "text/html"), public=True)},
+        "/dashboard.js": {"get": route("the live page's script (no token)", text_reply("JavaScript", "text/javascript"), public=True)},
+        "/login": {"post": route("sign a browser in: form field token=ADMIN_TOKEN; 303 to / with an HttpOnly, SameSite=Strict session cookie that authorises GET requests until peerd restarts (a wrong token: 303 to /?login=failed)", {"description": "not used: the answer is 303"}, public=True,
+                   extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": {"token": {"type": "string"}}, "required": ["token"]}}}}})},
+        "/logout": {"post": route("sign a browser out: 303 to / with the session cookie expired", {"description": "not used: the answer is 303"}, public=True)},
         "/healthz": {"get": route("liveness: answers while peerd's admin thread runs (no token)", text_reply("{\"status\":\"alive\"}", "application/json"), public=True)},
         "/readyz": {"get": route("readiness: training and ingest both working (no token)", text_reply("{\"status\":\"ready\"}", "application/json"), public=True)},
     }

@@ -15,6 +15,8 @@ packages=(
   libcli11-dev libxxhash-dev nlohmann-json3-dev libspdlog-dev
   python3 python3-torch               # runs peer_ref.py, the external PyTorch reference of `peer-bench layer`
   python3-prometheus-client           # the tests read GET /metrics with the Prometheus project's own parser
+  python3-matplotlib                  # peerctl report draws the heatmap and curves with it
+  chromium                            # renders the live page: its test, and the demo's screenshot
   clang libclang-rt-14-dev            # the libFuzzer fuzzers (scripts/fuzz.sh): clang++, libclang_rt.fuzzer
   bible-kjv                           # the demo's and tests' first real text (scripts/corpora.sh)
 )

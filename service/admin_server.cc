@@ -16,11 +16,14 @@
 #include <random>
 #include <thread>
 #include <variant>
+#include <vector>
 
 #include "core/utf8.h"
+#include "service/embedded_files.h"
 #include "service/net/admin_requests.h"
 #include "service/net/listen.h"
 #include "service/net/token.h"
+#include "service/net/web_login.h"
 
 #include <spdlog/spdlog.h>
 
@@ -36,11 +39,14 @@ namespace {
 // The request line and headers together: room for a target of kMaxTargetBytes (admin_requests.h)
 // and ordinary headers; longer is 431 before the target is looked at.
 constexpr size_t kMaxHeaderBytes = 16 << 10;
+// A sign-in form: the token and little else.
+constexpr size_t kMaxLoginBody = 4096;
 
 struct Reply {
   http::status status = http::status::ok;
   std::string body;
   std::string content_type = "application/json";
+  std::vector<std::pair<std::string, std::string>> headers = {};  // more headers (the live page's)
   // Set for an answer sent as it is made (chunked): called with a function that sends the next
   // bytes (false once the client is gone). An error it returns before its first bytes is answered
   // as any error; after them, server-sent events get a last event holding the error, and any other
@@ -118,6 +124,8 @@ struct AdminServer::Impl {
   std::string address;  // as bound: "127.0.0.1:7070", "[::1]:7070"
   std::atomic<uint64_t> requests{0}, request_errors{0};
   std::atomic<bool> stopping{false};
+  // The live page's session cookie value (service/net/web_login.h), drawn at start.
+  const std::string session = RandomToken();
 
   Reply Route(const http::request<http::string_body>& req);
   Reply Dispatch(const AdminRequest& request);
@@ -126,8 +134,11 @@ struct AdminServer::Impl {
   void Stream(tcp::socket& socket, int fd, Clock::duration timeout, unsigned version, Reply& r,
               const std::string& what);
   bool Authorized(const http::request_parser<http::string_body>::value_type& req) const;
-  // GET /healthz and /readyz, answered before the token is checked; nullopt for anything else.
-  std::optional<Reply> ProbeReply(const http::request_parser<http::string_body>::value_type& req);
+  // What is answered before the token is checked (AdminRoute::needs_token false): the probes,
+  // the live page's files, and signing out; nullopt for anything else. POST /login needs its
+  // body and is answered by SignIn.
+  std::optional<Reply> PublicReply(const http::request_parser<http::string_body>::value_type& req);
+  Reply SignIn(const std::string& form_body);
   Reply Handle(const http::request<http::string_body>& req);
   void Serve(tcp::socket socket);
   void SetDeadline(int fd, Clock::duration within);
@@ -271,16 +282,53 @@ Reply AdminServer::Impl::Dispatch(const AdminRequest& request) {
       request);
 }
 
+// The token as a bearer, or the live page's session cookie on a GET (web_login.h says why GET only).
 bool AdminServer::Impl::Authorized(const http::request_parser<http::string_body>::value_type& req) const {
   const std::string auth(req[http::field::authorization]);
   const std::string prefix = "Bearer ";
-  return auth.rfind(prefix, 0) == 0 && ConstantTimeEquals(auth.substr(prefix.size()), options.token);
+  if (auth.rfind(prefix, 0) == 0) return ConstantTimeEquals(auth.substr(prefix.size()), options.token);
+  const auto header = req[http::field::cookie];
+  const std::string cookie = CookieValue(std::string_view(header.data(), header.size()), kSessionCookieName);
+  return req.method() == http::verb::get && !cookie.empty() && ConstantTimeEquals(cookie, session);
 }
 
-std::optional<Reply> AdminServer::Impl::ProbeReply(const http::request_parser<http::string_body>::value_type& req) {
-  if (req.method() != http::verb::get) return std::nullopt;
+namespace {
+
+// A 303 to `location`, setting `cookie`.
+Reply SeeOther(const std::string& location, const std::string& cookie) {
+  Reply r{http::status::see_other, "", "text/plain"};
+  r.headers = {{"Location", location}, {"Set-Cookie", cookie}, {"Cache-Control", "no-store"}};
+  return r;
+}
+
+}  // namespace
+
+Reply AdminServer::Impl::SignIn(const std::string& form_body) {
+  std::string token;
+  if (FormField(form_body, "token", &token) && ConstantTimeEquals(token, options.token)) {
+    spdlog::info("admin: a browser signed in to the live page");
+    return SeeOther("/", SessionCookie(session));
+  }
+  request_errors++;
+  spdlog::warn("admin: a sign-in to the live page with a wrong token was refused");
+  return SeeOther("/?login=failed", ExpiredSessionCookie());
+}
+
+std::optional<Reply> AdminServer::Impl::PublicReply(const http::request_parser<http::string_body>::value_type& req) {
   const std::string_view target(req.target().data(), req.target().size());
   const std::string_view path = target.substr(0, target.find('?'));
+  if (req.method() == http::verb::post && path == "/logout") return SeeOther("/", ExpiredSessionCookie());
+  if (req.method() != http::verb::get) return std::nullopt;
+  if (const EmbeddedFile* file = FindDashboardFile(path); file) {
+    Reply r{http::status::ok, std::string(file->body), std::string(file->content_type) + "; charset=utf-8"};
+    // Its own files only: no inline script, no other origin, never inside another site's frame.
+    r.headers = {{"Content-Security-Policy",
+                  "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors "
+                  "'none'; form-action 'self'"},
+                 {"X-Content-Type-Options", "nosniff"},
+                 {"Cache-Control", "no-cache"}};
+    return r;
+  }
   auto answer = [](http::status status, const char* what) {
     return Reply{status, std::string("{\"status\":\"") + what + "\"}"};
   };
@@ -468,13 +516,29 @@ void AdminServer::Impl::Serve(tcp::socket socket) {
     }
     if (ec) break;
     // Probes answer without the token (an orchestrator or a load balancer has none) and say no more
-    // than whether peerd is alive, or ready for work and why not.
-    if (std::optional<Reply> probe = ProbeReply(parser.get()); probe) {
+    // than whether peerd is alive, or ready for work and why not; the live page's files hold no
+    // data, and signing in takes the token in a small form body.
+    std::optional<Reply> open_reply = PublicReply(parser.get());
+    const auto target = parser.get().target();
+    if (!open_reply && parser.get().method() == http::verb::post &&
+        std::string_view(target.data(), target.size()).substr(0, target.find('?')) == "/login") {
+      parser.body_limit(kMaxLoginBody);
+      SetDeadline(fd, timeout);
+      http::read(socket, buffer, parser, ec);
+      if (ec == http::error::body_limit) {
+        refuse(http::status::payload_too_large, "a sign-in body over " + std::to_string(kMaxLoginBody) + " bytes");
+        break;
+      }
+      if (ec) break;
+      open_reply = SignIn(parser.get().body());
+    }
+    if (open_reply) {
       requests++;
-      http::response<http::string_body> res{probe->status, parser.get().version()};
-      res.set(http::field::content_type, probe->content_type);
+      http::response<http::string_body> res{open_reply->status, parser.get().version()};
+      res.set(http::field::content_type, open_reply->content_type);
+      for (const auto& [field, value] : open_reply->headers) res.set(field, value);
       res.keep_alive(false);
-      res.body() = std::move(probe->body);
+      res.body() = std::move(open_reply->body);
       res.prepare_payload();
       SetDeadline(fd, timeout);
       http::write(socket, res, ec);

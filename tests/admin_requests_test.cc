@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 
 #include "service/net/admin_requests.h"
+#include "service/net/token.h"
+#include "service/net/web_login.h"
 
 namespace peerd {
 namespace {
@@ -314,19 +316,23 @@ TEST(AdminRequests, TheOpenApiDocumentMatchesTheRoutesAndTheMessages) {
   std::ifstream in(std::string(PEERD_SOURCE_DIR) + "/docs/openapi.json");
   ASSERT_TRUE(in) << "docs/openapi.json is missing: run scripts/openapi.py";
   const nlohmann::json doc = nlohmann::json::parse(in);
-  std::set<std::pair<std::string, std::string>> documented, served;
+  std::set<std::pair<std::string, std::string>> documented, served, public_documented, public_served;
   for (const auto& [path, methods] : doc["paths"].items())
     for (const auto& [method, op] : methods.items()) {
       std::string upper = method;
       for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
       documented.insert({upper, path});
-      const bool probe = path == "/healthz" || path == "/readyz";
-      EXPECT_EQ(op.contains("security") && op["security"].empty(), probe) << path << ": only the probes need no token";
+      if (op.contains("security") && op["security"].empty()) public_documented.insert({upper, path});
     }
-  for (const AdminRoute& r : AdminRoutes()) served.insert({r.method, r.path});
+  for (const AdminRoute& r : AdminRoutes()) {
+    served.insert({r.method, r.path});
+    if (!r.needs_token) public_served.insert({r.method, r.path});
+  }
   EXPECT_EQ(documented, served) << "run scripts/openapi.py after changing a route";
-  for (const auto& [method, path] : served) {
-    if (path == "/healthz" || path == "/readyz") continue;  // answered before parsing, without a token
+  EXPECT_EQ(public_documented, public_served) << "the routes documented without a token are the ones served so";
+  for (const AdminRoute& route : AdminRoutes()) {
+    if (!route.needs_token) continue;  // answered before parsing, without a token
+    const std::string method = route.method, path = route.path;
     std::string target = path;
     for (auto [param, value] : {std::pair{"{id}", "3"}, std::pair{"{name}", "kjv"}})
       if (size_t at = target.find(param); at != std::string::npos) target.replace(at, std::string(param).size(), value);
@@ -348,6 +354,33 @@ TEST(AdminRequests, TheOpenApiDocumentMatchesTheRoutesAndTheMessages) {
     for (const auto& [property, unused] : schema["properties"].items()) properties.insert(property);
     EXPECT_EQ(properties, fields) << name << ": run scripts/openapi.py after changing proto/admin.proto";
   }
+}
+
+// The live page's sign-in (service/net/web_login.h): the session cookie read from a Cookie header
+// among others, the token from a form body with its escapes, and malformed escapes refused.
+TEST(WebLogin, ReadsTheSessionCookieAndTheFormsTokenAndRefusesMalformedEscapes) {
+  EXPECT_EQ(CookieValue("peerd_session=abc", kSessionCookieName), "abc");
+  EXPECT_EQ(CookieValue("a=1; peerd_session=abc ;b=2", kSessionCookieName), "abc");
+  EXPECT_EQ(CookieValue("xpeerd_session=abc; peerd_sessionx=d", kSessionCookieName), "") << "whole names only";
+  EXPECT_EQ(CookieValue("", kSessionCookieName), "");
+  EXPECT_EQ(CookieValue("peerd_session", kSessionCookieName), "");
+  std::string v;
+  ASSERT_TRUE(FormField("token=0123abcd", "token", &v));
+  EXPECT_EQ(v, "0123abcd");
+  ASSERT_TRUE(FormField("other=x&token=a%2Bb+c%3d&more=y", "token", &v));
+  EXPECT_EQ(v, "a+b c=");
+  ASSERT_TRUE(FormField("token=", "token", &v));
+  EXPECT_EQ(v, "");
+  EXPECT_FALSE(FormField("tokens=x", "token", &v));
+  EXPECT_FALSE(FormField("token=%2", "token", &v)) << "a cut escape";
+  EXPECT_FALSE(FormField("token=%zz", "token", &v));
+  EXPECT_FALSE(FormField("token=abc%", "token", &v));
+  const std::string cookie = SessionCookie("s3cret");
+  for (const char* attribute : {"peerd_session=s3cret", "HttpOnly", "SameSite=Strict", "Path=/"})
+    EXPECT_NE(cookie.find(attribute), std::string::npos) << cookie;
+  EXPECT_NE(ExpiredSessionCookie().find("Max-Age=0"), std::string::npos);
+  EXPECT_EQ(RandomToken().size(), 64u);
+  EXPECT_NE(RandomToken(), RandomToken());
 }
 
 TEST(AdminRequests, ClipForMessageKeepsMessagesShortPrintableAndValidUtf8) {

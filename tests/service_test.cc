@@ -508,12 +508,18 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
   const std::string md = Slurp(dir + "/out/report.md");
   EXPECT_NE(md.find("| after verse"), std::string::npos) << md;
   EXPECT_NE(md.find("| after code"), std::string::npos) << md;
+  for (const char* picture : {"heatmap", "curves"}) {
+    const std::string png = Slurp(dir + "/out/" + picture + ".png");
+    EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8)) << picture;
+    EXPECT_GT(png.size(), 10'000u) << picture;
+  }
   ShellResult svg =
       Sh("python3 -c 'import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); "
          "assert r.tag.endswith(\"svg\"), r.tag; print(len(list(r.iter())))' " +
-         dir + "/out/forgetting.svg");
+         dir + "/out/curves.svg");
   EXPECT_EQ(svg.code, 0) << svg.out;
-  EXPECT_GT(std::stoi(svg.out), 10) << "a plot with lines, axes and labels";
+  EXPECT_GT(std::stoi(svg.out), 50) << "a plot with lines, axes and labels";
+  EXPECT_GT(Slurp(dir + "/out/dashboard.png").size(), 20'000u) << demo.out;
   fs::remove_all(dir);
 }
 
@@ -561,6 +567,107 @@ void HangUpMidStream(const PeerdProcess& peerd) {
 }
 
 }  // namespace generation
+
+// The live page: its shell and script are served without the token and hold no data; signing in
+// with the token in a form sets an HttpOnly, SameSite=Strict cookie that reads (GET) and does not
+// write; headless Chromium signed in that way draws the loss curve, the per-task curves, the
+// heatmap and the segments from a running peerd with no script error, and a screenshot is written.
+TEST(Dashboard, SignsInWithACookieAndDrawsEveryChartInHeadlessChromium) {
+  const std::string dir = ::testing::TempDir() + "/peerd_dashboard_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json")
+      << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
+                                            "train": {"batchSize": 8}})";
+  {
+    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
+    std::string text(30'000, '\0');
+    kjv.read(text.data(), text.size());
+    text.resize(text.rfind("\n\n") + 2);
+    std::ofstream(dir + "/kjv.txt") << text.substr(0, text.size() - 3'000);
+    std::ofstream(dir + "/heldout.txt") << text.substr(text.size() - 3'000);
+  }
+  PeerdProcess peerd(dir);
+  ASSERT_NO_FATAL_FAILURE(peerd.Start());
+  ASSERT_EQ(peerd.Ctl("tasks add kjv " + dir + "/heldout.txt").code, 0);
+  ASSERT_EQ(peerd.Ctl("eval run --label before").code, 0);
+  ASSERT_EQ(peerd.Ingest("kjv", dir + "/kjv.txt").code, 0);
+  ASSERT_EQ(peerd.Ctl("wait trained --timeout 120").code, 0);
+  ASSERT_EQ(peerd.Ctl("eval run --label after").code, 0);
+  const std::string admin = "127.0.0.1:" + peerd.admin_port(), token_file = peerd.data_dir() + "/admin.token";
+
+  // HTTP as a browser speaks it (python's http.client: no redirects followed, no cookie jar).
+  const std::string script = R"PY(
+import http.client, json, sys
+host, token = sys.argv[1], open(sys.argv[2]).read().strip()
+def ask(method, path, body=None, headers={}):
+    c = http.client.HTTPConnection(host, timeout=30)
+    c.request(method, path, body, headers)
+    r = c.getresponse()
+    return {"status": r.status, "body": r.read().decode(errors="replace")[:20000],
+            "location": r.getheader("Location", ""), "cookie": r.getheader("Set-Cookie", ""),
+            "csp": r.getheader("Content-Security-Policy", "")}
+form = {"Content-Type": "application/x-www-form-urlencoded"}
+out = {"page": ask("GET", "/"), "script": ask("GET", "/dashboard.js"),
+       "wrong_cookie": ask("GET", "/v1/status", headers={"Cookie": "peerd_session=0123"}),
+       "wrong_login": ask("POST", "/login", "token=nope", form),
+       "login": ask("POST", "/login", "token=" + token, form)}
+cookie = out["login"]["cookie"].split(";")[0]
+out["read_with_cookie"] = ask("GET", "/v1/status", headers={"Cookie": cookie})
+out["write_with_cookie"] = ask("POST", "/v1/checkpoint", headers={"Cookie": cookie})
+out["logout"] = ask("POST", "/logout", headers={"Cookie": cookie})
+print(json.dumps(out))
+)PY";
+  std::ofstream(dir + "/browser.py") << script;
+  ShellResult http = Sh("/usr/bin/python3 " + dir + "/browser.py " + admin + " " + token_file);
+  ASSERT_EQ(http.code, 0) << http.out;
+  const json h = json::parse(http.out, nullptr, false);
+  ASSERT_TRUE(h.is_object()) << http.out;
+  EXPECT_EQ(h["page"]["status"], 200);
+  EXPECT_NE(h["page"]["body"].get<std::string>().find("<script src=\"/dashboard.js\">"), std::string::npos);
+  EXPECT_EQ(h["page"]["body"].get<std::string>().find("kjv"), std::string::npos) << "the shell holds no data";
+  EXPECT_NE(h["page"]["csp"].get<std::string>().find("default-src 'self'"), std::string::npos);
+  EXPECT_EQ(h["script"]["status"], 200);
+  EXPECT_EQ(h["wrong_cookie"]["status"], 401);
+  EXPECT_EQ(h["wrong_login"]["status"], 303);
+  EXPECT_EQ(h["wrong_login"]["location"], "/?login=failed");
+  EXPECT_EQ(h["login"]["status"], 303);
+  EXPECT_EQ(h["login"]["location"], "/");
+  const std::string cookie = h["login"]["cookie"];
+  for (const char* attribute : {"peerd_session=", "HttpOnly", "SameSite=Strict"})
+    EXPECT_NE(cookie.find(attribute), std::string::npos) << cookie;
+  EXPECT_EQ(cookie.find(Slurp(token_file).substr(0, 16)), std::string::npos) << "the cookie is not the token";
+  EXPECT_EQ(h["read_with_cookie"]["status"], 200);
+  EXPECT_EQ(h["write_with_cookie"]["status"], 401) << "the cookie only reads";
+  EXPECT_NE(h["logout"]["cookie"].get<std::string>().find("Max-Age=0"), std::string::npos);
+
+  // Headless Chromium, signed in through the form: every chart drew, no script error.
+  const std::string tool = std::string(PEERD_SOURCE_DIR) + "/scripts/dashboard.sh";
+  ShellResult dom = Sh("bash " + tool + " dom " + admin + " " + token_file);
+  ASSERT_EQ(dom.code, 0) << dom.out.substr(0, 3000);
+  std::smatch drawn, errors;
+  ASSERT_TRUE(std::regex_search(dom.out, drawn, std::regex("data-drawn=\"([^\"]*)\""))) << dom.out.substr(0, 3000);
+  std::string drawn_json = drawn[1];
+  for (size_t at; (at = drawn_json.find("&quot;")) != std::string::npos;) drawn_json.replace(at, 6, "\"");
+  const json d = json::parse(drawn_json, nullptr, false);
+  ASSERT_TRUE(d.is_object()) << "the page did not draw: " << drawn_json;
+  EXPECT_GT(d.value("lossPoints", 0), 5) << drawn_json;
+  EXPECT_EQ(d.value("taskPoints", 0), 2) << "one held-out task, two evaluations: " << drawn_json;
+  EXPECT_EQ(d.value("cells", 0), 2) << drawn_json;
+  EXPECT_GE(d.value("segments", 0), 1) << drawn_json;
+  ASSERT_TRUE(std::regex_search(dom.out, errors, std::regex("data-errors=\"([0-9]+)\"")));
+  EXPECT_EQ(errors[1], "0") << dom.out.substr(0, 5000);
+  EXPECT_NE(dom.out.find("<path d=\"M"), std::string::npos) << "curves are SVG paths";
+
+  ShellResult shot = Sh("bash " + tool + " screenshot " + admin + " " + token_file + " " + dir + "/dashboard.png");
+  ASSERT_EQ(shot.code, 0) << shot.out;
+  const std::string png = Slurp(dir + "/dashboard.png");
+  EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+  EXPECT_GT(png.size(), 20'000u) << "a page with charts, not a blank one";
+  EXPECT_EQ(peerd.Kill(SIGTERM), 0);
+  fs::remove_all(dir);
+}
 
 TEST(Service, GenerationAnswersWhileTrainingIsReproducibleStreamsAndSurvivesAClientLeaving) {
   const std::string dir = ::testing::TempDir() + "/peerd_generate_" + std::to_string(getpid());

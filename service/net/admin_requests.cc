@@ -315,8 +315,13 @@ const std::vector<AdminRoute>& AdminRoutes() {
       {"GET", "/v1/policy"},
       {"PUT", "/v1/policy"},
       {"GET", "/metrics"},
-      {"GET", "/healthz"},
-      {"GET", "/readyz"},
+      // Answered by the server before the token is checked (admin_server.cc: PublicReply).
+      {"GET", "/healthz", false},
+      {"GET", "/readyz", false},
+      {"GET", "/", false},
+      {"GET", "/dashboard.js", false},
+      {"POST", "/login", false},
+      {"POST", "/logout", false},
   };
   return routes;
 }

@@ -115,10 +115,13 @@ using AdminRequest =
                  admin::Export, admin::History>;
 
 // Every route of the admin API: its method and path ("{id}" stands for a segment id, "{name}"
-// for a task name). docs/openapi.json documents exactly these (tests/admin_requests_test.cc).
+// for a task name), and whether it needs the token (the probes and the live page's files and
+// sign-in do not, and ParseAdminRequest does not parse them). docs/openapi.json documents exactly
+// these (tests/admin_requests_test.cc).
 struct AdminRoute {
   const char* method;
   const char* path;
+  bool needs_token = true;
 };
 const std::vector<AdminRoute>& AdminRoutes();
 

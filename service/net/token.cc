@@ -19,6 +19,18 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
+std::string RandomToken() {
+  std::random_device rd;  // the kernel's entropy
+  static const char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (int i = 0; i < 32; ++i) {
+    unsigned v = rd() & 0xff;
+    token.push_back(kHex[v >> 4]);
+    token.push_back(kHex[v & 15]);
+  }
+  return token;
+}
+
 Status LoadOrCreateToken(const std::string& path, std::string* token) {
   std::ifstream in(path);
   if (in) {
@@ -27,14 +39,7 @@ Status LoadOrCreateToken(const std::string& path, std::string* token) {
       return Status::InvalidArgument("token file '" + path + "' is empty: delete it to get a new token");
     return Status::OK();
   }
-  std::random_device rd;  // the kernel's entropy
-  static const char kHex[] = "0123456789abcdef";
-  token->clear();
-  for (int i = 0; i < 32; ++i) {
-    unsigned v = rd() & 0xff;
-    token->push_back(kHex[v >> 4]);
-    token->push_back(kHex[v & 15]);
-  }
+  *token = RandomToken();
   int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
   if (fd < 0) return Status::IOError("cannot create token file '" + path + "': " + std::strerror(errno));
   const std::string line = *token + "\n";

@@ -12,6 +12,9 @@ namespace peerd {
 // (mode 0600) and returns it.
 Status LoadOrCreateToken(const std::string& path, std::string* token);
 
+// 32 random bytes from the kernel's entropy, as 64 hex digits.
+std::string RandomToken();
+
 // Compares without letting the time taken depend on where the strings differ.
 bool ConstantTimeEquals(const std::string& a, const std::string& b);
 

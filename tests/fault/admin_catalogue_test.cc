@@ -294,7 +294,7 @@ TEST_F(AdminCatalogue, EveryMalformedRequestGetsItsStatusAndMessageAndPeerdKeeps
   EXPECT_TRUE(CallJson("GET", "/v1/tasks")["tasks"].empty());
   // Good requests: a task from a file under the root, a new segment, freezing it, freezing it twice.
   json task = CallJson("POST", "/v1/tasks", "{\"name\": \"held\", \"path\": \"" + dir_ + "/root/sub/held.txt\"}");
-  EXPECT_EQ(task.value("message", ""), "task held registered (36 held-out bytes)");
+  EXPECT_EQ(task.value("message", ""), "task held registered (36 held-out bytes, measuring ingest task held)");
   json added = CallJson("POST", "/v1/segments", "{\"nKeys\": 8}");
   ASSERT_EQ(added["ids"].size(), 1u) << added.dump();
   const std::string id = added["ids"][0].dump();
