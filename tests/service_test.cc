@@ -34,6 +34,22 @@ using peerd::testing::ShellResult;
 using peerd::testing::Slurp;
 using peerd::testing::U;
 
+// The first `bytes` of KJV's training text cut after its last whole chapter, or of its held-out
+// text as it comes; "" when scripts/corpora.sh kjv has not run.
+std::string KjvChapters(size_t bytes) {
+  std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
+  std::string text(bytes, '\0');
+  kjv.read(text.data(), text.size());
+  if (!kjv) return "";
+  return text.substr(0, text.rfind("\n\n") + 2);
+}
+std::string KjvHeldOut(size_t bytes) {
+  std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/heldout.txt");
+  std::string text(bytes, '\0');
+  kjv.read(text.data(), text.size());
+  return kjv ? text : "";
+}
+
 json Segment(const json& status, int id) {
   for (const auto& s : status["segments"])
     if (s.value("id", -1) == id) return s;
@@ -64,15 +80,9 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   // A small model so that steps are quick; everything else is the embedded default.
   std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8}})";
   {
-    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
-    std::string text(120'000, '\0');
-    kjv.read(text.data(), text.size());
-    text.resize(text.rfind("\n\n") + 2);  // whole chapters
+    const std::string text = KjvChapters(120'000), held = KjvHeldOut(8'000);
+    ASSERT_FALSE(text.empty() || held.empty()) << "run scripts/corpora.sh kjv";
     std::ofstream(dir + "/kjv.txt") << text;
-    std::ifstream ho(std::string(PEERD_CORPUS_DIR) + "/kjv/heldout.txt");
-    std::string held(8'000, '\0');
-    ho.read(held.data(), held.size());
     std::ofstream(dir + "/heldout.txt") << held;
   }
   PeerdProcess peerd(dir);
@@ -222,11 +232,8 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8,
       "routed": true, "replayRatio": 0, "distillWeight": 0, "keepTrainedText": false}})";
   {
-    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
-    std::string text(60'000, '\0');
-    kjv.read(text.data(), text.size());
-    text.resize(text.rfind("\n\n") + 2);
+    const std::string text = KjvChapters(60'000);
+    ASSERT_FALSE(text.empty()) << "run scripts/corpora.sh kjv";
     std::ofstream(dir + "/verse.txt") << text.substr(0, text.size() - 6'000);
     std::ofstream(dir + "/verse-heldout.txt") << text.substr(text.size() - 6'000);
     std::string code;
@@ -580,11 +587,8 @@ TEST(Dashboard, SignsInWithACookieAndDrawsEveryChartInHeadlessChromium) {
       << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
                                             "train": {"batchSize": 8}})";
   {
-    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
-    std::string text(30'000, '\0');
-    kjv.read(text.data(), text.size());
-    text.resize(text.rfind("\n\n") + 2);
+    const std::string text = KjvChapters(30'000);
+    ASSERT_FALSE(text.empty()) << "run scripts/corpora.sh kjv";
     std::ofstream(dir + "/kjv.txt") << text.substr(0, text.size() - 3'000);
     std::ofstream(dir + "/heldout.txt") << text.substr(text.size() - 3'000);
   }
@@ -675,11 +679,9 @@ TEST(Service, GenerationAnswersWhileTrainingIsReproducibleStreamsAndSurvivesACli
   fs::create_directories(dir);
   std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8}})";
   {
-    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
-    std::string text(200'000, '\0');
-    kjv.read(text.data(), text.size());
-    std::ofstream(dir + "/kjv.txt") << text.substr(0, text.rfind("\n\n") + 2);
+    const std::string text = KjvChapters(200'000);
+    ASSERT_FALSE(text.empty()) << "run scripts/corpora.sh kjv";
+    std::ofstream(dir + "/kjv.txt") << text;
   }
   PeerdProcess peerd(dir);
   ASSERT_NO_FATAL_FAILURE(peerd.Start());
@@ -752,16 +754,11 @@ TEST(Service, AnExportLoadsInPyTorchScoresAsPeerdDoesAndStartsANewDataDirectory)
   fs::remove_all(dir);
   fs::create_directories(dir);
   std::ofstream(dir + "/config.json") << R"({"model": {"dModel": 64, "context": 64}, "train": {"batchSize": 8}})";
-  std::string held;
+  const std::string held = KjvHeldOut(3'000);
   {
-    std::ifstream kjv(std::string(PEERD_CORPUS_DIR) + "/kjv/train.txt");
-    ASSERT_TRUE(kjv) << "run scripts/corpora.sh kjv";
-    std::string text(60'000, '\0');
-    kjv.read(text.data(), text.size());
-    std::ofstream(dir + "/kjv.txt") << text.substr(0, text.rfind("\n\n") + 2);
-    std::ifstream ho(std::string(PEERD_CORPUS_DIR) + "/kjv/heldout.txt");
-    held.resize(3'000);
-    ho.read(held.data(), held.size());
+    const std::string text = KjvChapters(60'000);
+    ASSERT_FALSE(text.empty() || held.empty()) << "run scripts/corpora.sh kjv";
+    std::ofstream(dir + "/kjv.txt") << text;
     std::ofstream(dir + "/heldout.txt") << held;
     std::ofstream(dir + "/code.txt") << "int main(int argc, char** argv) {\n  return argc > 1 ? 0 : 1;\n}\n";
   }
