@@ -7,6 +7,7 @@
 //   peer-bench forgetting [--help]  six continual-learning policies on a sequence of domains
 //   peer-bench scaling [--help]   data-parallel tokens/s with 1, 2, 4 ranks (peer-train processes)
 //   peer-bench generate [--help]  generation tokens/s with and without the key/value cache
+//   peer-bench pool [--help]      a large frozen pool: training cost per segment count, open time, row cache
 //   peer-bench --version
 #include <cstdio>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include "bench/generate_bench.h"
 #include "bench/ingest_bench.h"
 #include "bench/layer_bench.h"
+#include "bench/pool_bench.h"
 #include "bench/scaling_bench.h"
 #include "bench/store_bench.h"
 #include "core/runtime.h"
@@ -45,6 +47,9 @@ int main(int argc, char** argv) {
        "process with as many threads"},
       {"generate", peerd::bench::GenerateBench,
        "generation tokens/s with and without the key/value cache at a few prompt lengths (greedy: the same text)"},
+      {"pool", peerd::bench::PoolBench,
+       "a lifetime of frozen segments: training cost at 1 and S segments (all, routed), open time, resident vs a "
+       "row cache (hit rate, store bytes per token, RSS)"},
       {"layer-run", peerd::bench::LayerRun, "one layer configuration, one JSON line (what `layer` runs per process)"},
   };
   CLI::App app{"peer-bench: benchmarks that print a table and write JSON (see bench/*.md)"};

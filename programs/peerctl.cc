@@ -24,11 +24,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -450,6 +452,53 @@ int Report(Client& client, const std::string& dir, const std::string& admin) {
   return status == 0 ? 0 : 1;
 }
 
+// POST /v1/eval, showing on stderr how far the evaluation has come (from /v1/status, asked on a
+// second connection while the first waits for the row): a line redrawn each second on a terminal,
+// else one every 10 s once it has taken 10 s.
+std::pair<int, std::string> EvaluateWithProgress(Client& client, const std::string& body) {
+  std::pair<int, std::string> res;
+  std::exception_ptr failed;
+  std::atomic<bool> done{false};
+  std::thread request([&] {
+    try {
+      res = client.Call(http::verb::post, "/v1/eval", body);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    done = true;
+  });
+  const bool tty = isatty(STDERR_FILENO);
+  const auto every = std::chrono::seconds(tty ? 1 : 10);
+  auto last_said = std::chrono::steady_clock::now();
+  bool said = false;
+  while (!done) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    const auto now = std::chrono::steady_clock::now();
+    if (done || now - last_said < every) continue;
+    last_said = now;
+    peerd::StatusReply s;
+    try {
+      Client watcher = client;
+      const auto status = watcher.Call(http::verb::get, "/v1/status");
+      if (status.first != 200 || !Parse(status.second, &s) || !s.has_evaluation()) continue;
+    } catch (const std::exception&) {
+      continue;
+    }
+    const peerd::EvalProgress& e = s.evaluation();
+    const double share = e.bytes() ? double(e.bytes_done()) / double(e.bytes()) : 0;
+    std::string eta = "?";
+    if (share > 0.01) eta = std::to_string(static_cast<long>(e.seconds() * (1 - share) / share)) + " s";
+    std::fprintf(stderr, "%speerctl: evaluating: %u of %u tasks, %.0f%% of %llu held-out bytes, ETA %s%s",
+                 tty ? "\r" : "", e.tasks_done(), e.tasks(), 100 * share, static_cast<unsigned long long>(e.bytes()),
+                 eta.c_str(), tty ? "   " : "\n");
+    said = true;
+  }
+  request.join();
+  if (said && tty) std::fprintf(stderr, "\n");
+  if (failed) std::rethrow_exception(failed);
+  return res;
+}
+
 // peerctl wait trained: polls the status until the spool's backlog is shorter than one training
 // window (what is left waits for more text), with progress, percent and ETA on stderr. Exits 0
 // when trained, kWaitTimedOut when --timeout ran out first, 1 when training is paused or stopped.
@@ -772,7 +821,7 @@ int main(int argc, char** argv) {
   if (command == "export") return Export(client, export_dir, admin);
   std::pair<int, std::string> res;
   try {
-    res = client.Call(verb, target, body);
+    res = command == "eval" && action == "run" ? EvaluateWithProgress(client, body) : client.Call(verb, target, body);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
     return 1;

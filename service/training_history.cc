@@ -136,9 +136,16 @@ Status TrainingHistory::Read(uint64_t since, size_t limit, std::vector<HistoryPo
   out->clear();
   *more = false;
   std::vector<HistoryPoint> all;
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_ptr<rocksdb::Iterator> it;
+  {
+    // The iterator's snapshot and the buffer taken together (Flush moves records from one to the
+    // other under mu_), then read without holding up the trainer.
+    std::lock_guard<std::mutex> lock(mu_);
+    it.reset(db_->db()->NewIterator(rocksdb::ReadOptions(), db_->family(Family::kEvals)));
+    for (const HistoryPoint& p : pending_)
+      if (p.step() + p.steps() - 1 > since) all.push_back(p);
+  }
   // Levels cover disjoint spans of steps, the higher the older; a level's records are in step order.
-  std::unique_ptr<rocksdb::Iterator> it(db_->db()->NewIterator(rocksdb::ReadOptions(), db_->family(Family::kEvals)));
   for (uint32_t level = kMaxLevels; level-- > 0;) {
     const std::string prefix = LevelPrefix(level);
     for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
@@ -149,8 +156,6 @@ Status TrainingHistory::Read(uint64_t since, size_t limit, std::vector<HistoryPo
     }
   }
   if (Status st = FromRocks(it->status(), "reading the training history"); !st.ok()) return st;
-  for (const HistoryPoint& p : pending_)
-    if (p.step() > since) all.push_back(p);
   std::stable_sort(all.begin(), all.end(),
                    [](const HistoryPoint& a, const HistoryPoint& b) { return a.step() < b.step(); });
   if (all.size() > limit) {

@@ -597,11 +597,31 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     // Text taken for a batch is trained by the time an evaluation runs (both on this thread).
     for (const auto& [task, tokens] : batches_->cursor().tokens_by_task) (*r.mutable_trained_tokens())[task] = tokens;
     const EvalOptions eo = EvalOptionsNow(options_.config.train().eval_bytes());
+    // Progress for /v1/status, task by task: what each task costs is its (capped) held-out bytes.
+    auto scored_bytes = [&](const HeldOutTask& t) {
+      return eo.max_bytes > 0 ? std::min<uint64_t>(t.text.size(), eo.max_bytes) : t.text.size();
+    };
+    EvalProgress progress;
+    progress.set_tasks(static_cast<uint32_t>(tasks.size()));
+    for (const HeldOutTask& task : tasks) progress.set_bytes(progress.bytes() + scored_bytes(task));
+    const auto start = Clock::now();
+    auto show = [&](const EvalProgress* p) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (p)
+        *snapshot_.mutable_evaluation() = *p;
+      else
+        snapshot_.clear_evaluation();
+    };
+    const std::shared_ptr<void> clear_at_exit(nullptr, [&](void*) { show(nullptr); });  // also on a throw
     StartUsageRecording(model_);
     for (const HeldOutTask& task : tasks) {
+      progress.set_seconds(std::chrono::duration<double>(Clock::now() - start).count());
+      show(&progress);
       r.add_tasks(task.name);
       r.add_measures(task.measures);
       r.add_bits_per_byte(BitsPerByte(model_, task.text, eo));
+      progress.set_tasks_done(progress.tasks_done() + 1);
+      progress.set_bytes_done(progress.bytes_done() + scored_bytes(task));
     }
     usage_ = StopUsageRecording(model_);
     RefreshSegments();

@@ -669,6 +669,36 @@ print(json.dumps(out))
   const std::string png = Slurp(dir + "/dashboard.png");
   EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
   EXPECT_GT(png.size(), 20'000u) << "a page with charts, not a blank one";
+
+  // An evaluation in progress shows on /v1/status (peerctl eval run prints it on stderr).
+  const std::string big = KjvChapters(70'000).substr(0, 60'000);
+  std::ofstream(dir + "/big.txt") << big;
+  constexpr int kTasks = 24;
+  for (int i = 0; i < kTasks; ++i)
+    ASSERT_EQ(peerd.Ctl("tasks add big" + std::to_string(i) + " " + dir + "/big.txt").code, 0);
+  const std::string done_file = dir + "/eval.done";
+  ASSERT_EQ(Sh("(" + std::string(PEERCTL_BIN) + " --admin " + admin + " --token-file " + token_file +
+               " eval run --label progress > " + dir + "/eval.out 2>&1; touch " + done_file + ") > /dev/null 2>&1 &")
+                .code,
+            0);
+  json progress;
+  for (auto until = std::chrono::steady_clock::now() + 60s;
+       std::chrono::steady_clock::now() < until && !fs::exists(done_file);) {
+    const json st = peerd.CtlJson("status");
+    if (st.contains("evaluation")) {
+      progress = st["evaluation"];
+      break;
+    }
+  }
+  ASSERT_TRUE(progress.is_object()) << "no evaluation seen in progress";
+  EXPECT_EQ(progress.value("tasks", 0), kTasks + 1) << progress.dump();
+  EXPECT_LT(progress.value("tasksDone", kTasks + 1), kTasks + 1) << progress.dump();
+  EXPECT_EQ(U(progress, "bytes"), uint64_t(kTasks) * big.size() + 3'000u) << progress.dump();
+  for (auto until = std::chrono::steady_clock::now() + 120s;
+       std::chrono::steady_clock::now() < until && !fs::exists(done_file);)
+    std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(fs::exists(done_file));
+  EXPECT_FALSE(peerd.CtlJson("status").contains("evaluation")) << "cleared once done";
   EXPECT_EQ(peerd.Kill(SIGTERM), 0);
   fs::remove_all(dir);
 }

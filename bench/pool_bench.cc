@@ -1,0 +1,264 @@
+#include "bench/pool_bench.h"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "bench/json_lines.h"
+#include "core/check_ok.h"
+#include "core/config.h"
+#include "core/runtime.h"
+#include "core/trainer.h"
+#include "service/expert_pool_store.h"
+
+namespace peerd::bench {
+
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// VmRSS (now) or VmHWM (the peak so far) of this process, in MB.
+double RssMb(const char* field = "VmRSS:") {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind(field, 0) == 0) return std::stod(line.substr(std::string(field).size())) / 1024;
+  return -1;
+}
+
+struct Shape {
+  int64_t segments = 64, experts = 0, n_keys = 8, d_model = 64, context = 64, batch = 8, steps = 6, reps = 3;
+  int64_t threads = 1;
+};
+
+Config PoolConfig(const Shape& s) {
+  Config c = DefaultConfig();
+  ModelConfig* m = c.mutable_model();
+  m->set_d_model(static_cast<uint32_t>(s.d_model));
+  m->set_context(static_cast<uint32_t>(s.context));
+  m->mutable_peer()->set_n_keys(static_cast<uint32_t>(s.n_keys));
+  m->mutable_peer()->set_initial_segments(1);
+  c.mutable_train()->set_batch_size(static_cast<uint32_t>(s.batch));
+  return c;
+}
+
+// Everything a measurement needs: the data directory's database and store, and a model with its
+// trainer whose frozen rows are either built here or restored from the store.
+struct Pool {
+  std::shared_ptr<DataDirDb> db;
+  std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<ExpertPoolStore> pool;
+  TransformerLM model{nullptr};
+  std::unique_ptr<Trainer> trainer;
+
+  Pool(const std::string& dir, const Config& c, PoolStoreOptions options) {
+    CheckOk(DataDirDb::Open(dir, {}, &db));
+    store = std::make_unique<ExpertStore>(db);
+    pool = std::make_unique<ExpertPoolStore>(store.get(), options);
+    torch::manual_seed(1);
+    model = TransformerLM(c.model());
+    trainer = std::make_unique<Trainer>(model, c.train());
+  }
+  size_t peer_layers() const { return model->PeerLayers().size(); }
+  // Adds a segment to every PEER layer; its id.
+  int64_t Add(int64_t n_keys) {
+    int64_t id = -1;
+    for (size_t l = 0; l < peer_layers(); ++l) CheckOk(trainer->AddSegment(l, n_keys, &id));
+    return id;
+  }
+  // Freezes segment `id` of every PEER layer into the store, as bf16 rows.
+  void Freeze(int64_t id) {
+    for (size_t l = 0; l < peer_layers(); ++l)
+      CheckOk(trainer->FreezeSegment(l, id, pool->Freezing(ROW_DTYPE_BF16, trainer->step(), 0)));
+  }
+};
+
+// Median over `reps` runs of `steps` training steps of the seconds per token, under `route`
+// (empty segments: every segment), after one step of warm-up.
+double SecondsPerToken(Pool& p, const Shape& s, const Route& route) {
+  CheckOk(p.model->SetRoute(route));
+  p.trainer->RefreshParameters();
+  torch::Tensor tokens = torch::randint(0, 256, {s.batch, s.context + 1}, torch::kLong);
+  p.trainer->Step(tokens);
+  std::vector<double> per_token;
+  for (int64_t r = 0; r < s.reps; ++r) {
+    const auto start = Clock::now();
+    for (int64_t i = 0; i < s.steps; ++i) p.trainer->Step(torch::randint(0, 256, {s.batch, s.context + 1}, torch::kLong));
+    per_token.push_back(Seconds(start) / double(s.steps * s.batch * s.context));
+  }
+  return Median(per_token);
+}
+
+std::string Ms(double seconds) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.3f", seconds * 1e3);
+  return b;
+}
+
+}  // namespace
+
+int PoolBench(int argc, char** argv) {
+  CLI::App app{"peer-bench pool: training cost, open time and the row cache of a large frozen pool"};
+  Shape s;
+  std::vector<int64_t> cache_mb = {4, 64};
+  std::string dir, json_out = "bench-out/pool.json";
+  bool as_json = false, keep = false;
+  app.add_option("--segments", s.segments, "frozen segments in the pool")->capture_default_str()->check(CLI::Range(1, 65536));
+  app.add_option("--experts", s.experts, "frozen experts in all (default: segments × n-keys²); sets --n-keys");
+  app.add_option("--n-keys", s.n_keys, "sub-keys per half of each segment")->capture_default_str();
+  app.add_option("--d-model", s.d_model, "model width (rows are 2 × d-model bf16 values)")->capture_default_str();
+  app.add_option("--context", s.context, "tokens per sequence")->capture_default_str();
+  app.add_option("--batch", s.batch, "sequences per step")->capture_default_str();
+  app.add_option("--steps", s.steps, "steps per timed run")->capture_default_str();
+  app.add_option("--reps", s.reps, "timed runs (median reported)")->capture_default_str();
+  app.add_option("--cache-mb", cache_mb, "row cache sizes to train under (cached residency)")
+      ->capture_default_str()
+      ->delimiter(',');
+  app.add_option("--threads", s.threads, "compute threads")->capture_default_str();
+  app.add_option("--dir", dir, "data directory to build the pool in (default: a fresh one under /tmp, removed)");
+  app.add_flag("--keep", keep, "keep the data directory");
+  app.add_option("--json-out", json_out, "where to write the rows ('' = nowhere)")->capture_default_str();
+  app.add_flag("--json", as_json, "print the rows as JSON lines; the last line is the summary object");
+  CLI11_PARSE(app, argc, argv);
+  if (s.experts > 0) {
+    s.n_keys = std::llround(std::sqrt(double(s.experts) / double(s.segments)));
+    if (s.n_keys * s.n_keys * s.segments != s.experts) {
+      std::fprintf(stderr, "peer-bench pool: --experts must be segments × n², got %lld for %lld segments\n",
+                   static_cast<long long>(s.experts), static_cast<long long>(s.segments));
+      return 2;
+    }
+  }
+  const Config c = PoolConfig(s);
+  if (Status st = ValidateConfig(c); !st.ok()) {
+    std::fprintf(stderr, "peer-bench pool: %s\n", st.ToString().c_str());
+    return 2;
+  }
+  SetComputeThreads(static_cast<int>(s.threads));
+  if (dir.empty()) dir = "/tmp/peer-bench-pool-" + std::to_string(getpid());
+  std::filesystem::remove_all(dir);
+  const int64_t experts = s.segments * s.n_keys * s.n_keys;
+  const double row_bytes = 2.0 * s.d_model * 2;  // a down and an up row of bf16
+  std::printf("pool: %lld frozen segments of %lld experts (%lld in all, %.1f MB of bf16 rows per PEER layer), "
+              "d_model %lld, context %lld, batch %lld, %lld thread(s); %lld steps × median of %lld\n",
+              static_cast<long long>(s.segments), static_cast<long long>(s.n_keys * s.n_keys),
+              static_cast<long long>(experts), experts * row_bytes / 1e6, static_cast<long long>(s.d_model),
+              static_cast<long long>(s.context), static_cast<long long>(s.batch), static_cast<long long>(s.threads),
+              static_cast<long long>(s.steps), static_cast<long long>(s.reps));
+  std::vector<json> rows;
+
+  // 1. One frozen segment and a training one: the baseline.
+  double one = 0;
+  {
+    Pool p(dir + "-one", c, {});
+    p.Freeze(p.model->PeerLayers()[0]->segments()[0]->id());
+    p.Add(s.n_keys);
+    one = SecondsPerToken(p, s, {});
+  }
+  std::filesystem::remove_all(dir + "-one");
+
+  // 2. The pool: S frozen segments written to the store, then a training segment on top.
+  double all = 0, routed = 0, build_seconds = 0;
+  {
+    Pool p(dir, c, {});
+    const auto start = Clock::now();
+    int64_t first = p.model->PeerLayers()[0]->segments()[0]->id();
+    p.Freeze(first);
+    for (int64_t i = 1; i < s.segments; ++i) {
+      p.Freeze(p.Add(s.n_keys));
+      if ((i + 1) % 256 == 0)
+        std::fprintf(stderr, "  built %lld of %lld segments (%.0f s)\n", static_cast<long long>(i + 1),
+                     static_cast<long long>(s.segments), Seconds(start));
+    }
+    build_seconds = Seconds(start);
+    const int64_t top = p.Add(s.n_keys);
+    all = SecondsPerToken(p, s, {});
+    routed = SecondsPerToken(p, s, Route{-1, {first, top}});
+  }
+  std::printf("%-44s %14s %10s\n", "training step", "ms / 1k tokens", "vs one");
+  std::printf("%-44s %14s %9.2fx\n", "one frozen segment", Ms(one * 1000).c_str(), 1.0);
+  std::printf("%-44s %14s %9.2fx\n", ("retrieval over all " + std::to_string(s.segments) + " segments").c_str(),
+              Ms(all * 1000).c_str(), all / one);
+  std::printf("%-44s %14s %9.2fx\n", "routed: the base and the training segment", Ms(routed * 1000).c_str(), routed / one);
+  std::printf("(building the pool: %.1f s)\n", build_seconds);
+
+  // 3. Opening the data directory again, rows resident and cached, and training beside each.
+  auto open = [&](PoolStoreOptions o, double* seconds) {
+    const auto start = Clock::now();
+    auto p = std::make_unique<Pool>(dir, c, o);
+    CheckOk(p->pool->Restore(p->model));
+    p->trainer->RefreshParameters();
+    *seconds = Seconds(start);
+    return p;
+  };
+  double open_resident = 0, resident_rate = 0, resident_rss = 0;
+  {
+    auto p = open({}, &open_resident);
+    p->Add(s.n_keys);
+    resident_rate = 1 / SecondsPerToken(*p, s, {});
+    resident_rss = RssMb();
+  }
+  std::printf("\n%-24s %10s %12s %10s %10s %18s %8s\n", "frozen rows", "open s", "tokens/s", "vs resident",
+              "hit rate", "store B / token", "RSS MB");
+  std::printf("%-24s %10.2f %12.0f %10s %10s %18s %8.0f\n", "resident", open_resident, resident_rate, "1.00x", "-", "-",
+              resident_rss);
+  rows.push_back({{"bench", "pool"}, {"case", "resident"}, {"open_seconds", open_resident},
+                  {"tokens_per_s", resident_rate}, {"rss_mb", resident_rss}});
+  double open_cached = 0, first_cached_ratio = 0;
+  for (int64_t mb : cache_mb) {
+    PoolStoreOptions o;
+    o.residency = Residency::kCached;
+    o.cache_bytes = size_t(mb) << 20;
+    double open_seconds = 0;
+    auto p = open(o, &open_seconds);
+    p->Add(s.n_keys);
+    const RowCache::Stats before = p->pool->cache_stats();
+    const double rate = 1 / SecondsPerToken(*p, s, {});
+    const RowCache::Stats after = p->pool->cache_stats();
+    const double hits = double(after.hits - before.hits), misses = double(after.misses - before.misses);
+    const double tokens = double((s.reps * s.steps + 1) * s.batch * s.context);
+    const double hit_rate = hits + misses > 0 ? hits / (hits + misses) : 0, per_token = misses * row_bytes / tokens;
+    const double rss = RssMb();
+    std::printf("%-24s %10.2f %12.0f %9.2fx %9.1f%% %18.0f %8.0f\n", ("cached, " + std::to_string(mb) + " MB").c_str(),
+                open_seconds, rate, rate / resident_rate, 100 * hit_rate, per_token, rss);
+    rows.push_back({{"bench", "pool"}, {"case", "cached"}, {"cache_mb", mb}, {"open_seconds", open_seconds},
+                    {"tokens_per_s", rate}, {"cached_over_resident", rate / resident_rate}, {"hit_rate", hit_rate},
+                    {"store_bytes_per_token", per_token}, {"rss_mb", rss}});
+    if (first_cached_ratio == 0) first_cached_ratio = rate / resident_rate, open_cached = open_seconds;
+  }
+  if (!keep) std::filesystem::remove_all(dir);
+  const json summary = {{"bench", "pool"},
+                        {"segments", s.segments},
+                        {"experts", experts},
+                        {"n_keys", s.n_keys},
+                        {"d_model", s.d_model},
+                        {"seconds_per_token_one", one},
+                        {"seconds_per_token_all", all},
+                        {"seconds_per_token_routed", routed},
+                        {"segment_cost_ratio", all / one},
+                        {"segment_cost_ratio_routed", routed / one},
+                        {"cached_over_resident", first_cached_ratio},
+                        {"peak_rss_mb", RssMb("VmHWM:")},
+                        {"open_seconds", open_cached},
+                        {"open_seconds_resident", open_resident},
+                        {"build_seconds", build_seconds}};
+  rows.push_back(summary);
+  WriteJsonLines(json_out, rows);
+  if (as_json) PrintJsonLines(rows);
+  return 0;
+}
+
+}  // namespace peerd::bench
