@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling format clean
+.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-pool format clean
 
 all: build
 
@@ -56,6 +56,11 @@ ifeq ($(PICTURE),1)
 	done; done
 	@python3 scripts/forgetting_picture.py bench-out/learning-forgetting.svg bench-out/forgetting.json bench-out/sweep/*.jsonl
 endif
+
+# A lifetime of frozen segments: training cost at 1 and 1,024 segments, open time, row cache
+# (bench/POOL.md; about 2 minutes).
+bench-pool: build
+	@for s in 1 64 256 1024; do ./$(BUILD)/peer-bench pool --segments $$s --cache-mb 1,16 --json-out bench-out/pool-$$s.json || exit 1; done
 
 # Data-parallel training: 1, 2, 4 ranks of one thread beside one process (bench/SCALING.md; ~4 minutes).
 bench-scaling: build corpora
