@@ -1,8 +1,8 @@
 #include "bench/pool_bench.h"
 
+#include <unistd.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -97,7 +97,8 @@ double SecondsPerToken(Pool& p, const Shape& s, const Route& route) {
   std::vector<double> per_token;
   for (int64_t r = 0; r < s.reps; ++r) {
     const auto start = Clock::now();
-    for (int64_t i = 0; i < s.steps; ++i) p.trainer->Step(torch::randint(0, 256, {s.batch, s.context + 1}, torch::kLong));
+    for (int64_t i = 0; i < s.steps; ++i)
+      p.trainer->Step(torch::randint(0, 256, {s.batch, s.context + 1}, torch::kLong));
     per_token.push_back(Seconds(start) / double(s.steps * s.batch * s.context));
   }
   return Median(per_token);
@@ -117,7 +118,9 @@ int PoolBench(int argc, char** argv) {
   std::vector<int64_t> cache_mb = {4, 64};
   std::string dir, json_out = "bench-out/pool.json";
   bool as_json = false, keep = false;
-  app.add_option("--segments", s.segments, "frozen segments in the pool")->capture_default_str()->check(CLI::Range(1, 65536));
+  app.add_option("--segments", s.segments, "frozen segments in the pool")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65536));
   app.add_option("--experts", s.experts, "frozen experts in all (default: segments × n-keys²); sets --n-keys");
   app.add_option("--n-keys", s.n_keys, "sub-keys per half of each segment")->capture_default_str();
   app.add_option("--d-model", s.d_model, "model width (rows are 2 × d-model bf16 values)")->capture_default_str();
@@ -152,12 +155,13 @@ int PoolBench(int argc, char** argv) {
   std::filesystem::remove_all(dir);
   const int64_t experts = s.segments * s.n_keys * s.n_keys;
   const double row_bytes = 2.0 * s.d_model * 2;  // a down and an up row of bf16
-  std::printf("pool: %lld frozen segments of %lld experts (%lld in all, %.1f MB of bf16 rows per PEER layer), "
-              "d_model %lld, context %lld, batch %lld, %lld thread(s); %lld steps × median of %lld\n",
-              static_cast<long long>(s.segments), static_cast<long long>(s.n_keys * s.n_keys),
-              static_cast<long long>(experts), experts * row_bytes / 1e6, static_cast<long long>(s.d_model),
-              static_cast<long long>(s.context), static_cast<long long>(s.batch), static_cast<long long>(s.threads),
-              static_cast<long long>(s.steps), static_cast<long long>(s.reps));
+  std::printf(
+      "pool: %lld frozen segments of %lld experts (%lld in all, %.1f MB of bf16 rows per PEER layer), "
+      "d_model %lld, context %lld, batch %lld, %lld thread(s); %lld steps × median of %lld\n",
+      static_cast<long long>(s.segments), static_cast<long long>(s.n_keys * s.n_keys), static_cast<long long>(experts),
+      experts * row_bytes / 1e6, static_cast<long long>(s.d_model), static_cast<long long>(s.context),
+      static_cast<long long>(s.batch), static_cast<long long>(s.threads), static_cast<long long>(s.steps),
+      static_cast<long long>(s.reps));
   std::vector<json> rows;
 
   // 1. One frozen segment and a training one: the baseline.
@@ -192,38 +196,48 @@ int PoolBench(int argc, char** argv) {
   std::printf("%-44s %14s %9.2fx\n", "one frozen segment", Ms(one * 1000).c_str(), 1.0);
   std::printf("%-44s %14s %9.2fx\n", ("retrieval over all " + std::to_string(s.segments) + " segments").c_str(),
               Ms(all * 1000).c_str(), all / one);
-  std::printf("%-44s %14s %9.2fx\n", "routed: the base and the training segment", Ms(routed * 1000).c_str(), routed / one);
+  std::printf("%-44s %14s %9.2fx\n", "routed: the base and the training segment", Ms(routed * 1000).c_str(),
+              routed / one);
   std::printf("(building the pool: %.1f s)\n", build_seconds);
 
   // 3. Opening the data directory again, rows resident and cached, and training beside each.
-  auto open = [&](PoolStoreOptions o, double* seconds) {
+  // Opens the data directory again: its time, and the rows it read (cached: none; the rows are
+  // checked against their checksums afterwards, as peerd does beside training).
+  auto open = [&](PoolStoreOptions o, double* seconds, uint64_t* rows_read) {
     const auto start = Clock::now();
     auto p = std::make_unique<Pool>(dir, c, o);
     CheckOk(p->pool->Restore(p->model));
     p->trainer->RefreshParameters();
     *seconds = Seconds(start);
+    *rows_read = p->store->rows_read();
     return p;
   };
   double open_resident = 0, resident_rate = 0, resident_rss = 0;
+  uint64_t resident_rows_read = 0;
   {
-    auto p = open({}, &open_resident);
+    auto p = open({}, &open_resident, &resident_rows_read);
     p->Add(s.n_keys);
     resident_rate = 1 / SecondsPerToken(*p, s, {});
     resident_rss = RssMb();
   }
-  std::printf("\n%-24s %10s %12s %10s %10s %18s %8s\n", "frozen rows", "open s", "tokens/s", "vs resident",
-              "hit rate", "store B / token", "RSS MB");
-  std::printf("%-24s %10.2f %12.0f %10s %10s %18s %8.0f\n", "resident", open_resident, resident_rate, "1.00x", "-", "-",
-              resident_rss);
-  rows.push_back({{"bench", "pool"}, {"case", "resident"}, {"open_seconds", open_resident},
-                  {"tokens_per_s", resident_rate}, {"rss_mb", resident_rss}});
+  std::printf("\n%-20s %8s %12s %12s %11s %9s %16s %8s\n", "frozen rows", "open s", "rows read", "tokens/s",
+              "vs resident", "hit rate", "store B / token", "RSS MB");
+  std::printf("%-20s %8.2f %12llu %12.0f %11s %9s %16s %8.0f\n", "resident", open_resident,
+              static_cast<unsigned long long>(resident_rows_read), resident_rate, "1.00x", "-", "-", resident_rss);
+  rows.push_back({{"bench", "pool"},
+                  {"case", "resident"},
+                  {"open_seconds", open_resident},
+                  {"open_rows_read", resident_rows_read},
+                  {"tokens_per_s", resident_rate},
+                  {"rss_mb", resident_rss}});
   double open_cached = 0, first_cached_ratio = 0;
   for (int64_t mb : cache_mb) {
     PoolStoreOptions o;
     o.residency = Residency::kCached;
     o.cache_bytes = size_t(mb) << 20;
     double open_seconds = 0;
-    auto p = open(o, &open_seconds);
+    uint64_t rows_read = 0;
+    auto p = open(o, &open_seconds, &rows_read);
     p->Add(s.n_keys);
     const RowCache::Stats before = p->pool->cache_stats();
     const double rate = 1 / SecondsPerToken(*p, s, {});
@@ -232,11 +246,19 @@ int PoolBench(int argc, char** argv) {
     const double tokens = double((s.reps * s.steps + 1) * s.batch * s.context);
     const double hit_rate = hits + misses > 0 ? hits / (hits + misses) : 0, per_token = misses * row_bytes / tokens;
     const double rss = RssMb();
-    std::printf("%-24s %10.2f %12.0f %9.2fx %9.1f%% %18.0f %8.0f\n", ("cached, " + std::to_string(mb) + " MB").c_str(),
-                open_seconds, rate, rate / resident_rate, 100 * hit_rate, per_token, rss);
-    rows.push_back({{"bench", "pool"}, {"case", "cached"}, {"cache_mb", mb}, {"open_seconds", open_seconds},
-                    {"tokens_per_s", rate}, {"cached_over_resident", rate / resident_rate}, {"hit_rate", hit_rate},
-                    {"store_bytes_per_token", per_token}, {"rss_mb", rss}});
+    std::printf("%-20s %8.2f %12llu %12.0f %10.2fx %8.1f%% %16.0f %8.0f\n",
+                ("cached, " + std::to_string(mb) + " MB").c_str(), open_seconds,
+                static_cast<unsigned long long>(rows_read), rate, rate / resident_rate, 100 * hit_rate, per_token, rss);
+    rows.push_back({{"bench", "pool"},
+                    {"case", "cached"},
+                    {"cache_mb", mb},
+                    {"open_seconds", open_seconds},
+                    {"open_rows_read", rows_read},
+                    {"tokens_per_s", rate},
+                    {"cached_over_resident", rate / resident_rate},
+                    {"hit_rate", hit_rate},
+                    {"store_bytes_per_token", per_token},
+                    {"rss_mb", rss}});
     if (first_cached_ratio == 0) first_cached_ratio = rate / resident_rate, open_cached = open_seconds;
   }
   if (!keep) std::filesystem::remove_all(dir);

@@ -128,6 +128,7 @@ Status ExpertStore::ReadRows(uint32_t layer, uint32_t segment, const std::vector
   std::vector<rocksdb::PinnableSlice> values(n);
   std::vector<rocksdb::Status> statuses(n);
   db_->db()->MultiGet(rocksdb::ReadOptions(), experts_, n, slices.data(), values.data(), statuses.data());
+  rows_read_ += n;
   out->resize(n);
   for (size_t i = 0; i < n; ++i) {
     if (!statuses[i].ok())
@@ -166,6 +167,7 @@ Status ExpertStore::ScanSegment(const SegmentManifest& m,
     if (visit) visit(e, row);
     ++next;
   }
+  rows_read_ += next;
   if (!it->status().ok()) return Status::Corruption(name + ": its rows cannot be read: " + it->status().ToString());
   if (next != experts)
     return Status::Corruption(name + ": " + std::to_string(next) + " rows stored, the manifest says " +

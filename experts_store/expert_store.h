@@ -10,6 +10,7 @@
 // serialisation against other FreezeSegment calls for the same segment.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -59,6 +60,8 @@ class ExpertStore {
 
   // Flushes memtables to SST files (tests, benchmarks).
   Status Flush();
+  // Rows read from the database so far (ReadRows, ScanSegment): what opening and the row cache cost.
+  uint64_t rows_read() const { return rows_read_.load(); }
   const std::string& dir() const { return db_->dir(); }
   const std::shared_ptr<DataDirDb>& db() const { return db_; }
 
@@ -67,6 +70,7 @@ class ExpertStore {
   rocksdb::ColumnFamilyHandle* experts_;
   rocksdb::ColumnFamilyHandle* subkeys_;
   rocksdb::ColumnFamilyHandle* manifests_;
+  mutable std::atomic<uint64_t> rows_read_{0};
 };
 
 // A name for a segment in messages: "layer 0 segment 3".

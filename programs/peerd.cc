@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
   double checkpoint_seconds = 60;
   uint64_t backlog_mb = 256, cache_mb = 256, max_doc_mb = 8, spool_keep_mb = 0, spool_keep_hours = 0;
   uint32_t idle_timeout_s = 300, max_data_connections = 256, admin_timeout_s = 30;
-  bool allow_remote = false;
+  bool allow_remote = false, verify_pool_at_open = false;
   CollectiveOptions ranks;
   std::string rendezvous = "127.0.0.1:29500";
   uint32_t collective_timeout_s = 120;
@@ -98,6 +98,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"resident", "cached"}))
       ->capture_default_str();
   app.add_option("--cache-mb", cache_mb, "row cache for --residency cached")->capture_default_str();
+  app.add_flag("--verify-pool-at-open", verify_pool_at_open,
+               "--residency cached: check every frozen row against its segment's checksum before serving (a read of "
+               "the whole pool at every start); by default they are checked beside training after start");
   app.add_option("--freeze-dtype", freeze_dtype, "default dtype of frozen rows: bf16 | fp32")
       ->check(CLI::IsMember({"bf16", "fp32"}))
       ->capture_default_str();
@@ -185,6 +188,7 @@ int main(int argc, char** argv) {
   lo.freeze_dtype = *ParseRowDtype(freeze_dtype);  // CLI11 checked the name
   lo.pool.residency = residency == "cached" ? Residency::kCached : Residency::kResident;
   lo.pool.cache_bytes = cache_mb << 20;
+  lo.pool.verify_cached_at_open = verify_pool_at_open;
   lo.retention.max_bytes = spool_keep_mb << 20;
   lo.retention.max_age_seconds = spool_keep_hours * 3600;
   lo.training_journal = training_journal;

@@ -118,7 +118,12 @@ Status ExpertPoolStore::Restore(const std::vector<PeerLayer>& layers, int64_t d_
       if (!st.ok()) return st;
       segment = ExpertSegment(m.segment(), keys, down, up);
     } else {
-      if (Status st = store_->VerifySegment(m); !st.ok()) return st;
+      if (options_.verify_cached_at_open) {
+        if (Status st = store_->VerifySegment(m); !st.ok()) return st;
+      } else {
+        std::lock_guard<std::mutex> lock(mu_);
+        unverified_.push_back(m);
+      }
       segment = ExpertSegment(m.segment(), keys, D, std::make_shared<StoreRowSource>(cache_, m));
     }
     PeerLayer layer = layers[m.layer()];
@@ -126,6 +131,34 @@ Status ExpertPoolStore::Restore(const std::vector<PeerLayer>& layers, int64_t d_
       return Status::InvalidArgument("cannot restore " + name + ": " + st.message());
   }
   return Status::OK();
+}
+
+Status ExpertPoolStore::VerifyRestored(const std::function<bool()>& stop, size_t* verified) {
+  size_t done = 0;
+  for (;;) {
+    SegmentManifest m;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (unverified_.empty() || (stop && stop())) break;
+      m = unverified_.front();
+    }
+    if (Status st = store_->VerifySegment(m); !st.ok()) {
+      if (verified) *verified = done;
+      return st;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      unverified_.erase(unverified_.begin());
+    }
+    ++done;
+  }
+  if (verified) *verified = done;
+  return Status::OK();
+}
+
+size_t ExpertPoolStore::unverified() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return unverified_.size();
 }
 
 }  // namespace peerd

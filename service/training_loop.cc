@@ -167,9 +167,38 @@ void TrainingLoop::Start() {
   running_ = true;
   stopping_ = false;
   thread_ = std::thread([this] { Run(); });
+  if (pool_->unverified() > 0 && !verify_thread_.joinable()) {
+    verify_stop_ = false;
+    verify_thread_ = std::thread([this] { VerifyPoolInBackground(); });
+  }
+}
+
+void TrainingLoop::VerifyPoolInBackground() {
+  const auto start = Clock::now();
+  const size_t total = pool_->unverified();
+  size_t verified = 0;
+  const Status st = pool_->VerifyRestored([this] { return verify_stop_.load(); }, &verified);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (st.ok()) {
+    if (verified == total)
+      spdlog::info(
+          "verified the rows of {} frozen segments (read through the row cache) against their checksums in "
+          "{:.1f} s",
+          verified, seconds);
+    return;
+  }
+  const std::string why = st.ToString() +
+                          " (found by the check of the frozen rows after opening; restore the data directory from a "
+                          "backup — resuming trains on with the damaged segment)";
+  spdlog::error("training stops: {}", why);
+  std::lock_guard<std::mutex> lock(mu_);
+  training_error_ = why;
+  paused_ = true;
 }
 
 Status TrainingLoop::Stop(bool checkpoint) {
+  verify_stop_ = true;
+  if (verify_thread_.joinable()) verify_thread_.join();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!running_) return checkpoint ? CheckpointNow() : Status::OK();

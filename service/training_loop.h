@@ -185,6 +185,9 @@ class TrainingLoop {
   Status CompareRanks();
   // RankCoordinator's on_lost: stop for good, refuse admin operations from now on.
   void OnRanksLost(const Status& why);
+  // The verify thread: checks the checksums of the frozen segments the pool store opened without
+  // reading their rows (cached residency); a bad one stops training with the error naming it.
+  void VerifyPoolInBackground();
 
   LoopOptions options_;
   std::shared_ptr<DataDirDb> db_;
@@ -208,6 +211,8 @@ class TrainingLoop {
   std::deque<std::function<void()>> queue_;
   bool stopping_ = false, paused_ = false, running_ = false;
   std::thread thread_;
+  std::thread verify_thread_;
+  std::atomic<bool> verify_stop_{false};
   StatusReply snapshot_;
   SegmentsReply segments_snapshot_;
   uint64_t tokens_trained_ = 0, last_checkpoint_step_ = 0;  // written on the trainer thread under mu_

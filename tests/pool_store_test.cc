@@ -230,13 +230,50 @@ TEST(PoolStore, RestoreRefusesACorruptedSegmentByName) {
   }
   std::unique_ptr<ExpertStore> store;
   ASSERT_TRUE(ExpertStore::Open(dir + "/store", {}, &store).ok());
-  for (Residency mode : {Residency::kResident, Residency::kCached}) {
+  // Resident rows are verified as they load; cached ones too when asked to at open.
+  for (bool verify_cached_at_open : {false, true}) {
     TransformerLM model(StoreModel().model());
-    ExpertPoolStore pool(store.get(), {mode, 1 << 20});
+    ExpertPoolStore pool(store.get(), {Residency::kResident, 1 << 20, verify_cached_at_open});
     Status st = pool.Restore(model);
     EXPECT_EQ(st.code(), Status::Code::kCorruption);
     EXPECT_NE(st.message().find("layer 0 segment 1"), std::string::npos) << st.message();
   }
+  {
+    TransformerLM model(StoreModel().model());
+    ExpertPoolStore pool(store.get(), {Residency::kCached, 1 << 20, true});
+    Status st = pool.Restore(model);
+    EXPECT_EQ(st.code(), Status::Code::kCorruption);
+    EXPECT_NE(st.message().find("layer 0 segment 1"), std::string::npos) << st.message();
+  }
+  // Cached, by default: opening reads no rows, and the check afterwards finds the segment.
+  TransformerLM model(StoreModel().model());
+  ExpertPoolStore pool(store.get(), {Residency::kCached, 1 << 20});
+  ASSERT_TRUE(pool.Restore(model).ok());
+  EXPECT_EQ(pool.unverified(), 2u) << "segments 0 and 1";
+  size_t verified = 99;
+  Status st = pool.VerifyRestored(nullptr, &verified);
+  EXPECT_EQ(st.code(), Status::Code::kCorruption);
+  EXPECT_NE(st.message().find("layer 0 segment 1"), std::string::npos) << st.message();
+  EXPECT_EQ(verified, 1u) << "segment 0 is sound";
+  EXPECT_EQ(pool.unverified(), 1u);
+}
+
+TEST(PoolStore, OpeningACachedPoolReadsNoRows) {
+  const std::string dir = FreshDir("open-cached");
+  BuildAndFreeze(dir);
+  std::unique_ptr<ExpertStore> store;
+  ASSERT_TRUE(ExpertStore::Open(dir + "/store", {}, &store).ok());
+  TransformerLM model(StoreModel().model());
+  ExpertPoolStore pool(store.get(), {Residency::kCached, 1 << 20});
+  const uint64_t before = store->rows_read();
+  ASSERT_TRUE(pool.Restore(model).ok());
+  EXPECT_EQ(store->rows_read(), before) << "opening read rows";
+  ASSERT_TRUE(pool.VerifyRestored([] { return false; }).ok());
+  EXPECT_GT(store->rows_read(), before) << "the check reads every row";
+  EXPECT_EQ(pool.unverified(), 0u);
+  size_t verified = 99;
+  ASSERT_TRUE(pool.VerifyRestored(nullptr, &verified).ok());
+  EXPECT_EQ(verified, 0u) << "nothing left to check";
 }
 
 TEST(PoolStore, RestoreRefusesAStoreThatDoesNotFitTheModel) {

@@ -10,6 +10,9 @@
 #include <stdexcept>
 #include <thread>
 
+#include <rocksdb/db.h>
+
+#include "experts_store/format.h"
 #include "service/training_loop.h"
 #include "tests/test_util.h"
 
@@ -249,6 +252,41 @@ TEST(TrainingLoop, ScoringATextChangesNothingAndScoresAsItsEvaluationDoes) {
   EXPECT_EQ(rows[0].tasks_size(), 0);
   EXPECT_EQ(rows[0].label(), "after held");
   EXPECT_EQ(l.loop->DeleteTask("held").code(), Status::Code::kNotFound);
+}
+
+// With cached residency a restart reads no frozen rows (its time does not grow with the pool); the
+// rows are checked against their checksums beside training, and a segment damaged on disk stops
+// training with an error naming it.
+TEST(TrainingLoop, ACachedPoolIsCheckedAfterOpeningAndADamagedSegmentStopsTraining) {
+  Loop l("verify");
+  std::vector<uint32_t> layers;
+  ASSERT_TRUE(l.loop->FreezeSegment(0, std::nullopt, std::nullopt, &layers).ok());
+  std::vector<uint32_t> ids;
+  ASSERT_TRUE(l.loop->AddSegments(std::nullopt, std::nullopt, &ids).ok());
+  // One byte of one row of segment 0 changed through RocksDB itself (its block checksums agree).
+  const std::string key = store::ExpertKey(0, 0, 5);
+  std::string row;
+  ASSERT_TRUE(l.db->db()->Get(rocksdb::ReadOptions(), l.db->family(Family::kExperts), key, &row).ok());
+  row[3] ^= 0x10;
+  ASSERT_TRUE(l.db->db()->Put(rocksdb::WriteOptions(), l.db->family(Family::kExperts), key, row).ok());
+
+  l.options.pool.residency = Residency::kCached;
+  l.Reopen();  // opens: the rows are not read yet
+  l.loop->Start();
+  const StatusReply s =
+      l.WaitFor([](const StatusReply& r) { return !r.training_error().empty(); }, "the check to find segment 0");
+  EXPECT_NE(s.training_error().find("layer 0 segment 0"), std::string::npos) << s.training_error();
+  EXPECT_NE(s.state().find("stopped by an error"), std::string::npos) << s.state();
+  EXPECT_TRUE(s.paused());
+
+  // Asked to check at open, the restart itself refuses the damaged segment.
+  l.loop->Stop(false);
+  l.loop.reset();
+  l.options.pool.verify_cached_at_open = true;
+  std::unique_ptr<TrainingLoop> refused;
+  const Status st = TrainingLoop::Open(l.options, l.db, l.spool.get(), &refused);
+  EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
+  EXPECT_NE(st.message().find("layer 0 segment 0"), std::string::npos) << st.message();
 }
 
 }  // namespace
