@@ -10,11 +10,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "bench/json_lines.h"
 #include "core/check_ok.h"
 #include "core/config.h"
 #include "core/runtime.h"
+#include "core/text_router.h"
 #include "core/trainer.h"
 #include "service/expert_pool_store.h"
 
@@ -200,6 +202,32 @@ int PoolBench(int argc, char** argv) {
               routed / one);
   std::printf("(building the pool: %.1f s)\n", build_seconds);
 
+  // The router of the routed policy with a branch per segment: what picking one costs per window
+  // (evaluation and generation route each window by the bytes before it), and its memory.
+  double route_us = 0;
+  uint64_t router_bytes = 0;
+  {
+    BigramRouter router;
+    std::mt19937_64 rng(7);
+    std::string text(4096, ' ');
+    for (int64_t r = 0; r < s.segments; ++r) {
+      for (char& ch : text) ch = static_cast<char>('a' + rng() % (4 + r % 22));  // routes that differ
+      router.Observe(r, text);
+    }
+    router_bytes = router.StatisticsBytes();
+    std::vector<double> per_window;
+    for (int64_t rep = 0; rep < s.reps; ++rep) {
+      const auto start = Clock::now();
+      int64_t sink = 0;
+      for (int i = 0; i < 20; ++i) sink += router.Choose(std::string_view(text).substr(i * 64, s.context));
+      per_window.push_back(Seconds(start) / 20 * 1e6 + double(sink < -1));
+    }
+    route_us = Median(per_window);
+  }
+  std::printf("routing a window of %lld bytes among %lld branches: %.0f µs (%.2f µs per byte), statistics %.1f MB\n",
+              static_cast<long long>(s.context), static_cast<long long>(s.segments), route_us,
+              route_us / double(s.context), router_bytes / 1e6);
+
   // 3. Opening the data directory again, rows resident and cached, and training beside each.
   // Opens the data directory again: its time, and the rows it read (cached: none; the rows are
   // checked against their checksums afterwards, as peerd does beside training).
@@ -276,7 +304,9 @@ int PoolBench(int argc, char** argv) {
                         {"peak_rss_mb", RssMb("VmHWM:")},
                         {"open_seconds", open_cached},
                         {"open_seconds_resident", open_resident},
-                        {"build_seconds", build_seconds}};
+                        {"build_seconds", build_seconds},
+                        {"route_window_microseconds", route_us},
+                        {"router_bytes", router_bytes}};
   rows.push_back(summary);
   WriteJsonLines(json_out, rows);
   if (as_json) PrintJsonLines(rows);
