@@ -240,23 +240,30 @@ int PoolBench(int argc, char** argv) {
     *rows_read = p->store->rows_read();
     return p;
   };
-  double open_resident = 0, resident_rate = 0, resident_rss = 0;
+  // The routed policy's route on a reopened pool: its first segment and the training one on top.
+  auto routed_route = [](Pool& p, int64_t top) {
+    return Route{-1, {p.model->PeerLayers()[0]->segments()[0]->id(), top}};
+  };
+  double open_resident = 0, resident_rate = 0, resident_routed = 0, resident_rss = 0;
   uint64_t resident_rows_read = 0;
   {
     auto p = open({}, &open_resident, &resident_rows_read);
-    p->Add(s.n_keys);
+    const int64_t top = p->Add(s.n_keys);
     resident_rate = 1 / SecondsPerToken(*p, s, {});
+    resident_routed = 1 / SecondsPerToken(*p, s, routed_route(*p, top));
     resident_rss = RssMb();
   }
-  std::printf("\n%-20s %8s %12s %12s %11s %9s %16s %8s\n", "frozen rows", "open s", "rows read", "tokens/s",
-              "vs resident", "hit rate", "store B / token", "RSS MB");
-  std::printf("%-20s %8.2f %12llu %12.0f %11s %9s %16s %8.0f\n", "resident", open_resident,
-              static_cast<unsigned long long>(resident_rows_read), resident_rate, "1.00x", "-", "-", resident_rss);
+  std::printf("\n%-20s %8s %12s %12s %11s %9s %16s %8s %15s %11s\n", "frozen rows", "open s", "rows read", "tokens/s",
+              "vs resident", "hit rate", "store B / token", "RSS MB", "routed tokens/s", "vs resident");
+  std::printf("%-20s %8.2f %12llu %12.0f %11s %9s %16s %8.0f %15.0f %11s\n", "resident", open_resident,
+              static_cast<unsigned long long>(resident_rows_read), resident_rate, "1.00x", "-", "-", resident_rss,
+              resident_routed, "1.00x");
   rows.push_back({{"bench", "pool"},
                   {"case", "resident"},
                   {"open_seconds", open_resident},
                   {"open_rows_read", resident_rows_read},
                   {"tokens_per_s", resident_rate},
+                  {"routed_tokens_per_s", resident_routed},
                   {"rss_mb", resident_rss}});
   double open_cached = 0, first_cached_ratio = 0;
   for (int64_t mb : cache_mb) {
@@ -266,17 +273,19 @@ int PoolBench(int argc, char** argv) {
     double open_seconds = 0;
     uint64_t rows_read = 0;
     auto p = open(o, &open_seconds, &rows_read);
-    p->Add(s.n_keys);
+    const int64_t top = p->Add(s.n_keys);
     const RowCache::Stats before = p->pool->cache_stats();
     const double rate = 1 / SecondsPerToken(*p, s, {});
     const RowCache::Stats after = p->pool->cache_stats();
+    const double routed_rate = 1 / SecondsPerToken(*p, s, routed_route(*p, top));
     const double hits = double(after.hits - before.hits), misses = double(after.misses - before.misses);
     const double tokens = double((s.reps * s.steps + 1) * s.batch * s.context);
     const double hit_rate = hits + misses > 0 ? hits / (hits + misses) : 0, per_token = misses * row_bytes / tokens;
     const double rss = RssMb();
-    std::printf("%-20s %8.2f %12llu %12.0f %10.2fx %8.1f%% %16.0f %8.0f\n",
+    std::printf("%-20s %8.2f %12llu %12.0f %10.2fx %8.1f%% %16.0f %8.0f %15.0f %10.2fx\n",
                 ("cached, " + std::to_string(mb) + " MB").c_str(), open_seconds,
-                static_cast<unsigned long long>(rows_read), rate, rate / resident_rate, 100 * hit_rate, per_token, rss);
+                static_cast<unsigned long long>(rows_read), rate, rate / resident_rate, 100 * hit_rate, per_token, rss,
+                routed_rate, routed_rate / resident_routed);
     rows.push_back({{"bench", "pool"},
                     {"case", "cached"},
                     {"cache_mb", mb},
@@ -284,6 +293,8 @@ int PoolBench(int argc, char** argv) {
                     {"open_rows_read", rows_read},
                     {"tokens_per_s", rate},
                     {"cached_over_resident", rate / resident_rate},
+                    {"routed_tokens_per_s", routed_rate},
+                    {"routed_cached_over_resident", routed_rate / resident_routed},
                     {"hit_rate", hit_rate},
                     {"store_bytes_per_token", per_token},
                     {"rss_mb", rss}});

@@ -188,11 +188,24 @@ bool PeerLayerImpl::UsesFusedKernel(const torch::Tensor& x) const {
 torch::Tensor PeerLayerImpl::MixFused(const torch::Tensor& x, const torch::Tensor& w, const Retrieval& r) const {
   const int64_t M = x.size(0), hk = w.size(1);
   torch::Tensor segment = r.segment.reshape({M, hk}), index = r.index.reshape({M, hk});
+  // The segments this step's retrieval reached: one behind the cache that it did not reach costs
+  // nothing (under a route of two, a pool of a thousand cached segments is two fetches, not a
+  // thousand passes over the step's retrieval).
+  std::vector<char> reached(segments_.size(), 0);
+  {
+    torch::Tensor present = std::get<0>(at::_unique(segment.flatten())).to(torch::kCPU);
+    for (int64_t i = 0; i < present.numel(); ++i) reached[present.data_ptr<int64_t>()[i]] = 1;
+  }
   std::vector<kernels::ExpertTable> tables;
   for (size_t pos = 0; pos < segments_.size(); ++pos) {
     const ExpertSegment& s = segments_[pos];
     if (s->resident()) {
       tables.push_back({s->down, s->up});
+      continue;
+    }
+    if (!reached[pos]) {
+      torch::Tensor none = torch::empty({0, d_model_}, x.options());
+      tables.push_back({none, none});
       continue;
     }
     // Rows behind a cache: fetch each distinct retrieved row once into a small table and point

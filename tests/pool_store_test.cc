@@ -200,6 +200,12 @@ TEST(PoolStore, CacheSmallerThanTheFrozenRowsGivesTheSameOutputsAndTrainingAsRes
     cached->eval();
     torch::Tensor tokens = torch::randint(256, {8, 16});
     EXPECT_TRUE(torch::equal(cached->forward(tokens), resident->forward(tokens)));
+    // Under a route that leaves cached segment 1 out, the step passes it over and computes the same.
+    ASSERT_TRUE(cached->SetRoute(Route{-1, {0, 2}}).ok());
+    ASSERT_TRUE(resident->SetRoute(Route{-1, {0, 2}}).ok());
+    EXPECT_TRUE(torch::equal(cached->forward(tokens), resident->forward(tokens)));
+    ASSERT_TRUE(cached->SetRoute(Route{}).ok());
+    ASSERT_TRUE(resident->SetRoute(Route{}).ok());
   }
   // Train both the same way: the frozen segments are read, segment 2 trains.
   Config c = StoreModel();
