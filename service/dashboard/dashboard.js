@@ -82,11 +82,11 @@ function lineChart(svg, series, marks = []) {
     svg.appendChild(el("text", {x: 4, y: sy(y) + 4}, fmt(y, 2)));
     svg.appendChild(el("text", {x: sx(x) - 10, y: H - 8}, String(Math.round(x))));
   }
-  for (const m of marks) {
-    if (m.x < x0 || m.x > x1) continue;
+  // Phase ends in step order, their labels on three staggered lines so that close ones stay legible.
+  marks.filter((m) => m.x >= x0 && m.x <= x1).sort((a, b) => a.x - b.x).forEach((m, i) => {
     svg.appendChild(el("line", {x1: sx(m.x), y1: T, x2: sx(m.x), y2: H - B, stroke: "#888", "stroke-dasharray": "4 3"}));
-    svg.appendChild(el("text", {x: sx(m.x) - 3, y: H - B - 4, "text-anchor": "end"}, m.label + " ends"));
-  }
+    svg.appendChild(el("text", {x: sx(m.x) - 3, y: H - B - 4 - 12 * (i % 3), "text-anchor": "end"}, m.label + " ends"));
+  });
   let drawn = 0;
   series.forEach((s, i) => {
     if (s.points.length === 0) return;
@@ -182,7 +182,8 @@ function drawEvaluations(report) {
   svg.setAttribute("width", L + cw * tasks.length + 10);
   const values = rows.flatMap((r) => r.bitsPerByte.map(num)).filter(Number.isFinite);
   const lo = Math.min(...values), hi = Math.max(...values);
-  tasks.forEach((t, j) => svg.appendChild(el("text", {x: L + j * cw + 2, y: 12}, t.slice(0, 12))));
+  const fits = Math.max(3, Math.floor(cw / 7));  // characters a column header has room for
+  tasks.forEach((t, j) => svg.appendChild(el("text", {x: L + j * cw + 2, y: 12}, t.length > fits ? t.slice(0, fits - 1) + "…" : t)));
   let cells = 0;
   rows.forEach((r, i) => {
     const y = T + i * ch;
