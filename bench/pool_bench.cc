@@ -106,6 +106,17 @@ double SecondsPerToken(Pool& p, const Shape& s, const Route& route) {
   return Median(per_token);
 }
 
+// Empties the kernel's page cache (needs root), so that what the next open reads comes from the disk.
+bool DropPageCache() {
+  sync();
+  std::ofstream drop("/proc/sys/vm/drop_caches");
+  drop << "3\n";
+  drop.flush();
+  return static_cast<bool>(drop);
+}
+
+json OrNull(bool measured, double value) { return measured ? json(value) : json(nullptr); }
+
 std::string Ms(double seconds) {
   char b[32];
   std::snprintf(b, sizeof b, "%.3f", seconds * 1e3);
@@ -119,7 +130,7 @@ int PoolBench(int argc, char** argv) {
   Shape s;
   std::vector<int64_t> cache_mb = {4, 64};
   std::string dir, json_out = "bench-out/pool.json";
-  bool as_json = false, keep = false;
+  bool as_json = false, keep = false, skip_resident = false, reuse = false, cold = false;
   app.add_option("--segments", s.segments, "frozen segments in the pool")
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
@@ -136,6 +147,11 @@ int PoolBench(int argc, char** argv) {
   app.add_option("--threads", s.threads, "compute threads")->capture_default_str();
   app.add_option("--dir", dir, "data directory to build the pool in (default: a fresh one under /tmp, removed)");
   app.add_flag("--keep", keep, "keep the data directory");
+  app.add_flag("--reuse", reuse, "open the pool an earlier --keep run left in --dir instead of building one");
+  app.add_flag("--skip-resident", skip_resident,
+               "cached residency only, for pools larger than memory: built under the first --cache-mb (each "
+               "segment's rows leave memory once stored), never opened resident");
+  app.add_flag("--cold", cold, "drop the page cache before each open (root): rows come from the disk");
   app.add_option("--json-out", json_out, "where to write the rows ('' = nowhere)")->capture_default_str();
   app.add_flag("--json", as_json, "print the rows as JSON lines; the last line is the summary object");
   CLI11_PARSE(app, argc, argv);
@@ -152,9 +168,24 @@ int PoolBench(int argc, char** argv) {
     std::fprintf(stderr, "peer-bench pool: %s\n", st.ToString().c_str());
     return 2;
   }
+  if (reuse && !std::filesystem::exists(dir + "/CURRENT")) {
+    std::fprintf(stderr,
+                 "peer-bench pool: --reuse needs --dir naming a pool an earlier --keep run built ('%s' holds none)\n",
+                 dir.c_str());
+    return 2;
+  }
+  if (skip_resident && cache_mb.empty()) {
+    std::fprintf(stderr, "peer-bench pool: --skip-resident needs at least one --cache-mb size\n");
+    return 2;
+  }
+  if (cold && !DropPageCache()) {
+    std::fprintf(stderr,
+                 "peer-bench pool: --cold cannot write /proc/sys/vm/drop_caches: run it as root, or without --cold\n");
+    return 2;
+  }
   SetComputeThreads(static_cast<int>(s.threads));
   if (dir.empty()) dir = "/tmp/peer-bench-pool-" + std::to_string(getpid());
-  std::filesystem::remove_all(dir);
+  if (!reuse) std::filesystem::remove_all(dir);
   const int64_t experts = s.segments * s.n_keys * s.n_keys;
   const double row_bytes = 2.0 * s.d_model * 2;  // a down and an up row of bf16
   std::printf(
@@ -176,10 +207,14 @@ int PoolBench(int argc, char** argv) {
   }
   std::filesystem::remove_all(dir + "-one");
 
-  // 2. The pool: S frozen segments written to the store, then a training segment on top.
-  double all = 0, routed = 0, build_seconds = 0;
-  {
-    Pool p(dir, c, {});
+  // 2. The pool: S frozen segments written to the store, then a training segment on top; per-token
+  // cost with every row resident (unless --skip-resident: then the rows leave memory as written).
+  double all = 0, routed = 0, build_seconds = 0, build_peak_rss = 0;
+  const bool timed_build = !reuse && !skip_resident;
+  if (!reuse) {
+    PoolStoreOptions o;
+    if (skip_resident) o.residency = Residency::kCached, o.cache_bytes = size_t(cache_mb[0]) << 20;
+    Pool p(dir, c, o);
     const auto start = Clock::now();
     int64_t first = p.model->PeerLayers()[0]->segments()[0]->id();
     p.Freeze(first);
@@ -190,17 +225,25 @@ int PoolBench(int argc, char** argv) {
                      static_cast<long long>(s.segments), Seconds(start));
     }
     build_seconds = Seconds(start);
-    const int64_t top = p.Add(s.n_keys);
-    all = SecondsPerToken(p, s, {});
-    routed = SecondsPerToken(p, s, Route{-1, {first, top}});
+    build_peak_rss = RssMb("VmHWM:");
+    if (timed_build) {
+      const int64_t top = p.Add(s.n_keys);
+      all = SecondsPerToken(p, s, {});
+      routed = SecondsPerToken(p, s, Route{-1, {first, top}});
+    }
   }
   std::printf("%-44s %14s %10s\n", "training step", "ms / 1k tokens", "vs one");
   std::printf("%-44s %14s %9.2fx\n", "one frozen segment", Ms(one * 1000).c_str(), 1.0);
-  std::printf("%-44s %14s %9.2fx\n", ("retrieval over all " + std::to_string(s.segments) + " segments").c_str(),
-              Ms(all * 1000).c_str(), all / one);
-  std::printf("%-44s %14s %9.2fx\n", "routed: the base and the training segment", Ms(routed * 1000).c_str(),
-              routed / one);
-  std::printf("(building the pool: %.1f s)\n", build_seconds);
+  if (timed_build) {
+    std::printf("%-44s %14s %9.2fx\n", ("retrieval over all " + std::to_string(s.segments) + " segments").c_str(),
+                Ms(all * 1000).c_str(), all / one);
+    std::printf("%-44s %14s %9.2fx\n", "routed: the base and the training segment", Ms(routed * 1000).c_str(),
+                routed / one);
+  } else {
+    std::printf("(all segments and routed with resident rows: not measured, %s)\n",
+                reuse ? "--reuse" : "--skip-resident");
+  }
+  if (!reuse) std::printf("(building the pool: %.1f s, peak RSS %.0f MB)\n", build_seconds, build_peak_rss);
 
   // The router of the routed policy with a branch per segment: what picking one costs per window
   // (evaluation and generation route each window by the bytes before it), and its memory.
@@ -232,6 +275,7 @@ int PoolBench(int argc, char** argv) {
   // Opens the data directory again: its time, and the rows it read (cached: none; the rows are
   // checked against their checksums afterwards, as peerd does beside training).
   auto open = [&](PoolStoreOptions o, double* seconds, uint64_t* rows_read) {
+    if (cold) DropPageCache();
     const auto start = Clock::now();
     auto p = std::make_unique<Pool>(dir, c, o);
     CheckOk(p->pool->Restore(p->model));
@@ -246,26 +290,26 @@ int PoolBench(int argc, char** argv) {
   };
   double open_resident = 0, resident_rate = 0, resident_routed = 0, resident_rss = 0;
   uint64_t resident_rows_read = 0;
-  {
+  std::printf("\n%-20s %8s %12s %12s %11s %9s %16s %8s %15s %11s\n", "frozen rows", "open s", "rows read", "tokens/s",
+              "vs resident", "hit rate", "store B / token", "RSS MB", "routed tokens/s", "vs resident");
+  if (!skip_resident) {
     auto p = open({}, &open_resident, &resident_rows_read);
     const int64_t top = p->Add(s.n_keys);
     resident_rate = 1 / SecondsPerToken(*p, s, {});
     resident_routed = 1 / SecondsPerToken(*p, s, routed_route(*p, top));
     resident_rss = RssMb();
+    std::printf("%-20s %8.2f %12llu %12.0f %11s %9s %16s %8.0f %15.0f %11s\n", "resident", open_resident,
+                static_cast<unsigned long long>(resident_rows_read), resident_rate, "1.00x", "-", "-", resident_rss,
+                resident_routed, "1.00x");
+    rows.push_back({{"bench", "pool"},
+                    {"case", "resident"},
+                    {"open_seconds", open_resident},
+                    {"open_rows_read", resident_rows_read},
+                    {"tokens_per_s", resident_rate},
+                    {"routed_tokens_per_s", resident_routed},
+                    {"rss_mb", resident_rss}});
   }
-  std::printf("\n%-20s %8s %12s %12s %11s %9s %16s %8s %15s %11s\n", "frozen rows", "open s", "rows read", "tokens/s",
-              "vs resident", "hit rate", "store B / token", "RSS MB", "routed tokens/s", "vs resident");
-  std::printf("%-20s %8.2f %12llu %12.0f %11s %9s %16s %8.0f %15.0f %11s\n", "resident", open_resident,
-              static_cast<unsigned long long>(resident_rows_read), resident_rate, "1.00x", "-", "-", resident_rss,
-              resident_routed, "1.00x");
-  rows.push_back({{"bench", "pool"},
-                  {"case", "resident"},
-                  {"open_seconds", open_resident},
-                  {"open_rows_read", resident_rows_read},
-                  {"tokens_per_s", resident_rate},
-                  {"routed_tokens_per_s", resident_routed},
-                  {"rss_mb", resident_rss}});
-  double open_cached = 0, first_cached_ratio = 0;
+  double open_cached = 0, first_cached_rate = 0;
   for (int64_t mb : cache_mb) {
     PoolStoreOptions o;
     o.residency = Residency::kCached;
@@ -282,42 +326,52 @@ int PoolBench(int argc, char** argv) {
     const double tokens = double((s.reps * s.steps + 1) * s.batch * s.context);
     const double hit_rate = hits + misses > 0 ? hits / (hits + misses) : 0, per_token = misses * row_bytes / tokens;
     const double rss = RssMb();
-    std::printf("%-20s %8.2f %12llu %12.0f %10.2fx %8.1f%% %16.0f %8.0f %15.0f %10.2fx\n",
+    auto vs_resident = [&](double rate_here, double rate_resident) {
+      char b[32] = "-";
+      if (!skip_resident) std::snprintf(b, sizeof b, "%.2fx", rate_here / rate_resident);
+      return std::string(b);
+    };
+    std::printf("%-20s %8.2f %12llu %12.0f %11s %8.1f%% %16.0f %8.0f %15.0f %11s\n",
                 ("cached, " + std::to_string(mb) + " MB").c_str(), open_seconds,
-                static_cast<unsigned long long>(rows_read), rate, rate / resident_rate, 100 * hit_rate, per_token, rss,
-                routed_rate, routed_rate / resident_routed);
+                static_cast<unsigned long long>(rows_read), rate, vs_resident(rate, resident_rate).c_str(),
+                100 * hit_rate, per_token, rss, routed_rate, vs_resident(routed_rate, resident_routed).c_str());
     rows.push_back({{"bench", "pool"},
                     {"case", "cached"},
                     {"cache_mb", mb},
                     {"open_seconds", open_seconds},
                     {"open_rows_read", rows_read},
                     {"tokens_per_s", rate},
-                    {"cached_over_resident", rate / resident_rate},
+                    {"cached_over_resident", OrNull(!skip_resident, rate / resident_rate)},
                     {"routed_tokens_per_s", routed_rate},
-                    {"routed_cached_over_resident", routed_rate / resident_routed},
+                    {"routed_cached_over_resident", OrNull(!skip_resident, routed_rate / resident_routed)},
                     {"hit_rate", hit_rate},
                     {"store_bytes_per_token", per_token},
                     {"rss_mb", rss}});
-    if (first_cached_ratio == 0) first_cached_ratio = rate / resident_rate, open_cached = open_seconds;
+    if (first_cached_rate == 0) first_cached_rate = rate, open_cached = open_seconds;
   }
-  if (!keep) std::filesystem::remove_all(dir);
-  const json summary = {{"bench", "pool"},
-                        {"segments", s.segments},
-                        {"experts", experts},
-                        {"n_keys", s.n_keys},
-                        {"d_model", s.d_model},
-                        {"seconds_per_token_one", one},
-                        {"seconds_per_token_all", all},
-                        {"seconds_per_token_routed", routed},
-                        {"segment_cost_ratio", all / one},
-                        {"segment_cost_ratio_routed", routed / one},
-                        {"cached_over_resident", first_cached_ratio},
-                        {"peak_rss_mb", RssMb("VmHWM:")},
-                        {"open_seconds", open_cached},
-                        {"open_seconds_resident", open_resident},
-                        {"build_seconds", build_seconds},
-                        {"route_window_microseconds", route_us},
-                        {"router_bytes", router_bytes}};
+  if (!keep && !reuse) std::filesystem::remove_all(dir);
+  const json summary = {
+      {"bench", "pool"},
+      {"segments", s.segments},
+      {"experts", experts},
+      {"n_keys", s.n_keys},
+      {"d_model", s.d_model},
+      {"seconds_per_token_one", one},
+      {"seconds_per_token_all", OrNull(timed_build, all)},
+      {"seconds_per_token_routed", OrNull(timed_build, routed)},
+      {"segment_cost_ratio", OrNull(timed_build, all / one)},
+      {"segment_cost_ratio_routed", OrNull(timed_build, routed / one)},
+      {"tokens_per_s_resident", OrNull(!skip_resident, resident_rate)},
+      {"tokens_per_s_cached", OrNull(!cache_mb.empty(), first_cached_rate)},
+      {"cached_over_resident", OrNull(!skip_resident && !cache_mb.empty(), first_cached_rate / resident_rate)},
+      {"peak_rss_mb", RssMb("VmHWM:")},
+      {"open_seconds", OrNull(!cache_mb.empty(), open_cached)},
+      {"open_seconds_resident", OrNull(!skip_resident, open_resident)},
+      {"cold", cold},
+      {"build_seconds", OrNull(!reuse, build_seconds)},
+      {"build_peak_rss_mb", OrNull(!reuse, build_peak_rss)},
+      {"route_window_microseconds", route_us},
+      {"router_bytes", router_bytes}};
   rows.push_back(summary);
   WriteJsonLines(json_out, rows);
   if (as_json) PrintJsonLines(rows);

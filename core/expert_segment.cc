@@ -39,13 +39,19 @@ ExpertSegmentImpl::ExpertSegmentImpl(int64_t id, torch::Tensor keys, int64_t d_m
   MarkFrozen();
 }
 
-void ExpertSegmentImpl::Freeze(torch::ScalarType hold_rows_as) {
+void ExpertSegmentImpl::Freeze(torch::ScalarType hold_rows_as, std::shared_ptr<ExpertRowSource> rows) {
   if (frozen()) return;
   for (auto& p : parameters()) {
     p.set_requires_grad(false);
     p.mutable_grad() = torch::Tensor();
   }
-  if (resident() && down.scalar_type() != hold_rows_as) {
+  if (rows) {
+    // As if restored from the store with cached residency: no row tensors, not even registered.
+    parameters_.erase("down");
+    parameters_.erase("up");
+    down = up = torch::Tensor();
+    source_ = std::move(rows);
+  } else if (resident() && down.scalar_type() != hold_rows_as) {
     torch::NoGradGuard no_grad;
     down = parameters_["down"] = down.to(hold_rows_as);  // re-point the registered parameter too
     up = parameters_["up"] = up.to(hold_rows_as);

@@ -53,8 +53,10 @@ class ExpertSegmentImpl : public torch::nn::Module {
   bool resident() const { return !source_; }
 
   // Marks the segment frozen, stops its gradients, converts resident rows to `hold_rows_as`
-  // (kBFloat16 to hold what a bf16 store holds) and records Checksum(). Idempotent.
-  void Freeze(torch::ScalarType hold_rows_as = torch::kFloat);
+  // (kBFloat16 to hold what a bf16 store holds) and records Checksum(). Given `rows` (a source
+  // over a copy of them already stored), the rows leave memory instead and are fetched through it
+  // from then on. Idempotent.
+  void Freeze(torch::ScalarType hold_rows_as = torch::kFloat, std::shared_ptr<ExpertRowSource> rows = nullptr);
   // xxHash3 over the bytes held in memory: sub_keys, then down and up when resident.
   uint64_t Checksum() const;
   // The checksum taken when the segment was frozen (0 while training).

@@ -53,11 +53,11 @@ Status PeerLayerImpl::AddSegmentWithId(int64_t id, int64_t n_keys) {
   return Status::OK();
 }
 
-Status PeerLayerImpl::FreezeSegment(int64_t id, torch::ScalarType hold_rows_as) {
+Status PeerLayerImpl::FreezeSegment(int64_t id, torch::ScalarType hold_rows_as, std::shared_ptr<ExpertRowSource> rows) {
   for (auto& s : segments_) {
     if (s->id() != id) continue;
     if (s->frozen()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
-    s->Freeze(hold_rows_as);
+    s->Freeze(hold_rows_as, std::move(rows));
     return Status::OK();
   }
   return Status::NotFound("no segment with id " + std::to_string(id));

@@ -57,9 +57,11 @@ class PeerLayerImpl : public torch::nn::Module {
   // Adds a training segment with a given id (restoring a checkpoint); FailedPrecondition if a
   // segment has that id.
   Status AddSegmentWithId(int64_t id, int64_t n_keys);
-  // Freezes segment `id`, holding its rows as `hold_rows_as` from then on; NotFound for an
-  // unknown id, FailedPrecondition if already frozen.
-  Status FreezeSegment(int64_t id, torch::ScalarType hold_rows_as = torch::kFloat);
+  // Freezes segment `id`, holding its rows as `hold_rows_as` from then on, or, given `rows`,
+  // reading them through that source (ExpertSegmentImpl::Freeze); NotFound for an unknown id,
+  // FailedPrecondition if already frozen.
+  Status FreezeSegment(int64_t id, torch::ScalarType hold_rows_as = torch::kFloat,
+                       std::shared_ptr<ExpertRowSource> rows = nullptr);
   // Puts a frozen segment restored from storage in its place (by id): it replaces a training
   // segment of the same id, which was frozen since the model was built. InvalidArgument if its
   // shapes do not fit this layer, FailedPrecondition if a frozen segment already has its id.

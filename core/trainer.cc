@@ -91,7 +91,11 @@ Status Trainer::FreezeSegment(size_t layer, int64_t id, const FreezeOptions& opt
     if (segment->frozen()) return Status::FailedPrecondition("segment " + std::to_string(id) + " is already frozen");
     if (Status st = options.persist(layer, *segment); !st.ok()) return st;
   }
-  Status st = layers[layer]->FreezeSegment(id, options.hold_rows_as);
+  std::shared_ptr<ExpertRowSource> rows;
+  if (options.leave_rows_to)
+    for (const auto& s : layers[layer]->segments())
+      if (s->id() == id && !s->frozen()) rows = options.leave_rows_to(layer, *s);
+  Status st = layers[layer]->FreezeSegment(id, options.hold_rows_as, std::move(rows));
   if (!st.ok()) return st;
   if (auto a = model_->adapters().find(id); a != model_->adapters().end() && !a->second->frozen())
     st = model_->FreezeAdapter(id);

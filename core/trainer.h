@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <memory>
 
 #include "core/adamw.h"
 #include "core/collective.h"
@@ -26,6 +27,10 @@ struct FreezeOptions {
   std::function<Status(size_t layer, const ExpertSegmentImpl& segment)> persist;
   // The dtype the frozen rows are held in afterwards (kBFloat16 to hold what a bf16 store holds).
   torch::ScalarType hold_rows_as = torch::kFloat;
+  // When set, the rows leave memory once frozen: the segment reads them through the source this
+  // returns (over the store `persist` wrote them to). Cached residency: a pool that grows by a
+  // segment per domain does not grow in memory with it.
+  std::function<std::shared_ptr<ExpertRowSource>(size_t layer, const ExpertSegmentImpl& segment)> leave_rows_to;
 };
 
 struct StepStats {

@@ -41,6 +41,22 @@ class StoreRowSource : public ExpertRowSource {
   SegmentManifest m_;
 };
 
+// The manifest of `seg`, frozen as `dtype` in PEER layer `layer`.
+SegmentManifest ManifestOf(size_t layer, const ExpertSegmentImpl& seg, RowDtype dtype, uint64_t step,
+                           uint64_t tokens_seen) {
+  SegmentManifest m;
+  m.set_layer(static_cast<uint32_t>(layer));
+  m.set_segment(static_cast<uint32_t>(seg.id()));
+  m.set_n_keys(static_cast<uint32_t>(seg.n_keys()));
+  m.set_d_model(static_cast<uint32_t>(seg.d_model()));
+  m.set_heads(static_cast<uint32_t>(seg.sub_keys.size(0)));
+  m.set_query_dim(static_cast<uint32_t>(seg.sub_keys.size(3) * 2));
+  m.set_dtype(dtype);
+  m.set_frozen_at_step(step);
+  m.set_tokens_seen(tokens_seen);
+  return m;
+}
+
 }  // namespace
 
 ExpertPoolStore::ExpertPoolStore(ExpertStore* store, PoolStoreOptions options)
@@ -53,16 +69,7 @@ FreezeOptions ExpertPoolStore::Freezing(RowDtype dtype, uint64_t step, uint64_t 
   o.hold_rows_as = TorchDtype(dtype);
   o.persist = [store = store_, dtype, step, tokens_seen](size_t layer, const ExpertSegmentImpl& seg) {
     torch::NoGradGuard no_grad;
-    SegmentManifest m;
-    m.set_layer(static_cast<uint32_t>(layer));
-    m.set_segment(static_cast<uint32_t>(seg.id()));
-    m.set_n_keys(static_cast<uint32_t>(seg.n_keys()));
-    m.set_d_model(static_cast<uint32_t>(seg.d_model()));
-    m.set_heads(static_cast<uint32_t>(seg.sub_keys.size(0)));
-    m.set_query_dim(static_cast<uint32_t>(seg.sub_keys.size(3) * 2));
-    m.set_dtype(dtype);
-    m.set_frozen_at_step(step);
-    m.set_tokens_seen(tokens_seen);
+    const SegmentManifest m = ManifestOf(layer, seg, dtype, step, tokens_seen);
     torch::Tensor keys = seg.sub_keys.detach().to(torch::kCPU, torch::kFloat).contiguous();
     // The same conversion the in-memory freeze applies, so memory and store hold the same bytes.
     torch::Tensor down = seg.down.detach().to(torch::kCPU, TorchDtype(dtype)).contiguous();
@@ -76,6 +83,12 @@ FreezeOptions ExpertPoolStore::Freezing(RowDtype dtype, uint64_t step, uint64_t 
                                   row->append(u + e * half, half);
                                 });
   };
+  // Cached residency: the rows just written are read from the store from now on, through the
+  // row cache, as if the pool had been opened with this segment in it.
+  if (options_.residency == Residency::kCached)
+    o.leave_rows_to = [cache = cache_, dtype](size_t layer, const ExpertSegmentImpl& seg) {
+      return std::make_shared<StoreRowSource>(cache, ManifestOf(layer, seg, dtype, 0, 0));
+    };
   return o;
 }
 

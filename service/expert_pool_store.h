@@ -5,7 +5,8 @@
 //
 // Two residency modes for frozen rows: kResident loads them all at restore (in the store's dtype:
 // bf16 rows cost 2 bytes a value in memory too); kCached leaves them in the store and serves the
-// rows retrieval selects through a bounded RowCache — for pools larger than memory. Opening a
+// rows retrieval selects through a bounded RowCache — for pools larger than memory; a segment
+// frozen while the pool is cached leaves memory as soon as it is stored. Opening a
 // cached pool reads manifests and sub-keys, not rows: its checksums are checked afterwards
 // (VerifyRestored), so that restarting does not take longer as the pool grows.
 #pragma once
@@ -41,7 +42,8 @@ class ExpertPoolStore {
   ExpertPoolStore(ExpertStore* store, PoolStoreOptions options);
 
   // For Trainer::FreezeSegment: persists the segment to the store as `dtype` (one synced
-  // WriteBatch) and then holds its rows in that dtype in memory.
+  // WriteBatch); then, resident, holds its rows in that dtype in memory, or, cached, drops them
+  // from memory and reads them from the store through the row cache.
   FreezeOptions Freezing(RowDtype dtype, uint64_t step, uint64_t tokens_seen) const;
 
   // Puts every frozen segment of the store into `model`'s PEER layers (by layer and id),

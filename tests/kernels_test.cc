@@ -120,6 +120,16 @@ struct RetrievalShape {
 
 class Retrieval : public ::testing::TestWithParam<RetrievalShape> {};
 
+// More segments than the CPU kernel scores in one pass (32), of varied sizes, the last training.
+RetrievalShape ManySegments() {
+  RetrievalShape sh{2, 45, 8, 4, {}, {}};
+  for (int s = 0; s < 70; ++s) {
+    sh.n_keys.push_back(4 + s % 5);
+    sh.training.push_back(s == 69);
+  }
+  return sh;
+}
+
 // Fused retrieval returns the brute-force top-k over every expert of every segment (scores equal
 // to q·key, best first), and its gradients equal autograd's through the same selected sums.
 TEST_P(Retrieval, FindsTheBruteForceTopKAndMatchesTheReferenceGradients) {
@@ -189,7 +199,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Retrieval,
                                            RetrievalShape{3, 50, 32, 16, {40, 16}, {false, true}},
                                            RetrievalShape{2, 129, 6, 3, {5, 5}, {false, false}},
                                            // More tokens than the scores' row block (256), not a multiple
-                                           RetrievalShape{2, 600, 8, 4, {24, 10}, {true, false}}));
+                                           RetrievalShape{2, 600, 8, 4, {24, 10}, {true, false}}, ManySegments()));
 
 // Scores that tie (sub-keys repeated: every row of scores holds three distinct values, so the
 // top-k's candidates far outnumber k) and rows with fewer than k numbers (NaN queries) take the

@@ -282,6 +282,58 @@ TEST(PoolStore, OpeningACachedPoolReadsNoRows) {
   EXPECT_EQ(verified, 0u) << "nothing left to check";
 }
 
+// A pool that grows for ever under cached residency must not grow in memory as it freezes: the
+// frozen rows leave the model for the store at once, and everything computes as if they stayed.
+TEST(PoolStore, FreezingACachedPoolLeavesTheRowsInTheStoreAndComputesWhatResidentDoes) {
+  struct Run {
+    std::vector<double> losses;
+    torch::Tensor logits;
+    int64_t held_values = 0, total_parameters = 0;
+    bool resident = true, rows_defined = true;
+    RowCache::Stats cache;
+  };
+  torch::manual_seed(11);
+  std::vector<torch::Tensor> batches;
+  for (int i = 0; i < 6; ++i) batches.push_back(torch::randint(256, {4, 17}));
+  const torch::Tensor tokens = torch::randint(256, {4, 16});
+  auto run = [&](Residency residency) {
+    Run out;
+    const std::string dir = FreshDir(residency == Residency::kCached ? "freeze-cached" : "freeze-resident");
+    std::unique_ptr<ExpertStore> store;
+    EXPECT_TRUE(ExpertStore::Open(dir + "/store", {}, &store).ok());
+    ExpertPoolStore pool(store.get(), {residency, 4 << 10});
+    torch::manual_seed(5);
+    Config c = StoreModel();
+    TransformerLM model(c.model());
+    Trainer trainer(model, c.train());
+    for (int i = 0; i < 3; ++i) out.losses.push_back(trainer.Step(batches[i]).loss);
+    EXPECT_TRUE(trainer.FreezeSegment(0, 0, pool.Freezing(ROW_DTYPE_BF16, 3, 192)).ok());
+    torch::manual_seed(6);
+    EXPECT_TRUE(trainer.AddSegment(0, 16).ok());
+    for (int i = 3; i < 6; ++i) out.losses.push_back(trainer.Step(batches[i]).loss);
+    const ExpertSegmentImpl& frozen = *model->PeerLayers()[0]->segments()[0];
+    out.resident = frozen.resident();
+    out.rows_defined = frozen.down.defined() || frozen.up.defined();
+    for (const auto& p : model->parameters()) out.held_values += p.numel();
+    out.total_parameters = model->TotalParameters();
+    torch::NoGradGuard no_grad;
+    model->eval();
+    out.logits = model->forward(tokens);
+    out.cache = pool.cache_stats();
+    return out;
+  };
+  const Run resident = run(Residency::kResident), cached = run(Residency::kCached);
+  EXPECT_TRUE(resident.resident);
+  EXPECT_FALSE(cached.resident) << "the frozen rows stayed in memory";
+  EXPECT_FALSE(cached.rows_defined);
+  EXPECT_EQ(resident.held_values - cached.held_values, 2 * 256 * 32) << "the model still holds the rows";
+  EXPECT_EQ(cached.total_parameters, resident.total_parameters);
+  EXPECT_GT(cached.cache.misses, 0u) << "the frozen rows were not read from the store";
+  EXPECT_EQ(resident.cache.misses, 0u);
+  EXPECT_EQ(cached.losses, resident.losses);
+  EXPECT_TRUE(torch::equal(cached.logits, resident.logits));
+}
+
 TEST(PoolStore, RestoreRefusesAStoreThatDoesNotFitTheModel) {
   const std::string dir = FreshDir("mismatch");
   BuildAndFreeze(dir);

@@ -83,6 +83,13 @@ PEERD_MULTIVERSION void SubKeyGradients(int64_t begin, int64_t end, int64_t s, i
 // Measured the same speed as whole [M, n] scores on a machine whose L3 (480 MB) held them anyway.
 constexpr int64_t kRowBlock = 256;
 
+// Segments scored per pass: each pass keeps every (segment, head, half)'s [M, k] top-k lists until
+// they are merged into the running best, 12·2·h·M·k bytes a segment (0.4 MB at h 4, M 512, k 8).
+// Scoring all segments before one merge made a step's peak memory grow by that per segment of the
+// pool (measured: 611 MB at 1,024 tiny segments against 195 MB at one); in passes it is bounded,
+// and 32 segments still give 256 tasks at h 4 to spread over the cores.
+constexpr int64_t kSegmentsPerPass = 32;
+
 struct SegmentTopK {
   torch::Tensor val[2];  // [M, k] per half, descending
   torch::Tensor ids[2];  // [M, k]
@@ -101,72 +108,76 @@ class RetrievalFunction : public torch::autograd::Function<RetrievalFunction> {
     // One task per (segment, head, half): its GEMM and the top-k of each row, while the scores
     // are warm in cache. The tasks spread over OpenMP's threads. Where BLAS runs the GEMMs (no
     // AVX-512), each gets one BLAS thread: the tasks already fill the cores (blas_threads.h).
-    std::vector<SegmentTopK> tops(S * h);                // [s · h + head]
     const bool avx512 = cpu::PackedMatrix::Available();  // query rows are unit-stride: see ProductKeyRetrieval
     std::optional<cpu::SingleThreadedBlas> one_blas_thread_per_task;
     if (!avx512) one_blas_thread_per_task.emplace();
-    for (int64_t t = 0; t < S * h; ++t) tops[t].n = keys[t / h].size(2);
-    at::parallel_for(0, S * h * 2, 1, [&](int64_t begin, int64_t end) {
-      // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
-      at::NoGradGuard no_grad;
-      cpu::TopKScratch scratch;
-      cpu::PackedMatrix packed;    // the keys as B [dk/2, n]
-      torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t s = task / (2 * h), hh = (task / 2) % h, part = task % 2;
-        SegmentTopK& top = tops[s * h + hh];
-        top.val[part] = torch::empty({M, k});
-        top.ids[part] = torch::empty({M, k}, torch::kLong);
-        const torch::Tensor q = query[hh].narrow(1, part * half, half), keys_part = keys[s][hh][part].contiguous();
-        if (avx512) packed.Pack(keys_part.data_ptr<float>(), half, top.n, 1, half);
-        if (!scores_block.defined() || scores_block.size(1) != top.n) scores_block = torch::empty({kRowBlock, top.n});
-        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-          const int64_t rows = std::min(kRowBlock, M - m0);
-          torch::Tensor block = scores_block.narrow(0, 0, rows);
-          // [rows, dk/2] x [dk/2, n] -> [rows, n]
-          const float* q_rows = q.data_ptr<float>() + m0 * q.stride(0);
-          if (avx512)
-            packed.Multiply(q_rows, q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
-          else
-            at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
-          cpu::TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
-                        top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
+    // The running k best per (token, head), across passes: s · 2^40 + expert names position and index.
+    std::vector<float> best_all(M * h * k, -std::numeric_limits<float>::infinity());
+    std::vector<int64_t> who_all(M * h * k, 0);
+    for (int64_t first = 0; first < S; first += kSegmentsPerPass) {
+      const int64_t count = std::min(kSegmentsPerPass, S - first);
+      std::vector<SegmentTopK> tops(count * h);  // [(s - first) · h + head]
+      for (int64_t t = 0; t < count * h; ++t) tops[t].n = keys[first + t / h].size(2);
+      at::parallel_for(0, count * h * 2, 1, [&](int64_t begin, int64_t end) {
+        // Grad mode is per thread, and OpenMP's workers have it on: this forward records nothing.
+        at::NoGradGuard no_grad;
+        cpu::TopKScratch scratch;
+        cpu::PackedMatrix packed;    // the keys as B [dk/2, n]
+        torch::Tensor scores_block;  // [kRowBlock, n]: the GEMM writes it, the top-k reads it from cache
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t s = first + task / (2 * h), hh = (task / 2) % h, part = task % 2;
+          SegmentTopK& top = tops[(s - first) * h + hh];
+          top.val[part] = torch::empty({M, k});
+          top.ids[part] = torch::empty({M, k}, torch::kLong);
+          const torch::Tensor q = query[hh].narrow(1, part * half, half), keys_part = keys[s][hh][part].contiguous();
+          if (avx512) packed.Pack(keys_part.data_ptr<float>(), half, top.n, 1, half);
+          if (!scores_block.defined() || scores_block.size(1) != top.n) scores_block = torch::empty({kRowBlock, top.n});
+          for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+            const int64_t rows = std::min(kRowBlock, M - m0);
+            torch::Tensor block = scores_block.narrow(0, 0, rows);
+            // [rows, dk/2] x [dk/2, n] -> [rows, n]
+            const float* q_rows = q.data_ptr<float>() + m0 * q.stride(0);
+            if (avx512)
+              packed.Multiply(q_rows, q.stride(0), 1, rows, block.data_ptr<float>(), top.n);
+            else
+              at::mm_out(block, q.narrow(0, m0, rows), keys_part.t());
+            cpu::TopKRows(block.data_ptr<float>(), top.n, k, 0, rows, top.val[part].data_ptr<float>() + m0 * k,
+                          top.ids[part].data_ptr<int64_t>() + m0 * k, scratch);
+          }
         }
-      }
-    });
-    // Merge: per token and head, the k best of every segment's k×k sums. Lists are descending, so
-    // once v1[a] + v2[b] cannot enter, neither can any later b; once v1[a] + v2[0] cannot, no later a.
-    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-      std::vector<float> best(k);
-      std::vector<int64_t> who(k);  // s · 2^40 + expert: position and index in one
-      for (int64_t m = begin; m < end; ++m) {
-        for (int64_t hh = 0; hh < h; ++hh) {
-          std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
-          std::fill(who.begin(), who.end(), int64_t{0});
-          for (int64_t s = 0; s < S; ++s) {
-            const SegmentTopK& top = tops[s * h + hh];
-            const float* v1 = top.val[0].data_ptr<float>() + m * k;
-            const float* v2 = top.val[1].data_ptr<float>() + m * k;
-            const int64_t* i1 = top.ids[0].data_ptr<int64_t>() + m * k;
-            const int64_t* i2 = top.ids[1].data_ptr<int64_t>() + m * k;
-            for (int64_t a = 0; a < k; ++a) {
-              if (!(v1[a] + v2[0] > best[k - 1])) break;
-              for (int64_t b = 0; b < k; ++b) {
-                const float sum = v1[a] + v2[b];
-                if (!(sum > best[k - 1])) break;
-                Offer(sum, (s << 40) | (i1[a] * top.n + i2[b]), best.data(), who.data(), k);
+      });
+      // Merge: per token and head, the k best of every segment's k×k sums. Lists are descending, so
+      // once v1[a] + v2[b] cannot enter, neither can any later b; once v1[a] + v2[0] cannot, no later a.
+      // Offered in ascending segment order, pass after pass: the same k best as one merge of all.
+      at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          for (int64_t hh = 0; hh < h; ++hh) {
+            float* best = best_all.data() + (m * h + hh) * k;
+            int64_t* who = who_all.data() + (m * h + hh) * k;
+            for (int64_t s = first; s < first + count; ++s) {
+              const SegmentTopK& top = tops[(s - first) * h + hh];
+              const float* v1 = top.val[0].data_ptr<float>() + m * k;
+              const float* v2 = top.val[1].data_ptr<float>() + m * k;
+              const int64_t* i1 = top.ids[0].data_ptr<int64_t>() + m * k;
+              const int64_t* i2 = top.ids[1].data_ptr<int64_t>() + m * k;
+              for (int64_t a = 0; a < k; ++a) {
+                if (!(v1[a] + v2[0] > best[k - 1])) break;
+                for (int64_t b = 0; b < k; ++b) {
+                  const float sum = v1[a] + v2[b];
+                  if (!(sum > best[k - 1])) break;
+                  Offer(sum, (s << 40) | (i1[a] * top.n + i2[b]), best, who, k);
+                }
               }
             }
           }
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t o = (m * h + hh) * k + j;
-            sp[o] = best[j];
-            gp[o] = who[j] >> 40;
-            ip[o] = who[j] & ((int64_t{1} << 40) - 1);
-          }
         }
-      }
-    });
+      });
+    }
+    for (int64_t o = 0; o < M * h * k; ++o) {
+      sp[o] = best_all[o];
+      gp[o] = who_all[o] >> 40;
+      ip[o] = who_all[o] & ((int64_t{1} << 40) - 1);
+    }
     std::vector<torch::Tensor> saved = {query, segment, index};
     saved.insert(saved.end(), keys.begin(), keys.end());
     ctx->save_for_backward(saved);
