@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <random>
 
 #include "bench/json_lines.h"
 #include "core/check_ok.h"
@@ -117,6 +116,80 @@ bool DropPageCache() {
 
 json OrNull(bool measured, double value) { return measured ? json(value) : json(nullptr); }
 
+// Up to `bytes` bytes of the file at `path` from `offset` ("" if it cannot be read).
+std::string ReadSome(const std::string& path, size_t offset, size_t bytes) {
+  std::ifstream in(path, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(offset));
+  std::string out(bytes, '\0');
+  in.read(out.data(), static_cast<std::streamsize>(bytes));
+  out.resize(static_cast<size_t>(std::max<std::streamsize>(0, in.gcount())));
+  return out;
+}
+
+struct RouterFigures {
+  bool measured = false;
+  int64_t domains = 0, windows = 0;
+  double us = 0;               // per window, median
+  double domain_accuracy = 0;  // windows sent to a branch of their own domain
+  uint64_t bytes = 0;
+};
+
+// The router with a branch per segment on real text: branch r observes 16 KB of the training text
+// of domain r mod D (its (r / D)-th chunk, so that many branches share a domain, as a lifetime of
+// domains would, and differ within it); 64 windows of each domain's held-out text are routed.
+// Domains are the folders of `corpora` holding train.txt and heldout.txt (scripts/corpora.sh).
+RouterFigures MeasureRouter(const Shape& s, const std::string& corpora) {
+  RouterFigures f;
+  std::vector<std::string> domains;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(corpora, ec))
+    if (std::filesystem::exists(e.path() / "train.txt") && std::filesystem::exists(e.path() / "heldout.txt"))
+      domains.push_back(e.path().string());
+  std::sort(domains.begin(), domains.end());
+  if (domains.size() < 2) {
+    std::printf("routing: not measured (no domains under '%s': scripts/corpora.sh builds them)\n", corpora.c_str());
+    return f;
+  }
+  const int64_t D = static_cast<int64_t>(domains.size());
+  constexpr size_t kBranchBytes = 16 << 10;
+  constexpr int kWindowsPerDomain = 64;
+  BigramRouter router;
+  std::vector<int64_t> domain_of(s.segments);
+  for (int64_t r = 0; r < s.segments; ++r) {
+    const std::string& d = domains[r % D];
+    const size_t chunks = std::max<size_t>(1, std::filesystem::file_size(d + "/train.txt") / kBranchBytes);
+    router.Observe(r, ReadSome(d + "/train.txt", (r / D) % chunks * kBranchBytes, kBranchBytes));
+    domain_of[r] = r % D;
+  }
+  f.bytes = router.StatisticsBytes();
+  std::vector<std::pair<std::string, int64_t>> windows;  // (text, domain)
+  const size_t length = static_cast<size_t>(s.context) + 1;
+  for (int64_t d = 0; d < D; ++d) {
+    const std::string held = ReadSome(domains[d] + "/heldout.txt", 0, 1 << 20);
+    if (held.size() < length) continue;
+    for (int w = 0; w < kWindowsPerDomain; ++w)
+      windows.push_back({held.substr((held.size() - length) * w / kWindowsPerDomain, length), d});
+  }
+  const double n = double(windows.size());
+  std::vector<int64_t> chosen(windows.size());
+  std::vector<double> per_window;
+  for (int64_t rep = 0; rep < s.reps; ++rep) {
+    const auto start = Clock::now();
+    for (size_t w = 0; w < windows.size(); ++w) chosen[w] = router.Choose(windows[w].first);
+    per_window.push_back(Seconds(start) / n * 1e6);
+  }
+  f.us = Median(per_window);
+  for (size_t w = 0; w < windows.size(); ++w) f.domain_accuracy += domain_of[chosen[w]] == windows[w].second;
+  f.measured = true, f.domains = D, f.windows = static_cast<int64_t>(windows.size());
+  f.domain_accuracy /= n;
+  std::printf(
+      "routing a %zu-byte window among %lld branches (%lld domains, %lld held-out windows): %.0f µs (%.2f µs per "
+      "byte), to a branch of its own domain %.1f%%; statistics %.1f MB\n",
+      length, static_cast<long long>(s.segments), static_cast<long long>(D), static_cast<long long>(f.windows), f.us,
+      f.us / double(length), 100 * f.domain_accuracy, f.bytes / 1e6);
+  return f;
+}
+
 std::string Ms(double seconds) {
   char b[32];
   std::snprintf(b, sizeof b, "%.3f", seconds * 1e3);
@@ -129,7 +202,7 @@ int PoolBench(int argc, char** argv) {
   CLI::App app{"peer-bench pool: training cost, open time and the row cache of a large frozen pool"};
   Shape s;
   std::vector<int64_t> cache_mb = {4, 64};
-  std::string dir, json_out = "bench-out/pool.json";
+  std::string dir, json_out = "bench-out/pool.json", corpora = "data/corpora";
   bool as_json = false, keep = false, skip_resident = false, reuse = false, cold = false;
   app.add_option("--segments", s.segments, "frozen segments in the pool")
       ->capture_default_str()
@@ -144,6 +217,8 @@ int PoolBench(int argc, char** argv) {
   app.add_option("--cache-mb", cache_mb, "row cache sizes to train under (cached residency)")
       ->capture_default_str()
       ->delimiter(',');
+  app.add_option("--corpora", corpora, "domains whose text the router's branches observe (scripts/corpora.sh)")
+      ->capture_default_str();
   app.add_option("--threads", s.threads, "compute threads")->capture_default_str();
   app.add_option("--dir", dir, "data directory to build the pool in (default: a fresh one under /tmp, removed)");
   app.add_flag("--keep", keep, "keep the data directory");
@@ -245,31 +320,9 @@ int PoolBench(int argc, char** argv) {
   }
   if (!reuse) std::printf("(building the pool: %.1f s, peak RSS %.0f MB)\n", build_seconds, build_peak_rss);
 
-  // The router of the routed policy with a branch per segment: what picking one costs per window
-  // (evaluation and generation route each window by the bytes before it), and its memory.
-  double route_us = 0;
-  uint64_t router_bytes = 0;
-  {
-    BigramRouter router;
-    std::mt19937_64 rng(7);
-    std::string text(4096, ' ');
-    for (int64_t r = 0; r < s.segments; ++r) {
-      for (char& ch : text) ch = static_cast<char>('a' + rng() % (4 + r % 22));  // routes that differ
-      router.Observe(r, text);
-    }
-    router_bytes = router.StatisticsBytes();
-    std::vector<double> per_window;
-    for (int64_t rep = 0; rep < s.reps; ++rep) {
-      const auto start = Clock::now();
-      int64_t sink = 0;
-      for (int i = 0; i < 20; ++i) sink += router.Choose(std::string_view(text).substr(i * 64, s.context));
-      per_window.push_back(Seconds(start) / 20 * 1e6 + double(sink < -1));
-    }
-    route_us = Median(per_window);
-  }
-  std::printf("routing a window of %lld bytes among %lld branches: %.0f µs (%.2f µs per byte), statistics %.1f MB\n",
-              static_cast<long long>(s.context), static_cast<long long>(s.segments), route_us,
-              route_us / double(s.context), router_bytes / 1e6);
+  // The router of the routed policy with a branch per segment (evaluation and generation route
+  // each window by the bytes before it): its cost per window, memory, and what its shortlist loses.
+  const RouterFigures router = MeasureRouter(s, corpora);
 
   // 3. Opening the data directory again, rows resident and cached, and training beside each.
   // Opens the data directory again: its time, and the rows it read (cached: none; the rows are
@@ -370,8 +423,9 @@ int PoolBench(int argc, char** argv) {
       {"cold", cold},
       {"build_seconds", OrNull(!reuse, build_seconds)},
       {"build_peak_rss_mb", OrNull(!reuse, build_peak_rss)},
-      {"route_window_microseconds", route_us},
-      {"router_bytes", router_bytes}};
+      {"route_window_microseconds", OrNull(router.measured, router.us)},
+      {"route_domain_accuracy", OrNull(router.measured, router.domain_accuracy)},
+      {"router_bytes", router.bytes}};
   rows.push_back(summary);
   WriteJsonLines(json_out, rows);
   if (as_json) PrintJsonLines(rows);
