@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-pool format clean
+.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-pool bench-pool-16m format clean
 
 all: build
 
@@ -59,8 +59,23 @@ endif
 
 # A lifetime of frozen segments: training cost at 1 and 1,024 segments, open time, row cache
 # (bench/POOL.md; about 2 minutes).
-bench-pool: build
+bench-pool: build corpora
 	@for s in 1 64 256 1024; do ./$(BUILD)/peer-bench pool --segments $$s --cache-mb 1,16 --json-out bench-out/pool-$$s.json || exit 1; done
+
+# The issue's large pool: 16M experts of D 256 (17 GB of bf16 rows in RocksDB, and 17 GB of memory
+# for the resident side), built once under cached residency, then trained resident and under a
+# 256 MB row cache in one process, and cached again from a cold page cache in a 1.5 GB memory
+# cgroup — a pool ten times larger than its memory (root; bench/POOL.md; about 12 minutes).
+POOL16M ?= /tmp/peer-bench-pool-16m
+bench-pool-16m: build corpora
+	@./$(BUILD)/peer-bench pool --segments 256 --experts 16777216 --d-model 256 --skip-resident --cache-mb 256 \
+	    --steps 4 --reps 1 --dir $(POOL16M) --keep --json-out bench-out/pool-16m-build.json
+	@./$(BUILD)/peer-bench pool --segments 256 --experts 16777216 --d-model 256 --reuse --dir $(POOL16M) \
+	    --cache-mb 256 --steps 40 --reps 3 --json-out bench-out/pool-16m.json
+	@scripts/with_memory_limit.sh 1536M ./$(BUILD)/peer-bench pool --segments 256 --experts 16777216 --d-model 256 \
+	    --reuse --skip-resident --cold --dir $(POOL16M) --cache-mb 256 --steps 40 --reps 3 \
+	    --json-out bench-out/pool-16m-limited.json
+	@rm -rf $(POOL16M)
 
 # Data-parallel training: 1, 2, 4 ranks of one thread beside one process (bench/SCALING.md; ~4 minutes).
 bench-scaling: build corpora

@@ -128,15 +128,20 @@ std::string ReadSome(const std::string& path, size_t offset, size_t bytes) {
 
 struct RouterFigures {
   bool measured = false;
-  int64_t domains = 0, windows = 0;
-  double us = 0;               // per window, median
-  double domain_accuracy = 0;  // windows sent to a branch of their own domain
+  int64_t domains = 0, windows = 0, clusters = 0, largest_cluster = 0;
+  double all_us = 0, us = 0;                            // per window, medians: every branch scored; clustered
+  double scored = 0;                                    // bigram models the clustered search evaluates a window
+  double same = 0;                                      // windows where it picks the branch scoring all picks
+  double domain_accuracy_all = 0, domain_accuracy = 0;  // windows sent to a branch of their own domain
+  double regret_bits_per_byte = 0;  // mean likelihood its choice gives up against the best, per byte
+  double observe_seconds = 0;       // building the statistics, the clustering included
   uint64_t bytes = 0;
 };
 
 // The router with a branch per segment on real text: branch r observes 16 KB of the training text
 // of domain r mod D (its (r / D)-th chunk, so that many branches share a domain, as a lifetime of
-// domains would, and differ within it); 64 windows of each domain's held-out text are routed.
+// domains would, and differ within it); 64 windows of each domain's held-out text are routed by
+// the router as it is (clustered beyond BigramRouter::kScoreAll branches) and scoring every branch.
 // Domains are the folders of `corpora` holding train.txt and heldout.txt (scripts/corpora.sh).
 RouterFigures MeasureRouter(const Shape& s, const std::string& corpora) {
   RouterFigures f;
@@ -155,12 +160,14 @@ RouterFigures MeasureRouter(const Shape& s, const std::string& corpora) {
   constexpr int kWindowsPerDomain = 64;
   BigramRouter router;
   std::vector<int64_t> domain_of(s.segments);
+  const auto observing = Clock::now();
   for (int64_t r = 0; r < s.segments; ++r) {
     const std::string& d = domains[r % D];
     const size_t chunks = std::max<size_t>(1, std::filesystem::file_size(d + "/train.txt") / kBranchBytes);
     router.Observe(r, ReadSome(d + "/train.txt", (r / D) % chunks * kBranchBytes, kBranchBytes));
     domain_of[r] = r % D;
   }
+  f.observe_seconds = Seconds(observing);
   f.bytes = router.StatisticsBytes();
   std::vector<std::pair<std::string, int64_t>> windows;  // (text, domain)
   const size_t length = static_cast<size_t>(s.context) + 1;
@@ -171,22 +178,49 @@ RouterFigures MeasureRouter(const Shape& s, const std::string& corpora) {
       windows.push_back({held.substr((held.size() - length) * w / kWindowsPerDomain, length), d});
   }
   const double n = double(windows.size());
-  std::vector<int64_t> chosen(windows.size());
-  std::vector<double> per_window;
-  for (int64_t rep = 0; rep < s.reps; ++rep) {
-    const auto start = Clock::now();
-    for (size_t w = 0; w < windows.size(); ++w) chosen[w] = router.Choose(windows[w].first);
-    per_window.push_back(Seconds(start) / n * 1e6);
+  // Each window routed `reps` times; the median of the mean µs per window.
+  auto route_all = [&](std::vector<int64_t>* chosen, double* scored) {
+    std::vector<double> per_window;
+    for (int64_t rep = 0; rep < s.reps; ++rep) {
+      size_t sum = 0;
+      const auto start = Clock::now();
+      for (size_t w = 0; w < windows.size(); ++w) {
+        size_t k = 0;
+        (*chosen)[w] = router.Choose(windows[w].first, &k);
+        sum += k;
+      }
+      per_window.push_back(Seconds(start) / n * 1e6);
+      *scored = double(sum) / n;
+    }
+    return Median(per_window);
+  };
+  std::vector<int64_t> best(windows.size()), chosen(windows.size());
+  double all_scored = 0;
+  const size_t probes = router.probes();
+  router.set_probes(0);
+  f.all_us = route_all(&best, &all_scored);
+  router.set_probes(probes);
+  f.us = route_all(&chosen, &f.scored);
+  for (size_t w = 0; w < windows.size(); ++w) {
+    const std::vector<double> ll = router.LogLikelihoods(windows[w].first);  // by id: 0 … S−1
+    f.same += chosen[w] == best[w];
+    f.domain_accuracy_all += domain_of[best[w]] == windows[w].second;
+    f.domain_accuracy += domain_of[chosen[w]] == windows[w].second;
+    f.regret_bits_per_byte += (ll[best[w]] - ll[chosen[w]]) / std::log(2.0) / double(length - 1);
   }
-  f.us = Median(per_window);
-  for (size_t w = 0; w < windows.size(); ++w) f.domain_accuracy += domain_of[chosen[w]] == windows[w].second;
+  for (const auto& k : router.clusters()) f.largest_cluster = std::max<int64_t>(f.largest_cluster, k.size());
   f.measured = true, f.domains = D, f.windows = static_cast<int64_t>(windows.size());
-  f.domain_accuracy /= n;
+  f.clusters = static_cast<int64_t>(router.clusters().size());
+  f.same /= n, f.domain_accuracy_all /= n, f.domain_accuracy /= n, f.regret_bits_per_byte /= n;
   std::printf(
-      "routing a %zu-byte window among %lld branches (%lld domains, %lld held-out windows): %.0f µs (%.2f µs per "
-      "byte), to a branch of its own domain %.1f%%; statistics %.1f MB\n",
-      length, static_cast<long long>(s.segments), static_cast<long long>(D), static_cast<long long>(f.windows), f.us,
-      f.us / double(length), 100 * f.domain_accuracy, f.bytes / 1e6);
+      "routing a %zu-byte window among %lld branches (%lld domains, %lld held-out windows; %lld clusters, the largest "
+      "%lld): every branch scored %.0f µs, to its own domain %.1f%%; as routed %.0f µs (%.1fx faster), %.0f models "
+      "scored, to its own domain %.1f%%, the same branch %.1f%%, %.4f bits/byte given up; statistics %.1f MB, "
+      "built in %.1f s\n",
+      length, static_cast<long long>(s.segments), static_cast<long long>(D), static_cast<long long>(f.windows),
+      static_cast<long long>(f.clusters), static_cast<long long>(f.largest_cluster), f.all_us,
+      100 * f.domain_accuracy_all, f.us, f.all_us / f.us, f.scored, 100 * f.domain_accuracy, 100 * f.same,
+      f.regret_bits_per_byte, f.bytes / 1e6, f.observe_seconds);
   return f;
 }
 
@@ -424,7 +458,14 @@ int PoolBench(int argc, char** argv) {
       {"build_seconds", OrNull(!reuse, build_seconds)},
       {"build_peak_rss_mb", OrNull(!reuse, build_peak_rss)},
       {"route_window_microseconds", OrNull(router.measured, router.us)},
+      {"route_window_microseconds_all_scored", OrNull(router.measured, router.all_us)},
+      {"route_models_scored", OrNull(router.measured, router.scored)},
+      {"route_same_as_all_scored", OrNull(router.measured, router.same)},
       {"route_domain_accuracy", OrNull(router.measured, router.domain_accuracy)},
+      {"route_domain_accuracy_all_scored", OrNull(router.measured, router.domain_accuracy_all)},
+      {"route_regret_bits_per_byte", OrNull(router.measured, router.regret_bits_per_byte)},
+      {"route_clusters", OrNull(router.measured, double(router.clusters))},
+      {"router_build_seconds", OrNull(router.measured, router.observe_seconds)},
       {"router_bytes", router.bytes}};
   rows.push_back(summary);
   WriteJsonLines(json_out, rows);

@@ -1,17 +1,24 @@
 #include "core/text_router.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 namespace peerd {
 
 namespace {
 
-// Serialized counts: "BGR1", β, the number of routes, then per route its id, total, the 256
-// predecessor and 256 single counts, the number of non-zero bigrams and each as (a·256 + b, count).
-// Fixed-width little-endian integers.
-constexpr char kMagic[] = "BGR1";
+// Serialized counts: "BGR2", β, the number of routes, then per route its id, total, the 256
+// predecessor and 256 single counts, the number of non-zero bigrams and each as (a·256 + b, count);
+// then the number of clusters, the clustered routes at the last fresh clustering, and per route
+// (in the same order) its cluster, or 2^32 − 1 for none.
+// Fixed-width little-endian integers. "BGR1" is the same without the clusters (read, then
+// clustered afresh in id order).
+constexpr char kMagic[] = "BGR2";
+constexpr char kMagicV1[] = "BGR1";
+constexpr uint32_t kNoCluster = 0xffffffff;
 
 template <typename T>
 void Put(std::string* out, T v) {
@@ -37,17 +44,138 @@ struct Reader {
 
 }  // namespace
 
-void BigramRouter::Observe(int64_t route, std::string_view text) {
-  Counts& c = routes_[route];
+void BigramRouter::Counts::Add(std::string_view text) {
   for (size_t i = 0; i < text.size(); ++i) {
     const auto b = static_cast<unsigned char>(text[i]);
-    c.single[b]++;
-    c.total++;
+    single[b]++;
+    total++;
     if (i == 0) continue;
     const auto a = static_cast<unsigned char>(text[i - 1]);
-    if (c.pair[a * 256 + b] < std::numeric_limits<uint32_t>::max()) c.pair[a * 256 + b]++;
-    c.first[a]++;
+    if (pair[a * 256 + b] < std::numeric_limits<uint32_t>::max()) pair[a * 256 + b]++;
+    first[a]++;
   }
+}
+
+void BigramRouter::Counts::Add(const Counts& other) {
+  for (size_t i = 0; i < pair.size(); ++i)
+    pair[i] = static_cast<uint32_t>(std::min<uint64_t>(uint64_t{pair[i]} + other.pair[i], UINT32_MAX));
+  for (size_t i = 0; i < 256; ++i) first[i] += other.first[i], single[i] += other.single[i];
+  total += other.total;
+}
+
+void BigramRouter::Observe(int64_t route, std::string_view text) {
+  Counts& c = routes_[route];
+  const bool had_counts = c.total > 0;
+  c.Add(text);
+  if (auto in = cluster_of_.find(route); in != cluster_of_.end()) {
+    clusters_[in->second].sum.Add(text);
+    return;
+  }
+  if (c.total >= kAssignBytes) {
+    unclustered_.erase(std::remove(unclustered_.begin(), unclustered_.end(), route), unclustered_.end());
+    Assign(route, c);
+  } else if (!had_counts && c.total > 0) {
+    unclustered_.insert(std::upper_bound(unclustered_.begin(), unclustered_.end(), route), route);
+  }
+}
+
+std::vector<float> BigramRouter::LogTable(const Counts& m) const {
+  std::vector<float> table(256 * 256);
+  for (int b = 0; b < 256; ++b) {
+    const double unigram = (m.single[b] + 1.0) / (m.total + 256.0);
+    for (int a = 0; a < 256; ++a)
+      table[a * 256 + b] = static_cast<float>(std::log((m.pair[a * 256 + b] + beta_ * unigram) / (m.first[a] + beta_)));
+  }
+  return table;
+}
+
+namespace {
+
+// A route's non-zero bigram counts, (a·256 + b, count), and their sum.
+struct SparseCounts {
+  std::vector<std::pair<uint16_t, uint32_t>> pairs;
+  double total = 0;
+};
+
+// Σ c(a, b) · log p(b | a) / Σ c(a, b) under the model whose LogTable is `table`.
+double Explains(const std::vector<float>& table, const SparseCounts& c) {
+  double sum = 0;
+  for (const auto& [at, n] : c.pairs) sum += n * double(table[at]);
+  return c.total > 0 ? sum / c.total : 0;
+}
+
+}  // namespace
+
+void BigramRouter::Assign(int64_t route, const Counts& c) {
+  cluster_of_[route] = clusters_.size();  // a placeholder until clustered
+  if (clusters_.empty() || cluster_of_.size() >= 2 * reclustered_at_) return Recluster();
+  SparseCounts sparse;
+  for (uint32_t i = 0; i < c.pair.size(); ++i)
+    if (c.pair[i]) sparse.pairs.push_back({static_cast<uint16_t>(i), c.pair[i]}), sparse.total += c.pair[i];
+  // Logarithms of the route's bigrams alone under each cluster: a whole LogTable per cluster would
+  // cost 65,536 of them each.
+  size_t best = 0;
+  double best_ll = -std::numeric_limits<double>::infinity();
+  for (size_t k = 0; k < clusters_.size(); ++k) {
+    const Counts& m = clusters_[k].sum;
+    double ll = 0;
+    for (const auto& [at, n] : sparse.pairs) {
+      const int a = at / 256, b = at % 256;
+      const double unigram = (m.single[b] + 1.0) / (m.total + 256.0);
+      ll += n * std::log((m.pair[at] + beta_ * unigram) / (m.first[a] + beta_));
+    }
+    if (ll > best_ll) best = k, best_ll = ll;
+  }
+  clusters_[best].sum.Add(c);
+  auto& m = clusters_[best].members;
+  m.insert(std::upper_bound(m.begin(), m.end(), route), route);
+  cluster_of_[route] = best;
+}
+
+void BigramRouter::Recluster() {
+  std::vector<int64_t> ids;
+  std::vector<SparseCounts> sparse;
+  for (const auto& [id, c] : routes_) {
+    if (!cluster_of_.count(id)) continue;
+    ids.push_back(id);
+    SparseCounts s;
+    for (uint32_t i = 0; i < c.pair.size(); ++i)
+      if (c.pair[i]) s.pairs.push_back({static_cast<uint16_t>(i), c.pair[i]}), s.total += c.pair[i];
+    sparse.push_back(std::move(s));
+  }
+  const size_t n = ids.size(), K = static_cast<size_t>(std::ceil(std::sqrt(static_cast<double>(n))));
+  // Seeds, farthest first: the smallest id, then each time the route its nearest seed explains worst.
+  std::vector<std::vector<float>> tables;
+  std::vector<double> nearest(n, -std::numeric_limits<double>::infinity());
+  for (size_t seed = 0; tables.size() < K;) {
+    tables.push_back(LogTable(routes_.at(ids[seed])));
+    for (size_t i = 0; i < n; ++i) nearest[i] = std::max(nearest[i], Explains(tables.back(), sparse[i]));
+    seed = std::min_element(nearest.begin(), nearest.end()) - nearest.begin();
+  }
+  // Lloyd's iterations: each route to the model that explains it best, each model the sum of its routes.
+  std::vector<size_t> of(n);
+  std::vector<Counts> sums;
+  for (int iteration = 0; iteration < 4; ++iteration) {
+    for (size_t i = 0; i < n; ++i) {
+      double best = -std::numeric_limits<double>::infinity();
+      for (size_t k = 0; k < tables.size(); ++k)
+        if (const double ll = Explains(tables[k], sparse[i]); ll > best) of[i] = k, best = ll;
+    }
+    sums.assign(tables.size(), Counts{});
+    for (size_t i = 0; i < n; ++i) sums[of[i]].Add(routes_.at(ids[i]));
+    for (size_t k = 0; k < tables.size(); ++k)
+      if (sums[k].total > 0) tables[k] = LogTable(sums[k]);
+  }
+  // The clusters that kept routes, in order of their first member.
+  std::vector<size_t> renumber(tables.size(), SIZE_MAX);
+  clusters_.clear();
+  for (size_t i = 0; i < n; ++i) {
+    size_t& k = renumber[of[i]];
+    if (k == SIZE_MAX) k = clusters_.size(), clusters_.push_back(Cluster{std::move(sums[of[i]]), {}});
+    clusters_[k].members.push_back(ids[i]);  // ids ascend
+    cluster_of_[ids[i]] = k;
+  }
+  reclustered_at_ = n;
 }
 
 double BigramRouter::LogLikelihood(const Counts& c, std::string_view text) const {
@@ -66,16 +194,46 @@ std::vector<double> BigramRouter::LogLikelihoods(std::string_view text) const {
   return out;
 }
 
-int64_t BigramRouter::Choose(std::string_view text) const {
+int64_t BigramRouter::Choose(std::string_view text, size_t* scored) const {
+  if (scored) *scored = 0;
   if (text.size() < 2) return -1;
   int64_t best = -1;
   double best_ll = -std::numeric_limits<double>::infinity();
-  for (const auto& [id, c] : routes_) {
-    if (c.total == 0) continue;
+  auto consider = [&](int64_t id, const Counts& c) {
+    if (c.total == 0) return;
     const double ll = LogLikelihood(c, text);
+    if (scored) ++*scored;
     if (ll > best_ll) best = id, best_ll = ll;
+  };
+  if (routes_.size() <= kScoreAll || probes_ == 0 || clusters_.size() <= probes_) {
+    for (const auto& [id, c] : routes_) consider(id, c);
+    return best;
   }
+  // The clusters whose models explain the text best, then their members and the unclustered.
+  std::vector<std::pair<double, size_t>> ranked;  // (−log-likelihood, cluster)
+  for (size_t k = 0; k < clusters_.size(); ++k) ranked.push_back({-LogLikelihood(clusters_[k].sum, text), k});
+  if (scored) *scored += clusters_.size();
+  std::sort(ranked.begin(), ranked.end());
+  // The clusters' posterior under a uniform prior, p_k ∝ exp(log-likelihood_k): probed best first
+  // until what is left holds less than kPosteriorLeft of it (or `probes_` are probed).
+  double mass = 0;
+  for (const auto& [neg_ll, k] : ranked) mass += std::exp(ranked[0].first - neg_ll);
+  std::vector<int64_t> candidates = unclustered_;
+  double probed = 0;
+  for (size_t i = 0; i < probes_ && (i == 0 || 1 - probed / mass >= kPosteriorLeft); ++i) {
+    probed += std::exp(ranked[0].first - ranked[i].first);
+    const std::vector<int64_t>& m = clusters_[ranked[i].second].members;
+    candidates.insert(candidates.end(), m.begin(), m.end());
+  }
+  std::sort(candidates.begin(), candidates.end());  // ascending: ties go to the smallest id
+  for (int64_t id : candidates) consider(id, routes_.at(id));
   return best;
+}
+
+std::vector<std::vector<int64_t>> BigramRouter::clusters() const {
+  std::vector<std::vector<int64_t>> out;
+  for (const Cluster& k : clusters_) out.push_back(k.members);
+  return out;
 }
 
 std::vector<int64_t> BigramRouter::routes() const {
@@ -85,7 +243,8 @@ std::vector<int64_t> BigramRouter::routes() const {
 }
 
 uint64_t BigramRouter::StatisticsBytes() const {
-  return routes_.size() * (256 * 256 * sizeof(uint32_t) + 2 * 256 * sizeof(uint64_t) + sizeof(uint64_t));
+  return (routes_.size() + clusters_.size()) *
+         (256 * 256 * sizeof(uint32_t) + 2 * 256 * sizeof(uint64_t) + sizeof(uint64_t));
 }
 
 std::string BigramRouter::Serialize() const {
@@ -106,6 +265,12 @@ std::string BigramRouter::Serialize() const {
     for (uint32_t i = 0; i < c.pair.size(); ++i)
       if (c.pair[i]) Put<uint16_t>(&out, static_cast<uint16_t>(i)), Put<uint32_t>(&out, c.pair[i]);
   }
+  Put<uint32_t>(&out, static_cast<uint32_t>(clusters_.size()));
+  Put<uint32_t>(&out, static_cast<uint32_t>(reclustered_at_));
+  for (const auto& [id, c] : routes_) {
+    const auto in = cluster_of_.find(id);
+    Put<uint32_t>(&out, in == cluster_of_.end() ? kNoCluster : static_cast<uint32_t>(in->second));
+  }
   return out;
 }
 
@@ -113,8 +278,9 @@ Status BigramRouter::Parse(std::string_view bytes) {
   const auto corrupt = [](const std::string& why) {
     return Status::Corruption("the router's statistics are damaged: " + why);
   };
-  if (bytes.substr(0, 4) != std::string_view(kMagic, 4))
-    return corrupt("they do not start with " + std::string(kMagic));
+  const bool v1 = bytes.substr(0, 4) == std::string_view(kMagicV1, 4);
+  if (!v1 && bytes.substr(0, 4) != std::string_view(kMagic, 4))
+    return corrupt("they do not start with " + std::string(kMagic) + " or " + kMagicV1);
   Reader r{bytes.substr(4)};
   const uint64_t beta_bits = r.Get<uint64_t>();
   double beta;
@@ -130,11 +296,45 @@ Status BigramRouter::Parse(std::string_view bytes) {
       c.pair[at] = r.Get<uint32_t>();
     }
   }
+  std::vector<uint32_t> cluster_of;  // per route in id order (BGR2)
+  uint32_t clusters = 0, reclustered_at = 0;
+  if (!v1 && r.ok) {
+    clusters = r.Get<uint32_t>();
+    reclustered_at = r.Get<uint32_t>();
+    for (size_t i = 0; r.ok && i < routes.size(); ++i) cluster_of.push_back(r.Get<uint32_t>());
+  }
   if (!r.ok) return corrupt("they end early");
   if (!r.in.empty()) return corrupt(std::to_string(r.in.size()) + " bytes follow their end");
   if (!(beta > 0) || !std::isfinite(beta)) return corrupt("β is " + std::to_string(beta));
+  std::vector<size_t> members(clusters);
+  for (uint32_t k : cluster_of) {
+    if (k == kNoCluster) continue;
+    if (k >= clusters) return corrupt("a route is in cluster " + std::to_string(k) + " of " + std::to_string(clusters));
+    members[k]++;
+  }
+  for (uint32_t k = 0; k < clusters; ++k)
+    if (members[k] == 0) return corrupt("cluster " + std::to_string(k) + " has no routes");
+
   beta_ = beta;
   routes_ = std::move(routes);
+  clusters_.assign(clusters, Cluster{});
+  cluster_of_.clear();
+  unclustered_.clear();
+  reclustered_at_ = reclustered_at;
+  size_t i = 0;
+  for (const auto& [id, c] : routes_) {
+    const uint32_t k = v1 ? kNoCluster : cluster_of[i++];
+    if (k != kNoCluster) {
+      clusters_[k].sum.Add(c);
+      clusters_[k].members.push_back(id);  // ids ascend
+      cluster_of_[id] = k;
+    } else if (v1 && c.total >= kAssignBytes) {
+      cluster_of_[id] = 0;  // statistics written before clusters existed: clustered below
+    } else if (c.total > 0) {
+      unclustered_.push_back(id);
+    }
+  }
+  if (v1 && !cluster_of_.empty()) Recluster();
   return Status::OK();
 }
 

@@ -48,12 +48,15 @@ def load_safetensors(path):
 
 
 class BigramRouter:
-    """core/text_router.h: byte-bigram counts per branch, read from BigramRouter::Serialize's bytes."""
+    """core/text_router.h: byte-bigram counts per branch, read from BigramRouter::Serialize's bytes,
+    and its choice: every branch scored up to SCORE_ALL of them, else the clusters searched."""
+
+    SCORE_ALL, PROBES, POSTERIOR_LEFT, NO_CLUSTER = 64, 4, 1e-3, 0xFFFFFFFF
 
     def __init__(self, tensor):
         raw = bytes(tensor.tolist())
-        if raw[:4] != b"BGR1":
-            sys.exit("load_export.py: the router's statistics are not BGR1")
+        if raw[:4] not in (b"BGR1", b"BGR2"):
+            sys.exit("load_export.py: the router's statistics are neither BGR2 nor BGR1")
         (self.beta,) = struct.unpack_from("<d", raw, 4)
         (n,) = struct.unpack_from("<Q", raw, 12)
         at, self.routes = 20, {}
@@ -72,6 +75,35 @@ class BigramRouter:
                 at += 6
                 pair[index] = count
             self.routes[route] = (total, first, single, pair)
+        # Clusters: members and the sum of their counts (BGR2; BGR1 bytes have none).
+        self.clusters, self.unclustered = [], []
+        if raw[:4] == b"BGR2":
+            clusters, _ = struct.unpack_from("<II", raw, at)
+            at += 8
+            members = [[] for _ in range(clusters)]
+            for route in sorted(self.routes):
+                (k,) = struct.unpack_from("<I", raw, at)
+                at += 4
+                if k != self.NO_CLUSTER:
+                    members[k].append(route)
+                elif self.routes[route][0] > 0:
+                    self.unclustered.append(route)
+            self.clusters = [(m, self.sum_of(m)) for m in members]
+        elif len(self.routes) > self.SCORE_ALL:
+            sys.exit("load_export.py: a router of more than 64 branches saved without its clusters (BGR1): "
+                     "export the model again with this peerd")
+
+    def sum_of(self, routes):
+        """The counts of a cluster: its members' added (bigram counts saturate at 2^32 − 1, as in C++)."""
+        total, first, single, pair = 0, [0] * 256, [0] * 256, {}
+        for route in routes:
+            t, f, s, p = self.routes[route]
+            total += t
+            first = [x + y for x, y in zip(first, f)]
+            single = [x + y for x, y in zip(single, s)]
+            for index, count in p.items():
+                pair[index] = min(pair.get(index, 0) + count, 0xFFFFFFFF)
+        return total, first, single, pair
 
     def log_likelihood(self, counts, text):
         total, first, single, pair = counts
@@ -83,11 +115,22 @@ class BigramRouter:
         return s
 
     def choose(self, text):
-        """The most likely route (ties: the smallest id), -1 when none has counts or no bigram."""
+        """The most likely route (ties: the smallest id) among those searched, -1 when none has
+        counts or no bigram: BigramRouter::Choose, operation for operation."""
         if len(text) < 2:
             return -1
+        candidates = sorted(self.routes)
+        if len(self.routes) > self.SCORE_ALL and len(self.clusters) > self.PROBES:
+            ranked = sorted((-self.log_likelihood(counts, text), k) for k, (_, counts) in enumerate(self.clusters))
+            mass = sum(math.exp(ranked[0][0] - neg) for neg, _ in ranked)
+            candidates, probed, i = list(self.unclustered), 0.0, 0
+            while i < self.PROBES and (i == 0 or 1 - probed / mass >= self.POSTERIOR_LEFT):
+                probed += math.exp(ranked[0][0] - ranked[i][0])
+                candidates += self.clusters[ranked[i][1]][0]
+                i += 1
+            candidates.sort()
         best, best_ll = -1, -math.inf
-        for route in sorted(self.routes):
+        for route in candidates:
             if self.routes[route][0] == 0:
                 continue
             ll = self.log_likelihood(self.routes[route], text)

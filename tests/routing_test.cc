@@ -7,8 +7,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <random>
+#include <sstream>
 
 #include "core/evaluator.h"
 #include "core/model.h"
@@ -348,6 +353,145 @@ TEST(BigramRouter, RoundTripsThroughItsBytesAndRefusesDamagedOnes) {
   flipped[0] ^= 1;
   EXPECT_EQ(BigramRouter().Parse(flipped).code(), Status::Code::kCorruption);
   EXPECT_EQ(BigramRouter().Parse(bytes + "x").code(), Status::Code::kCorruption) << "trailing bytes";
+}
+
+// Text of "domain" d: a byte Markov chain of its own over 12 letters, each followed by one of 3
+// (chain and probabilities drawn from d; the sample from `seed`).
+std::string ChainText(int domain, size_t bytes, uint64_t seed) {
+  std::mt19937_64 chain(1000 + domain), rng(seed);
+  std::vector<std::array<char, 3>> next(12);
+  for (auto& n : next)
+    for (char& c : n) c = static_cast<char>('a' + 2 * domain + chain() % 12);
+  std::string out;
+  int at = 0;
+  while (out.size() < bytes) {
+    const uint64_t roll = rng() % 10;
+    const char c = next[at][roll < 6 ? 0 : roll < 9 ? 1 : 2];
+    out.push_back(c);
+    at = (c - 'a' - 2 * domain + 24) % 12;
+  }
+  return out;
+}
+
+// 8 domains, `per_domain` routes each, every route its own 9 KB sample: route r is of domain r % 8.
+BigramRouter ManyRoutes(int per_domain) {
+  BigramRouter router;
+  for (int r = 0; r < 8 * per_domain; ++r) router.Observe(r, ChainText(r % 8, 9 << 10, 77 + r));
+  return router;
+}
+
+// With many routes Choose scores the clusters and the best clusters' members only, and a window
+// still goes to a route of its own domain; a route not in a cluster yet is always a candidate.
+TEST(BigramRouter, ManyRoutesAreSearchedThroughClustersAndWindowsStillReachTheirDomain) {
+  BigramRouter router = ManyRoutes(25);
+  const auto clusters = router.clusters();
+  EXPECT_GE(clusters.size(), 8u) << "fewer clusters than domains";
+  EXPECT_LE(clusters.size(), 15u) << "more than ⌈√200⌉ clusters";
+  std::vector<int64_t> clustered;
+  for (const auto& k : clusters) {
+    clustered.insert(clustered.end(), k.begin(), k.end());
+    for (int64_t r : k) EXPECT_EQ(r % 8, k[0] % 8) << "a cluster mixes domains";
+  }
+  std::sort(clustered.begin(), clustered.end());
+  EXPECT_EQ(clustered, router.routes()) << "every route in exactly one cluster";
+  // A new domain's route with less text than a cluster needs.
+  router.Observe(1000, ChainText(9, 2000, 5));
+  for (int d : {0, 3, 7, 9}) {
+    for (int w = 0; w < 5; ++w) {
+      const std::string window = ChainText(d, 65, 9000 + w);
+      size_t scored = 0;
+      const int64_t chosen = router.Choose(window, &scored);
+      EXPECT_LT(scored, 100u) << "the clusters and the best of them searched, not all 201 routes";
+      if (d == 9) {
+        EXPECT_EQ(chosen, 1000) << "the unclustered route was not considered";
+      } else {
+        EXPECT_EQ(chosen % 8, d) << "window " << w << " of domain " << d << " went to route " << chosen;
+      }
+      router.set_probes(0);
+      const int64_t all = router.Choose(window, &scored);
+      EXPECT_EQ(scored, 201u);
+      EXPECT_EQ(d == 9 ? all == 1000 : all % 8 == d, true) << "scoring every route";
+      router.set_probes(4);
+    }
+  }
+}
+
+TEST(BigramRouter, ClustersSurviveItsBytesAndOldBytesAreClusteredAfresh) {
+  BigramRouter router = ManyRoutes(10);
+  router.Observe(500, "a route with little text, in no cluster");
+  const std::string bytes = router.Serialize();
+  BigramRouter copy;
+  ASSERT_TRUE(copy.Parse(bytes).ok());
+  EXPECT_EQ(copy.clusters(), router.clusters());
+  EXPECT_EQ(copy.Serialize(), bytes);
+  for (int d = 0; d < 8; ++d) {
+    const std::string window = ChainText(d, 65, 300 + d);
+    EXPECT_EQ(copy.Choose(window), router.Choose(window));
+  }
+  // Bytes of the first format (no clusters): read, and clustered afresh.
+  const size_t cluster_section = 8 + 4 * router.routes().size();
+  std::string v1 = "BGR1" + bytes.substr(4, bytes.size() - 4 - cluster_section);
+  BigramRouter old;
+  const Status st = old.Parse(v1);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(old.routes(), router.routes());
+  EXPECT_GE(old.clusters().size(), 8u);
+  EXPECT_LE(old.clusters().size(), 9u) << "⌈√80⌉";
+  // A route named into a cluster that does not exist.
+  std::string damaged = bytes;
+  damaged[damaged.size() - 8] = 0x7f;  // route 79's cluster (route 500 is in none)
+  EXPECT_EQ(BigramRouter().Parse(damaged).code(), Status::Code::kCorruption);
+}
+
+// scripts/load_export.py routes a routed export's windows as peerd does: beyond kScoreAll
+// branches it must search the same clusters, read from the same bytes, and pick the same branch —
+// windows part one domain, part another, and a few bytes long (several clusters searched).
+TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAsPeerdDoes) {
+  BigramRouter router = ManyRoutes(12);
+  router.Observe(500, ChainText(2, 3000, 8));  // not clustered yet
+  ASSERT_GT(router.routes().size(), BigramRouter::kScoreAll);
+  ASSERT_GT(router.clusters().size(), router.probes());
+  const std::string dir = ::testing::TempDir() + "/peerd_router_script_" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/router.bin", std::ios::binary) << router.Serialize();
+  std::ofstream windows(dir + "/windows.txt");
+  std::vector<int64_t> expected;
+  int beyond_the_first_cluster = 0;  // windows whose choice searching one cluster would miss
+  for (int d = 0; d < 8; ++d)
+    for (int e = 0; e < 8; ++e)
+      for (int split : {1, 2, 3, 8, 24, 40, 57}) {  // short windows leave the clusters' posterior spread
+        const std::string text = split <= 3 ? ChainText(d, split, 40 + e) + ChainText(e, 2, 50 + d)
+                                            : ChainText(d, split, 40 + e) + ChainText(e, 65 - split, 50 + d);
+        expected.push_back(router.Choose(text));
+        router.set_probes(1);
+        beyond_the_first_cluster += router.Choose(text) != expected.back();
+        router.set_probes(4);
+        windows << text << "\n";
+      }
+  windows.close();
+  EXPECT_GT(beyond_the_first_cluster, 0) << "no window needed a second cluster: the test would not see one missed";
+  std::ofstream(dir + "/choose.py") << "import sys\nsys.path.insert(0, '" PEERD_SOURCE_DIR
+                                       "/scripts')\n"
+                                       "import load_export\n"
+                                       "class Bytes:\n"
+                                       "    def tolist(self):\n"
+                                       "        return list(open(sys.argv[1] + '/router.bin', 'rb').read())\n"
+                                       "router = load_export.BigramRouter(Bytes())\n"
+                                       "for line in open(sys.argv[1] + '/windows.txt', 'rb'):\n"
+                                       "    print(router.choose(line.rstrip(b'\\n')))\n";
+  FILE* p = popen(("/usr/bin/python3 " + dir + "/choose.py " + dir + " 2>&1").c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+  ASSERT_EQ(pclose(p), 0) << out;
+  std::istringstream lines(out);
+  for (size_t i = 0; i < expected.size(); ++i) {
+    int64_t got = -2;
+    lines >> got;
+    EXPECT_EQ(got, expected[i]) << "window " << i << "\n" << out;
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Evaluator, ARouteSeesOnlyTheBytesBeforeEachWindowAndItsFirstInput) {
