@@ -46,6 +46,27 @@ struct Shape {
   int64_t threads = 1;
 };
 
+// The batches the timed steps train on: random bytes, or consecutive windows of a text (whose
+// bytes repeat as text does, so retrieval reaches some experts far more than others).
+class Batches {
+ public:
+  explicit Batches(std::string text = {}) : text_(std::move(text)) {}
+  torch::Tensor Next(const Shape& s) {
+    const int64_t length = s.context + 1;
+    if (int64_t(text_.size()) < length) return torch::randint(0, 256, {s.batch, length}, torch::kLong);
+    torch::Tensor out = torch::empty({s.batch, length}, torch::kLong);
+    for (int64_t b = 0; b < s.batch; ++b, at_ += length) {
+      if (at_ + length > int64_t(text_.size())) at_ = 0;
+      for (int64_t t = 0; t < length; ++t) out[b][t] = static_cast<unsigned char>(text_[at_ + t]);
+    }
+    return out;
+  }
+
+ private:
+  std::string text_;
+  int64_t at_ = 0;
+};
+
 Config PoolConfig(const Shape& s) {
   Config c = DefaultConfig();
   ModelConfig* m = c.mutable_model();
@@ -89,17 +110,16 @@ struct Pool {
 };
 
 // Median over `reps` runs of `steps` training steps of the seconds per token, under `route`
-// (empty segments: every segment), after one step of warm-up.
-double SecondsPerToken(Pool& p, const Shape& s, const Route& route) {
+// (empty segments: every segment), after one step of warm-up; every measurement trains on the same
+// batches (a copy of `batches` from its start).
+double SecondsPerToken(Pool& p, const Shape& s, const Route& route, Batches batches) {
   CheckOk(p.model->SetRoute(route));
   p.trainer->RefreshParameters();
-  torch::Tensor tokens = torch::randint(0, 256, {s.batch, s.context + 1}, torch::kLong);
-  p.trainer->Step(tokens);
+  p.trainer->Step(batches.Next(s));
   std::vector<double> per_token;
   for (int64_t r = 0; r < s.reps; ++r) {
     const auto start = Clock::now();
-    for (int64_t i = 0; i < s.steps; ++i)
-      p.trainer->Step(torch::randint(0, 256, {s.batch, s.context + 1}, torch::kLong));
+    for (int64_t i = 0; i < s.steps; ++i) p.trainer->Step(batches.Next(s));
     per_token.push_back(Seconds(start) / double(s.steps * s.batch * s.context));
   }
   return Median(per_token);
@@ -126,6 +146,17 @@ std::string ReadSome(const std::string& path, size_t offset, size_t bytes) {
   return out;
 }
 
+// The folders of `corpora` holding train.txt and heldout.txt (scripts/corpora.sh), sorted.
+std::vector<std::string> Domains(const std::string& corpora) {
+  std::vector<std::string> domains;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(corpora, ec))
+    if (std::filesystem::exists(e.path() / "train.txt") && std::filesystem::exists(e.path() / "heldout.txt"))
+      domains.push_back(e.path().string());
+  std::sort(domains.begin(), domains.end());
+  return domains;
+}
+
 struct RouterFigures {
   bool measured = false;
   int64_t domains = 0, windows = 0, clusters = 0, largest_cluster = 0;
@@ -145,12 +176,7 @@ struct RouterFigures {
 // Domains are the folders of `corpora` holding train.txt and heldout.txt (scripts/corpora.sh).
 RouterFigures MeasureRouter(const Shape& s, const std::string& corpora) {
   RouterFigures f;
-  std::vector<std::string> domains;
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(corpora, ec))
-    if (std::filesystem::exists(e.path() / "train.txt") && std::filesystem::exists(e.path() / "heldout.txt"))
-      domains.push_back(e.path().string());
-  std::sort(domains.begin(), domains.end());
+  const std::vector<std::string> domains = Domains(corpora);
   if (domains.size() < 2) {
     std::printf("routing: not measured (no domains under '%s': scripts/corpora.sh builds them)\n", corpora.c_str());
     return f;
@@ -236,7 +262,7 @@ int PoolBench(int argc, char** argv) {
   CLI::App app{"peer-bench pool: training cost, open time and the row cache of a large frozen pool"};
   Shape s;
   std::vector<int64_t> cache_mb = {4, 64};
-  std::string dir, json_out = "bench-out/pool.json", corpora = "data/corpora";
+  std::string dir, json_out = "bench-out/pool.json", corpora = "data/corpora", tokens = "random";
   bool as_json = false, keep = false, skip_resident = false, reuse = false, cold = false;
   app.add_option("--segments", s.segments, "frozen segments in the pool")
       ->capture_default_str()
@@ -251,6 +277,10 @@ int PoolBench(int argc, char** argv) {
   app.add_option("--cache-mb", cache_mb, "row cache sizes to train under (cached residency)")
       ->capture_default_str()
       ->delimiter(',');
+  app.add_option("--tokens", tokens,
+                 "what the timed steps train on: random bytes, or windows of the text of --corpora's first domain")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"random", "text"}));
   app.add_option("--corpora", corpora, "domains whose text the router's branches observe (scripts/corpora.sh)")
       ->capture_default_str();
   app.add_option("--threads", s.threads, "compute threads")->capture_default_str();
@@ -293,6 +323,18 @@ int PoolBench(int argc, char** argv) {
     return 2;
   }
   SetComputeThreads(static_cast<int>(s.threads));
+  Batches batches;
+  if (tokens == "text") {
+    const std::vector<std::string> domains = Domains(corpora);
+    if (domains.empty()) {
+      std::fprintf(stderr,
+                   "peer-bench pool: --tokens text needs a domain under '%s' (scripts/corpora.sh builds them)\n",
+                   corpora.c_str());
+      return 2;
+    }
+    batches = Batches(ReadSome(domains[0] + "/train.txt", 0, size_t{8} << 20));
+    std::printf("training on the text of %s\n", domains[0].c_str());
+  }
   if (dir.empty()) dir = "/tmp/peer-bench-pool-" + std::to_string(getpid());
   if (!reuse) std::filesystem::remove_all(dir);
   const int64_t experts = s.segments * s.n_keys * s.n_keys;
@@ -312,7 +354,7 @@ int PoolBench(int argc, char** argv) {
     Pool p(dir + "-one", c, {});
     p.Freeze(p.model->PeerLayers()[0]->segments()[0]->id());
     p.Add(s.n_keys);
-    one = SecondsPerToken(p, s, {});
+    one = SecondsPerToken(p, s, {}, batches);
   }
   std::filesystem::remove_all(dir + "-one");
 
@@ -337,8 +379,8 @@ int PoolBench(int argc, char** argv) {
     build_peak_rss = RssMb("VmHWM:");
     if (timed_build) {
       const int64_t top = p.Add(s.n_keys);
-      all = SecondsPerToken(p, s, {});
-      routed = SecondsPerToken(p, s, Route{-1, {first, top}});
+      all = SecondsPerToken(p, s, {}, batches);
+      routed = SecondsPerToken(p, s, Route{-1, {first, top}}, batches);
     }
   }
   std::printf("%-44s %14s %10s\n", "training step", "ms / 1k tokens", "vs one");
@@ -382,8 +424,8 @@ int PoolBench(int argc, char** argv) {
   if (!skip_resident) {
     auto p = open({}, &open_resident, &resident_rows_read);
     const int64_t top = p->Add(s.n_keys);
-    resident_rate = 1 / SecondsPerToken(*p, s, {});
-    resident_routed = 1 / SecondsPerToken(*p, s, routed_route(*p, top));
+    resident_rate = 1 / SecondsPerToken(*p, s, {}, batches);
+    resident_routed = 1 / SecondsPerToken(*p, s, routed_route(*p, top), batches);
     resident_rss = RssMb();
     std::printf("%-20s %8.2f %12llu %12.0f %11s %9s %16s %8.0f %15.0f %11s\n", "resident", open_resident,
                 static_cast<unsigned long long>(resident_rows_read), resident_rate, "1.00x", "-", "-", resident_rss,
@@ -406,9 +448,9 @@ int PoolBench(int argc, char** argv) {
     auto p = open(o, &open_seconds, &rows_read);
     const int64_t top = p->Add(s.n_keys);
     const RowCache::Stats before = p->pool->cache_stats();
-    const double rate = 1 / SecondsPerToken(*p, s, {});
+    const double rate = 1 / SecondsPerToken(*p, s, {}, batches);
     const RowCache::Stats after = p->pool->cache_stats();
-    const double routed_rate = 1 / SecondsPerToken(*p, s, routed_route(*p, top));
+    const double routed_rate = 1 / SecondsPerToken(*p, s, routed_route(*p, top), batches);
     const double hits = double(after.hits - before.hits), misses = double(after.misses - before.misses);
     const double tokens = double((s.reps * s.steps + 1) * s.batch * s.context);
     const double hit_rate = hits + misses > 0 ? hits / (hits + misses) : 0, per_token = misses * row_bytes / tokens;
@@ -455,6 +497,7 @@ int PoolBench(int argc, char** argv) {
       {"open_seconds", OrNull(!cache_mb.empty(), open_cached)},
       {"open_seconds_resident", OrNull(!skip_resident, open_resident)},
       {"cold", cold},
+      {"tokens", tokens},
       {"build_seconds", OrNull(!reuse, build_seconds)},
       {"build_peak_rss_mb", OrNull(!reuse, build_peak_rss)},
       {"route_window_microseconds", OrNull(router.measured, router.us)},
