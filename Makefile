@@ -57,9 +57,10 @@ ifeq ($(PICTURE),1)
 	@python3 scripts/forgetting_picture.py bench-out/learning-forgetting.svg bench-out/forgetting.json bench-out/sweep/*.jsonl
 endif
 
-# A lifetime of frozen segments: training cost at 1 and 1,024 segments, open time, row cache
-# (bench/POOL.md; about 2 minutes).
-bench-pool: build corpora
+# A lifetime of frozen segments: training cost at 1 and 1,024 segments, open time, row cache,
+# the router among a branch per segment on the domains' text (bench/POOL.md; about 3 minutes).
+bench-pool: build
+	@bash scripts/corpora.sh all
 	@for s in 1 64 256 1024; do ./$(BUILD)/peer-bench pool --segments $$s --cache-mb 1,16 --json-out bench-out/pool-$$s.json || exit 1; done
 
 # The issue's large pool: 16M experts of D 256 (17 GB of bf16 rows in RocksDB, and 17 GB of memory
@@ -67,7 +68,8 @@ bench-pool: build corpora
 # 256 MB row cache in one process, and cached again from a cold page cache in a 1.5 GB memory
 # cgroup — a pool ten times larger than its memory (root; bench/POOL.md; about 12 minutes).
 POOL16M ?= /tmp/peer-bench-pool-16m
-bench-pool-16m: build corpora
+bench-pool-16m: build
+	@bash scripts/corpora.sh all
 	@./$(BUILD)/peer-bench pool --segments 256 --experts 16777216 --d-model 256 --skip-resident --cache-mb 256 \
 	    --steps 4 --reps 1 --dir $(POOL16M) --keep --json-out bench-out/pool-16m-build.json
 	@./$(BUILD)/peer-bench pool --segments 256 --experts 16777216 --d-model 256 --reuse --dir $(POOL16M) \
