@@ -2,14 +2,17 @@
 """Extracts the text domains of docs/CORPORA.md into data/corpora/<domain>/{train,heldout}.txt.
 
 Every domain is cut into documents with a key (scripture: book and chapter; fortunes: file and
-entry; code and man pages: file path; broad: source file and section). A document goes to
+entry; code, man pages and manuals: file path; broad: source file and section). A document goes to
 heldout.txt when the CRC-32 of its key is 0 mod 20 (about 5%), so the split is the same on every
-machine and no held-out document is also trained on. Documents are separated by a blank line. Run
-by scripts/corpora.sh, which installs the Debian packages first.
+machine and no held-out document is also trained on. Documents are separated by a blank line; a
+domain keeps at most MAX_TRAIN_BYTES of training text and MAX_HELDOUT_BYTES held out. Run by
+scripts/corpora.sh, which installs the Debian packages first.
 
 usage: corpora.py OUT_DIR DOMAIN..."""
-import glob, gzip, io, os, re, struct, subprocess, sys, tarfile, tempfile, zlib
+import glob, gzip, html.parser, io, os, re, struct, subprocess, sys, tarfile, tempfile, zlib
 from concurrent.futures import ThreadPoolExecutor
+
+MAX_TRAIN_BYTES, MAX_HELDOUT_BYTES = 16 << 20, 1 << 20
 
 
 def kjv():
@@ -130,6 +133,114 @@ def broad():
         yield key, text
 
 
+def in_hash_order(docs):
+    """Documents ordered by a hash of their key: any prefix of train.txt spans the whole domain
+    (the large domains are cut at MAX_TRAIN_BYTES, and benchmarks train on a prefix)."""
+    return sorted(docs, key=lambda d: (zlib.crc32(d[0].encode()), d[0]))
+
+
+def source_files(root, patterns, skip=lambda rel: False):
+    """(path under root, text) of the files matching `patterns` (.gz ones decompressed), hash order."""
+    docs = []
+    for pattern in patterns:
+        for path in glob.glob(root + pattern, recursive=True):
+            rel = path[len(root):]
+            if skip(rel) or os.path.islink(path) or not os.path.isfile(path):
+                continue
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+                text = f.read().strip("\n")
+            if text.strip():
+                docs.append((rel, text))
+    return in_hash_order(docs)
+
+
+def go_code():
+    root = sorted(glob.glob("/usr/share/go-*/src/"))[-1]
+    return source_files(root, ["**/*.go"], lambda rel: rel.endswith("_test.go") or "testdata/" in rel)
+
+
+def rust_code():
+    root = sorted(glob.glob("/usr/src/rustc-*/library/"))[-1]
+    return source_files(root, ["**/*.rs"], lambda rel: "/tests/" in rel or "/benches/" in rel)
+
+
+def ruby_code():
+    return source_files(sorted(glob.glob("/usr/lib/ruby/3.*/"))[-1], ["**/*.rb"])
+
+
+def emacs_lisp():
+    return source_files(sorted(glob.glob("/usr/share/emacs/2*/lisp/"))[-1], ["**/*.el.gz", "**/*.el"])
+
+
+def latex():
+    # LaTeX's own macro packages and classes (not font definitions or bitmaps).
+    return source_files("/usr/share/texlive/texmf-dist/tex/latex/",
+                        ["**/*." + ext for ext in ("sty", "cls", "def", "ltx", "clo", "cfg", "tex")])
+
+
+class ManualPage(html.parser.HTMLParser):
+    """The text of one page of the PostgreSQL manual: paragraphs and table rows on lines of their
+    own (cells apart by a tab), <pre> (SQL examples, program output) as it is; the head and the
+    navigation bars left out."""
+
+    BLOCKS = {"p", "div", "br", "li", "dt", "dd", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table",
+              "blockquote"}
+    PRE = "\x00"  # marks the lines of <pre> text, whose spaces are kept
+
+    def __init__(self):
+        super().__init__()
+        self.parts, self.pre, self.skipping = [], 0, []  # skipping: open tags of what is left out
+
+    def handle_starttag(self, tag, attrs):
+        if self.skipping:
+            self.skipping[-1][1] += tag == self.skipping[-1][0]
+            return
+        if tag in ("head", "script", "style") or (
+                tag == "div" and dict(attrs).get("class", "") in ("navheader", "navfooter")):
+            self.skipping.append([tag, 1])
+            return
+        self.pre += tag == "pre"
+        self.parts.append("\n" if tag in self.BLOCKS else "\t" if tag in ("td", "th") else "")
+
+    def handle_endtag(self, tag):
+        if self.skipping:
+            self.skipping[-1][1] -= tag == self.skipping[-1][0]
+            if self.skipping[-1][1] == 0:
+                self.skipping.pop()
+            return
+        self.pre -= tag == "pre" and self.pre > 0
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if self.skipping:
+            return
+        if self.pre:
+            self.parts.append("\n".join(self.PRE + line for line in data.split("\n")))
+        else:
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+    def text(self):
+        lines = []
+        for line in "".join(self.parts).split("\n"):
+            line = line.replace(self.PRE, "").rstrip() if self.PRE in line else line.strip()
+            if line.strip():
+                lines.append(line)
+        return "\n".join(lines)
+
+
+def sql_docs():
+    docs = []
+    for path in glob.glob("/usr/share/doc/postgresql-doc-*/html/*.html"):
+        page = ManualPage()
+        page.feed(open(path, encoding="utf-8", errors="replace").read())
+        text = page.text()
+        if len(text) > 200:
+            docs.append((os.path.basename(path), text))
+    return in_hash_order(docs)
+
+
 def sections(name, text, size=4000):
     """Cuts text at blank lines into pieces of about `size` characters, keyed name:index."""
     out, piece = [], []
@@ -144,7 +255,8 @@ def sections(name, text, size=4000):
 
 
 DOMAINS = {"broad": broad, "kjv": kjv, "sparv": sparv, "fortunes-de": fortunes_de, "c-code": c_code,
-           "man-pages": man_pages, "python": python_code}
+           "man-pages": man_pages, "python": python_code, "go-code": go_code, "rust-code": rust_code,
+           "ruby-code": ruby_code, "emacs-lisp": emacs_lisp, "latex": latex, "sql-docs": sql_docs}
 
 
 def main():
@@ -159,6 +271,8 @@ def main():
         with open(out + "/train.txt.tmp", "w") as tr, open(out + "/heldout.txt.tmp", "w") as ho:
             for key, text in DOMAINS[d]():
                 held = zlib.crc32(key.encode()) % 20 == 0
+                if sizes[held] >= (MAX_HELDOUT_BYTES if held else MAX_TRAIN_BYTES):
+                    continue
                 # No blank line inside a document: the blank line is the separator peer-ingest splits on.
                 text = re.sub(r"\n\s*\n", "\n", text)
                 (ho if held else tr).write(text + "\n\n")
