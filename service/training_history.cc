@@ -135,7 +135,7 @@ Status TrainingHistory::Downsample(uint32_t level) {
 Status TrainingHistory::Read(uint64_t since, size_t limit, std::vector<HistoryPoint>* out, bool* more) const {
   out->clear();
   *more = false;
-  std::vector<HistoryPoint> all;
+  std::vector<HistoryPoint> all, unwritten;
   std::unique_ptr<rocksdb::Iterator> it;
   {
     // The iterator's snapshot and the buffer taken together (Flush moves records from one to the
@@ -143,12 +143,17 @@ Status TrainingHistory::Read(uint64_t since, size_t limit, std::vector<HistoryPo
     std::lock_guard<std::mutex> lock(mu_);
     it.reset(db_->db()->NewIterator(rocksdb::ReadOptions(), db_->family(Family::kEvals)));
     for (const HistoryPoint& p : pending_)
-      if (p.step() + p.steps() - 1 > since) all.push_back(p);
+      if (p.step() + p.steps() - 1 > since) unwritten.push_back(p);
   }
-  // Levels cover disjoint spans of steps, the higher the older; a level's records are in step order.
-  for (uint32_t level = kMaxLevels; level-- > 0;) {
+  // Levels cover disjoint spans of steps, the higher the older, and a level's records are in step
+  // order: so each level is read from the last record that starts at or before `since` (it may
+  // cover later steps too), the oldest level first, until more than `limit` are in hand — what is
+  // left is newer still. A call costs what it returns, not the whole history.
+  for (uint32_t level = kMaxLevels; level-- > 0 && all.size() <= limit;) {
     const std::string prefix = LevelPrefix(level);
-    for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    it->SeekForPrev(Key(level, since));
+    if (!it->Valid() || !it->key().starts_with(prefix)) it->Seek(prefix);
+    for (; it->Valid() && it->key().starts_with(prefix) && all.size() <= limit; it->Next()) {
       HistoryPoint p;
       if (!p.ParseFromArray(it->value().data(), static_cast<int>(it->value().size())))
         return Status::Corruption("a training history record is unreadable");
@@ -156,6 +161,7 @@ Status TrainingHistory::Read(uint64_t since, size_t limit, std::vector<HistoryPo
     }
   }
   if (Status st = FromRocks(it->status(), "reading the training history"); !st.ok()) return st;
+  for (HistoryPoint& p : unwritten) all.push_back(std::move(p));
   std::stable_sort(all.begin(), all.end(),
                    [](const HistoryPoint& a, const HistoryPoint& b) { return a.step() < b.step(); });
   if (all.size() > limit) {

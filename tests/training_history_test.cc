@@ -80,6 +80,18 @@ TEST(TrainingHistory, StaysBoundedCoversEveryStepOnceAndKeepsTheMeans) {
   ASSERT_EQ(page.size(), 4u);
   EXPECT_TRUE(more);
   EXPECT_EQ(page[0].step(), steps - 9);
+  // Pages of 7 from every `since` a client could hold — mid-record in merged levels too — give the
+  // same records as one read: those that end after `since`, in order (what /v1/history pages by).
+  for (uint64_t since = 0; since < steps; since += 997) {
+    ASSERT_TRUE(h.Read(since, 7, &page, &more).ok());
+    std::vector<HistoryPoint> want;
+    for (const HistoryPoint& p : all)
+      if (p.step() + p.steps() - 1 > since && want.size() < 7) want.push_back(p);
+    ASSERT_EQ(page.size(), want.size()) << "since " << since;
+    for (size_t i = 0; i < want.size(); ++i)
+      EXPECT_EQ(page[i].SerializeAsString(), want[i].SerializeAsString()) << "since " << since << ", record " << i;
+    EXPECT_EQ(more, want.back().step() + want.back().steps() <= steps) << "since " << since;
+  }
   TrainingHistory reopened(db, o);
   ASSERT_TRUE(reopened.Open(steps).ok());
   std::vector<HistoryPoint> again;
