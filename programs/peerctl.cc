@@ -297,6 +297,24 @@ std::string ErrorMessage(const std::string& body) {
   return Parse(body, &error) && !error.error().message().empty() ? error.error().message() : body;
 }
 
+// One admin request made by `call`: true with the answer's body in *body when peerd answered 200;
+// otherwise false, having said on stderr why (peerd not reached, or its error).
+bool Answered(const std::function<std::pair<int, std::string>()>& call, const std::string& admin, std::string* body) {
+  std::pair<int, std::string> res;
+  try {
+    res = call();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
+    return false;
+  }
+  if (res.first != 200) {
+    std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
+    return false;
+  }
+  *body = std::move(res.second);
+  return true;
+}
+
 // peerctl generate --stream: each piece of text printed as it comes, the summary at the end.
 int StreamGeneration(Client& client, const std::string& target, const std::string& body, bool as_json,
                      const std::string& admin) {
@@ -405,19 +423,7 @@ int Report(Client& client, const std::string& dir, const std::string& admin) {
   std::error_code fs_error;
   std::filesystem::create_directories(dir, fs_error);
   auto fetch = [&](const std::string& target, std::string* body) {
-    std::pair<int, std::string> res;
-    try {
-      res = client.Call(http::verb::get, target);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
-      return false;
-    }
-    if (res.first != 200) {
-      std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
-      return false;
-    }
-    *body = std::move(res.second);
-    return true;
+    return Answered([&] { return client.Call(http::verb::get, target); }, admin, body);
   };
   std::string report;
   if (!fetch("/v1/eval", &report)) return 1;
@@ -510,16 +516,11 @@ int WaitTrained(Client& client, const std::string& admin, double timeout_seconds
   uint64_t first_backlog = 0;
   auto last_said = start - std::chrono::hours(1);
   for (bool first = true;; first = false) {
-    std::pair<int, std::string> res;
-    try {
-      res = client.Call(http::verb::get, "/v1/status");
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
-      return 1;
-    }
+    std::string body;
+    if (!Answered([&] { return client.Call(http::verb::get, "/v1/status"); }, admin, &body)) return 1;
     peerd::StatusReply s;
-    if (res.first != 200 || !Parse(res.second, &s)) {
-      std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
+    if (!Parse(body, &s)) {
+      std::fprintf(stderr, "peerctl: GET /v1/status answered something that is not a status: %s\n", body.c_str());
       return 1;
     }
     const uint64_t backlog = s.spool_backlog_bytes();
@@ -819,17 +820,14 @@ int main(int argc, char** argv) {
   if (command == "report") return Report(client, report_dir, admin);
   if (command == "generate" && stream) return StreamGeneration(client, target, body, as_json, admin);
   if (command == "export") return Export(client, export_dir, admin);
-  std::pair<int, std::string> res;
-  try {
-    res = command == "eval" && action == "run" ? EvaluateWithProgress(client, body) : client.Call(verb, target, body);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "peerctl: cannot reach peerd at %s: %s\n", admin.c_str(), e.what());
+  std::string answer;
+  if (!Answered(
+          [&] {
+            return command == "eval" && action == "run" ? EvaluateWithProgress(client, body)
+                                                        : client.Call(verb, target, body);
+          },
+          admin, &answer))
     return 1;
-  }
-  if (res.first != 200) {
-    std::fprintf(stderr, "peerctl: %d: %s\n", res.first, ErrorMessage(res.second).c_str());
-    return 1;
-  }
-  if (as_json || !PrintHuman(command, action, res.second)) std::printf("%s\n", res.second.c_str());
+  if (as_json || !PrintHuman(command, action, answer)) std::printf("%s\n", answer.c_str());
   return 0;
 }

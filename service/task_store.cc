@@ -144,7 +144,10 @@ ForgettingReport ComputeForgetting(const std::vector<EvalRow>& rows) {
     std::vector<double> scores;
     for (int j = 0; j < last.tasks_size(); ++j) {
       scores.push_back(Score(rows[i], last.tasks(j)));
-      if (grew(i, measured[j])) in.trained_at[j] = static_cast<int>(i);
+      // A row after which nothing trained measures the model of the row before: a phase that
+      // ended there goes on through it (an evaluation a client asks for once training is done).
+      if (grew(i, measured[j]) || (interval_total[i] == 0 && i > 0 && in.trained_at[j] == static_cast<int>(i) - 1))
+        in.trained_at[j] = static_cast<int>(i);
       if (trained(i, measured[j]) == 0) in.before_trained[j] = static_cast<int>(i);
       any_measured_trained |= trained(i, measured[j]) > 0;
     }

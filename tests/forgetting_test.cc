@@ -139,5 +139,18 @@ TEST(ForgettingMetrics, ServiceReportSeesATaskTrainedAgainAndTextOfOtherTasks) {
   EXPECT_DOUBLE_EQ(report.forgetting().at("b-heldout"), 3 - 2.5);
 }
 
+// An evaluation after which nothing trained (asked for once a domain's backlog was done, right
+// after one taken while it trained) scores the same model: the phase goes on through it, and the
+// last domain still has nothing to forget.
+TEST(ForgettingMetrics, ARowAfterWhichNothingTrainedContinuesThePhaseBeforeIt) {
+  std::vector<EvalRow> rows = ServiceRows({{0, 0, 0}, {100, 0, 0}, {100, 50, 0}, {100, 50, 0}}, {"", "", "", ""});
+  rows[3].set_bits_per_byte(1, rows[3].bits_per_byte(1) + 0.01);  // b-heldout: the same model, a little noise
+  const ForgettingReport report = ComputeForgetting(rows);
+  EXPECT_EQ(report.trained_since_previous(3), "");
+  EXPECT_EQ(report.trained_at().at("b-heldout"), 3);
+  EXPECT_EQ(report.forgetting().count("b-heldout"), 0u) << "B was the last to train";
+  EXPECT_EQ(report.trained_at().at("a-heldout"), 1) << "B trained after A: A's phase ended";
+}
+
 }  // namespace
 }  // namespace peerd
