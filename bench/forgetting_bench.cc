@@ -85,6 +85,7 @@ struct Knobs {
   int64_t route_context = 0;           // routed: bytes before a window its route is chosen from (0: twice the context)
   uint32_t routed_n_keys = 0;          // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
+  uint32_t curve_every = 0;  // every this many steps of a streamed phase, score its domain (0: never)
   bool verbose = true;
 };
 
@@ -224,6 +225,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   in.init = 0;
   in.rows.push_back(evaluate());
   std::vector<std::string> labels = {"init"};
+  json curves = json::array();  // --curve-every: per streamed phase, [step, bits/byte] of its domain
   double train_seconds = 0, plasticity = 0, distill_sum = 0;
   int64_t distill_n = 0, streamed = 0, stream_steps = 0;
   std::vector<torch::Tensor> base_state;  // oracle: the parameters after the base phase
@@ -301,7 +303,19 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     std::uniform_real_distribution<double> unit(0, 1);
     const auto t0 = Clock::now();
     double loss = 0;
+    // The held-out bits/byte of the domain being trained along its phase (--curve-every): where
+    // it stops improving, the model is full for that domain. Scored outside the timed training.
+    json curve = json::array();
+    double curve_seconds = 0;
+    auto score_now = [&](uint32_t step) {
+      const auto c0 = Clock::now();
+      const EvalOptions o = p.routed ? routing.Options(eval, route_context) : eval;
+      curve.push_back({step, BitsPerByte(model, tasks[d].heldout, o)});
+      curve_seconds += std::chrono::duration<double>(Clock::now() - c0).count();
+    };
+    const bool curved = k.curve_every > 0 && !mixed && !phases[phase].pretrain;
     for (uint32_t s = 0; s < phases[phase].steps; ++s) {
+      if (curved && s % k.curve_every == 0) score_now(s);
       const int64_t replayed = std::min<int64_t>(
           batch - 1, static_cast<int64_t>(replay_rows) + (unit(rng) < replay_rows - std::floor(replay_rows)));
       std::vector<torch::Tensor> rows;
@@ -322,9 +336,13 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
       distill_sum += st.distill;
       distill_n += replayed > 0;
     }
-    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count() - curve_seconds;
     train_seconds += secs;
     in.rows.push_back(evaluate());
+    if (curved) {
+      curve.push_back({phases[phase].steps, in.rows.back()[d]});
+      curves.push_back({{"task", tasks[d].name}, {"phase", phase}, {"points", curve}});
+    }
     const int row = static_cast<int>(in.rows.size() - 1);
     labels.push_back(mixed ? "after all (joint)" : (phases[phase].pretrain ? "base " : "after ") + tasks[d].name);
     for (int j : mixed ? streamed_tasks : std::vector<int>{d}) {
@@ -385,6 +403,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
               {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()},
               {"config_seed", tc.seed()},
               {"steps_per_domain", tc.steps()},
+              {"curves", curves},
               {"stream_lr", k.stream_lr > 0 ? k.stream_lr : tc.lr()}};
   if (p.routed) {
     row["routing_statistics_bytes"] = routing.router.StatisticsBytes();
@@ -499,6 +518,7 @@ int ForgettingBench(int argc, char** argv) {
   double adapter_lr_scale = 10, trunk_delta_lr_scale = 3;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
   size_t train_kb = 2048, heldout_kb = 24;
+  uint32_t curve_every = 0;
   double replay = -1, distill = -1, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
   uint64_t seed = 0;
   bool as_json = false, quiet = false;
@@ -566,6 +586,9 @@ int ForgettingBench(int argc, char** argv) {
                  "keeping the config's (the learning–forgetting sweep)");
   app.add_option("--train-kb", train_kb, "training text per domain, KB (its first bytes)")->capture_default_str();
   app.add_option("--heldout-kb", heldout_kb, "held-out text scored per task and evaluation, KB")->capture_default_str();
+  app.add_option("--curve-every", curve_every,
+                 "score the domain being trained every this many steps of its phase (the JSON's curves: "
+                 "where held-out loss stops improving)");
   app.add_option("--replay", replay,
                  "recipe: share of each batch replayed from earlier domains (default: the config's, 0.25)");
   app.add_option("--distill", distill,
@@ -641,6 +664,7 @@ int ForgettingBench(int argc, char** argv) {
       return fail(Status::InvalidArgument("--replay-sweep takes shares in [0, 1), got '" + r + "'"));
   }
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
+  k.curve_every = curve_every;
   k.verbose = !quiet;
   if (adapter_rank_arg == "full") {
     k.adapter_rank = SegmentAdapterImpl::kFullRank;
