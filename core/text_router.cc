@@ -81,11 +81,8 @@ void BigramRouter::Observe(int64_t route, std::string_view text) {
 
 std::vector<float> BigramRouter::LogTable(const Counts& m) const {
   std::vector<float> table(256 * 256);
-  for (int b = 0; b < 256; ++b) {
-    const double unigram = (m.single[b] + 1.0) / (m.total + 256.0);
-    for (int a = 0; a < 256; ++a)
-      table[a * 256 + b] = static_cast<float>(std::log((m.pair[a * 256 + b] + beta_ * unigram) / (m.first[a] + beta_)));
-  }
+  for (int a = 0; a < 256; ++a)
+    for (int b = 0; b < 256; ++b) table[a * 256 + b] = static_cast<float>(LogP(m, a, b));
   return table;
 }
 
@@ -96,6 +93,13 @@ struct SparseCounts {
   std::vector<std::pair<uint16_t, uint32_t>> pairs;
   double total = 0;
 };
+
+SparseCounts SparseOf(const std::vector<uint32_t>& pair) {
+  SparseCounts s;
+  for (uint32_t i = 0; i < pair.size(); ++i)
+    if (pair[i]) s.pairs.push_back({static_cast<uint16_t>(i), pair[i]}), s.total += pair[i];
+  return s;
+}
 
 // Σ c(a, b) · log p(b | a) / Σ c(a, b) under the model whose LogTable is `table`.
 double Explains(const std::vector<float>& table, const SparseCounts& c) {
@@ -109,9 +113,7 @@ double Explains(const std::vector<float>& table, const SparseCounts& c) {
 void BigramRouter::Assign(int64_t route, const Counts& c) {
   cluster_of_[route] = clusters_.size();  // a placeholder until clustered
   if (clusters_.empty() || cluster_of_.size() >= 2 * reclustered_at_) return Recluster();
-  SparseCounts sparse;
-  for (uint32_t i = 0; i < c.pair.size(); ++i)
-    if (c.pair[i]) sparse.pairs.push_back({static_cast<uint16_t>(i), c.pair[i]}), sparse.total += c.pair[i];
+  const SparseCounts sparse = SparseOf(c.pair);
   // Logarithms of the route's bigrams alone under each cluster: a whole LogTable per cluster would
   // cost 65,536 of them each.
   size_t best = 0;
@@ -119,11 +121,7 @@ void BigramRouter::Assign(int64_t route, const Counts& c) {
   for (size_t k = 0; k < clusters_.size(); ++k) {
     const Counts& m = clusters_[k].sum;
     double ll = 0;
-    for (const auto& [at, n] : sparse.pairs) {
-      const int a = at / 256, b = at % 256;
-      const double unigram = (m.single[b] + 1.0) / (m.total + 256.0);
-      ll += n * std::log((m.pair[at] + beta_ * unigram) / (m.first[a] + beta_));
-    }
+    for (const auto& [at, n] : sparse.pairs) ll += n * LogP(m, at / 256, at % 256);
     if (ll > best_ll) best = k, best_ll = ll;
   }
   clusters_[best].sum.Add(c);
@@ -138,10 +136,7 @@ void BigramRouter::Recluster() {
   for (const auto& [id, c] : routes_) {
     if (!cluster_of_.count(id)) continue;
     ids.push_back(id);
-    SparseCounts s;
-    for (uint32_t i = 0; i < c.pair.size(); ++i)
-      if (c.pair[i]) s.pairs.push_back({static_cast<uint16_t>(i), c.pair[i]}), s.total += c.pair[i];
-    sparse.push_back(std::move(s));
+    sparse.push_back(SparseOf(c.pair));
   }
   const size_t n = ids.size(), K = static_cast<size_t>(std::ceil(std::sqrt(static_cast<double>(n))));
   // Seeds, farthest first: the smallest id, then each time the route its nearest seed explains worst.
@@ -180,11 +175,8 @@ void BigramRouter::Recluster() {
 
 double BigramRouter::LogLikelihood(const Counts& c, std::string_view text) const {
   double sum = 0;
-  for (size_t i = 1; i < text.size(); ++i) {
-    const auto a = static_cast<unsigned char>(text[i - 1]), b = static_cast<unsigned char>(text[i]);
-    const double unigram = (c.single[b] + 1.0) / (c.total + 256.0);
-    sum += std::log((c.pair[a * 256 + b] + beta_ * unigram) / (c.first[a] + beta_));
-  }
+  for (size_t i = 1; i < text.size(); ++i)
+    sum += LogP(c, static_cast<unsigned char>(text[i - 1]), static_cast<unsigned char>(text[i]));
   return sum;
 }
 

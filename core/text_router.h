@@ -26,6 +26,7 @@
 // Cluster membership is part of the serialized statistics, so a restart routes as before. No LibTorch.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -83,6 +84,11 @@ class BigramRouter {
     Counts sum;                    // of its members' counts
     std::vector<int64_t> members;  // ascending
   };
+  // log p(b | a) under the counts `c` (the formula above).
+  double LogP(const Counts& c, int a, int b) const {
+    const double unigram = (c.single[b] + 1.0) / (c.total + 256.0);
+    return std::log((c.pair[a * 256 + b] + beta_ * unigram) / (c.first[a] + beta_));
+  }
   double LogLikelihood(const Counts& c, std::string_view text) const;
   // log p_model(b | a) at a·256 + b.
   std::vector<float> LogTable(const Counts& model) const;
