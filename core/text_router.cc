@@ -197,7 +197,7 @@ int64_t BigramRouter::Choose(std::string_view text, size_t* scored) const {
     if (scored) ++*scored;
     if (ll > best_ll) best = id, best_ll = ll;
   };
-  if (routes_.size() <= kScoreAll || probes_ == 0 || clusters_.size() <= probes_) {
+  if (routes_.size() <= kScoreAll || probes_ == 0 || clusters_.empty()) {
     for (const auto& [id, c] : routes_) consider(id, c);
     return best;
   }
@@ -207,12 +207,12 @@ int64_t BigramRouter::Choose(std::string_view text, size_t* scored) const {
   if (scored) *scored += clusters_.size();
   std::sort(ranked.begin(), ranked.end());
   // The clusters' posterior under a uniform prior, p_k ∝ exp(log-likelihood_k): probed best first
-  // until what is left holds less than kPosteriorLeft of it (or `probes_` are probed).
+  // until what is left holds less than posterior_left_ of it (or `probes_` are probed).
   double mass = 0;
   for (const auto& [neg_ll, k] : ranked) mass += std::exp(ranked[0].first - neg_ll);
   std::vector<int64_t> candidates = unclustered_;
   double probed = 0;
-  for (size_t i = 0; i < probes_ && (i == 0 || 1 - probed / mass >= kPosteriorLeft); ++i) {
+  for (size_t i = 0; i < std::min(probes_, ranked.size()) && (i == 0 || 1 - probed / mass >= posterior_left_); ++i) {
     probed += std::exp(ranked[0].first - ranked[i].first);
     const std::vector<int64_t>& m = clusters_[ranked[i].second].members;
     candidates.insert(candidates.end(), m.begin(), m.end());

@@ -16,14 +16,16 @@
 // worst; a route goes to the cluster whose model — the sum of its members' counts — makes its
 // counts most likely); in between, a new route joins the cluster that explains it best. Fresh
 // clustering costs about 4·n·⌈√n⌉ passes over a route's non-zero bigrams (~1 s at 1,024 routes
-// here), once per doubling. With more than kScoreAll routes, Choose
-// scores the clusters' models first and then the members of the best clusters (and routes not in
-// a cluster yet, such as a branch still training): best first, until the clusters left hold less
-// than kPosteriorLeft of the clusters' posterior (their models' likelihoods under a uniform prior,
-// DEMix's domain posterior one level up) or `probes` clusters are searched — about
-// (probes + 1)·√R routes scored at most instead of R, √R + R/C when one cluster stands out. Up to kScoreAll routes
-// every route is scored. What the clusters lose against scoring all is measured by `peer-bench pool` (bench/POOL.md).
-// Cluster membership is part of the serialized statistics, so a restart routes as before. No LibTorch.
+// here), once per doubling. With more than kScoreAll routes, Choose scores the clusters' models
+// first and then the members of the best clusters (and routes not in a cluster yet, such as a
+// branch still training): best first, until the clusters left hold less than 10⁻⁹ of the clusters'
+// posterior (their models' likelihoods under a uniform prior, DEMix's domain posterior one level
+// up) or 8 clusters are searched — at most (8 + 1)·√R routes scored instead of R, √R + R/√R when
+// one cluster stands out. (The summed models are sure of themselves over 65 bytes: at 10⁻³ and 4
+// clusters the search gave up 2.6 points of windows sent to their own domain at 1,024 branches of
+// 13 domains; at these defaults 0.5.) Up to kScoreAll routes every route is scored. What the
+// clusters lose against scoring all is measured by `peer-bench pool` (bench/POOL.md). Cluster
+// membership is part of the serialized statistics, so a restart routes as before. No LibTorch.
 #pragma once
 
 #include <cmath>
@@ -45,8 +47,9 @@ class BigramRouter {
   static constexpr size_t kScoreAll = 64;
   // Text a route observes before it joins a cluster (its statistics mean something by then).
   static constexpr uint64_t kAssignBytes = 8 << 10;
-  // Posterior of the clusters Choose leaves unsearched, at most.
-  static constexpr double kPosteriorLeft = 1e-3;
+  // Posterior of the clusters Choose leaves unsearched, at most (by default).
+  static constexpr double kPosteriorLeft = 1e-9;
+  void set_posterior_left(double share) { posterior_left_ = share; }
   // Clusters whose members Choose scores at most (with more than kScoreAll routes); 0 scores every
   // route.
   void set_probes(size_t clusters) { probes_ = clusters; }
@@ -99,7 +102,8 @@ class BigramRouter {
   void Recluster();
 
   double beta_;
-  size_t probes_ = 4;
+  size_t probes_ = 8;
+  double posterior_left_ = kPosteriorLeft;
   std::map<int64_t, Counts> routes_;
   std::vector<Cluster> clusters_;
   std::map<int64_t, size_t> cluster_of_;  // routes in a cluster

@@ -51,7 +51,7 @@ class BigramRouter:
     """core/text_router.h: byte-bigram counts per branch, read from BigramRouter::Serialize's bytes,
     and its choice: every branch scored up to SCORE_ALL of them, else the clusters searched."""
 
-    SCORE_ALL, PROBES, POSTERIOR_LEFT, NO_CLUSTER = 64, 4, 1e-3, 0xFFFFFFFF
+    SCORE_ALL, PROBES, POSTERIOR_LEFT, NO_CLUSTER = 64, 8, 1e-9, 0xFFFFFFFF
 
     def __init__(self, tensor):
         raw = bytes(tensor.tolist())
@@ -120,11 +120,11 @@ class BigramRouter:
         if len(text) < 2:
             return -1
         candidates = sorted(self.routes)
-        if len(self.routes) > self.SCORE_ALL and len(self.clusters) > self.PROBES:
+        if len(self.routes) > self.SCORE_ALL and self.clusters:
             ranked = sorted((-self.log_likelihood(counts, text), k) for k, (_, counts) in enumerate(self.clusters))
             mass = sum(math.exp(ranked[0][0] - neg) for neg, _ in ranked)
             candidates, probed, i = list(self.unclustered), 0.0, 0
-            while i < self.PROBES and (i == 0 or 1 - probed / mass >= self.POSTERIOR_LEFT):
+            while i < min(self.PROBES, len(ranked)) and (i == 0 or 1 - probed / mass >= self.POSTERIOR_LEFT):
                 probed += math.exp(ranked[0][0] - ranked[i][0])
                 candidates += self.clusters[ranked[i][1]][0]
                 i += 1

@@ -450,7 +450,7 @@ TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAsPeerdDoes) 
   BigramRouter router = ManyRoutes(12);
   router.Observe(500, ChainText(2, 3000, 8));  // not clustered yet
   ASSERT_GT(router.routes().size(), BigramRouter::kScoreAll);
-  ASSERT_GT(router.clusters().size(), router.probes());
+  ASSERT_GT(router.clusters().size(), 1u);
   const std::string dir = ::testing::TempDir() + "/peerd_router_script_" + std::to_string(getpid());
   std::filesystem::create_directories(dir);
   std::ofstream(dir + "/router.bin", std::ios::binary) << router.Serialize();
