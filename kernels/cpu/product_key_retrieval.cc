@@ -85,9 +85,9 @@ constexpr int64_t kRowBlock = 256;
 
 // Segments scored per pass: each pass keeps every (segment, head, half)'s [M, k] top-k lists until
 // they are merged into the running best, 12·2·h·M·k bytes a segment (0.4 MB at h 4, M 512, k 8).
-// Scoring all segments before one merge made a step's peak memory grow by that per segment of the
-// pool (measured: 611 MB at 1,024 tiny segments against 195 MB at one); in passes it is bounded,
-// and 32 segments still give 256 tasks at h 4 to spread over the cores.
+// Scoring all segments before one merge would make a step's memory grow by that per segment of the
+// pool (611 MB at 1,024 tiny segments against 195 MB at one, bench/POOL.md); in passes it is
+// bounded, and 32 segments still give 256 tasks at h 4 to spread over the cores.
 constexpr int64_t kSegmentsPerPass = 32;
 
 struct SegmentTopK {
