@@ -148,10 +148,11 @@ void PrintStatus(const peerd::StatusReply& s) {
   if (!s.ingest_error().empty()) std::printf("ingest error: %s\n", s.ingest_error().c_str());
   if (!s.checkpoint_error().empty()) std::printf("checkpoint error: %s\n", s.checkpoint_error().c_str());
   std::printf(
-      "spool: %llu documents, %llu bytes received, %llu bytes kept, %llu bytes not yet trained; last checkpoint at "
-      "step %llu\n",
+      "spool: %llu documents, %llu bytes received, %llu bytes kept, %llu bytes in %llu documents not yet trained; "
+      "last checkpoint at step %llu\n",
       static_cast<unsigned long long>(s.spool_documents()), static_cast<unsigned long long>(s.spool_bytes()),
       static_cast<unsigned long long>(s.spool_kept_bytes()), static_cast<unsigned long long>(s.spool_backlog_bytes()),
+      static_cast<unsigned long long>(s.spool_backlog_documents()),
       static_cast<unsigned long long>(s.last_checkpoint_step()));
   if (s.has_routing()) {
     const peerd::RoutingInfo& r = s.routing();
@@ -526,10 +527,12 @@ int WaitTrained(Client& client, const std::string& admin, double timeout_seconds
     const uint64_t backlog = s.spool_backlog_bytes();
     if (first) first_backlog = std::max<uint64_t>(backlog, 1);
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-    if (backlog <= s.context()) {
+    // In tokens: each document of the backlog still owes its end-of-document token.
+    const uint64_t backlog_tokens = backlog + s.spool_backlog_documents();
+    if (backlog_tokens <= s.context()) {
       if (tty) std::fprintf(stderr, "\n");
-      std::printf("trained: backlog %llu bytes (under one window of %u) after %.0f s, step %llu\n",
-                  static_cast<unsigned long long>(backlog), s.context() + 1, elapsed,
+      std::printf("trained: backlog %llu tokens (under one window of %u) after %.0f s, step %llu\n",
+                  static_cast<unsigned long long>(backlog_tokens), s.context() + 1, elapsed,
                   static_cast<unsigned long long>(s.step()));
       return 0;
     }

@@ -107,6 +107,8 @@ void WriteTrainingMetrics(const TrainingMetrics& m, PrometheusText* out) {
   out->Counter("peerd_spool_received_bytes_total", "Text bytes the spool acknowledged, all time.",
                double(s.spool_bytes()));
   out->Gauge("peerd_spool_backlog_bytes", "Spooled text not yet trained.", double(s.spool_backlog_bytes()));
+  out->Gauge("peerd_spool_backlog_documents", "Spooled documents not yet wholly trained.",
+             double(s.spool_backlog_documents()));
   out->Gauge("peerd_spool_kept_bytes", "Text bytes the spool holds now.", double(s.spool_kept_bytes()));
   out->Gauge("peerd_ingest_stopped", "1 while the spool cannot acknowledge documents (see /v1/status), else 0.",
              s.ingest_error().empty() ? 0 : 1);

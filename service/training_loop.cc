@@ -981,6 +981,7 @@ StatusReply TrainingLoop::Snapshot() {
   r.set_spool_documents(s.documents);
   r.set_spool_bytes(s.bytes);
   r.set_spool_backlog_bytes(s.backlog_bytes);
+  r.set_spool_backlog_documents(s.backlog_documents);
   r.set_context(static_cast<uint32_t>(options_.config.model().context()));
   r.set_spool_kept_bytes(s.kept_bytes);
   r.set_ingest_error(s.write_error);

@@ -178,8 +178,15 @@ TEST(Spool, StoresInOrderOncePerTaskAndIdAndKeepsCountersAcrossReopen) {
   ASSERT_EQ(docs.size(), 2u);
   EXPECT_EQ(docs[0].text, "beta");
   EXPECT_EQ(docs[1].task, "code");
+  EXPECT_EQ(spool->stats().backlog_documents, 3u);
   spool->SetConsumed(3, 9);
   EXPECT_EQ(spool->stats().backlog_bytes, 19u);
+  EXPECT_EQ(spool->stats().backlog_documents, 1u);  // the third: its bytes and its end-of-document token
+  spool->SetConsumed(3, 12);                        // part way through it
+  EXPECT_EQ(spool->stats().backlog_documents, 1u);
+  spool->SetConsumed(4, 28);
+  EXPECT_EQ(spool->stats().backlog_bytes, 0u);
+  EXPECT_EQ(spool->stats().backlog_documents, 0u);
   uint64_t dups = 0;
   ASSERT_TRUE(spool->AppendAndWait("kjv", {{"a", "alpha"}, {"c", "gamma"}}, &dups).ok());
   EXPECT_EQ(dups, 1u);

@@ -174,8 +174,9 @@ TEST(Service, StreamTrainFreezeEvaluateSurviveKillAndResume) {
   EXPECT_EQ(sample.value("peerd_segments{state=frozen}", 0.0), 1.0);
   EXPECT_EQ(sample.value("peerd_ingest_documents_total", 0.0), double(documents));
   EXPECT_EQ(sample.value("peerd_training_paused", 0.0), 1.0);
-  for (const char* name : {"peerd_row_cache_hits_total", "peerd_row_cache_misses_total", "peerd_spool_backlog_bytes",
-                           "peerd_eval_acc_bits_per_byte", "peerd_admin_request_errors_total"})
+  for (const char* name :
+       {"peerd_row_cache_hits_total", "peerd_row_cache_misses_total", "peerd_spool_backlog_bytes",
+        "peerd_spool_backlog_documents", "peerd_eval_acc_bits_per_byte", "peerd_admin_request_errors_total"})
     EXPECT_TRUE(sample.contains(name)) << name << " missing: " << metrics.out;
   EXPECT_EQ(scraped["types"].value("peerd_training_step_seconds", ""), "histogram");
   ShellResult human = peerd.Ctl("score 'In the beginning God created the heaven and the earth.'");

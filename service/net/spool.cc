@@ -379,6 +379,7 @@ SpoolStats Spool::stats() const {
   s.duplicates = duplicates_;
   s.commits = commits_;
   s.backlog_bytes = total_bytes_ > consumed_bytes_ ? total_bytes_ - consumed_bytes_ : 0;
+  s.backlog_documents = last_index_ >= consumed_index_ ? last_index_ - consumed_index_ + 1 : 0;
   s.kept_bytes = total_bytes_ - pruned_bytes_;
   s.write_error = write_error_;
   return s;

@@ -63,8 +63,11 @@ struct SpoolStats {
   uint64_t duplicates = 0;     // appends of a (task, id) already stored (since open)
   uint64_t commits = 0;        // WriteBatches synced (since open)
   uint64_t backlog_bytes = 0;  // text bytes after the consumer's cursor
-  uint64_t kept_bytes = 0;     // text bytes still stored: `bytes` less what Prune removed
-  std::string write_error;     // why the last commit failed (disk full, read-only); "" once one succeeds
+  // Documents not wholly consumed: each still owes its end-of-document token, so the backlog in
+  // tokens is backlog_bytes + backlog_documents.
+  uint64_t backlog_documents = 0;
+  uint64_t kept_bytes = 0;  // text bytes still stored: `bytes` less what Prune removed
+  std::string write_error;  // why the last commit failed (disk full, read-only); "" once one succeeds
 };
 
 class Spool {
