@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-pool bench-pool-16m format clean
+.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-long bench-pool bench-pool-16m format clean
 
 all: build
 
@@ -56,6 +56,14 @@ ifeq ($(PICTURE),1)
 	done; done
 	@python3 scripts/forgetting_picture.py bench-out/learning-forgetting.svg bench-out/forgetting.json bench-out/sweep/*.jsonl
 endif
+
+# The long stream (bench/LONG.md): twelve real domains after the base phase, 1,000 steps each; dense
+# at 0.5×, 1× and 2× the matched width, dense+recipe, routed and routed+recipe; three seeds. Writes
+# bench/LONG.md's tables and bench/long.svg. About 2 h 40 min on 2 cores one seed after another,
+# 1 h 25 min with JOBS=2 (a seed per core; the figures are the same).
+JOBS ?= 1
+bench-long: build
+	@JOBS=$(JOBS) bash scripts/long_stream.sh $(BUILD)
 
 # A lifetime of frozen segments: training cost at 1 and 1,024 segments, open time, row cache,
 # the router among a branch per segment on the domains' text (bench/POOL.md; about 3 minutes).

@@ -44,6 +44,7 @@ struct Policy {
                         // adapter train; a text runs the base or one domain's segment and adapter,
                         // chosen by the bigram router (core/text_router.h)
   double replay = -1;   // recipe: this share of each batch replayed instead of the config's
+  double width = 1;     // dense: FFN width as a multiple of the matched one (--dense-widths)
   // Reference rows (--reference), dense, after the same base phase: `joint` trains on all streamed
   // domains at once (every row of a batch from a random domain, the stream's steps in all: the
   // upper bound of sharing); `oracle` fine-tunes one copy of the base per domain and scores each
@@ -54,7 +55,10 @@ struct Policy {
 const Policy kPolicies[] = {
     {"dense", false, false, false, false},           {"dense+recipe", false, false, true, false},
     {"peer-all", true, false, false, false},         {"freeze-grow", true, true, false, false},
-    {"freeze-grow+recipe", true, true, true, false}, {"routed", true, true, false, true}};
+    {"freeze-grow+recipe", true, true, true, false}, {"routed", true, true, false, true},
+    // Replayed rows train the new branch (the only one that trains), distilled towards the
+    // branch trained before: the recipe's budget spent on a routed pool.
+    {"routed+recipe", true, true, true, true}};
 const Policy kReferences[] = {{"joint", false, false, false, false, -1, true, false},
                               {"oracle", false, false, false, false, -1, false, true}};
 
@@ -194,7 +198,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   if (p.routed && k.routed_n_keys > 0) c.mutable_model()->mutable_peer()->set_n_keys(k.routed_n_keys);
   if (!p.peer) {
     c.mutable_model()->set_ffn(FFN_KIND_DENSE);
-    c.mutable_model()->set_dense_hidden(k.dense_hidden);
+    c.mutable_model()->set_dense_hidden(static_cast<uint32_t>(std::max(1.0, std::round(k.dense_hidden * p.width))));
   }
   if (!p.recipe) c.mutable_train()->set_distill_weight(0);
   if (p.replay >= 0) c.mutable_train()->set_replay_ratio(static_cast<float>(p.replay));
@@ -398,6 +402,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
               {"mean_distill_kl", distill_n ? distill_sum / distill_n : 0.0},
               {"total_params", model->TotalParameters()},
               {"active_params", model->ActiveParameters()},
+              {"dense_hidden", p.peer ? 0u : c.model().dense_hidden()},
               {"train_tokens", stream_steps * batch * context},
               {"train_seconds", train_seconds},
               {"wall_seconds", std::chrono::duration<double>(Clock::now() - start).count()},
@@ -511,7 +516,7 @@ int ForgettingBench(int argc, char** argv) {
   std::string domains_arg = "kjv,c-code,fortunes-de,man-pages,sparv,python", corpus_dir = "data/corpora";
   std::string policies_arg, config_path, peer_blocks_arg, later_groups_arg = "all",
                                                           json_out = "bench-out/forgetting.json";
-  std::string pretrain_arg = "broad:600", replay_sweep_arg;
+  std::string pretrain_arg = "broad:600", replay_sweep_arg, dense_widths_arg;
   uint32_t seeds = 1;
   bool reference = false;
   std::string adapter_rank_arg = "32";
@@ -534,8 +539,8 @@ int ForgettingBench(int argc, char** argv) {
                  "domains, scored as a task like the others ('' = none; DOMAIN as in --domains)")
       ->capture_default_str();
   app.add_option("--policies", policies_arg,
-                 "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed "
-                 "(default all)");
+                 "comma-separated subset of: dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed, "
+                 "routed+recipe (default all but routed+recipe)");
   app.add_option("--adapter-rank", adapter_rank_arg,
                  "routed: rank of each segment's deltas, or 'full' (full-rank deltas)")
       ->capture_default_str();
@@ -610,6 +615,9 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--replay-sweep", replay_sweep_arg,
                  "comma-separated replay shares (e.g. 0.01,0.05): each recipe policy "
                  "again per share, as POLICY@SHARE");
+  app.add_option("--dense-widths", dense_widths_arg,
+                 "comma-separated multiples of the matched FFN width (e.g. 0.5,2): the dense policy again per "
+                 "multiple, as dense-xMULTIPLE (where dense saturates, and what a bigger one buys)");
   app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
   app.add_flag("--quiet", quiet, "no per-domain progress on stderr");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
@@ -663,6 +671,12 @@ int ForgettingBench(int argc, char** argv) {
     if (*end != '\0' || !(v >= 0 && v < 1))
       return fail(Status::InvalidArgument("--replay-sweep takes shares in [0, 1), got '" + r + "'"));
   }
+  for (const std::string& w : Split(dense_widths_arg)) {
+    char* end = nullptr;
+    const double v = std::strtod(w.c_str(), &end);
+    if (*end != '\0' || !(v > 0 && v <= 64))
+      return fail(Status::InvalidArgument("--dense-widths takes multiples in (0, 64], got '" + w + "'"));
+  }
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.curve_every = curve_every;
   k.verbose = !quiet;
@@ -688,12 +702,15 @@ int ForgettingBench(int argc, char** argv) {
                                         std::to_string(routed_n_keys)));
 
   std::vector<Policy> policies;
-  if (policies_arg.empty()) policies.assign(std::begin(kPolicies), std::end(kPolicies));
+  if (policies_arg.empty())  // routed+recipe is asked for by name: the long stream's (bench/LONG.md)
+    std::copy_if(std::begin(kPolicies), std::end(kPolicies), std::back_inserter(policies),
+                 [](const Policy& p) { return p.name != "routed+recipe"; });
   for (const std::string& name : Split(policies_arg)) {
     auto it = std::find_if(std::begin(kPolicies), std::end(kPolicies), [&](const Policy& p) { return p.name == name; });
     if (it == std::end(kPolicies))
       return fail(Status::InvalidArgument(
-          "unknown policy '" + name + "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed)"));
+          "unknown policy '" + name +
+          "' (dense, dense+recipe, peer-all, freeze-grow, freeze-grow+recipe, routed, routed+recipe)"));
     policies.push_back(*it);
   }
   // The tasks: the base phase's text first (when there is one), then the streamed domains.
@@ -744,6 +761,18 @@ int ForgettingBench(int argc, char** argv) {
                "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
                k.dense_hidden, any_routed ? " with one adapter" : "");
 
+  // The width sweep: the dense policy again per multiple of the matched width, right after it.
+  if (auto dense = std::find_if(policies.begin(), policies.end(), [](const Policy& p) { return p.name == "dense"; });
+      dense != policies.end()) {
+    std::vector<Policy> widths;
+    for (const std::string& w : Split(dense_widths_arg)) {
+      Policy p = *dense;
+      p.width = std::stod(w);
+      p.name = "dense-x" + w;
+      widths.push_back(p);
+    }
+    policies.insert(dense + 1, widths.begin(), widths.end());
+  }
   if (reference) policies.insert(policies.end(), std::begin(kReferences), std::end(kReferences));
   // The replay-budget sweep: each recipe policy once more per budget, as POLICY@RATIO.
   for (const Policy& p : std::vector<Policy>(policies)) {

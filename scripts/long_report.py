@@ -1,0 +1,225 @@
+#!/usr/bin/python3
+"""The long stream's report (bench/LONG.md): medians over seeds of `peer-bench forgetting` runs,
+the goal's comparison, the dense width sweep, where the dense model's held-out loss stops
+improving, and a plot of ACC and of every domain's held-out loss along the stream.
+
+usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] RUN.jsonl...
+  RUN.jsonl: rows of `peer-bench forgetting --json-out`, one file per seed (scripts/long_stream.sh)
+  --doc:  replace the text between the report markers of this Markdown file with the tables
+  --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
+  --json: the medians and the goal's verdict as one JSON object
+The tables go to stdout as well."""
+import argparse, json, statistics, sys
+
+BEGIN, END = "<!-- long_report.py: begin -->", "<!-- long_report.py: end -->"
+GOAL_ACC_RATIO = 0.97  # grown PEER's final ACC at least 3 % lower (better) than dense+recipe's
+RECIPE = "dense+recipe"
+GROWN = ("routed", "routed+recipe")
+
+
+def load(paths):
+    """{policy: {seed: row}} in the order policies first appear."""
+    runs = {}
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            if "error" in r:
+                sys.exit(f"long_report.py: {path}: {r['policy']}: {r['error']}")
+            seed = r["config_seed"]
+            runs.setdefault(r["policy"], {})[seed] = r
+    if not runs:
+        sys.exit("long_report.py: no rows in " + ", ".join(paths))
+    return runs
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def spread(xs, fmt="{:.3f}"):
+    """median [min–max] of several seeds; the value alone for one."""
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(median(xs))} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
+
+
+def trained(label):
+    """The task a row of the matrix was scored after: "base broad", "after kjv"."""
+    return label.split(" ", 1)[1]
+
+
+def acc_along(row):
+    """ACC after each phase: mean held-out bits/byte over the tasks trained so far."""
+    tasks, so_far, out = row["tasks"], [], []
+    for label, scores in zip(row["labels"][1:], row["matrix"][1:]):
+        so_far.append(tasks.index(trained(label)))
+        out.append(statistics.fmean(scores[j] for j in so_far))
+    return out
+
+
+def median_matrix(rows):
+    return [[median(r["matrix"][i][j] for r in rows) for j in range(len(rows[0]["tasks"]))]
+            for i in range(len(rows[0]["matrix"]))]
+
+
+def goal_table(runs, out):
+    recipe = runs.get(RECIPE, {})
+    out.append("| policy | seeds | active params | all params | ACC bits/byte | mean forgetting | plasticity "
+               "| ACC ÷ dense+recipe | old text kept | wall s |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    verdicts = {}
+    for policy, by_seed in runs.items():
+        rows = [by_seed[s] for s in sorted(by_seed)]
+        ratios = [by_seed[s]["acc"] / recipe[s]["acc"] for s in sorted(by_seed) if s in recipe]
+        r0 = rows[0]
+        out.append(
+            f"| {policy} | {len(rows)} | {r0['active_params']:,} | {r0['total_params']:,} "
+            f"| {spread([r['acc'] for r in rows])} | {spread([r['mean_forgetting'] for r in rows])} "
+            f"| {spread([r['plasticity_bpb'] for r in rows])} | {spread(ratios) if ratios else '–'} "
+            f"| {r0['kept_old_text_bytes'] / 1e6:.1f} MB | {median([r['wall_seconds'] for r in rows]):.0f} |")
+        if policy in GROWN and ratios:
+            common = [s for s in sorted(by_seed) if s in recipe]
+            f_grown = median([by_seed[s]["mean_forgetting"] for s in common])
+            f_recipe = median([recipe[s]["mean_forgetting"] for s in common])
+            verdicts[policy] = {
+                "seeds": common,
+                "acc_ratio_vs_dense_recipe": median(ratios),
+                "mean_forgetting": f_grown,
+                "dense_recipe_mean_forgetting": f_recipe,
+                "met": median(ratios) <= GOAL_ACC_RATIO and f_grown <= f_recipe,
+            }
+    out.append("")
+    out.append("Medians over seeds, [lowest–highest] beside them; ACC ÷ dense+recipe is the median of the "
+               "per-seed ratios (same seed, same batches).")
+    out.append("")
+    for policy, v in verdicts.items():
+        out.append(f"- **{policy}** vs dense+recipe ({len(v['seeds'])} seeds): ACC ratio "
+                   f"{v['acc_ratio_vs_dense_recipe']:.4f} (goal ≤ {GOAL_ACC_RATIO}), mean forgetting "
+                   f"{v['mean_forgetting']:.4f} vs {v['dense_recipe_mean_forgetting']:.4f} (goal ≤): "
+                   f"**{'met' if v['met'] else 'not met'}**.")
+    return verdicts
+
+
+def width_table(runs, out):
+    dense = [p for p in runs if p == "dense" or p.startswith("dense-x")]
+    if len(dense) < 2:
+        return
+    seeds = set.intersection(*(set(runs[p]) for p in dense))
+    if not seeds:
+        return
+    out.append(f"Dense widths, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}:")
+    out.append("")
+    out.append("| policy | FFN width | active params | ACC bits/byte | mean forgetting | plasticity |")
+    out.append("|---|---|---|---|---|---|")
+    for p in sorted(dense, key=lambda p: runs[p][min(seeds)]["dense_hidden"]):
+        rows = [runs[p][s] for s in sorted(seeds)]
+        out.append(f"| {p} | {rows[0]['dense_hidden']:,} | {rows[0]['active_params']:,} "
+                   f"| {spread([r['acc'] for r in rows])} | {spread([r['mean_forgetting'] for r in rows])} "
+                   f"| {spread([r['plasticity_bpb'] for r in rows])} |")
+
+
+def curve_table(runs, out):
+    """Held-out bits/byte of the domain being trained along its phase (--curve-every)."""
+    seed = next((s for s, r in sorted(runs.get("dense", {}).items()) if r.get("curves")), None)
+    if seed is None:
+        return
+    dense = runs["dense"][seed]
+    others = [p for p in runs if p != "dense" and runs[p].get(seed, {}).get("curves")]
+    steps = dense["steps_per_domain"]
+    marks = [pt[0] for pt in dense["curves"][0]["points"]]
+    quarter = [m for m in marks if m <= steps * 3 // 4][-1]
+
+    def gain(c):  # bits/byte the last quarter of the phase gained: where it stops, it is full
+        at = dict((pt[0], pt[1]) for pt in c["points"])
+        return at[quarter] - at[marks[-1]]
+
+    out.append(f"Dense, seed {seed}: the trained domain's held-out bits/byte along its phase of {steps} steps, "
+               f"and what the steps after {quarter} gained (a model that has stopped improving gains ~0):")
+    out.append("")
+    head = " | ".join(f"step {m}" for m in marks)
+    out.append(f"| domain | {head} | gained after {quarter} | " + " | ".join(f"{p}: gained" for p in others) + " |")
+    out.append("|---" * (len(marks) + 2 + len(others)) + "|")
+    for i, c in enumerate(dense["curves"]):
+        cells = " | ".join(f"{pt[1]:.3f}" for pt in c["points"])
+        rest = " | ".join(f"{gain(runs[p][seed]['curves'][i]):+.3f}" for p in others)
+        out.append(f"| {c['task']} | {cells} | {gain(c):+.3f} | {rest} |")
+
+
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    medians = {p: median_matrix(list(by_seed.values())) for p, by_seed in runs.items()}
+    first = next(iter(runs.values()))
+    row0 = next(iter(first.values()))
+    tasks, labels = row0["tasks"], [trained(l) for l in row0["labels"][1:]]
+    cols = 4
+    rows = (len(tasks) + 1 + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows))
+    axes = list(axes.flat)
+    x = range(len(labels))
+    for p, m in medians.items():
+        acc = acc_along({"tasks": tasks, "labels": row0["labels"], "matrix": m})
+        axes[0].plot(x, acc, label=p, linewidth=1.4)
+        for j, task in enumerate(tasks):
+            axes[j + 1].plot(x, [m[i + 1][j] for i in x], linewidth=1.2)
+    axes[0].set_title("ACC: mean over the tasks trained so far (lower is better)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    for j, task in enumerate(tasks):
+        axes[j + 1].set_title(f"{task} held-out", fontsize=9)
+        axes[j + 1].axvline(labels.index(task), color="grey", linewidth=0.6, linestyle=":")
+    for a in axes[len(tasks) + 1:]:
+        a.axis("off")
+    for a in axes[:len(tasks) + 1]:
+        a.set_xticks(list(x))
+        a.set_xticklabels(labels, rotation=90, fontsize=6)
+        a.tick_params(axis="y", labelsize=7)
+        a.set_ylabel("bits/byte", fontsize=7)
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    fig.suptitle(f"The long stream: held-out bits/byte after each phase (medians over seeds {seeds}; "
+                 "dotted: the domain's own phase)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--doc")
+    ap.add_argument("--plot")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    runs = load(a.runs)
+    out = []
+    verdicts = goal_table(runs, out)
+    out.append("")
+    width_table(runs, out)
+    out.append("")
+    curve_table(runs, out)
+    text = "\n".join(out).strip() + "\n"
+    print(text)
+    if a.plot:
+        plot(runs, a.plot)
+    if a.json:
+        summary = {"policies": {p: {"seeds": sorted(by_seed),
+                                    "acc": median([r["acc"] for r in by_seed.values()]),
+                                    "mean_forgetting": median([r["mean_forgetting"] for r in by_seed.values()]),
+                                    "plasticity_bpb": median([r["plasticity_bpb"] for r in by_seed.values()]),
+                                    "acc_along_stream": acc_along({**next(iter(by_seed.values())),
+                                                                   "matrix": median_matrix(list(by_seed.values()))})}
+                                for p, by_seed in runs.items()},
+                   "goal": verdicts}
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    if a.doc:
+        doc = open(a.doc).read()
+        if BEGIN not in doc or END not in doc:
+            sys.exit(f"long_report.py: {a.doc} has no {BEGIN} … {END} section to fill")
+        head, rest = doc.split(BEGIN, 1)
+        with open(a.doc, "w") as f:
+            f.write(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The long, capacity-bound stream (bench/LONG.md): twelve real domains after the broad base phase,
+# dense at 0.5×, 1× and 2× the matched width, dense+recipe, routed and routed+recipe, three seeds;
+# then scripts/long_report.py writes bench-out/long/LONG.md and the plot.
+#
+#   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
+#                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT
+#
+# Seed 1 also runs the width sweep and records each phase's held-out curve; the other seeds run
+# the four policies the goal compares. Each seed is one process of one compute thread, so JOBS=2
+# on two cores halves the wall time without changing a figure.
+set -euo pipefail
+BUILD=${1:-build}
+STEPS=${STEPS:-1000}
+D_MODEL=${D_MODEL:-64}
+SEEDS=${SEEDS:-1 2 3}
+JOBS=${JOBS:-1}
+OUT=${OUT:-bench-out/long}
+DOMAINS=kjv,c-code,fortunes-de,man-pages,sparv,python,go-code,rust-code,ruby-code,emacs-lisp,latex,sql-docs
+
+bash scripts/corpora.sh long
+mkdir -p "$OUT"
+run_seed() {
+  local seed=$1 extra=()
+  if [[ $seed == "${SEEDS%% *}" ]]; then extra=(--dense-widths 0.5,2 --curve-every 250); fi
+  "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
+    --policies dense,dense+recipe,routed,routed+recipe "${extra[@]}" --seed "$seed" --threads 1 \
+    --json-out "$OUT/seed$seed.jsonl" > "$OUT/seed$seed.txt" 2> "$OUT/seed$seed.log"
+  echo "long stream: seed $seed done ($OUT/seed$seed.txt)"
+}
+running=0
+for seed in $SEEDS; do
+  run_seed "$seed" &
+  running=$((running + 1))
+  if ((running >= JOBS)); then wait -n; running=$((running - 1)); fi
+done
+wait
+scripts/long_report.py --doc bench/LONG.md --plot bench/long.svg --json "$OUT/summary.json" "$OUT"/seed*.jsonl
