@@ -3,8 +3,9 @@
 the goal's comparison, the dense width sweep, where the dense model's held-out loss stops
 improving, and a plot of ACC and of every domain's held-out loss along the stream.
 
-usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] RUN.jsonl...
-  RUN.jsonl: rows of `peer-bench forgetting --json-out`, one file per seed (scripts/long_stream.sh)
+usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] [TAG=]RUN.jsonl...
+  RUN.jsonl: rows of `peer-bench forgetting --json-out`, one file per seed (scripts/long_stream.sh);
+             TAG= names its policies POLICY@TAG (a run of other settings, e.g. rc512=…)
   --doc:  replace the text between the report markers of this Markdown file with the tables
   --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
   --json: the medians and the goal's verdict as one JSON object
@@ -14,18 +15,23 @@ import argparse, json, statistics, sys
 BEGIN, END = "<!-- long_report.py: begin -->", "<!-- long_report.py: end -->"
 GOAL_ACC_RATIO = 0.97  # grown PEER's final ACC at least 3 % lower (better) than dense+recipe's
 RECIPE = "dense+recipe"
-GROWN = ("routed", "routed+recipe")
+GROWN = "routed"  # the grown PEER policies: routed, routed+recipe, and their tagged runs
 
 
 def load(paths):
     """{policy: {seed: row}} in the order policies first appear."""
     runs = {}
-    for path in paths:
+    for arg in paths:
+        tag, _, path = arg.rpartition("=")
         for line in open(path):
             r = json.loads(line)
             if "error" in r:
                 sys.exit(f"long_report.py: {path}: {r['policy']}: {r['error']}")
+            if tag:
+                r["policy"] += "@" + tag
             seed = r["config_seed"]
+            if seed in runs.get(r["policy"], {}):
+                sys.exit(f"long_report.py: {path}: a second {r['policy']} row of seed {seed} (tag one of the runs)")
             runs.setdefault(r["policy"], {})[seed] = r
     if not runs:
         sys.exit("long_report.py: no rows in " + ", ".join(paths))
@@ -77,7 +83,7 @@ def goal_table(runs, out):
             f"| {spread([r['acc'] for r in rows])} | {spread([r['mean_forgetting'] for r in rows])} "
             f"| {spread([r['plasticity_bpb'] for r in rows])} | {spread(ratios) if ratios else '–'} "
             f"| {r0['kept_old_text_bytes'] / 1e6:.1f} MB | {median([r['wall_seconds'] for r in rows]):.0f} |")
-        if policy in GROWN and ratios:
+        if policy.startswith(GROWN) and ratios:
             common = [s for s in sorted(by_seed) if s in recipe]
             f_grown = median([by_seed[s]["mean_forgetting"] for s in common])
             f_recipe = median([recipe[s]["mean_forgetting"] for s in common])

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The long, capacity-bound stream (bench/LONG.md): twelve real domains after the broad base phase,
-# dense at 0.5×, 1× and 2× the matched width, dense+recipe, routed and routed+recipe, three seeds;
-# then scripts/long_report.py writes bench-out/long/LONG.md and the plot.
+# dense at 0.5×, 1× and 2× the matched width, dense+recipe, routed and routed+recipe, three seeds,
+# and routed again choosing each window's route from the 512 bytes before it (routed@rc512; the
+# default is twice the context, 128); then scripts/long_report.py fills bench/LONG.md's tables and
+# draws bench/long.svg.
 #
 #   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
 #                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT
@@ -26,7 +28,10 @@ run_seed() {
   "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
     --policies dense,dense+recipe,routed,routed+recipe "${extra[@]}" --seed "$seed" --threads 1 \
     --json-out "$OUT/seed$seed.jsonl" > "$OUT/seed$seed.txt" 2> "$OUT/seed$seed.log"
-  echo "long stream: seed $seed done ($OUT/seed$seed.txt)"
+  "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
+    --policies routed --route-context 512 --seed "$seed" --threads 1 \
+    --json-out "$OUT/rc512-seed$seed.jsonl" > "$OUT/rc512-seed$seed.txt" 2> "$OUT/rc512-seed$seed.log"
+  echo "long stream: seed $seed done ($OUT/seed$seed.txt, $OUT/rc512-seed$seed.txt)"
 }
 running=0
 for seed in $SEEDS; do
@@ -35,4 +40,7 @@ for seed in $SEEDS; do
   if ((running >= JOBS)); then wait -n; running=$((running - 1)); fi
 done
 wait
-scripts/long_report.py --doc bench/LONG.md --plot bench/long.svg --json "$OUT/summary.json" "$OUT"/seed*.jsonl
+rc512=()
+for seed in $SEEDS; do rc512+=("rc512=$OUT/rc512-seed$seed.jsonl"); done
+scripts/long_report.py --doc bench/LONG.md --plot bench/long.svg --json "$OUT/summary.json" "$OUT"/seed*.jsonl \
+  "${rc512[@]}"

@@ -69,6 +69,16 @@ with tempfile.TemporaryDirectory() as tmp:
     assert "stale" not in text and "| routed | 2 |" in text, text
     assert open(picture).read().lstrip().startswith(("<?xml", "<svg")), "the plot is not an SVG"
 
+    # A tagged run of other settings is a policy of its own; an untagged second row of a seed is refused.
+    tagged = os.path.join(tmp, "other.jsonl")
+    write(tagged, [row("routed", 1, [3.6, 3.6, 3.6], 0.0)])
+    run("--json", summary, s1, s2, "rc512=" + tagged)
+    s = json.load(open(summary))
+    assert s["policies"]["routed@rc512"]["seeds"] == [1] and s["goal"]["routed@rc512"]["met"] is False, s["goal"]
+    assert s["policies"]["routed"]["seeds"] == [1, 2], s["policies"]["routed"]
+    twice = run(s1, s2, tagged, check=False)
+    assert twice.returncode != 0 and "a second routed row of seed 1" in twice.stderr, twice.stderr
+
     # Forgetting above dense+recipe's fails the goal, whatever the ACC.
     write(s2, [row("dense+recipe", 2, [3.3, 3.3, 3.3], 0.0), row("routed", 2, [3.2, 3.2, 3.2], 0.05)])
     write(s1, [row("dense+recipe", 1, [3.3, 3.3, 3.3], 0.0), row("routed", 1, [3.0, 3.0, 3.0], 0.05)])
