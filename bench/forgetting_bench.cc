@@ -52,13 +52,15 @@ struct Policy {
   bool joint = false, oracle = false;
 };
 
-const Policy kPolicies[] = {
-    {"dense", false, false, false, false},           {"dense+recipe", false, false, true, false},
-    {"peer-all", true, false, false, false},         {"freeze-grow", true, true, false, false},
-    {"freeze-grow+recipe", true, true, true, false}, {"routed", true, true, false, true},
-    // Replayed rows train the new branch (the only one that trains), distilled towards the
-    // branch trained before: the recipe's budget spent on a routed pool.
-    {"routed+recipe", true, true, true, true}};
+const Policy kPolicies[] = {{"dense", false, false, false, false},
+                            {"dense+recipe", false, false, true, false},
+                            {"peer-all", true, false, false, false},
+                            {"freeze-grow", true, true, false, false},
+                            {"freeze-grow+recipe", true, true, true, false},
+                            {"routed", true, true, false, true},
+                            // Replayed rows train the new branch (the only one that trains), distilled towards the
+                            // branch trained before: the recipe's budget spent on a routed pool.
+                            {"routed+recipe", true, true, true, true}};
 const Policy kReferences[] = {{"joint", false, false, false, false, -1, true, false},
                               {"oracle", false, false, false, false, -1, false, true}};
 
@@ -522,6 +524,7 @@ int ForgettingBench(int argc, char** argv) {
   std::string adapter_rank_arg = "32";
   double adapter_lr_scale = 10, trunk_delta_lr_scale = 3;
   uint32_t steps = 150, repeat = 1, threads = 0, d_model = 0, layers = 0, n_keys = 0, context = 64, batch = 0;
+  uint32_t matched_width = 0;
   size_t train_kb = 2048, heldout_kb = 24;
   uint32_t curve_every = 0;
   double replay = -1, distill = -1, expert_lr_scale = -1, later_backbone_lr_scale = -1, lr = 0;
@@ -616,8 +619,11 @@ int ForgettingBench(int argc, char** argv) {
                  "comma-separated replay shares (e.g. 0.01,0.05): each recipe policy "
                  "again per share, as POLICY@SHARE");
   app.add_option("--dense-widths", dense_widths_arg,
-                 "comma-separated multiples of the matched FFN width (e.g. 0.5,2): the dense policy again per "
-                 "multiple, as dense-xMULTIPLE (where dense saturates, and what a bigger one buys)");
+                 "comma-separated multiples of the matched FFN width (e.g. 0.5,2): dense and dense+recipe again per "
+                 "multiple, as POLICY-xMULTIPLE (where dense saturates, and what a bigger one buys)");
+  app.add_option("--matched-width", matched_width,
+                 "the dense FFN width of equal active parameters, given instead of solved from the policies "
+                 "run (a sweep split across processes: the width the whole run printed)");
   app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
   app.add_flag("--quiet", quiet, "no per-domain progress on stderr");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
@@ -752,23 +758,27 @@ int ForgettingBench(int argc, char** argv) {
   const int used_threads = SetComputeThreads(t->threads());
   ModelConfig widest = *m;  // the PEER model with the most active parameters: routed's, when it runs
   if (any_routed && routed_n_keys > 0) widest.mutable_peer()->set_n_keys(routed_n_keys);
-  k.dense_hidden = MatchingDenseHidden(widest, phases.size(), any_routed ? k.adapter_rank : -1, k.trunk_deltas);
+  k.dense_hidden = matched_width > 0
+                       ? matched_width
+                       : MatchingDenseHidden(widest, phases.size(), any_routed ? k.adapter_rank : -1, k.trunk_deltas);
   std::fprintf(
       stderr, "peer-bench forgetting: %s%zu domains × %u, %u steps × %u × %u bytes each, %d threads, BLAS %s\n",
       pretrain_arg.empty() ? "" : ("base phase " + pretrain_arg + ", then ").c_str(), tasks.size() - first_domain,
       repeat, steps, t->batch_size(), m->context(), used_threads, BlasInfo().c_str());
-  std::fprintf(stderr,
-               "peer-bench forgetting: dense baseline FFN width %u (the active parameters of the grown PEER model%s)\n",
-               k.dense_hidden, any_routed ? " with one adapter" : "");
+  std::fprintf(stderr, "peer-bench forgetting: dense baseline FFN width %u (%s)\n", k.dense_hidden,
+               matched_width > 0 ? "--matched-width"
+               : any_routed      ? "the active parameters of the grown PEER model with one adapter"
+                                 : "the active parameters of the grown PEER model");
 
-  // The width sweep: the dense policy again per multiple of the matched width, right after it.
-  if (auto dense = std::find_if(policies.begin(), policies.end(), [](const Policy& p) { return p.name == "dense"; });
-      dense != policies.end()) {
+  // The width sweep: each dense policy again per multiple of the matched width, right after it.
+  for (const char* name : {"dense", "dense+recipe"}) {
+    auto dense = std::find_if(policies.begin(), policies.end(), [&](const Policy& p) { return p.name == name; });
+    if (dense == policies.end()) continue;
     std::vector<Policy> widths;
     for (const std::string& w : Split(dense_widths_arg)) {
       Policy p = *dense;
       p.width = std::stod(w);
-      p.name = "dense-x" + w;
+      p.name = std::string(name) + "-x" + w;
       widths.push_back(p);
     }
     policies.insert(dense + 1, widths.begin(), widths.end());

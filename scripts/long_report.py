@@ -107,8 +107,9 @@ def goal_table(runs, out):
 
 
 def width_table(runs, out):
-    dense = [p for p in runs if p == "dense" or p.startswith("dense-x")]
-    if len(dense) < 2:
+    """The dense policies at every width run (dense-x2, dense+recipe@x2, …), narrowest first."""
+    dense = [p for p in runs if p.startswith("dense")]
+    if len({runs[p][min(runs[p])]["dense_hidden"] for p in dense}) < 2:
         return
     seeds = set.intersection(*(set(runs[p]) for p in dense))
     if not seeds:
@@ -117,7 +118,8 @@ def width_table(runs, out):
     out.append("")
     out.append("| policy | FFN width | active params | ACC bits/byte | mean forgetting | plasticity |")
     out.append("|---|---|---|---|---|---|")
-    for p in sorted(dense, key=lambda p: runs[p][min(seeds)]["dense_hidden"]):
+    family = lambda p: p.split("@")[0].split("-x")[0]
+    for p in sorted(dense, key=lambda p: (family(p) != "dense", runs[p][min(seeds)]["dense_hidden"])):
         rows = [runs[p][s] for s in sorted(seeds)]
         out.append(f"| {p} | {rows[0]['dense_hidden']:,} | {rows[0]['active_params']:,} "
                    f"| {spread([r['acc'] for r in rows])} | {spread([r['mean_forgetting'] for r in rows])} "

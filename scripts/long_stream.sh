@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long, capacity-bound stream (bench/LONG.md): twelve real domains after the broad base phase,
-# dense at 0.5×, 1× and 2× the matched width, dense+recipe, routed and routed+recipe, three seeds,
+# dense and dense+recipe (seed 1 also at 0.5× and 2× the matched width), routed and routed+recipe, three seeds,
 # and routed again choosing each window's route from the 512 bytes before it (routed@rc512; the
 # default is twice the context, 128); then scripts/long_report.py fills bench/LONG.md's tables and
 # draws bench/long.svg.

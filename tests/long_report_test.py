@@ -60,7 +60,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert "**routed** vs dense+recipe (2 seeds)" in out and "**met**" in out, out
     # The width sweep lists the dense widths narrowest first.
     widths = [l.split("|")[1].strip() for l in out.splitlines() if l.startswith("| dense") and l.count("|") == 7]
-    assert widths == ["dense-x0.5", "dense", "dense-x2"], widths
+    assert widths == ["dense-x0.5", "dense", "dense-x2", "dense+recipe"], widths
     # What the last quarter of each phase gained: 4.1 → 4.0.
     assert "| a | 5.000 | 4.500 | 4.200 | 4.100 | 4.000 | +0.100 |" in out, out
     text = open(doc).read()
