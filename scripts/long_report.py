@@ -167,11 +167,23 @@ def plot(runs, path):
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows))
     axes = list(axes.flat)
     x = range(len(labels))
-    for p, m in medians.items():
+    colours = plt.get_cmap("tab10").colors
+    values = [[] for _ in range(len(tasks) + 1)]  # what each panel draws: its scale leaves out spikes
+    for n, (p, m) in enumerate(medians.items()):
         acc = acc_along({"tasks": tasks, "labels": row0["labels"], "matrix": m})
-        axes[0].plot(x, acc, label=p, linewidth=1.4)
+        style = dict(color=colours[n % len(colours)], linewidth=1.3, linestyle="-" if n < len(colours) else "--")
+        axes[0].plot(x, acc, label=p, **style)
+        values[0] += acc
         for j, task in enumerate(tasks):
-            axes[j + 1].plot(x, [m[i + 1][j] for i in x], linewidth=1.2)
+            line = [m[i + 1][j] for i in x]
+            axes[j + 1].plot(x, line, **style)
+            values[j + 1] += line
+    # A policy that forgets spikes far above the others; the panels keep the others readable and
+    # let those spikes leave the top (the 75th percentile of what a panel draws, plus a margin).
+    for a, v in zip(axes, values):
+        v = sorted(v)
+        low, high = v[0], v[(3 * len(v)) // 4]
+        a.set_ylim(low - 0.05 * (high - low), high + 0.25 * (high - low))
     axes[0].set_title("ACC: mean over the tasks trained so far (lower is better)", fontsize=9)
     axes[0].legend(fontsize=7)
     for j, task in enumerate(tasks):
@@ -186,7 +198,7 @@ def plot(runs, path):
         a.set_ylabel("bits/byte", fontsize=7)
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
     fig.suptitle(f"The long stream: held-out bits/byte after each phase (medians over seeds {seeds}; "
-                 "dotted: the domain's own phase)", fontsize=10)
+                 "dotted: the domain's own phase; higher values leave the top of a panel)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 

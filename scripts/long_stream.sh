@@ -8,9 +8,8 @@
 #   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
 #                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT
 #
-# Seed 1 also runs the width sweep and records each phase's held-out curve; the other seeds run
-# the four policies the goal compares. Each seed is one process of one compute thread, so JOBS=2
-# on two cores halves the wall time without changing a figure.
+# Seed 1 also runs the width sweep and records each phase's held-out curve. Each seed runs one
+# compute thread, so JOBS=2 on two cores halves the wall time without changing a figure.
 set -euo pipefail
 BUILD=${1:-build}
 STEPS=${STEPS:-1000}
