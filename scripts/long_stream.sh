@@ -6,7 +6,8 @@
 # draws bench/long.svg.
 #
 #   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
-#                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT
+#                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT,
+#                                          DOC (bench/LONG.md), PLOT (bench/long.svg)
 #
 # Seed 1 also runs the width sweep and records each phase's held-out curve. Each seed runs one
 # compute thread, so JOBS=2 on two cores halves the wall time without changing a figure.
@@ -17,6 +18,8 @@ D_MODEL=${D_MODEL:-64}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-1}
 OUT=${OUT:-bench-out/long}
+DOC=${DOC:-bench/LONG.md}
+PLOT=${PLOT:-bench/long.svg}
 DOMAINS=kjv,c-code,fortunes-de,man-pages,sparv,python,go-code,rust-code,ruby-code,emacs-lisp,latex,sql-docs
 
 bash scripts/corpora.sh long
@@ -41,5 +44,5 @@ done
 wait
 rc512=()
 for seed in $SEEDS; do rc512+=("rc512=$OUT/rc512-seed$seed.jsonl"); done
-scripts/long_report.py --doc bench/LONG.md --plot bench/long.svg --json "$OUT/summary.json" "$OUT"/seed*.jsonl \
+scripts/long_report.py --doc "$DOC" --plot "$PLOT" --json "$OUT/summary.json" "$OUT"/seed*.jsonl \
   "${rc512[@]}"
