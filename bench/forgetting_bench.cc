@@ -671,18 +671,19 @@ int ForgettingBench(int argc, char** argv) {
     if (Status st = ValidateConfig(check); !st.ok()) return fail(st);
   if (steps == 0 || repeat == 0 || seeds == 0)
     return fail(Status::InvalidArgument("--steps, --repeat and --seeds must be at least 1"));
-  for (const std::string& r : Split(replay_sweep_arg)) {
-    char* end = nullptr;
-    const double v = std::strtod(r.c_str(), &end);
-    if (*end != '\0' || !(v >= 0 && v < 1))
-      return fail(Status::InvalidArgument("--replay-sweep takes shares in [0, 1), got '" + r + "'"));
-  }
-  for (const std::string& w : Split(dense_widths_arg)) {
-    char* end = nullptr;
-    const double v = std::strtod(w.c_str(), &end);
-    if (*end != '\0' || !(v > 0 && v <= 64))
-      return fail(Status::InvalidArgument("--dense-widths takes multiples in (0, 64], got '" + w + "'"));
-  }
+  // The first entry of a comma-separated list that is not a number that `fits`; "" when all are.
+  auto misfit = [](const std::string& list, auto fits) -> std::string {
+    for (const std::string& x : Split(list)) {
+      char* end = nullptr;
+      const double v = std::strtod(x.c_str(), &end);
+      if (*end != '\0' || !fits(v)) return x;
+    }
+    return "";
+  };
+  if (std::string bad = misfit(replay_sweep_arg, [](double v) { return v >= 0 && v < 1; }); !bad.empty())
+    return fail(Status::InvalidArgument("--replay-sweep takes shares in [0, 1), got '" + bad + "'"));
+  if (std::string bad = misfit(dense_widths_arg, [](double v) { return v > 0 && v <= 64; }); !bad.empty())
+    return fail(Status::InvalidArgument("--dense-widths takes multiples in (0, 64], got '" + bad + "'"));
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.curve_every = curve_every;
   k.verbose = !quiet;
