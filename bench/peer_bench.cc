@@ -8,6 +8,7 @@
 //   peer-bench scaling [--help]   data-parallel tokens/s with 1, 2, 4 ranks (peer-train processes)
 //   peer-bench generate [--help]  generation tokens/s with and without the key/value cache
 //   peer-bench pool [--help]      a large frozen pool: training cost per segment count, open time, row cache
+//   peer-bench rowcache [--help]  the row cache's hit rate on a freeze-grow stream's access skew
 //   peer-bench --version
 #include <cstdio>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include "bench/ingest_bench.h"
 #include "bench/layer_bench.h"
 #include "bench/pool_bench.h"
+#include "bench/row_cache_bench.h"
 #include "bench/scaling_bench.h"
 #include "bench/store_bench.h"
 #include "core/runtime.h"
@@ -50,6 +52,9 @@ int main(int argc, char** argv) {
       {"pool", peerd::bench::PoolBench,
        "a lifetime of frozen segments: training cost at 1 and S segments (all, routed), open time, resident vs a "
        "row cache (hit rate, store bytes per token, RSS)"},
+      {"rowcache", peerd::bench::RowCacheBench,
+       "the row cache on real access skew: a freeze-grow stream's frozen-row requests replayed through the RowCache, "
+       "LRU, frequency with hindsight and the optimum at several cache sizes"},
       {"layer-run", peerd::bench::LayerRun, "one layer configuration, one JSON line (what `layer` runs per process)"},
   };
   CLI::App app{"peer-bench: benchmarks that print a table and write JSON (see bench/*.md)"};

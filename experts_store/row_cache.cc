@@ -44,8 +44,9 @@ Status RowCache::Get(uint32_t layer, uint32_t segment, const int64_t* experts, s
   if (Status st = store_->ReadRows(layer, segment, to_read, &rows); !st.ok()) return st;
   for (size_t j = 0; j < to_read.size(); ++j) {
     for (size_t i : missing[to_read[j]]) visit(i, rows[j]);
-    const size_t charge = rows[j].size();
     auto* value = new std::string(std::move(rows[j]));
+    // Charged what the row takes in memory; the cache adds its own entry's metadata (86 bytes).
+    const size_t charge = sizeof(std::string) + value->capacity();
     // Insert fails only with strict capacity limits (not used); the cache owns the row either way.
     (void)cache_->Insert(store::ExpertKey(layer, segment, to_read[j]), value, charge, &DeleteRow);
   }
@@ -59,6 +60,13 @@ RowCache::Stats RowCache::stats() const {
   s.usage_bytes = cache_->GetUsage();
   s.capacity_bytes = cache_->GetCapacity();
   return s;
+}
+
+size_t RowCache::CountRows() const {
+  // LRUCache does not count its entries (GetOccupancyCount answers 0 in RocksDB 7.8).
+  size_t n = 0;
+  cache_->ApplyToAllEntries([&n](const rocksdb::Slice&, void*, size_t, rocksdb::Cache::DeleterFn) { ++n; }, {});
+  return n;
 }
 
 }  // namespace peerd
