@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 QUICK ?=
 
-.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-long bench-pool bench-pool-16m format clean
+.PHONY: all setup corpora build test demo bench bench-forgetting bench-scaling bench-long bench-pool bench-pool-16m bench-rowcache format clean
 
 all: build
 
@@ -70,6 +70,12 @@ bench-long: build
 bench-pool: build
 	@bash scripts/corpora.sh all
 	@for s in 1 64 256 1024; do ./$(BUILD)/peer-bench pool --segments $$s --cache-mb 1,16 --json-out bench-out/pool-$$s.json || exit 1; done
+
+# The row cache against the access skew of a freeze-grow stream of six domains, three seeds
+# (bench/POOL.md; about 15 minutes).
+bench-rowcache: build
+	@bash scripts/corpora.sh all
+	@./$(BUILD)/peer-bench rowcache --seeds 1,2,3 --json-out bench-out/rowcache.json
 
 # The issue's large pool: 16M experts of D 256 (17 GB of bf16 rows in RocksDB, and 17 GB of memory
 # for the resident side), built once under cached residency, then trained resident and under a

@@ -101,8 +101,9 @@ ReplayResult ReplayHottest(const RowTrace& trace, size_t capacity_rows) {
   for (uint64_t key : trace.keys) ++count[key];
   std::vector<std::pair<uint64_t, uint64_t>> by_count(count.begin(), count.end());  // (row, requests)
   const size_t kept = std::min(capacity_rows, by_count.size());
-  std::partial_sort(by_count.begin(), by_count.begin() + static_cast<std::ptrdiff_t>(kept), by_count.end(),
-                    [](const auto& a, const auto& b) { return a.second > b.second || (a.second == b.second && a.first < b.first); });
+  std::partial_sort(
+      by_count.begin(), by_count.begin() + static_cast<std::ptrdiff_t>(kept), by_count.end(),
+      [](const auto& a, const auto& b) { return a.second > b.second || (a.second == b.second && a.first < b.first); });
   ReplayResult r;
   r.requests = trace.keys.size();
   for (size_t i = 0; i < kept; ++i) r.hits += by_count[i].second - 1;  // all but its first request

@@ -15,7 +15,7 @@
 namespace peerd::bench {
 
 struct RowTrace {
-  std::vector<uint64_t> keys;    // every fetch's distinct rows, one fetch after the other
+  std::vector<uint64_t> keys;     // every fetch's distinct rows, one fetch after the other
   std::vector<size_t> fetch_end;  // keys[fetch_end[f-1] .. fetch_end[f]) are fetch f's rows
   void EndFetch() { fetch_end.push_back(keys.size()); }
 };

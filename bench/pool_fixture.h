@@ -25,11 +25,12 @@ struct Pool {
   TransformerLM model{nullptr};
   std::unique_ptr<Trainer> trainer;
 
-  Pool(const std::string& dir, const Config& c, PoolStoreOptions options) {
+  // The model's initial weights are drawn from `seed`.
+  Pool(const std::string& dir, const Config& c, PoolStoreOptions options, uint64_t seed = 1) {
     CheckOk(DataDirDb::Open(dir, {}, &db));
     store = std::make_unique<ExpertStore>(db);
     pool = std::make_unique<ExpertPoolStore>(store.get(), options);
-    torch::manual_seed(1);
+    torch::manual_seed(seed);
     model = TransformerLM(c.model());
     trainer = std::make_unique<Trainer>(model, c.train());
   }

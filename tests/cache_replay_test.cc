@@ -24,7 +24,8 @@ TEST(CacheReplay, LruAndOptimalMissAsTheTextbookSaysOnItsReferenceString) {
   // need not keep the row it serves, so MIN also passes a row by (page 4 at the 8th request, never
   // asked for again, leaves 0, 2 and 3 cached): 8 misses.
   RowTrace t;
-  for (uint64_t page : {7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1}) t.keys.push_back(page), t.EndFetch();
+  for (uint64_t page : {7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1})
+    t.keys.push_back(page), t.EndFetch();
   EXPECT_EQ(ReplayLru(t, 3).requests, 20u);
   EXPECT_EQ(ReplayLru(t, 3).hits, 20u - 12u);
   EXPECT_EQ(ReplayOptimal(t, 3).hits, 20u - 8u);
