@@ -479,9 +479,7 @@ TEST(Demo, TwoTinyDomainsThroughRealPeerdGiveACompleteMatrixAndReportFilesThatPa
     std::ofstream(dir + "/corpus/code/train.txt") << code.substr(0, code.size() - 4'000);
     std::ofstream(dir + "/corpus/code/heldout.txt") << code.substr(code.size() - 4'000);
   }
-  std::ofstream(dir + "/config.json")
-      << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
-                                            "train": {"batchSize": 8}})";
+  std::ofstream(dir + "/config.json") << peerd::testing::kTinyConfigJson;
   const int port = 20000 + 2 * (getpid() % 10000);
   const std::string env = "BUILD=" + std::string(PEERD_BUILD_DIR) + " DEMO_OUT=" + dir + "/out DEMO_CORPUS=" + dir +
                           "/corpus DEMO_DOMAINS='verse code' DEMO_CONFIG=" + dir +
@@ -587,9 +585,7 @@ TEST(Dashboard, SignsInWithACookieAndDrawsEveryChartInHeadlessChromium) {
   const std::string dir = ::testing::TempDir() + "/peerd_dashboard_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
-  std::ofstream(dir + "/config.json")
-      << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
-                                            "train": {"batchSize": 8}})";
+  std::ofstream(dir + "/config.json") << peerd::testing::kTinyConfigJson;
   {
     const std::string text = KjvChapters(30'000);
     ASSERT_FALSE(text.empty()) << "run scripts/corpora.sh kjv";

@@ -83,9 +83,7 @@ TEST(AdminAvailability, MisbehavingClientsNeitherStarveTheOperatorNorStayOpen) {
   const std::string dir = ::testing::TempDir() + "/peerd_admin_availability_" + std::to_string(getpid());
   fs::remove_all(dir);
   fs::create_directories(dir);
-  std::ofstream(dir + "/config.json")
-      << R"({"model": {"dModel": 32, "context": 32, "peer": {"nKeys": 8, "queryDim": 16}},
-                                             "train": {"batchSize": 8}})";
+  std::ofstream(dir + "/config.json") << peerd::testing::kTinyConfigJson;
   PeerdProcess peerd(dir);
   peerd.Start("--admin-timeout-seconds 3");
   ASSERT_TRUE(peerd.running());
