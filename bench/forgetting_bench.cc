@@ -88,7 +88,7 @@ struct Knobs {
                                        // trained last ("latest"), the old one that predicts its
                                        // first 4 KB best ("nearest"), or the base ("base")
   bool trunk_deltas = true;            // routed: adapters own deltas of the embeddings, norms and biases
-  int64_t route_context = 0;           // routed: bytes before a window its route is chosen from (0: twice the context)
+  int64_t route_context = 0;           // routed: bytes before a window its route is chosen from (0: train.routeContext)
   uint32_t routed_n_keys = 0;          // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
   uint32_t curve_every = 0;  // every this many steps of a streamed phase, score its domain (0: never)
@@ -220,7 +220,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   EvalOptions eval;
   eval.max_bytes = k.eval_bytes;
   RoutedBranches routing;
-  const int64_t route_context = k.route_context > 0 ? k.route_context : 2 * context;
+  const int64_t route_context = k.route_context > 0 ? k.route_context : int64_t{tc.route_context()};
   std::vector<int64_t> branch_of(tasks.size(), -1);  // routed: the branch each task was trained on
   std::map<int64_t, int> task_of_branch;             // and the task each branch was trained on
   json seeded_from = json::array();                  // per streamed phase: the task its branch copied
@@ -565,7 +565,7 @@ int ForgettingBench(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--route-context", route_context,
                  "routed: bytes of text before a window that choose its route "
-                 "(0: twice the model's context)")
+                 "(0: the config's train.routeContext, 512)")
       ->capture_default_str();
   app.add_option("--seed-branch", seed_arg,
                  "routed: a new domain's branch starts as a copy of the branch trained "

@@ -153,7 +153,7 @@ class Export:
         self.context = model.get("context", 128)
         self.peer = model.get("peer", {})
         train = self.manifest["config"].get("train", {})
-        self.route_context = train.get("routeContext", 128)
+        self.route_context = train.get("routeContext", 512)
         rank = train.get("adapterRank", 32)
         self.adapter_scale = 1.0 if rank == 0 else 1.0 / math.sqrt(rank)
         routing = self.manifest.get("routing")

@@ -5,7 +5,7 @@ improving, and a plot of ACC and of every domain's held-out loss along the strea
 
 usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] [TAG=]RUN.jsonl...
   RUN.jsonl: rows of `peer-bench forgetting --json-out`, one file per seed (scripts/long_stream.sh);
-             TAG= names its policies POLICY@TAG (a run of other settings, e.g. rc512=…)
+             TAG= names its policies POLICY@TAG (a run of other settings, e.g. rc128=…)
   --doc:  replace the text between the report markers of this Markdown file with the tables
   --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
   --json: the medians and the goal's verdict as one JSON object

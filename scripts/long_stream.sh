@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The long, capacity-bound stream (bench/LONG.md): twelve real domains after the broad base phase,
 # dense and dense+recipe (seed 1 also at 0.5× and 2× the matched width), routed and routed+recipe, three seeds,
-# and routed again choosing each window's route from the 512 bytes before it (routed@rc512; the
-# default is twice the context, 128); then scripts/long_report.py fills bench/LONG.md's tables and
-# draws bench/long.svg.
+# and routed again choosing each window's route from the 128 bytes before it (routed@rc128; the
+# default, train.routeContext, is 512); then scripts/long_report.py fills bench/LONG.md's tables
+# and draws bench/long.svg.
 #
 #   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
 #                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT,
@@ -31,9 +31,9 @@ run_seed() {
     --policies dense,dense+recipe,routed,routed+recipe "${extra[@]}" --seed "$seed" --threads 1 \
     --json-out "$OUT/seed$seed.jsonl" > "$OUT/seed$seed.txt" 2> "$OUT/seed$seed.log"
   "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
-    --policies routed --route-context 512 --seed "$seed" --threads 1 \
-    --json-out "$OUT/rc512-seed$seed.jsonl" > "$OUT/rc512-seed$seed.txt" 2> "$OUT/rc512-seed$seed.log"
-  echo "long stream: seed $seed done ($OUT/seed$seed.txt, $OUT/rc512-seed$seed.txt)"
+    --policies routed --route-context 128 --seed "$seed" --threads 1 \
+    --json-out "$OUT/rc128-seed$seed.jsonl" > "$OUT/rc128-seed$seed.txt" 2> "$OUT/rc128-seed$seed.log"
+  echo "long stream: seed $seed done ($OUT/seed$seed.txt, $OUT/rc128-seed$seed.txt)"
 }
 running=0
 for seed in $SEEDS; do
@@ -42,7 +42,7 @@ for seed in $SEEDS; do
   if ((running >= JOBS)); then wait -n; running=$((running - 1)); fi
 done
 wait
-rc512=()
-for seed in $SEEDS; do rc512+=("rc512=$OUT/rc512-seed$seed.jsonl"); done
+rc128=()
+for seed in $SEEDS; do rc128+=("rc128=$OUT/rc128-seed$seed.jsonl"); done
 scripts/long_report.py --doc "$DOC" --plot "$PLOT" --json "$OUT/summary.json" "$OUT"/seed*.jsonl \
-  "${rc512[@]}"
+  "${rc128[@]}"
