@@ -79,7 +79,9 @@ Status TaskStore::DeleteTask(const std::string& name) {
     if (kept.tasks_size() != rows[n].tasks_size())
       batch.Put(db_->family(Family::kEvals), RowKey(n), kept.SerializeAsString());
   }
-  return db_->SyncedWrite(&batch, "deleting task " + name);
+  Status st = db_->SyncedWrite(&batch, "deleting task " + name);
+  if (st.ok()) ++rows_version_;
+  return st;
 }
 
 Status TaskStore::AppendRow(const EvalRow& row) {
@@ -87,7 +89,9 @@ Status TaskStore::AppendRow(const EvalRow& row) {
   if (Status st = Rows(&rows); !st.ok()) return st;
   rocksdb::WriteBatch batch;
   batch.Put(db_->family(Family::kEvals), RowKey(rows.size()), row.SerializeAsString());
-  return db_->SyncedWrite(&batch, "recording an evaluation");
+  Status st = db_->SyncedWrite(&batch, "recording an evaluation");
+  if (st.ok()) ++rows_version_;
+  return st;
 }
 
 Status TaskStore::Rows(std::vector<EvalRow>* out) const {

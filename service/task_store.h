@@ -2,6 +2,8 @@
 // directory's database (column family "evals"). Bytes only; no LibTorch. Thread-safe.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,9 +31,13 @@ class TaskStore {
   Status DeleteTask(const std::string& name);
   Status AppendRow(const EvalRow& row);
   Status Rows(std::vector<EvalRow>* out) const;  // oldest first
+  // Changes after every write that changes the rows (AppendRow, DeleteTask), so that what was
+  // computed from Rows() under one version still holds while it stays.
+  uint64_t rows_version() const { return rows_version_.load(); }
 
  private:
   std::shared_ptr<DataDirDb> db_;
+  std::atomic<uint64_t> rows_version_{0};
 };
 
 // The continual-learning metrics of docs/DESIGN.md §4 over the history (lower bits/byte is better).

@@ -997,11 +997,20 @@ void TrainingLoop::Metrics(PrometheusText* out) {
     std::lock_guard<std::mutex> lock(mu_);
     m.step_seconds = step_seconds_;
   }
-  std::vector<EvalRow> rows;
-  if (Status st = tasks_.Rows(&rows); st.ok())
-    m.report = ComputeForgetting(rows);
-  else
-    spdlog::warn("metrics without the evaluation rows: {}", st.ToString());
+  {
+    // The forgetting report is recomputed only when the evaluation rows change, not per scrape.
+    std::lock_guard<std::mutex> lock(report_mu_);
+    if (const uint64_t version = tasks_.rows_version(); version != report_version_) {
+      std::vector<EvalRow> rows;
+      if (Status st = tasks_.Rows(&rows); st.ok()) {
+        report_ = ComputeForgetting(rows);
+        report_version_ = version;
+      } else {
+        spdlog::warn("metrics with the evaluation rows last read: {}", st.ToString());
+      }
+    }
+    m.report = report_;
+  }
   WriteTrainingMetrics(m, out);
 }
 

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -223,6 +224,9 @@ class TrainingLoop {
   double step_collective_seconds_ = 0;
   int64_t multi_rank_steps_ = 0;
   UsageBySegment usage_;  // over the last evaluation
+  std::mutex report_mu_;  // guards the forgetting report /metrics shows, and the rows' version it is of
+  ForgettingReport report_;
+  uint64_t report_version_ = UINT64_MAX;
   // How an evaluation runs now: its byte budget and, once routing started, each window's route.
   EvalOptions EvalOptionsNow(int64_t max_bytes) const;
 };
