@@ -252,6 +252,12 @@ int RowCacheBench(int argc, char** argv) {
                    domains.back().c_str(), d.c_str());
       return 2;
     }
+    std::error_code ec;
+    if (std::filesystem::file_size(domains.back() + "/train.txt", ec) <= uint64_t(s.context + 1)) {
+      std::fprintf(stderr, "peer-bench rowcache: %s/train.txt is shorter than one window (%lld bytes)\n",
+                   domains.back().c_str(), static_cast<long long>(s.context + 1));
+      return 2;
+    }
   }
   Config c = DefaultConfig();
   ModelConfig* m = c.mutable_model();
