@@ -45,7 +45,7 @@ Status RowCache::Get(uint32_t layer, uint32_t segment, const int64_t* experts, s
   for (size_t j = 0; j < to_read.size(); ++j) {
     for (size_t i : missing[to_read[j]]) visit(i, rows[j]);
     auto* value = new std::string(std::move(rows[j]));
-    // Charged what the row takes in memory; the cache adds its own entry's metadata (86 bytes).
+    // Charged what the row takes in memory; the cache adds its own entry's metadata (~90 bytes).
     const size_t charge = sizeof(std::string) + value->capacity();
     // Insert fails only with strict capacity limits (not used); the cache owns the row either way.
     (void)cache_->Insert(store::ExpertKey(layer, segment, to_read[j]), value, charge, &DeleteRow);
