@@ -59,7 +59,7 @@ endif
 
 # The long stream (bench/LONG.md): twelve real domains after the base phase, 1,000 steps each;
 # dense and dense+recipe (at 0.5×, 1× and 2× the matched width on seed 1), routed, routed+recipe and
-# routed routing on 512 bytes; three seeds. Writes bench/LONG.md's tables and bench/long.svg. About
+# routed routing on 128 bytes (routed@rc128; the default is 512); three seeds. Writes bench/LONG.md's tables and bench/long.svg. About
 # 1 h 45 min on 2 cores: JOBS seeds at once, one compute thread each (JOBS=1: 3 h 20 min; the
 # figures do not depend on it).
 bench-long: build

@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "bench/json_lines.h"
+#include "bench/measure.h"
 #include "core/config.h"
 #include "core/generator.h"
 #include "core/runtime.h"
@@ -17,12 +18,6 @@ namespace peerd::bench {
 namespace {
 
 using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 }  // namespace
 
@@ -70,7 +65,7 @@ int GenerateBench(int argc, char** argv) {
         o.kv_cache = with == 0;
         const auto start = Clock::now();
         const Generated g = Generate(model, prompt, o);
-        const double s = std::chrono::duration<double>(Clock::now() - start).count();
+        const double s = Seconds(start);
         rate[with].push_back(static_cast<double>(g.tokens.size()) / s);
         produced[with] = g.tokens;
       }

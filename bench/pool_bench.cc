@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "bench/json_lines.h"
+#include "bench/measure.h"
 #include "bench/pool_fixture.h"
 #include "core/check_ok.h"
 #include "core/config.h"
@@ -25,14 +26,6 @@ namespace peerd::bench {
 namespace {
 
 using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // VmRSS (now) or VmHWM (the peak so far) of this process, in MB.
 double RssMb(const char* field = "VmRSS:") {

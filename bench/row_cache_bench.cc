@@ -11,6 +11,7 @@
 
 #include "bench/cache_replay.h"
 #include "bench/json_lines.h"
+#include "bench/measure.h"
 #include "bench/pool_fixture.h"
 #include "core/runtime.h"
 #include "experts_store/row_cache.h"
@@ -20,9 +21,6 @@ namespace peerd::bench {
 namespace {
 
 using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
 
 struct Stream {
   int64_t steps = 1000, n_keys = 128, d_model = 64, context = 64, batch = 8, threads = 1;
@@ -30,11 +28,6 @@ struct Stream {
   std::vector<std::string> domains = {"broad", "kjv", "c-code", "fortunes-de", "man-pages", "python"};
   std::vector<double> cache_pct = {1, 2, 5, 10, 25, 50};
 };
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // A frozen row's key in the trace: PEER layer, segment id, expert.
 uint64_t RowKey(uint64_t layer, uint64_t segment, uint64_t expert) { return layer << 48 | segment << 32 | expert; }

@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "bench/json_lines.h"
+#include "bench/measure.h"
 
 namespace peerd::bench {
 
@@ -71,11 +72,6 @@ Run RunJob(const std::string& peer_train, const std::string& args, int world, in
     run.kb_per_step = std::stod(m[5]);
   }
   return run;
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 }  // namespace

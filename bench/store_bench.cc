@@ -15,6 +15,7 @@
 #include <random>
 
 #include "bench/json_lines.h"
+#include "bench/measure.h"
 #include "core/runtime.h"
 #include "experts_store/expert_store.h"
 #include "experts_store/row_cache.h"
@@ -26,9 +27,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
 
 double ResidentMb() {
   std::ifstream statm("/proc/self/statm");
@@ -51,11 +49,6 @@ uint64_t EvictTableFiles(const std::string& dir) {
     close(fd);
   }
   return bytes;
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 int Fail(const Status& st) {
