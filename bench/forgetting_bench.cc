@@ -89,9 +89,12 @@ struct Knobs {
                                        // first 4 KB best ("nearest"), or the base ("base")
   bool trunk_deltas = true;            // routed: adapters own deltas of the embeddings, norms and biases
   int64_t route_context = 0;           // routed: bytes before a window its route is chosen from (0: train.routeContext)
+  bool route_by_model = false;         // routed: choose among every branch by the model's likelihood of that
+                                       // context (EvalOptions::candidates) instead of by the bigram router
   uint32_t routed_n_keys = 0;          // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
-  uint32_t curve_every = 0;  // every this many steps of a streamed phase, score its domain (0: never)
+  uint32_t curve_every = 0;    // every this many steps of a streamed phase, score its domain (0: never)
+  bool branch_scores = false;  // routed: at the end, score every task under every branch's route
   bool verbose = true;
 };
 
@@ -165,6 +168,23 @@ std::vector<double> RoutingAccuracy(const RoutedBranches& r, const std::vector<D
   return out;
 }
 
+// RoutingAccuracy when the model chooses the routes (EvalOptions::candidates): the share of each
+// task's windows that ran its branch.
+std::vector<double> ModelRoutingAccuracy(TransformerLM& model, const RoutedBranches& r,
+                                         const std::vector<Domain>& tasks, const std::vector<int64_t>& expected,
+                                         const EvalOptions& o) {
+  std::vector<double> out;
+  for (size_t j = 0; j < tasks.size(); ++j) {
+    const std::vector<size_t> chosen = ScoreText(model, tasks[j].heldout, o).chosen;
+    const Route want = r.RouteOf(expected[j]);
+    int64_t right = 0;
+    for (size_t c : chosen)
+      right += o.candidates[c].adapter == want.adapter && o.candidates[c].segments == want.segments;
+    out.push_back(chosen.empty() ? 0.0 : static_cast<double>(right) / chosen.size());
+  }
+  return out;
+}
+
 // Freezes every training segment (and so its adapter) and adds a fresh segment to every PEER layer;
 // *id is the new segments' id (the same in every layer: they grow in step).
 Status GrowAll(Trainer& trainer, uint32_t n_keys, int64_t* id) {
@@ -225,7 +245,15 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   std::map<int64_t, int> task_of_branch;             // and the task each branch was trained on
   json seeded_from = json::array();                  // per streamed phase: the task its branch copied
   int64_t latest_branch = -1;
-  auto evaluate = [&] { return EvaluateAll(model, tasks, p.routed ? routing.Options(eval, route_context) : eval); };
+  // How a routed policy's held-out windows choose their route: the bigram router, or the model's
+  // own likelihood of the context under every route the router knows.
+  auto routed_eval = [&] {
+    EvalOptions o = routing.Options(eval, route_context);
+    if (k.route_by_model)
+      for (int64_t b : routing.router.routes()) o.candidates.push_back(routing.RouteOf(b));
+    return o;
+  };
+  auto evaluate = [&] { return EvaluateAll(model, tasks, p.routed ? routed_eval() : eval); };
   ForgettingInput in;
   in.trained_at.assign(tasks.size(), -1);
   in.init = 0;
@@ -315,7 +343,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     double curve_seconds = 0;
     auto score_now = [&](uint32_t step) {
       const auto c0 = Clock::now();
-      const EvalOptions o = p.routed ? routing.Options(eval, route_context) : eval;
+      const EvalOptions o = p.routed ? routed_eval() : eval;
       curve.push_back({step, BitsPerByte(model, tasks[d].heldout, o)});
       curve_seconds += std::chrono::duration<double>(Clock::now() - c0).count();
     };
@@ -420,11 +448,33 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     row["trunk_deltas"] = k.trunk_deltas;
     row["seed_branch"] = k.seed_branch;
     row["seeded_from"] = seeded_from;
+    row["route_by"] = k.route_by_model ? "model" : "bigram";
     json accuracy = json::object();
-    const std::vector<double> acc =
-        RoutingAccuracy(routing, tasks, branch_of, routing.Options(eval, route_context), context);
+    const std::vector<double> acc = k.route_by_model
+                                        ? ModelRoutingAccuracy(model, routing, tasks, branch_of, routed_eval())
+                                        : RoutingAccuracy(routing, tasks, branch_of, routed_eval(), context);
     for (size_t j = 0; j < tasks.size(); ++j) accuracy[tasks[j].name] = acc[j];
     row["routing_accuracy"] = accuracy;
+    if (k.branch_scores) {
+      // What a router could at best do with these branches: each task under every route, the
+      // whole held-out text on one. {"branches": [trained on], "scores": [task][branch]}.
+      json trained_on = json::array(), scores = json::array();
+      std::vector<int64_t> routes = {routing.base};
+      for (const auto& [b, task] : task_of_branch)
+        if (b != routing.base) routes.push_back(b);
+      for (int64_t b : routes) trained_on.push_back(tasks[task_of_branch.count(b) ? task_of_branch.at(b) : 0].name);
+      const Route was = model->route();
+      for (const Domain& t : tasks) {
+        json per_branch = json::array();
+        for (int64_t b : routes) {
+          if (Status st = model->SetRoute(routing.RouteOf(b)); !st.ok()) return error(st);
+          per_branch.push_back(BitsPerByte(model, t.heldout, eval));
+        }
+        scores.push_back(per_branch);
+      }
+      if (Status st = model->SetRoute(was); !st.ok()) return error(st);
+      row["branch_scores"] = {{"branches", trained_on}, {"scores", scores}};
+    }
   }
   return row;
 }
@@ -624,6 +674,17 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--matched-width", matched_width,
                  "the dense FFN width of equal active parameters, given instead of solved from the policies "
                  "run (a sweep split across processes: the width the whole run printed)");
+  std::string route_by = "bigram";
+  app.add_option("--route-by", route_by,
+                 "routed: what chooses a held-out window's branch from the bytes before it: the bigram router "
+                 "(bigram) or the model, by which branch predicts those bytes best (model: a pass over the text "
+                 "per branch)")
+      ->check(CLI::IsMember({"bigram", "model"}))
+      ->capture_default_str();
+  bool branch_scores = false;
+  app.add_flag("--branch-scores", branch_scores,
+               "routed: at the end, score every task under every branch (the JSON's branch_scores: what the "
+               "best choice of branch per task would reach)");
   app.add_flag("--json", as_json, "print one JSON object per policy instead of the tables");
   app.add_flag("--quiet", quiet, "no per-domain progress on stderr");
   app.add_option("--json-out", json_out, "also write the JSON lines to this file ('' = don't)")->capture_default_str();
@@ -686,6 +747,8 @@ int ForgettingBench(int argc, char** argv) {
     return fail(Status::InvalidArgument("--dense-widths takes multiples in (0, 64], got '" + bad + "'"));
   k.eval_bytes = static_cast<int64_t>(heldout_kb) * 1000;
   k.curve_every = curve_every;
+  k.branch_scores = branch_scores;
+  k.route_by_model = route_by == "model";
   k.verbose = !quiet;
   if (adapter_rank_arg == "full") {
     k.adapter_rank = SegmentAdapterImpl::kFullRank;

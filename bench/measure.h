@@ -9,9 +9,7 @@ namespace peerd::bench {
 
 using Clock = std::chrono::steady_clock;
 
-inline double Seconds(Clock::time_point since) {
-  return std::chrono::duration<double>(Clock::now() - since).count();
-}
+inline double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
 
 // The median (the mean of the middle two of an even count); 0 of none.
 inline double Median(std::vector<double> v) {

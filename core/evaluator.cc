@@ -9,6 +9,83 @@
 
 namespace peerd {
 
+namespace {
+
+using Windows = std::vector<std::pair<int64_t, int64_t>>;  // [start, end] byte ranges, end inclusive
+
+// −Σ ln p of the bytes each window predicts, under the model's current route: [windows].
+std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes, const Windows& windows,
+                               int64_t batch_size) {
+  std::vector<double> nats(windows.size());
+  std::vector<torch::Tensor> batch;
+  std::vector<size_t> rows;  // the window of each row
+  auto flush = [&] {
+    if (batch.empty()) return;
+    torch::Tensor tokens = torch::stack(batch);  // [b, L+1]
+    const int64_t L = tokens.size(1) - 1;
+    torch::Tensor logits = model->forward(tokens.slice(1, 0, L));  // [b, L, V]
+    torch::Tensor lp = torch::log_softmax(logits.to(torch::kFloat), -1)
+                           .gather(-1, tokens.slice(1, 1, L + 1).unsqueeze(-1))
+                           .squeeze(-1)
+                           .sum(1)
+                           .to(torch::kDouble)
+                           .contiguous();  // [b]
+    for (size_t r = 0; r < rows.size(); ++r) nats[rows[r]] = -lp[r].item<double>();
+    batch.clear();
+    rows.clear();
+  };
+  const int64_t full = windows.empty() ? 0 : windows.front().second - windows.front().first;
+  for (size_t w = 0; w < windows.size(); ++w) {
+    const auto [first, last] = windows[w];
+    if (last - first != full) flush();  // the shorter tail window runs alone
+    batch.push_back(bytes.slice(0, first, last + 1));
+    rows.push_back(w);
+    if (static_cast<int64_t>(batch.size()) == batch_size || last - first != full) flush();
+  }
+  flush();
+  return nats;
+}
+
+// ScoreText with options.candidates: every window under every candidate, then each window's score
+// under the candidate that predicted the windows before it (within route_context) best.
+TextScore ScoreByCandidates(TransformerLM& model, std::string_view text, const torch::Tensor& bytes,
+                            const Windows& windows, const EvalOptions& options) {
+  const Route model_route = model->route();
+  std::vector<std::vector<double>> nats;  // [candidate][window]
+  for (const Route& r : options.candidates) {
+    CheckOk(model->SetRoute(r));
+    nats.push_back(WindowNats(model, bytes, windows, options.batch));
+  }
+  TextScore score;
+  double total = 0;
+  size_t from = 0;  // the first window inside the current window's route context
+  for (size_t w = 0; w < windows.size(); ++w) {
+    while (from < w && windows[from].first < windows[w].first - options.route_context) ++from;
+    size_t choice = 0;
+    if (from < w) {
+      double best = INFINITY;
+      for (size_t c = 0; c < nats.size(); ++c) {
+        double sum = 0;
+        for (size_t v = from; v < w; ++v) sum += nats[c][v];
+        if (sum < best) best = sum, choice = c;
+      }
+    } else if (options.route) {  // nothing scored before it yet: the text's own router decides
+      const int64_t start = std::max<int64_t>(0, windows[w].first - options.route_context);
+      const Route r = options.route(text.substr(start, windows[w].first + 1 - start));
+      for (size_t c = 0; c < options.candidates.size(); ++c)
+        if (options.candidates[c].adapter == r.adapter && options.candidates[c].segments == r.segments) choice = c;
+    }
+    total += nats[choice][w];
+    score.predicted_bytes += windows[w].second - windows[w].first;
+    score.chosen.push_back(choice);
+  }
+  CheckOk(model->SetRoute(model_route));
+  score.bits_per_byte = total / score.predicted_bytes / std::log(2.0);
+  return score;
+}
+
+}  // namespace
+
 double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOptions& options) {
   return ScoreText(model, text, options).bits_per_byte;
 }
@@ -28,10 +105,16 @@ TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOpt
   std::vector<std::pair<int64_t, float>> scored;  // (offset of the byte predicted, ln p), keep_log_probs
   // Windows overlap by one byte: the last byte of one is the first input of the next. With a
   // router, windows are grouped by route and each group runs under its own.
-  std::vector<std::pair<int64_t, int64_t>> windows;  // [start, end] byte ranges, end inclusive
+  Windows windows;
   int64_t start = 0;
   for (; start + context + 1 <= n; start += context) windows.push_back({start, start + context});
-  if (n - start >= 2) windows.push_back({start, n - 1});                           // the shorter tail window
+  if (n - start >= 2) windows.push_back({start, n - 1});  // the shorter tail window
+  if (!options.candidates.empty()) {
+    TORCH_CHECK(!keep_log_probs, "ScoreText: keep_log_probs is not available with routing by candidates");
+    TextScore score = ScoreByCandidates(model, text, bytes, windows, options);
+    model->train(was_training);
+    return score;
+  }
   std::map<std::pair<int64_t, std::vector<int64_t>>, std::vector<size_t>> groups;  // route -> windows
   for (size_t w = 0; w < windows.size(); ++w) {
     Route r = model->route();

@@ -20,6 +20,12 @@ struct EvalOptions {
   // scored on. Unset: the model's own route for every window.
   std::function<Route(std::string_view context)> route;
   int64_t route_context = 0;
+  // Routing by the model itself (DEMix's posterior with the model's own likelihoods, a uniform
+  // prior): when not empty, each window runs the candidate under which the model predicted the
+  // windows within the `route_context` bytes before it best. Every window is scored under every
+  // candidate once, so this costs a pass over the text per candidate; a window with no whole
+  // window before it within route_context falls back to `route` (the first candidate without it).
+  std::vector<Route> candidates;
 };
 
 // The text is cut into consecutive windows of the model's context; every byte after a window's
@@ -28,12 +34,13 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
 
 // BitsPerByte, with what it is the mean of: log_probs[i] = ln p(the byte at predicted[i] | the bytes
 // before it in its window), for every byte but the text's first, in text order; kept when
-// `keep_log_probs`.
+// `keep_log_probs` (not with options.candidates).
 struct TextScore {
   double bits_per_byte = 0;
   int64_t predicted_bytes = 0;
   std::vector<float> log_probs;
   std::vector<int64_t> predicted;
+  std::vector<size_t> chosen;  // with candidates: the candidate each window ran, in text order
 };
 TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOptions& options = {},
                     bool keep_log_probs = false);

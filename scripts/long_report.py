@@ -9,6 +9,8 @@ usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] [TAG=]R
   --doc:  replace the text between the report markers of this Markdown file with the tables
   --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
   --json: the medians and the goal's verdict as one JSON object
+A run with --branch-scores also gets a table of each task on every branch (the best a router could
+choose).
 The tables go to stdout as well."""
 import argparse, json, statistics, sys
 
@@ -153,6 +155,30 @@ def curve_table(runs, out):
         out.append(f"| {c['task']} | {cells} | {gain(c):+.3f} | {rest} |")
 
 
+def branch_table(runs, out):
+    """--branch-scores: each task under its router's choice, its own branch and the best branch."""
+    for policy, by_seed in runs.items():
+        seed = next((s for s, r in sorted(by_seed.items()) if r.get("branch_scores")), None)
+        if seed is None:
+            continue
+        r = by_seed[seed]
+        trained_on, scores = r["branch_scores"]["branches"], r["branch_scores"]["scores"]
+        final = r["matrix"][-1]
+        out.append(f"{policy}, seed {seed}: each task at the end as routed, on the branch trained on it, and on the "
+                   "branch that scores it best (the whole held-out text on one branch):")
+        out.append("")
+        out.append("| task | as routed | own branch | best branch | its bits/byte |")
+        out.append("|---|---|---|---|---|")
+        best_all = []
+        for task, routed, per_branch in zip(r["tasks"], final, scores):
+            own = per_branch[trained_on.index(task)] if task in trained_on else float("nan")
+            b = min(range(len(per_branch)), key=per_branch.__getitem__)
+            best_all.append(per_branch[b])
+            out.append(f"| {task} | {routed:.3f} | {own:.3f} | {trained_on[b]} | {per_branch[b]:.3f} |")
+        out.append(f"| ACC | {statistics.fmean(final):.3f} | | | {statistics.fmean(best_all):.3f} |")
+        out.append("")
+
+
 def plot(runs, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -217,6 +243,8 @@ def main():
     width_table(runs, out)
     out.append("")
     curve_table(runs, out)
+    out.append("")
+    branch_table(runs, out)
     text = "\n".join(out).strip() + "\n"
     print(text)
     if a.plot:

@@ -9,8 +9,9 @@
 #                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT,
 #                                          DOC (bench/LONG.md), PLOT (bench/long.svg)
 #
-# Seed 1 also runs the width sweep and records each phase's held-out curve. Each seed runs one
-# compute thread, so JOBS=2 on two cores halves the wall time without changing a figure.
+# Seed 1 also runs the width sweep, records each phase's held-out curve and scores every task on
+# every branch at the end (--branch-scores). Each seed runs one compute thread, so JOBS=2 on two
+# cores halves the wall time without changing a figure.
 set -euo pipefail
 BUILD=${1:-build}
 STEPS=${STEPS:-1000}
@@ -26,7 +27,7 @@ bash scripts/corpora.sh long
 mkdir -p "$OUT"
 run_seed() {
   local seed=$1 extra=()
-  if [[ $seed == "${SEEDS%% *}" ]]; then extra=(--dense-widths 0.5,2 --curve-every 250); fi
+  if [[ $seed == "${SEEDS%% *}" ]]; then extra=(--dense-widths 0.5,2 --curve-every 250 --branch-scores); fi
   "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
     --policies dense,dense+recipe,routed,routed+recipe "${extra[@]}" --seed "$seed" --threads 1 \
     --json-out "$OUT/seed$seed.jsonl" > "$OUT/seed$seed.txt" 2> "$OUT/seed$seed.log"

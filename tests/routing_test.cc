@@ -517,5 +517,47 @@ TEST(Evaluator, ARouteSeesOnlyTheBytesBeforeEachWindowAndItsFirstInput) {
   EXPECT_DOUBLE_EQ(routed, BitsPerByte(model, text)) << "the default route is the model's own";
 }
 
+TEST(Evaluator, RoutingByCandidatesRunsEachWindowUnderTheRouteThatPredictedTheBytesBeforeItBest) {
+  torch::manual_seed(7);
+  Config c = TwoBlockModel();  // context 16
+  TransformerLM model(c.model());
+  Trainer trainer(model, c.train());
+  const int64_t base = model->PeerLayers()[0]->segments()[0]->id();
+  const std::string letters = TextOf("abcdefgh ", 4000, 1), digits = TextOf("0123456789,", 4000, 2);
+  auto train_on = [&](const std::string& text) {
+    for (int i = 0; i < 30; ++i) {
+      std::string window = text.substr((i * 97) % static_cast<int64_t>(text.size() - 17), 17);
+      trainer.Step(torch::from_blob(window.data(), {1, 17}, torch::kUInt8).to(torch::kInt64).repeat({4, 1}));
+    }
+  };
+  const int64_t on_letters = GrowRouted(trainer, base, 4);
+  train_on(letters);
+  const int64_t on_digits = GrowRouted(trainer, base, 4);
+  train_on(digits);
+  const Route letters_route{on_letters, {base, on_letters}}, digits_route{on_digits, {base, on_digits}};
+
+  // Windows start every 16 bytes and alternate: even ones letters, odd ones digits.
+  std::string text;
+  for (int w = 0; w < 20; ++w) text += (w % 2 ? digits : letters).substr(100 + 16 * w, 16);
+  text += "0";
+  EvalOptions o;
+  o.route_context = 16;  // the window before
+  o.candidates = {letters_route, digits_route};
+  o.route = [&](std::string_view) { return digits_route; };  // what decides before anything is scored
+  const TextScore score = ScoreText(model, text, o);
+  ASSERT_EQ(score.chosen.size(), 20u);
+  EXPECT_EQ(score.chosen[0], 1u) << "the first window falls back to the text's router";
+  // Each window runs the route of the window before it, never chosen by its own bytes.
+  for (size_t w = 1; w < 20; ++w) EXPECT_EQ(score.chosen[w], w % 2 ? 0u : 1u) << "window " << w;
+
+  // The score is each window's under the route chosen for it.
+  double nats = 0;
+  for (size_t w = 0; w < 20; ++w) {
+    ASSERT_TRUE(model->SetRoute(score.chosen[w] == 0 ? letters_route : digits_route).ok());
+    nats += BitsPerByte(model, text.substr(16 * w, 17)) * 16 * std::log(2.0);
+  }
+  EXPECT_NEAR(score.bits_per_byte, nats / 320 / std::log(2.0), 1e-5);
+}
+
 }  // namespace
 }  // namespace peerd
