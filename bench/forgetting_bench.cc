@@ -258,6 +258,11 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   in.trained_at.assign(tasks.size(), -1);
   in.init = 0;
   in.rows.push_back(evaluate());
+  // Routed by the model: the same model routed by the bigram router too, side by side.
+  const bool both_routings = p.routed && k.route_by_model;
+  std::vector<std::vector<double>> bigram_rows;
+  double bigram_plasticity = 0;
+  if (both_routings) bigram_rows.push_back(EvaluateAll(model, tasks, routing.Options(eval, route_context)));
   std::vector<std::string> labels = {"init"};
   json curves = json::array();  // --curve-every: per streamed phase, [step, bits/byte] of its domain
   double train_seconds = 0, plasticity = 0, distill_sum = 0;
@@ -373,6 +378,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count() - curve_seconds;
     train_seconds += secs;
     in.rows.push_back(evaluate());
+    if (both_routings) bigram_rows.push_back(EvaluateAll(model, tasks, routing.Options(eval, route_context)));
     if (curved) {
       curve.push_back({phases[phase].steps, in.rows.back()[d]});
       curves.push_back({{"task", tasks[d].name}, {"phase", phase}, {"points", curve}});
@@ -383,6 +389,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
       in.trained_at[j] = row;
       if (phases[phase].pretrain) continue;
       plasticity += in.rows.back()[j];
+      if (both_routings) bigram_plasticity += bigram_rows.back()[j];
       ++streamed;
     }
     if (!phases[phase].pretrain) stream_steps += phases[phase].steps;
@@ -449,6 +456,15 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     row["seed_branch"] = k.seed_branch;
     row["seeded_from"] = seeded_from;
     row["route_by"] = k.route_by_model ? "model" : "bigram";
+    if (both_routings) {
+      ForgettingInput b = in;
+      b.rows = bigram_rows;
+      const ForgettingMetrics mb = ComputeForgettingMetrics(b);
+      row["bigram_routing"] = {{"matrix", bigram_rows},
+                               {"acc", mb.acc},
+                               {"mean_forgetting", mb.mean_forgetting},
+                               {"plasticity_bpb", streamed ? bigram_plasticity / streamed : NAN}};
+    }
     json accuracy = json::object();
     const std::vector<double> acc = k.route_by_model
                                         ? ModelRoutingAccuracy(model, routing, tasks, branch_of, routed_eval())
