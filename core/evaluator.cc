@@ -46,42 +46,34 @@ std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes,
   return nats;
 }
 
-// ScoreText with options.candidates: every window under every candidate, then each window's score
-// under the candidate that predicted the windows before it (within route_context) best.
-TextScore ScoreByCandidates(TransformerLM& model, std::string_view text, const torch::Tensor& bytes,
-                            const Windows& windows, const EvalOptions& options) {
-  const Route model_route = model->route();
+// Routing by candidates: the candidate each window runs, the one under which the model predicted
+// the windows before it (within route_context) best. Every window is scored under every candidate.
+std::vector<size_t> ChooseByCandidates(TransformerLM& model, std::string_view text, const torch::Tensor& bytes,
+                                       const Windows& windows, const EvalOptions& options) {
   std::vector<std::vector<double>> nats;  // [candidate][window]
   for (const Route& r : options.candidates) {
     CheckOk(model->SetRoute(r));
     nats.push_back(WindowNats(model, bytes, windows, options.batch));
   }
-  TextScore score;
-  double total = 0;
+  std::vector<size_t> chosen(windows.size(), 0);
   size_t from = 0;  // the first window inside the current window's route context
   for (size_t w = 0; w < windows.size(); ++w) {
     while (from < w && windows[from].first < windows[w].first - options.route_context) ++from;
-    size_t choice = 0;
     if (from < w) {
       double best = INFINITY;
       for (size_t c = 0; c < nats.size(); ++c) {
         double sum = 0;
         for (size_t v = from; v < w; ++v) sum += nats[c][v];
-        if (sum < best) best = sum, choice = c;
+        if (sum < best) best = sum, chosen[w] = c;
       }
     } else if (options.route) {  // nothing scored before it yet: the text's own router decides
       const int64_t start = std::max<int64_t>(0, windows[w].first - options.route_context);
       const Route r = options.route(text.substr(start, windows[w].first + 1 - start));
       for (size_t c = 0; c < options.candidates.size(); ++c)
-        if (options.candidates[c].adapter == r.adapter && options.candidates[c].segments == r.segments) choice = c;
+        if (options.candidates[c].adapter == r.adapter && options.candidates[c].segments == r.segments) chosen[w] = c;
     }
-    total += nats[choice][w];
-    score.predicted_bytes += windows[w].second - windows[w].first;
-    score.chosen.push_back(choice);
   }
-  CheckOk(model->SetRoute(model_route));
-  score.bits_per_byte = total / score.predicted_bytes / std::log(2.0);
-  return score;
+  return chosen;
 }
 
 }  // namespace
@@ -109,22 +101,20 @@ TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOpt
   int64_t start = 0;
   for (; start + context + 1 <= n; start += context) windows.push_back({start, start + context});
   if (n - start >= 2) windows.push_back({start, n - 1});  // the shorter tail window
-  if (!options.candidates.empty()) {
-    TORCH_CHECK(!keep_log_probs, "ScoreText: keep_log_probs is not available with routing by candidates");
-    TextScore score = ScoreByCandidates(model, text, bytes, windows, options);
-    model->train(was_training);
-    return score;
-  }
+  const Route model_route = model->route();
+  TextScore score;
+  if (!options.candidates.empty()) score.chosen = ChooseByCandidates(model, text, bytes, windows, options);
   std::map<std::pair<int64_t, std::vector<int64_t>>, std::vector<size_t>> groups;  // route -> windows
   for (size_t w = 0; w < windows.size(); ++w) {
-    Route r = model->route();
-    if (options.route) {
+    Route r = model_route;
+    if (!score.chosen.empty()) {
+      r = options.candidates[score.chosen[w]];
+    } else if (options.route) {
       const int64_t from = std::max<int64_t>(0, windows[w].first - options.route_context);
       r = options.route(std::string_view(text).substr(from, windows[w].first + 1 - from));
     }
     groups[{r.adapter, r.segments}].push_back(w);
   }
-  const Route model_route = model->route();
   for (const auto& [key, members] : groups) {
     CheckOk(model->SetRoute({key.first, key.second}));
     std::vector<torch::Tensor> batch;
@@ -166,7 +156,6 @@ TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOpt
   }
   CheckOk(model->SetRoute(model_route));
   model->train(was_training);
-  TextScore score;
   score.bits_per_byte = nats / predicted / std::log(2.0);
   score.predicted_bytes = predicted;
   // Windows ran grouped by route: put the bytes back in text order.

@@ -23,8 +23,9 @@ struct EvalOptions {
   // Routing by the model itself (DEMix's posterior with the model's own likelihoods, a uniform
   // prior): when not empty, each window runs the candidate under which the model predicted the
   // windows within the `route_context` bytes before it best. Every window is scored under every
-  // candidate once, so this costs a pass over the text per candidate; a window with no whole
-  // window before it within route_context falls back to `route` (the first candidate without it).
+  // candidate to choose, so this costs a pass over the text per candidate and one more; a window
+  // with no whole window before it within route_context falls back to `route` (the first
+  // candidate without it).
   std::vector<Route> candidates;
 };
 
@@ -34,7 +35,7 @@ double BitsPerByte(TransformerLM& model, const std::string& text, const EvalOpti
 
 // BitsPerByte, with what it is the mean of: log_probs[i] = ln p(the byte at predicted[i] | the bytes
 // before it in its window), for every byte but the text's first, in text order; kept when
-// `keep_log_probs` (not with options.candidates).
+// `keep_log_probs`.
 struct TextScore {
   double bits_per_byte = 0;
   int64_t predicted_bytes = 0;

@@ -557,6 +557,12 @@ TEST(Evaluator, RoutingByCandidatesRunsEachWindowUnderTheRouteThatPredictedTheBy
     nats += BitsPerByte(model, text.substr(16 * w, 17)) * 16 * std::log(2.0);
   }
   EXPECT_NEAR(score.bits_per_byte, nats / 320 / std::log(2.0), 1e-5);
+  // The log-probabilities kept are those of the routes chosen.
+  const TextScore kept = ScoreText(model, text, o, /*keep_log_probs=*/true);
+  ASSERT_EQ(kept.log_probs.size(), 320u);
+  double kept_nats = 0;
+  for (float lp : kept.log_probs) kept_nats -= lp;
+  EXPECT_NEAR(kept_nats, nats, 1e-3);
 }
 
 }  // namespace
