@@ -478,7 +478,8 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
       std::vector<int64_t> routes = {routing.base};
       for (const auto& [b, task] : task_of_branch)
         if (b != routing.base) routes.push_back(b);
-      for (int64_t b : routes) trained_on.push_back(tasks[task_of_branch.count(b) ? task_of_branch.at(b) : 0].name);
+      for (int64_t b : routes)  // the base without a base phase: "base"
+        trained_on.push_back(task_of_branch.count(b) ? tasks[task_of_branch.at(b)].name : "base");
       const Route was = model->route();
       for (const Domain& t : tasks) {
         json per_branch = json::array();

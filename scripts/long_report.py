@@ -9,6 +9,7 @@ usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] [TAG=]R
   --doc:  replace the text between the report markers of this Markdown file with the tables
   --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
   --json: the medians and the goal's verdict as one JSON object
+A run with --route-by model also gives POLICY/bigram: the same model routed by the bigram router.
 A run with --branch-scores also gets a table of each task on every branch (the best a router could
 choose).
 The tables go to stdout as well."""
@@ -32,6 +33,10 @@ def load(paths):
             if tag:
                 r["policy"] += "@" + tag
             seed = r["config_seed"]
+            if "bigram_routing" in r:  # --route-by model: the same model routed by bigrams too
+                b = {**r, **r["bigram_routing"], "policy": r["policy"] + "/bigram"}
+                del b["bigram_routing"]
+                runs.setdefault(b["policy"], {})[seed] = b
             if seed in runs.get(r["policy"], {}):
                 sys.exit(f"long_report.py: {path}: a second {r['policy']} row of seed {seed} (tag one of the runs)")
             runs.setdefault(r["policy"], {})[seed] = r
@@ -130,11 +135,12 @@ def width_table(runs, out):
 
 def curve_table(runs, out):
     """Held-out bits/byte of the domain being trained along its phase (--curve-every)."""
-    seed = next((s for s, r in sorted(runs.get("dense", {}).items()) if r.get("curves")), None)
+    base, seed = next(((p, s) for p in ("dense", RECIPE) for s, r in sorted(runs.get(p, {}).items())
+                       if r.get("curves")), (None, None))
     if seed is None:
         return
-    dense = runs["dense"][seed]
-    others = [p for p in runs if p != "dense" and runs[p].get(seed, {}).get("curves")]
+    dense = runs[base][seed]
+    others = [p for p in runs if p != base and runs[p].get(seed, {}).get("curves")]
     steps = dense["steps_per_domain"]
     marks = [pt[0] for pt in dense["curves"][0]["points"]]
     quarter = [m for m in marks if m <= steps * 3 // 4][-1]
@@ -143,7 +149,7 @@ def curve_table(runs, out):
         at = dict((pt[0], pt[1]) for pt in c["points"])
         return at[quarter] - at[marks[-1]]
 
-    out.append(f"Dense, seed {seed}: the trained domain's held-out bits/byte along its phase of {steps} steps, "
+    out.append(f"{base}, seed {seed}: the trained domain's held-out bits/byte along its phase of {steps} steps, "
                f"and what the steps after {quarter} gained (a model that has stopped improving gains ~0):")
     out.append("")
     head = " | ".join(f"step {m}" for m in marks)
