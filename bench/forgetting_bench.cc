@@ -89,8 +89,10 @@ struct Knobs {
                                        // first 4 KB best ("nearest"), or the base ("base")
   bool trunk_deltas = true;            // routed: adapters own deltas of the embeddings, norms and biases
   int64_t route_context = 0;           // routed: bytes before a window its route is chosen from (0: train.routeContext)
-  bool route_by_model = false;         // routed: choose among every branch by the model's likelihood of that
+  bool route_by_model = false;         // routed: choose among branches by the model's likelihood of that
                                        // context (EvalOptions::candidates) instead of by the bigram router
+  uint32_t route_candidates = 0;       // route_by_model: branches a text chooses among (RoutedBranches::
+                                       // Candidates; 0: every branch)
   uint32_t routed_n_keys = 0;          // routed: sub-keys per half of its segments (0: the config's)
   int64_t eval_bytes = 0;
   uint32_t curve_every = 0;    // every this many steps of a streamed phase, score its domain (0: never)
@@ -175,12 +177,14 @@ std::vector<double> ModelRoutingAccuracy(TransformerLM& model, const RoutedBranc
                                          const EvalOptions& o) {
   std::vector<double> out;
   for (size_t j = 0; j < tasks.size(); ++j) {
-    const std::vector<size_t> chosen = ScoreText(model, tasks[j].heldout, o).chosen;
+    const TextScore score = ScoreText(model, tasks[j].heldout, o);
     const Route want = r.RouteOf(expected[j]);
     int64_t right = 0;
-    for (size_t c : chosen)
-      right += o.candidates[c].adapter == want.adapter && o.candidates[c].segments == want.segments;
-    out.push_back(chosen.empty() ? 0.0 : static_cast<double>(right) / chosen.size());
+    for (size_t c : score.chosen) {
+      const Route& ran = score.candidates[c];
+      right += ran.adapter == want.adapter && ran.segments == want.segments;
+    }
+    out.push_back(score.chosen.empty() ? 0.0 : static_cast<double>(right) / score.chosen.size());
   }
   return out;
 }
@@ -246,12 +250,11 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   json seeded_from = json::array();                  // per streamed phase: the task its branch copied
   int64_t latest_branch = -1;
   // How a routed policy's held-out windows choose their route: the bigram router, or the model's
-  // own likelihood of the context under every route the router knows.
+  // own likelihood of the context under each candidate branch.
   auto routed_eval = [&] {
-    EvalOptions o = routing.Options(eval, route_context);
-    if (k.route_by_model)
-      for (int64_t b : routing.router.routes()) o.candidates.push_back(routing.RouteOf(b));
-    return o;
+    if (!k.route_by_model) return routing.Options(eval, route_context);
+    const size_t every = std::numeric_limits<size_t>::max();
+    return routing.ModelOptions(eval, route_context, k.route_candidates > 0 ? k.route_candidates : every);
   };
   auto evaluate = [&] { return EvaluateAll(model, tasks, p.routed ? routed_eval() : eval); };
   ForgettingInput in;
@@ -295,10 +298,11 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
           // What adapts to this domain is owned by its segment: its experts and its adapter.
           if (Status st = model->AddAdapter(branch, k.adapter_rank, k.trunk_deltas); !st.ok()) return error(st);
           // The new branch starts as a copy of an old one (the base: nothing to copy).
-          const int64_t seed = k.seed_branch == "latest" ? latest_branch
-                               : k.seed_branch == "nearest"
-                                   ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096))
-                                   : -1;
+          const int64_t seed =
+              k.seed_branch == "latest" ? latest_branch
+              : k.seed_branch == "nearest"
+                  ? BestBranchFor(model, routing, tasks[d].train.substr(0, 4096), routing.router.routes())
+                  : -1;
           latest_branch = branch;
           if (seed >= 0 && seed != routing.base) {
             if (Status st = model->CopyBranch(seed, branch); !st.ok()) return error(st);
@@ -456,6 +460,7 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
     row["seed_branch"] = k.seed_branch;
     row["seeded_from"] = seeded_from;
     row["route_by"] = k.route_by_model ? "model" : "bigram";
+    if (k.route_by_model) row["route_candidates"] = k.route_candidates > 0 ? json(k.route_candidates) : json("all");
     if (both_routings) {
       ForgettingInput b = in;
       b.rows = bigram_rows;
@@ -698,6 +703,11 @@ int ForgettingBench(int argc, char** argv) {
                  "per branch)")
       ->check(CLI::IsMember({"bigram", "model"}))
       ->capture_default_str();
+  uint32_t route_candidates = 0;
+  app.add_option("--route-candidates", route_candidates,
+                 "with --route-by model: the branches a text's windows choose among, the bigram router's most "
+                 "likely for the text and the newest (train.routeCandidates, as peerd runs it; 0: every branch)")
+      ->capture_default_str();
   bool branch_scores = false;
   app.add_flag("--branch-scores", branch_scores,
                "routed: at the end, score every task under every branch (the JSON's branch_scores: what the "
@@ -766,6 +776,7 @@ int ForgettingBench(int argc, char** argv) {
   k.curve_every = curve_every;
   k.branch_scores = branch_scores;
   k.route_by_model = route_by == "model";
+  k.route_candidates = route_candidates;
   k.verbose = !quiet;
   if (adapter_rank_arg == "full") {
     k.adapter_rank = SegmentAdapterImpl::kFullRank;

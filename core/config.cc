@@ -71,6 +71,7 @@ Config DefaultConfig() {
   // 512 bytes before a window route look-alike domains better than 128: ACC 2.529 -> 2.501 over
   // twelve domains (bench/LONG.md), 3.403 -> 3.398 over six (bench/FORGETTING.md), 3 seeds each.
   t->set_route_context(512);
+  t->set_route_candidates(4);
   t->set_keep_trained_text(true);
   t->set_trunk_delta_lr_scale(3.0f);
   return c;
@@ -154,6 +155,9 @@ Status ValidateConfig(const Config& c) {
     return Invalid("train.trunkDeltaLrScale", "must be in [0, 1000], got " + std::to_string(t.trunk_delta_lr_scale()));
   if (t.route_context() == 0 || t.route_context() > (1u << 20))
     return Invalid("train.routeContext", "must be in [1, 1048576] bytes, got " + std::to_string(t.route_context()));
+  if (t.route_candidates() > 64)
+    return Invalid("train.routeCandidates",
+                   "must be in [0, 64] (0: the bigram router alone), got " + std::to_string(t.route_candidates()));
   if (t.adapter_rank() > static_cast<int32_t>(m.d_model()))
     return Invalid("train.adapterRank", "must be at most model.dModel (" + std::to_string(m.d_model()) +
                                             "; 0 gives full-rank deltas), got " + std::to_string(t.adapter_rank()));

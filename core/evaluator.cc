@@ -49,9 +49,10 @@ std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes,
 // Routing by candidates: the candidate each window runs, the one under which the model predicted
 // the windows before it (within route_context) best. Every window is scored under every candidate.
 std::vector<size_t> ChooseByCandidates(TransformerLM& model, std::string_view text, const torch::Tensor& bytes,
-                                       const Windows& windows, const EvalOptions& options) {
+                                       const Windows& windows, const std::vector<Route>& candidates,
+                                       const EvalOptions& options) {
   std::vector<std::vector<double>> nats;  // [candidate][window]
-  for (const Route& r : options.candidates) {
+  for (const Route& r : candidates) {
     CheckOk(model->SetRoute(r));
     nats.push_back(WindowNats(model, bytes, windows, options.batch));
   }
@@ -69,8 +70,8 @@ std::vector<size_t> ChooseByCandidates(TransformerLM& model, std::string_view te
     } else if (options.route) {  // nothing scored before it yet: the text's own router decides
       const int64_t start = std::max<int64_t>(0, windows[w].first - options.route_context);
       const Route r = options.route(text.substr(start, windows[w].first + 1 - start));
-      for (size_t c = 0; c < options.candidates.size(); ++c)
-        if (options.candidates[c].adapter == r.adapter && options.candidates[c].segments == r.segments) chosen[w] = c;
+      for (size_t c = 0; c < candidates.size(); ++c)
+        if (candidates[c].adapter == r.adapter && candidates[c].segments == r.segments) chosen[w] = c;
     }
   }
   return chosen;
@@ -103,12 +104,15 @@ TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOpt
   if (n - start >= 2) windows.push_back({start, n - 1});  // the shorter tail window
   const Route model_route = model->route();
   TextScore score;
-  if (!options.candidates.empty()) score.chosen = ChooseByCandidates(model, text, bytes, windows, options);
+  if (options.candidates) score.candidates = options.candidates(std::string_view(text).substr(0, n));
+  if (!score.candidates.empty())
+    score.chosen = ChooseByCandidates(model, text, bytes, windows, score.candidates, options);
+  if (options.before_scoring) options.before_scoring();
   std::map<std::pair<int64_t, std::vector<int64_t>>, std::vector<size_t>> groups;  // route -> windows
   for (size_t w = 0; w < windows.size(); ++w) {
     Route r = model_route;
     if (!score.chosen.empty()) {
-      r = options.candidates[score.chosen[w]];
+      r = score.candidates[score.chosen[w]];
     } else if (options.route) {
       const int64_t from = std::max<int64_t>(0, windows[w].first - options.route_context);
       r = options.route(std::string_view(text).substr(from, windows[w].first + 1 - from));

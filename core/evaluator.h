@@ -21,12 +21,15 @@ struct EvalOptions {
   std::function<Route(std::string_view context)> route;
   int64_t route_context = 0;
   // Routing by the model itself (DEMix's posterior with the model's own likelihoods, a uniform
-  // prior): when not empty, each window runs the candidate under which the model predicted the
-  // windows within the `route_context` bytes before it best. Every window is scored under every
-  // candidate to choose, so this costs a pass over the text per candidate and one more; a window
-  // with no whole window before it within route_context falls back to `route` (the first
-  // candidate without it).
-  std::vector<Route> candidates;
+  // prior): when set, each window runs the route, of those candidates(text) proposes for the text
+  // scored, under which the model predicted the windows within the `route_context` bytes before it
+  // best. Every window is scored under every candidate to choose, so this costs a pass over the text
+  // per candidate and one more; a window with no whole window before it within route_context falls
+  // back to `route` (the first candidate without it, or when `route` picks none of them).
+  std::function<std::vector<Route>(std::string_view text)> candidates;
+  // Called once the routes are chosen, before the pass that scores the text under them (what a
+  // caller measures of that pass alone, such as the segments it uses, starts here).
+  std::function<void()> before_scoring;
 };
 
 // The text is cut into consecutive windows of the model's context; every byte after a window's
@@ -41,7 +44,8 @@ struct TextScore {
   int64_t predicted_bytes = 0;
   std::vector<float> log_probs;
   std::vector<int64_t> predicted;
-  std::vector<size_t> chosen;  // with candidates: the candidate each window ran, in text order
+  std::vector<Route> candidates;  // with candidates: the routes the windows chose among
+  std::vector<size_t> chosen;     // and the one each window ran (an index into them), in text order
 };
 TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOptions& options = {},
                     bool keep_log_probs = false);

@@ -30,11 +30,25 @@ struct RoutedBranches {
   int64_t Choose(std::string_view text) const;
   // `o` with each window routed by the `context` bytes before it (core/evaluator.h).
   EvalOptions Options(EvalOptions o, int64_t context) const;
+
+  // The branches, at most `k`, a text's windows choose among when the model routes them: the
+  // router's k most likely for the whole text, best first, with the newest branch (the largest id)
+  // in the last place when it is not among them. Branches chain — each starts as a copy of the one
+  // before — so the newest carries the whole stream's training and serves text that resembles no
+  // branch best (bench/LONG.md, "Which branch serves a task best"); the bigram router would never
+  // propose it for such text. Bounded by k however many branches there are; every branch when k is
+  // at least their number.
+  std::vector<int64_t> Candidates(std::string_view text, size_t k) const;
+  // `o` with each window routed by the model (EvalOptions::candidates) among the routes of
+  // Candidates(text, k), the first window of a text by the router as in Options; Options when
+  // k == 0.
+  EvalOptions ModelOptions(EvalOptions o, int64_t context, size_t k) const;
 };
 
-// The branch (of those the router knows) under which the model predicts `text` best; -1 if the
-// router knows none. The model's route is restored after.
-int64_t BestBranchFor(TransformerLM& model, const RoutedBranches& branches, const std::string& text);
+// The branch, of `among`, under which the model predicts `text` (at least 2 bytes) best; -1 when
+// `among` is empty. The model's route is restored after.
+int64_t BestBranchFor(TransformerLM& model, const RoutedBranches& branches, const std::string& text,
+                      const std::vector<int64_t>& among);
 
 // The bytes of a batch of windows [B, T+1] of byte tokens, as text for the router's counts.
 std::string BatchBytes(const torch::Tensor& tokens);

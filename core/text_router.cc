@@ -187,38 +187,44 @@ std::vector<double> BigramRouter::LogLikelihoods(std::string_view text) const {
 }
 
 int64_t BigramRouter::Choose(std::string_view text, size_t* scored) const {
+  const std::vector<int64_t> best = Ranked(text, 1, scored);
+  return best.empty() ? -1 : best.front();
+}
+
+std::vector<int64_t> BigramRouter::Ranked(std::string_view text, size_t k, size_t* scored) const {
   if (scored) *scored = 0;
-  if (text.size() < 2) return -1;
-  int64_t best = -1;
-  double best_ll = -std::numeric_limits<double>::infinity();
+  std::vector<std::pair<double, int64_t>> lls;  // (−log-likelihood, route): ascending is best first
+  if (text.size() < 2 || k == 0) return {};
   auto consider = [&](int64_t id, const Counts& c) {
     if (c.total == 0) return;
-    const double ll = LogLikelihood(c, text);
+    lls.push_back({-LogLikelihood(c, text), id});
     if (scored) ++*scored;
-    if (ll > best_ll) best = id, best_ll = ll;
   };
   if (routes_.size() <= kScoreAll || probes_ == 0 || clusters_.empty()) {
     for (const auto& [id, c] : routes_) consider(id, c);
-    return best;
+  } else {
+    // The clusters whose models explain the text best, then their members and the unclustered.
+    std::vector<std::pair<double, size_t>> ranked;  // (−log-likelihood, cluster)
+    for (size_t c = 0; c < clusters_.size(); ++c) ranked.push_back({-LogLikelihood(clusters_[c].sum, text), c});
+    if (scored) *scored += clusters_.size();
+    std::sort(ranked.begin(), ranked.end());
+    // The clusters' posterior under a uniform prior, p_c ∝ exp(log-likelihood_c): probed best first
+    // until what is left holds less than posterior_left_ of it (or `probes_` are probed).
+    double mass = 0;
+    for (const auto& [neg_ll, c] : ranked) mass += std::exp(ranked[0].first - neg_ll);
+    std::vector<int64_t> searched = unclustered_;
+    double probed = 0;
+    for (size_t i = 0; i < std::min(probes_, ranked.size()) && (i == 0 || 1 - probed / mass >= posterior_left_); ++i) {
+      probed += std::exp(ranked[0].first - ranked[i].first);
+      const std::vector<int64_t>& m = clusters_[ranked[i].second].members;
+      searched.insert(searched.end(), m.begin(), m.end());
+    }
+    for (int64_t id : searched) consider(id, routes_.at(id));
   }
-  // The clusters whose models explain the text best, then their members and the unclustered.
-  std::vector<std::pair<double, size_t>> ranked;  // (−log-likelihood, cluster)
-  for (size_t k = 0; k < clusters_.size(); ++k) ranked.push_back({-LogLikelihood(clusters_[k].sum, text), k});
-  if (scored) *scored += clusters_.size();
-  std::sort(ranked.begin(), ranked.end());
-  // The clusters' posterior under a uniform prior, p_k ∝ exp(log-likelihood_k): probed best first
-  // until what is left holds less than posterior_left_ of it (or `probes_` are probed).
-  double mass = 0;
-  for (const auto& [neg_ll, k] : ranked) mass += std::exp(ranked[0].first - neg_ll);
-  std::vector<int64_t> candidates = unclustered_;
-  double probed = 0;
-  for (size_t i = 0; i < std::min(probes_, ranked.size()) && (i == 0 || 1 - probed / mass >= posterior_left_); ++i) {
-    probed += std::exp(ranked[0].first - ranked[i].first);
-    const std::vector<int64_t>& m = clusters_[ranked[i].second].members;
-    candidates.insert(candidates.end(), m.begin(), m.end());
-  }
-  std::sort(candidates.begin(), candidates.end());  // ascending: ties go to the smallest id
-  for (int64_t id : candidates) consider(id, routes_.at(id));
+  k = std::min(k, lls.size());
+  std::partial_sort(lls.begin(), lls.begin() + k, lls.end());
+  std::vector<int64_t> best;
+  for (size_t i = 0; i < k; ++i) best.push_back(lls[i].second);
   return best;
 }
 

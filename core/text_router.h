@@ -61,6 +61,9 @@ class BigramRouter {
   // above), or -1 when no route has counts or `text` holds no bigram. *scored, when given, is set
   // to the number of bigram models evaluated, clusters' included.
   int64_t Choose(std::string_view text, size_t* scored = nullptr) const;
+  // The `k` most likely routes for `text` among those Choose scores, best first (ties: the
+  // smallest id); fewer when fewer are scored. Choose is its first.
+  std::vector<int64_t> Ranked(std::string_view text, size_t k, size_t* scored = nullptr) const;
   // Σ_t log p_r(x_t | x_{t−1}) of `text` under each route, in the order of routes().
   std::vector<double> LogLikelihoods(std::string_view text) const;
   std::vector<int64_t> routes() const;

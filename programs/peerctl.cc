@@ -12,7 +12,8 @@
 //     generate [PROMPT | -] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 //              [--stop STRING]... [--stream]
 //     policy [get | set KEY=VALUE...]     (keys: trainGroups=a,b  replayRatio=0.25  distillWeight=1  lr=0.001
-//                                          freezeDtype=bf16  routed=true  keepTrainedText=false)
+//                                          freezeDtype=bf16  routed=true  keepTrainedText=false
+//                                          routeCandidates=4)
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -28,6 +29,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <exception>
@@ -663,7 +665,7 @@ int main(int argc, char** argv) {
   auto* policy_set = policy->add_subcommand(
       "set",
       "KEY=VALUE...: trainGroups=a,b replayRatio=0.25 distillWeight=1 lr=0.001 freezeDtype=bf16 routed=true "
-      "keepTrainedText=false");
+      "keepTrainedText=false routeCandidates=4");
   std::vector<std::string> settings;
   policy_set->add_option("settings", settings, "KEY=VALUE ...")->required();
   try {
@@ -806,6 +808,14 @@ int main(int argc, char** argv) {
             return 2;
           }
           b[k] = v == "true";
+        } else if (k == "routeCandidates") {
+          char* end = nullptr;
+          const unsigned long n = std::strtoul(v.c_str(), &end, 10);
+          if (v.empty() || *end != '\0' || v[0] == '-') {
+            std::fprintf(stderr, "peerctl: routeCandidates needs a whole number, got '%s'\n", v.c_str());
+            return 2;
+          }
+          b[k] = n;
         } else {
           try {
             b[k] = std::stod(v);

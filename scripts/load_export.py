@@ -114,11 +114,11 @@ class BigramRouter:
             s += math.log((pair.get(a * 256 + b, 0) + self.beta * unigram) / (first[a] + self.beta))
         return s
 
-    def choose(self, text):
-        """The most likely route (ties: the smallest id) among those searched, -1 when none has
-        counts or no bigram: BigramRouter::Choose, operation for operation."""
-        if len(text) < 2:
-            return -1
+    def ranked(self, text, k):
+        """The k most likely routes (ties: the smallest id) among those searched, best first:
+        BigramRouter::Ranked, operation for operation."""
+        if len(text) < 2 or k == 0:
+            return []
         candidates = sorted(self.routes)
         if len(self.routes) > self.SCORE_ALL and self.clusters:
             ranked = sorted((-self.log_likelihood(counts, text), k) for k, (_, counts) in enumerate(self.clusters))
@@ -128,15 +128,21 @@ class BigramRouter:
                 probed += math.exp(ranked[0][0] - ranked[i][0])
                 candidates += self.clusters[ranked[i][1]][0]
                 i += 1
-            candidates.sort()
-        best, best_ll = -1, -math.inf
-        for route in candidates:
-            if self.routes[route][0] == 0:
-                continue
-            ll = self.log_likelihood(self.routes[route], text)
-            if ll > best_ll:
-                best, best_ll = route, ll
-        return best
+        scored = sorted((-self.log_likelihood(self.routes[r], text), r) for r in candidates if self.routes[r][0] > 0)
+        return [route for _, route in scored[:k]]
+
+    def choose(self, text):
+        """The most likely route, -1 when none has counts or no bigram: BigramRouter::Choose."""
+        best = self.ranked(text, 1)
+        return best[0] if best else -1
+
+    def candidates(self, text, k):
+        """RoutedBranches::Candidates: the k most likely for the text, the newest branch last."""
+        out = self.ranked(text, k)
+        newest = max(self.routes) if self.routes else None
+        if k == 0 or newest is None or newest in out:
+            return out
+        return out[:k - 1] + [newest] if len(out) == k else out + [newest]
 
 
 class Export:
@@ -154,6 +160,7 @@ class Export:
         self.peer = model.get("peer", {})
         train = self.manifest["config"].get("train", {})
         self.route_context = train.get("routeContext", 512)
+        self.route_candidates = train.get("routeCandidates", 0)  # absent: an export routed by bigrams alone
         rank = train.get("adapterRank", 32)
         self.adapter_scale = 1.0 if rank == 0 else 1.0 / math.sqrt(rank)
         routing = self.manifest.get("routing")
@@ -203,7 +210,10 @@ class Export:
 
     def route_of(self, text):
         """(adapter, segments) of the branch the router picks for `text` (routed_branches.cc)."""
-        branch = self.router.choose(text)
+        return self.route_of_branch(self.router.choose(text))
+
+    def route_of_branch(self, branch):
+        """RoutedBranches::RouteOf: (adapter, segments) of `branch`, the base's for -1 or the base."""
         if branch < 0 or branch == self.base:
             return None, set(self.base_segments)
         return branch, set(self.base_segments) | {branch}
@@ -301,17 +311,39 @@ class Export:
             start += self.context
         if n - start >= 2:
             windows.append((start, n - 1))
+        def window_log_probs(first, last, route):
+            tokens = torch.tensor(data[first:last + 1]).unsqueeze(0)
+            logp = self.forward(tokens[:, :-1], *route).log_softmax(-1)[0]  # [L, 257]
+            return logp.gather(1, tokens[0, 1:].unsqueeze(1)).squeeze(1).tolist()
+
+        def bigram_route(first):  # the bytes before the window and its first, never one it predicts
+            return self.route_of(text[max(0, first - self.route_context):first + 1])
+
         log_probs, offsets = [], []
         with torch.no_grad():
-            for first, last in windows:
-                adapter, active = None, None
-                if self.router:  # the bytes before the window and its first, never one it predicts
-                    adapter, active = self.route_of(text[max(0, first - self.route_context):first + 1])
-                tokens = torch.tensor(data[first:last + 1]).unsqueeze(0)
-                logp = self.forward(tokens[:, :-1], adapter, active).log_softmax(-1)[0]  # [L, 257]
-                picked = logp.gather(1, tokens[0, 1:].unsqueeze(1)).squeeze(1)
-                log_probs += picked.tolist()
-                offsets += list(range(first + 1, last + 1))
+            if self.router and self.route_candidates > 0:
+                # Routed by the model (core/evaluator.cc ChooseByCandidates): each window runs the
+                # candidate under which the windows within route_context before it scored best.
+                routes = [self.route_of_branch(b) for b in self.router.candidates(text, self.route_candidates)]
+                scored = [[window_log_probs(f, l, r) for f, l in windows] for r in routes]
+                nats = [[-sum(lp) for lp in per_window] for per_window in scored]
+                start = 0
+                for w, (first, last) in enumerate(windows):
+                    while start < w and windows[start][0] < first - self.route_context:
+                        start += 1
+                    chosen = 0
+                    if start < w:
+                        sums = [sum(n[start:w]) for n in nats]
+                        chosen = sums.index(min(sums))
+                    elif bigram_route(first) in routes:
+                        chosen = routes.index(bigram_route(first))
+                    log_probs += scored[chosen][w]
+                    offsets += list(range(first + 1, last + 1))
+            else:
+                for first, last in windows:
+                    route = bigram_route(first) if self.router else (None, None)
+                    log_probs += window_log_probs(first, last, route)
+                    offsets += list(range(first + 1, last + 1))
         bits = -sum(log_probs) / len(log_probs) / math.log(2)
         return {"bitsPerByte": bits, "predictedBytes": len(log_probs), "logProbs": log_probs, "offsets": offsets}
 

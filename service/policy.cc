@@ -17,6 +17,7 @@ TrainConfig WithPolicy(TrainConfig c, const Policy& policy) {
   }
   if (policy.has_routed()) c.set_routed(policy.routed());
   if (policy.has_keep_trained_text()) c.set_keep_trained_text(policy.keep_trained_text());
+  if (policy.has_route_candidates()) c.set_route_candidates(policy.route_candidates());
   return c;
 }
 
@@ -29,6 +30,7 @@ Policy PolicyOf(const TrainConfig& c, RowDtype freeze_dtype) {
   p.set_freeze_dtype(RowDtypeName(freeze_dtype));
   p.set_routed(c.routed());
   p.set_keep_trained_text(c.keep_trained_text());
+  p.set_route_candidates(c.route_candidates());
   return p;
 }
 

@@ -2,6 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <string>
+
 namespace peerd {
 
 bool RoutedTraining::CanTrain(const TransformerLM& model) const {
@@ -48,8 +51,16 @@ void RoutedTraining::AfterStep(const torch::Tensor& fresh_rows) {
   branches_.router.Observe(started() ? branch_ : branches_.base, BatchBytes(fresh_rows));
 }
 
-EvalOptions RoutedTraining::Options(EvalOptions o, int64_t context) const {
-  return started() ? branches_.Options(o, context) : o;
+EvalOptions RoutedTraining::Options(EvalOptions o, int64_t context, uint32_t candidates) const {
+  return started() ? branches_.ModelOptions(o, context, candidates) : o;
+}
+
+Route RoutedTraining::RouteForPrompt(TransformerLM& model, std::string_view prompt, int64_t context,
+                                     uint32_t candidates) const {
+  if (!started()) return model->route();
+  const std::string_view tail = prompt.substr(prompt.size() - std::min<size_t>(prompt.size(), context + 1));
+  if (candidates == 0 || tail.size() < 2) return branches_.RouteOf(branches_.Choose(tail));
+  return branches_.RouteOf(BestBranchFor(model, branches_, std::string(tail), branches_.Candidates(tail, candidates)));
 }
 
 RoutingInfo RoutedTraining::Info(const TransformerLM& model) const {

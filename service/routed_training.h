@@ -45,8 +45,14 @@ class RoutedTraining {
   // After a step: counts the fresh rows [b, T+1] under the branch that trained them.
   void AfterStep(const torch::Tensor& fresh_rows);
 
-  // `o` with each window routed by the `context` bytes before it; `o` itself before routing starts.
-  EvalOptions Options(EvalOptions o, int64_t context) const;
+  // `o` with each window routed by the `context` bytes before it, by the model among `candidates`
+  // branches (0: by the bigram router; RoutedBranches::ModelOptions); `o` itself before routing
+  // starts.
+  EvalOptions Options(EvalOptions o, int64_t context, uint32_t candidates) const;
+  // The route a generation from `prompt` runs: the branch, of the `candidates` proposed for the
+  // prompt's last `context` bytes, under which the model predicts them best (0 candidates, or a
+  // one-byte context: the bigram router's choice); the model's route before routing starts.
+  Route RouteForPrompt(TransformerLM& model, std::string_view prompt, int64_t context, uint32_t candidates) const;
   RoutingInfo Info(const TransformerLM& model) const;
 
   CheckpointMeta::Routing ToProto() const;

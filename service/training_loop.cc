@@ -678,14 +678,15 @@ Status TrainingLoop::History(uint64_t since, size_t limit, HistoryReply* reply) 
 EvalOptions TrainingLoop::EvalOptionsNow(int64_t max_bytes) const {
   EvalOptions eo;
   eo.max_bytes = max_bytes;
-  return routing_.Options(eo, trainer_->config().route_context());
+  return routing_.Options(eo, trainer_->config().route_context(), trainer_->config().route_candidates());
 }
 
 Status TrainingLoop::Score(const std::string& text, bool log_probs, ScoreReply* reply) {
   return RunOnTrainer([&]() -> Status {
     if (text.size() < 2) return Status::InvalidArgument("a text to score needs at least 2 bytes");
-    StartUsageRecording(model_);
-    const TextScore score = ScoreText(model_, text, EvalOptionsNow(0), log_probs);
+    EvalOptions eo = EvalOptionsNow(0);
+    eo.before_scoring = [&] { StartUsageRecording(model_); };  // not the passes that choose routes
+    const TextScore score = ScoreText(model_, text, eo, log_probs);
     const UsageBySegment usage = StopUsageRecording(model_);
     reply->Clear();
     reply->set_bits_per_byte(score.bits_per_byte);
@@ -715,12 +716,8 @@ Status TrainingLoop::Generate(const std::string& prompt, const GenerateOptions& 
   TransformerLM copy{nullptr};
   Status st = RunOnTrainer([&]() -> Status {
     *step = static_cast<uint64_t>(trainer_->step());
-    Route route = model_->route();
-    const EvalOptions eo = EvalOptionsNow(0);
-    if (eo.route) {
-      const size_t context = static_cast<size_t>(eo.route_context) + 1;
-      route = eo.route(std::string_view(prompt).substr(prompt.size() - std::min(prompt.size(), context)));
-    }
+    const TrainConfig& tc = trainer_->config();
+    const Route route = routing_.RouteForPrompt(model_, prompt, tc.route_context(), tc.route_candidates());
     bool resident = true;
     for (const auto& layer : model_->PeerLayers())
       for (const auto& s : layer->segments()) resident &= s->resident();

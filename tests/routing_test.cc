@@ -17,6 +17,7 @@
 
 #include "core/evaluator.h"
 #include "core/model.h"
+#include "core/routed_branches.h"
 #include "core/text_router.h"
 #include "core/trainer.h"
 #include "experts_store/data_dir_db.h"
@@ -416,6 +417,53 @@ TEST(BigramRouter, ManyRoutesAreSearchedThroughClustersAndWindowsStillReachTheir
   }
 }
 
+// Ranked lists the routes by their likelihood of the text, best first, whether it scores every
+// route or searches the clusters; Choose is its first.
+TEST(BigramRouter, RankedListsTheMostLikelyRoutesBestFirstAndChooseIsItsFirst) {
+  BigramRouter few = ManyRoutes(1);  // 8 routes: every one scored
+  const std::string text = ChainText(3, 400, 11);
+  const std::vector<double> ll = few.LogLikelihoods(text);
+  std::vector<int64_t> by_likelihood = few.routes();
+  std::stable_sort(by_likelihood.begin(), by_likelihood.end(), [&](int64_t a, int64_t b) { return ll[a] > ll[b]; });
+  EXPECT_EQ(few.Ranked(text, 8), by_likelihood);
+  EXPECT_EQ(few.Ranked(text, 100), by_likelihood) << "no more than there are";
+  EXPECT_EQ(few.Ranked(text, 3), std::vector<int64_t>(by_likelihood.begin(), by_likelihood.begin() + 3));
+  EXPECT_EQ(few.Ranked(text, 1).front(), few.Choose(text));
+  EXPECT_EQ(few.Ranked(text, 1).front(), 3);
+  EXPECT_TRUE(few.Ranked("a", 4).empty()) << "no bigram";
+
+  BigramRouter many = ManyRoutes(25);  // 200 routes: the clusters searched
+  for (int d : {0, 5}) {
+    const std::string window = ChainText(d, 65, 700 + d);
+    size_t scored = 0;
+    const std::vector<int64_t> best = many.Ranked(window, 6, &scored);
+    ASSERT_EQ(best.size(), 6u);
+    EXPECT_LT(scored, 100u) << "the clusters searched, not every route";
+    EXPECT_EQ(best.front(), many.Choose(window));
+    for (int64_t r : best) EXPECT_EQ(r % 8, d) << "route " << r << " ranked among the best for domain " << d;
+    const std::vector<double> lls = many.LogLikelihoods(window);
+    for (size_t i = 1; i < best.size(); ++i) EXPECT_GE(lls[best[i - 1]], lls[best[i]]) << "not best first at " << i;
+  }
+}
+
+// The candidates a text's windows choose among when the model routes: the router's most likely,
+// and the newest branch in the last place when they leave it out; never more than k.
+TEST(RoutedBranches, CandidatesAreTheRoutersMostLikelyWithTheNewestBranchLast) {
+  RoutedBranches branches;
+  branches.router = ManyRoutes(1);  // branches 0..7; 7 is the newest
+  const std::string text = ChainText(2, 400, 12);
+  const std::vector<int64_t> ranked = branches.router.Ranked(text, 3);
+  ASSERT_EQ(std::count(ranked.begin(), ranked.end(), 7), 0) << "the test needs the newest out of the top 3";
+  EXPECT_EQ(branches.Candidates(text, 3), (std::vector<int64_t>{ranked[0], ranked[1], 7}));
+  EXPECT_EQ(branches.Candidates(text, 1), std::vector<int64_t>{7});
+  const std::string newest_text = ChainText(7, 400, 13);
+  EXPECT_EQ(branches.Candidates(newest_text, 3), branches.router.Ranked(newest_text, 3)) << "already among them";
+  std::vector<int64_t> all = branches.Candidates(text, 64);
+  std::sort(all.begin(), all.end());
+  EXPECT_EQ(all, branches.router.routes()) << "every branch when k is at least their number";
+  EXPECT_TRUE(branches.Candidates(text, 0).empty());
+}
+
 TEST(BigramRouter, ClustersSurviveItsBytesAndOldBytesAreClusteredAfresh) {
   BigramRouter router = ManyRoutes(10);
   router.Observe(500, "a route with little text, in no cluster");
@@ -517,23 +565,35 @@ TEST(Evaluator, ARouteSeesOnlyTheBytesBeforeEachWindowAndItsFirstInput) {
   EXPECT_DOUBLE_EQ(routed, BitsPerByte(model, text)) << "the default route is the model's own";
 }
 
+// A model (context 16) with two branches over its base: one trained on letters, then one on digits.
+struct LettersAndDigits {
+  bool seeded = (torch::manual_seed(7), true);  // before the model's initialisation
+  Config c = TwoBlockModel();
+  TransformerLM model{c.model()};
+  int64_t base = -1, on_letters = -1, on_digits = -1;
+  std::string letters = TextOf("abcdefgh ", 4000, 1), digits = TextOf("0123456789,", 4000, 2);
+
+  LettersAndDigits() {
+    Trainer trainer(model, c.train());
+    base = model->PeerLayers()[0]->segments()[0]->id();
+    auto train_on = [&](const std::string& text) {
+      for (int i = 0; i < 30; ++i) {
+        std::string window = text.substr((i * 97) % static_cast<int64_t>(text.size() - 17), 17);
+        trainer.Step(torch::from_blob(window.data(), {1, 17}, torch::kUInt8).to(torch::kInt64).repeat({4, 1}));
+      }
+    };
+    on_letters = GrowRouted(trainer, base, 4);
+    train_on(letters);
+    on_digits = GrowRouted(trainer, base, 4);
+    train_on(digits);
+  }
+};
+
 TEST(Evaluator, RoutingByCandidatesRunsEachWindowUnderTheRouteThatPredictedTheBytesBeforeItBest) {
-  torch::manual_seed(7);
-  Config c = TwoBlockModel();  // context 16
-  TransformerLM model(c.model());
-  Trainer trainer(model, c.train());
-  const int64_t base = model->PeerLayers()[0]->segments()[0]->id();
-  const std::string letters = TextOf("abcdefgh ", 4000, 1), digits = TextOf("0123456789,", 4000, 2);
-  auto train_on = [&](const std::string& text) {
-    for (int i = 0; i < 30; ++i) {
-      std::string window = text.substr((i * 97) % static_cast<int64_t>(text.size() - 17), 17);
-      trainer.Step(torch::from_blob(window.data(), {1, 17}, torch::kUInt8).to(torch::kInt64).repeat({4, 1}));
-    }
-  };
-  const int64_t on_letters = GrowRouted(trainer, base, 4);
-  train_on(letters);
-  const int64_t on_digits = GrowRouted(trainer, base, 4);
-  train_on(digits);
+  LettersAndDigits trained;
+  TransformerLM& model = trained.model;
+  const std::string &letters = trained.letters, &digits = trained.digits;
+  const int64_t base = trained.base, on_letters = trained.on_letters, on_digits = trained.on_digits;
   const Route letters_route{on_letters, {base, on_letters}}, digits_route{on_digits, {base, on_digits}};
 
   // Windows start every 16 bytes and alternate: even ones letters, odd ones digits.
@@ -542,7 +602,7 @@ TEST(Evaluator, RoutingByCandidatesRunsEachWindowUnderTheRouteThatPredictedTheBy
   text += "0";
   EvalOptions o;
   o.route_context = 16;  // the window before
-  o.candidates = {letters_route, digits_route};
+  o.candidates = [&](std::string_view) { return std::vector<Route>{letters_route, digits_route}; };
   o.route = [&](std::string_view) { return digits_route; };  // what decides before anything is scored
   const TextScore score = ScoreText(model, text, o);
   ASSERT_EQ(score.chosen.size(), 20u);
@@ -563,6 +623,33 @@ TEST(Evaluator, RoutingByCandidatesRunsEachWindowUnderTheRouteThatPredictedTheBy
   double kept_nats = 0;
   for (float lp : kept.log_probs) kept_nats -= lp;
   EXPECT_NEAR(kept_nats, nats, 1e-3);
+}
+
+// Routing by the model where the bigram router is wrong (its statistics swapped: letters counted
+// under the digits branch and digits under the letters one): the windows of a letters text run the
+// letters branch, which scores the text better than the router's choice; a prompt of letters
+// (generation's choice, BestBranchFor among the candidates) goes there too.
+TEST(RoutedBranches, ModelOptionsRouteWindowsToTheBranchThatPredictsThemBestWhereTheRouterErrs) {
+  LettersAndDigits trained;
+  TransformerLM& model = trained.model;
+  RoutedBranches branches;
+  branches.base = trained.base;
+  branches.base_segments = {trained.base};
+  branches.router.Observe(trained.on_letters, trained.digits);
+  branches.router.Observe(trained.on_digits, trained.letters);
+  const std::string text = trained.letters.substr(200, 16 * 12 + 1);
+  EvalOptions o;
+  const EvalOptions by_router = branches.ModelOptions(o, 16, 0);
+  const EvalOptions by_model = branches.ModelOptions(o, 16, 2);
+  ASSERT_FALSE(by_router.candidates) << "0 candidates: the router alone";
+  const TextScore routed = ScoreText(model, text, by_router), chosen = ScoreText(model, text, by_model);
+  ASSERT_EQ(chosen.candidates.size(), 2u);
+  ASSERT_EQ(chosen.chosen.size(), 12u);
+  EXPECT_EQ(chosen.candidates[chosen.chosen[0]].adapter, trained.on_digits) << "the first window: the router's";
+  for (size_t w = 1; w < chosen.chosen.size(); ++w)
+    EXPECT_EQ(chosen.candidates[chosen.chosen[w]].adapter, trained.on_letters) << "window " << w;
+  EXPECT_LT(chosen.bits_per_byte, routed.bits_per_byte - 0.1);
+  EXPECT_EQ(BestBranchFor(model, branches, text, branches.Candidates(text, 2)), trained.on_letters);
 }
 
 }  // namespace

@@ -370,6 +370,17 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
     EXPECT_NEAR(a.value("bitsPerByte", 0.0), b.value("bitsPerByte", 1.0), 1e-6) << text;
   }
   EXPECT_EQ(imported.Kill(SIGTERM), 0);
+  // Windows routed by the bigram router alone (the model chose among every branch above): the
+  // policy changes it, a checked bound refuses too many, and the export routes as peerd does again.
+  ShellResult too_many = peerd.Ctl("policy set routeCandidates=65");
+  EXPECT_NE(too_many.code, 0);
+  EXPECT_NE(too_many.out.find("train.routeCandidates"), std::string::npos) << too_many.out;
+  EXPECT_EQ(peerd.CtlJson("policy get").value("routeCandidates", -1), 4) << "the default";
+  ASSERT_EQ(peerd.Ctl("policy set routeCandidates=0").code, 0);
+  EXPECT_EQ(peerd.CtlJson("policy get").value("routeCandidates", -1), 0);
+  ASSERT_EQ(peerd.Ctl("export " + dir + "/export-bigram").code, 0);
+  for (const char* text : {"/verse-heldout.txt", "/code-heldout.txt"})
+    ExpectTheExportScoresAsPeerd(peerd, dir + "/export-bigram", dir + text);
   EXPECT_EQ(peerd.Kill(SIGTERM), 0);
   fs::remove_all(dir);
 }
