@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
+#include <numeric>
 
 #include "core/check_ok.h"
 #include "core/text_batcher.h"
@@ -13,15 +15,38 @@ namespace {
 
 using Windows = std::vector<std::pair<int64_t, int64_t>>;  // [start, end] byte ranges, end inclusive
 
-// −Σ ln p of the bytes each window predicts, under the model's current route: [windows].
-std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes, const Windows& windows,
-                               int64_t batch_size) {
-  std::vector<double> nats(windows.size());
+// Runs the windows `members` (in order) through `run` in batches of up to `batch_size` rows: tokens
+// [b, L+1] and the window of each row. A window shorter than the first (the text's tail) runs
+// alone.
+void ForEachBatch(const torch::Tensor& bytes, const Windows& windows, const std::vector<size_t>& members,
+                  int64_t batch_size,
+                  const std::function<void(const torch::Tensor&, const std::vector<size_t>&)>& run) {
   std::vector<torch::Tensor> batch;
   std::vector<size_t> rows;  // the window of each row
   auto flush = [&] {
     if (batch.empty()) return;
-    torch::Tensor tokens = torch::stack(batch);  // [b, L+1]
+    run(torch::stack(batch), rows);
+    batch.clear();
+    rows.clear();
+  };
+  const int64_t full = windows.empty() ? 0 : windows.front().second - windows.front().first;
+  for (size_t w : members) {
+    const auto [first, last] = windows[w];
+    if (last - first != full) flush();
+    batch.push_back(bytes.slice(0, first, last + 1));
+    rows.push_back(w);
+    if (static_cast<int64_t>(batch.size()) == batch_size || last - first != full) flush();
+  }
+  flush();
+}
+
+// −Σ ln p of the bytes each window predicts, under the model's current route: [windows].
+std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes, const Windows& windows,
+                               int64_t batch_size) {
+  std::vector<double> nats(windows.size());
+  std::vector<size_t> all(windows.size());
+  std::iota(all.begin(), all.end(), size_t{0});
+  ForEachBatch(bytes, windows, all, batch_size, [&](const torch::Tensor& tokens, const std::vector<size_t>& rows) {
     const int64_t L = tokens.size(1) - 1;
     torch::Tensor logits = model->forward(tokens.slice(1, 0, L));  // [b, L, V]
     torch::Tensor lp = torch::log_softmax(logits.to(torch::kFloat), -1)
@@ -31,18 +56,7 @@ std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes,
                            .to(torch::kDouble)
                            .contiguous();  // [b]
     for (size_t r = 0; r < rows.size(); ++r) nats[rows[r]] = -lp[r].item<double>();
-    batch.clear();
-    rows.clear();
-  };
-  const int64_t full = windows.empty() ? 0 : windows.front().second - windows.front().first;
-  for (size_t w = 0; w < windows.size(); ++w) {
-    const auto [first, last] = windows[w];
-    if (last - first != full) flush();  // the shorter tail window runs alone
-    batch.push_back(bytes.slice(0, first, last + 1));
-    rows.push_back(w);
-    if (static_cast<int64_t>(batch.size()) == batch_size || last - first != full) flush();
-  }
-  flush();
+  });
   return nats;
 }
 
@@ -121,42 +135,23 @@ TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOpt
   }
   for (const auto& [key, members] : groups) {
     CheckOk(model->SetRoute({key.first, key.second}));
-    std::vector<torch::Tensor> batch;
-    std::vector<int64_t> firsts;  // each row's first byte offset
-    auto flush = [&] {
-      if (batch.empty()) return;
-      torch::Tensor tokens = torch::stack(batch);  // [b, L+1]
-      const int64_t L = tokens.size(1) - 1;
-      if (!keep_log_probs) {
-        torch::Tensor loss = model->Loss(tokens);  // mean over b·L predictions
-        nats += loss.item<double>() * tokens.size(0) * L;
-      } else {
-        torch::Tensor logits = model->forward(tokens.slice(1, 0, L));  // [b, L, V]
-        torch::Tensor lp = torch::log_softmax(logits, -1).gather(-1, tokens.slice(1, 1, L + 1).unsqueeze(-1));
-        lp = lp.squeeze(-1).to(torch::kFloat).contiguous();  // [b, L]
-        nats -= lp.sum().item<double>();
-        const float* p = lp.data_ptr<float>();
-        for (int64_t b = 0; b < tokens.size(0); ++b)
-          for (int64_t t = 0; t < L; ++t) scored.emplace_back(firsts[b] + 1 + t, p[b * L + t]);
-      }
-      predicted += tokens.size(0) * L;
-      batch.clear();
-      firsts.clear();
-    };
-    for (size_t w : members) {
-      const auto [first, last] = windows[w];
-      if (last - first != context) {  // the tail window is shorter: alone
-        flush();
-        batch.push_back(bytes.slice(0, first, last + 1));
-        firsts.push_back(first);
-        flush();
-        continue;
-      }
-      batch.push_back(bytes.slice(0, first, last + 1));
-      firsts.push_back(first);
-      if (static_cast<int64_t>(batch.size()) == options.batch) flush();
-    }
-    flush();
+    ForEachBatch(
+        bytes, windows, members, options.batch, [&](const torch::Tensor& tokens, const std::vector<size_t>& rows) {
+          const int64_t L = tokens.size(1) - 1;  // tokens [b, L+1]
+          if (!keep_log_probs) {
+            torch::Tensor loss = model->Loss(tokens);  // mean over b·L predictions
+            nats += loss.item<double>() * tokens.size(0) * L;
+          } else {
+            torch::Tensor logits = model->forward(tokens.slice(1, 0, L));  // [b, L, V]
+            torch::Tensor lp = torch::log_softmax(logits, -1).gather(-1, tokens.slice(1, 1, L + 1).unsqueeze(-1));
+            lp = lp.squeeze(-1).to(torch::kFloat).contiguous();  // [b, L]
+            nats -= lp.sum().item<double>();
+            const float* p = lp.data_ptr<float>();
+            for (int64_t b = 0; b < tokens.size(0); ++b)
+              for (int64_t t = 0; t < L; ++t) scored.emplace_back(windows[rows[b]].first + 1 + t, p[b * L + t]);
+          }
+          predicted += tokens.size(0) * L;
+        });
   }
   CheckOk(model->SetRoute(model_route));
   model->train(was_training);
