@@ -254,8 +254,14 @@ json RunPolicy(const Policy& p, const std::vector<Domain>& tasks, const std::vec
   // own likelihood of the context under each candidate branch.
   auto routed_eval = [&] {
     if (!k.route_by_model) return routing.Options(eval, route_context);
-    const size_t every = std::numeric_limits<size_t>::max();
-    return routing.ModelOptions(eval, route_context, k.route_candidates > 0 ? k.route_candidates : every);
+    if (k.route_candidates > 0) return routing.ModelOptions(eval, route_context, k.route_candidates);
+    EvalOptions o = routing.Options(eval, route_context);
+    o.candidates = [&routing](std::string_view) {
+      std::vector<Route> every;
+      for (int64_t b : routing.router.routes()) every.push_back(routing.RouteOf(b));
+      return every;
+    };
+    return o;
   };
   auto evaluate = [&] { return EvaluateAll(model, tasks, p.routed ? routed_eval() : eval); };
   ForgettingInput in;
@@ -701,13 +707,15 @@ int ForgettingBench(int argc, char** argv) {
   app.add_option("--route-by", route_by,
                  "routed: what chooses a held-out window's branch from the bytes before it: the bigram router "
                  "(bigram) or the model, by which branch predicts those bytes best (model: a pass over the text "
-                 "per branch)")
+                 "per candidate)")
       ->check(CLI::IsMember({"bigram", "model"}))
       ->capture_default_str();
   uint32_t route_candidates = 0;
-  app.add_option("--route-candidates", route_candidates,
-                 "with --route-by model: the branches a text's windows choose among, the bigram router's most "
-                 "likely for the text and the newest (train.routeCandidates, as peerd runs it; 0: every branch)")
+  app.add_option(
+         "--route-candidates", route_candidates,
+         "with --route-by model: the branches a text's windows choose among, the bigram router's most "
+         "likely for the text and the newest (train.routeCandidates, as peerd runs it; 0: every route the router "
+         "knows)")
       ->capture_default_str();
   bool branch_scores = false;
   app.add_flag("--branch-scores", branch_scores,

@@ -155,9 +155,11 @@ Status ValidateConfig(const Config& c) {
     return Invalid("train.trunkDeltaLrScale", "must be in [0, 1000], got " + std::to_string(t.trunk_delta_lr_scale()));
   if (t.route_context() == 0 || t.route_context() > (1u << 20))
     return Invalid("train.routeContext", "must be in [1, 1048576] bytes, got " + std::to_string(t.route_context()));
-  if (t.route_candidates() > 64)
+  // One candidate would leave the model nothing to choose, at a pass more than the router's choice.
+  if (t.route_candidates() == 1 || t.route_candidates() > 64)
     return Invalid("train.routeCandidates",
-                   "must be in [0, 64] (0: the bigram router alone), got " + std::to_string(t.route_candidates()));
+                   "must be 0 (the bigram router alone) or in [2, 64] (the model chooses), got " +
+                       std::to_string(t.route_candidates()));
   if (t.adapter_rank() > static_cast<int32_t>(m.d_model()))
     return Invalid("train.adapterRank", "must be at most model.dModel (" + std::to_string(m.d_model()) +
                                             "; 0 gives full-rank deltas), got " + std::to_string(t.adapter_rank()));

@@ -52,8 +52,8 @@ std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes,
     torch::Tensor lp = torch::log_softmax(logits.to(torch::kFloat), -1)
                            .gather(-1, tokens.slice(1, 1, L + 1).unsqueeze(-1))
                            .squeeze(-1)
-                           .sum(1)
                            .to(torch::kDouble)
+                           .sum(1)
                            .contiguous();  // [b]
     for (size_t r = 0; r < rows.size(); ++r) nats[rows[r]] = -lp[r].item<double>();
   });
@@ -62,8 +62,10 @@ std::vector<double> WindowNats(TransformerLM& model, const torch::Tensor& bytes,
 
 // Routing by candidates: the candidate each window runs, the one under which the model predicted
 // the windows before it (within route_context) best. Every window is scored under every candidate.
+// A window with nothing before it runs the route options.route picks, added to `candidates` when
+// it is not one.
 std::vector<size_t> ChooseByCandidates(TransformerLM& model, std::string_view text, const torch::Tensor& bytes,
-                                       const Windows& windows, const std::vector<Route>& candidates,
+                                       const Windows& windows, std::vector<Route>& candidates,
                                        const EvalOptions& options) {
   std::vector<std::vector<double>> nats;  // [candidate][window]
   for (const Route& r : candidates) {
@@ -84,8 +86,11 @@ std::vector<size_t> ChooseByCandidates(TransformerLM& model, std::string_view te
     } else if (options.route) {  // nothing scored before it yet: the text's own router decides
       const int64_t start = std::max<int64_t>(0, windows[w].first - options.route_context);
       const Route r = options.route(text.substr(start, windows[w].first + 1 - start));
-      for (size_t c = 0; c < candidates.size(); ++c)
-        if (candidates[c].adapter == r.adapter && candidates[c].segments == r.segments) chosen[w] = c;
+      size_t c = 0;
+      while (c < candidates.size() && !(candidates[c].adapter == r.adapter && candidates[c].segments == r.segments))
+        ++c;
+      if (c == candidates.size()) candidates.push_back(r);
+      chosen[w] = c;
     }
   }
   return chosen;
@@ -153,6 +158,7 @@ TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOpt
           predicted += tokens.size(0) * L;
         });
   }
+  if (options.after_scoring) options.after_scoring();
   CheckOk(model->SetRoute(model_route));
   model->train(was_training);
   score.bits_per_byte = nats / predicted / std::log(2.0);

@@ -23,13 +23,15 @@ struct EvalOptions {
   // Routing by the model itself (DEMix's posterior with the model's own likelihoods, a uniform
   // prior): when set, each window runs the route, of those candidates(text) proposes for the text
   // scored, under which the model predicted the windows within the `route_context` bytes before it
-  // best. Every window is scored under every candidate to choose, so this costs a pass over the text
-  // per candidate and one more; a window with no whole window before it within route_context falls
-  // back to `route` (the first candidate without it, or when `route` picks none of them).
+  // best — so a window's own bytes may help propose the set, never choose from it. Every window is
+  // scored under every candidate to choose, so this costs a pass over the text per candidate and
+  // one more. A window with no whole window before it within route_context runs what `route` picks
+  // from the bytes before it (candidate or not: it joins TextScore::candidates), or without `route`
+  // the first candidate.
   std::function<std::vector<Route>(std::string_view text)> candidates;
-  // Called once the routes are chosen, before the pass that scores the text under them (what a
-  // caller measures of that pass alone, such as the segments it uses, starts here).
-  std::function<void()> before_scoring;
+  // Called around the pass that scores the text under the chosen routes (what a caller measures of
+  // that pass alone, such as the segments it uses, runs between them; not the passes that choose).
+  std::function<void()> before_scoring, after_scoring;
 };
 
 // The text is cut into consecutive windows of the model's context; every byte after a window's
@@ -44,7 +46,7 @@ struct TextScore {
   int64_t predicted_bytes = 0;
   std::vector<float> log_probs;
   std::vector<int64_t> predicted;
-  std::vector<Route> candidates;  // with candidates: the routes the windows chose among
+  std::vector<Route> candidates;  // with candidates: the routes the windows chose among (and fell back to)
   std::vector<size_t> chosen;     // and the one each window ran (an index into them), in text order
 };
 TextScore ScoreText(TransformerLM& model, const std::string& text, const EvalOptions& options = {},

@@ -73,6 +73,8 @@ class PeerLayerImpl : public torch::nn::Module {
   // was chosen (the PEER paper's usage and KL-from-uniform figures are computed from these).
   void StartUsageRecording();
   void StopUsageRecording() { recording_usage_ = false; }
+  // Counts again after StopUsageRecording, adding to the counts so far.
+  void ResumeUsageRecording() { recording_usage_ = true; }
   // Counts [n²] int64 of segment position `pos` since StartUsageRecording (undefined if none).
   torch::Tensor UsageCounts(size_t pos) const { return pos < usage_.size() ? usage_[pos] : torch::Tensor(); }
 

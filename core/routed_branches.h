@@ -1,7 +1,8 @@
 // RoutedBranches: the bookkeeping of routing isolation (docs/DESIGN.md §4b), shared by peerd's
 // training loop and the forgetting benchmark. After the base phase nothing shared trains again;
 // each domain is a *branch* — one new segment per PEER layer and a SegmentAdapter, all under one
-// id — and a text runs exactly one branch, chosen from the text itself by a BigramRouter:
+// id — and each window of a text runs exactly one branch, chosen from the text before it by a
+// BigramRouter (Options) or by the model among a few branches the router proposes (ModelOptions):
 //
 //   base route:        no adapter, the base segments (those that existed when routing began)
 //   route of branch b: adapter b,  the base segments and segment b
@@ -36,12 +37,12 @@ struct RoutedBranches {
   // in the last place when it is not among them. Branches chain — each starts as a copy of the one
   // before — so the newest carries the whole stream's training and serves text that resembles no
   // branch best (bench/LONG.md, "Which branch serves a task best"); the bigram router would never
-  // propose it for such text. Bounded by k however many branches there are; every branch when k is
-  // at least their number.
+  // propose it for such text. Bounded by k however many branches there are; every branch the
+  // router scores (all up to BigramRouter::kScoreAll) when k is at least their number.
   std::vector<int64_t> Candidates(std::string_view text, size_t k) const;
   // `o` with each window routed by the model (EvalOptions::candidates) among the routes of
-  // Candidates(text, k), the first window of a text by the router as in Options; Options when
-  // k == 0.
+  // Candidates(text, k), a window with nothing before it by the router as in Options; Options
+  // when k == 0.
   EvalOptions ModelOptions(EvalOptions o, int64_t context, size_t k) const;
 };
 

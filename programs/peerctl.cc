@@ -27,9 +27,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <exception>
@@ -809,10 +809,11 @@ int main(int argc, char** argv) {
           }
           b[k] = v == "true";
         } else if (k == "routeCandidates") {
-          char* end = nullptr;
-          const unsigned long n = std::strtoul(v.c_str(), &end, 10);
-          if (v.empty() || *end != '\0' || v[0] == '-') {
-            std::fprintf(stderr, "peerctl: routeCandidates needs a whole number, got '%s'\n", v.c_str());
+          uint32_t n = 0;
+          const auto [end, error] = std::from_chars(v.data(), v.data() + v.size(), n);
+          if (v.empty() || error != std::errc() || end != v.data() + v.size()) {
+            std::fprintf(stderr, "peerctl: routeCandidates needs a whole number (0, or 2 to 64), got '%s'\n",
+                         v.c_str());
             return 2;
           }
           b[k] = n;

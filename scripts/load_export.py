@@ -13,8 +13,10 @@ of the context overlapping by one byte, every byte but the first predicted once.
 promoted to fp32 before use, as peerd promotes them.
 
 A routed model (routing isolation, docs/DESIGN.md §4b: what `make demo` trains) comes with its
-adapters and its byte-bigram router (core/text_router.h); each window then runs the branch the
-router picks from the `routeContext` bytes before it and its own first byte, as peerd does.
+adapters and its byte-bigram router (core/text_router.h); each window then runs one branch, chosen
+as peerd chooses it: with `routeCandidates` > 0 the candidate under which the model predicted the
+windows in the `routeContext` bytes before it best, else (and for a text's first window) the
+branch the router picks from those bytes and the window's own first byte.
 """
 import argparse
 import json
@@ -121,7 +123,7 @@ class BigramRouter:
             return []
         candidates = sorted(self.routes)
         if len(self.routes) > self.SCORE_ALL and self.clusters:
-            ranked = sorted((-self.log_likelihood(counts, text), k) for k, (_, counts) in enumerate(self.clusters))
+            ranked = sorted((-self.log_likelihood(counts, text), c) for c, (_, counts) in enumerate(self.clusters))
             mass = sum(math.exp(ranked[0][0] - neg) for neg, _ in ranked)
             candidates, probed, i = list(self.unclustered), 0.0, 0
             while i < min(self.PROBES, len(ranked)) and (i == 0 or 1 - probed / mass >= self.POSTERIOR_LEFT):
@@ -321,23 +323,25 @@ class Export:
 
         log_probs, offsets = [], []
         with torch.no_grad():
+            routes = []
             if self.router and self.route_candidates > 0:
+                routes = [self.route_of_branch(b) for b in self.router.candidates(text, self.route_candidates)]
+            if routes:
                 # Routed by the model (core/evaluator.cc ChooseByCandidates): each window runs the
                 # candidate under which the windows within route_context before it scored best.
-                routes = [self.route_of_branch(b) for b in self.router.candidates(text, self.route_candidates)]
                 scored = [[window_log_probs(f, l, r) for f, l in windows] for r in routes]
                 nats = [[-sum(lp) for lp in per_window] for per_window in scored]
                 start = 0
                 for w, (first, last) in enumerate(windows):
                     while start < w and windows[start][0] < first - self.route_context:
                         start += 1
-                    chosen = 0
                     if start < w:
                         sums = [sum(n[start:w]) for n in nats]
-                        chosen = sums.index(min(sums))
-                    elif bigram_route(first) in routes:
-                        chosen = routes.index(bigram_route(first))
-                    log_probs += scored[chosen][w]
+                        route = routes[sums.index(min(sums))]
+                    else:  # nothing before it: the router's pick, a candidate or not
+                        route = bigram_route(first)
+                    log_probs += scored[routes.index(route)][w] if route in routes else \
+                        window_log_probs(first, last, route)
                     offsets += list(range(first + 1, last + 1))
             else:
                 for first, last in windows:

@@ -50,8 +50,8 @@ class RoutedTraining {
   // starts.
   EvalOptions Options(EvalOptions o, int64_t context, uint32_t candidates) const;
   // The route a generation from `prompt` runs: the branch, of the `candidates` proposed for the
-  // prompt's last `context` bytes, under which the model predicts them best (0 candidates, or a
-  // one-byte context: the bigram router's choice); the model's route before routing starts.
+  // prompt's last `context` + 1 bytes, under which the model predicts them best (0 candidates, or
+  // a one-byte prompt: the bigram router's choice); the model's route before routing starts.
   Route RouteForPrompt(TransformerLM& model, std::string_view prompt, int64_t context, uint32_t candidates) const;
   RoutingInfo Info(const TransformerLM& model) const;
 

@@ -11,6 +11,16 @@ void StartUsageRecording(TransformerLM& model) {
   for (auto& layer : model->PeerLayers()) layer->StartUsageRecording();
 }
 
+void CountUsageWhileScoring(TransformerLM& model, EvalOptions* o) {
+  for (auto& layer : model->PeerLayers()) layer->StopUsageRecording();
+  o->before_scoring = [&model] {
+    for (auto& layer : model->PeerLayers()) layer->ResumeUsageRecording();
+  };
+  o->after_scoring = [&model] {
+    for (auto& layer : model->PeerLayers()) layer->StopUsageRecording();
+  };
+}
+
 UsageBySegment StopUsageRecording(TransformerLM& model) {
   UsageBySegment usage;
   auto layers = model->PeerLayers();

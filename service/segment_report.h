@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/evaluator.h"
 #include "core/model.h"
 #include "proto/admin.pb.h"
 #include "proto/store.pb.h"
@@ -26,6 +27,9 @@ using UsageBySegment = std::map<std::pair<uint32_t, uint32_t>, SegmentUsage>;  /
 void StartUsageRecording(TransformerLM& model);
 // Stops counting and returns what was counted since StartUsageRecording.
 UsageBySegment StopUsageRecording(TransformerLM& model);
+// Between StartUsageRecording and StopUsageRecording: counts only the passes that score a text
+// evaluated with `*o`, not those that choose its windows' routes (EvalOptions::candidates).
+void CountUsageWhileScoring(TransformerLM& model, EvalOptions* o);
 
 // Each segment's share of its layer's retrievals in `usage`, layer by layer.
 void AddSegmentShares(const UsageBySegment& usage, ScoreReply* reply);

@@ -625,7 +625,7 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     r.set_unix_ms(UnixMillis());
     // Text taken for a batch is trained by the time an evaluation runs (both on this thread).
     for (const auto& [task, tokens] : batches_->cursor().tokens_by_task) (*r.mutable_trained_tokens())[task] = tokens;
-    const EvalOptions eo = EvalOptionsNow(options_.config.train().eval_bytes());
+    EvalOptions eo = EvalOptionsNow(options_.config.train().eval_bytes());
     // Progress for /v1/status, task by task: what each task costs is its (capped) held-out bytes.
     auto scored_bytes = [&](const HeldOutTask& t) {
       return eo.max_bytes > 0 ? std::min<uint64_t>(t.text.size(), eo.max_bytes) : t.text.size();
@@ -643,6 +643,7 @@ Status TrainingLoop::Evaluate(const std::string& label, EvalRow* row) {
     };
     const std::shared_ptr<void> clear_at_exit(nullptr, [&](void*) { show(nullptr); });  // also on a throw
     StartUsageRecording(model_);
+    CountUsageWhileScoring(model_, &eo);
     for (const HeldOutTask& task : tasks) {
       progress.set_seconds(std::chrono::duration<double>(Clock::now() - start).count());
       show(&progress);
@@ -685,7 +686,8 @@ Status TrainingLoop::Score(const std::string& text, bool log_probs, ScoreReply* 
   return RunOnTrainer([&]() -> Status {
     if (text.size() < 2) return Status::InvalidArgument("a text to score needs at least 2 bytes");
     EvalOptions eo = EvalOptionsNow(0);
-    eo.before_scoring = [&] { StartUsageRecording(model_); };  // not the passes that choose routes
+    StartUsageRecording(model_);
+    CountUsageWhileScoring(model_, &eo);
     const TextScore score = ScoreText(model_, text, eo, log_probs);
     const UsageBySegment usage = StopUsageRecording(model_);
     reply->Clear();

@@ -62,7 +62,8 @@ INSTANTIATE_TEST_SUITE_P(
                                 "train.routed"},
                       BadConfig{R"({"train": {"keepTrainedText": false, "replayRatio": 0.25}})",
                                 "train.keepTrainedText"},
-                      BadConfig{R"({"train": {"routeCandidates": 65}})", "train.routeCandidates"}),
+                      BadConfig{R"({"train": {"routeCandidates": 65}})", "train.routeCandidates"},
+                      BadConfig{R"({"train": {"routeCandidates": 1}})", "train.routeCandidates"}),
     [](const ::testing::TestParamInfo<BadConfig>& info) {
       std::string name = std::to_string(info.index) + "_";
       for (const char* c = info.param.field; *c; ++c) name += std::isalnum(*c) ? *c : '_';

@@ -428,6 +428,7 @@ TEST(BigramRouter, RankedListsTheMostLikelyRoutesBestFirstAndChooseIsItsFirst) {
   EXPECT_EQ(few.Ranked(text, 8), by_likelihood);
   EXPECT_EQ(few.Ranked(text, 100), by_likelihood) << "no more than there are";
   EXPECT_EQ(few.Ranked(text, 3), std::vector<int64_t>(by_likelihood.begin(), by_likelihood.begin() + 3));
+  ASSERT_EQ(few.Ranked(text, 1).size(), 1u);
   EXPECT_EQ(few.Ranked(text, 1).front(), few.Choose(text));
   EXPECT_EQ(few.Ranked(text, 1).front(), 3);
   EXPECT_TRUE(few.Ranked("a", 4).empty()) << "no bigram";
@@ -493,12 +494,16 @@ TEST(BigramRouter, ClustersSurviveItsBytesAndOldBytesAreClusteredAfresh) {
 
 // scripts/load_export.py routes a routed export's windows as peerd does: beyond kScoreAll
 // branches it must search the same clusters, read from the same bytes, and pick the same branch —
-// windows part one domain, part another, and a few bytes long (several clusters searched).
-TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAsPeerdDoes) {
+// windows part one domain, part another, and a few bytes long (several clusters searched) — and
+// propose the same candidates for the model to choose among (RoutedBranches::Candidates).
+TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAndProposesAsPeerdDoes) {
   BigramRouter router = ManyRoutes(12);
   router.Observe(500, ChainText(2, 3000, 8));  // not clustered yet
   ASSERT_GT(router.routes().size(), BigramRouter::kScoreAll);
   ASSERT_GT(router.clusters().size(), 1u);
+  RoutedBranches branches;  // and the candidates the model would choose among, newest (500) last
+  branches.router = router;
+  std::vector<std::string> expected_candidates;
   const std::string dir = ::testing::TempDir() + "/peerd_router_script_" + std::to_string(getpid());
   std::filesystem::create_directories(dir);
   std::ofstream(dir + "/router.bin", std::ios::binary) << router.Serialize();
@@ -511,6 +516,9 @@ TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAsPeerdDoes) 
         const std::string text = split <= 3 ? ChainText(d, split, 40 + e) + ChainText(e, 2, 50 + d)
                                             : ChainText(d, split, 40 + e) + ChainText(e, 65 - split, 50 + d);
         expected.push_back(router.Choose(text));
+        std::string joined;
+        for (int64_t b : branches.Candidates(text, 4)) joined += (joined.empty() ? "" : " ") + std::to_string(b);
+        expected_candidates.push_back(joined);
         router.set_probes(1);
         beyond_the_first_cluster += router.Choose(text) != expected.back();
         router.set_probes(4);
@@ -526,7 +534,9 @@ TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAsPeerdDoes) 
                                        "        return list(open(sys.argv[1] + '/router.bin', 'rb').read())\n"
                                        "router = load_export.BigramRouter(Bytes())\n"
                                        "for line in open(sys.argv[1] + '/windows.txt', 'rb'):\n"
-                                       "    print(router.choose(line.rstrip(b'\\n')))\n";
+                                       "    text = line.rstrip(b'\\n')\n"
+                                       "    print(router.choose(text))\n"
+                                       "    print(' '.join(str(b) for b in router.candidates(text, 4)))\n";
   FILE* p = popen(("/usr/bin/python3 " + dir + "/choose.py " + dir + " 2>&1").c_str(), "r");
   ASSERT_NE(p, nullptr);
   std::string out;
@@ -535,9 +545,11 @@ TEST(BigramRouter, TheExportScriptSearchesTheSameClustersAndChoosesAsPeerdDoes) 
   ASSERT_EQ(pclose(p), 0) << out;
   std::istringstream lines(out);
   for (size_t i = 0; i < expected.size(); ++i) {
-    int64_t got = -2;
-    lines >> got;
-    EXPECT_EQ(got, expected[i]) << "window " << i << "\n" << out;
+    std::string chosen, candidates;
+    std::getline(lines, chosen);
+    std::getline(lines, candidates);
+    EXPECT_EQ(chosen, std::to_string(expected[i])) << "window " << i << "\n" << out.substr(0, 2000);
+    EXPECT_EQ(candidates, expected_candidates[i]) << "window " << i;
   }
   std::filesystem::remove_all(dir);
 }
@@ -643,9 +655,11 @@ TEST(RoutedBranches, ModelOptionsRouteWindowsToTheBranchThatPredictsThemBestWher
   const EvalOptions by_model = branches.ModelOptions(o, 16, 2);
   ASSERT_FALSE(by_router.candidates) << "0 candidates: the router alone";
   const TextScore routed = ScoreText(model, text, by_router), chosen = ScoreText(model, text, by_model);
-  ASSERT_EQ(chosen.candidates.size(), 2u);
   ASSERT_EQ(chosen.chosen.size(), 12u);
-  EXPECT_EQ(chosen.candidates[chosen.chosen[0]].adapter, trained.on_digits) << "the first window: the router's";
+  // The first window has nothing before it: it runs the router's pick from its first byte alone —
+  // no bigram, so the base, which is no candidate and joins them.
+  ASSERT_EQ(chosen.candidates.size(), 3u);
+  EXPECT_EQ(chosen.candidates[chosen.chosen[0]].adapter, -1) << "the first window: the router's (the base)";
   for (size_t w = 1; w < chosen.chosen.size(); ++w)
     EXPECT_EQ(chosen.candidates[chosen.chosen[w]].adapter, trained.on_letters) << "window " << w;
   EXPECT_LT(chosen.bits_per_byte, routed.bits_per_byte - 0.1);

@@ -354,7 +354,7 @@ TEST(Service, RoutedPolicyKeepsNoTrainedTextAndRestoresItsBranchesAcrossKill) {
   EXPECT_EQ(restored["routing"].value("trainingBranch", json()).dump(), "\"-1\"") << "the branch was frozen";
   EXPECT_NE(restored.value("state", "").find("waiting for a segment"), std::string::npos) << restored.dump();
   // The routed model exported: its adapters and router go with it, and PyTorch scores as peerd
-  // does, each window under the branch the router picks.
+  // does, each window under the branch the model chooses among the candidates (the default).
   ShellResult exported = peerd.Ctl("export " + dir + "/export");
   ASSERT_EQ(exported.code, 0) << exported.out;
   for (const char* text : {"/verse-heldout.txt", "/code-heldout.txt"})
