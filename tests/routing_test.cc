@@ -22,6 +22,7 @@
 #include "core/trainer.h"
 #include "experts_store/data_dir_db.h"
 #include "service/checkpoint.h"
+#include "service/segment_report.h"
 #include "tests/test_util.h"
 
 namespace peerd {
@@ -664,6 +665,34 @@ TEST(RoutedBranches, ModelOptionsRouteWindowsToTheBranchThatPredictsThemBestWher
     EXPECT_EQ(chosen.candidates[chosen.chosen[w]].adapter, trained.on_letters) << "window " << w;
   EXPECT_LT(chosen.bits_per_byte, routed.bits_per_byte - 0.1);
   EXPECT_EQ(BestBranchFor(model, branches, text, branches.Candidates(text, 2)), trained.on_letters);
+}
+
+// The segments a routed evaluation reports as used are those of the routes its windows ran, not
+// of every candidate the choosing passes scored: letters text, routed by the model, never runs the
+// digits branch, so the digits segment counts no retrieval.
+TEST(RoutedBranches, SegmentUsageCountsTheScoringPassNotThePassesThatChoose) {
+  LettersAndDigits trained;
+  TransformerLM& model = trained.model;
+  RoutedBranches branches;
+  branches.base = trained.base;
+  branches.base_segments = {trained.base};
+  branches.router.Observe(trained.on_letters, trained.letters);
+  branches.router.Observe(trained.on_digits, trained.digits);
+  const std::string text = trained.letters.substr(300, 16 * 12 + 1);
+  EvalOptions o = branches.ModelOptions(EvalOptions{}, 16, 2);
+  StartUsageRecording(model);
+  CountUsageWhileScoring(model, &o);
+  const TextScore score = ScoreText(model, text, o);
+  const UsageBySegment usage = StopUsageRecording(model);
+  ASSERT_EQ(score.candidates.size(), 3u) << "both branches, and the base the first window runs";
+  for (size_t w = 0; w < score.chosen.size(); ++w)
+    ASSERT_NE(score.candidates[score.chosen[w]].adapter, trained.on_digits) << "window " << w;
+  auto retrievals = [&](int64_t segment) {
+    const auto it = usage.find({0u, static_cast<uint32_t>(segment)});
+    return it == usage.end() ? 0.0 : it->second.retrievals;
+  };
+  EXPECT_GT(retrievals(trained.on_letters), 0);
+  EXPECT_EQ(retrievals(trained.on_digits), 0) << "the passes that chose the routes were counted";
 }
 
 }  // namespace
