@@ -15,7 +15,6 @@
 #include "core/runtime.h"
 #include "core/trainer.h"
 #include "experts_store/format.h"
-#include "kernels/cpu/packed_gemm.h"
 #include "service/expert_pool_store.h"
 #include "tests/raw_rocksdb.h"
 #include "tests/test_util.h"
@@ -69,19 +68,6 @@ void CopyTrainable(TransformerLM& to, const TransformerLM& from) {
     ASSERT_EQ(src[i].name, dst[i].name);
     dst[i].tensor.copy_(src[i].tensor);
   }
-}
-
-// Cached and resident pools compute bit-identically on a CPU with AVX-512. Without it (AVX2) they
-// differ in the last bits of the logits (losses equal to 6 digits): a cached segment's bf16 rows
-// are widened to fp32 when fetched, a resident one's stay bf16, and GCC vectorises the fp32 and
-// bf16 dot-product loops of kernels/cpu/rows.h with different lane splits there, so the sums
-// round differently. So there they are held to float rounding.
-bool SameOutputs(const torch::Tensor& a, const torch::Tensor& b) {
-  if (kernels::cpu::PackedMatrix::Available()) return torch::equal(a, b);
-  return torch::allclose(a, b, /*rtol=*/1e-5, /*atol=*/1e-5);
-}
-bool SameLoss(double a, double b) {
-  return kernels::cpu::PackedMatrix::Available() ? a == b : std::abs(a - b) <= 1e-5 * std::abs(b);
 }
 
 // Restores a fresh model from the store in `residency`.
@@ -214,11 +200,11 @@ TEST(PoolStore, CacheSmallerThanTheFrozenRowsGivesTheSameOutputsAndTrainingAsRes
     resident->eval();
     cached->eval();
     torch::Tensor tokens = torch::randint(256, {8, 16});
-    EXPECT_TRUE(SameOutputs(cached->forward(tokens), resident->forward(tokens)));
+    EXPECT_TRUE(torch::equal(cached->forward(tokens), resident->forward(tokens)));
     // Under a route that leaves cached segment 1 out, the step passes it over and computes the same.
     ASSERT_TRUE(cached->SetRoute(Route{-1, {0, 2}}).ok());
     ASSERT_TRUE(resident->SetRoute(Route{-1, {0, 2}}).ok());
-    EXPECT_TRUE(SameOutputs(cached->forward(tokens), resident->forward(tokens)));
+    EXPECT_TRUE(torch::equal(cached->forward(tokens), resident->forward(tokens)));
     ASSERT_TRUE(cached->SetRoute(Route{}).ok());
     ASSERT_TRUE(resident->SetRoute(Route{}).ok());
   }
@@ -228,7 +214,7 @@ TEST(PoolStore, CacheSmallerThanTheFrozenRowsGivesTheSameOutputsAndTrainingAsRes
   for (int i = 0; i < 5; ++i) {
     torch::Tensor batch = torch::randint(256, {4, 17});
     const double cached_loss = t_cached.Step(batch).loss, resident_loss = t_resident.Step(batch).loss;
-    EXPECT_TRUE(SameLoss(cached_loss, resident_loss)) << "step " << i << ": " << cached_loss << " vs " << resident_loss;
+    EXPECT_EQ(cached_loss, resident_loss) << "step " << i << ": " << cached_loss << " vs " << resident_loss;
   }
   RowCache::Stats s = cached_pool->cache_stats();
   EXPECT_GT(s.misses, 0u);
@@ -347,8 +333,8 @@ TEST(PoolStore, FreezingACachedPoolLeavesTheRowsInTheStoreAndComputesWhatResiden
   EXPECT_GT(cached.cache.misses, 0u) << "the frozen rows were not read from the store";
   EXPECT_EQ(resident.cache.misses, 0u);
   ASSERT_EQ(cached.losses.size(), resident.losses.size());
-  for (size_t i = 0; i < cached.losses.size(); ++i) EXPECT_TRUE(SameLoss(cached.losses[i], resident.losses[i])) << i;
-  EXPECT_TRUE(SameOutputs(cached.logits, resident.logits));
+  for (size_t i = 0; i < cached.losses.size(); ++i) EXPECT_EQ(cached.losses[i], resident.losses[i]) << i;
+  EXPECT_TRUE(torch::equal(cached.logits, resident.logits));
 }
 
 TEST(PoolStore, RestoreRefusesAStoreThatDoesNotFitTheModel) {

@@ -1,7 +1,13 @@
 // Row primitives shared by the CPU kernels: a dot product and an axpy over one expert row held
-// as fp32 or bf16, vectorised. Float sums are not associative, so GCC vectorises the reductions
-// only where `omp simd reduction` permits it (the kernels are built with -fopenmp-simd); the
-// lanes are summed in a fixed order, so a result depends only on the build, never on threads.
+// as fp32 or bf16, vectorised. Float sums are not associative, so the dot product fixes its order
+// itself: kLanes running sums (lane l takes elements l, l + kLanes, …), then the lanes added
+// pairwise. GCC vectorises the lane loop as it is (the kernels are built with -fopenmp-simd) and
+// the order is the same for both element types and every instruction set a clone targets, so a
+// row held as bf16 and the same row widened to fp32 (a cached segment's, core/peer_layer.cc) give
+// bit-identical results (always inlined, so both are compiled into the same clone with the same
+// contraction into fused multiply-adds); a result depends only on the build, never on threads. (`omp simd
+// reduction` leaves the order to the compiler, which on AVX2 split the fp32 and bf16 loops
+// differently.)
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -19,19 +25,33 @@ inline float Bf16(uint16_t b) {
   return f;
 }
 
-inline float Dot(const float* a, const float* x, int64_t D) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += a[d] * x[d];
-  return s;
+inline constexpr int kLanes = 16;
+
+[[gnu::always_inline]] inline float SumLanes(float* lanes) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
 }
 
-inline float Dot(const c10::BFloat16* a, const float* x, int64_t D) {
+[[gnu::always_inline]] inline float Dot(const float* a, const float* x, int64_t D) {
+  float lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * x[d + l];
+  for (int l = 0; d + l < D; ++l) lanes[l] += a[d + l] * x[d + l];
+  return SumLanes(lanes);
+}
+
+[[gnu::always_inline]] inline float Dot(const c10::BFloat16* a, const float* x, int64_t D) {
   const uint16_t* b = reinterpret_cast<const uint16_t*>(a);
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += Bf16(b[d]) * x[d];
-  return s;
+  float lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) lanes[l] += Bf16(b[d + l]) * x[d + l];
+  for (int l = 0; d + l < D; ++l) lanes[l] += Bf16(b[d + l]) * x[d + l];
+  return SumLanes(lanes);
 }
 
 // y += c · a
