@@ -586,6 +586,17 @@ struct LettersAndDigits {
   int64_t base = -1, on_letters = -1, on_digits = -1;
   std::string letters = TextOf("abcdefgh ", 4000, 1), digits = TextOf("0123456789,", 4000, 2);
 
+  // The branches over the base, their router having counted `on_letters_text` under the letters
+  // branch and `on_digits_text` under the digits one.
+  RoutedBranches Branches(const std::string& on_letters_text, const std::string& on_digits_text) const {
+    RoutedBranches branches;
+    branches.base = base;
+    branches.base_segments = {base};
+    branches.router.Observe(on_letters, on_letters_text);
+    branches.router.Observe(on_digits, on_digits_text);
+    return branches;
+  }
+
   LettersAndDigits() {
     Trainer trainer(model, c.train());
     base = model->PeerLayers()[0]->segments()[0]->id();
@@ -645,11 +656,7 @@ TEST(Evaluator, RoutingByCandidatesRunsEachWindowUnderTheRouteThatPredictedTheBy
 TEST(RoutedBranches, ModelOptionsRouteWindowsToTheBranchThatPredictsThemBestWhereTheRouterErrs) {
   LettersAndDigits trained;
   TransformerLM& model = trained.model;
-  RoutedBranches branches;
-  branches.base = trained.base;
-  branches.base_segments = {trained.base};
-  branches.router.Observe(trained.on_letters, trained.digits);
-  branches.router.Observe(trained.on_digits, trained.letters);
+  const RoutedBranches branches = trained.Branches(trained.digits, trained.letters);  // swapped
   const std::string text = trained.letters.substr(200, 16 * 12 + 1);
   EvalOptions o;
   const EvalOptions by_router = branches.ModelOptions(o, 16, 0);
@@ -673,11 +680,7 @@ TEST(RoutedBranches, ModelOptionsRouteWindowsToTheBranchThatPredictsThemBestWher
 TEST(RoutedBranches, SegmentUsageCountsTheScoringPassNotThePassesThatChoose) {
   LettersAndDigits trained;
   TransformerLM& model = trained.model;
-  RoutedBranches branches;
-  branches.base = trained.base;
-  branches.base_segments = {trained.base};
-  branches.router.Observe(trained.on_letters, trained.letters);
-  branches.router.Observe(trained.on_digits, trained.digits);
+  const RoutedBranches branches = trained.Branches(trained.letters, trained.digits);
   const std::string text = trained.letters.substr(300, 16 * 12 + 1);
   EvalOptions o = branches.ModelOptions(EvalOptions{}, 16, 2);
   StartUsageRecording(model);
