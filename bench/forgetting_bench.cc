@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <random>
@@ -549,36 +550,59 @@ void PrintSummary(const std::vector<json>& rows) {
       "ACC: mean final held-out bits/byte (lower is better); plast.: mean bits/byte on the domain just\n"
       "trained; old KB: old text the policy keeps to go on; ratios: F/dense = forgetting ÷ dense's,\n"
       "ACC/d+r = ACC ÷ dense+recipe's, P/dense = plasticity ÷ dense's.\n");
+  for (const json& r : rows)
+    if (r.contains("bigram_routing"))
+      std::printf(
+          "%s, the same model with the bigram router choosing the routes: ACC %.3f, forgetting %.3f, "
+          "plast. %.3f\n",
+          r["policy"].get<std::string>().c_str(), r["bigram_routing"]["acc"].get<double>(),
+          r["bigram_routing"]["mean_forgetting"].get<double>(), r["bigram_routing"]["plasticity_bpb"].get<double>());
   if (rows.empty() || !rows.front().contains("acc_per_seed")) return;
   std::printf("\nmedians over seeds %s; per seed (ACC | forgetting | plasticity):\n",
               rows.front()["seeds"].dump().c_str());
-  for (const json& r : rows) {
-    if (r.contains("error")) continue;
-    std::printf("%-24s", r["policy"].get<std::string>().c_str());
+  auto per_seed = [](const std::string& name, const json& figures) {
+    std::printf("%-24s", name.c_str());
     for (const char* key : {"acc_per_seed", "mean_forgetting_per_seed", "plasticity_bpb_per_seed"}) {
-      for (const auto& v : r[key]) std::printf(" %.3f", v.get<double>());
+      for (const auto& v : figures[key]) std::printf(" %.3f", v.get<double>());
       std::printf(" |");
     }
     std::printf("\n");
+  };
+  for (const json& r : rows) {
+    if (r.contains("error")) continue;
+    per_seed(r["policy"].get<std::string>(), r);
+    if (r.contains("bigram_routing")) per_seed(r["policy"].get<std::string>() + "/bigram", r["bigram_routing"]);
   }
 }
 
+// Sets out[key] to the median over runs of figure(run)[key], and out[key + "_per_seed"] to the
+// values in seed order.
+void PutMedian(json& out, const std::vector<json>& runs, const std::function<const json&(const json&)>& figures,
+               const std::string& key) {
+  std::vector<double> v;
+  for (const json& r : runs) v.push_back(figures(r)[key].get<double>());
+  out[key + "_per_seed"] = v;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  out[key] = n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
 // One row for several seeds of a policy: each figure the median over seeds, with its values per
-// seed beside it ("acc_per_seed"); the matrix is the first seed's.
+// seed beside it ("acc_per_seed"), the same within "bigram_routing"; the matrices are the first
+// seed's.
 json MedianOverSeeds(const std::vector<json>& runs) {
   json out = runs.front();
   json seeds = json::array();
   for (const json& r : runs) seeds.push_back(r["config_seed"]);
   out["seeds"] = seeds;
   for (const char* key : {"mean_forgetting", "bwt", "fwt", "acc", "plasticity_bpb", "last_domain_bpb",
-                          "mean_distill_kl", "train_seconds", "wall_seconds"}) {
-    std::vector<double> v;
-    for (const json& r : runs) v.push_back(r[key].get<double>());
-    out[std::string(key) + "_per_seed"] = v;
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    out[key] = n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-  }
+                          "mean_distill_kl", "train_seconds", "wall_seconds"})
+    PutMedian(
+        out, runs, [](const json& r) -> const json& { return r; }, key);
+  if (out.contains("bigram_routing"))
+    for (const char* key : {"acc", "mean_forgetting", "plasticity_bpb"})
+      PutMedian(
+          out["bigram_routing"], runs, [](const json& r) -> const json& { return r["bigram_routing"]; }, key);
   return out;
 }
 
