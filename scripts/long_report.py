@@ -3,10 +3,12 @@
 the goal's comparison, the dense width sweep, where the dense model's held-out loss stops
 improving, and a plot of ACC and of every domain's held-out loss along the stream.
 
-usage: long_report.py [--doc LONG.md] [--plot OUT.svg] [--json OUT.json] [TAG=]RUN.jsonl...
+usage: long_report.py [--doc LONG.md [--section NAME]] [--plot OUT.svg] [--json OUT.json] [TAG=]RUN.jsonl...
   RUN.jsonl: rows of `peer-bench forgetting --json-out`, one file per seed (scripts/long_stream.sh);
              TAG= names its policies POLICY@TAG (a run of other settings, e.g. rc128=…)
   --doc:  replace the text between the report markers of this Markdown file with the tables
+  --section: the markers that name NAME ("<!-- long_report.py NAME: begin -->"), for a page with
+          more than one report (another length of stream); without it, the unnamed markers
   --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
   --json: the medians and the goal's verdict as one JSON object
 A run with --route-by model also gives POLICY/bigram: the same model routed by the bigram router.
@@ -15,7 +17,6 @@ choose).
 The tables go to stdout as well."""
 import argparse, json, statistics, sys
 
-BEGIN, END = "<!-- long_report.py: begin -->", "<!-- long_report.py: end -->"
 GOAL_ACC_RATIO = 0.97  # grown PEER's final ACC at least 3 % lower (better) than dense+recipe's
 RECIPE = "dense+recipe"
 GROWN = "routed"  # the grown PEER policies: routed, routed+recipe, and their tagged runs
@@ -43,6 +44,12 @@ def load(paths):
     if not runs:
         sys.exit("long_report.py: no rows in " + ", ".join(paths))
     return runs
+
+
+def markers(section):
+    """The markers of the report's section in the document: unnamed, or naming `section`."""
+    name = f" {section}" if section else ""
+    return f"<!-- long_report.py{name}: begin -->", f"<!-- long_report.py{name}: end -->"
 
 
 def median(xs):
@@ -239,6 +246,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--doc")
+    ap.add_argument("--section")
     ap.add_argument("--plot")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -267,12 +275,13 @@ def main():
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=1)
     if a.doc:
+        begin, end = markers(a.section)
         doc = open(a.doc).read()
-        if BEGIN not in doc or END not in doc:
-            sys.exit(f"long_report.py: {a.doc} has no {BEGIN} … {END} section to fill")
-        head, rest = doc.split(BEGIN, 1)
+        if begin not in doc or end not in doc:
+            sys.exit(f"long_report.py: {a.doc} has no {begin} … {end} section to fill")
+        head, rest = doc.split(begin, 1)
         with open(a.doc, "w") as f:
-            f.write(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+            f.write(head + begin + "\n" + text + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """scripts/long_report.py on made-up runs of two seeds: medians and the per-seed ACC ratios, the
 goal's verdict both ways, ACC along the stream, the width sweep ordered by width, the saturation
-table, the section of the document it fills (and the error when the markers are missing), and
-the plot. usage: long_report_test.py SOURCE_DIR"""
+table, the section of the document it fills, a named one beside it (and the error when the
+markers are missing), and the plot. usage: long_report_test.py SOURCE_DIR"""
 import json, os, subprocess, sys, tempfile
 
 src = sys.argv[1]
@@ -84,6 +84,17 @@ with tempfile.TemporaryDirectory() as tmp:
     write(s1, [row("dense+recipe", 1, [3.3, 3.3, 3.3], 0.0), row("routed", 1, [3.0, 3.0, 3.0], 0.05)])
     run("--json", summary, s1, s2)
     assert json.load(open(summary))["goal"]["routed"]["met"] is False
+
+    # --section fills its own named markers and leaves the page's other report as it was.
+    with open(doc, "w") as f:
+        f.write("<!-- long_report.py: begin -->\nfirst\n<!-- long_report.py: end -->\n"
+                "<!-- long_report.py s3000: begin -->\nstale\n<!-- long_report.py s3000: end -->\n")
+    run("--doc", doc, "--section", "s3000", s1, s2)
+    text = open(doc).read()
+    assert text.startswith("<!-- long_report.py: begin -->\nfirst\n<!-- long_report.py: end -->\n"), text
+    assert "stale" not in text and "| routed | 2 |" in text.split("s3000: begin -->", 1)[1], text
+    missing = run("--doc", doc, "--section", "s9000", s1, check=False)
+    assert missing.returncode != 0 and "no <!-- long_report.py s9000: begin -->" in missing.stderr, missing.stderr
 
     with open(doc, "w") as f:
         f.write("# no markers\n")
