@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The long, capacity-bound stream (bench/LONG.md): twelve real domains after the broad base phase,
-# dense and dense+recipe (seed 1 also at 0.5× and 2× the matched width), routed and routed+recipe, three seeds,
-# and routed again choosing each window's route from the 128 bytes before it (routed@rc128; the
-# default, train.routeContext, is 512); then scripts/long_report.py fills bench/LONG.md's tables
-# and draws bench/long.svg.
+# dense and dense+recipe (seed 1 also at 0.5× and 2× the matched width), routed and routed+recipe, three
+# seeds. The routed policies route as peerd does by default (train.routeCandidates 4: each window
+# runs the one of four candidate branches that predicted the 512 bytes before it best); the same
+# models routed by the bigram router alone are the report's POLICY/bigram rows. Then
+# scripts/long_report.py fills bench/LONG.md's tables and draws bench/long.svg.
 #
 #   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
 #                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT,
@@ -29,12 +30,9 @@ run_seed() {
   local seed=$1 extra=()
   if [[ $seed == "${SEEDS%% *}" ]]; then extra=(--dense-widths 0.5,2 --curve-every 250 --branch-scores); fi
   "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
-    --policies dense,dense+recipe,routed,routed+recipe "${extra[@]}" --seed "$seed" --threads 1 \
-    --json-out "$OUT/seed$seed.jsonl" > "$OUT/seed$seed.txt" 2> "$OUT/seed$seed.log"
-  "$BUILD/peer-bench" forgetting --domains "$DOMAINS" --pretrain broad:600 --steps "$STEPS" --d-model "$D_MODEL" \
-    --policies routed --route-context 128 --seed "$seed" --threads 1 \
-    --json-out "$OUT/rc128-seed$seed.jsonl" > "$OUT/rc128-seed$seed.txt" 2> "$OUT/rc128-seed$seed.log"
-  echo "long stream: seed $seed done ($OUT/seed$seed.txt, $OUT/rc128-seed$seed.txt)"
+    --policies dense,dense+recipe,routed,routed+recipe --route-by model --route-candidates 4 "${extra[@]}" \
+    --seed "$seed" --threads 1 --json-out "$OUT/seed$seed.jsonl" > "$OUT/seed$seed.txt" 2> "$OUT/seed$seed.log"
+  echo "long stream: seed $seed done ($OUT/seed$seed.txt)"
 }
 running=0
 for seed in $SEEDS; do
@@ -43,7 +41,4 @@ for seed in $SEEDS; do
   if ((running >= JOBS)); then wait -n; running=$((running - 1)); fi
 done
 wait
-rc128=()
-for seed in $SEEDS; do rc128+=("rc128=$OUT/rc128-seed$seed.jsonl"); done
-scripts/long_report.py --doc "$DOC" --plot "$PLOT" --json "$OUT/summary.json" "$OUT"/seed*.jsonl \
-  "${rc128[@]}"
+scripts/long_report.py --doc "$DOC" --plot "$PLOT" --json "$OUT/summary.json" "$OUT"/seed*.jsonl
