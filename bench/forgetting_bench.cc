@@ -780,6 +780,18 @@ int ForgettingBench(int argc, char** argv) {
   if (distill >= 0) t->set_distill_weight(static_cast<float>(distill));
   if (replay >= 0) t->set_replay_ratio(static_cast<float>(replay));
   if (expert_lr_scale >= 0) t->set_expert_lr_scale(static_cast<float>(expert_lr_scale));
+  if (adapter_rank_arg == "full") {
+    k.adapter_rank = SegmentAdapterImpl::kFullRank;
+  } else {
+    char* end = nullptr;
+    const long r = std::strtol(adapter_rank_arg.c_str(), &end, 10);
+    if (*end != '\0' || r < 1 || r > 4096)
+      return fail(Status::InvalidArgument("--adapter-rank takes a rank in [1, 4096] or 'full', got '" +
+                                          adapter_rank_arg + "'"));
+    k.adapter_rank = r;
+  }
+  // The config's field (0: full rank) too, so that it is checked against the model's width.
+  t->set_adapter_rank(k.adapter_rank == SegmentAdapterImpl::kFullRank ? 0 : static_cast<int32_t>(k.adapter_rank));
   k.later = *t;
   k.later.clear_train_groups();
   for (const std::string& g : Split(later_groups_arg)) k.later.add_train_groups(g);
@@ -811,16 +823,6 @@ int ForgettingBench(int argc, char** argv) {
   k.route_by_model = route_by == "model";
   k.route_candidates = route_candidates;
   k.verbose = !quiet;
-  if (adapter_rank_arg == "full") {
-    k.adapter_rank = SegmentAdapterImpl::kFullRank;
-  } else {
-    char* end = nullptr;
-    const long r = std::strtol(adapter_rank_arg.c_str(), &end, 10);
-    if (*end != '\0' || r < 1 || r > 4096)
-      return fail(Status::InvalidArgument("--adapter-rank takes a rank in [1, 4096] or 'full', got '" +
-                                          adapter_rank_arg + "'"));
-    k.adapter_rank = r;
-  }
   k.adapter_lr_scale = static_cast<float>(adapter_lr_scale);
   k.trunk_delta_lr_scale = static_cast<float>(trunk_delta_lr_scale);
   k.stream_lr = static_cast<float>(stream_lr);
