@@ -3,13 +3,17 @@
 the goal's comparison, the dense width sweep, where the dense model's held-out loss stops
 improving, and a plot of ACC and of every domain's held-out loss along the stream.
 
-usage: long_report.py [--doc LONG.md [--section NAME]] [--plot OUT.svg] [--json OUT.json] [TAG=]RUN.jsonl...
+usage: long_report.py [--doc LONG.md [--section NAME]] [--plot OUT.svg] [--curves OUT.svg] [--json OUT.json]
+                      [TAG=]RUN.jsonl...
   RUN.jsonl: rows of `peer-bench forgetting --json-out`, one file per seed (scripts/long_stream.sh);
              TAG= names its policies POLICY@TAG (a run of other settings, e.g. rc128=…)
   --doc:  replace the text between the report markers of this Markdown file with the tables
   --section: the markers that name NAME ("<!-- long_report.py NAME: begin -->"), for a page with
           more than one report (another length of stream); without it, the unnamed markers
   --plot: draw ACC and each domain's held-out bits/byte after every phase, medians over seeds
+  --curves: draw each domain's held-out bits/byte along its own phase (--curve-every), a line per
+          policy run with curves, medians over its seeds: where a curve is flat, the model has
+          stopped improving on that domain
   --json: the medians and the goal's verdict as one JSON object
 A run with --route-by model also gives POLICY/bigram: the same model routed by the bigram router.
 A run with --branch-scores also gets a table of each task on every branch (the best a router could
@@ -242,12 +246,52 @@ def plot(runs, path):
     fig.savefig(path)
 
 
+def plot_curves(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_curves = {p: [r for r in by_seed.values() if r.get("curves")] for p, by_seed in runs.items()}
+    with_curves = {p: rows for p, rows in with_curves.items() if rows}
+    if not with_curves:
+        sys.exit("long_report.py: --curves: no run has curves (peer-bench forgetting --curve-every)")
+    first = next(iter(with_curves.values()))[0]
+    tasks = [c["task"] for c in first["curves"]]
+    cols = 4
+    fig, axes = plt.subplots((len(tasks) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(tasks) + 3) // 4)))
+    axes = list(axes.flat)
+    colours = plt.get_cmap("tab10").colors
+    for n, (p, rows) in enumerate(with_curves.items()):
+        for i, task in enumerate(tasks):
+            steps = [pt[0] for pt in rows[0]["curves"][i]["points"]]
+            line = [median(r["curves"][i]["points"][k][1] for r in rows) for k in range(len(steps))]
+            axes[i].plot(steps, line, color=colours[n % len(colours)], linewidth=1.3, marker=".",
+                         label=f"{p} ({len(rows)} seed{'s' if len(rows) > 1 else ''})")
+    for i, task in enumerate(tasks):
+        axes[i].set_title(f"{task}: its own phase", fontsize=9)
+        axes[i].set_xlabel("step of the phase", fontsize=7)
+        axes[i].set_ylabel("held-out bits/byte", fontsize=7)
+        axes[i].tick_params(labelsize=7)
+        # The first point is the domain before any step on it, far above the rest: leave it out of the scale.
+        later = [l.get_ydata()[1:] for l in axes[i].get_lines()]
+        low, high = min(min(v) for v in later), max(max(v) for v in later)
+        axes[i].set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    axes[0].legend(fontsize=7)
+    for a in axes[len(tasks):]:
+        a.axis("off")
+    fig.suptitle("Each domain's held-out bits/byte along its own phase (medians over seeds; where a line is "
+                 "flat, the model has stopped improving on it; the step-0 point leaves the top)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--doc")
     ap.add_argument("--section")
     ap.add_argument("--plot")
+    ap.add_argument("--curves")
     ap.add_argument("--json")
     a = ap.parse_args()
     runs = load(a.runs)
@@ -263,6 +307,8 @@ def main():
     print(text)
     if a.plot:
         plot(runs, a.plot)
+    if a.curves:
+        plot_curves(runs, a.curves)
     if a.json:
         summary = {"policies": {p: {"seeds": sorted(by_seed),
                                     "acc": median([r["acc"] for r in by_seed.values()]),

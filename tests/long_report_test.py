@@ -2,7 +2,7 @@
 """scripts/long_report.py on made-up runs of two seeds: medians and the per-seed ACC ratios, the
 goal's verdict both ways, ACC along the stream, the width sweep ordered by width, the saturation
 table, the section of the document it fills, a named one beside it (and the error when the
-markers are missing), and the plot. usage: long_report_test.py SOURCE_DIR"""
+markers are missing), the plot, and the plot of the curves along each phase. usage: long_report_test.py SOURCE_DIR"""
 import json, os, subprocess, sys, tempfile
 
 src = sys.argv[1]
@@ -68,6 +68,15 @@ with tempfile.TemporaryDirectory() as tmp:
         "<!-- long_report.py: end -->\nprose after\n"), text
     assert "stale" not in text and "| routed | 2 |" in text, text
     assert open(picture).read().lstrip().startswith(("<?xml", "<svg")), "the plot is not an SVG"
+    # The curves along each phase: a panel per domain with a line per policy run with curves.
+    curves = os.path.join(tmp, "curves.svg")
+    run("--curves", curves, s1, s2)
+    drawn = open(curves).read()
+    assert drawn.lstrip().startswith(("<?xml", "<svg")), "the curves are not an SVG"
+    for label in ("a: its own phase", "b: its own phase", "dense (1 seed)", "dense-x2 (1 seed)"):
+        assert label in drawn, label
+    no_curves = run("--curves", curves, s2, check=False)
+    assert no_curves.returncode != 0 and "no run has curves" in no_curves.stderr, no_curves.stderr
 
     # A tagged run of other settings is a policy of its own; an untagged second row of a seed is refused.
     tagged = os.path.join(tmp, "other.jsonl")
