@@ -4,11 +4,12 @@
 # seeds. The routed policies route as peerd does by default (train.routeCandidates 4: each window
 # runs the one of four candidate branches that predicted the 512 bytes before it best); the same
 # models routed by the bigram router alone are the report's POLICY/bigram rows. Then
-# scripts/long_report.py fills bench/LONG.md's tables and draws bench/long.svg.
+# scripts/long_report.py fills bench/LONG.md's tables and draws bench/long.svg and bench/long-curves.svg.
 #
 #   scripts/long_stream.sh [BUILD_DIR]     environment: STEPS (per domain, 1000), D_MODEL (64),
 #                                          SEEDS ("1 2 3"), JOBS (seeds run at once, 1), OUT,
-#                                          DOC (bench/LONG.md), PLOT (bench/long.svg)
+#                                          DOC (bench/LONG.md), PLOT (bench/long.svg),
+#                                          CURVES (bench/long-curves.svg)
 #
 # Seed 1 also runs the width sweep, records each phase's held-out curve and scores every task on
 # every branch at the end (--branch-scores). Each seed runs one compute thread, so JOBS=2 on two
@@ -22,6 +23,7 @@ JOBS=${JOBS:-1}
 OUT=${OUT:-bench-out/long}
 DOC=${DOC:-bench/LONG.md}
 PLOT=${PLOT:-bench/long.svg}
+CURVES=${CURVES:-bench/long-curves.svg}
 DOMAINS=kjv,c-code,fortunes-de,man-pages,sparv,python,go-code,rust-code,ruby-code,emacs-lisp,latex,sql-docs
 
 bash scripts/corpora.sh long
@@ -41,4 +43,4 @@ for seed in $SEEDS; do
   if ((running >= JOBS)); then wait -n; running=$((running - 1)); fi
 done
 wait
-scripts/long_report.py --doc "$DOC" --plot "$PLOT" --json "$OUT/summary.json" "$OUT"/seed*.jsonl
+scripts/long_report.py --doc "$DOC" --plot "$PLOT" --curves "$CURVES" --json "$OUT/summary.json" "$OUT"/seed*.jsonl
