@@ -273,9 +273,10 @@ def plot_curves(runs, path):
         axes[i].set_ylabel("held-out bits/byte", fontsize=7)
         axes[i].tick_params(labelsize=7)
         # The first point is the domain before any step on it, far above the rest: leave it out of the scale.
-        later = [l.get_ydata()[1:] for l in axes[i].get_lines()]
-        low, high = min(min(v) for v in later), max(max(v) for v in later)
-        axes[i].set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+        later = [v for l in axes[i].get_lines() for v in l.get_ydata()[1:]]
+        if later:
+            low, high = min(later), max(later)
+            axes[i].set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
     axes[0].legend(fontsize=7)
     for a in axes[len(tasks):]:
         a.axis("off")
