@@ -41,6 +41,9 @@ def load(paths):
             if "bigram_routing" in r:  # --route-by model: the same model routed by bigrams too
                 b = {**r, **r["bigram_routing"], "policy": r["policy"] + "/bigram"}
                 del b["bigram_routing"]
+                # Curves and branch scores run each domain on its own branch, whatever routes
+                # the held-out windows: the model's row has them, the bigram router's would repeat them.
+                b.pop("curves", None), b.pop("branch_scores", None)
                 runs.setdefault(b["policy"], {})[seed] = b
             if seed in runs.get(r["policy"], {}):
                 sys.exit(f"long_report.py: {path}: a second {r['policy']} row of seed {seed} (tag one of the runs)")

@@ -88,6 +88,19 @@ with tempfile.TemporaryDirectory() as tmp:
     twice = run(s1, s2, tagged, check=False)
     assert twice.returncode != 0 and "a second routed row of seed 1" in twice.stderr, twice.stderr
 
+    # A run routed by the model also reports the same model routed by the bigram router, as
+    # POLICY/bigram with its own ACC and goal; the curves are the model's row's alone.
+    routed = row("routed", 1, [3.0, 3.0, 3.0], 0.0, curves=True)
+    routed["bigram_routing"] = {"matrix": routed["matrix"][:-1] + [[3.2, 3.2, 3.2]], "acc": 3.2,
+                                "mean_forgetting": 0.0, "plasticity_bpb": 4.1}
+    by_model = os.path.join(tmp, "model.jsonl")
+    write(by_model, [row("dense+recipe", 1, [3.3, 3.3, 3.3], 0.02, curves=True), routed])
+    out = run("--json", summary, by_model).stdout
+    s = json.load(open(summary))
+    assert abs(s["policies"]["routed/bigram"]["acc"] - 3.2) < 1e-9 and abs(s["policies"]["routed"]["acc"] - 3.0) < 1e-9
+    assert s["goal"]["routed/bigram"]["met"] is True and s["goal"]["routed"]["met"] is True, s["goal"]
+    assert "| routed: gained |" in out and "routed/bigram: gained" not in out, out
+
     # Forgetting above dense+recipe's fails the goal, whatever the ACC.
     write(s2, [row("dense+recipe", 2, [3.3, 3.3, 3.3], 0.0), row("routed", 2, [3.2, 3.2, 3.2], 0.05)])
     write(s1, [row("dense+recipe", 1, [3.3, 3.3, 3.3], 0.0), row("routed", 1, [3.0, 3.0, 3.0], 0.05)])
