@@ -60,7 +60,7 @@ endif
 # The long stream (bench/LONG.md): twelve real domains after the base phase, 1,000 steps each;
 # dense and dense+recipe (at 0.5×, 1× and 2× the matched width on seed 1), routed and routed+recipe
 # routing as peerd does (and by the bigram router alone: POLICY/bigram); three seeds. Writes
-# bench/LONG.md's tables and bench/long.svg. About 2 h on 2 cores (estimated from its runs'
+# bench/LONG.md's tables, bench/long.svg and bench/long-curves.svg. About 2 h on 2 cores (estimated from its runs'
 # parts): JOBS seeds at once, one compute thread each (the figures do not depend on it).
 bench-long: build
 	@JOBS=$(JOBS) bash scripts/long_stream.sh $(BUILD)
